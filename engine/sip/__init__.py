@@ -1,0 +1,1 @@
+"""Baton's own SIP stack (RFC 3261): parser, transports, transactions, dialogs."""
