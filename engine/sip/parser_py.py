@@ -13,6 +13,8 @@ Responses with any error are dropped by the caller (RFC 4475 3.1.2.5, 3.1.2.19).
 """
 from __future__ import annotations
 
+import re
+
 from .message import (COMPACT, LIST_HEADERS, MAX_CSEQ, MAX_EXPIRES, MAX_HEADERS,
                       MAX_LINE, MAX_MESSAGE, SINGLE_HEADERS, SipMessage, SipParseError)
 
@@ -20,7 +22,10 @@ _TOKEN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456
 _SCHEME_FIRST = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _SCHEME = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-.")
 _DIGITS = frozenset(b"0123456789")
+_V6 = frozenset("0123456789abcdefABCDEF:.")
 _WS = b" \t"
+# RFC 3261 25.1: LWS is SP / HTAB only; other Unicode spaces are text.
+_LWS_RUN = re.compile("[ \t]+")
 
 
 def _is_token(s: str) -> bool:
@@ -44,6 +49,12 @@ def _is_digits(s: str) -> bool:
 def _decode(b: bytes) -> str:
     # SIP is UTF-8 (RFC 3261 25.1); undecodable octets survive round-trips.
     return b.decode("utf-8", "surrogateescape")
+
+
+def _ascii_upper(s: str) -> str:
+    # RFC 3261 7.3.1 case-insensitivity is ASCII only: str.upper() would
+    # turn "\u017fip/2.0" (long s) into "SIP/2.0".
+    return s.encode("utf-8", "surrogateescape").upper().decode("utf-8", "surrogateescape")
 
 
 def split_list(value: str) -> list:
@@ -164,7 +175,7 @@ def parse_via(value: str):
     proto = parts[0].strip(" \t")
     ver = parts[1].strip(" \t")
     rest = parts[2].strip(" \t")
-    if proto.upper() != "SIP" or not ver:
+    if _ascii_upper(proto) != "SIP" or not ver:
         return None
     sp = 0
     while sp < len(rest) and rest[sp] not in " \t":
@@ -187,7 +198,9 @@ def parse_hostport(text: str):
             return None, 0
         host = text[:end + 1]
         rest = text[end + 1:]
-        if len(host) < 3:
+        # RFC 3261 25.1: IPv6reference = "[" IPv6address "]" (hex, ':' and '.').
+        inner = host[1:-1]
+        if ":" not in inner or any(ch not in _V6 for ch in inner):
             return None, 0
     else:
         colon = text.find(":")
@@ -280,10 +293,20 @@ def _param(params, name):
     return None
 
 
-def _head_end(data: bytes):
+def _skip_crlf(data: bytes) -> int:
+    # RFC 3261 7.5: CRLFs before the start line are ignored (also on streams,
+    # where they are keep-alives, RFC 5626 3.5.1).
+    start = 0
+    n = len(data)
+    while start < n and data[start] in b"\r\n":
+        start += 1
+    return start
+
+
+def _head_end(data: bytes, start: int = 0):
     """Offset of the blank line ending the header block, and its length."""
-    i = data.find(b"\r\n\r\n")
-    j = data.find(b"\n\n")
+    i = data.find(b"\r\n\r\n", start)
+    j = data.find(b"\n\n", start)
     if i < 0 and j < 0:
         return -1, 0
     if i >= 0 and (j < 0 or i < j + 1):
@@ -295,12 +318,13 @@ def frame_length(buf: bytes) -> int:
     """Stream framing (RFC 3261 18.3): length of the first complete message
     in `buf`, 0 if more bytes are needed. Raises SipParseError when the
     stream cannot be framed (no or bad Content-Length, over the size limit)."""
-    end, sep = _head_end(buf)
+    start = _skip_crlf(buf)
+    end, sep = _head_end(buf, start)
     if end < 0:
         if len(buf) > MAX_MESSAGE:
             raise SipParseError("header block exceeds the message size limit")
         return 0
-    head = buf[:end]
+    head = buf[start:end]
     length = -1
     for raw in head.split(b"\n"):
         line = raw.rstrip(b"\r")
@@ -330,14 +354,9 @@ def parse_message(data: bytes, stream: bool = False) -> SipMessage:
     if len(data) > MAX_MESSAGE:
         raise SipParseError("message exceeds the size limit")
     # RFC 3261 7.5: ignore empty lines before the start line (keep-alives).
-    start = 0
+    start = _skip_crlf(data)
     n = len(data)
-    while start < n and data[start] in b"\r\n":
-        start += 1
-    end, sep = _head_end(data)
-    while end >= 0 and end < start:
-        nxt = data.find(b"\r\n\r\n", start)
-        end, sep = (nxt, 4) if nxt >= 0 else (-1, 0)
+    end, sep = _head_end(data, start)
     if end < 0:
         # A datagram is complete by itself: headers that end with the
         # datagram (no blank line) still form a message without a body.
@@ -356,7 +375,7 @@ def parse_message(data: bytes, stream: bool = False) -> SipMessage:
         parts = first.split(" ", 2)
         if len(parts) < 2 or len(parts[1]) != 3 or not _is_digits(parts[1]):
             raise SipParseError("malformed Status-Line")
-        msg.version = parts[0].upper()
+        msg.version = _ascii_upper(parts[0])
         msg.status = int(parts[1])
         msg.reason = parts[2] if len(parts) == 3 else ""
         if msg.status < 100 or msg.status > 699:
@@ -372,10 +391,10 @@ def parse_message(data: bytes, stream: bool = False) -> SipMessage:
         if len(parts) != 3 or not parts[1] or not parts[2]:
             err = (400, "Malformed Request-Line")
             msg.uri = parts[1] if len(parts) > 1 else ""
-            msg.version = parts[-1].upper() if len(parts) > 2 else ""
+            msg.version = _ascii_upper(parts[-1]) if len(parts) > 2 else ""
         else:
             msg.uri = parts[1]
-            msg.version = parts[2].upper()
+            msg.version = _ascii_upper(parts[2])
             if not msg.version.startswith("SIP/") or not valid_request_uri(msg.uri):
                 err = (400, "Malformed Request-Line")
 
@@ -400,15 +419,18 @@ def parse_message(data: bytes, stream: bool = False) -> SipMessage:
         if colon <= 0:
             err = err or (400, "Malformed header line")
             continue
-        name = _decode(ln[:colon]).rstrip(" \t").lower()
+        name = _decode(ln[:colon]).rstrip(" \t")
         if not _is_token(name):
             err = err or (400, "Malformed header name")
             continue
+        # Lower-case only after the token check: token is ASCII (RFC 3261 25.1),
+        # and str.lower() maps U+212A (Kelvin sign) to the compact form "k".
+        name = name.lower()
         name = COMPACT.get(name, name)
         value = _decode(ln[colon + 1:]).strip(" \t")
-        # Collapse runs of LWS that folding left behind.
+        # Collapse runs of LWS that folding left behind (RFC 3261 7.3.1).
         if "  " in value or "\t" in value:
-            value = " ".join(value.replace("\t", " ").split())
+            value = _LWS_RUN.sub(" ", value)
         if name in SINGLE_HEADERS:
             if name in seen_single:
                 err = err or (400, f"Multiple {name} header fields")

@@ -1,0 +1,1 @@
+"""Media: RTP endpoints, codecs, DTMF, mixing and the media clock."""

@@ -1,0 +1,230 @@
+"""SIP dialogs (RFC 3261 12-15): the UAS side of a call leg, and UAC requests inside it."""
+from __future__ import annotations
+
+import enum
+import logging
+
+from . import build
+from .timers import T1, T2, TIMER_64T1
+from .transaction import Flow, client_key
+from .uri import strip_brackets
+
+log = logging.getLogger("baton.sip.dialog")
+
+
+class DialogState(enum.IntEnum):
+    EARLY = 1       # INVITE received, no final response yet
+    CONFIRMED = 2   # 2xx sent (UAS) or received (UAC)
+    TERMINATED = 3
+
+
+EARLY = DialogState.EARLY
+CONFIRMED = DialogState.CONFIRMED
+TERMINATED = DialogState.TERMINATED
+
+
+class DialogOwner:
+    """What a dialog tells its owner (a call leg). Every method is optional."""
+
+    def dialog_confirmed(self, dialog: "Dialog") -> None:
+        """The ACK for our 2xx arrived (with the SDP answer, for a late offer)."""
+
+    def dialog_terminated(self, dialog: "Dialog", reason: str) -> None:
+        """The dialog ended: `bye`, `cancel`, `ack-timeout`, `rejected`, `local-bye`, `error`."""
+
+    def dialog_reoffer(self, dialog: "Dialog", body: bytes) -> bytes:
+        """A re-INVITE or UPDATE with an SDP offer: return the SDP answer.
+        Raise SdpError to refuse it with 488."""
+        raise NotImplementedError
+
+    def dialog_request(self, dialog: "Dialog", msg) -> int:
+        """Any other in-dialog request (INFO, ...): return the status to answer."""
+        return 200
+
+
+class Dialog:
+    """One dialog. As UAS it is created by an initial INVITE and answers it.
+
+    Invariant: `key` is (Call-ID, local tag, remote tag) and the dialog is in
+    `core.dialogs` under it from the moment its tag is chosen until it is
+    TERMINATED.
+    """
+
+    __slots__ = ("core", "call_id", "local_tag", "remote_tag", "key", "state", "is_uas",
+                 "local_uri", "remote_uri", "remote_target", "route_set", "local_cseq",
+                 "remote_cseq", "flow", "invite", "invite_st", "source", "owner",
+                 "ok_data", "ok_gen", "ok_interval", "ok_elapsed", "local_sdp",
+                 "remote_sdp", "session", "reinvite_pending", "__weakref__")
+
+    def __init__(self, core, msg, flow: Flow, st):
+        self.core = core
+        self.call_id = msg.call_id
+        self.local_tag = build.new_tag()
+        self.remote_tag = msg.from_tag or ""
+        self.key = (self.call_id, self.local_tag, self.remote_tag)
+        self.state = EARLY
+        self.is_uas = True
+        h = msg.headers
+        self.local_uri = h["to"][0]
+        self.remote_uri = h["from"][0]
+        contact = h.get("contact")
+        self.remote_target = strip_brackets(contact[0]) if contact else None
+        # RFC 3261 12.1.1: the route set is the Record-Route list, in order (UAS).
+        self.route_set = h.get("record-route", [])
+        self.local_cseq = 100
+        self.remote_cseq = msg.cseq
+        self.flow = flow
+        self.source = flow.addr
+        self.invite = msg
+        self.invite_st = st
+        self.owner: DialogOwner | None = None
+        self.ok_data = None
+        self.ok_gen = 0
+        self.ok_interval = T1
+        self.ok_elapsed = 0.0
+        self.local_sdp = b""
+        self.remote_sdp = msg.body
+        self.session = None
+        self.reinvite_pending = False
+
+    # -- UAS responses to the initial INVITE ---------------------------------
+    def provisional(self, status: int = 180, body: bytes = b"") -> None:
+        if self.state != EARLY:
+            return
+        headers = [("contact", self.core.contact_for(self.flow))]
+        if body:
+            headers.append(("content-type", "application/sdp"))
+        data = build.response(self.invite, status, self.source, self.local_tag,
+                              headers=headers, body=body, server=self.core.user_agent)
+        self.invite_st.respond(status, data)
+
+    def answer(self, sdp: bytes) -> None:
+        """200 OK with our SDP; retransmitted until the ACK arrives (RFC 3261 13.3.1.4)."""
+        if self.state != EARLY:
+            return
+        self.local_sdp = sdp
+        headers = [("contact", self.core.contact_for(self.flow)),
+                   ("allow", build.ALLOW), ("supported", build.SUPPORTED)]
+        rr = self.invite.headers.get("record-route")
+        if rr:
+            headers[:0] = [("record-route", v) for v in rr]
+        if sdp:
+            headers.append(("content-type", "application/sdp"))
+        data = build.response(self.invite, 200, self.source, self.local_tag,
+                              headers=headers, body=sdp, server=self.core.user_agent)
+        self.state = CONFIRMED
+        self.ok_data = data
+        self.invite_st.respond(200, data)
+        self.invite_st = None
+        if not self.flow.reliable:
+            self.ok_gen += 1
+            self.ok_interval = T1
+            self.ok_elapsed = 0.0
+            self.core.timers.arm(T1, self._retransmit_ok, self.ok_gen)
+        else:
+            self.ok_gen += 1
+            self.core.timers.arm(TIMER_64T1, self._ack_timeout, self.ok_gen)
+
+    def reject(self, status: int, reason: str | None = None, headers=(),
+               why: str = "rejected") -> None:
+        if self.state != EARLY:
+            return
+        data = build.response(self.invite, status, self.source, self.local_tag,
+                              reason=reason, headers=headers, server=self.core.user_agent)
+        self.core.stats[f"sent_{status}"] += 1
+        self.invite_st.respond(status, data)
+        self._terminate(why)
+
+    # -- 2xx retransmission (RFC 3261 13.3.1.4) -------------------------------
+    def _retransmit_ok(self, gen: int) -> None:
+        if gen != self.ok_gen or self.ok_data is None or self.state != CONFIRMED:
+            return
+        self.ok_elapsed += self.ok_interval
+        if self.ok_elapsed >= TIMER_64T1:
+            self._ack_timeout(gen)
+            return
+        self.flow.send(self.ok_data)
+        self.ok_interval = min(self.ok_interval * 2, T2)
+        self.core.timers.arm(self.ok_interval, self._retransmit_ok, gen)
+
+    def _ack_timeout(self, gen: int) -> None:
+        if gen != self.ok_gen or self.ok_data is None or self.state != CONFIRMED:
+            return
+        # RFC 3261 13.3.1.4: no ACK within 64*T1 -> confirm and end the dialog with BYE.
+        self.ok_data = None
+        log.info("no ACK for 2xx on %s; sending BYE", self.call_id)
+        self.bye(reason="ack-timeout")
+
+    def on_ack(self, msg) -> None:
+        if self.ok_data is None:
+            return  # retransmitted ACK
+        self.ok_data = None
+        self.ok_gen += 1
+        self.invite = None
+        if msg.body and not self.remote_sdp:
+            self.remote_sdp = msg.body  # RFC 3264 late offer: the answer is in the ACK
+        owner = self.owner
+        if owner is not None:
+            owner.dialog_confirmed(self)
+
+    # -- requests inside the dialog -------------------------------------------
+    def request(self, method: str, body: bytes = b"", headers=(), on_response=None) -> None:
+        """Send a request inside this dialog (RFC 3261 12.2.1.1)."""
+        self.local_cseq += 1
+        branch = build.new_branch()
+        core = self.core
+        via = f"SIP/2.0/{self.flow.transport.name} {core.sent_by(self.flow)};branch={branch};rport"
+        target = self.remote_target or strip_brackets(self.remote_uri)
+        h = [("via", via), ("max-forwards", "70")]
+        for r in self.route_set:
+            h.append(("route", r))
+        if self.is_uas:
+            h += [("from", _with_tag(self.local_uri, self.local_tag)),
+                  ("to", _with_tag(self.remote_uri, self.remote_tag))]
+        else:
+            h += [("from", self.local_uri), ("to", self.remote_uri)]
+        h += [("call-id", self.call_id), ("cseq", f"{self.local_cseq} {method}")]
+        h += list(headers)
+        if core.user_agent:
+            h.append(("user-agent", core.user_agent))
+        if body:
+            h.append(("content-type", "application/sdp"))
+        data = build.request(method, target, h, body)
+        cb = on_response or _ignore_response
+        core.transactions.new_client(client_key(branch, method), self.flow, data,
+                                     method == "INVITE", cb)
+
+    def bye(self, reason: str = "local-bye") -> None:
+        """End the call from our side: BYE, then the dialog is gone (RFC 3261 15.1.1)."""
+        if self.state == TERMINATED:
+            return
+        if self.state == EARLY:
+            self.reject(487 if reason == "cancel" else 480, why=reason)
+            return
+        self.request("BYE")
+        self._terminate(reason)
+
+    def _terminate(self, reason: str) -> None:
+        if self.state == TERMINATED:
+            return
+        self.state = TERMINATED
+        self.ok_gen += 1
+        self.ok_data = None
+        self.invite = None
+        core = self.core
+        if core.dialogs.get(self.key) is self:
+            del core.dialogs[self.key]
+        owner = self.owner
+        self.owner = None
+        if owner is not None:
+            owner.dialog_terminated(self, reason)
+
+
+def _with_tag(addr: str, tag: str) -> str:
+    if not tag or ";tag=" in addr:
+        return addr
+    return f"{addr};tag={tag}"
+
+
+def _ignore_response(ct, msg) -> None:
+    return None

@@ -1,0 +1,127 @@
+"""A registrar (RFC 3261 10.3): bindings of an address-of-record to contacts.
+
+Modes: `open` accepts any registration, `auth` requires digest credentials
+of a configured user (RFC 3261 22, RFC 8760), `off` answers 405.
+"""
+from __future__ import annotations
+
+import time
+
+from . import build
+from .digest import DigestServer
+from .parser_py import parse_name_addr
+from .uri import parse_uri, strip_brackets
+
+DEFAULT_EXPIRES = 3600
+MIN_EXPIRES = 60
+MAX_EXPIRES = 86400
+MAX_CONTACTS = 10
+
+
+class Binding:
+    __slots__ = ("contact", "expires_at", "call_id", "cseq", "source", "transport")
+
+    def __init__(self, contact, expires_at, call_id, cseq, source, transport):
+        self.contact = contact
+        self.expires_at = expires_at
+        self.call_id = call_id
+        self.cseq = cseq
+        self.source = source
+        self.transport = transport
+
+
+class Registrar:
+    def __init__(self, mode: str = "open", realm: str = "baton", users=None,
+                 secret: bytes = b"", clock=time.time):
+        self.mode = mode
+        self.users = users or {}   # username -> password
+        self.digest = DigestServer(realm=realm, secret=secret or _random_secret())
+        self.bindings: dict[str, dict[str, Binding]] = {}
+        self.clock = clock
+
+    def lookup(self, aor: str) -> list[Binding]:
+        now = self.clock()
+        found = self.bindings.get(aor, {})
+        return [b for b in found.values() if b.expires_at > now]
+
+    def _password(self, username, realm):
+        return self.users.get(username)
+
+    def on_register(self, core, msg, st) -> None:
+        auth = msg.get("authorization")
+        if self.mode == "auth" or (auth is not None and not auth.lower().startswith("digest")):
+            # RFC 4475 3.3.7: an unknown scheme gets a fresh challenge.
+            if auth is None:
+                self._challenge(core, msg, st)
+                return
+            result = self.digest.verify("REGISTER", auth, self._password)
+            if not result.ok:
+                if result.reason in ("unknown user",) and self.mode == "auth":
+                    core.respond(st, msg, 403)
+                    return
+                self._challenge(core, msg, st, stale=result.stale)
+                return
+        to = msg.get("to", "")
+        na = parse_name_addr(to)
+        try:
+            aor_uri = parse_uri(na[1]) if na else None
+        except ValueError:
+            aor_uri = None
+        if aor_uri is None:
+            core.respond(st, msg, 400, reason="Bad To header")
+            return
+        aor = f"{aor_uri.scheme}:{aor_uri.user}@{aor_uri.host}" if aor_uri.user else aor_uri.raw
+        contacts = msg.headers.get("contact", [])
+        expires_hdr = msg.get("expires")
+        now = self.clock()
+        current = self.bindings.setdefault(aor, {})
+        if contacts == ["*"]:
+            # RFC 3261 10.3 step 6: remove all bindings (needs Expires: 0).
+            if expires_hdr != "0":
+                core.respond(st, msg, 400, reason="Wildcard Contact needs Expires 0")
+                return
+            current.clear()
+        else:
+            for c in contacts:
+                na = parse_name_addr(c)
+                if na is None:
+                    core.respond(st, msg, 400, reason="Bad Contact")
+                    return
+                uri = strip_brackets(c) if "<" in c else na[1]
+                exp = dict(na[2]).get("expires") or expires_hdr
+                try:
+                    seconds = int(exp) if exp is not None else DEFAULT_EXPIRES
+                except ValueError:
+                    seconds = DEFAULT_EXPIRES
+                if 0 < seconds < MIN_EXPIRES:
+                    # RFC 3261 10.3 step 7: too brief.
+                    core.respond(st, msg, 423, reason="Interval Too Brief",
+                                 headers=[("min-expires", str(MIN_EXPIRES))])
+                    return
+                seconds = min(seconds, MAX_EXPIRES)
+                old = current.get(uri)
+                if old is not None and old.call_id == msg.call_id and old.cseq >= msg.cseq:
+                    core.respond(st, msg, 500, reason="Out of order REGISTER")
+                    return
+                if seconds == 0:
+                    current.pop(uri, None)
+                elif len(current) < MAX_CONTACTS or uri in current:
+                    current[uri] = Binding(uri, now + seconds, msg.call_id, msg.cseq,
+                                           st.flow.addr, st.flow.transport.name)
+        live = self.lookup(aor)
+        headers = [("contact", f"<{b.contact}>;expires={int(b.expires_at - now)}") for b in live]
+        headers.append(("date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())))
+        core.respond(st, msg, 200, headers=headers)
+
+    def _challenge(self, core, msg, st, stale: bool = False) -> None:
+        headers = [("www-authenticate", v) for v in self.digest.challenge(stale=stale)]
+        core.respond(st, msg, 401, headers=headers)
+
+
+def _random_secret() -> bytes:
+    import os
+
+    return os.urandom(32)
+
+
+__all__ = ["Registrar", "Binding", "build"]

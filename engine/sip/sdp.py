@@ -1,0 +1,204 @@
+"""SDP offer/answer for audio (RFC 4566, RFC 3264): PCMU, PCMA, telephone-event."""
+from __future__ import annotations
+
+import itertools
+import time
+
+from .errors import SdpError
+
+# Static payload types we can carry (RFC 3551 table 4).
+STATIC = {0: ("PCMU", 8000), 8: ("PCMA", 8000)}
+SUPPORTED = ("PCMU", "PCMA")
+DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
+_ANSWER_DIRECTION = {"sendrecv": "sendrecv", "sendonly": "recvonly",
+                     "recvonly": "sendonly", "inactive": "inactive"}
+_session_ids = itertools.count(int(time.time()))
+
+
+class MediaDescription:
+    __slots__ = ("media", "port", "proto", "formats", "rtpmap", "fmtp", "direction",
+                 "address", "ptime")
+
+    def __init__(self, media, port, proto, formats):
+        self.media = media
+        self.port = port
+        self.proto = proto
+        self.formats = formats
+        self.rtpmap = {}
+        self.fmtp = {}
+        self.direction = None
+        self.address = None
+        self.ptime = None
+
+
+class SessionDescription:
+    """The parts of an SDP body that audio offer/answer needs."""
+
+    __slots__ = ("origin", "address", "media", "direction")
+
+    def __init__(self):
+        self.origin = ""
+        self.address = None
+        self.media = []
+        self.direction = "sendrecv"
+
+
+def parse(body: bytes) -> SessionDescription:
+    """Parse an SDP body; raises SdpError (answered with 400/488) when unusable."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SdpError("SDP is not UTF-8") from exc
+    sd = SessionDescription()
+    current = None
+    saw_version = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if len(line) < 2 or line[1] != "=":
+            raise SdpError(f"malformed SDP line {line[:40]!r}")
+        kind, value = line[0], line[2:]
+        if kind == "v":
+            saw_version = True
+            if value != "0":
+                raise SdpError("unsupported SDP version")
+        elif kind == "o":
+            sd.origin = value
+        elif kind == "c":
+            parts = value.split()
+            if len(parts) != 3 or parts[0] != "IN" or parts[1] not in ("IP4", "IP6"):
+                raise SdpError("malformed c= line")
+            addr = parts[2].split("/")[0]
+            if current is None:
+                sd.address = addr
+            else:
+                current.address = addr
+        elif kind == "m":
+            parts = value.split()
+            if len(parts) < 4:
+                raise SdpError("malformed m= line")
+            port = parts[1].split("/")[0]
+            if not port.isdigit() or int(port) > 65535:
+                raise SdpError("bad media port")
+            current = MediaDescription(parts[0], int(port), parts[2], parts[3:])
+            sd.media.append(current)
+        elif kind == "a":
+            name, _, arg = value.partition(":")
+            if name in DIRECTIONS:
+                if current is None:
+                    sd.direction = name
+                else:
+                    current.direction = name
+            elif current is None:
+                continue
+            elif name == "rtpmap":
+                pt, _, enc = arg.partition(" ")
+                if pt.isdigit():
+                    bits = enc.split("/")
+                    rate = int(bits[1]) if len(bits) > 1 and bits[1].isdigit() else 8000
+                    current.rtpmap[int(pt)] = (bits[0], rate)
+            elif name == "fmtp":
+                pt, _, params = arg.partition(" ")
+                if pt.isdigit():
+                    current.fmtp[int(pt)] = params
+            elif name == "ptime" and arg.isdigit():
+                current.ptime = int(arg)
+    if not saw_version:
+        raise SdpError("SDP without v= line")
+    return sd
+
+
+class Negotiated:
+    """Result of answering an offer: what the audio stream uses."""
+
+    __slots__ = ("remote_addr", "remote_port", "payload_type", "codec", "dtmf_pt",
+                 "direction", "hold", "ptime")
+
+    def __init__(self):
+        self.remote_addr = None
+        self.remote_port = 0
+        self.payload_type = 0
+        self.codec = "PCMU"
+        self.dtmf_pt = None
+        self.direction = "sendrecv"
+        self.hold = False
+        self.ptime = 20
+
+
+def negotiate(offer: SessionDescription, prefer=SUPPORTED):
+    """Pick the audio stream and codec. Returns (Negotiated, index of the audio m-line).
+
+    Raises SdpError when no audio stream has a codec in common (answered 488)."""
+    for index, m in enumerate(offer.media):
+        if m.media != "audio" or m.port == 0 or not m.proto.startswith("RTP/AVP"):
+            continue
+        chosen = None
+        dtmf = None
+        for fmt in m.formats:
+            if not fmt.isdigit():
+                continue
+            pt = int(fmt)
+            enc = m.rtpmap.get(pt) or STATIC.get(pt)
+            if enc is None:
+                continue
+            name = enc[0].upper()
+            if name == "TELEPHONE-EVENT" and enc[1] == 8000 and dtmf is None:
+                dtmf = pt
+            elif chosen is None and name in prefer and enc[1] == 8000:
+                chosen = (pt, name)
+        if chosen is None:
+            continue
+        n = Negotiated()
+        n.remote_addr = m.address or offer.address
+        n.remote_port = m.port
+        n.payload_type, n.codec = chosen
+        n.dtmf_pt = dtmf
+        direction = m.direction or offer.direction
+        # RFC 3264 8.4: c=0.0.0.0 (RFC 2543 hold) or sendonly/inactive put us on hold.
+        n.hold = direction in ("sendonly", "inactive") or n.remote_addr in ("0.0.0.0", "::")
+        n.direction = _ANSWER_DIRECTION[direction]
+        if m.ptime:
+            n.ptime = m.ptime
+        return n, index
+    raise SdpError("no common audio codec")
+
+
+def build(address: str, port: int, neg: Negotiated | None, session_id: int, version: int,
+          offer: SessionDescription | None = None, audio_index: int = 0) -> bytes:
+    """Build an answer (when `offer` is given: one m-line per offered one, the
+    others rejected with port 0, RFC 3264 6) or a fresh offer (neg None)."""
+    ipver = "IP6" if ":" in address else "IP4"
+    lines = [
+        "v=0",
+        f"o=baton {session_id} {version} IN {ipver} {address}",
+        "s=baton",
+        f"c=IN {ipver} {address}",
+        "t=0 0",
+    ]
+    if neg is None:
+        lines += [f"m=audio {port} RTP/AVP 0 8 101",
+                  "a=rtpmap:0 PCMU/8000", "a=rtpmap:8 PCMA/8000",
+                  "a=rtpmap:101 telephone-event/8000", "a=fmtp:101 0-16",
+                  "a=ptime:20", "a=sendrecv"]
+        return ("\r\n".join(lines) + "\r\n").encode()
+    media = offer.media if offer is not None else [None]
+    for index, m in enumerate(media):
+        if m is not None and index != audio_index:
+            lines.append(f"m={m.media} 0 {m.proto} {' '.join(m.formats)}")
+            continue
+        fmts = str(neg.payload_type)
+        if neg.dtmf_pt is not None:
+            fmts += f" {neg.dtmf_pt}"
+        lines.append(f"m=audio {port} RTP/AVP {fmts}")
+        lines.append(f"a=rtpmap:{neg.payload_type} {neg.codec}/8000")
+        if neg.dtmf_pt is not None:
+            lines.append(f"a=rtpmap:{neg.dtmf_pt} telephone-event/8000")
+            lines.append(f"a=fmtp:{neg.dtmf_pt} 0-16")
+        lines.append(f"a=ptime:{neg.ptime}")
+        lines.append(f"a={neg.direction}")
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def new_session_id() -> int:
+    return next(_session_ids)

@@ -1,0 +1,320 @@
+"""The SIP transaction layer (RFC 3261 17, with the RFC 6026 Accepted states).
+
+Server transactions absorb retransmitted requests and re-send the last
+response; client transactions retransmit requests over unreliable
+transports and time out. State and timer names follow the RFC.
+"""
+from __future__ import annotations
+
+import enum
+
+from .timers import T1, T2, T4, TIMER_64T1, TimerQueues
+
+MAGIC_COOKIE = "z9hG4bK"
+
+
+class State(enum.IntEnum):
+    # RFC 3261 17.1.1 / 17.1.2 / 17.2.1 / 17.2.2, RFC 6026 7.1/7.2 (Accepted)
+    CALLING = 1
+    TRYING = 2
+    PROCEEDING = 3
+    ACCEPTED = 4
+    COMPLETED = 5
+    CONFIRMED = 6
+    TERMINATED = 7
+
+
+CALLING = State.CALLING
+TRYING = State.TRYING
+PROCEEDING = State.PROCEEDING
+ACCEPTED = State.ACCEPTED
+COMPLETED = State.COMPLETED
+CONFIRMED = State.CONFIRMED
+TERMINATED = State.TERMINATED
+
+
+def server_key(msg, method: str | None = None) -> str:
+    """RFC 3261 17.2.3: branch + sent-by + method (ACK matches its INVITE).
+
+    Without the magic cookie (RFC 2543 peers, RFC 4475 3.2.1) the key is
+    built from Call-ID, CSeq, From tag and the top Via instead."""
+    if method is None:
+        method = msg.method
+        if method == "ACK":
+            method = "INVITE"
+    branch = msg.via_branch
+    if branch is not None and len(branch) > 7 and branch.startswith(MAGIC_COOKIE):
+        return f"{branch}\x00{msg.via_host}:{msg.via_port}\x00{method}"
+    via = msg.headers["via"][0] if msg.headers.get("via") else ""
+    return f"2543\x00{msg.call_id}\x00{msg.cseq}\x00{msg.from_tag}\x00{via}\x00{method}"
+
+
+def client_key(branch: str, method: str) -> str:
+    # RFC 3261 17.1.3: branch of the top Via + CSeq method.
+    if method == "ACK":
+        method = "INVITE"
+    return f"{branch}\x00{method}"
+
+
+class Flow:
+    """Where a message goes: a transport object and a (host, port) address."""
+
+    __slots__ = ("transport", "addr")
+
+    def __init__(self, transport, addr):
+        self.transport = transport
+        self.addr = addr
+
+    @property
+    def reliable(self) -> bool:
+        return self.transport.reliable
+
+    def send(self, data: bytes) -> None:
+        self.transport.send(data, self.addr)
+
+
+class TransactionLayer:
+    """Tables of live transactions and the timers that drive them."""
+
+    def __init__(self, timers: TimerQueues):
+        self.timers = timers
+        self.server: dict[str, ServerTransaction] = {}
+        self.client: dict[str, ClientTransaction] = {}
+
+    # -- server side ----------------------------------------------------------
+    def new_server(self, key: str, msg, flow: Flow) -> "ServerTransaction":
+        st = ServerTransaction(self, key, msg.method == "INVITE", flow)
+        self.server[key] = st
+        return st
+
+    def new_client(self, key: str, flow: Flow, data: bytes, is_invite: bool,
+                   on_response, make_ack=None) -> "ClientTransaction":
+        ct = ClientTransaction(self, key, is_invite, flow, data, on_response, make_ack)
+        self.client[key] = ct
+        ct.start()
+        return ct
+
+    def counts(self) -> dict:
+        return {"server": len(self.server), "client": len(self.client)}
+
+
+class ServerTransaction:
+    """INVITE (IST) and non-INVITE (NIST) server transactions."""
+
+    __slots__ = ("layer", "key", "is_invite", "state", "flow", "last", "gen",
+                 "interval", "on_timeout", "on_ack", "tu", "__weakref__")
+
+    def __init__(self, layer: TransactionLayer, key: str, is_invite: bool, flow: Flow):
+        self.layer = layer
+        self.key = key
+        self.is_invite = is_invite
+        self.state = PROCEEDING if is_invite else TRYING
+        self.flow = flow
+        self.last: bytes | None = None
+        self.gen = 0
+        self.interval = T1
+        self.on_timeout = None   # TU callback: no ACK for a non-2xx final (Timer H)
+        self.on_ack = None       # TU callback: ACK absorbed for a non-2xx final
+        self.tu = None           # the TU object this transaction serves (a Dialog)
+
+    def respond(self, status: int, data: bytes) -> None:
+        """The TU sends a response through this transaction."""
+        state = self.state
+        if state >= COMPLETED or state == ACCEPTED:
+            return  # RFC 3261 17.2.1: a final response was already sent
+        self.last = data
+        self.flow.send(data)
+        if status < 200:
+            self.state = PROCEEDING
+            return
+        timers = self.layer.timers
+        reliable = self.flow.reliable
+        self.gen += 1
+        if self.is_invite:
+            if status < 300:
+                # RFC 6026 7.1: Accepted, Timer L = 64*T1; the TU retransmits the 2xx.
+                self.state = ACCEPTED
+                timers.arm(TIMER_64T1, self._timer_l, self.gen)
+            else:
+                self.state = COMPLETED
+                if not reliable:
+                    self.interval = T1
+                    timers.arm(T1, self._timer_g, self.gen)
+                timers.arm(TIMER_64T1, self._timer_h, self.gen)
+        else:
+            self.state = COMPLETED
+            if reliable:
+                self._terminate()  # Timer J = 0 on reliable transports
+            else:
+                timers.arm(TIMER_64T1, self._timer_j, self.gen)
+
+    def on_request(self, msg) -> None:
+        """A retransmission of the request (or the ACK of an IST)."""
+        if msg.method == "ACK":
+            if self.state == COMPLETED:
+                # RFC 3261 17.2.1: ACK moves to Confirmed; Timer I absorbs further ACKs.
+                self.state = CONFIRMED
+                self.gen += 1
+                if self.on_ack is not None:
+                    self.on_ack(self)
+                if self.flow.reliable:
+                    self._terminate()
+                else:
+                    self.layer.timers.arm(T4, self._timer_i, self.gen)
+            return
+        # RFC 3261 17.2.1 / 17.2.2: absorb, and re-send the last response.
+        if self.last is not None and self.state in (PROCEEDING, COMPLETED):
+            self.flow.send(self.last)
+
+    # -- timers ---------------------------------------------------------------
+    def _timer_g(self, gen: int) -> None:
+        if gen != self.gen or self.state != COMPLETED:
+            return
+        self.flow.send(self.last)
+        self.interval = min(self.interval * 2, T2)
+        self.layer.timers.arm(self.interval, self._timer_g, gen)
+
+    def _timer_h(self, gen: int) -> None:
+        if gen != self.gen or self.state != COMPLETED:
+            return
+        callback, tu = self.on_timeout, self.tu
+        self._terminate()
+        if callback is not None:
+            self.tu = tu
+            callback(self)
+            self.tu = None
+
+    def _timer_i(self, gen: int) -> None:
+        if gen == self.gen:
+            self._terminate()
+
+    _timer_j = _timer_i
+    _timer_l = _timer_i
+
+    def _terminate(self) -> None:
+        self.state = TERMINATED
+        self.gen += 1
+        self.last = None
+        self.on_ack = self.on_timeout = self.tu = None
+        table = self.layer.server
+        if table.get(self.key) is self:
+            del table[self.key]
+
+
+class ClientTransaction:
+    """INVITE (ICT) and non-INVITE (NICT) client transactions.
+
+    `on_response(ct, msg)` is called for every response passed up, and with
+    msg=None when Timer B/F fires or the transport fails (the TU then acts
+    as if a 408 arrived, RFC 3261 8.1.3.1)."""
+
+    __slots__ = ("layer", "key", "is_invite", "state", "flow", "data", "gen", "interval",
+                 "on_response", "make_ack", "ack", "__weakref__")
+
+    def __init__(self, layer, key, is_invite, flow, data, on_response, make_ack):
+        self.layer = layer
+        self.key = key
+        self.is_invite = is_invite
+        self.state = CALLING if is_invite else TRYING
+        self.flow = flow
+        self.data = data
+        self.gen = 0
+        self.interval = T1
+        self.on_response = on_response
+        self.make_ack = make_ack
+        self.ack: bytes | None = None
+
+    def start(self) -> None:
+        timers = self.layer.timers
+        try:
+            self.flow.send(self.data)
+        except OSError:
+            self._fail()
+            return
+        if not self.flow.reliable:
+            timers.arm(T1, self._retransmit, self.gen)  # Timer A / Timer E
+        timers.arm(TIMER_64T1, self._timeout, self.gen)  # Timer B / Timer F
+
+    def on_message(self, msg) -> None:
+        status = msg.status
+        state = self.state
+        if state in (COMPLETED, TERMINATED):
+            if self.is_invite and status >= 300 and self.ack is not None:
+                self.flow.send(self.ack)  # RFC 3261 17.1.1.2: re-ACK retransmitted finals
+            return
+        if state == ACCEPTED:
+            if 200 <= status < 300:
+                self.on_response(self, msg)  # RFC 6026 7.2: 2xx retransmissions go to the TU
+            return
+        if status < 200:
+            if state in (CALLING, TRYING):
+                self.state = PROCEEDING
+                if not self.is_invite:
+                    pass  # RFC 3261 17.1.2.2: Timer E keeps running, at T2
+                else:
+                    self.gen += 1  # Timer A stops; keep Timer B semantics via on-call check
+                    self.layer.timers.arm(TIMER_64T1 * 6, self._timeout, self.gen)
+            self.on_response(self, msg)
+            return
+        self.gen += 1
+        timers = self.layer.timers
+        reliable = self.flow.reliable
+        if self.is_invite:
+            if status < 300:
+                self.state = ACCEPTED
+                timers.arm(TIMER_64T1, self._terminate_gen, self.gen)  # Timer M
+            else:
+                self.state = COMPLETED
+                if self.make_ack is not None:
+                    self.ack = self.make_ack(msg)
+                    self.flow.send(self.ack)
+                if reliable:
+                    self._terminate()
+                else:
+                    timers.arm(32.0, self._terminate_gen, self.gen)  # Timer D
+        else:
+            self.state = COMPLETED
+            if reliable:
+                self._terminate()
+            else:
+                timers.arm(T4, self._terminate_gen, self.gen)  # Timer K
+        self.on_response(self, msg)
+
+    def cancelled_by_tu(self) -> None:
+        self._terminate()
+
+    def _retransmit(self, gen: int) -> None:
+        if gen != self.gen or self.state not in (CALLING, TRYING, PROCEEDING):
+            return
+        if self.is_invite and self.state != CALLING:
+            return
+        try:
+            self.flow.send(self.data)
+        except OSError:
+            self._fail()
+            return
+        if self.is_invite:
+            self.interval *= 2  # RFC 3261 17.1.1.2 Timer A doubles without cap
+        else:
+            self.interval = T2 if self.state == PROCEEDING else min(self.interval * 2, T2)
+        self.layer.timers.arm(self.interval, self._retransmit, gen)
+
+    def _timeout(self, gen: int) -> None:
+        if gen != self.gen or self.state in (COMPLETED, ACCEPTED, TERMINATED):
+            return
+        self._fail()
+
+    def _fail(self) -> None:
+        self._terminate()
+        self.on_response(self, None)
+
+    def _terminate_gen(self, gen: int) -> None:
+        if gen == self.gen:
+            self._terminate()
+
+    def _terminate(self) -> None:
+        self.state = TERMINATED
+        self.gen += 1
+        table = self.layer.client
+        if table.get(self.key) is self:
+            del table[self.key]

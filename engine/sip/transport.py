@@ -1,0 +1,215 @@
+"""SIP transports: UDP datagrams and TCP streams (RFC 3261 18).
+
+Each transport hands complete messages (bytes) with their source address to
+`core.on_message(data, flow, stream)`. TCP frames by Content-Length,
+copes with pipelined and fragmented messages and reuses connections for
+responses and for requests towards the same peer.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from . import parser
+from .message import MAX_MESSAGE, SipParseError
+from .transaction import Flow
+
+log = logging.getLogger("baton.sip.transport")
+
+MAX_CONNECTIONS = 4096
+TCP_IDLE_TIMEOUT = 600.0
+
+
+def parse_hostport(text: str, default_port: int = 5060) -> tuple[str, int]:
+    """`HOST:PORT`, `[V6]:PORT`, `HOST` -> (host, port); raises ValueError."""
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"unterminated IPv6 reference in {text!r}")
+        host = text[1:end]
+        rest = text[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"garbage after IPv6 reference in {text!r}")
+        port = int(rest[1:]) if rest else default_port
+    elif text.count(":") > 1:
+        host, port = text, default_port  # bare IPv6 literal
+    else:
+        host, _, p = text.partition(":")
+        port = int(p) if p else default_port
+    if not host or not 0 <= port <= 65535:
+        raise ValueError(f"bad address {text!r}")
+    return host, port
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class UdpTransport(asyncio.DatagramProtocol):
+    name = "UDP"
+    reliable = False
+
+    def __init__(self, core):
+        self.core = core
+        self.transport: asyncio.DatagramTransport | None = None
+        self.local = ("", 0)
+
+    def connection_made(self, transport):
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        except OSError:
+            pass
+        self.local = transport.get_extra_info("sockname")[:2]
+
+    def datagram_received(self, data, addr):
+        self.core.on_message(data, Flow(self, addr[:2]), False)
+
+    def error_received(self, exc):
+        # ICMP port unreachable and friends: the transaction timers handle the loss.
+        log.debug("udp error: %s", exc)
+
+    def send(self, data: bytes, addr) -> None:
+        if len(data) > MAX_MESSAGE:
+            raise OSError("message exceeds the datagram limit")
+        self.transport.sendto(data, addr)
+
+    def close(self):
+        if self.transport is not None:
+            self.transport.close()
+
+
+class TcpConnection(asyncio.Protocol):
+    """One TCP connection; it is the transport of the flows it carries."""
+
+    name = "TCP"
+    reliable = True
+
+    def __init__(self, listener: "TcpTransport"):
+        self.listener = listener
+        self.core = listener.core
+        self.transport = None
+        self.peer = ("", 0)
+        self.buf = bytearray()
+        self.pending: list[bytes] = []
+        self.last_activity = 0.0
+        self.closed = False
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")[:2]
+        self.last_activity = asyncio.get_running_loop().time()
+        if len(self.listener.connections) >= MAX_CONNECTIONS:
+            transport.close()
+            return
+        self.listener.connections[self.peer] = self
+        for data in self.pending:
+            transport.write(data)
+        self.pending.clear()
+
+    def data_received(self, data):
+        self.last_activity = asyncio.get_running_loop().time()
+        buf = self.buf
+        buf += data
+        while buf:
+            # RFC 5626 4.4.1: CRLF keep-alives between messages.
+            if buf[:1] in (b"\r", b"\n"):
+                if buf[:4] == b"\r\n\r\n":
+                    self.transport.write(b"\r\n")  # pong
+                    del buf[:4]
+                    continue
+                if len(buf) < 4 and b"\r\n\r\n".startswith(bytes(buf)):
+                    return
+                del buf[:1]
+                continue
+            try:
+                n = parser.frame_length(bytes(buf))
+            except SipParseError as exc:
+                # The stream cannot be re-synchronised: close it (RFC 3261 18.3).
+                log.info("closing TCP connection from %s: %s", self.peer, exc)
+                self.core.stats["parse_errors"] += 1
+                self.transport.close()
+                buf.clear()
+                return
+            if n == 0:
+                if len(buf) > MAX_MESSAGE:
+                    self.transport.close()
+                    buf.clear()
+                return
+            msg = bytes(buf[:n])
+            del buf[:n]
+            self.core.on_message(msg, Flow(self, self.peer), True)
+
+    def connection_lost(self, exc):
+        self.closed = True
+        if self.listener.connections.get(self.peer) is self:
+            del self.listener.connections[self.peer]
+
+    def send(self, data: bytes, addr=None) -> None:
+        if self.closed:
+            raise OSError("TCP connection closed")
+        if self.transport is None:
+            self.pending.append(data)
+        else:
+            self.transport.write(data)
+
+    def close(self):
+        if self.transport is not None:
+            self.transport.close()
+
+
+class TcpTransport:
+    """The listening socket, plus the table of connections for reuse."""
+
+    name = "TCP"
+    reliable = True
+
+    def __init__(self, core):
+        self.core = core
+        self.server: asyncio.base_events.Server | None = None
+        self.connections: dict[tuple, TcpConnection] = {}
+        self.local = ("", 0)
+
+    async def listen(self, host: str, port: int):
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: TcpConnection(self), host, port,
+                                               reuse_address=True, backlog=1024)
+        self.local = self.server.sockets[0].getsockname()[:2]
+
+    def send(self, data: bytes, addr) -> None:
+        """Send over an existing connection to `addr`, or open one (RFC 3261 18.1.1)."""
+        conn = self.connections.get(tuple(addr))
+        if conn is None:
+            conn = TcpConnection(self)
+            conn.pending.append(data)
+            loop = asyncio.get_running_loop()
+            loop.create_task(self._connect(conn, addr))
+            return
+        conn.send(data)
+
+    async def _connect(self, conn, addr):
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_connection(lambda: conn, addr[0], addr[1])
+        except OSError as exc:
+            log.info("TCP connect to %s failed: %s", addr, exc)
+            conn.closed = True
+
+    def flow_to(self, addr) -> Flow:
+        conn = self.connections.get(tuple(addr))
+        return Flow(conn if conn is not None else self, tuple(addr))
+
+    def close_idle(self, now: float) -> None:
+        for conn in list(self.connections.values()):
+            if now - conn.last_activity > TCP_IDLE_TIMEOUT:
+                conn.close()
+
+    def close(self):
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections.values()):
+            conn.close()
