@@ -12,7 +12,6 @@ qop-less RFC 2069 style challenges.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import re
@@ -20,11 +19,11 @@ import secrets
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Union
 
 __all__ = [
-    "ALGORITHMS", "AuthResult", "DigestServer", "Ha1", "authorize",
+    "ALGORITHMS", "AuthResult", "DigestServer", "Ha1", "Lookup", "authorize",
     "choose_challenge", "parse_auth_header",
 ]
 
@@ -53,6 +52,10 @@ _MAC_LEN = hashlib.sha256().digest_size
 _NONCE_RAW = _NONCE_TS.size + _NONCE_SALT + _MAC_LEN
 # Nonces minted by a peer process whose clock runs slightly ahead stay valid.
 _FUTURE_SKEW_MS = 30_000
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def _canonical_algorithm(name: str) -> str | None:
@@ -363,7 +366,8 @@ class AuthResult:
     algorithm: str | None = None
 
 
-Lookup = Callable[[str, str], Union[str, Ha1, Iterable[Ha1], None]]
+#: lookup(username, realm) -> password, stored HA1(s), or None if unknown.
+Lookup = Callable[[str, str], str | Ha1 | Iterable[Ha1] | None]
 
 
 class DigestServer:
@@ -407,9 +411,8 @@ class DigestServer:
         self._clock = clock
         self._ttl_ms = int(self.nonce_ttl * 1000)
         self._max_tracked = max_tracked_nonces
-        self._opaque = base64.urlsafe_b64encode(
-            hmac.new(self._secret, b"opaque:" + self._realm_b, hashlib.sha256).digest()[:12]
-        ).decode()
+        self._opaque = _b64(
+            hmac.new(self._secret, b"opaque:" + self._realm_b, hashlib.sha256).digest()[:12])
         # (nonce, username) -> (issued_ms, highest nc accepted)
         self._nc: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
         # Nonces issued at or before this were possibly evicted from _nc.
@@ -425,7 +428,7 @@ class DigestServer:
     def make_nonce(self) -> str:
         """Mint a fresh nonce (normally via `challenge`)."""
         head = _NONCE_TS.pack(self._now_ms()) + secrets.token_bytes(_NONCE_SALT)
-        return base64.urlsafe_b64encode(head + self._mac(head)).decode().rstrip("=")
+        return _b64(head + self._mac(head))
 
     def _nonce_issued_ms(self, nonce: str) -> int | None:
         """Issue time of a nonce this realm's secret minted, else None."""
@@ -433,9 +436,11 @@ class DigestServer:
             return None
         try:
             raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
-        except (binascii.Error, ValueError):
+        except ValueError:
             return None
-        if len(raw) != _NONCE_RAW:
+        # The decoder skips stray characters; demanding the canonical spelling
+        # keeps one nonce per value, which the nc bookkeeping relies on.
+        if len(raw) != _NONCE_RAW or _b64(raw) != nonce:
             return None
         head, mac = raw[:-_MAC_LEN], raw[-_MAC_LEN:]
         if not hmac.compare_digest(mac, self._mac(head)):

@@ -55,6 +55,10 @@ class Registrar:
                 self._challenge(core, msg, st)
                 return
             result = self.digest.verify("REGISTER", auth, self._password)
+            if result.ok and result.uri is not None and result.uri != msg.uri:
+                # RFC 3261 22.4: the credentials must be for this Request-URI.
+                core.respond(st, msg, 400, reason="Authorization URI mismatch")
+                return
             if not result.ok:
                 if result.reason in ("unknown user",) and self.mode == "auth":
                     core.respond(st, msg, 403)
