@@ -15,7 +15,7 @@ from .dialog import CONFIRMED, EARLY, Dialog
 from .message import SipParseError
 from .parser import parse_message
 from .timers import TimerQueues
-from .transaction import (COMPLETED, PROCEEDING, Flow, TransactionLayer, client_key,
+from .transaction import (ACCEPTED, COMPLETED, PROCEEDING, Flow, TransactionLayer, client_key,
                           server_key)
 from .transport import TcpTransport, UdpTransport, format_hostport
 from .uri import SUPPORTED_SCHEMES
@@ -95,8 +95,12 @@ class SipCore:
                 d.bye(reason="shutdown")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self.transactions.client and loop.time() < deadline:
+        while self.pending_requests() and loop.time() < deadline:
             await asyncio.sleep(0.02)
+
+    def pending_requests(self) -> int:
+        """Client transactions still waiting for a final response."""
+        return sum(1 for ct in self.transactions.client.values() if ct.state < ACCEPTED)
 
     # -- addressing -----------------------------------------------------------
     def _local_of(self, flow: Flow):
@@ -258,7 +262,7 @@ class SipCore:
         if self.draining:
             self.respond(st, msg, 503, headers=[("retry-after", "30")])
             return
-        d = Dialog(self, msg, st.flow, st)
+        d = Dialog.from_invite(self, msg, st.flow, st)
         self.dialogs[d.key] = d
         st.tu = d
         st.on_timeout = _on_no_ack

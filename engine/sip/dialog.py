@@ -56,36 +56,50 @@ class Dialog:
                  "ok_data", "ok_gen", "ok_interval", "ok_elapsed", "local_sdp",
                  "remote_sdp", "session", "reinvite_pending", "__weakref__")
 
-    def __init__(self, core, msg, flow: Flow, st):
+    def __init__(self, core, call_id: str, local_tag: str, remote_tag: str, local_uri: str,
+                 remote_uri: str, remote_target: str | None, route_set: list, flow: Flow,
+                 is_uas: bool):
         self.core = core
-        self.call_id = msg.call_id
-        self.local_tag = build.new_tag()
-        self.remote_tag = msg.from_tag or ""
-        self.key = (self.call_id, self.local_tag, self.remote_tag)
+        self.call_id = call_id
+        self.local_tag = local_tag
+        self.remote_tag = remote_tag
+        self.key = (call_id, local_tag, remote_tag)
         self.state = EARLY
-        self.is_uas = True
-        h = msg.headers
-        self.local_uri = h["to"][0]
-        self.remote_uri = h["from"][0]
-        contact = h.get("contact")
-        self.remote_target = strip_brackets(contact[0]) if contact else None
-        # RFC 3261 12.1.1: the route set is the Record-Route list, in order (UAS).
-        self.route_set = h.get("record-route", [])
+        self.is_uas = is_uas
+        self.local_uri = local_uri
+        self.remote_uri = remote_uri
+        self.remote_target = remote_target
+        self.route_set = route_set
         self.local_cseq = 100
-        self.remote_cseq = msg.cseq
+        self.remote_cseq = 0
         self.flow = flow
         self.source = flow.addr
-        self.invite = msg
-        self.invite_st = st
+        self.invite = None
+        self.invite_st = None
         self.owner: DialogOwner | None = None
         self.ok_data = None
         self.ok_gen = 0
         self.ok_interval = T1
         self.ok_elapsed = 0.0
         self.local_sdp = b""
-        self.remote_sdp = msg.body
+        self.remote_sdp = b""
         self.session = None
         self.reinvite_pending = False
+
+    @classmethod
+    def from_invite(cls, core, msg, flow: Flow, st) -> "Dialog":
+        """The UAS dialog of an initial INVITE (RFC 3261 12.1.1), still early."""
+        h = msg.headers
+        contact = h.get("contact")
+        # RFC 3261 12.1.1: the UAS route set is the Record-Route list, in order.
+        d = cls(core, msg.call_id, build.new_tag(), msg.from_tag or "", h["to"][0],
+                h["from"][0], strip_brackets(contact[0]) if contact else None,
+                h.get("record-route", []), flow, True)
+        d.remote_cseq = msg.cseq
+        d.invite = msg
+        d.invite_st = st
+        d.remote_sdp = msg.body
+        return d
 
     # -- UAS responses to the initial INVITE ---------------------------------
     def provisional(self, status: int = 180, body: bytes = b"") -> None:
@@ -178,11 +192,8 @@ class Dialog:
         h = [("via", via), ("max-forwards", "70")]
         for r in self.route_set:
             h.append(("route", r))
-        if self.is_uas:
-            h += [("from", _with_tag(self.local_uri, self.local_tag)),
-                  ("to", _with_tag(self.remote_uri, self.remote_tag))]
-        else:
-            h += [("from", self.local_uri), ("to", self.remote_uri)]
+        h += [("from", _with_tag(self.local_uri, self.local_tag)),
+              ("to", _with_tag(self.remote_uri, self.remote_tag))]
         h += [("call-id", self.call_id), ("cseq", f"{self.local_cseq} {method}")]
         h += list(headers)
         if core.user_agent:
@@ -191,6 +202,7 @@ class Dialog:
             h.append(("content-type", "application/sdp"))
         data = build.request(method, target, h, body)
         cb = on_response or _ignore_response
+        core.stats[f"sent_{method}"] += 1
         core.transactions.new_client(client_key(branch, method), self.flow, data,
                                      method == "INVITE", cb)
 

@@ -1,0 +1,60 @@
+"""Test setup shared by every suite.
+
+`async def` tests run on uvloop (BATON_TEST_LOOP=asyncio runs them on the
+stock loop), and a test fails if any exception reached the loop's exception
+handler, even one nobody awaited.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running (talk-off corpus, soak)")
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    if os.environ.get("BATON_TEST_LOOP") == "asyncio":
+        return asyncio.new_event_loop()
+    import uvloop
+
+    return uvloop.new_event_loop()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    func = pyfuncitem.obj
+    if not inspect.iscoroutinefunction(func):
+        return None
+    args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    loop = new_loop()
+    errors = []
+
+    def handler(loop, context):
+        errors.append(context)
+
+    loop.set_exception_handler(handler)
+    try:
+        loop.run_until_complete(asyncio.wait_for(func(**args), timeout=120))
+        # Let callbacks scheduled by the test run, so their errors are seen.
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
+    if errors:
+        msgs = "; ".join(f"{c.get('message')}: {c.get('exception')!r}" for c in errors)
+        pytest.fail(f"exceptions reached the event loop's handler: {msgs}")
+    return True

@@ -1,0 +1,228 @@
+"""Helpers for tests that talk to a real engine over loopback."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATON = os.path.join(ROOT, ".venv", "bin", "baton")
+if not os.path.exists(BATON):
+    BATON = os.path.join(os.path.dirname(sys.executable), "baton")
+DEMO = os.path.join(ROOT, "examples", "demo.toml")
+
+
+def free_port(kind=socket.SOCK_DGRAM, host="127.0.0.1", even=False) -> int:
+    """A port free for both UDP and TCP."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(200):
+        with socket.socket(fam, socket.SOCK_DGRAM) as u:
+            u.bind((host, 0))
+            port = u.getsockname()[1]
+            if even and port % 2:
+                continue
+            try:
+                with socket.socket(fam, socket.SOCK_STREAM) as t:
+                    t.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def engine_config(**engine) -> dict:
+    """A config dict like the demo's, on free ports, for in-process engines."""
+    base = 30000 + (os.getpid() * 97 % 20000)
+    base -= base % 2
+    cfg = {
+        "engine": {"sip_addr": engine.pop("sip_addr", "127.0.0.1:0"),
+                   "transports": ["udp", "tcp"], "data_dir": tempfile.mkdtemp(prefix="baton-")},
+        "media": {"address": "127.0.0.1", "rtp_port_min": base, "rtp_port_max": base + 2000},
+        "accounts": {"demo": {"numbers": {"1000": {"module": "baton.hold"}}}},
+    }
+    cfg["engine"].update(engine)
+    return cfg
+
+
+@contextlib.asynccontextmanager
+async def running_engine(raw: dict | None = None, **engine_kw):
+    """An Engine in this process and loop; yields it once listening."""
+    from engine.config import from_dict
+    from engine.server import Engine
+
+    cfg = from_dict(raw or engine_config(**engine_kw), "<test>")
+    eng = Engine(cfg)
+    await eng.start()
+    try:
+        yield eng
+    finally:
+        await eng.stop(timeout=1.0)
+
+
+class EngineProcess:
+    """`baton serve` as a child process (the real CLI), stopped with SIGTERM."""
+
+    def __init__(self, config: str = DEMO, host: str = "127.0.0.1", port: int | None = None,
+                 extra: list | None = None, netns: str | None = None, env: dict | None = None):
+        self.host = host
+        self.port = port or free_port(host=host)
+        self.data_dir = tempfile.mkdtemp(prefix="baton-data-")
+        hp = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        cmd = [BATON, "serve", "--config", config, "--sip-addr", hp, "--data-dir", self.data_dir]
+        cmd += extra or []
+        if netns:
+            cmd = ["ip", "netns", "exec", netns] + cmd
+        self.log = tempfile.NamedTemporaryFile(prefix="baton-log-", suffix=".txt", delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self.netns = netns
+
+    def wait_ready(self, timeout: float = 15.0) -> "EngineProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"engine exited early:\n{self.output()}")
+            if self.netns or self._options_answered():
+                if self.netns:
+                    time.sleep(1.0)
+                return self
+            time.sleep(0.1)
+        raise RuntimeError(f"engine did not answer OPTIONS:\n{self.output()}")
+
+    def _options_answered(self) -> bool:
+        fam = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        with socket.socket(fam, socket.SOCK_DGRAM) as s:
+            s.bind((self.host, 0))
+            s.settimeout(0.3)
+            s.sendto(options(self.host, self.port, s.getsockname()[1]), (self.host, self.port))
+            try:
+                data = s.recv(65535)
+            except OSError:
+                return False
+            return data.startswith(b"SIP/2.0 200")
+
+    def output(self) -> str:
+        with open(self.log.name, "r", errors="replace") as f:
+            return f.read()
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"engine did not stop within {timeout}s:\n{self.output()}")
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self.wait_ready()
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _hp(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def options(host, port, local_port, local_host="127.0.0.1", transport="UDP") -> bytes:
+    branch = "z9hG4bK" + secrets.token_hex(6)
+    return (f"OPTIONS sip:{_hp(host, port)} SIP/2.0\r\n"
+            f"Via: SIP/2.0/{transport} {_hp(local_host, local_port)};branch={branch}\r\n"
+            f"Max-Forwards: 70\r\nTo: <sip:{_hp(host, port)}>\r\n"
+            f"From: <sip:probe@{_hp(local_host, local_port)}>;tag={secrets.token_hex(4)}\r\n"
+            f"Call-ID: {secrets.token_hex(8)}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+SDP_OFFER = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+             "m=audio {port} RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n"
+             "a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=sendrecv\r\n")
+
+
+class Call:
+    """The dialog state a raw test UAC keeps for one call."""
+
+    def __init__(self, client, number="1000", transport="UDP"):
+        self.client = client
+        self.number = number
+        self.call_id = secrets.token_hex(8) + "@test"
+        self.from_tag = secrets.token_hex(4)
+        self.to_tag = None
+        self.cseq = 1
+        self.transport = transport
+        self.branch = None
+
+    def request(self, method, body="", cseq=None, branch=None, extra="", to_tag=True,
+                uri=None, content_type="application/sdp") -> bytes:
+        c = self.client
+        self.branch = branch or ("z9hG4bK" + secrets.token_hex(6))
+        to = f"<sip:{self.number}@{_hp(c.host, c.port)}>"
+        if to_tag and self.to_tag:
+            to += f";tag={self.to_tag}"
+        cseq = cseq if cseq is not None else self.cseq
+        ruri = uri or f"sip:{self.number}@{_hp(c.host, c.port)}"
+        head = (f"{method} {ruri} SIP/2.0\r\n"
+                f"Via: SIP/2.0/{self.transport} {_hp(c.local_host, c.local_port)};branch={self.branch}\r\n"
+                f"Max-Forwards: 70\r\nTo: {to}\r\n"
+                f"From: \"Test\" <sip:tester@{_hp(c.local_host, c.local_port)}>;tag={self.from_tag}\r\n"
+                f"Call-ID: {self.call_id}\r\nCSeq: {cseq} {method if method != 'ACK' or cseq else method}\r\n"
+                f"Contact: <sip:tester@{_hp(c.local_host, c.local_port)}>\r\n{extra}")
+        b = body.encode()
+        if b:
+            head += f"Content-Type: {content_type}\r\n"
+        return (head + f"Content-Length: {len(b)}\r\n\r\n").encode() + b
+
+
+class UdpClient:
+    """A raw UDP SIP peer: send bytes, receive parsed responses/requests."""
+
+    def __init__(self, host, port, local_host=None):
+        self.host = host
+        self.port = port
+        self.local_host = local_host or host
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(fam, socket.SOCK_DGRAM)
+        self.sock.bind((self.local_host, 0))
+        self.sock.setblocking(False)
+        self.local_port = self.sock.getsockname()[1]
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendto(data, (self.host, self.port))
+
+    async def recv(self, timeout: float = 2.0):
+        from engine.sip.parser_py import parse_message
+
+        loop = asyncio.get_running_loop()
+        data = await asyncio.wait_for(loop.sock_recv(self.sock, 65535), timeout)
+        return parse_message(data)
+
+    async def expect(self, status: int, timeout: float = 2.0, skip_provisional=True):
+        while True:
+            m = await self.recv(timeout)
+            if m.is_request:
+                continue
+            if skip_provisional and m.status < 200 and status >= 200:
+                continue
+            assert m.status == status, f"expected {status}, got {m.status} {m.reason}"
+            return m
+
+    async def silent(self, timeout: float = 0.6) -> bool:
+        try:
+            m = await self.recv(timeout)
+        except asyncio.TimeoutError:
+            return True
+        raise AssertionError(f"unexpected message {m!r}")
+
+    def close(self):
+        self.sock.close()
