@@ -54,6 +54,8 @@ class Config:
     media_address: str = "127.0.0.1"
     rtp_port_min: int = 20000
     rtp_port_max: int = 29999
+    rtp_timeout: float = 60.0
+    rtp_hold_timeout: float = 7200.0
     registrar_mode: str = "open"
     realm: str = "baton"
     users: dict = field(default_factory=dict)      # username -> password
@@ -79,6 +81,8 @@ SCHEMA = {
         "address": (str, "address RTP binds to and advertises in SDP"),
         "rtp_port_min": (int, "lowest RTP port (even)"),
         "rtp_port_max": (int, "highest RTP port"),
+        "rtp_timeout": ((int, float), "seconds without RTP before a call is ended"),
+        "rtp_hold_timeout": ((int, float), "the same while the call is on hold"),
     },
     "registrar": {
         "mode": (str, "open, auth or off"),
@@ -88,6 +92,10 @@ SCHEMA = {
 
 
 def _check_type(path, key, value, typ):
+    if isinstance(typ, tuple):
+        if isinstance(value, bool) or not isinstance(value, typ):
+            raise ConfigError(path, key, f"expected a number, got {value!r}")
+        return
     if typ is int and isinstance(value, bool):
         raise ConfigError(path, key, f"expected an integer, got {value!r}")
     if not isinstance(value, typ):
@@ -164,6 +172,11 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
     if not (1024 <= cfg.rtp_port_min < cfg.rtp_port_max <= 65535):
         raise ConfigError(path, "media.rtp_port_min",
                           "need 1024 <= rtp_port_min < rtp_port_max <= 65535")
+    cfg.rtp_timeout = float(media.get("rtp_timeout", cfg.rtp_timeout))
+    cfg.rtp_hold_timeout = float(media.get("rtp_hold_timeout", cfg.rtp_hold_timeout))
+    for key in ("rtp_timeout", "rtp_hold_timeout"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(path, f"media.{key}", "must be a positive number of seconds")
     if cfg.rtp_port_max - cfg.rtp_port_min < 3:
         raise ConfigError(path, "media.rtp_port_max", "the range holds no RTP/RTCP pair")
 

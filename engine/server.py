@@ -8,6 +8,8 @@ import os
 from . import __version__
 from .config import Config
 from .media.ports import PortPool
+from .media.engine import MediaEngine
+from .modules.echo import EchoModule
 from .modules.hold import HoldModule
 from .session import Leg, Session
 from .sip.core import SipCore
@@ -16,7 +18,7 @@ from .sip.uri import parse_uri
 
 log = logging.getLogger("baton.engine")
 
-BUILTIN_MODULES = {m.code: m for m in (HoldModule,)}
+BUILTIN_MODULES = {m.code: m for m in (HoldModule, EchoModule)}
 
 
 class Engine:
@@ -34,10 +36,13 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         self.sip_port = 0
         self._modules = {}
+        self.media: MediaEngine | None = None
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         os.makedirs(self.cfg.data_dir, exist_ok=True)
+        self.media = MediaEngine(self.loop, self.cfg.rtp_timeout, self.cfg.rtp_hold_timeout)
+        self.media.start()
         self.sip_port = await self.sip.listen(self.cfg.sip_host, self.cfg.sip_port,
                                               self.cfg.transports)
         log.info("listening for SIP on %s port %d (%s)", self.cfg.sip_host, self.sip_port,
@@ -49,6 +54,8 @@ class Engine:
         for s in list(self.sessions.values()):
             s.end("shutdown")
         self.sip.close()
+        if self.media is not None:
+            self.media.stop()
 
     def module_for(self, route):
         key = (route.module, tuple(sorted(route.params.items())))

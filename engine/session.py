@@ -85,7 +85,8 @@ class Session:
 class Leg(DialogOwner):
     """One call leg: a dialog and its RTP ports."""
 
-    __slots__ = ("session", "dialog", "ports", "negotiated", "sdp_id", "sdp_version")
+    __slots__ = ("session", "dialog", "ports", "negotiated", "sdp_id", "sdp_version",
+                 "stream", "channel", "on_hold")
 
     def __init__(self, session: Session, dialog):
         self.session = session
@@ -94,6 +95,9 @@ class Leg(DialogOwner):
         self.negotiated = None
         self.sdp_id = sdp.new_session_id()
         self.sdp_version = 0
+        self.stream = None
+        self.channel = None
+        self.on_hold = False
         dialog.owner = self
         dialog.session = session
         session.legs.append(self)
@@ -104,10 +108,67 @@ class Leg(DialogOwner):
             d.bye(reason=reason)
         self.release()
 
+    def apply_media(self, neg) -> None:
+        """Point the leg's RTP stream at what SDP negotiated (create it on first use)."""
+        media = self.session.engine.media
+        self.negotiated = neg
+        self.on_hold = neg.hold
+        if self.stream is None:
+            self.stream = media.stream(self.ports.rtp, neg.payload_type, neg.dtmf_pt)
+            media.watch_inactivity(self.stream, self)
+        else:
+            self.stream.payload_type = neg.payload_type
+            self.stream.law = 1 if neg.payload_type == 8 else 0
+            if neg.dtmf_pt is not None:
+                self.stream.dtmf_pt = neg.dtmf_pt
+        # RFC 3264 8.4: on hold the far end gets nothing (a=sendonly/inactive from them,
+        # or c=0.0.0.0); symmetric RTP re-latches after any change.
+        if neg.hold and neg.direction in ("inactive", "recvonly"):
+            self.stream.set_remote("0.0.0.0", 0)
+        else:
+            self.stream.set_remote(neg.remote_addr, neg.remote_port)
+
+    def open_channel(self):
+        """Put this leg on the media clock (terminate its RTP here)."""
+        if self.channel is None and self.stream is not None:
+            self.channel = self.session.engine.media.channel(self.stream, self)
+        return self.channel
+
+    def close_channel(self) -> None:
+        if self.channel is not None:
+            self.session.engine.media.drop_channel(self.channel)
+            self.channel = None
+
     def release(self) -> None:
+        media = self.session.engine.media
+        self.close_channel()
+        if self.stream is not None:
+            media.release(self.stream)
+            self.stream = None
         if self.ports is not None:
             self.ports.release()
             self.ports = None
+
+    # media callbacks
+    def media_event(self, channel_id: int, kind: str, detail) -> None:
+        module = self.session.module
+        handler = getattr(module, "media_event", None)
+        if handler is not None:
+            handler(self, kind, detail)
+
+    def media_inactive(self, stream) -> None:
+        self.session.end("rtp-timeout")
+
+    def dialog_confirmed(self, dialog) -> None:
+        # A late offer (INVITE without SDP): the caller's answer came in the ACK.
+        if self.negotiated is None and dialog.remote_sdp:
+            try:
+                neg, _ = sdp.negotiate(sdp.parse(dialog.remote_sdp))
+            except Exception:
+                self.session.end("sdp")
+                return
+            self.apply_media(neg)
+            self.session.module.media_ready(self)
 
     # DialogOwner
     def dialog_terminated(self, dialog, reason: str) -> None:

@@ -20,6 +20,10 @@ class Module:
         """Take control of `session`; `leg` is the caller's leg."""
         raise NotImplementedError
 
+    def media_ready(self, leg) -> None:
+        """The leg's RTP stream is known (after a late offer's ACK): start media."""
+        leg.open_channel()
+
     def reoffer(self, leg, body: bytes) -> bytes:
         """A new SDP offer on `leg` (re-INVITE/UPDATE, e.g. hold): return the answer."""
         return answer_media(self.engine, leg, body)
@@ -28,14 +32,16 @@ class Module:
 def answer_media(engine, leg, body: bytes | None) -> bytes:
     """Negotiate the caller's offer (or make an offer for a late-offer INVITE),
     allocating the leg's RTP ports on first use. Raises SdpError / PortsExhausted."""
-    if leg.ports is None:
-        leg.ports = engine.ports.allocate()
     if not body:
+        if leg.ports is None:
+            leg.ports = engine.ports.allocate()
         return sdp.build(engine.media_address, leg.ports.port, None,
                          leg.sdp_id, _next_version(leg))
     offer = sdp.parse(body)
     neg, index = sdp.negotiate(offer)
-    leg.negotiated = neg
+    if leg.ports is None:
+        leg.ports = engine.ports.allocate()
+    leg.apply_media(neg)
     return sdp.build(engine.media_address, leg.ports.port, neg, leg.sdp_id,
                      _next_version(leg), offer, index)
 

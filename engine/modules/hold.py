@@ -1,4 +1,4 @@
-"""`baton.hold`: answer the call and hold it (media answered) until the caller hangs up."""
+"""`baton.hold`: answer the call and hold it (media answered, silence) until the caller hangs up."""
 from __future__ import annotations
 
 import logging
@@ -27,6 +27,13 @@ class HoldModule(Module):
         ring = float(self.params.get("ring_seconds", 0) or 0)
         if ring > 0:
             dialog.provisional(180)
-            self.engine.loop.call_later(ring, dialog.answer, answer)
+            self.engine.loop.call_later(ring, self._answer, leg, answer)
         else:
-            dialog.answer(answer)
+            self._answer(leg, answer)
+
+    def _answer(self, leg, answer: bytes) -> None:
+        if leg.dialog is None:
+            return  # cancelled while ringing
+        leg.dialog.answer(answer)
+        if leg.stream is not None:
+            self.media_ready(leg)

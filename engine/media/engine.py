@@ -1,0 +1,118 @@
+"""The media engine: RTP streams, the relay and the 20 ms media clock on the engine's loop.
+
+One epoll fd (the Cython `RtpHub`) carries every RTP socket, so the event
+loop sees one reader however many calls there are. One drift-free timer
+(absolute deadlines) drives every terminating channel through
+`MediaClock.tick()`.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+
+from ext import rtp
+
+log = logging.getLogger("baton.media")
+
+PTIME = 0.020
+LAW_OF_PT = {0: rtp.LAW_ULAW, 8: rtp.LAW_ALAW}
+
+
+class MediaEngine:
+    def __init__(self, loop: asyncio.AbstractEventLoop, inactivity_timeout: float = 60.0,
+                 hold_timeout: float = 3600.0):
+        self.loop = loop
+        self.hub = rtp.RtpHub()
+        self.clock = rtp.MediaClock()
+        self.inactivity_timeout = inactivity_timeout
+        self.hold_timeout = hold_timeout
+        self._ids = itertools.count(1)
+        self.channels: dict[int, object] = {}      # channel id -> owner (event sink)
+        self._handle = None
+        self._start = 0.0
+        self._n = 0
+        self.late_ticks = 0
+        self.watch: dict[int, object] = {}          # id(stream) -> owner for inactivity checks
+        self._inactivity_handle = None
+
+    def start(self) -> None:
+        self.loop.add_reader(self.hub.fd, self.hub.poll)
+        self._start = self.loop.time()
+        self._n = 0
+        self._handle = self.loop.call_at(self._start + PTIME, self._tick)
+        self._inactivity_handle = self.loop.call_later(1.0, self._check_inactivity)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._inactivity_handle is not None:
+            self._inactivity_handle.cancel()
+            self._inactivity_handle = None
+        try:
+            self.loop.remove_reader(self.hub.fd)
+        except Exception:
+            pass
+        self.hub.close()
+
+    # -- streams and channels ----------------------------------------------------
+    def stream(self, sock, payload_type: int = 0, dtmf_pt: int | None = None):
+        s = rtp.RtpStream(sock, payload_type, -1 if dtmf_pt is None else dtmf_pt)
+        self.hub.add(s)
+        return s
+
+    def release(self, stream) -> None:
+        self.hub.remove(stream)
+        self.watch.pop(id(stream), None)
+
+    def channel(self, stream, owner) -> "rtp.Channel":
+        ch = rtp.Channel(next(self._ids), stream)
+        stream.terminate()
+        self.channels[ch.id] = owner
+        self.clock.add(ch)
+        return ch
+
+    def drop_channel(self, ch) -> None:
+        self.clock.remove(ch)
+        self.channels.pop(ch.id, None)
+
+    def watch_inactivity(self, stream, owner) -> None:
+        """Tell `owner.media_inactive(stream)` when no RTP arrived for the timeout."""
+        self.watch[id(stream)] = (stream, owner, time.monotonic_ns())
+
+    # -- the clock -----------------------------------------------------------------
+    def _tick(self) -> None:
+        self._n += 1
+        deadline = self._start + (self._n + 1) * PTIME
+        now = self.loop.time()
+        if now > deadline:
+            # More than a whole frame late: skip ahead, count it, stay on the grid.
+            missed = int((now - deadline) / PTIME) + 1
+            self.late_ticks += missed
+            self._n += missed
+            deadline = self._start + (self._n + 1) * PTIME
+        self._handle = self.loop.call_at(deadline, self._tick)
+        events = self.clock.tick()
+        if events:
+            for ch_id, kind, detail in events:
+                owner = self.channels.get(ch_id)
+                if owner is not None:
+                    try:
+                        owner.media_event(ch_id, kind, detail)
+                    except Exception:
+                        log.exception("media event handler failed for channel %d", ch_id)
+
+    def _check_inactivity(self) -> None:
+        self._inactivity_handle = self.loop.call_later(1.0, self._check_inactivity)
+        now = time.monotonic_ns()
+        for key, (stream, owner, since) in list(self.watch.items()):
+            last = max(stream.last_rx_ns, since)
+            limit = self.hold_timeout if getattr(owner, "on_hold", False) else self.inactivity_timeout
+            if now - last > limit * 1e9:
+                self.watch.pop(key, None)
+                try:
+                    owner.media_inactive(stream)
+                except Exception:
+                    log.exception("inactivity handler failed")

@@ -1,0 +1,733 @@
+# cython: language_level=3
+"""RTP streams, the relay, and the media clock (RFC 3550, RFC 4733).
+
+Every leg's RTP socket is an `RtpStream`. All streams sit in one epoll set
+owned by the `RtpHub`; the event loop watches only the epoll fd, and on
+readiness `RtpHub.poll()` drains every ready socket in C with `recvmmsg`:
+- a stream in RELAY mode forwards its packets straight out of its peer's
+  socket with `sendmmsg`, rewriting SSRC, sequence number and timestamp so
+  the far end sees one continuous stream whatever fed it before;
+- a stream in TERMINATE mode queues the audio payload (and RFC 4733 events)
+  for the media clock.
+`MediaClock.tick()` runs every 20 ms over all terminating channels: takes a
+frame in (decode), hands it to the recorder, and sends a frame out (player,
+echo or silence). No Python object is created per packet.
+"""
+cimport cython
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset, memcmp
+from libc.stdlib cimport rand, srand
+
+from ext.includes.sockets cimport (sockaddr, sockaddr_storage, sockaddr_in, sockaddr_in6,
+                                   socklen_t, iovec, msghdr, mmsghdr, timespec, recvmmsg,
+                                   sendmmsg, sendto, MSG_DONTWAIT, AF_INET, AF_INET6, htons,
+                                   ntohs, htonl, ntohl, inet_pton, errno, EAGAIN, EINTR,
+                                   clock_gettime, CLOCK_MONOTONIC)
+from ext.includes.epoll cimport (epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN,
+                                 EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CLOEXEC, close)
+from ext.g711 cimport ulaw_encode_buffer, ulaw_decode_buffer, alaw_encode_buffer, alaw_decode_buffer
+
+import os
+import socket as _socket
+
+cdef enum:
+    BATCH = 64
+    MAXPKT = 1500
+    FRAME = 160          # samples per 20 ms at 8 kHz
+    FIFO = 1600          # queued G.711 octets per stream: 200 ms
+    MAXEVENTS = 256
+
+cdef enum:
+    C_MODE_IDLE = 0
+    C_MODE_RELAY = 1
+    C_MODE_TERMINATE = 2
+    C_LAW_ULAW = 0
+    C_LAW_ALAW = 1
+    C_SOURCE_SILENCE = 0
+    C_SOURCE_PLAYER = 1
+    C_SOURCE_ECHO = 2
+    C_SOURCE_NONE = 3
+
+MODE_IDLE = C_MODE_IDLE
+MODE_RELAY = C_MODE_RELAY
+MODE_TERMINATE = C_MODE_TERMINATE
+LAW_ULAW = C_LAW_ULAW
+LAW_ALAW = C_LAW_ALAW
+SOURCE_SILENCE = C_SOURCE_SILENCE
+SOURCE_PLAYER = C_SOURCE_PLAYER
+SOURCE_ECHO = C_SOURCE_ECHO
+SOURCE_NONE = C_SOURCE_NONE
+
+# Receive scratch space shared by every stream: the reactor is single-threaded.
+cdef uint8_t rx_bufs[BATCH][MAXPKT]
+cdef iovec rx_iov[BATCH]
+cdef mmsghdr rx_msgs[BATCH]
+cdef sockaddr_storage rx_addrs[BATCH]
+cdef mmsghdr tx_msgs[BATCH]
+cdef iovec tx_iov[BATCH]
+cdef uint8_t tx_frame[12 + MAXPKT]
+
+cdef const char* DTMF_CHARS = b"0123456789*#ABCD"
+
+
+cdef inline int64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline bint same_addr(const sockaddr_storage* a, const sockaddr_storage* b) noexcept nogil:
+    cdef const sockaddr_in* a4
+    cdef const sockaddr_in* b4
+    cdef const sockaddr_in6* a6
+    cdef const sockaddr_in6* b6
+    if a.ss_family != b.ss_family:
+        return False
+    if a.ss_family == AF_INET:
+        a4 = <const sockaddr_in*>a
+        b4 = <const sockaddr_in*>b
+        return a4.sin_port == b4.sin_port and a4.sin_addr.s_addr == b4.sin_addr.s_addr
+    a6 = <const sockaddr_in6*>a
+    b6 = <const sockaddr_in6*>b
+    return a6.sin6_port == b6.sin6_port and memcmp(&a6.sin6_addr, &b6.sin6_addr, 16) == 0
+
+
+cdef inline socklen_t addr_len(const sockaddr_storage* a) noexcept nogil:
+    return sizeof(sockaddr_in) if a.ss_family == AF_INET else sizeof(sockaddr_in6)
+
+
+cdef int to_sockaddr(str host, int port, sockaddr_storage* out) except -1:
+    cdef sockaddr_in* a4 = <sockaddr_in*>out
+    cdef sockaddr_in6* a6 = <sockaddr_in6*>out
+    cdef bytes h = host.encode()
+    memset(out, 0, sizeof(sockaddr_storage))
+    if inet_pton(AF_INET, h, &a4.sin_addr) == 1:
+        a4.sin_family = AF_INET
+        a4.sin_port = htons(port)
+        return 0
+    if inet_pton(AF_INET6, h, &a6.sin6_addr) == 1:
+        a6.sin6_family = AF_INET6
+        a6.sin6_port = htons(port)
+        return 0
+    raise ValueError(f"not an IP address: {host!r}")
+
+
+cdef tuple from_sockaddr(const sockaddr_storage* a):
+    cdef const sockaddr_in* a4
+    cdef const sockaddr_in6* a6
+    if a.ss_family == AF_INET:
+        a4 = <const sockaddr_in*>a
+        return (_socket.inet_ntop(_socket.AF_INET, PyBytes_FromStringAndSize(<char*>&a4.sin_addr, 4)),
+                ntohs(a4.sin_port))
+    if a.ss_family == AF_INET6:
+        a6 = <const sockaddr_in6*>a
+        return (_socket.inet_ntop(_socket.AF_INET6, PyBytes_FromStringAndSize(<char*>&a6.sin6_addr, 16)),
+                ntohs(a6.sin6_port))
+    return None
+
+
+@cython.final
+cdef class RtpStream:
+    """One leg's RTP socket: receive statistics, transmit continuity, a payload FIFO.
+
+    Invariant: `tx_ssrc` never changes, and every packet this stream sends
+    (relayed or generated) has a sequence number one above the last one and
+    a timestamp that advanced by the elapsed media time.
+    """
+    cdef readonly int fd
+    cdef object sock               # keeps the socket (and so `fd`) alive
+    cdef sockaddr_storage remote
+    cdef readonly bint has_remote
+    cdef readonly bint latched
+    cdef public bint symmetric
+    cdef readonly int mode
+    cdef RtpStream peer
+    cdef RtpHub hub
+    # transmit side
+    cdef readonly uint32_t tx_ssrc
+    cdef readonly uint16_t tx_seq
+    cdef readonly uint32_t tx_ts
+    cdef int64_t tx_last_ns
+    cdef bint resync
+    cdef uint16_t seq_off
+    cdef uint32_t ts_off
+    cdef public int payload_type
+    cdef public int dtmf_pt
+    cdef public int law
+    # receive side (RFC 3550 A.1, A.8)
+    cdef readonly uint64_t rx_packets
+    cdef readonly uint64_t rx_bytes
+    cdef readonly uint64_t tx_packets
+    cdef readonly uint64_t tx_bytes
+    cdef readonly uint64_t rx_foreign
+    cdef readonly uint64_t rx_invalid
+    cdef readonly int64_t last_rx_ns
+    cdef readonly uint32_t rx_ssrc
+    cdef bint seq_init
+    cdef uint16_t max_seq
+    cdef uint32_t cycles
+    cdef uint32_t base_seq
+    cdef int64_t transit
+    cdef readonly double jitter
+    # queued G.711 payload for the clock
+    cdef uint8_t fifo[FIFO]
+    cdef int fifo_head
+    cdef int fifo_len
+    cdef int fifo_law
+    # RFC 4733 receive state
+    cdef uint32_t ev_ts
+    cdef bint ev_seen
+    cdef bint ev_ended
+    cdef int ev_code
+    cdef list events
+
+    def __cinit__(self):
+        self.fd = -1
+
+    def __init__(self, sock, int payload_type=0, int dtmf_pt=-1, bint symmetric=True):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.payload_type = payload_type
+        self.law = C_LAW_ALAW if payload_type == 8 else C_LAW_ULAW
+        self.dtmf_pt = dtmf_pt
+        self.symmetric = symmetric
+        self.mode = 0
+        r = os.urandom(10)
+        self.tx_ssrc = int.from_bytes(r[0:4], "big")
+        self.tx_seq = int.from_bytes(r[4:6], "big") & 0x7FFF
+        self.tx_ts = int.from_bytes(r[6:10], "big") & 0x7FFFFFFF
+        self.resync = True
+        self.events = []
+
+    # -- configuration ---------------------------------------------------------
+    def set_remote(self, str host, int port):
+        """The address from SDP; symmetric RTP may later latch to the real source."""
+        if port == 0 or host in ("0.0.0.0", "::"):
+            self.has_remote = False  # RFC 3264 8.4 hold: send nothing
+            return
+        to_sockaddr(host, port, &self.remote)
+        self.has_remote = True
+        self.latched = False
+
+    @property
+    def remote_addr(self):
+        return from_sockaddr(&self.remote) if self.has_remote else None
+
+    def relay_to(self, RtpStream peer):
+        """Forward everything received here out of `peer`'s socket."""
+        if peer is self:
+            raise ValueError("a stream cannot relay to itself")
+        self.peer = peer
+        self.mode = C_MODE_RELAY
+        peer.resync = True
+
+    def terminate(self):
+        """Keep received audio for the media clock; transmissions come from the clock."""
+        self.peer = None
+        self.mode = C_MODE_TERMINATE
+        self.resync = True
+
+    def idle(self):
+        self.peer = None
+        self.mode = C_MODE_IDLE
+
+    def take_events(self):
+        """RFC 4733 events received since the last call: [(digit, duration_samples)]."""
+        ev = self.events
+        self.events = []
+        return ev
+
+    def stats(self):
+        cdef uint32_t extended = self.cycles + self.max_seq
+        cdef int64_t expected = (<int64_t>extended - self.base_seq + 1) if self.seq_init else 0
+        lost = expected - <int64_t>self.rx_packets if expected > 0 else 0
+        return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
+                "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
+                "rx_foreign": self.rx_foreign, "rx_invalid": self.rx_invalid,
+                "expected": expected, "lost": max(lost, 0), "jitter_ms": self.jitter / 8.0,
+                "ssrc": self.tx_ssrc, "seq": self.tx_seq, "ts": self.tx_ts}
+
+    def fifo_frames(self):
+        return self.fifo_len // FRAME
+
+    # -- receive ---------------------------------------------------------------
+    cdef inline bint accept_source(self, sockaddr_storage* src) noexcept nogil:
+        # Symmetric RTP (RFC 4961): latch to where the far end really sends from.
+        if self.latched:
+            return same_addr(src, &self.remote)
+        if self.symmetric:
+            memcpy(&self.remote, src, sizeof(sockaddr_storage))
+            self.has_remote = True
+            self.latched = True
+            return True
+        return (not self.has_remote) or same_addr(src, &self.remote)
+
+    cdef inline void rx_stats(self, const uint8_t* p, int64_t now) noexcept nogil:
+        cdef uint16_t seq = (p[2] << 8) | p[3]
+        cdef uint32_t ts = (<uint32_t>p[4] << 24) | (p[5] << 16) | (p[6] << 8) | p[7]
+        cdef uint32_t ssrc = (<uint32_t>p[8] << 24) | (p[9] << 16) | (p[10] << 8) | p[11]
+        cdef int64_t arrival
+        cdef int64_t transit
+        cdef int64_t d
+        if not self.seq_init or ssrc != self.rx_ssrc:
+            self.seq_init = True
+            self.rx_ssrc = ssrc
+            self.base_seq = seq
+            self.max_seq = seq
+            self.cycles = 0
+            self.transit = 0
+        elif <uint16_t>(seq - self.max_seq) < 0x8000:
+            if seq < self.max_seq:
+                self.cycles += 0x10000  # RFC 3550 A.1: sequence number wrapped
+            self.max_seq = seq
+        # RFC 3550 A.8 interarrival jitter, in timestamp units.
+        arrival = (now // 125000)
+        transit = arrival - ts
+        if self.transit != 0:
+            d = transit - self.transit
+            if d < 0:
+                d = -d
+            self.jitter += (d - self.jitter) / 16.0
+        self.transit = transit
+
+    cdef int drain(self) except -1:
+        cdef int n, i, out, hlen, plen, cc
+        cdef uint8_t* p
+        cdef RtpStream peer
+        cdef int64_t now
+        cdef unsigned int got = 0
+        while True:
+            for i in range(BATCH):
+                rx_iov[i].iov_base = rx_bufs[i]
+                rx_iov[i].iov_len = MAXPKT
+                memset(&rx_msgs[i].msg_hdr, 0, sizeof(msghdr))
+                rx_msgs[i].msg_hdr.msg_iov = &rx_iov[i]
+                rx_msgs[i].msg_hdr.msg_iovlen = 1
+                rx_msgs[i].msg_hdr.msg_name = &rx_addrs[i]
+                rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+            with nogil:
+                n = recvmmsg(self.fd, rx_msgs, BATCH, MSG_DONTWAIT, NULL)
+            if n <= 0:
+                return got
+            got += n
+            now = now_ns()
+            peer = self.peer if self.mode == C_MODE_RELAY else None
+            out = 0
+            for i in range(n):
+                p = rx_bufs[i]
+                plen = rx_msgs[i].msg_len
+                # RFC 3550 5.1: version 2, at least the fixed header.
+                if plen < 12 or (p[0] >> 6) != 2:
+                    self.rx_invalid += 1
+                    continue
+                if not self.accept_source(&rx_addrs[i]):
+                    self.rx_foreign += 1
+                    continue
+                self.rx_packets += 1
+                self.rx_bytes += plen
+                self.last_rx_ns = now
+                self.rx_stats(p, now)
+                if peer is not None:
+                    if peer.has_remote:
+                        peer.rewrite(p, now)
+                        tx_iov[out].iov_base = p
+                        tx_iov[out].iov_len = plen
+                        memset(&tx_msgs[out].msg_hdr, 0, sizeof(msghdr))
+                        tx_msgs[out].msg_hdr.msg_iov = &tx_iov[out]
+                        tx_msgs[out].msg_hdr.msg_iovlen = 1
+                        tx_msgs[out].msg_hdr.msg_name = &peer.remote
+                        tx_msgs[out].msg_hdr.msg_namelen = addr_len(&peer.remote)
+                        out += 1
+                elif self.mode == C_MODE_TERMINATE:
+                    cc = p[0] & 0x0F
+                    hlen = 12 + 4 * cc
+                    if p[0] & 0x10:  # header extension (RFC 3550 5.3.1)
+                        if plen < hlen + 4:
+                            continue
+                        hlen += 4 + 4 * ((p[hlen + 2] << 8) | p[hlen + 3])
+                    if p[0] & 0x20 and plen > hlen:  # padding
+                        plen -= p[plen - 1]
+                    if plen <= hlen:
+                        continue
+                    self.on_payload(p, p + hlen, plen - hlen)
+            if out:
+                with nogil:
+                    i = sendmmsg(peer.fd, tx_msgs, out, 0)
+                if i > 0:
+                    peer.tx_packets += i
+            if n < BATCH:
+                return got
+
+    cdef inline void rewrite(self, uint8_t* p, int64_t now) noexcept:
+        """Map a relayed packet onto this stream's SSRC, sequence and timeline."""
+        cdef uint16_t seq = (p[2] << 8) | p[3]
+        cdef uint32_t ts = (<uint32_t>p[4] << 24) | (p[5] << 16) | (p[6] << 8) | p[7]
+        cdef int64_t elapsed
+        if self.resync:
+            # The source changed: continue our numbering, advance time by the gap.
+            elapsed = (now - self.tx_last_ns) // 125000 if self.tx_last_ns else FRAME
+            if elapsed < FRAME:
+                elapsed = FRAME
+            elif elapsed > 8000 * 60:
+                elapsed = 8000 * 60
+            self.seq_off = <uint16_t>(self.tx_seq + 1 - seq)
+            self.ts_off = <uint32_t>(self.tx_ts + <uint32_t>elapsed - ts)
+            self.resync = False
+            p[1] |= 0x80  # marker: a new talkspurt for the far end's jitter buffer
+        seq = <uint16_t>(seq + self.seq_off)
+        ts = <uint32_t>(ts + self.ts_off)
+        p[2] = seq >> 8
+        p[3] = seq & 0xFF
+        p[4] = ts >> 24
+        p[5] = (ts >> 16) & 0xFF
+        p[6] = (ts >> 8) & 0xFF
+        p[7] = ts & 0xFF
+        p[8] = self.tx_ssrc >> 24
+        p[9] = (self.tx_ssrc >> 16) & 0xFF
+        p[10] = (self.tx_ssrc >> 8) & 0xFF
+        p[11] = self.tx_ssrc & 0xFF
+        self.tx_seq = seq
+        self.tx_ts = ts
+        self.tx_last_ns = now
+        self.tx_bytes += 0
+
+    cdef void on_payload(self, const uint8_t* hdr, const uint8_t* data, int n) noexcept:
+        cdef int pt = hdr[1] & 0x7F
+        cdef int room, first, tail
+        cdef uint32_t ts
+        if pt == self.dtmf_pt:
+            if n >= 4:
+                ts = (<uint32_t>hdr[4] << 24) | (hdr[5] << 16) | (hdr[6] << 8) | hdr[7]
+                self.on_event(ts, data[0], (data[1] & 0x80) != 0, (data[2] << 8) | data[3])
+            return
+        if pt != 0 and pt != 8:
+            return
+        self.fifo_law = C_LAW_ALAW if pt == 8 else C_LAW_ULAW
+        if n > FIFO:
+            data += n - FIFO
+            n = FIFO
+        # Bounded latency: when the queue would overflow, the oldest audio goes.
+        room = FIFO - self.fifo_len
+        if n > room:
+            self.fifo_head = (self.fifo_head + (n - room)) % FIFO
+            self.fifo_len -= n - room
+        tail = (self.fifo_head + self.fifo_len) % FIFO
+        first = FIFO - tail
+        if first >= n:
+            memcpy(&self.fifo[tail], data, n)
+        else:
+            memcpy(&self.fifo[tail], data, first)
+            memcpy(&self.fifo[0], data + first, n - first)
+        self.fifo_len += n
+
+    cdef void on_event(self, uint32_t ts, int code, bint end, int duration) noexcept:
+        # RFC 4733 2.5.1: one event per timestamp; the end bit may be sent three times.
+        if not self.ev_seen or ts != self.ev_ts:
+            if self.ev_seen and not self.ev_ended and self.ev_code < 16:
+                self.events.append((chr(DTMF_CHARS[self.ev_code]), -1))
+            self.ev_seen = True
+            self.ev_ts = ts
+            self.ev_ended = False
+            self.ev_code = code
+        if end and not self.ev_ended:
+            self.ev_ended = True
+            if code < 16:
+                self.events.append((chr(DTMF_CHARS[code]), duration))
+
+    cdef int pull(self, int16_t* pcm) noexcept nogil:
+        """One frame of received audio as PCM; silence when nothing arrived."""
+        cdef uint8_t frame[FRAME]
+        cdef int n = FRAME, first
+        if self.fifo_len < FRAME:
+            memset(pcm, 0, FRAME * sizeof(int16_t))
+            return 0
+        first = FIFO - self.fifo_head
+        if first >= n:
+            memcpy(frame, &self.fifo[self.fifo_head], n)
+        else:
+            memcpy(frame, &self.fifo[self.fifo_head], first)
+            memcpy(frame + first, &self.fifo[0], n - first)
+        self.fifo_head = (self.fifo_head + n) % FIFO
+        self.fifo_len -= n
+        if self.fifo_law == C_LAW_ALAW:
+            alaw_decode_buffer(frame, pcm, FRAME)
+        else:
+            ulaw_decode_buffer(frame, pcm, FRAME)
+        return 1
+
+    cdef int send_pcm(self, const int16_t* pcm, int64_t now) noexcept nogil:
+        """Encode one frame and send it with the next sequence number and timestamp."""
+        cdef uint8_t* p = tx_frame
+        cdef int64_t elapsed
+        cdef uint32_t step = FRAME
+        if not self.has_remote:
+            return 0
+        if self.resync:
+            if self.tx_last_ns:
+                elapsed = (now - self.tx_last_ns) // 125000
+                if elapsed > FRAME:
+                    step = <uint32_t>(elapsed if elapsed < 8000 * 60 else 8000 * 60)
+            p[1] = 0x80
+            self.resync = False
+        else:
+            p[1] = 0
+        self.tx_seq = <uint16_t>(self.tx_seq + 1)
+        self.tx_ts = self.tx_ts + step
+        self.tx_last_ns = now
+        p[0] = 0x80
+        p[1] |= self.payload_type & 0x7F
+        p[2] = self.tx_seq >> 8
+        p[3] = self.tx_seq & 0xFF
+        p[4] = self.tx_ts >> 24
+        p[5] = (self.tx_ts >> 16) & 0xFF
+        p[6] = (self.tx_ts >> 8) & 0xFF
+        p[7] = self.tx_ts & 0xFF
+        p[8] = self.tx_ssrc >> 24
+        p[9] = (self.tx_ssrc >> 16) & 0xFF
+        p[10] = (self.tx_ssrc >> 8) & 0xFF
+        p[11] = self.tx_ssrc & 0xFF
+        if self.law == C_LAW_ALAW:
+            alaw_encode_buffer(pcm, p + 12, FRAME)
+        else:
+            ulaw_encode_buffer(pcm, p + 12, FRAME)
+        if sendto(self.fd, p, 12 + FRAME, MSG_DONTWAIT, <sockaddr*>&self.remote,
+                  addr_len(&self.remote)) > 0:
+            self.tx_packets += 1
+            self.tx_bytes += 12 + FRAME
+        return 1
+
+    def send_event(self, int code, int duration, bint end, bint first, int volume=10):
+        """Send one RFC 4733 event packet (the caller paces and repeats the end)."""
+        cdef uint8_t* p = tx_frame
+        cdef int64_t now = now_ns()
+        if not self.has_remote or self.dtmf_pt < 0:
+            return False
+        self.tx_seq = <uint16_t>(self.tx_seq + 1)
+        if first:
+            self.tx_ts = self.tx_ts + FRAME
+        self.tx_last_ns = now
+        p[0] = 0x80
+        p[1] = (0x80 if first else 0) | (self.dtmf_pt & 0x7F)
+        p[2] = self.tx_seq >> 8
+        p[3] = self.tx_seq & 0xFF
+        p[4] = self.tx_ts >> 24
+        p[5] = (self.tx_ts >> 16) & 0xFF
+        p[6] = (self.tx_ts >> 8) & 0xFF
+        p[7] = self.tx_ts & 0xFF
+        p[8] = self.tx_ssrc >> 24
+        p[9] = (self.tx_ssrc >> 16) & 0xFF
+        p[10] = (self.tx_ssrc >> 8) & 0xFF
+        p[11] = self.tx_ssrc & 0xFF
+        p[12] = code
+        p[13] = (0x80 if end else 0) | (volume & 0x3F)
+        p[14] = (duration >> 8) & 0xFF
+        p[15] = duration & 0xFF
+        sendto(self.fd, p, 16, MSG_DONTWAIT, <sockaddr*>&self.remote, addr_len(&self.remote))
+        self.tx_packets += 1
+        return True
+
+
+@cython.final
+cdef class RtpHub:
+    """One epoll set for every RTP socket; the event loop watches `fd` alone."""
+    cdef readonly int fd
+    cdef dict streams        # fd -> RtpStream, keeps them alive while registered
+    cdef epoll_event events[MAXEVENTS]
+    cdef readonly uint64_t wakeups
+
+    def __cinit__(self):
+        self.fd = epoll_create1(EPOLL_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        self.streams = {}
+
+    def add(self, RtpStream s):
+        cdef epoll_event ev
+        if s.fd in self.streams:
+            return
+        ev.events = EPOLLIN
+        ev.data.fd = s.fd
+        if epoll_ctl(self.fd, EPOLL_CTL_ADD, s.fd, &ev) != 0:
+            raise OSError(errno, f"epoll_ctl ADD fd {s.fd} failed")
+        self.streams[s.fd] = s
+        s.hub = self
+
+    def remove(self, RtpStream s):
+        cdef epoll_event ev
+        if self.streams.pop(s.fd, None) is not None:
+            epoll_ctl(self.fd, EPOLL_CTL_DEL, s.fd, &ev)
+            s.hub = None
+            s.mode = C_MODE_IDLE
+            s.peer = None
+
+    def __len__(self):
+        return len(self.streams)
+
+    def poll(self):
+        """Drain every ready socket (called by the loop when `fd` is readable)."""
+        cdef int n, i
+        cdef RtpStream s
+        self.wakeups += 1
+        n = epoll_wait(self.fd, self.events, MAXEVENTS, 0)
+        for i in range(n):
+            s = self.streams.get(self.events[i].data.fd)
+            if s is not None:
+                s.drain()
+
+    def close(self):
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+        self.streams.clear()
+
+
+@cython.final
+cdef class Player:
+    """16-bit 8 kHz PCM played frame by frame, `loops` times (0: forever)."""
+    cdef const int16_t[::1] pcm
+    cdef Py_ssize_t pos
+    cdef public int loops
+    cdef readonly bint done
+
+    def __init__(self, const int16_t[::1] pcm, int loops=1):
+        self.pcm = pcm
+        self.pos = 0
+        self.loops = loops
+        self.done = pcm.shape[0] == 0
+
+    cdef void fill(self, int16_t* out) noexcept nogil:
+        cdef Py_ssize_t n = self.pcm.shape[0], take, filled = 0
+        while filled < FRAME:
+            if self.done:
+                memset(out + filled, 0, (FRAME - filled) * sizeof(int16_t))
+                return
+            take = min(FRAME - filled, n - self.pos)
+            memcpy(out + filled, &self.pcm[self.pos], take * sizeof(int16_t))
+            filled += take
+            self.pos += take
+            if self.pos >= n:
+                self.pos = 0
+                if self.loops > 0:
+                    self.loops -= 1
+                    if self.loops == 0:
+                        self.done = True
+
+
+@cython.final
+cdef class Recorder:
+    """Received audio appended into a preallocated PCM buffer (max length)."""
+    cdef int16_t[::1] buf
+    cdef readonly Py_ssize_t length
+    cdef readonly bint full
+
+    def __init__(self, int16_t[::1] buf):
+        self.buf = buf
+        self.length = 0
+        self.full = buf.shape[0] == 0
+
+    cdef void put(self, const int16_t* pcm) noexcept nogil:
+        cdef Py_ssize_t room = self.buf.shape[0] - self.length
+        cdef Py_ssize_t n = FRAME if FRAME < room else room
+        if n > 0:
+            memcpy(&self.buf[self.length], pcm, n * sizeof(int16_t))
+            self.length += n
+        if self.length >= self.buf.shape[0]:
+            self.full = True
+
+    def samples(self):
+        return self.buf[:self.length]
+
+
+@cython.final
+cdef class Channel:
+    """A terminating leg on the media clock: what it hears and what it sends."""
+    cdef readonly int id
+    cdef readonly RtpStream stream
+    cdef public int source
+    cdef public Player player
+    cdef public Recorder recorder
+    cdef int16_t rx_pcm[FRAME]
+    cdef int16_t tx_pcm[FRAME]
+    cdef public bint receiving
+
+    def __init__(self, int id, RtpStream stream):
+        self.id = id
+        self.stream = stream
+        self.source = C_SOURCE_SILENCE
+        self.receiving = True
+
+    def play(self, Player player):
+        self.player = player
+        self.source = C_SOURCE_PLAYER
+
+    def echo(self):
+        self.player = None
+        self.source = C_SOURCE_ECHO
+
+    def silence(self):
+        self.player = None
+        self.source = C_SOURCE_SILENCE
+
+    def last_rx(self):
+        return [self.rx_pcm[i] for i in range(FRAME)]
+
+
+@cython.final
+cdef class MediaClock:
+    """Every terminating channel, processed together once per 20 ms tick."""
+    cdef dict channels
+    cdef list order
+    cdef readonly uint64_t ticks
+    cdef readonly uint64_t frames_sent
+
+    def __init__(self):
+        self.channels = {}
+        self.order = []
+
+    def add(self, Channel ch):
+        if ch.id not in self.channels:
+            self.channels[ch.id] = ch
+            self.order.append(ch)
+
+    def remove(self, Channel ch):
+        if self.channels.pop(ch.id, None) is not None:
+            self.order.remove(ch)
+
+    def __len__(self):
+        return len(self.order)
+
+    def tick(self):
+        """Run one frame for every channel. Returns [(channel_id, event, detail)] or None."""
+        cdef Channel ch
+        cdef RtpStream s
+        cdef int64_t now = now_ns()
+        cdef list events = None
+        self.ticks += 1
+        for ch in self.order:
+            s = ch.stream
+            if ch.receiving:
+                s.pull(ch.rx_pcm)
+                if ch.recorder is not None and not ch.recorder.full:
+                    ch.recorder.put(ch.rx_pcm)
+                    if ch.recorder.full:
+                        if events is None:
+                            events = []
+                        events.append((ch.id, "record-full", ch.recorder.length))
+            if ch.source == C_SOURCE_SILENCE:
+                memset(ch.tx_pcm, 0, sizeof(ch.tx_pcm))
+            elif ch.source == C_SOURCE_ECHO:
+                memcpy(ch.tx_pcm, ch.rx_pcm, sizeof(ch.tx_pcm))
+            elif ch.source == C_SOURCE_PLAYER:
+                ch.player.fill(ch.tx_pcm)
+                if ch.player.done:
+                    if events is None:
+                        events = []
+                    events.append((ch.id, "play-done", None))
+                    ch.player = None
+                    ch.source = C_SOURCE_SILENCE
+            else:
+                continue
+            if s.send_pcm(ch.tx_pcm, now):
+                self.frames_sent += 1
+        return events

@@ -1,0 +1,236 @@
+"""RTP streams: relay, symmetric latching, continuity across source changes, RFC 4733, echo."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+
+import pytest
+
+rtp = pytest.importorskip("ext.rtp", reason="ext.rtp is not built (make build)")
+
+from tests.helpers import SDP_OFFER, Call, UdpClient, engine_config, running_engine  # noqa: E402
+
+
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.setblocking(False)
+    return s
+
+
+def packet(seq, ts, ssrc=0x1234, pt=0, payload=b"\xff" * 160, marker=False):
+    return struct.pack("!BBHII", 0x80, (0x80 if marker else 0) | pt, seq & 0xFFFF,
+                       ts & 0xFFFFFFFF, ssrc) + payload
+
+
+def header(data):
+    b0, b1, seq, ts, ssrc = struct.unpack("!BBHII", data[:12])
+    return {"marker": bool(b1 & 0x80), "pt": b1 & 0x7F, "seq": seq, "ts": ts, "ssrc": ssrc}
+
+
+def drain(sock):
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(2048))
+        except BlockingIOError:
+            return out
+
+
+def settle(hub, clock=None, ticks=0):
+    time.sleep(0.01)
+    hub.poll()
+    for _ in range(ticks):
+        clock.tick()
+        time.sleep(0.002)
+
+
+def test_relay_rewrites_onto_one_continuous_stream():
+    hub = rtp.RtpHub()
+    clock = rtp.MediaClock()
+    a_sock, b_sock, x, y = udp(), udp(), udp(), udp()
+    a, b = rtp.RtpStream(a_sock), rtp.RtpStream(b_sock)
+    hub.add(a)
+    hub.add(b)
+    b.set_remote("127.0.0.1", y.getsockname()[1])
+    # Phase 1: b is fed by the media clock (a player of silence).
+    ch = rtp.Channel(1, b)
+    b.terminate()
+    clock.add(ch)
+    for _ in range(5):
+        clock.tick()
+    phase1 = [header(p) for p in drain(y)]
+    assert len(phase1) == 5 and len({h["ssrc"] for h in phase1}) == 1
+    # Phase 2: relay a -> b; the far end of a sends with its own numbering.
+    clock.remove(ch)
+    a.relay_to(b)
+    for i in range(10):
+        x.sendto(packet(50000 + i, 90000 + 160 * i), a_sock.getsockname())
+    settle(hub)
+    phase2 = [header(p) for p in drain(y)]
+    assert len(phase2) == 10
+    # Phase 3: back to the clock.
+    b.terminate()
+    clock.add(ch)
+    time.sleep(0.02)
+    for _ in range(5):
+        clock.tick()
+    phase3 = [header(p) for p in drain(y)]
+    seen = phase1 + phase2 + phase3
+    assert len({h["ssrc"] for h in seen}) == 1, "the far end must see one SSRC"
+    seqs = [h["seq"] for h in seen]
+    assert all((b_ - a_) & 0xFFFF == 1 for a_, b_ in zip(seqs, seqs[1:])), seqs
+    tss = [h["ts"] for h in seen]
+    assert all(0 < (b_ - a_) & 0xFFFFFFFF < 8000 * 5 for a_, b_ in zip(tss, tss[1:])), tss
+    # A marker bit announces each change of source (RFC 3551 4.1).
+    assert phase2[0]["marker"] and not phase2[1]["marker"] and phase3[0]["marker"]
+    assert a.stats()["rx_packets"] == 10
+    hub.close()
+
+
+def test_symmetric_rtp_latches_to_the_real_source():
+    hub = rtp.RtpHub()
+    a_sock, b_sock, x1, x2, x3, y = udp(), udp(), udp(), udp(), udp(), udp()
+    a, b = rtp.RtpStream(a_sock), rtp.RtpStream(b_sock)
+    hub.add(a)
+    hub.add(b)
+    a.set_remote("127.0.0.1", x1.getsockname()[1])  # what SDP said
+    b.set_remote("127.0.0.1", y.getsockname()[1])
+    a.relay_to(b)
+    b.relay_to(a)
+    x2.sendto(packet(1, 160), a_sock.getsockname())  # the real source (e.g. behind NAT)
+    settle(hub)
+    assert a.remote_addr == x2.getsockname()
+    x3.sendto(packet(2, 320), a_sock.getsockname())  # an intruder after latching
+    settle(hub)
+    assert a.stats()["rx_foreign"] == 1 and len(drain(y)) == 1
+    y.sendto(packet(7, 1000), b_sock.getsockname())  # the other way reaches the latched source
+    settle(hub)
+    assert len(drain(x2)) == 1 and drain(x1) == []
+    x2.sendto(b"\x00" * 8, a_sock.getsockname())  # not RTP
+    settle(hub)
+    assert a.stats()["rx_invalid"] == 1
+    hub.close()
+
+
+def test_rfc4733_events_end_retransmissions_count_once():
+    hub = rtp.RtpHub()
+    s_sock, x = udp(), udp()
+    s = rtp.RtpStream(s_sock, 0, 101)
+    hub.add(s)
+    s.terminate()
+    dst = s_sock.getsockname()
+    ts = 4000
+    for i, (dur, end) in enumerate([(160, False), (320, False), (800, True), (800, True), (800, True)]):
+        x.sendto(packet(10 + i, ts, pt=101, payload=bytes([5, (0x80 if end else 0) | 10]) +
+                        struct.pack("!H", dur)), dst)
+    # a second key press: '#', new timestamp
+    for i, end in enumerate([False, True, True, True]):
+        x.sendto(packet(20 + i, ts + 2000, pt=101, payload=bytes([11, (0x80 if end else 0) | 10]) +
+                        struct.pack("!H", 640)), dst)
+    settle(hub)
+    assert s.take_events() == [("5", 800), ("#", 640)]
+    hub.close()
+
+
+def test_terminated_audio_reaches_the_recorder():
+    import numpy as np
+
+    hub = rtp.RtpHub()
+    clock = rtp.MediaClock()
+    s_sock, x = udp(), udp()
+    s = rtp.RtpStream(s_sock)
+    hub.add(s)
+    ch = rtp.Channel(1, s)
+    s.terminate()
+    clock.add(ch)
+    buf = np.zeros(800, dtype=np.int16)
+    ch.recorder = rtp.Recorder(buf)
+    ramp = bytes(range(0, 160))  # arbitrary μ-law codes
+    for i in range(6):
+        x.sendto(packet(i, 160 * i, payload=ramp), s_sock.getsockname())
+    settle(hub)
+    events = []
+    for _ in range(6):
+        events += clock.tick() or []
+    assert events == [(1, "record-full", 800)]
+    from engine.media.g711 import ulaw_decode
+
+    expect = np.frombuffer(ulaw_decode(ramp), dtype=np.int16)
+    assert (np.asarray(ch.recorder.samples())[:160] == expect).all()
+    hub.close()
+
+
+def test_player_loops_and_reports_done():
+    import numpy as np
+
+    hub = rtp.RtpHub()
+    clock = rtp.MediaClock()
+    s_sock, y = udp(), udp()
+    s = rtp.RtpStream(s_sock)
+    hub.add(s)
+    s.set_remote("127.0.0.1", y.getsockname()[1])
+    ch = rtp.Channel(7, s)
+    s.terminate()
+    clock.add(ch)
+    pcm = (np.arange(240) * 100).astype(np.int16)  # 1.5 frames
+    ch.play(rtp.Player(pcm, 2))
+    events = []
+    for _ in range(4):
+        events += clock.tick() or []
+    assert events == [(7, "play-done", None)]
+    got = drain(y)
+    assert len(got) == 4  # 3 frames of the player (480 samples), then silence
+    hub.close()
+
+
+async def test_echo_number_returns_what_it_hears():
+    raw = engine_config()
+    raw["accounts"]["demo"]["numbers"]["1001"] = {"module": "baton.echo"}
+    async with running_engine(raw) as eng:
+        c = UdpClient("127.0.0.1", eng.sip_port)
+        media = udp()
+        call = Call(c, "1001")
+        c.send(call.request("INVITE", SDP_OFFER.format(port=media.getsockname()[1])))
+        ok = await c.expect(200)
+        call.to_tag = ok.to_tag
+        c.send(call.request("ACK"))
+        port = int(ok.body.split(b"m=audio ")[1].split()[0])
+        # Avoid μ-law 0x7F (-0): decoding then encoding maps it to 0xFF.
+        payloads = [bytes([((i * 7 + j) % 256) if (i * 7 + j) % 256 != 0x7F else 0x7E
+                           for j in range(160)]) for i in range(25)]
+        for i, p in enumerate(payloads):
+            media.sendto(packet(100 + i, 160 * i, payload=p), ("127.0.0.1", port))
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        back = [d[12:] for d in drain(media)]
+        hits = sum(1 for p in payloads if p in back)
+        assert hits >= 20, f"only {hits} of 25 frames came back"
+        call.cseq = 2
+        c.send(call.request("BYE"))
+        await c.expect(200)
+        c.close()
+        media.close()
+
+
+async def test_rtp_inactivity_ends_the_call_with_bye():
+    raw = engine_config()
+    raw["media"]["rtp_timeout"] = 1
+    async with running_engine(raw) as eng:
+        c = UdpClient("127.0.0.1", eng.sip_port)
+        call = Call(c)
+        c.send(call.request("INVITE", SDP_OFFER.format(port=40000)))
+        ok = await c.expect(200)
+        call.to_tag = ok.to_tag
+        c.send(call.request("ACK"))
+        session = next(iter(eng.sessions.values()))
+        t0 = time.monotonic()
+        while True:
+            m = await c.recv(timeout=4)
+            if m.is_request:
+                break
+        assert m.method == "BYE" and 0.8 < time.monotonic() - t0 < 3.5
+        assert session.end_reason == "rtp-timeout"
+        c.close()
