@@ -166,7 +166,10 @@ class SipCore:
     def stateless(self, msg, flow: Flow, status: int, reason=None, headers=()) -> None:
         rflow = self.response_flow(msg, flow)
         self.stats[f"sent_{status}"] += 1
-        rflow.send(build.response(msg, status, flow.addr, build.new_tag(), reason=reason,
+        # A To header we could not parse is echoed as it came, without a tag
+        # that would land inside its broken quoting (RFC 4475 3.1.2.6).
+        tag = None if msg.error is not None and "To" in msg.error[1] else build.new_tag()
+        rflow.send(build.response(msg, status, flow.addr, tag, reason=reason,
                                   headers=headers, server=self.user_agent))
 
     def respond(self, st, msg, status: int, reason=None, headers=(), body=b"",

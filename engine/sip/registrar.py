@@ -18,6 +18,21 @@ MAX_EXPIRES = 86400
 MAX_CONTACTS = 10
 
 
+# RFC 3261 19.1.4: these URI parameters take part in comparison even when only one side has them.
+_COMPARED_PARAMS = ("user", "ttl", "method", "maddr", "transport")
+
+
+def contact_key(uri: str) -> str:
+    """A key under which equivalent contact URIs (RFC 3261 19.1.4) coincide."""
+    try:
+        u = parse_uri(uri)
+    except ValueError:
+        return uri
+    params = ";".join(f"{k}={u.params[k].lower()}" for k in _COMPARED_PARAMS if k in u.params)
+    port = u.port or (5061 if u.scheme == "sips" else 5060)
+    return f"{u.scheme}:{u.user or ''}@{u.host.lower()}:{port};{params}"
+
+
 class Binding:
     __slots__ = ("contact", "expires_at", "call_id", "cseq", "source", "transport")
 
@@ -103,14 +118,15 @@ class Registrar:
                                  headers=[("min-expires", str(MIN_EXPIRES))])
                     return
                 seconds = min(seconds, MAX_EXPIRES)
-                old = current.get(uri)
+                key = contact_key(uri)
+                old = current.get(key)
                 if old is not None and old.call_id == msg.call_id and old.cseq >= msg.cseq:
                     core.respond(st, msg, 500, reason="Out of order REGISTER")
                     return
                 if seconds == 0:
-                    current.pop(uri, None)
-                elif len(current) < MAX_CONTACTS or uri in current:
-                    current[uri] = Binding(uri, now + seconds, msg.call_id, msg.cseq,
+                    current.pop(key, None)
+                elif len(current) < MAX_CONTACTS or key in current:
+                    current[key] = Binding(uri, now + seconds, msg.call_id, msg.cseq,
                                            st.flow.addr, st.flow.transport.name)
         live = self.lookup(aor)
         headers = [("contact", f"<{b.contact}>;expires={int(b.expires_at - now)}") for b in live]
