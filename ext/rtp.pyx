@@ -27,6 +27,9 @@ from ext.includes.sockets cimport (sockaddr, sockaddr_storage, sockaddr_in, sock
 from ext.includes.epoll cimport (epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN,
                                  EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CLOEXEC, close)
 from ext.g711 cimport ulaw_encode_buffer, ulaw_decode_buffer, alaw_encode_buffer, alaw_decode_buffer
+from ext.mix cimport Conference, conf_put_pcm, conf_mix, conf_out_pcm
+from ext.dtmf cimport dtmf_state, dtmf_event, dtmf_init, dtmf_process, dtmf_free
+from libc.stdlib cimport malloc, free
 
 import os
 import socket as _socket
@@ -48,6 +51,7 @@ cdef enum:
     C_SOURCE_PLAYER = 1
     C_SOURCE_ECHO = 2
     C_SOURCE_NONE = 3
+    C_SOURCE_MIXER = 4
 
 MODE_IDLE = C_MODE_IDLE
 MODE_RELAY = C_MODE_RELAY
@@ -58,6 +62,7 @@ SOURCE_SILENCE = C_SOURCE_SILENCE
 SOURCE_PLAYER = C_SOURCE_PLAYER
 SOURCE_ECHO = C_SOURCE_ECHO
 SOURCE_NONE = C_SOURCE_NONE
+SOURCE_MIXER = C_SOURCE_MIXER
 
 # Receive scratch space shared by every stream: the reactor is single-threaded.
 cdef uint8_t rx_bufs[BATCH][MAXPKT]
@@ -647,15 +652,27 @@ cdef class Channel:
     cdef public int source
     cdef public Player player
     cdef public Recorder recorder
+    cdef readonly Conference conference
+    cdef readonly int slot
     cdef int16_t rx_pcm[FRAME]
     cdef int16_t tx_pcm[FRAME]
+    cdef bint heard
     cdef public bint receiving
+    cdef dtmf_state* dtmf
+    cdef dtmf_event dtmf_events[8]
 
     def __init__(self, int id, RtpStream stream):
         self.id = id
         self.stream = stream
         self.source = C_SOURCE_SILENCE
         self.receiving = True
+        self.slot = -1
+
+    def __dealloc__(self):
+        if self.dtmf is not NULL:
+            dtmf_free(self.dtmf)
+            free(self.dtmf)
+            self.dtmf = NULL
 
     def play(self, Player player):
         self.player = player
@@ -669,30 +686,93 @@ cdef class Channel:
         self.player = None
         self.source = C_SOURCE_SILENCE
 
+    def mute_output(self):
+        """Send nothing (e.g. while the far end holds the call)."""
+        self.player = None
+        self.source = C_SOURCE_NONE
+
+    def join(self, Conference conference, int slot):
+        """Hear the conference mix (minus ourselves) and be heard in it."""
+        self.conference = conference
+        self.slot = slot
+        self.player = None
+        self.source = C_SOURCE_MIXER
+
+    def leave(self):
+        self.conference = None
+        self.slot = -1
+        if self.source == C_SOURCE_MIXER:
+            self.source = C_SOURCE_SILENCE
+
+    def detect_dtmf(self, bint on=True):
+        """In-band DTMF detection (ITU-T Q.24) on what this channel hears."""
+        if on and self.dtmf is NULL:
+            self.dtmf = <dtmf_state*>malloc(sizeof(dtmf_state))
+            if self.dtmf is NULL or dtmf_init(self.dtmf, 8000) != 0:
+                free(self.dtmf)
+                self.dtmf = NULL
+                raise MemoryError("cannot allocate a DTMF detector")
+        elif not on and self.dtmf is not NULL:
+            dtmf_free(self.dtmf)
+            free(self.dtmf)
+            self.dtmf = NULL
+
+    @property
+    def detecting(self):
+        return self.dtmf is not NULL
+
     def last_rx(self):
         return [self.rx_pcm[i] for i in range(FRAME)]
 
 
 @cython.final
 cdef class MediaClock:
-    """Every terminating channel, processed together once per 20 ms tick."""
+    """Every terminating channel, processed together once per 20 ms tick:
+    receive (decode, record, detect, put into conferences), mix, send."""
     cdef dict channels
     cdef list order
+    cdef dict conferences   # id(conference) -> [conference, members]
     cdef readonly uint64_t ticks
     cdef readonly uint64_t frames_sent
 
     def __init__(self):
         self.channels = {}
         self.order = []
+        self.conferences = {}
 
     def add(self, Channel ch):
         if ch.id not in self.channels:
             self.channels[ch.id] = ch
             self.order.append(ch)
+            if ch.conference is not None:
+                self._track(ch.conference, 1)
 
     def remove(self, Channel ch):
         if self.channels.pop(ch.id, None) is not None:
             self.order.remove(ch)
+            if ch.conference is not None:
+                self._track(ch.conference, -1)
+
+    def join(self, Channel ch, Conference conference, int slot):
+        if ch.conference is not None:
+            self.leave(ch)
+        ch.join(conference, slot)
+        if ch.id in self.channels:
+            self._track(conference, 1)
+
+    def leave(self, Channel ch):
+        if ch.conference is not None:
+            if ch.id in self.channels:
+                self._track(ch.conference, -1)
+            ch.leave()
+
+    cdef _track(self, Conference conf, int delta):
+        entry = self.conferences.get(id(conf))
+        if entry is None:
+            entry = self.conferences[id(conf)] = [conf, 0]
+        entry[1] += delta
+        if entry[1] <= 0:
+            del self.conferences[id(conf)]
 
     def __len__(self):
         return len(self.order)
@@ -701,19 +781,44 @@ cdef class MediaClock:
         """Run one frame for every channel. Returns [(channel_id, event, detail)] or None."""
         cdef Channel ch
         cdef RtpStream s
+        cdef Conference conf
+        cdef const int16_t* mixed
         cdef int64_t now = now_ns()
         cdef list events = None
+        cdef int i, n
         self.ticks += 1
+        # 1. what everyone hears
         for ch in self.order:
             s = ch.stream
-            if ch.receiving:
-                s.pull(ch.rx_pcm)
-                if ch.recorder is not None and not ch.recorder.full:
-                    ch.recorder.put(ch.rx_pcm)
-                    if ch.recorder.full:
-                        if events is None:
-                            events = []
-                        events.append((ch.id, "record-full", ch.recorder.length))
+            if not ch.receiving:
+                continue
+            ch.heard = s.pull(ch.rx_pcm)
+            if s.events:
+                if events is None:
+                    events = []
+                for digit, duration in s.take_events():
+                    events.append((ch.id, "dtmf", digit))
+            if ch.dtmf is not NULL:
+                n = dtmf_process(ch.dtmf, ch.rx_pcm, FRAME, ch.dtmf_events, 8)
+                for i in range(n):
+                    if events is None:
+                        events = []
+                    events.append((ch.id, "dtmf", chr(ch.dtmf_events[i].digit)))
+            if ch.recorder is not None and not ch.recorder.full:
+                ch.recorder.put(ch.rx_pcm)
+                if ch.recorder.full:
+                    if events is None:
+                        events = []
+                    events.append((ch.id, "record-full", ch.recorder.length))
+            if ch.conference is not None and ch.heard:
+                conf_put_pcm(ch.conference, ch.slot, ch.rx_pcm)
+        # 2. every conference mixes once
+        for entry in self.conferences.values():
+            conf = entry[0]
+            conf_mix(conf)
+        # 3. what everyone is sent
+        for ch in self.order:
+            s = ch.stream
             if ch.source == C_SOURCE_SILENCE:
                 memset(ch.tx_pcm, 0, sizeof(ch.tx_pcm))
             elif ch.source == C_SOURCE_ECHO:
@@ -726,6 +831,12 @@ cdef class MediaClock:
                     events.append((ch.id, "play-done", None))
                     ch.player = None
                     ch.source = C_SOURCE_SILENCE
+            elif ch.source == C_SOURCE_MIXER:
+                mixed = conf_out_pcm(ch.conference, ch.slot)
+                if mixed is NULL:
+                    memset(ch.tx_pcm, 0, sizeof(ch.tx_pcm))
+                else:
+                    memcpy(ch.tx_pcm, mixed, sizeof(ch.tx_pcm))
             else:
                 continue
             if s.send_pcm(ch.tx_pcm, now):

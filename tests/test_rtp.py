@@ -234,3 +234,72 @@ async def test_rtp_inactivity_ends_the_call_with_bye():
         assert m.method == "BYE" and 0.8 < time.monotonic() - t0 < 3.5
         assert session.end_reason == "rtp-timeout"
         c.close()
+
+
+def test_conference_on_the_media_clock_mixes_minus_self():
+    import numpy as np
+
+    from engine.media.g711 import ulaw_encode
+    from ext import mix
+
+    hub = rtp.RtpHub()
+    clock = rtp.MediaClock()
+    conf = mix.Conference(8)
+    socks, farends, chans = [], [], []
+    for i in range(3):
+        s_sock, far = udp(), udp()
+        s = rtp.RtpStream(s_sock)
+        hub.add(s)
+        s.set_remote("127.0.0.1", far.getsockname()[1])
+        ch = rtp.Channel(i + 1, s)
+        s.terminate()
+        clock.add(ch)
+        clock.join(ch, conf, conf.add(i, "pcm"))
+        socks.append(s_sock)
+        farends.append(far)
+        chans.append(ch)
+    tone = (8000 * np.sin(2 * np.pi * 1000 * np.arange(160) / 8000)).astype(np.int16)
+    payload = ulaw_encode(tone)
+    for k in range(3):
+        farends[0].sendto(packet(k, 160 * k, payload=payload), socks[0].getsockname())
+    settle(hub)
+    for _ in range(3):
+        clock.tick()
+    from engine.media.g711 import ulaw_decode
+
+    def energy(far):
+        frames = [np.frombuffer(ulaw_decode(p[12:]), dtype=np.int16) for p in drain(far)]
+        return max(float(np.abs(f.astype(np.int32)).mean()) for f in frames)
+
+    assert energy(farends[0]) < 50, "a talker must not hear itself"
+    assert energy(farends[1]) > 3000 and energy(farends[2]) > 3000
+    clock.leave(chans[2])
+    assert chans[2].source == rtp.SOURCE_SILENCE
+    hub.close()
+
+
+def test_inband_dtmf_detected_on_the_clock():
+    import numpy as np
+
+    from engine.media.g711 import ulaw_encode
+
+    hub = rtp.RtpHub()
+    clock = rtp.MediaClock()
+    s_sock, x = udp(), udp()
+    s = rtp.RtpStream(s_sock)
+    hub.add(s)
+    ch = rtp.Channel(3, s)
+    s.terminate()
+    clock.add(ch)
+    ch.detect_dtmf(True)
+    t = np.arange(160 * 5) / 8000
+    digit7 = (6000 * (np.sin(2 * np.pi * 852 * t) + np.sin(2 * np.pi * 1209 * t))).astype(np.int16)
+    audio = np.concatenate([digit7, np.zeros(160 * 5, dtype=np.int16)])
+    events = []
+    for k in range(10):
+        x.sendto(packet(k, 160 * k, payload=ulaw_encode(audio[160 * k:160 * (k + 1)])),
+                 s_sock.getsockname())
+        settle(hub)
+        events += clock.tick() or []
+    assert [e for e in events if e[1] == "dtmf"] == [(3, "dtmf", "7")]
+    hub.close()
