@@ -41,6 +41,7 @@ class Engine:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         os.makedirs(self.cfg.data_dir, exist_ok=True)
+        _raise_fd_limit()
         self.media = MediaEngine(self.loop, self.cfg.rtp_timeout, self.cfg.rtp_hold_timeout)
         self.media.start()
         self.sip_port = await self.sip.listen(self.cfg.sip_host, self.cfg.sip_port,
@@ -56,6 +57,7 @@ class Engine:
         self.sip.close()
         if self.media is not None:
             self.media.stop()
+        self.ports.close()
 
     def module_for(self, route):
         key = (route.module, tuple(sorted(route.params.items())))
@@ -91,3 +93,15 @@ class Engine:
     def session_ended(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
         log.debug("session %s ended: %s", session.id, session.end_reason)
+
+
+def _raise_fd_limit() -> None:
+    """Every call holds RTP/RTCP sockets: allow as many descriptors as the system does."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass

@@ -22,23 +22,52 @@ class RtpPorts:
 
     def release(self) -> None:
         if self.rtp is not None:
-            self.rtp.close()
-            self.rtcp.close()
+            self.pool._give_back(self)
             self.rtp = self.rtcp = None
-            self.pool._free.append(self.port)
-            self.pool.in_use -= 1
 
 
 class PortPool:
-    def __init__(self, address: str, lo: int, hi: int):
+    """Even ports of a range, handed out oldest-released first.
+
+    Up to `keep_open` released pairs stay bound (a call set-up then costs no
+    socket(), bind() or close()); the rest are closed. A reused pair is
+    drained of datagrams that arrived for its previous call."""
+
+    def __init__(self, address: str, lo: int, hi: int, keep_open: int = 512):
         self.address = address
         self.family = socket.AF_INET6 if ":" in address else socket.AF_INET
         first = lo + (lo & 1)
         self._free = collections.deque(range(first, hi, 2))
+        self._open = collections.deque()     # (port, rtp, rtcp) still bound
+        self.keep_open = keep_open
         self.capacity = len(self._free)
         self.in_use = 0
 
+    def _give_back(self, ports: RtpPorts) -> None:
+        self.in_use -= 1
+        if len(self._open) < self.keep_open:
+            self._open.append((ports.port, ports.rtp, ports.rtcp))
+        else:
+            ports.rtp.close()
+            ports.rtcp.close()
+            self._free.append(ports.port)
+
+    def close(self) -> None:
+        while self._open:
+            port, rtp, rtcp = self._open.popleft()
+            rtp.close()
+            rtcp.close()
+            self._free.append(port)
+
     def allocate(self) -> RtpPorts:
+        # Pairs still bound are reused only after the ones that were closed, so a
+        # port's last call has had time to stop sending to it.
+        if self._open and (len(self._open) >= self.keep_open // 2 or not self._free):
+            port, rtp, rtcp = self._open.popleft()
+            _drain(rtp)
+            _drain(rtcp)
+            self.in_use += 1
+            return RtpPorts(self, port, rtp, rtcp)
         # Ports another process holds are skipped and retried later.
         for _ in range(len(self._free)):
             port = self._free.popleft()
@@ -57,3 +86,11 @@ class PortPool:
             self.in_use += 1
             return RtpPorts(self, port, rtp, rtcp)
         raise PortsExhausted(f"no free RTP port pair in the range ({self.capacity} pairs)")
+
+
+def _drain(sock) -> None:
+    try:
+        while True:
+            sock.recv(2048)
+    except (BlockingIOError, InterruptedError):
+        pass

@@ -21,7 +21,8 @@ REASONS = {
 }
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE"
-SUPPORTED = "replaces, timer"
+# No option tags are claimed: session timers (RFC 4028), Replaces and 100rel are not implemented.
+SUPPORTED = ""
 _TAG_BYTES = 6
 
 

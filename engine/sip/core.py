@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import logging
 
 from . import build
@@ -28,7 +29,7 @@ KNOWN_METHODS = frozenset(("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTE
 # Methods we implement; the other known ones get 405 with Allow, unknown ones 501.
 IMPLEMENTED = frozenset(("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER",
                          "INFO", "UPDATE"))
-SUPPORTED_OPTIONS = frozenset(("replaces", "timer", "100rel-none"))
+SUPPORTED_OPTIONS: frozenset = frozenset()  # every Require tag gets 420 (RFC 3261 8.2.2.3)
 SDP_TYPES = ("application/sdp",)
 ACCEPT_OK = ("application/sdp", "application/*", "*/*")
 
@@ -66,8 +67,13 @@ class SipCore:
         if not self.timers._handle:
             self.timers.start(loop)
         if "udp" in transports:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                 socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.setblocking(False)
             _, proto = await loop.create_datagram_endpoint(
-                lambda: UdpTransport(self), local_addr=(host, port))
+                lambda: UdpTransport(self, sock), sock=sock)
             self.udp.append(proto)
             port = proto.local[1]
         if "tcp" in transports:
@@ -258,8 +264,7 @@ class SipCore:
 
     def capabilities(self) -> list:
         return [("allow", build.ALLOW), ("accept", "application/sdp"),
-                ("accept-encoding", "identity"), ("accept-language", "en"),
-                ("supported", build.SUPPORTED)]
+                ("accept-encoding", "identity"), ("accept-language", "en")]
 
     def on_invite(self, msg, st) -> None:
         if self.draining:

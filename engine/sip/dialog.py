@@ -118,7 +118,7 @@ class Dialog:
             return
         self.local_sdp = sdp
         headers = [("contact", self.core.contact_for(self.flow)),
-                   ("allow", build.ALLOW), ("supported", build.SUPPORTED)]
+                   ("allow", build.ALLOW)]
         rr = self.invite.headers.get("record-route")
         if rr:
             headers[:0] = [("record-route", v) for v in rr]

@@ -133,8 +133,7 @@ class OutgoingCall:
         h = [("via", self.via), ("max-forwards", str(self.max_forwards)),
              ("from", f"{self.from_uri};tag={self.local_tag}"), ("to", self.to_uri),
              ("call-id", self.call_id), ("cseq", f"{self.cseq} INVITE"),
-             ("contact", self.contact), ("allow", build.ALLOW),
-             ("supported", build.SUPPORTED)]
+             ("contact", self.contact), ("allow", build.ALLOW)]
         if authorization is not None:
             h.append(authorization)
         h += self.extra_headers
