@@ -16,12 +16,13 @@ A window is a *hit* for a digit when the strongest row and column bins pass:
   frequency  within 2.5 % of nominal (from the phase advance)
   twist      column up to 9 dB below the row ("normal", 8 dB accepted)
              or up to 5 dB above it ("reverse", 4 dB accepted)
-  energy     the two tones carry 88 % of the window's energy
+  energy     the two tones carry 88 % of the window's energy (their powers
+             corrected for the window's loss at the measured offset)
   harmonic   no second harmonic within 10 dB of either tone
 A digit is reported once ON_WINDOWS (4) consecutive hits agree and their
 measured frequencies stay within 6 Hz of each other (speech glides, keys do
 not). With 5 ms hops and a 20 ms window this accepts tones of 40 ms and
-rejects 23 ms. The digit ends after OFF_WINDOWS (7) windows without it, so a
+rejects 23 ms (the cut-off is near 28 ms). The digit ends after OFF_WINDOWS (7) windows without it, so a
 10 ms dropout keeps the digit while a 40 ms pause ends it.
 """
 from __future__ import annotations
@@ -107,8 +108,10 @@ class DtmfDetector:
     `feed(pcm)` takes any number of samples (little-endian bytes or an int16
     array) and returns the digits whose detection completed in them, as
     `(digit, onset)` with `onset` the estimated first sample of the tone,
-    counted from the start of the stream (or the last `reset()`).
-    Each key press is reported exactly once.
+    counted from the start of the stream (or the last `reset()`), within
+    about 3 ms (one 5 ms hop later for a tone already present at sample 0).
+    Each key press is reported exactly once. One instance serves one
+    channel and is not to be fed from two threads at once.
     """
 
     def __init__(self, rate: int = 8000):

@@ -11,8 +11,6 @@ symmetric and -1 maps to the negative-zero code.
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 __all__ = ["ulaw_encode", "ulaw_decode", "alaw_encode", "alaw_decode"]
@@ -101,4 +99,3 @@ def alaw_decode(data) -> bytes:
 
 _ULAW_DEC = _ulaw_table()
 _ALAW_DEC = _alaw_table()
-assert sys.byteorder in ("little", "big")
