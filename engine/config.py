@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 from .sip.transport import parse_hostport
 
-MODULE_CODES_BUILTIN = ("baton.hold", "baton.echo")
+MODULE_CODES_BUILTIN = ("baton.hold", "baton.echo", "baton.bridge", "baton.menu",
+                        "baton.play")
+TARGET_KINDS = ("app", "module", "instructions", "endpoint")
 
 
 class ConfigError(Exception):
@@ -25,10 +27,29 @@ class ConfigError(Exception):
 
 @dataclass
 class NumberRoute:
+    """What a dialled number starts: an app, a module, an instruction URI or an endpoint."""
     number: str
     account: str
-    module: str
+    kind: str            # app | module | instructions | endpoint
+    target: str          # app name, module code, URI, or SIP URI / number
     params: dict = field(default_factory=dict)
+
+    @property
+    def module(self) -> str:
+        return {"module": self.target, "endpoint": "baton.bridge",
+                "instructions": "baton.instructions"}.get(self.kind, "")
+
+
+@dataclass
+class Trunk:
+    name: str
+    host: str
+    port: int = 5060
+    transport: str = "udp"
+    username: str = ""
+    password: str = ""
+    prefix: str = ""
+    domain: str = ""
 
 
 @dataclass
@@ -37,6 +58,7 @@ class Account:
     name: str = ""
     currency: str = "USD"
     numbers: dict = field(default_factory=dict)   # number -> NumberRoute
+    kv: dict = field(default_factory=dict)        # the account's key/value store
 
 
 @dataclass
@@ -61,6 +83,10 @@ class Config:
     users: dict = field(default_factory=dict)      # username -> password
     accounts: dict = field(default_factory=dict)   # id -> Account
     numbers: dict = field(default_factory=dict)    # number -> NumberRoute (all accounts)
+    apps: dict = field(default_factory=dict)       # name -> apps.App
+    trunks: dict = field(default_factory=dict)     # name -> Trunk
+    modules: dict = field(default_factory=dict)    # code -> {"alias"|"uri"|"vendor": ...}
+    policy: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
 
 
@@ -118,7 +144,7 @@ def load(path: str | None, overrides: dict | None = None) -> Config:
 
 def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) -> Config:
     cfg = Config(path=path, raw=raw)
-    known = set(SCHEMA) | {"users", "accounts"}
+    known = set(SCHEMA) | {"users", "accounts", "apps", "trunks", "modules", "policy"}
     for section in raw:
         if section not in known:
             raise ConfigError(path, section, f"unknown section (known: {', '.join(sorted(known))})")
@@ -194,6 +220,10 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             raise ConfigError(path, f"users.{name}.password", "a non-empty string is required")
         cfg.users[name] = u["password"]
 
+    _load_modules(cfg, raw, path)
+    _load_trunks(cfg, raw, path)
+    _load_apps(cfg, raw, path)
+    _load_policy(cfg, raw, path)
     accounts = raw.get("accounts", {})
     if not isinstance(accounts, dict):
         raise ConfigError(path, "accounts", "expected a table of accounts")
@@ -203,25 +233,20 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             raise ConfigError(path, key, "expected a table")
         a = Account(id=acc_id, name=acc.get("name", acc_id), currency=acc.get("currency", "USD"))
         for k in acc:
-            if k not in ("name", "currency", "numbers"):
-                raise ConfigError(path, f"{key}.{k}", "unknown key (known: currency, name, numbers)")
+            if k not in ("name", "currency", "numbers", "kv"):
+                raise ConfigError(path, f"{key}.{k}", "unknown key (known: currency, kv, name, numbers)")
+        kv = acc.get("kv", {})
+        if not isinstance(kv, dict):
+            raise ConfigError(path, f"{key}.kv", "expected a table of values")
+        a.kv = dict(kv)
         numbers = acc.get("numbers", {})
         if not isinstance(numbers, dict):
             raise ConfigError(path, f"{key}.numbers", "expected a table of number = { module = ... }")
         for number, target in numbers.items():
             nkey = f"{key}.numbers.{number}"
-            if isinstance(target, str):
-                target = {"module": target}
-            if not isinstance(target, dict) or "module" not in target:
-                raise ConfigError(path, nkey, "needs a module (e.g. module = \"baton.hold\")")
-            module = target["module"]
-            if module not in MODULE_CODES_BUILTIN:
-                raise ConfigError(path, f"{nkey}.module",
-                                  f"unknown module {module!r} (known: {', '.join(MODULE_CODES_BUILTIN)})")
+            route = _number_route(cfg, path, nkey, acc_id, number, target)
             if number in cfg.numbers:
                 raise ConfigError(path, nkey, f"number already belongs to account {cfg.numbers[number].account!r}")
-            params = {k: v for k, v in target.items() if k != "module"}
-            route = NumberRoute(number=number, account=acc_id, module=module, params=params)
             a.numbers[number] = route
             cfg.numbers[number] = route
         cfg.accounts[acc_id] = a
@@ -229,3 +254,146 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
         cfg.data_dir = overrides["data_dir"]
     cfg.data_dir = os.path.abspath(cfg.data_dir)
     return cfg
+
+
+def _known_code(cfg: Config, code: str) -> bool:
+    return code in MODULE_CODES_BUILTIN or code in cfg.modules or code == "baton.instructions"
+
+
+def _load_modules(cfg: Config, raw: dict, path: str) -> None:
+    mods = raw.get("modules", {})
+    if not isinstance(mods, dict):
+        raise ConfigError(path, "modules", "expected a table of module codes")
+    for code, entry in mods.items():
+        key = f"modules.{code}"
+        if "." not in code:
+            raise ConfigError(path, key, "a module code has a vendor prefix, e.g. acme.survey")
+        if not isinstance(entry, dict) or len(set(entry) & {"alias", "uri", "vendor"}) != 1:
+            raise ConfigError(path, key, "needs exactly one of alias, uri or vendor")
+        if "uri" in entry and not str(entry["uri"]).startswith(("http://", "https://")):
+            raise ConfigError(path, f"{key}.uri", "must be an http:// or https:// URI")
+        cfg.modules[code] = dict(entry)
+
+
+def _load_trunks(cfg: Config, raw: dict, path: str) -> None:
+    trunks = raw.get("trunks", {})
+    if not isinstance(trunks, dict):
+        raise ConfigError(path, "trunks", "expected a table of trunks")
+    for name, t in trunks.items():
+        key = f"trunks.{name}"
+        if not isinstance(t, dict) or not isinstance(t.get("proxy"), str):
+            raise ConfigError(path, f"{key}.proxy", "a proxy HOST:PORT is required")
+        try:
+            host, port = parse_hostport(t["proxy"])
+        except ValueError as exc:
+            raise ConfigError(path, f"{key}.proxy", str(exc)) from None
+        for k in t:
+            if k not in ("proxy", "transport", "username", "password", "prefix", "domain"):
+                raise ConfigError(path, f"{key}.{k}", "unknown key (known: domain, password, "
+                                                      "prefix, proxy, transport, username)")
+        transport = t.get("transport", "udp").lower()
+        if transport not in ("udp", "tcp"):
+            raise ConfigError(path, f"{key}.transport", "udp or tcp")
+        cfg.trunks[name] = Trunk(name, host, port, transport, t.get("username", ""),
+                                 t.get("password", ""), t.get("prefix", ""),
+                                 t.get("domain", "") or host)
+
+
+def _check_target(cfg: Config, path: str, key: str, target, app_nodes) -> None:
+    from .apps import HANGUP, adhoc_node
+
+    if not isinstance(target, str) or not target:
+        raise ConfigError(path, key, "a target is a node name, module code, URI or 'hangup'")
+    if target == HANGUP or target in app_nodes:
+        return
+    node = adhoc_node(target)
+    if node is None:
+        raise ConfigError(path, key, f"{target!r} is neither a node of this app nor a module code or URI")
+    if node.module.startswith("baton.") and not _known_code(cfg, node.module):
+        raise ConfigError(path, key, f"unknown module {node.module!r}")
+
+
+def _load_apps(cfg: Config, raw: dict, path: str) -> None:
+    from .apps import App, Node
+
+    apps = raw.get("apps", {})
+    if not isinstance(apps, dict):
+        raise ConfigError(path, "apps", "expected a table of apps")
+    for name, a in apps.items():
+        key = f"apps.{name}"
+        if not isinstance(a, dict):
+            raise ConfigError(path, key, "expected a table")
+        for k in a:
+            if k not in ("start", "nodes", "vars", "events"):
+                raise ConfigError(path, f"{key}.{k}", "unknown key (known: events, nodes, start, vars)")
+        nodes = a.get("nodes", {})
+        if not isinstance(nodes, dict) or not nodes:
+            raise ConfigError(path, f"{key}.nodes", "an app needs at least one node")
+        start = a.get("start")
+        if start not in nodes:
+            raise ConfigError(path, f"{key}.start", f"must name one of its nodes ({', '.join(nodes)})")
+        app = App(name=name, start=start, vars=dict(a.get("vars", {})),
+                  events=dict(a.get("events", {})))
+        for nname, n in nodes.items():
+            nkey = f"{key}.nodes.{nname}"
+            if not isinstance(n, dict) or not isinstance(n.get("module"), str):
+                raise ConfigError(path, f"{nkey}.module", "each node needs a module code")
+            for k in n:
+                if k not in ("module", "params", "outlets", "events"):
+                    raise ConfigError(path, f"{nkey}.{k}", "unknown key (known: events, module, outlets, params)")
+            code = n["module"]
+            if "." not in code or (code.startswith("baton.") and not _known_code(cfg, code)):
+                raise ConfigError(path, f"{nkey}.module", f"unknown module {code!r}")
+            for sect in ("params", "outlets", "events"):
+                if not isinstance(n.get(sect, {}), dict):
+                    raise ConfigError(path, f"{nkey}.{sect}", "expected a table")
+            node = Node(nname, n["module"], dict(n.get("params", {})),
+                        {str(k): v for k, v in n.get("outlets", {}).items()},
+                        dict(n.get("events", {})), app)
+            app.nodes[nname] = node
+        for nname, node in app.nodes.items():
+            for sect, table in (("outlets", node.outlets), ("events", node.events)):
+                for o, target in table.items():
+                    _check_target(cfg, path, f"{key}.nodes.{nname}.{sect}.{o}", target, app.nodes)
+        for ev, target in app.events.items():
+            _check_target(cfg, path, f"{key}.events.{ev}", target, app.nodes)
+        cfg.apps[name] = app
+
+
+def _load_policy(cfg: Config, raw: dict, path: str) -> None:
+    pol = raw.get("policy", {})
+    if not isinstance(pol, dict):
+        raise ConfigError(path, "policy", "expected a table")
+    for k, v in pol.items():
+        if k not in ("deny_modules", "allow_modules", "banned_callers", "limits"):
+            raise ConfigError(path, f"policy.{k}", "unknown key (known: allow_modules, "
+                                                   "banned_callers, deny_modules, limits)")
+    cfg.policy = dict(pol)
+
+
+def _number_route(cfg: Config, path: str, key: str, account: str, number: str, target) -> NumberRoute:
+    if isinstance(target, str):
+        target = {"module": target}
+    if not isinstance(target, dict):
+        raise ConfigError(path, key, "expected a table such as { module = \"baton.hold\" }")
+    kinds = [k for k in TARGET_KINDS if k in target]
+    if len(kinds) != 1:
+        raise ConfigError(path, key, f"needs exactly one of {', '.join(TARGET_KINDS)}")
+    kind = kinds[0]
+    value = target[kind]
+    if not isinstance(value, str) or not value:
+        raise ConfigError(path, f"{key}.{kind}", "must be a non-empty string")
+    params = {k: v for k, v in target.items() if k != kind}
+    if kind == "module" and not _known_code(cfg, value):
+        known = ", ".join(sorted(set(MODULE_CODES_BUILTIN) | set(cfg.modules)))
+        raise ConfigError(path, f"{key}.module", f"unknown module {value!r} (known: {known})")
+    if kind == "app" and value not in cfg.apps:
+        raise ConfigError(path, f"{key}.app", f"no app {value!r} (apps: {', '.join(cfg.apps) or 'none'})")
+    if kind == "instructions" and not value.startswith(("http://", "https://")):
+        raise ConfigError(path, f"{key}.instructions", "must be an http:// or https:// URI")
+    if kind == "endpoint":
+        if not value.startswith(("sip:", "sips:", "tel:")) and "trunk" not in params:
+            raise ConfigError(path, f"{key}.endpoint", "a SIP URI, or a number with trunk = NAME")
+        if "trunk" in params and params["trunk"] not in cfg.trunks:
+            raise ConfigError(path, f"{key}.trunk", f"no trunk {params['trunk']!r}")
+    return NumberRoute(number=number, account=account, kind=kind, target=value, params=params)

@@ -1,4 +1,4 @@
-"""The engine: one uvloop reactor running the SIP core, media and modules."""
+"""The engine: one uvloop reactor running the SIP core, media, sessions and modules."""
 from __future__ import annotations
 
 import asyncio
@@ -6,19 +6,26 @@ import logging
 import os
 
 from . import __version__
+from .apps import Node
 from .config import Config
-from .media.ports import PortPool
 from .media.engine import MediaEngine
+from .media.ports import PortPool
+from .modules.bridge import BridgeModule
 from .modules.echo import EchoModule
 from .modules.hold import HoldModule
+from .modules.menu import MenuModule, PlayModule
+from .policy import AllowAll, Rules
+from .registry import Registry
 from .session import Leg, Session
 from .sip.core import SipCore
 from .sip.registrar import Registrar
 from .sip.uri import parse_uri
+from .stamper import Stamper
 
 log = logging.getLogger("baton.engine")
 
-BUILTIN_MODULES = {m.code: m for m in (HoldModule, EchoModule)}
+BUILTIN_MODULES = {m.code: m for m in (HoldModule, EchoModule, BridgeModule, MenuModule,
+                                       PlayModule)}
 
 
 class Engine:
@@ -35,13 +42,26 @@ class Engine:
                            registrar=registrar)
         self.sessions: dict[str, Session] = {}
         self.sip_port = 0
-        self._modules = {}
+        self.registry = Registry(self, BUILTIN_MODULES, cfg.modules)
+        self.policy = Rules(**cfg.policy) if cfg.policy else AllowAll()
         self.media: MediaEngine | None = None
+        self.stamper = Stamper(None, cfg.node_id)
+        self.speech = None
+        self.ringback = None
+        self.finished: list = []       # recently ended sessions (for the API and tests)
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         os.makedirs(self.cfg.data_dir, exist_ok=True)
         _raise_fd_limit()
+        self.stamper = Stamper(os.path.join(self.cfg.data_dir, "ring", "ring.dat"), self.cfg.node_id) \
+            if _ring_available() else self.stamper
+        from .media.audio import SpeechCache
+
+        from .media.tones import ringback
+
+        self.speech = SpeechCache(os.path.join(self.cfg.data_dir, "tts"))
+        self.ringback = ringback()
         self.media = MediaEngine(self.loop, self.cfg.rtp_timeout, self.cfg.rtp_hold_timeout)
         self.media.start()
         self.sip_port = await self.sip.listen(self.cfg.sip_host, self.cfg.sip_port,
@@ -58,16 +78,20 @@ class Engine:
         if self.media is not None:
             self.media.stop()
         self.ports.close()
-
-    def module_for(self, route):
-        key = (route.module, tuple(sorted(route.params.items())))
-        m = self._modules.get(key)
-        if m is None:
-            m = BUILTIN_MODULES[route.module](self, route.params)
-            self._modules[key] = m
-        return m
+        self.stamper.close()
 
     # -- the SIP core's application -------------------------------------------
+    def node_for(self, route) -> Node:
+        if route.kind == "app":
+            app = self.cfg.apps[route.target]
+            return app.nodes[app.start]
+        params = dict(route.params)
+        if route.kind == "endpoint":
+            params.setdefault("to", route.target)
+        elif route.kind == "instructions":
+            params.setdefault("url", route.target)
+        return Node(name=f"number:{route.number}", module=route.module, params=params)
+
     def on_invite(self, dialog) -> None:
         msg = dialog.invite
         try:
@@ -79,20 +103,59 @@ class Engine:
         if route is None:
             dialog.reject(404)
             return
-        module = self.module_for(route)
+        node = self.node_for(route)
+        module = self.registry.resolve(node.module)
         if msg.max_forwards == 0 and getattr(module, "forwards", False):
             dialog.reject(483)  # RFC 3261 16.3 step 2 for what we would forward
             return
         h = msg.headers
-        session = Session(self, route.account, user, h["from"][0], h["to"][0])
+        app = self.cfg.apps.get(route.target) if route.kind == "app" else None
+        session = Session(self, route.account, user, h["from"][0], h["to"][0], app=app)
+        session.params["CallerName"] = _display_name(h["from"][0])
         self.sessions[session.id] = session
-        leg = Leg(session, dialog)
-        session.give_control(module, module.level, "initial")
-        module.take(session, leg)
+        Leg(session, dialog)
+        session.start(node)
 
     def session_ended(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
+        self.finished.append(session)
+        if len(self.finished) > 1000:
+            del self.finished[:500]
         log.debug("session %s ended: %s", session.id, session.end_reason)
+
+    def transition(self, session_id: str, target: str, params: dict | None = None) -> bool:
+        """The asynchronous API transition: move a live session to a module code,
+        an instruction URI, an endpoint or a node of its app."""
+        session = self.sessions.get(session_id)
+        if session is None or session.ended:
+            return False
+        session.transition(target, "api", params)
+        return True
+
+    def find_session(self, sid: str):
+        s = self.sessions.get(sid)
+        if s is None:
+            for f in reversed(self.finished):
+                if f.id == sid:
+                    return f
+        return s
+
+
+def _display_name(addr: str) -> str:
+    addr = addr.strip()
+    if addr.startswith('"'):
+        end = addr.find('"', 1)
+        return addr[1:end] if end > 0 else ""
+    lt = addr.find("<")
+    return addr[:lt].strip() if lt > 0 else ""
+
+
+def _ring_available() -> bool:
+    try:
+        from . import ring  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _raise_fd_limit() -> None:

@@ -1,20 +1,31 @@
-"""Sessions and legs.
+"""Sessions, legs and the passing of control between modules.
 
-A session is one call with an id that never changes while modules change;
-a leg is one SIP dialog plus its media. Control history records which
-module held the session, from when to when, and why it got control.
+A session is one call with an id that never changes while modules change.
+A leg is one SIP dialog plus its RTP stream. Control is held through a
+`Control` token: a module acts on the session only while its token is
+active, so a module that lost control (a transition, an API call, a hang-up)
+can never touch the session again by mistake.
+
+Every change of control is checked by the policy hook, recorded in the
+session's history and stamped into the ring for the accountant.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 
+from . import apps as apps_mod
 from .sip import sdp
 from .sip.dialog import DialogOwner
 
+log = logging.getLogger("baton.session")
+
 _counter = itertools.count(1)
 _prefix = os.urandom(3).hex()
+
+LEVELS = ("basic", "application", "service")
 
 
 def new_session_id() -> str:
@@ -22,34 +33,113 @@ def new_session_id() -> str:
 
 
 class ControlSpan:
-    __slots__ = ("module", "level", "start_mono", "start_wall", "end_mono", "end_wall", "reason")
+    """One module's time in control of a session."""
 
-    def __init__(self, module, level, reason):
+    __slots__ = ("module", "level", "node", "start_mono", "start_wall", "end_mono", "end_wall",
+                 "reason", "end_reason")
+
+    def __init__(self, module: str, level: str, reason: str, node: str = ""):
         self.module = module
         self.level = level
+        self.node = node
         self.reason = reason
         self.start_mono = time.monotonic_ns()
         self.start_wall = time.time_ns()
         self.end_mono = None
         self.end_wall = None
+        self.end_reason = None
 
-    def close(self) -> None:
+    def close(self, reason: str, mono: int, wall: int) -> None:
         if self.end_mono is None:
-            self.end_mono = time.monotonic_ns()
-            self.end_wall = time.time_ns()
+            self.end_mono = mono
+            self.end_wall = wall
+            self.end_reason = reason
 
     def as_dict(self) -> dict:
-        return {"module": self.module, "level": self.level, "reason": self.reason,
-                "start_mono_ns": self.start_mono, "end_mono_ns": self.end_mono,
-                "start_wall_ns": self.start_wall, "end_wall_ns": self.end_wall}
+        return {"module": self.module, "level": self.level, "node": self.node,
+                "reason": self.reason, "start_mono_ns": self.start_mono,
+                "end_mono_ns": self.end_mono, "start_wall_ns": self.start_wall,
+                "end_wall_ns": self.end_wall, "end_reason": self.end_reason}
+
+
+class Control:
+    """What a module holds while it controls a session.
+
+    Invariant: at most one Control of a session is `active`; every action of
+    an inactive one is a no-op that returns False.
+    """
+
+    __slots__ = ("session", "node", "module", "params", "active", "state", "limit",
+                 "timers", "span")
+
+    def __init__(self, session: "Session", node, module, params: dict):
+        self.session = session
+        self.node = node
+        self.module = module
+        self.params = params
+        self.active = True
+        self.state = None
+        self.limit = None          # seconds of use the policy allows, or None
+        self.timers = []
+        self.span = None
+
+    @property
+    def caller(self) -> "Leg":
+        return self.session.legs[0]
+
+    @property
+    def engine(self):
+        return self.session.engine
+
+    def release(self, outlet: str, **params) -> bool:
+        """Leave through a named outlet of this node."""
+        if not self.active:
+            return False
+        self.session.follow(outlet, params, reason=f"outlet:{outlet}")
+        return True
+
+    def transfer(self, target: str, reason: str = "instruction", **params) -> bool:
+        """Hand the session to a module code, URI or node."""
+        if not self.active:
+            return False
+        self.session.transition(target, reason, params)
+        return True
+
+    def event(self, name: str, default_outlet: str | None = None) -> bool:
+        """Something happened (e.g. `dialled-hangup`): follow the event mapping of
+        the node (or the app), else `default_outlet`. False if nothing follows."""
+        if not self.active:
+            return False
+        return self.session.on_event(name, default_outlet)
+
+    def hangup(self, reason: str = "hangup") -> None:
+        if self.active:
+            self.session.end(reason)
+
+    def later(self, seconds: float, fn, *args):
+        """A timer that only fires while this control is active."""
+        def fire():
+            if self.active:
+                fn(*args)
+        h = self.session.engine.loop.call_later(seconds, fire)
+        self.timers.append(h)
+        return h
+
+    def deactivate(self) -> None:
+        self.active = False
+        for h in self.timers:
+            h.cancel()
+        self.timers.clear()
 
 
 class Session:
     __slots__ = ("id", "account", "number", "from_uri", "to_uri", "direction", "params",
-                 "legs", "module", "history", "ended", "end_reason", "engine")
+                 "legs", "module", "history", "ended", "end_reason", "engine", "app", "node",
+                 "control", "vars", "started_mono", "started_wall", "ended_mono",
+                 "ended_wall", "transitions")
 
     def __init__(self, engine, account: str, number: str, from_uri: str, to_uri: str,
-                 direction: str = "inbound"):
+                 direction: str = "inbound", app=None):
         self.id = new_session_id()
         self.engine = engine
         self.account = account
@@ -57,38 +147,203 @@ class Session:
         self.from_uri = from_uri
         self.to_uri = to_uri
         self.direction = direction
-        self.params: dict = {}
+        self.params: dict = {"From": from_uri, "To": to_uri, "account": account,
+                             "direction": direction, "number": number}
         self.legs: list = []
         self.module = None
         self.history: list[ControlSpan] = []
         self.ended = False
         self.end_reason = None
+        self.app = app
+        self.node = None
+        self.control: Control | None = None
+        self.vars = dict(app.vars) if app is not None else {}
+        self.started_mono = time.monotonic_ns()
+        self.started_wall = time.time_ns()
+        self.ended_mono = None
+        self.ended_wall = None
+        self.transitions = 0
 
-    def give_control(self, module, level: str, reason: str) -> None:
-        if self.history:
-            self.history[-1].close()
+    @property
+    def caller(self) -> "Leg":
+        return self.legs[0]
+
+    @property
+    def level(self) -> str | None:
+        return self.module.level if self.module is not None else None
+
+    # -- passing control --------------------------------------------------------
+    def start(self, node, reason: str = "initial") -> None:
+        self.engine.stamper.session_start(self)
+        self._give(node, reason, None)
+
+    def follow(self, outlet: str, params: dict | None = None, reason: str | None = None) -> None:
+        node = self.node
+        target = node.outlets.get(outlet) if node is not None else None
+        if target is None:
+            if outlet == "fallback":
+                self.fail("no fallback outlet")
+                return
+            if outlet in ("done", "hangup"):
+                self.end(f"outlet:{outlet}")
+                return
+            # An outlet that is not wired: the fallback outlet, else the end of the call.
+            target = node.outlets.get("fallback") if node is not None else None
+            if target is None:
+                self.end(f"outlet:{outlet}")
+                return
+            reason = "fallback"
+        self.transition(target, reason or f"outlet:{outlet}", params)
+
+    def on_event(self, name: str, default_outlet: str | None = None) -> bool:
+        node = self.node
+        target = None
+        if node is not None:
+            target = node.events.get(name)
+        if target is None and self.app is not None:
+            target = self.app.events.get(name)
+        if target is not None:
+            self.transition(target, f"event:{name}")
+            return True
+        if default_outlet is not None:
+            self.follow(default_outlet)
+            return True
+        return False
+
+    def transition(self, target, reason: str, params: dict | None = None) -> None:
+        """Move control to `target` (a Node, node name, module code or URI)."""
+        if self.ended:
+            return
+        if isinstance(target, apps_mod.Node):
+            node = target
+        else:
+            node = apps_mod.resolve(self.app, str(target), params)
+        if node == apps_mod.HANGUP:
+            self.end(reason)
+            return
+        if node is None:
+            log.warning("session %s: target %r does not resolve", self.id, target)
+            self.follow("fallback") if self.node is not None and "fallback" in self.node.outlets \
+                else self.fail(f"target {target!r} does not resolve")
+            return
+        self._give(node, reason, params)
+
+    def _give(self, node, reason: str, params: dict | None) -> None:
+        engine = self.engine
+        module = engine.registry.resolve(node.module)
+        if module is None:
+            # The module is unknown or gone: the node's fallback outlet.
+            log.warning("session %s: module %r is not available", self.id, node.module)
+            fb = node.outlets.get("fallback")
+            if fb is not None and self.transitions < 64:
+                self.transitions += 1
+                self.node = node
+                self.transition(fb, "fallback")
+            else:
+                self.fail(f"module {node.module} is not available")
+            return
+        decision = engine.policy.check(self, node, module)
+        if not decision.allow:
+            log.info("session %s: policy denied %s: %s", self.id, module.code, decision.reason)
+            self._record("policy-denied:" + module.code, module.level, "policy-denied", node,
+                         closed=True)
+            denied = node.outlets.get("denied")
+            if denied is not None and self.transitions < 64:
+                self.transitions += 1
+                self.transition(denied, "policy-denied")
+            else:
+                self.fail(f"not allowed: {decision.reason}")
+            return
+        self.transitions += 1
+        if self.transitions > 10000:
+            self.fail("too many transitions")
+            return
+        old = self.control
+        merged = {**node.params, **(params or {})}
+        ctl = Control(self, node, module, merged)
+        ctl.limit = decision.limit
+        self.control = ctl
+        self.node = node
+        prev_module = self.module.code if self.module is not None else ""
         self.module = module
-        self.history.append(ControlSpan(module.code, level, reason))
+        ctl.span = self._record(module.code, module.level, reason, node)
+        engine.stamper.transition(self, prev_module, module.code, module.level, reason)
+        if decision.limit is not None:
+            ctl.later(decision.limit, self._limit_reached, ctl)
+        # The new module attaches its media first; the old one lets go after.
+        if old is not None:
+            old.deactivate()
+        try:
+            module.take(ctl)
+        except Exception:
+            log.exception("session %s: module %s failed to take control", self.id, module.code)
+            if ctl.active:
+                fb = node.outlets.get("fallback")
+                if fb is not None and self.transitions < 64:
+                    self.transition(fb, "fallback")
+                else:
+                    self.fail(f"module {module.code} failed")
+        if old is not None:
+            try:
+                old.module.revoke(old, reason)
+            except Exception:
+                log.exception("session %s: module %s failed to let go", self.id, old.module.code)
 
+    def _limit_reached(self, ctl: Control) -> None:
+        if not ctl.event("limit"):
+            self.end("limit")
+
+    def _record(self, code, level, reason, node, closed=False) -> ControlSpan:
+        mono, wall = time.monotonic_ns(), time.time_ns()
+        if self.history and self.history[-1].end_mono is None and not closed:
+            self.history[-1].close(reason, mono, wall)
+        span = ControlSpan(code, level, reason, getattr(node, "name", ""))
+        if closed:
+            span.close(reason, span.start_mono, span.start_wall)
+        self.history.append(span)
+        return span
+
+    def fail(self, why: str) -> None:
+        """No way forward: a spoken apology when possible, then the end of the call."""
+        log.warning("session %s: %s", self.id, why)
+        self.end("error")
+
+    # -- ending -----------------------------------------------------------------
     def end(self, reason: str) -> None:
         if self.ended:
             return
         self.ended = True
         self.end_reason = reason
-        if self.history:
-            self.history[-1].close()
-        for leg in self.legs:
+        self.ended_mono, self.ended_wall = time.monotonic_ns(), time.time_ns()
+        ctl = self.control
+        if self.history and self.history[-1].end_mono is None:
+            self.history[-1].close("hangup", self.ended_mono, self.ended_wall)
+        if ctl is not None:
+            ctl.deactivate()
+            try:
+                ctl.module.revoke(ctl, "hangup")
+            except Exception:
+                log.exception("session %s: module %s failed to let go", self.id, ctl.module.code)
+        for leg in list(self.legs):
             leg.hangup(reason)
+        self.engine.stamper.session_end(self)
         self.engine.session_ended(self)
+
+    def summary(self) -> dict:
+        return {"id": self.id, "account": self.account, "number": self.number,
+                "from": self.from_uri, "to": self.to_uri, "direction": self.direction,
+                "module": self.module.code if self.module else None, "level": self.level,
+                "started_wall_ns": self.started_wall, "ended_wall_ns": self.ended_wall,
+                "end_reason": self.end_reason, "history": [s.as_dict() for s in self.history]}
 
 
 class Leg(DialogOwner):
-    """One call leg: a dialog and its RTP ports."""
+    """One call leg: a dialog (or an outbound call on its way) and its RTP."""
 
     __slots__ = ("session", "dialog", "ports", "negotiated", "sdp_id", "sdp_version",
-                 "stream", "channel", "on_hold")
+                 "stream", "channel", "on_hold", "role", "call", "answered", "ended")
 
-    def __init__(self, session: Session, dialog):
+    def __init__(self, session: Session, dialog=None, role: str = "caller"):
         self.session = session
         self.dialog = dialog
         self.ports = None
@@ -98,14 +353,27 @@ class Leg(DialogOwner):
         self.stream = None
         self.channel = None
         self.on_hold = False
-        dialog.owner = self
-        dialog.session = session
+        self.role = role
+        self.call = None
+        self.answered = False
+        self.ended = False
+        if dialog is not None:
+            dialog.owner = self
+            dialog.session = session
         session.legs.append(self)
+
+    def attach_dialog(self, dialog) -> None:
+        self.dialog = dialog
+        dialog.owner = self
+        dialog.session = self.session
 
     def hangup(self, reason: str) -> None:
         d = self.dialog
         if d is not None and d.owner is self:
             d.bye(reason=reason)
+        elif self.call is not None and not self.ended:
+            self.call.hangup()
+        self.ended = True
         self.release()
 
     def apply_media(self, neg) -> None:
@@ -151,13 +419,39 @@ class Leg(DialogOwner):
 
     # media callbacks
     def media_event(self, channel_id: int, kind: str, detail) -> None:
-        module = self.session.module
-        handler = getattr(module, "media_event", None)
-        if handler is not None:
-            handler(self, kind, detail)
+        ctl = self.session.control
+        if ctl is not None and ctl.active:
+            ctl.module.media_event(ctl, self, kind, detail)
 
     def media_inactive(self, stream) -> None:
-        self.session.end("rtp-timeout")
+        log.info("session %s: no RTP on the %s leg: ending the call", self.session.id, self.role)
+        if self.role == "caller":
+            self.session.end("rtp-timeout")
+        else:
+            self.hangup("rtp-timeout")
+            self.dialog_terminated(None, "rtp-timeout")
+
+    # DialogOwner
+    def dialog_terminated(self, dialog, reason: str) -> None:
+        if dialog is not None:
+            self.dialog = None
+        self.ended = True
+        self.release()
+        session = self.session
+        if self.role == "caller":
+            session.end("hangup" if reason == "bye" else reason)
+            return
+        ctl = session.control
+        if ctl is not None and ctl.active:
+            ctl.module.leg_ended(ctl, self, reason)
+
+    def dialog_reoffer(self, dialog, body: bytes) -> bytes:
+        from .modules.base import answer_media
+
+        ctl = self.session.control
+        if ctl is not None and ctl.active:
+            return ctl.module.reoffer(ctl, self, body)
+        return answer_media(self.session.engine, self, body)
 
     def dialog_confirmed(self, dialog) -> None:
         # A late offer (INVITE without SDP): the caller's answer came in the ACK.
@@ -168,14 +462,9 @@ class Leg(DialogOwner):
                 self.session.end("sdp")
                 return
             self.apply_media(neg)
-            self.session.module.media_ready(self)
+            ctl = self.session.control
+            if ctl is not None and ctl.active:
+                ctl.module.media_ready(ctl, self)
 
-    # DialogOwner
-    def dialog_terminated(self, dialog, reason: str) -> None:
-        self.release()
-        self.dialog = None
-        self.session.end(reason)
-
-    def dialog_reoffer(self, dialog, body: bytes) -> bytes:
-        module = self.session.module
-        return module.reoffer(self, body)
+    def dialog_request(self, dialog, msg) -> int:
+        return 200

@@ -51,7 +51,7 @@ async def test_invite_answer_ack_bye():
         assert bye_ok.cseq_method == "BYE"
         await asyncio.sleep(0.05)
         assert eng.sessions == {} and eng.ports.in_use == 0
-        assert session.end_reason == "bye"
+        assert session.end_reason == "hangup"
         c.close()
 
 

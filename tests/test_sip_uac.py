@@ -55,7 +55,7 @@ async def test_outbound_call_answered_then_bye():
             if not callee.sessions:
                 break
             await asyncio.sleep(0.02)
-        assert callee.sessions == {} and session.end_reason == "bye"
+        assert callee.sessions == {} and session.end_reason == "hangup"
 
 
 async def test_outbound_call_rejected_is_acked():

@@ -1,30 +1,56 @@
-"""The module interface every module sits behind."""
+"""The module interface that built-in modules, instruction apps and gRPC vendors sit behind."""
 from __future__ import annotations
+
+import logging
 
 from ..media.ports import PortsExhausted
 from ..sip import sdp
 from ..sip.errors import SdpError
 
+log = logging.getLogger("baton.modules")
+
 
 class Module:
-    """A unit of application control, identified by its module code."""
+    """A unit of application control, identified by its module code.
+
+    One instance serves every session; per-session state lives on the
+    `Control` (`ctl.state`). Every callback gets the Control it concerns and
+    must do nothing once `ctl.active` is False.
+    """
 
     code = ""
     level = "basic"
+    forwards = False          # True for modules that place calls onward (Max-Forwards)
+    outlets: tuple = ()       # the outlets this module may leave through (documentation)
 
-    def __init__(self, engine, params: dict):
+    def __init__(self, engine, params: dict | None = None):
         self.engine = engine
-        self.params = params
+        self.params = params or {}
 
-    def take(self, session, leg) -> None:
-        """Take control of `session`; `leg` is the caller's leg."""
+    def take(self, ctl) -> None:
+        """Take control of `ctl.session`."""
         raise NotImplementedError
 
-    def media_ready(self, leg) -> None:
-        """The leg's RTP stream is known (after a late offer's ACK): start media."""
+    def revoke(self, ctl, reason: str) -> None:
+        """Control has left this module (a transition or the end of the call):
+        let go of what this module set up for the session. The next module's
+        media is already attached when this runs."""
+        channel = ctl.caller.channel
+        if channel is not None and ctl.state is not None and \
+                getattr(ctl.state, "player", None) is not None and channel.player is ctl.state.player:
+            channel.silence()
+
+    def media_ready(self, ctl, leg) -> None:
+        """The leg's RTP stream is known (after a late offer's ACK)."""
         leg.open_channel()
 
-    def reoffer(self, leg, body: bytes) -> bytes:
+    def media_event(self, ctl, leg, kind: str, detail) -> None:
+        """A media clock event on a leg: `dtmf`, `play-done`, `record-full`."""
+
+    def leg_ended(self, ctl, leg, reason: str) -> None:
+        """A leg other than the caller's ended while this module held control."""
+
+    def reoffer(self, ctl, leg, body: bytes) -> bytes:
         """A new SDP offer on `leg` (re-INVITE/UPDATE, e.g. hold): return the answer."""
         return answer_media(self.engine, leg, body)
 
@@ -46,9 +72,38 @@ def answer_media(engine, leg, body: bytes | None) -> bytes:
                      _next_version(leg), offer, index)
 
 
+def answer_caller(ctl) -> bool:
+    """Answer the caller's INVITE (if not yet) and put the caller on the media clock.
+
+    Returns False (and ends the call) when the offer is unusable or no ports are left."""
+    leg = ctl.caller
+    if leg.answered:
+        if leg.stream is not None:
+            leg.open_channel()
+        return True
+    dialog = leg.dialog
+    if dialog is None:
+        return False
+    try:
+        answer = answer_media(ctl.engine, leg, dialog.remote_sdp)
+    except SdpError as exc:
+        log.info("session %s: unusable SDP offer: %s", ctl.session.id, exc)
+        dialog.reject(488, why="sdp")
+        return False
+    except PortsExhausted:
+        log.warning("session %s: no RTP ports left", ctl.session.id)
+        dialog.reject(503, headers=[("retry-after", "5")], why="no-ports")
+        return False
+    dialog.answer(answer)
+    leg.answered = True
+    if leg.stream is not None:
+        leg.open_channel()
+    return True
+
+
 def _next_version(leg) -> int:
     leg.sdp_version += 1
     return leg.sdp_version
 
 
-__all__ = ["Module", "answer_media", "SdpError", "PortsExhausted"]
+__all__ = ["Module", "answer_media", "answer_caller", "SdpError", "PortsExhausted"]

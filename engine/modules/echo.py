@@ -8,7 +8,16 @@ class EchoModule(HoldModule):
     code = "baton.echo"
     level = "basic"
 
-    def media_ready(self, leg) -> None:
-        ch = leg.open_channel()
+    def started(self, ctl) -> None:
+        ch = ctl.caller.channel
         if ch is not None:
             ch.echo()
+
+    def media_ready(self, ctl, leg) -> None:
+        leg.open_channel()
+        self.started(ctl)
+
+    def revoke(self, ctl, reason: str) -> None:
+        ch = ctl.caller.channel
+        if ch is not None and ch.source == 2:  # rtp.SOURCE_ECHO
+            ch.silence()

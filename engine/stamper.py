@@ -1,0 +1,59 @@
+"""Stamps every change of control into the ring the accountant drains.
+
+The engine never blocks on the accountant: a stamp is a write into shared
+memory (or the overflow file when the ring is full).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+log = logging.getLogger("baton.stamper")
+
+
+class Stamper:
+    def __init__(self, ring_path: str | None, node_id: str):
+        self.node_id = node_id
+        self.writer = None
+        self.stamps = 0
+        if ring_path is not None:
+            from . import ring
+
+            os.makedirs(os.path.dirname(ring_path), exist_ok=True)
+            self.writer = ring.RingWriter(ring_path, node_id=node_id)
+
+    def session_start(self, session) -> None:
+        self.stamps += 1
+        if self.writer is not None:
+            self.writer.stamp_session("start", session.id, session.account,
+                                      session.started_mono, session.started_wall, "")
+
+    def session_end(self, session) -> None:
+        self.stamps += 1
+        if self.writer is not None:
+            self.writer.stamp_session("end", session.id, session.account,
+                                      session.ended_mono, session.ended_wall,
+                                      session.end_reason or "")
+
+    def transition(self, session, from_module: str, to_module: str, level: str,
+                   reason: str) -> None:
+        self.stamps += 1
+        if self.writer is not None:
+            span = session.history[-1]
+            self.writer.stamp_transition(session.id, session.account, from_module, to_module,
+                                         level, reason, span.start_mono, span.start_wall)
+
+    def action(self, session, module: str, action: str, count: int) -> None:
+        self.stamps += 1
+        if self.writer is not None:
+            self.writer.stamp_action(session.id, session.account, module, action, count)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def now_ns() -> tuple[int, int]:
+    return time.monotonic_ns(), time.time_ns()
