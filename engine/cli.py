@@ -47,6 +47,48 @@ def _serve(args) -> int:
     return _run(main())
 
 
+def _sessions(args) -> int:
+    import json
+    import time
+
+    from . import store
+
+    try:
+        if args.sessions_command == "list":
+            live = True if args.live else False if args.finished else None
+            rows = store.list_sessions(args.data_dir, live=live, limit=args.limit,
+                                       account=args.account)
+            if args.format == "json":
+                print(json.dumps(rows, indent=2))
+                return 0
+            print(f"{'SESSION':<20} {'ACCOUNT':<10} {'NUMBER':<8} {'MODULE':<18} {'LEVEL':<12} "
+                  f"{'STARTED':<20} {'STATE'}")
+            for r in rows:
+                started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started_wall_ns"] / 1e9))
+                state = "live" if r["live"] else f"ended ({r['end_reason']})"
+                print(f"{r['id']:<20} {r['account']:<10} {r['number'] or '':<8} "
+                      f"{r['module'] or '':<18} {r['level'] or '':<12} {started:<20} {state}")
+            return 0
+        row = store.get_session(args.data_dir, args.session_id)
+    except FileNotFoundError as exc:
+        print(f"baton: {exc}", file=sys.stderr)
+        return 2
+    if row is None:
+        print(f"baton: no session {args.session_id!r} in {args.data_dir}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        print(json.dumps(row, indent=2))
+        return 0
+    print(f"session {row['id']}  account {row['account']}  from {row['from_uri']}  "
+          f"to {row['to_uri']}  {'live' if row['live'] else 'ended: ' + str(row['end_reason'])}")
+    print(f"{'#':<3} {'MODULE':<22} {'LEVEL':<12} {'REASON':<26} {'SECONDS':>9}")
+    for i, h in enumerate(row["history"], 1):
+        end = h["end_mono_ns"]
+        secs = f"{(end - h['start_mono_ns']) / 1e9:.3f}" if end is not None else "…"
+        print(f"{i:<3} {h['module']:<22} {h['level']:<12} {h['reason']:<26} {secs:>9}")
+    return 0
+
+
 def _run(coro):
     try:
         import uvloop
@@ -67,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", metavar="DIR", help="data directory (overrides the config)")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     s.set_defaults(func=_serve)
+    ss = sub.add_parser("sessions", help="list sessions and their history of control")
+    ssub = ss.add_subparsers(dest="sessions_command", metavar="WHAT", required=True)
+    sl = ssub.add_parser("list", help="sessions, newest first")
+    sl.add_argument("--live", action="store_true", help="only calls in progress")
+    sl.add_argument("--finished", action="store_true", help="only ended calls")
+    sl.add_argument("--account", help="only this account")
+    sl.add_argument("--limit", type=int, default=50)
+    sh = ssub.add_parser("history", help="one session's modules, levels and reasons")
+    sh.add_argument("session_id", metavar="SESSION_ID")
+    for p_ in (sl, sh):
+        p_.add_argument("--data-dir", default=".baton", metavar="DIR",
+                        help="the engine's data directory (default: .baton)")
+        p_.add_argument("--format", choices=("table", "json"), default="table")
+    ss.set_defaults(func=_sessions)
     v = sub.add_parser("version", help="print the version")
     v.set_defaults(func=lambda a: print(f"baton {__version__}") or 0)
     return p

@@ -48,6 +48,7 @@ class Engine:
         self.stamper = Stamper(None, cfg.node_id)
         self.speech = None
         self.ringback = None
+        self.store = None
         self.finished: list = []       # recently ended sessions (for the API and tests)
 
     async def start(self) -> None:
@@ -62,6 +63,9 @@ class Engine:
 
         self.speech = SpeechCache(os.path.join(self.cfg.data_dir, "tts"))
         self.ringback = ringback()
+        from .store import SessionStore
+
+        self.store = SessionStore(os.path.join(self.cfg.data_dir, "sessions.db"))
         self.media = MediaEngine(self.loop, self.cfg.rtp_timeout, self.cfg.rtp_hold_timeout)
         self.media.start()
         self.sip_port = await self.sip.listen(self.cfg.sip_host, self.cfg.sip_port,
@@ -79,6 +83,8 @@ class Engine:
             self.media.stop()
         self.ports.close()
         self.stamper.close()
+        if self.store is not None:
+            self.store.close()
 
     # -- the SIP core's application -------------------------------------------
     def node_for(self, route) -> Node:
@@ -115,6 +121,10 @@ class Engine:
         self.sessions[session.id] = session
         Leg(session, dialog)
         session.start(node)
+
+    def journal(self, session: Session) -> None:
+        if self.store is not None:
+            self.store.record(session)
 
     def session_ended(self, session: Session) -> None:
         self.sessions.pop(session.id, None)

@@ -268,6 +268,7 @@ class Session:
         self.module = module
         ctl.span = self._record(module.code, module.level, reason, node)
         engine.stamper.transition(self, prev_module, module.code, module.level, reason)
+        engine.journal(self)
         if decision.limit is not None:
             ctl.later(decision.limit, self._limit_reached, ctl)
         # The new module attaches its media first; the old one lets go after.
@@ -327,6 +328,7 @@ class Session:
         for leg in list(self.legs):
             leg.hangup(reason)
         self.engine.stamper.session_end(self)
+        self.engine.journal(self)
         self.engine.session_ended(self)
 
     def summary(self) -> dict:

@@ -138,3 +138,47 @@ def test_port_in_use_is_reported():
     r = run("serve", "--sip-addr", f"127.0.0.1:{port}", "--data-dir", tempfile.mkdtemp())
     busy.close()
     assert r.returncode == 1 and "cannot listen" in r.stderr
+
+
+def test_sessions_list_and_history_live_and_finished():
+    import json
+
+    with EngineProcess() as eng:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(3)
+
+        class C:
+            host, port = "127.0.0.1", eng.port
+            local_host, local_port = "127.0.0.1", sock.getsockname()[1]
+
+        call = Call(C)
+        sock.sendto(call.request("INVITE", SDP_OFFER.format(port=40000)), (C.host, C.port))
+        while True:
+            m = parse_message(sock.recv(65535))
+            if m.status == 200:
+                break
+        call.to_tag = m.to_tag
+        sock.sendto(call.request("ACK"), (C.host, C.port))
+        time.sleep(0.4)  # the journal commits in batches
+        r = run("sessions", "list", "--live", "--data-dir", eng.data_dir, "--format", "json")
+        assert r.returncode == 0, r.stderr
+        rows = json.loads(r.stdout)
+        assert len(rows) == 1 and rows[0]["live"] and rows[0]["module"] == "baton.hold"
+        sid = rows[0]["id"]
+        call.cseq = 2
+        sock.sendto(call.request("BYE"), (C.host, C.port))
+        parse_message(sock.recv(65535))
+        time.sleep(0.4)
+        r = run("sessions", "history", sid, "--data-dir", eng.data_dir, "--format", "json")
+        row = json.loads(r.stdout)
+        assert not row["live"] and row["end_reason"] == "hangup"
+        assert [(h["module"], h["reason"]) for h in row["history"]] == [("baton.hold", "initial")]
+        assert row["history"][0]["end_mono_ns"] > row["history"][0]["start_mono_ns"]
+        r = run("sessions", "list", "--data-dir", eng.data_dir)
+        assert sid in r.stdout and "ended (hangup)" in r.stdout
+        r = run("sessions", "history", "nope", "--data-dir", eng.data_dir)
+        assert r.returncode == 1 and "no session" in r.stderr
+        sock.close()
+    r = run("sessions", "list", "--data-dir", "/nonexistent")
+    assert r.returncode == 2 and "no session journal" in r.stderr

@@ -1,0 +1,166 @@
+"""The session journal: every session and its history of control in SQLite.
+
+The engine never waits for it: snapshots go onto a queue and a writer thread
+commits them in batches (WAL mode, so `baton sessions` can read while the
+engine writes). It serves operators; billing reads the ring, not this.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+
+log = logging.getLogger("baton.store")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    number TEXT,
+    from_uri TEXT,
+    to_uri TEXT,
+    direction TEXT,
+    app TEXT,
+    module TEXT,
+    level TEXT,
+    started_wall_ns INTEGER,
+    ended_wall_ns INTEGER,
+    end_reason TEXT,
+    history TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_started ON sessions (started_wall_ns);
+"""
+
+BATCH_SECONDS = 0.1
+
+
+class SessionStore:
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self.written = 0
+        conn = _connect(path)
+        conn.executescript(SCHEMA)
+        # Sessions that were live when a previous engine died are finished now.
+        conn.execute("UPDATE sessions SET end_reason = 'engine-restart', ended_wall_ns = "
+                     "started_wall_ns WHERE ended_wall_ns IS NULL")
+        conn.commit()
+        conn.close()
+        self.thread = threading.Thread(target=self._run, name="baton-session-store", daemon=True)
+        self.thread.start()
+
+    def record(self, session) -> None:
+        """Queue a snapshot of `session` (called at start, each transition, end)."""
+        self.queue.put((
+            session.id, session.account, session.number, session.from_uri, session.to_uri,
+            session.direction, session.app.name if session.app is not None else None,
+            session.module.code if session.module is not None else None, session.level,
+            session.started_wall, session.ended_wall, session.end_reason,
+            [(s.module, s.level, s.node, s.reason, s.start_mono, s.end_mono, s.start_wall,
+              s.end_wall, s.end_reason) for s in session.history]))
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        conn = _connect(self.path)
+        try:
+            while True:
+                item = self.queue.get()
+                batch = [] if item is None else [item]
+                try:
+                    while len(batch) < 5000:
+                        nxt = self.queue.get(timeout=BATCH_SECONDS if batch else 0.001)
+                        if nxt is None:
+                            self._stop.set()
+                            break
+                        batch.append(nxt)
+                except queue.Empty:
+                    pass
+                if batch:
+                    self._write(conn, batch)
+                if self._stop.is_set() and self.queue.empty():
+                    return
+        finally:
+            conn.close()
+
+    def _write(self, conn, batch) -> None:
+        rows = []
+        for item in batch:
+            *fields, history = item
+            rows.append((*fields, json.dumps([
+                {"module": h[0], "level": h[1], "node": h[2], "reason": h[3],
+                 "start_mono_ns": h[4], "end_mono_ns": h[5], "start_wall_ns": h[6],
+                 "end_wall_ns": h[7], "end_reason": h[8]} for h in history])))
+        try:
+            with conn:
+                conn.executemany(
+                    "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE "
+                    "SET module=excluded.module, level=excluded.level, "
+                    "ended_wall_ns=excluded.ended_wall_ns, end_reason=excluded.end_reason, "
+                    "history=excluded.history", rows)
+            self.written += len(rows)
+        except sqlite3.Error:
+            log.exception("session journal write failed (%d rows)", len(rows))
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=10, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+# -- reading (the CLI) ----------------------------------------------------------------
+def open_readonly(data_dir: str) -> sqlite3.Connection:
+    path = os.path.join(data_dir, "sessions.db")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no session journal in {data_dir} (has the engine run there?)")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def list_sessions(data_dir: str, live: bool | None = None, limit: int = 50,
+                  account: str | None = None) -> list[dict]:
+    conn = open_readonly(data_dir)
+    where, args = [], []
+    if live is True:
+        where.append("ended_wall_ns IS NULL")
+    elif live is False:
+        where.append("ended_wall_ns IS NOT NULL")
+    if account:
+        where.append("account = ?")
+        args.append(account)
+    sql = "SELECT * FROM sessions"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY started_wall_ns DESC LIMIT ?"
+    args.append(limit)
+    try:
+        return [_row(r) for r in conn.execute(sql, args)]
+    finally:
+        conn.close()
+
+
+def get_session(data_dir: str, session_id: str) -> dict | None:
+    conn = open_readonly(data_dir)
+    try:
+        r = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        return _row(r) if r is not None else None
+    finally:
+        conn.close()
+
+
+def _row(r) -> dict:
+    d = dict(r)
+    d["history"] = json.loads(d["history"])
+    d["live"] = d["ended_wall_ns"] is None
+    return d
