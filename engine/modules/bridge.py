@@ -1,6 +1,7 @@
 """`baton.bridge`: the basic level. A B2BUA leg to a dialled endpoint, media relayed in C.
 
-Params: `to` (SIP URI, or a number with `trunk`), `trunk`, `timeout` (ring
+Params: `to` (SIP URI, or a number with `trunk`; `{self}` stands for this
+engine's own address), `trunk`, `timeout` (ring
 seconds, default 30), `time_limit` (seconds once answered), `caller_id`.
 Outlets: `busy`, `no-answer`, `failed` (the call was not answered) and
 `done` (the dialled party hung up). The event `dialled-hangup` can map the
@@ -95,6 +96,11 @@ class BridgeModule(Module):
 
     def _target(self, ctl):
         to = str(ctl.params.get("to", "")).strip()
+        if "{self}" in to:
+            # This engine's own address, so a config can dial back into itself.
+            from ..sip.transport import format_hostport
+
+            to = to.replace("{self}", format_hostport(self.engine.cfg.advertise, self.engine.sip_port))
         if not to:
             raise ValueError("no `to` to dial")
         trunk_name = ctl.params.get("trunk")
