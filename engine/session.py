@@ -343,7 +343,8 @@ class Leg(DialogOwner):
     """One call leg: a dialog (or an outbound call on its way) and its RTP."""
 
     __slots__ = ("session", "dialog", "ports", "negotiated", "sdp_id", "sdp_version",
-                 "stream", "channel", "on_hold", "role", "call", "answered", "ended")
+                 "stream", "channel", "on_hold", "role", "call", "answered", "ended",
+                 "rtcp_report")
 
     def __init__(self, session: Session, dialog=None, role: str = "caller"):
         self.session = session
@@ -359,6 +360,7 @@ class Leg(DialogOwner):
         self.call = None
         self.answered = False
         self.ended = False
+        self.rtcp_report = None    # the far end's last RTCP reception report
         if dialog is not None:
             dialog.owner = self
             dialog.session = session
@@ -384,7 +386,8 @@ class Leg(DialogOwner):
         self.negotiated = neg
         self.on_hold = neg.hold
         if self.stream is None:
-            self.stream = media.stream(self.ports.rtp, neg.payload_type, neg.dtmf_pt)
+            self.stream = media.stream(self.ports.rtp, neg.payload_type, neg.dtmf_pt,
+                                       self.ports.rtcp, self)
             media.watch_inactivity(self.stream, self)
         else:
             self.stream.payload_type = neg.payload_type
@@ -397,6 +400,17 @@ class Leg(DialogOwner):
             self.stream.set_remote("0.0.0.0", 0)
         else:
             self.stream.set_remote(neg.remote_addr, neg.remote_port)
+
+    def media_stats(self) -> dict:
+        """RTP counters of this leg, with loss and jitter as the far end reported them."""
+        if self.stream is None:
+            return {}
+        stats = self.stream.stats()
+        if self.rtcp_report is not None:
+            stats["remote_fraction_lost"] = self.rtcp_report["fraction_lost"]
+            stats["remote_cumulative_lost"] = self.rtcp_report["cumulative_lost"]
+            stats["remote_jitter"] = self.rtcp_report["jitter"]
+        return stats
 
     def open_channel(self):
         """Put this leg on the media clock (terminate its RTP here)."""

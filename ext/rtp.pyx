@@ -251,6 +251,7 @@ cdef class RtpStream:
                 "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
                 "rx_foreign": self.rx_foreign, "rx_invalid": self.rx_invalid,
                 "expected": expected, "lost": max(lost, 0), "jitter_ms": self.jitter / 8.0,
+                "ext_seq": extended, "rx_ssrc": self.rx_ssrc if self.seq_init else None,
                 "ssrc": self.tx_ssrc, "seq": self.tx_seq, "ts": self.tx_ts}
 
     def fifo_frames(self):

@@ -303,3 +303,66 @@ def test_inband_dtmf_detected_on_the_clock():
         events += clock.tick() or []
     assert [e for e in events if e[1] == "dtmf"] == [(3, "dtmf", "7")]
     hub.close()
+
+
+def test_rtcp_sender_report_round_trip():
+    from engine.media import rtcp
+
+    stats = {"ssrc": 0x11223344, "ts": 123456, "tx_packets": 500, "tx_bytes": 86000,
+             "expected": 400, "lost": 4, "jitter_ms": 2.5, "ext_seq": 70000}
+    pkt = rtcp.sender_report(stats, 0x55667788, None)
+    assert len(pkt) == 52 and pkt[1] == rtcp.SR and pkt[0] & 0x1F == 1
+    report = rtcp.parse(pkt)
+    assert report["reports"] == [{"ssrc": 0x55667788, "fraction_lost": 2 / 256.0,
+                                  "cumulative_lost": 4, "jitter": 20}]
+    assert report["sr_ntp_mid"] is not None
+    # A compound RR + SDES, truncated garbage: no exception, partial result.
+    rr = bytes([0x81, 201, 0, 7]) + b"\x00" * 4 + pkt[28:52] + bytes([0x81, 202, 0, 1]) + b"\0" * 4
+    assert rtcp.parse(rr)["reports"][0]["ssrc"] == 0x55667788
+    assert rtcp.parse(b"\x80\xc8\x00\x40short") == {"reports": [], "sr_ntp_mid": None}
+
+
+async def test_engine_sends_sender_reports_and_reads_receiver_reports():
+    from engine.media import rtcp
+
+    async with running_engine() as eng:
+        eng.media.rtcp_interval = 0.2
+        eng.media._rtcp_handle.cancel()
+        eng.media._rtcp_handle = asyncio.get_running_loop().call_later(0.2, eng.media._rtcp)
+        c = UdpClient("127.0.0.1", eng.sip_port)
+        media, ctrl = udp(), None
+        port = media.getsockname()[1]
+        ctrl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            ctrl.bind(("127.0.0.1", port + 1))
+        except OSError:
+            pytest.skip("RTCP port of the test endpoint is taken")
+        ctrl.setblocking(False)
+        call = Call(c)
+        c.send(call.request("INVITE", SDP_OFFER.format(port=port)))
+        ok = await c.expect(200)
+        call.to_tag = ok.to_tag
+        c.send(call.request("ACK"))
+        engine_rtp = int(ok.body.split(b"m=audio ")[1].split()[0])
+        for i in range(20):
+            media.sendto(packet(i, 160 * i), ("127.0.0.1", engine_rtp))
+            await asyncio.sleep(0.02)
+        got = drain(ctrl)
+        assert got, "no RTCP sender report arrived"
+        sr = got[-1]
+        assert sr[1] == rtcp.SR
+        leg = next(iter(eng.sessions.values())).legs[0]
+        assert struct.unpack("!I", sr[4:8])[0] == leg.stream.tx_ssrc
+        # Our receiver report reaches the leg's stats.
+        rr = bytes([0x81, 201, 0, 7]) + struct.pack("!I", 0xABCDEF) + struct.pack(
+            "!IB3sIIII", leg.stream.tx_ssrc, 64, (7).to_bytes(3, "big"), 100, 40, 0, 0)
+        ctrl.sendto(rr, ("127.0.0.1", engine_rtp + 1))
+        await asyncio.sleep(0.5)
+        stats = leg.media_stats()
+        assert stats["remote_cumulative_lost"] == 7 and stats["remote_fraction_lost"] == 0.25
+        call.cseq = 2
+        c.send(call.request("BYE"))
+        await c.expect(200)
+        c.close()
+        media.close()
+        ctrl.close()

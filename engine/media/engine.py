@@ -36,6 +36,9 @@ class MediaEngine:
         self.late_ticks = 0
         self.watch: dict[int, object] = {}          # id(stream) -> owner for inactivity checks
         self._inactivity_handle = None
+        self.rtcp: dict[int, list] = {}             # id(stream) -> [stream, rtcp socket, owner, last SR]
+        self.rtcp_interval = 5.0
+        self._rtcp_handle = None
 
     def start(self) -> None:
         self.loop.add_reader(self.hub.fd, self.hub.poll)
@@ -43,8 +46,12 @@ class MediaEngine:
         self._n = 0
         self._handle = self.loop.call_at(self._start + PTIME, self._tick)
         self._inactivity_handle = self.loop.call_later(1.0, self._check_inactivity)
+        self._rtcp_handle = self.loop.call_later(self.rtcp_interval, self._rtcp)
 
     def stop(self) -> None:
+        if self._rtcp_handle is not None:
+            self._rtcp_handle.cancel()
+            self._rtcp_handle = None
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -58,14 +65,49 @@ class MediaEngine:
         self.hub.close()
 
     # -- streams and channels ----------------------------------------------------
-    def stream(self, sock, payload_type: int = 0, dtmf_pt: int | None = None):
+    def stream(self, sock, payload_type: int = 0, dtmf_pt: int | None = None,
+               rtcp_sock=None, owner=None):
         s = rtp.RtpStream(sock, payload_type, -1 if dtmf_pt is None else dtmf_pt)
         self.hub.add(s)
+        if rtcp_sock is not None:
+            self.rtcp[id(s)] = [s, rtcp_sock, owner, None]
         return s
 
     def release(self, stream) -> None:
         self.hub.remove(stream)
         self.watch.pop(id(stream), None)
+        self.rtcp.pop(id(stream), None)
+
+    def _rtcp(self) -> None:
+        """RFC 3550 6.4: a sender report per stream, and read what the far ends reported."""
+        from . import rtcp
+
+        self._rtcp_handle = self.loop.call_later(self.rtcp_interval, self._rtcp)
+        for entry in list(self.rtcp.values()):
+            stream, sock, owner, last_sr = entry
+            try:
+                while True:
+                    data = sock.recv(2048)
+                    report = rtcp.parse(data)
+                    if report["sr_ntp_mid"] is not None:
+                        entry[3] = (report["sr_ntp_mid"], time.monotonic())
+                    if report["reports"] and owner is not None:
+                        owner.rtcp_report = report["reports"][0]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                continue
+            remote = stream.remote_addr
+            if remote is None:
+                continue
+            stats = stream.stats()
+            if stats["tx_packets"] == 0:
+                continue
+            try:
+                sock.sendto(rtcp.sender_report(stats, stats["rx_ssrc"], entry[3]),
+                            (remote[0], remote[1] + 1))
+            except OSError:
+                pass
 
     def channel(self, stream, owner) -> "rtp.Channel":
         ch = rtp.Channel(next(self._ids), stream)
