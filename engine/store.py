@@ -44,6 +44,13 @@ class SessionStore:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self.written = 0
+        self.pending: list = []
+        try:
+            import asyncio
+
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.loop = None
         conn = _connect(path)
         conn.executescript(SCHEMA)
         # Sessions that were live when a previous engine died are finished now.
@@ -55,16 +62,33 @@ class SessionStore:
         self.thread.start()
 
     def record(self, session) -> None:
-        """Queue a snapshot of `session` (called at start, each transition, end)."""
-        self.queue.put((
+        """Queue a snapshot of `session` (called at start, each transition, end).
+
+        Snapshots gather in a list on the loop and go to the writer thread
+        once per BATCH_SECONDS: waking a thread per snapshot would cost the
+        loop more than the snapshot itself."""
+        pending = self.pending
+        if not pending:
+            loop = self.loop
+            if loop is not None:
+                loop.call_later(BATCH_SECONDS, self.flush)
+        pending.append((
             session.id, session.account, session.number, session.from_uri, session.to_uri,
             session.direction, session.app.name if session.app is not None else None,
             session.module.code if session.module is not None else None, session.level,
             session.started_wall, session.ended_wall, session.end_reason,
             [(s.module, s.level, s.node, s.reason, s.start_mono, s.end_mono, s.start_wall,
               s.end_wall, s.end_reason) for s in session.history]))
+        if self.loop is None:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            batch, self.pending = self.pending, []
+            self.queue.put(batch)
 
     def close(self, timeout: float = 5.0) -> None:
+        self.flush()
         self._stop.set()
         self.queue.put(None)
         self.thread.join(timeout)
@@ -74,26 +98,21 @@ class SessionStore:
         try:
             while True:
                 item = self.queue.get()
-                batch = [] if item is None else [item]
-                try:
-                    while len(batch) < 5000:
-                        nxt = self.queue.get(timeout=BATCH_SECONDS if batch else 0.001)
-                        if nxt is None:
-                            self._stop.set()
-                            break
-                        batch.append(nxt)
-                except queue.Empty:
-                    pass
-                if batch:
-                    self._write(conn, batch)
-                if self._stop.is_set() and self.queue.empty():
-                    return
+                if item is None:
+                    if self.queue.empty():
+                        return
+                    continue
+                self._write(conn, item)
         finally:
             conn.close()
 
     def _write(self, conn, batch) -> None:
-        rows = []
+        # A session seen several times in one batch is written once, in its latest state.
+        latest = {}
         for item in batch:
+            latest[item[0]] = item
+        rows = []
+        for item in latest.values():
             *fields, history = item
             rows.append((*fields, json.dumps([
                 {"module": h[0], "level": h[1], "node": h[2], "reason": h[3],

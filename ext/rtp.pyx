@@ -21,7 +21,7 @@ from libc.stdlib cimport rand, srand
 
 from ext.includes.sockets cimport (sockaddr, sockaddr_storage, sockaddr_in, sockaddr_in6,
                                    socklen_t, iovec, msghdr, mmsghdr, timespec, recvmmsg,
-                                   sendmmsg, sendto, MSG_DONTWAIT, AF_INET, AF_INET6, htons,
+                                   sendmmsg, sendto, recvfrom, MSG_DONTWAIT, AF_INET, AF_INET6, htons,
                                    ntohs, htonl, ntohl, inet_pton, errno, EAGAIN, EINTR,
                                    clock_gettime, CLOCK_MONOTONIC)
 from ext.includes.epoll cimport (epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN,
@@ -130,6 +130,15 @@ cdef tuple from_sockaddr(const sockaddr_storage* a):
         return (_socket.inet_ntop(_socket.AF_INET6, PyBytes_FromStringAndSize(<char*>&a6.sin6_addr, 16)),
                 ntohs(a6.sin6_port))
     return None
+
+
+def drain_socket(int fd):
+    """Throw away every datagram queued on `fd` (a reused port's leftovers); returns the count."""
+    cdef int n = 0
+    with nogil:
+        while recvfrom(fd, tx_frame, MAXPKT, MSG_DONTWAIT, NULL, NULL) >= 0:
+            n += 1
+    return n
 
 
 @cython.final

@@ -90,7 +90,12 @@ class PortPool:
 
 def _drain(sock) -> None:
     try:
-        while True:
-            sock.recv(2048)
-    except (BlockingIOError, InterruptedError):
-        pass
+        from ext.rtp import drain_socket
+    except ImportError:
+        try:
+            while True:
+                sock.recv(2048)
+        except (BlockingIOError, InterruptedError):
+            pass
+        return
+    drain_socket(sock.fileno())
