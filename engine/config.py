@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .sip.transport import parse_hostport
 
 MODULE_CODES_BUILTIN = ("baton.hold", "baton.echo", "baton.bridge", "baton.menu",
-                        "baton.play")
+                        "baton.play", "baton.record")
 TARGET_KINDS = ("app", "module", "instructions", "endpoint")
 
 
@@ -144,7 +144,8 @@ def load(path: str | None, overrides: dict | None = None) -> Config:
 
 def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) -> Config:
     cfg = Config(path=path, raw=raw)
-    known = set(SCHEMA) | {"users", "accounts", "apps", "trunks", "modules", "policy"}
+    known = set(SCHEMA) | {"users", "accounts", "apps", "trunks", "modules", "policy",
+                           "billing", "plans", "vendors"}
     for section in raw:
         if section not in known:
             raise ConfigError(path, section, f"unknown section (known: {', '.join(sorted(known))})")
@@ -233,8 +234,9 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             raise ConfigError(path, key, "expected a table")
         a = Account(id=acc_id, name=acc.get("name", acc_id), currency=acc.get("currency", "USD"))
         for k in acc:
-            if k not in ("name", "currency", "numbers", "kv"):
-                raise ConfigError(path, f"{key}.{k}", "unknown key (known: currency, kv, name, numbers)")
+            if k not in ("name", "currency", "numbers", "kv", "billing"):
+                raise ConfigError(path, f"{key}.{k}",
+                                  "unknown key (known: billing, currency, kv, name, numbers)")
         kv = acc.get("kv", {})
         if not isinstance(kv, dict):
             raise ConfigError(path, f"{key}.kv", "expected a table of values")

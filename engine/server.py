@@ -14,6 +14,7 @@ from .modules.bridge import BridgeModule
 from .modules.echo import EchoModule
 from .modules.hold import HoldModule
 from .modules.menu import MenuModule, PlayModule
+from .modules.record import RecordModule
 from .policy import AllowAll, Rules
 from .registry import Registry
 from .session import Leg, Session
@@ -25,7 +26,7 @@ from .stamper import Stamper
 log = logging.getLogger("baton.engine")
 
 BUILTIN_MODULES = {m.code: m for m in (HoldModule, EchoModule, BridgeModule, MenuModule,
-                                       PlayModule)}
+                                       PlayModule, RecordModule)}
 
 
 class Engine:

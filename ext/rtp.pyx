@@ -631,24 +631,50 @@ cdef class Player:
 
 @cython.final
 cdef class Recorder:
-    """Received audio appended into a preallocated PCM buffer (max length)."""
+    """Received audio appended into a preallocated PCM buffer (max length), with
+    a silence detector: after `silence_frames` quiet frames that follow some
+    sound, the clock reports `record-silence` once."""
     cdef int16_t[::1] buf
     cdef readonly Py_ssize_t length
     cdef readonly bint full
+    cdef public int silence_threshold     # mean absolute amplitude below which a frame is quiet
+    cdef public int silence_frames        # 0: no silence detection
+    cdef int quiet_run
+    cdef readonly bint heard
+    cdef readonly bint silence_reported
 
-    def __init__(self, int16_t[::1] buf):
+    def __init__(self, int16_t[::1] buf, int silence_frames=0, int silence_threshold=200):
         self.buf = buf
         self.length = 0
         self.full = buf.shape[0] == 0
+        self.silence_frames = silence_frames
+        self.silence_threshold = silence_threshold
 
     cdef void put(self, const int16_t* pcm) noexcept nogil:
         cdef Py_ssize_t room = self.buf.shape[0] - self.length
         cdef Py_ssize_t n = FRAME if FRAME < room else room
+        cdef int64_t total = 0
+        cdef int i
         if n > 0:
             memcpy(&self.buf[self.length], pcm, n * sizeof(int16_t))
             self.length += n
         if self.length >= self.buf.shape[0]:
             self.full = True
+        if self.silence_frames > 0:
+            for i in range(FRAME):
+                total += pcm[i] if pcm[i] >= 0 else -pcm[i]
+            if total < <int64_t>self.silence_threshold * FRAME:
+                self.quiet_run += 1
+            else:
+                self.quiet_run = 0
+                self.heard = True
+
+    cdef bint silence_due(self) noexcept nogil:
+        if self.silence_frames > 0 and self.heard and not self.silence_reported and \
+                self.quiet_run >= self.silence_frames:
+            self.silence_reported = True
+            return True
+        return False
 
     def samples(self):
         return self.buf[:self.length]
@@ -820,6 +846,10 @@ cdef class MediaClock:
                     if events is None:
                         events = []
                     events.append((ch.id, "record-full", ch.recorder.length))
+                elif ch.recorder.silence_due():
+                    if events is None:
+                        events = []
+                    events.append((ch.id, "record-silence", ch.recorder.length))
             if ch.conference is not None and ch.heard:
                 conf_put_pcm(ch.conference, ch.slot, ch.rx_pcm)
         # 2. every conference mixes once

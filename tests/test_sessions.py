@@ -275,3 +275,53 @@ async def test_transitions_are_seamless_for_the_caller():
                                                       "baton.echo", "baton.hold"]
         await caller.bye()
         caller.close()
+
+
+def record_config(**params):
+    raw = engine_config()
+    raw["apps"] = {"vm": {"start": "rec", "nodes": {
+        "rec": {"module": "baton.record",
+                "params": {"beep": True, "silence": 0.6, "max_length": 3, "finish_on_key": "#",
+                           **params},
+                "outlets": {"done": "after"}},
+        "after": {"module": "baton.hold"}}}}
+    raw["accounts"]["demo"]["numbers"]["3000"] = {"app": "vm"}
+    return raw
+
+
+@pytest.mark.parametrize("how,expect_reason", [("silence", "silence"), ("key", "finish-key"),
+                                               ("length", "max-length")])
+async def test_record_module_finishes_and_writes_wav(how, expect_reason):
+    import wave
+
+    import numpy as np
+
+    from engine.media.g711 import ulaw_encode
+
+    params = {"max_length": 1.0} if how == "length" else {}
+    async with running_engine(record_config(**params)) as eng:
+        caller = Caller(eng, "3000")
+        await caller.dial()
+        session = next(iter(eng.sessions.values()))
+        t = np.arange(160) / 8000
+        loud = ulaw_encode((8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16))
+        await caller.talk(0.4, b"\xff" * 160)   # the beep plays meanwhile
+        await caller.talk(0.8, loud)             # the message
+        if how == "key":
+            await caller.press(11)               # '#'
+        await caller.talk(1.4, b"\xff" * 160)   # quiet: ends the silence case
+        for _ in range(100):
+            if session.module.code == "baton.hold":
+                break
+            await asyncio.sleep(0.02)
+        assert session.module.code == "baton.hold", [h.module for h in session.history]
+        path = session.params["RecordingPath"]
+        with wave.open(path) as w:
+            assert w.getframerate() == 8000 and w.getnchannels() == 1
+            frames = w.getnframes()
+        assert 0.3 * 8000 < frames <= 1.2 * 8000, frames
+        assert session.params["RecordingDuration"] > 0.3
+        assert session.history[-1].reason == "outlet:done"
+        assert session.params["RecordingReason"] == expect_reason
+        await caller.bye()
+        caller.close()
