@@ -59,6 +59,7 @@ class Account:
     currency: str = "USD"
     numbers: dict = field(default_factory=dict)   # number -> NumberRoute
     kv: dict = field(default_factory=dict)        # the account's key/value store
+    api_tokens: list = field(default_factory=list)  # bearer tokens for the control API
 
 
 @dataclass
@@ -102,6 +103,10 @@ SCHEMA = {
         "node_id": (str, "this engine node's id (in ring records and ledger keys)"),
         "user_agent": (str, "Server/User-Agent header value"),
         "log_level": (str, "debug, info, warning or error"),
+        "grpc": (bool, "serve the gRPC control API (default true)"),
+        "grpc_tls_cert": (str, "PEM certificate for the gRPC server (enables TLS)"),
+        "grpc_tls_key": (str, "PEM private key for the gRPC server"),
+        "grpc_tls_client_ca": (str, "PEM CA bundle: require client certificates (mutual TLS)"),
     },
     "media": {
         "address": (str, "address RTP binds to and advertises in SDP"),
@@ -234,9 +239,13 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             raise ConfigError(path, key, "expected a table")
         a = Account(id=acc_id, name=acc.get("name", acc_id), currency=acc.get("currency", "USD"))
         for k in acc:
-            if k not in ("name", "currency", "numbers", "kv", "billing"):
-                raise ConfigError(path, f"{key}.{k}",
-                                  "unknown key (known: billing, currency, kv, name, numbers)")
+            if k not in ("name", "currency", "numbers", "kv", "billing", "api_tokens"):
+                raise ConfigError(path, f"{key}.{k}", "unknown key (known: api_tokens, billing, "
+                                                      "currency, kv, name, numbers)")
+        tokens = acc.get("api_tokens", [])
+        if not isinstance(tokens, list) or not all(isinstance(t, str) and len(t) >= 16 for t in tokens):
+            raise ConfigError(path, f"{key}.api_tokens", "a list of tokens of at least 16 characters")
+        a.api_tokens = list(tokens)
         kv = acc.get("kv", {})
         if not isinstance(kv, dict):
             raise ConfigError(path, f"{key}.kv", "expected a table of values")

@@ -51,6 +51,8 @@ class Engine:
         self.ringback = None
         self.store = None
         self.finished: list = []       # recently ended sessions (for the API and tests)
+        self.control = None            # the gRPC control server (control/server.py)
+        self.listeners: list = []      # callables(session, event: str, detail: dict) for Watch
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -73,9 +75,19 @@ class Engine:
                                               self.cfg.transports)
         log.info("listening for SIP on %s port %d (%s)", self.cfg.sip_host, self.sip_port,
                  "+".join(t.upper() for t in self.cfg.transports))
+        if self.cfg.raw.get("engine", {}).get("grpc", True) and self.cfg.grpc_addr:
+            try:
+                from control.server import start_control
+            except ImportError as exc:
+                log.warning("gRPC control API not available: %s", exc)
+            else:
+                self.control = await start_control(self)
 
     async def stop(self, timeout: float = 3.0) -> None:
         """Graceful stop: new INVITEs get 503, calls in progress end with BYE."""
+        if self.control is not None:
+            await self.control.stop(grace=0.5)
+            self.control = None
         await self.sip.drain(timeout)
         for s in list(self.sessions.values()):
             s.end("shutdown")
@@ -126,6 +138,14 @@ class Engine:
     def journal(self, session: Session) -> None:
         if self.store is not None:
             self.store.record(session)
+
+    def notify(self, session: Session, event: str, detail: dict | None = None) -> None:
+        """Tell Watch streams and other listeners about a session event."""
+        for listener in list(self.listeners):
+            try:
+                listener(session, event, detail or {})
+            except Exception:
+                log.exception("session event listener failed")
 
     def session_ended(self, session: Session) -> None:
         self.sessions.pop(session.id, None)

@@ -269,6 +269,9 @@ class Session:
         ctl.span = self._record(module.code, module.level, reason, node)
         engine.stamper.transition(self, prev_module, module.code, module.level, reason)
         engine.journal(self)
+        if engine.listeners:
+            engine.notify(self, "transition", {"from": prev_module, "to": module.code,
+                                               "level": module.level, "reason": reason})
         if decision.limit is not None:
             ctl.later(decision.limit, self._limit_reached, ctl)
         # The new module attaches its media first; the old one lets go after.
@@ -329,6 +332,8 @@ class Session:
             leg.hangup(reason)
         self.engine.stamper.session_end(self)
         self.engine.journal(self)
+        if self.engine.listeners:
+            self.engine.notify(self, "ended", {"reason": reason})
         self.engine.session_ended(self)
 
     def summary(self) -> dict:

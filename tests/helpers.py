@@ -43,6 +43,7 @@ def engine_config(**engine) -> dict:
     base -= base % 2
     cfg = {
         "engine": {"sip_addr": engine.pop("sip_addr", "127.0.0.1:0"),
+                   "grpc_addr": engine.pop("grpc_addr", "127.0.0.1:0"),
                    "transports": ["udp", "tcp"], "data_dir": tempfile.mkdtemp(prefix="baton-")},
         "media": {"address": "127.0.0.1", "rtp_port_min": base, "rtp_port_max": base + 2000},
         "accounts": {"demo": {"numbers": {"1000": {"module": "baton.hold"}}}},
@@ -75,7 +76,9 @@ class EngineProcess:
         self.port = port or free_port(host=host)
         self.data_dir = tempfile.mkdtemp(prefix="baton-data-")
         hp = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
-        cmd = [BATON, "serve", "--config", config, "--sip-addr", hp, "--data-dir", self.data_dir]
+        self.grpc_port = free_port(socket.SOCK_STREAM)
+        cmd = [BATON, "serve", "--config", config, "--sip-addr", hp, "--data-dir", self.data_dir,
+               "--grpc-addr", f"127.0.0.1:{self.grpc_port}"]
         cmd += extra or []
         if netns:
             cmd = ["ip", "netns", "exec", netns] + cmd
