@@ -136,7 +136,7 @@ class Session:
     __slots__ = ("id", "account", "number", "from_uri", "to_uri", "direction", "params",
                  "legs", "module", "history", "ended", "end_reason", "engine", "app", "node",
                  "control", "vars", "started_mono", "started_wall", "ended_mono",
-                 "ended_wall", "transitions")
+                 "ended_wall", "transitions", "saved")
 
     def __init__(self, engine, account: str, number: str, from_uri: str, to_uri: str,
                  direction: str = "inbound", app=None):
@@ -163,10 +163,20 @@ class Session:
         self.ended_mono = None
         self.ended_wall = None
         self.transitions = 0
+        # Per-module state kept while another module holds control, so a module
+        # that gets the session back resumes where it left off (e.g. the rest of
+        # an instruction document after a Dial).
+        self.saved: dict = {}
 
     @property
     def caller(self) -> "Leg":
         return self.legs[0]
+
+    @property
+    def kv(self) -> dict:
+        """The account's key/value store, readable (and writable) by every module."""
+        acc = self.engine.cfg.accounts.get(self.account)
+        return acc.kv if acc is not None else {}
 
     @property
     def level(self) -> str | None:
