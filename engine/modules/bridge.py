@@ -110,6 +110,8 @@ class BridgeModule(Module):
             if trunk is None:
                 raise ValueError(f"no trunk {trunk_name!r}")
             number = to[4:] if to.startswith("tel:") else to
+            if trunk.prefix and number.startswith("+"):
+                number = number[1:]  # the prefix (e.g. "00") stands for the "+"
             number = trunk.prefix + number
             target = f"sip:{number}@{trunk.domain}"
             creds = (trunk.username, trunk.password) if trunk.username else None
@@ -215,7 +217,8 @@ class BridgeModule(Module):
         self._outcome(ctl, state, "no-answer", 408)
 
     def _time_limit(self, ctl, state) -> None:
-        if state.leg is not None and not state.leg.ended:
+        if state.leg is not None and not state.leg.ended and not state.ended:
+            state.ended = True  # our own hang-up: not a dialled-hangup
             self._unbridge(ctl, state)
             state.leg.hangup("time-limit")
             self._after_call(ctl, "time-limit")
