@@ -40,6 +40,7 @@ cdef enum:
     FRAME = 160          # samples per 20 ms at 8 kHz
     FIFO = 1600          # queued G.711 octets per stream: 200 ms
     MAXEVENTS = 256
+    MAX_BATCHES = 8      # recvmmsg batches per stream per wake-up
 
 cdef enum:
     C_MODE_IDLE = 0
@@ -74,6 +75,21 @@ cdef iovec tx_iov[BATCH]
 cdef uint8_t tx_frame[12 + MAXPKT]
 
 cdef const char* DTMF_CHARS = b"0123456789*#ABCD"
+
+
+cdef void init_rx_headers() noexcept:
+    cdef int i
+    for i in range(BATCH):
+        rx_iov[i].iov_base = rx_bufs[i]
+        rx_iov[i].iov_len = MAXPKT
+        memset(&rx_msgs[i].msg_hdr, 0, sizeof(msghdr))
+        rx_msgs[i].msg_hdr.msg_iov = &rx_iov[i]
+        rx_msgs[i].msg_hdr.msg_iovlen = 1
+        rx_msgs[i].msg_hdr.msg_name = &rx_addrs[i]
+        rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+
+
+init_rx_headers()
 
 
 cdef inline int64_t now_ns() noexcept nogil:
@@ -174,6 +190,7 @@ cdef class RtpStream:
     cdef readonly uint64_t rx_bytes
     cdef readonly uint64_t tx_packets
     cdef readonly uint64_t tx_bytes
+    cdef readonly uint64_t tx_dropped
     cdef readonly uint64_t rx_foreign
     cdef readonly uint64_t rx_invalid
     cdef readonly int64_t last_rx_ns
@@ -259,6 +276,7 @@ cdef class RtpStream:
         return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
                 "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
                 "rx_foreign": self.rx_foreign, "rx_invalid": self.rx_invalid,
+                "tx_dropped": self.tx_dropped,
                 "expected": expected, "lost": max(lost, 0), "jitter_ms": self.jitter / 8.0,
                 "ext_seq": extended, "rx_ssrc": self.rx_ssrc if self.seq_init else None,
                 "ssrc": self.tx_ssrc, "seq": self.tx_seq, "ts": self.tx_ts}
@@ -312,20 +330,18 @@ cdef class RtpStream:
         cdef RtpStream peer
         cdef int64_t now
         cdef unsigned int got = 0
+        cdef int batches = 0
+        cdef int sent
         while True:
-            for i in range(BATCH):
-                rx_iov[i].iov_base = rx_bufs[i]
-                rx_iov[i].iov_len = MAXPKT
-                memset(&rx_msgs[i].msg_hdr, 0, sizeof(msghdr))
-                rx_msgs[i].msg_hdr.msg_iov = &rx_iov[i]
-                rx_msgs[i].msg_hdr.msg_iovlen = 1
-                rx_msgs[i].msg_hdr.msg_name = &rx_addrs[i]
-                rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
             with nogil:
                 n = recvmmsg(self.fd, rx_msgs, BATCH, MSG_DONTWAIT, NULL)
             if n <= 0:
                 return got
+            for i in range(n):
+                # recvmmsg rewrote the address lengths; the rest of the headers stay set.
+                rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
             got += n
+            batches += 1
             now = now_ns()
             peer = self.peer if self.mode == C_MODE_RELAY else None
             out = 0
@@ -367,11 +383,21 @@ cdef class RtpStream:
                         continue
                     self.on_payload(p, p + hlen, plen - hlen)
             if out:
-                with nogil:
-                    i = sendmmsg(peer.fd, tx_msgs, out, 0)
-                if i > 0:
-                    peer.tx_packets += i
-            if n < BATCH:
+                sent = 0
+                while sent < out:
+                    with nogil:
+                        i = sendmmsg(peer.fd, &tx_msgs[sent], out - sent, MSG_DONTWAIT)
+                    if i <= 0:
+                        break
+                    sent += i
+                peer.tx_packets += sent
+                for i in range(sent):
+                    peer.tx_bytes += tx_msgs[i].msg_len
+                # A full socket buffer drops what is left; count it, never block.
+                peer.tx_dropped += out - sent
+            # Level-triggered epoll brings us back: a flood on one socket must not
+            # keep the loop from SIP, timers and the media clock.
+            if n < BATCH or batches >= MAX_BATCHES:
                 return got
 
     cdef inline void rewrite(self, uint8_t* p, int64_t now) noexcept:
@@ -405,7 +431,6 @@ cdef class RtpStream:
         self.tx_seq = seq
         self.tx_ts = ts
         self.tx_last_ns = now
-        self.tx_bytes += 0
 
     cdef void on_payload(self, const uint8_t* hdr, const uint8_t* data, int n) noexcept:
         cdef int pt = hdr[1] & 0x7F
