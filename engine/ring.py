@@ -4,11 +4,11 @@ file format, so either side of a ring may be either implementation."""
 import os
 
 from . import ring_py
-from .ring_py import (RingBusyError, RingCorruptionError, RingError, RingFormatError, inspect,
-                      ring_paths)
+from .ring_py import (RingBusyError, RingCorruptionError, RingError, RingFormatError,
+                      ring_info, ring_paths)
 
 __all__ = ["RingWriter", "RingReader", "RingError", "RingFormatError", "RingBusyError",
-           "RingCorruptionError", "inspect", "ring_paths", "IMPLEMENTATION"]
+           "RingCorruptionError", "ring_info", "ring_paths", "IMPLEMENTATION"]
 
 IMPLEMENTATION = "py"
 RingWriter = ring_py.RingWriter

@@ -34,7 +34,7 @@ import msgpack
 
 __all__ = [
     "RingWriter", "RingReader", "RingError", "RingFormatError", "RingBusyError",
-    "RingCorruptionError", "ring_paths", "inspect", "MAGIC", "VERSION",
+    "RingCorruptionError", "ring_paths", "ring_info", "MAGIC", "VERSION",
 ]
 
 MAGIC = b"BATNRING"
@@ -277,6 +277,10 @@ class _Files:
                 setattr(self, name, -1)
                 os.close(fd)
 
+    def __del__(self) -> None:
+        # An endpoint dropped without close() must not keep its side locked.
+        self.close()
+
 
 def _check_platform() -> None:
     if sys.byteorder != "little":
@@ -329,7 +333,7 @@ def _open_reader(path: str) -> _Files:
     return files
 
 
-def inspect(path: str) -> dict[str, Any]:
+def ring_info(path: str) -> dict[str, Any]:
     """The header of a ring as a dict, read without taking either side's lock."""
     ring = ring_paths(path)[0]
     fd = os.open(ring, os.O_RDONLY | os.O_CLOEXEC)
@@ -434,7 +438,7 @@ class RingWriter:
         self._node = node_id
         self._next = q[_CUR]
         self._released = q[_REL]
-        self._ow, self._ob, self._consumed = q[_OW], q[_OB], q[_OC]
+        self._ow, self._ob = q[_OW], q[_OB]
 
     # -- properties ---------------------------------------------------------
     @property
@@ -501,30 +505,28 @@ class RingWriter:
         """Byte offset of the slot for the next record, or -1 to spill it."""
         if n > self._cap:
             return -1
-        if self._ow != self._consumed:
-            # Once spilling, keep spilling until the reader has released the
-            # whole overflow, so every ring record precedes every spilled one.
-            self._consumed = self._q[_OC]
-            if self._ow != self._consumed:
-                return -1
-        if self._ob != self._ow:
-            self._reset_overflow()
         s = self._next
         if s - self._released >= self._slots:
+            # Reloaded only when the stale copy says full: about once per lap.
             self._released = self._q[_REL]
+            if self._ob != self._ow:
+                self._maybe_reset_overflow()
             if s - self._released >= self._slots:
                 return -1
         return HEADER_SIZE + (s & self._mask) * self._slot_size
 
-    def _reset_overflow(self) -> None:
-        # Everything in the file is released, and the reader parses only below
-        # the published end, which equals its position: nobody reads the file
-        # now. The new base is stored before any later end, so a reader that
-        # sees that end sees the base too.
-        os.ftruncate(self._fd, 0)
-        self._q[_OB] = self._ob = self._ow
+    def _maybe_reset_overflow(self) -> None:
+        # Once the reader has released all of the file, its position equals
+        # the published end and it reads nothing more from the file: it can be
+        # emptied. The new base is stored before any later end, so a reader
+        # that sees that end sees the base too.
+        if self._q[_OC] == self._ow:
+            os.ftruncate(self._fd, 0)
+            self._q[_OB] = self._ob = self._ow
 
     def _spill(self, s: int, payload) -> None:
+        if self._ob != self._ow:
+            self._maybe_reset_overflow()
         n = len(payload)
         head = _SEQLEN.pack(s, n)
         rec = head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
@@ -660,8 +662,10 @@ class RingReader:
                 raise ValueError(f"start_seq {start_seq} is ahead of the ring, whose last "
                                  f"record is {cursor - 1}")
             self._ovf = _OverflowQueue(files.ovf_fd, q[_OC])
-            # Skip (but remember, for release) the overflow records already processed.
-            self._ovf.fill(nxt, nxt, q[_OW], q[_OB])
+            # The end before the base (see _maybe_reset_overflow). Records
+            # already processed are skipped but remembered, for release.
+            written = q[_OW]
+            self._ovf.fill(nxt, nxt, written, q[_OB])
         except BaseException:
             self.close()
             raise
@@ -745,7 +749,8 @@ class RingReader:
         nxt = self._next
         if nxt >= cursor or max_records <= 0:
             return []
-        written, base = q[_OW], q[_OB]   # loaded after the cursor: covers every spilled seq < cursor
+        # Loaded after the cursor, end before base: they cover every spilled seq < cursor.
+        written, base = q[_OW], q[_OB]
         end = min(cursor, nxt + max_records)
         ovf = self._ovf
         mm, cap, mask, size = self._mm, self._cap, self._mask, self._slot_size
