@@ -331,7 +331,7 @@ class Session:
         self.ended_mono, self.ended_wall = time.monotonic_ns(), time.time_ns()
         ctl = self.control
         if self.history and self.history[-1].end_mono is None:
-            self.history[-1].close("hangup", self.ended_mono, self.ended_wall)
+            self.history[-1].close(reason, self.ended_mono, self.ended_wall)
         if ctl is not None:
             ctl.deactivate()
             try:

@@ -191,6 +191,7 @@ cdef class RtpStream:
     cdef readonly uint64_t tx_packets
     cdef readonly uint64_t tx_bytes
     cdef readonly uint64_t tx_dropped
+    cdef readonly uint64_t rx_trimmed
     cdef readonly uint64_t rx_foreign
     cdef readonly uint64_t rx_invalid
     cdef readonly int64_t last_rx_ns
@@ -490,6 +491,13 @@ cdef class RtpStream:
             memcpy(frame + first, &self.fifo[0], n - first)
         self.fifo_head = (self.fifo_head + n) % FIFO
         self.fifo_len -= n
+        if self.fifo_len > 2 * FRAME:
+            # More than two frames still queued: the far end's clock runs ahead of
+            # ours (or a burst arrived). Drop one so the delay shrinks back
+            # instead of only ever growing.
+            self.fifo_head = (self.fifo_head + FRAME) % FIFO
+            self.fifo_len -= FRAME
+            self.rx_trimmed += 1
         if self.fifo_law == C_LAW_ALAW:
             alaw_decode_buffer(frame, pcm, FRAME)
         else:

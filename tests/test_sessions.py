@@ -325,3 +325,44 @@ async def test_record_module_finishes_and_writes_wav(how, expect_reason):
         assert session.params["RecordingReason"] == expect_reason
         await caller.bye()
         caller.close()
+
+
+async def test_every_change_of_control_is_stamped_into_the_ring():
+    import os
+
+    import msgpack
+
+    from engine import ring
+
+    raw = engine_config()
+    async with running_engine(raw) as eng:
+        caller = Caller(eng, "1000")
+        await caller.dial()
+        session = next(iter(eng.sessions.values()))
+        eng.transition(session.id, "baton.echo")
+        eng.transition(session.id, "baton.hold")
+        await caller.talk(0.1)
+        await caller.bye()
+        await asyncio.sleep(0.05)
+        path = os.path.join(eng.cfg.data_dir, "ring", "ring.dat")
+        reader = ring.RingReader(path, 0)
+        records = [msgpack.unpackb(b) for _, b in reader.read(100)]
+        reader.close()
+        caller.close()
+    mine = [r for r in records if r.get("session") == session.id]
+    kinds = [(r["type"], r.get("kind") or r.get("to")) for r in mine]
+    assert kinds == [("session", "start"), ("transition", "baton.hold"),
+                     ("transition", "baton.echo"), ("transition", "baton.hold"),
+                     ("session", "end")], kinds
+    seqs = [r["seq"] for r in mine]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    trans = [r for r in mine if r["type"] == "transition"]
+    assert [t["mono_ns"] for t in trans] == [h.start_mono for h in session.history]
+    assert [t["reason"] for t in trans] == ["initial", "api", "api"]
+    assert trans[0]["from"] == "" and trans[1]["from"] == "baton.hold"
+    # The segments add up to the session exactly: start .. transitions .. end.
+    start, end = mine[0]["mono_ns"], mine[-1]["mono_ns"]
+    assert trans[0]["mono_ns"] >= start
+    edges = [t["mono_ns"] for t in trans] + [end]
+    assert sum(b - a for a, b in zip(edges, edges[1:])) == end - trans[0]["mono_ns"]
+    assert all(r["node"] == eng.cfg.node_id and r["account"] == "demo" for r in mine)
