@@ -33,11 +33,11 @@ class NumberRoute:
     kind: str            # app | module | instructions | endpoint
     target: str          # app name, module code, URI, or SIP URI / number
     params: dict = field(default_factory=dict)
+    module: str = ""      # the first module's code (derived from kind and target)
 
-    @property
-    def module(self) -> str:
-        return {"module": self.target, "endpoint": "baton.bridge",
-                "instructions": "baton.instructions"}.get(self.kind, "")
+    def __post_init__(self):
+        self.module = {"module": self.target, "endpoint": "baton.bridge",
+                       "instructions": "baton.instructions"}.get(self.kind, "")
 
 
 @dataclass
