@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -36,12 +37,22 @@ def _serve(args) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        accountant = None
+        if not args.no_accountant:
+            accountant = _start_accountant(cfg, args.config)
         print(f"baton {__version__} serving SIP on {cfg.sip_host}:{engine.sip_port} "
               f"(config {cfg.path}, data {cfg.data_dir}); numbers: "
               f"{', '.join(sorted(cfg.numbers)) or 'none'}", file=sys.stderr, flush=True)
         await stop.wait()
         logging.getLogger("baton").info("stopping: ending %d calls", len(engine.sessions))
         await engine.stop()
+        if accountant is not None:
+            # After the engine's last stamps: the accountant drains them, then stops.
+            accountant.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(accountant.wait), 10)
+            except asyncio.TimeoutError:
+                accountant.kill()
         return 0
 
     return _run(main())
@@ -89,6 +100,21 @@ def _sessions(args) -> int:
     return 0
 
 
+def _start_accountant(cfg, config_path):
+    """The accountant as a child process on the same data directory."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "engine.accounting.accountant", "--data-dir", cfg.data_dir]
+    if config_path:
+        cmd += ["--config", config_path]
+    log_path = os.path.join(cfg.data_dir, "accountant.log")
+    out = open(log_path, "ab")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    out.close()
+    logging.getLogger("baton").info("accountant started (pid %d, log %s)", proc.pid, log_path)
+    return proc
+
+
 def _run(coro):
     try:
         import uvloop
@@ -108,7 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-addr", metavar="HOST:PORT", help="gRPC listen address (overrides the config)")
     s.add_argument("--data-dir", metavar="DIR", help="data directory (overrides the config)")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--no-accountant", action="store_true",
+                   help="do not start the accountant process (run `baton accountant` yourself)")
     s.set_defaults(func=_serve)
+    sub.add_parser("accountant", add_help=False,
+                   help="drain the ring into the ledger (see `baton accountant --help`)")
+    sub.add_parser("bill", add_help=False,
+                   help="invoices and payouts (see `baton bill --help`)")
     ss = sub.add_parser("sessions", help="list sessions and their history of control")
     ssub = ss.add_subparsers(dest="sessions_command", metavar="WHAT", required=True)
     sl = ssub.add_parser("list", help="sessions, newest first")
@@ -129,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("accountant", "bill"):
+        from .accounting import accountant
+
+        return (accountant.main if argv[0] == "accountant" else accountant.bill_main)(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -49,3 +49,52 @@ class Rules:
             return Decision(False, f"module {code} not in the allow-list of {session.account}")
         limit = self.limits.get(code)
         return Decision(True, limit=limit) if limit is not None else ALLOW
+
+
+class Snapshot:
+    """The accountant's policy snapshot (DATA/policy.json), re-read when it changes
+    (checked at most once a second), in front of the local rules."""
+
+    def __init__(self, path: str, rules=None, clock=None):
+        import time
+
+        self.path = path
+        self.rules = rules or AllowAll()
+        self.clock = clock or time.monotonic
+        self.accounts: dict = {}
+        self._mtime = None
+        self._checked = -1e9
+
+    def _refresh(self) -> None:
+        import json
+        import os
+
+        now = self.clock()
+        if now - self._checked < 1.0:
+            return
+        self._checked = now
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+        except OSError:
+            return
+        if mtime == self._mtime:
+            return
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return  # a snapshot being replaced: keep the last good one
+        self._mtime = mtime
+        self.accounts = data.get("accounts", {})
+
+    def check(self, session, node, module) -> Decision:
+        self._refresh()
+        acc = self.accounts.get(session.account)
+        if acc is not None:
+            if acc.get("banned"):
+                return Decision(False, f"account {session.account} is banned")
+            if acc.get("out_of_funds"):
+                return Decision(False, f"account {session.account} has no funds left")
+            if module.code in acc.get("deny", ()):
+                return Decision(False, f"{module.code}: cap reached or period not paid")
+        return self.rules.check(session, node, module)

@@ -15,7 +15,7 @@ from .modules.echo import EchoModule
 from .modules.hold import HoldModule
 from .modules.menu import MenuModule, PlayModule
 from .modules.record import RecordModule
-from .policy import AllowAll, Rules
+from .policy import AllowAll, Rules, Snapshot
 from .registry import Registry
 from .session import Leg, Session
 from .sip.core import SipCore
@@ -44,7 +44,8 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         self.sip_port = 0
         self.registry = Registry(self, BUILTIN_MODULES, cfg.modules)
-        self.policy = Rules(**cfg.policy) if cfg.policy else AllowAll()
+        self.policy = Snapshot(os.path.join(cfg.data_dir, "policy.json"),
+                               Rules(**cfg.policy) if cfg.policy else AllowAll())
         self.media: MediaEngine | None = None
         self.stamper = Stamper(None, cfg.node_id)
         self.speech = None

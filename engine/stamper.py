@@ -22,6 +22,10 @@ class Stamper:
 
             os.makedirs(os.path.dirname(ring_path), exist_ok=True)
             self.writer = ring.RingWriter(ring_path, node_id=node_id)
+            # Tells the accountant this node (re)started: sessions it still had
+            # open from a previous run are closed at the last moment seen.
+            self.writer.append_record({"type": "node", "kind": "start",
+                                       "mono_ns": time.monotonic_ns(), "wall_ns": time.time_ns()})
 
     def session_start(self, session) -> None:
         self.stamps += 1

@@ -1,0 +1,809 @@
+"""The ledger: double-entry, append-only, idempotent, in SQLite or PostgreSQL.
+
+Every rated line is one transaction (`txns` row) with its entries
+(`entries` rows): the customer's account is debited the amount, the module's
+vendor and the platform are credited their shares, so every transaction's
+debits equal its credits. A negative line (a volume discount, a reversal)
+mirrors the sides.
+
+The entries are derived in SQL from the transaction rows of each batch, in
+the same database transaction, and so is the `summary` table (running sums
+per account, period and line class) that invoices and payouts read; the
+`batches` table records each commit. Rows of `txns`, `entries` and `batches`
+are never updated or deleted (triggers refuse it). A correction is two new
+transactions: the exact reversal of the original and the fixed line
+(`correct()`).
+
+Each transaction has a unique `key`; a line from the ring has the key
+"NODE:SEQ" of the record that produced it, so posting the same records again
+posts nothing. The accountant commits ledger rows, its ring read position and
+its working state (open sessions, period usage) in ONE database transaction
+(`post(lines, position=..., state=...)`), so a crash at any moment leaves the
+three consistent.
+
+`open_ledger(url)` picks the backend: a path or `sqlite:///PATH` for SQLite
+(WAL, one file), `postgresql://...` for PostgreSQL through psycopg 3 (an
+optional `schema=NAME` query parameter selects, and creates, a schema).
+"""
+from __future__ import annotations
+
+import contextlib
+import operator
+import os
+import re
+import sqlite3
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from fractions import Fraction
+from itertools import chain
+from typing import Any
+
+from .money import round_half_up
+
+__all__ = ["Line", "Ledger", "SqliteLedger", "PostgresLedger", "LedgerError", "open_ledger",
+           "TXN_COLUMNS", "ENTRY_COLUMNS", "split_share"]
+
+TXN_COLUMNS = ("id", "key", "kind", "node", "seq", "session", "account", "module", "item", "level",
+               "period", "wall_ns", "usage", "quantity", "unit", "plan", "unit_price", "amount",
+               "currency", "vendor", "vendor_amount", "corrects", "note")
+ENTRY_COLUMNS = ("txn_id", "leg", "account", "debit", "credit", "currency")
+KINDS = ("usage", "action", "fee", "reversal", "correction")
+SCHEMA_VERSION = 1
+_SQLITE_MAX_PARAMS = 32000   # under SQLite's 32766 host parameters per statement
+_PG_LOCK = 0x6261746f6e   # advisory lock id serialising ledger writers ("baton")
+
+
+class LedgerError(Exception):
+    """A ledger operation that cannot be done (bad correction, broken invariant...)."""
+
+
+def split_share(amount: int, share: Fraction) -> int:
+    """The vendor's part of `amount` for a share in [0, 1], rounded half-up on
+    the magnitude (so a negated amount splits into negated parts)."""
+    if not share:
+        return 0
+    if amount >= 0:
+        return round_half_up(amount * share.numerator, share.denominator)
+    return -round_half_up(-amount * share.numerator, share.denominator)
+
+
+class Line(tuple):
+    """One rated line, posted as one transaction: an immutable tuple of the
+    `txns` columns from `key` to `note` (fields readable by name).
+
+    quantity is in base units (billed seconds, or a count); usage is the raw
+    measure (nanoseconds in control, or the action's count); amount and
+    vendor_amount are micro-units of `currency`.
+    """
+
+    __slots__ = ()
+    FIELDS = TXN_COLUMNS[1:]
+
+    def __new__(cls, key: str, kind: str, node: str, seq: int | None, session: str,
+                account: str, module: str, item: str, level: str, period: str, wall_ns: int,
+                usage: int, quantity: int, unit: str, plan: str, unit_price: int | None,
+                amount: int, currency: str, vendor: str, vendor_amount: int,
+                corrects: int | None = None, note: str = "") -> Line:
+        return tuple.__new__(cls, (key, kind, node, seq, session, account, module, item, level,
+                                   period, wall_ns, usage, quantity, unit, plan, unit_price,
+                                   amount, currency, vendor, vendor_amount, corrects, note))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The line as a dict of its fields."""
+        return dict(zip(self.FIELDS, self))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Line:
+        """A line from a dict of its fields (extra keys such as id are ignored)."""
+        return cls(**{k: d[k] for k in cls.FIELDS if k in d})
+
+    def replace(self, **changes: Any) -> Line:
+        """A copy with some fields changed."""
+        return self.from_dict({**self.as_dict(), **changes})
+
+    def __repr__(self) -> str:
+        return f"Line({self.key} {self.account} {self.module} {self.item} {self.amount})"
+
+
+for _i, _name in enumerate(Line.FIELDS):
+    setattr(Line, _name, property(operator.itemgetter(_i), doc=f"the {_name} column"))
+del _i, _name
+# Positions of the fields the hot paths read.
+_ACCOUNT, _PERIOD, _MODULE, _ITEM, _PLAN, _UNIT, _UPRICE = 5, 9, 6, 7, 14, 13, 15
+_QTY, _USAGE, _AMOUNT, _CUR, _VENDOR, _VAMOUNT = 12, 11, 16, 17, 18, 19
+
+
+def _check_line(line: Line) -> None:
+    a, v = line[_AMOUNT], line[_VAMOUNT]
+    if a.__class__ is not int or v.__class__ is not int:
+        if not isinstance(a, int) or not isinstance(v, int):
+            raise LedgerError(f"{line.key}: amounts are integers of micro-units")
+    if (a >= 0 and not 0 <= v <= a) or (a < 0 and not a <= v <= 0):
+        raise LedgerError(f"{line.key}: the vendor's part {v} is not within the amount {a}")
+    if v and not line[_VENDOR]:
+        raise LedgerError(f"{line.key}: a vendor part without a vendor")
+    if line[1] not in KINDS:
+        raise LedgerError(f"{line.key}: unknown kind {line.kind!r}")
+
+
+def entries_of(txn_id: int, line: Line) -> list[tuple]:
+    """The entry rows a line must have, (txn_id, leg, account, debit, credit,
+    currency): what the ledger's SQL derives, written out for checking it."""
+    a, v, cur, vendor = line[_AMOUNT], line[_VAMOUNT], line[_CUR], line[_VENDOR]
+    p = a - v
+    if a >= 0:
+        rows = [(txn_id, 0, "customer:" + line[_ACCOUNT], a, 0, cur),
+                (txn_id, 1, "platform", 0, p, cur)]
+        if vendor:
+            rows.append((txn_id, 2, "vendor:" + vendor, 0, v, cur))
+    else:
+        rows = [(txn_id, 0, "customer:" + line[_ACCOUNT], 0, -a, cur),
+                (txn_id, 1, "platform", -p, 0, cur)]
+        if vendor:
+            rows.append((txn_id, 2, "vendor:" + vendor, -v, 0, cur))
+    return rows
+
+
+# A line's descriptive columns (account, module, plan...) repeat across many
+# lines: they live once in `classes`, the narrow `txns` row points to its class,
+# and the `lines` view shows every transaction with all its columns.
+CLASS_COLUMNS = ("node", "account", "period", "currency", "vendor", "module", "item", "plan",
+                 "unit", "unit_price", "level")
+TXN_ROW_COLUMNS = ("key", "kind", "seq", "session", "wall_ns", "usage", "quantity", "amount",
+                   "vendor_amount", "corrects", "note", "class_id")
+NO_PRICE = -1    # unit_price of a class whose lines have none (a key column is never NULL)
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS classes (
+    id {id_type} PRIMARY KEY,
+    node TEXT NOT NULL,
+    account TEXT NOT NULL,
+    period TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    vendor TEXT NOT NULL,
+    module TEXT NOT NULL,
+    item TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    unit_price BIGINT NOT NULL,
+    level TEXT NOT NULL,
+    UNIQUE (account, period, node, currency, vendor, module, item, plan, unit, unit_price, level)
+);
+CREATE INDEX IF NOT EXISTS classes_period ON classes (period, vendor);
+CREATE TABLE IF NOT EXISTS txns (
+    id {id_type} PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    seq BIGINT,
+    session TEXT NOT NULL,
+    class_id BIGINT NOT NULL,
+    wall_ns BIGINT NOT NULL,
+    usage BIGINT NOT NULL,
+    quantity BIGINT NOT NULL,
+    amount BIGINT NOT NULL,
+    vendor_amount BIGINT NOT NULL,
+    corrects BIGINT,
+    note TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id BIGINT PRIMARY KEY,
+    first_txn BIGINT,
+    last_txn BIGINT,
+    node TEXT,
+    position BIGINT,
+    posted_ns BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entries (
+    txn_id BIGINT NOT NULL,
+    leg SMALLINT NOT NULL,
+    account TEXT NOT NULL,
+    debit BIGINT NOT NULL CHECK (debit >= 0),
+    credit BIGINT NOT NULL CHECK (credit >= 0),
+    currency TEXT NOT NULL,
+    PRIMARY KEY (txn_id, leg)
+){entries_suffix};
+CREATE TABLE IF NOT EXISTS summary (
+    class_id BIGINT PRIMARY KEY,
+    quantity BIGINT NOT NULL,
+    usage BIGINT NOT NULL,
+    amount BIGINT NOT NULL,
+    vendor_amount BIGINT NOT NULL,
+    n BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS positions (
+    node TEXT PRIMARY KEY,
+    seq BIGINT NOT NULL,
+    updated_ns BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value {blob} NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+{create_view} lines AS
+SELECT t.id, t.key, t.kind, c.node, t.seq, t.session, c.account, c.module, c.item, c.level,
+       c.period, t.wall_ns, t.usage, t.quantity, c.unit, c.plan,
+       NULLIF(c.unit_price, -1) AS unit_price, t.amount, c.currency, c.vendor,
+       t.vendor_amount, t.corrects, t.note
+FROM txns t JOIN classes c ON c.id = t.class_id;
+"""
+
+_SQLITE_GUARDS = """
+CREATE TRIGGER IF NOT EXISTS txns_append_only_u BEFORE UPDATE ON txns
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only: txns rows are never updated'); END;
+CREATE TRIGGER IF NOT EXISTS txns_append_only_d BEFORE DELETE ON txns
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only: txns rows are never deleted'); END;
+CREATE TRIGGER IF NOT EXISTS classes_append_only_u BEFORE UPDATE ON classes
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only: classes are never updated'); END;
+CREATE TRIGGER IF NOT EXISTS classes_append_only_d BEFORE DELETE ON classes
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only: classes are never deleted'); END;
+CREATE TRIGGER IF NOT EXISTS batches_append_only_u BEFORE UPDATE ON batches
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only: batches are never updated'); END;
+CREATE TRIGGER IF NOT EXISTS batches_append_only_d BEFORE DELETE ON batches
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only: batches are never deleted'); END;
+CREATE TRIGGER IF NOT EXISTS entries_append_only_u BEFORE UPDATE ON entries
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only: entries are never updated'); END;
+CREATE TRIGGER IF NOT EXISTS entries_append_only_d BEFORE DELETE ON entries
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only: entries are never deleted'); END;
+"""
+
+_PG_GUARDS = """
+CREATE OR REPLACE FUNCTION ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'the ledger is append-only: % on % refused', TG_OP, TG_TABLE_NAME; END $$;
+CREATE OR REPLACE TRIGGER txns_append_only BEFORE UPDATE OR DELETE ON txns
+    FOR EACH ROW EXECUTE FUNCTION ledger_append_only();
+CREATE OR REPLACE TRIGGER txns_no_truncate BEFORE TRUNCATE ON txns
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_append_only();
+CREATE OR REPLACE TRIGGER classes_append_only BEFORE UPDATE OR DELETE ON classes
+    FOR EACH ROW EXECUTE FUNCTION ledger_append_only();
+CREATE OR REPLACE TRIGGER batches_append_only BEFORE UPDATE OR DELETE ON batches
+    FOR EACH ROW EXECUTE FUNCTION ledger_append_only();
+CREATE OR REPLACE TRIGGER entries_append_only BEFORE UPDATE OR DELETE ON entries
+    FOR EACH ROW EXECUTE FUNCTION ledger_append_only();
+CREATE OR REPLACE TRIGGER entries_no_truncate BEFORE TRUNCATE ON entries
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_append_only();
+"""
+
+_INSERT_BATCH = ("INSERT INTO batches (id, first_txn, last_txn, node, position, posted_ns) "
+                 "SELECT COALESCE(MAX(id), 0) + 1, CAST(? AS BIGINT), CAST(? AS BIGINT), "
+                 "CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS BIGINT) FROM batches")
+_UPSERT_STATE = ("INSERT INTO state (kind, key, value) VALUES (?, ?, ?) "
+                 "ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value")
+_DELETE_STATE = "DELETE FROM state WHERE kind = ? AND key = ?"
+_SUMMARY_SUMS = ("quantity", "usage", "amount", "vendor_amount", "n")
+# "WHERE true" keeps SQLite from reading ON CONFLICT as a join clause.
+_DERIVE_SUMMARY = (
+    "INSERT INTO summary (class_id, quantity, usage, amount, vendor_amount, n) "
+    "SELECT class_id, SUM(quantity), SUM(usage), SUM(amount), SUM(vendor_amount), COUNT(*) "
+    "FROM txns WHERE id BETWEEN ? AND ? GROUP BY class_id "
+    "ON CONFLICT (class_id) DO UPDATE SET "
+    + ", ".join(f"{c} = summary.{c} + excluded.{c}" for c in _SUMMARY_SUMS))
+# The entries of a batch of transactions: the customer is debited the amount,
+# the platform and the vendor are credited their parts; negative amounts
+# swap the sides, so no column is ever negative.
+_DERIVE_ENTRIES = (
+    "INSERT INTO entries (txn_id, leg, account, debit, credit, currency) "
+    "SELECT t.id, 0, 'customer:' || c.account, CASE WHEN t.amount >= 0 THEN t.amount ELSE 0 END, "
+    "CASE WHEN t.amount < 0 THEN -t.amount ELSE 0 END, c.currency "
+    "FROM txns t JOIN classes c ON c.id = t.class_id WHERE t.id BETWEEN ? AND ?",
+    "INSERT INTO entries (txn_id, leg, account, debit, credit, currency) "
+    "SELECT t.id, 1, 'platform', CASE WHEN t.amount < 0 THEN t.vendor_amount - t.amount ELSE 0 END, "
+    "CASE WHEN t.amount >= 0 THEN t.amount - t.vendor_amount ELSE 0 END, c.currency "
+    "FROM txns t JOIN classes c ON c.id = t.class_id WHERE t.id BETWEEN ? AND ?",
+    "INSERT INTO entries (txn_id, leg, account, debit, credit, currency) "
+    "SELECT t.id, 2, 'vendor:' || c.vendor, CASE WHEN t.amount < 0 THEN -t.vendor_amount ELSE 0 END, "
+    "CASE WHEN t.amount >= 0 THEN t.vendor_amount ELSE 0 END, c.currency "
+    "FROM txns t JOIN classes c ON c.id = t.class_id WHERE t.id BETWEEN ? AND ? AND c.vendor <> ''",
+)
+_CLASS_OF = f"SELECT id FROM classes WHERE {' AND '.join(f'{c} = ?' for c in CLASS_COLUMNS)}"
+_INSERT_CLASS = (f"INSERT INTO classes (id, {', '.join(CLASS_COLUMNS)}) "
+                 f"VALUES (?, {', '.join('?' * len(CLASS_COLUMNS))})")
+_CLASS_CACHE_MAX = 100_000
+# A Line's class (the CLASS_COLUMNS) and its txns row but the class id.
+_class_key = operator.itemgetter(2, 5, 9, 17, 18, 6, 7, 14, 13, 15, 8)
+_row_body = operator.itemgetter(0, 1, 3, 4, 10, 11, 12, 16, 19, 20, 21)
+_UPSERT_POSITION = ("INSERT INTO positions (node, seq, updated_ns) VALUES (?, ?, ?) "
+                    "ON CONFLICT (node) DO UPDATE SET seq = excluded.seq, "
+                    "updated_ns = excluded.updated_ns")
+
+
+class Ledger:
+    """The interface both backends implement (same SQL, different drivers)."""
+
+    url: str
+
+    # -- driver hooks ---------------------------------------------------------
+    def _tx(self) -> contextlib.AbstractContextManager:
+        raise NotImplementedError
+
+    def _exec(self, sql: str, params: Sequence = ()) -> None:
+        raise NotImplementedError
+
+    def _query(self, sql: str, params: Sequence = ()) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _insert_txns(self, first_id: int, rows: list[tuple]) -> None:
+        raise NotImplementedError
+
+    def _executemany(self, sql: str, rows: list[tuple]) -> None:
+        raise NotImplementedError
+
+    def _upsert_state(self, rows: list[tuple]) -> None:
+        self._executemany(_UPSERT_STATE, rows)
+
+    def _is_conflict(self, exc: BaseException) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close the connection."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing --------------------------------------------------------------
+    def post(self, lines: Iterable[Line], *, position: tuple[str, int] | None = None,
+             state: Mapping[tuple[str, str], bytes | None] | None = None,
+             checked: bool = False) -> int:
+        """Post lines as transactions, with the reader's ring position and the
+        caller's working state (None values delete), in one database
+        transaction. Lines whose key is already in the ledger are skipped.
+        `checked=True` skips re-validating lines the rater built (amounts
+        within bounds, keys unique within the batch). Returns the number of
+        transactions posted."""
+        if checked:
+            todo = lines if isinstance(lines, list) else list(lines)
+        else:
+            batch: dict[str, Line] = {}
+            for line in lines:
+                _check_line(line)
+                if line[0] not in batch:
+                    batch[line[0]] = line
+            todo = list(batch.values())
+        with self._lock:
+            try:
+                with self._tx():
+                    return self._post(todo, position, state, False)
+            except Exception as exc:
+                self._classes.clear()          # it may hold classes of the rolled-back batch
+                if not self._is_conflict(exc):
+                    raise
+            # Some keys are already posted (a re-post): filter them out, then
+            # post the rest with the same position and state.
+            try:
+                with self._tx():
+                    return self._post(todo, position, state, True)
+            except Exception:
+                self._classes.clear()
+                raise
+
+    def _post(self, lines: list[Line], position, state, filter_known: bool) -> int:
+        if filter_known and lines:
+            known = self._known_keys([ln.key for ln in lines])
+            lines = [ln for ln in lines if ln.key not in known]
+        n = 0
+        if lines:
+            next_id = self._next_id()
+            n = len(lines)
+            classes = self._classes
+            get = classes.get
+            rows = []
+            add = rows.append
+            for ln in lines:
+                ck = _class_key(ln)
+                cid = get(ck)
+                if cid is None:
+                    cid = self._class_id(ck)
+                add(_row_body(ln) + (cid,))
+            self._insert_txns(next_id, rows)
+            # Entries and the summary are derived in SQL from the rows just
+            # inserted, inside the same database transaction.
+            span = (next_id, next_id + n - 1)
+            for sql in _DERIVE_ENTRIES:
+                self._exec(sql, span)
+            self._exec(_DERIVE_SUMMARY, span)
+        if n or position is not None:
+            node, seq = position if position is not None else (None, None)
+            self._exec(_INSERT_BATCH, (next_id if n else None, next_id + n - 1 if n else None,
+                                       node, seq, time.time_ns()))
+        if position is not None:
+            self._exec(_UPSERT_POSITION, (position[0], position[1], time.time_ns()))
+        if state:
+            ups = [(k[0], k[1], v) for k, v in state.items() if v is not None]
+            dels = [(k[0], k[1]) for k, v in state.items() if v is None]
+            if ups:
+                self._upsert_state(ups)
+            if dels:
+                self._executemany(_DELETE_STATE, dels)
+        return n
+
+    def _next_id(self) -> int:
+        return self._query("SELECT COALESCE(MAX(id), 0) AS m FROM txns")[0]["m"] + 1
+
+    def _class_id(self, ck: tuple) -> int:
+        """The id of a line class, inserted if new (inside the caller's transaction;
+        the cache is cleared when that transaction fails)."""
+        values = ck[:9] + (NO_PRICE if ck[9] is None else ck[9],) + ck[10:]
+        rows = self._query(_CLASS_OF, values)
+        if rows:
+            cid = rows[0]["id"]
+        else:
+            cid = self._query("SELECT COALESCE(MAX(id), 0) + 1 AS m FROM classes")[0]["m"]
+            self._exec(_INSERT_CLASS, (cid,) + values)
+        if len(self._classes) >= _CLASS_CACHE_MAX:
+            self._classes.clear()
+        self._classes[ck] = cid
+        return cid
+
+    def _known_keys(self, keys: list[str]) -> set[str]:
+        known: set[str] = set()
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            rows = self._query(f"SELECT key FROM txns WHERE key IN ({', '.join('?' * len(chunk))})",
+                               chunk)
+            known.update(r["key"] for r in rows)
+        return known
+
+    def correct(self, txn_id: int, *, void: bool = False, note: str = "correction",
+                **changes: Any) -> tuple[int, int | None]:
+        """Correct transaction `txn_id`: post its exact reversal and, unless
+        `void`, the fixed line (the original with `changes` applied, e.g.
+        amount=..., quantity=..., plan=..., vendor_amount=...). When the amount
+        changes and vendor_amount is not given, the vendor keeps the original's
+        share. A transaction is corrected once (correct the fixed one to
+        correct again). Returns (reversal id, fixed id or None)."""
+        bad = set(changes) - set(Line.FIELDS) - {"share"}
+        bad |= set(changes) & {"key", "kind", "corrects"}
+        if bad:
+            raise LedgerError(f"cannot change {', '.join(sorted(bad))} in a correction")
+        with self._lock:
+            try:
+                return self._correct(txn_id, void, note, changes)
+            except Exception:
+                self._classes.clear()
+                raise
+
+    def _correct(self, txn_id: int, void: bool, note: str,
+                 changes: dict[str, Any]) -> tuple[int, int | None]:
+        with self._tx():
+            rows = self._query("SELECT * FROM lines WHERE id = ?", (txn_id,))
+            if not rows:
+                raise LedgerError(f"no transaction {txn_id}")
+            orig = rows[0]
+            if orig["kind"] == "reversal":
+                raise LedgerError(f"transaction {txn_id} is a reversal; correct the original's fix")
+            if self._known_keys([f"rev:{txn_id}"]):
+                raise LedgerError(f"transaction {txn_id} was already corrected; correct its fix")
+            rev = Line.from_dict(orig).replace(
+                key=f"rev:{txn_id}", kind="reversal", corrects=txn_id, note=note,
+                amount=-orig["amount"], vendor_amount=-orig["vendor_amount"],
+                quantity=-orig["quantity"], usage=-orig["usage"])
+            lines = [rev]
+            if not void:
+                share = changes.pop("share", None)
+                fix = Line.from_dict(orig).replace(key=f"fix:{txn_id}", kind="correction",
+                                                   corrects=txn_id, note=note, **changes)
+                if "vendor_amount" not in changes:
+                    if share is None:
+                        share = Fraction(orig["vendor_amount"], orig["amount"]) \
+                            if orig["amount"] else Fraction(0)
+                    fix = fix.replace(vendor_amount=split_share(fix.amount, Fraction(share))
+                                      if fix.vendor else 0)
+                lines.append(fix)
+            for ln in lines:
+                _check_line(ln)
+            first = self._next_id()
+            self._post(lines, None, None, False)
+        return first, (first + 1 if not void else None)
+
+    # -- reading ----------------------------------------------------------------
+    def position(self, node: str) -> int | None:
+        """The last ring seq of `node` committed with the ledger, or None."""
+        rows = self._query("SELECT seq FROM positions WHERE node = ?", (node,))
+        return rows[0]["seq"] if rows else None
+
+    def positions(self) -> dict[str, int]:
+        """Every node's committed ring position."""
+        return {r["node"]: r["seq"] for r in self._query("SELECT node, seq FROM positions")}
+
+    def load_state(self, kind: str | None = None) -> dict[tuple[str, str], bytes]:
+        """The working state rows, by (kind, key)."""
+        if kind is None:
+            rows = self._query("SELECT kind, key, value FROM state")
+        else:
+            rows = self._query("SELECT kind, key, value FROM state WHERE kind = ?", (kind,))
+        return {(r["kind"], r["key"]): bytes(r["value"]) for r in rows}
+
+    def transaction(self, txn_id: int) -> dict[str, Any] | None:
+        """One transaction with its entries, or None."""
+        rows = self._query("SELECT * FROM lines WHERE id = ?", (txn_id,))
+        if not rows:
+            return None
+        t = rows[0]
+        t["entries"] = self.entries(txn_id)
+        return t
+
+    def transactions(self, *, account: str | None = None, period: str | None = None,
+                     session: str | None = None) -> list[dict[str, Any]]:
+        """Transactions in id order, filtered."""
+        where, params = [], []
+        for col, val in (("account", account), ("period", period), ("session", session)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                params.append(val)
+        sql = "SELECT * FROM lines" + (" WHERE " + " AND ".join(where) if where else "")
+        return self._query(sql + " ORDER BY id", params)
+
+    def entries(self, txn_id: int | None = None) -> list[dict[str, Any]]:
+        """Entries in (txn_id, leg) order, of one transaction or of all."""
+        if txn_id is None:
+            return self._query("SELECT * FROM entries ORDER BY txn_id, leg")
+        return self._query("SELECT * FROM entries WHERE txn_id = ? ORDER BY leg", (txn_id,))
+
+    def count(self) -> int:
+        """Number of transactions."""
+        return self._query("SELECT COUNT(*) AS n FROM txns")[0]["n"]
+
+    def charges(self) -> list[dict[str, Any]]:
+        """Sum of amounts per (account, currency, period): balances and period charges."""
+        return self._query(
+            "SELECT c.account AS account, c.currency AS currency, c.period AS period, "
+            "SUM(s.amount) AS amount, SUM(s.n) AS n FROM summary s "
+            "JOIN classes c ON c.id = s.class_id GROUP BY c.account, c.currency, c.period")
+
+    def invoice_rows(self, account: str, period: str) -> list[dict[str, Any]]:
+        """An account's transactions of a period summed per (module, item, plan,
+        unit, unit price, currency), from the summary table."""
+        rows = self._query(
+            "SELECT c.module AS module, c.item AS item, c.plan AS plan, c.unit AS unit, "
+            "c.unit_price AS unit_price, c.currency AS currency, SUM(s.quantity) AS quantity, "
+            "SUM(s.usage) AS usage, SUM(s.amount) AS amount, SUM(s.n) AS n "
+            "FROM summary s JOIN classes c ON c.id = s.class_id "
+            "WHERE c.account = ? AND c.period = ? "
+            "GROUP BY c.module, c.item, c.plan, c.unit, c.unit_price, c.currency "
+            "ORDER BY c.module, c.item, c.plan, c.unit, c.unit_price", (account, period))
+        for r in rows:
+            if r["unit_price"] == NO_PRICE:
+                r["unit_price"] = None
+        return rows
+
+    def payout_rows(self, period: str, vendor: str | None = None) -> list[dict[str, Any]]:
+        """Per (vendor, currency, module) of a period: gross amount and vendor part."""
+        sql = ("SELECT c.vendor AS vendor, c.currency AS currency, c.module AS module, "
+               "SUM(s.amount) AS amount, SUM(s.vendor_amount) AS vendor_amount, SUM(s.n) AS n, "
+               "COUNT(DISTINCT c.account) AS accounts FROM summary s "
+               "JOIN classes c ON c.id = s.class_id WHERE c.period = ? AND c.vendor <> ''")
+        params: list[Any] = [period]
+        if vendor is not None:
+            sql += " AND c.vendor = ?"
+            params.append(vendor)
+        return self._query(sql + " GROUP BY c.vendor, c.currency, c.module "
+                                 "ORDER BY c.vendor, c.currency, c.module", params)
+
+    def accounts_in(self, period: str) -> list[str]:
+        """Accounts with transactions in a period."""
+        return [r["account"] for r in self._query(
+            "SELECT DISTINCT account FROM classes WHERE period = ? ORDER BY account", (period,))]
+
+    def check(self) -> list[str]:
+        """Invariant violations (empty when sound): unbalanced transactions,
+        entries that disagree with their transaction, transactions without
+        entries, a summary that disagrees with the transactions."""
+        problems = []
+        for r in self._query("SELECT txn_id, SUM(debit) AS d, SUM(credit) AS c FROM entries "
+                             "GROUP BY txn_id HAVING SUM(debit) <> SUM(credit)"):
+            problems.append(f"txn {r['txn_id']}: debits {r['d']} != credits {r['c']}")
+        for r in self._query(
+                "SELECT t.id, t.amount, e.debit - e.credit AS net FROM txns t "
+                "JOIN entries e ON e.txn_id = t.id AND e.leg = 0 WHERE e.debit - e.credit <> t.amount"):
+            problems.append(f"txn {r['id']}: customer entry {r['net']} != amount {r['amount']}")
+        for r in self._query(
+                "SELECT t.id, t.vendor_amount, e.credit - e.debit AS net FROM txns t "
+                "JOIN entries e ON e.txn_id = t.id AND e.leg = 2 "
+                "WHERE e.credit - e.debit <> t.vendor_amount"):
+            problems.append(f"txn {r['id']}: vendor entry {r['net']} != {r['vendor_amount']}")
+        for r in self._query("SELECT id FROM txns t WHERE NOT EXISTS "
+                             "(SELECT 1 FROM entries e WHERE e.txn_id = t.id)"):
+            problems.append(f"txn {r['id']}: no entries")
+        sums = ", ".join(f"SUM({c}) AS {c}" for c in _SUMMARY_SUMS[:-1])
+        from_txns = {r["class_id"]: tuple(int(r[c]) for c in _SUMMARY_SUMS) for r in self._query(
+            f"SELECT class_id, {sums}, COUNT(*) AS n FROM txns GROUP BY class_id")}
+        summary = {r["class_id"]: tuple(int(r[c]) for c in _SUMMARY_SUMS)
+                   for r in self._query("SELECT * FROM summary")}
+        if from_txns != summary:
+            diff = sorted(set(from_txns.items()) ^ set(summary.items()))[:3]
+            problems.append(f"the summary disagrees with the transactions: {diff}")
+        return problems
+
+
+class SqliteLedger(Ledger):
+    """The ledger in one SQLite file (WAL, synchronous=FULL: a commit survives
+    a power cut, and batching keeps the fsyncs few)."""
+
+    def __init__(self, path: str, *, synchronous: str = "FULL") -> None:
+        self.path = os.path.abspath(path)
+        self.url = f"sqlite://{self.path}"
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._lock = threading.RLock()
+        self._classes: dict[tuple, int] = {}
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                     timeout=30)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        # executescript commits any open transaction, so the script brings its own.
+        self._conn.executescript(
+            "BEGIN IMMEDIATE;" + _DDL.format(
+                entries_suffix=" WITHOUT ROWID", blob="BLOB", id_type="INTEGER",
+                create_view="CREATE VIEW IF NOT EXISTS")
+            + _SQLITE_GUARDS + "INSERT OR IGNORE INTO meta (name, value) VALUES "
+            f"('schema_version', '{SCHEMA_VERSION}'); COMMIT;")
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _exec(self, sql: str, params: Sequence = ()) -> None:
+        self._conn.execute(sql, params)
+
+    def _executemany(self, sql: str, rows: list[tuple]) -> None:
+        self._conn.executemany(sql, rows)
+
+    def _query(self, sql: str, params: Sequence = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._conn.execute(sql, params)]
+
+    def _insert_txns(self, first_id: int, rows: list[tuple]) -> None:
+        # The ids are SQLite's own rowids, which continue from the largest.
+        self._insert_values("txns", TXN_ROW_COLUMNS, rows)
+        last = self._conn.execute("SELECT MAX(id) FROM txns").fetchone()[0]
+        if last != first_id + len(rows) - 1:
+            raise LedgerError(f"transaction ids {first_id}..{last} for {len(rows)} lines: "
+                              f"another writer?")
+
+    def _insert_values(self, table: str, columns: tuple[str, ...], rows: list[tuple],
+                       suffix: str = "") -> None:
+        # Many rows per statement: one sqlite3_step inserts them all with the
+        # GIL released, instead of one release per row as executemany does.
+        per = max(1, _SQLITE_MAX_PARAMS // len(columns))
+        one = "(" + ", ".join("?" * len(columns)) + ")"
+        head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+        for i in range(0, len(rows), per):
+            part = rows[i:i + per]
+            self._conn.execute(head + ", ".join([one] * len(part)) + suffix,
+                               list(chain.from_iterable(part)))
+
+    def _upsert_state(self, rows: list[tuple]) -> None:
+        self._insert_values("state", ("kind", "key", "value"), rows,
+                            " ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value")
+
+    def _is_conflict(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None  # type: ignore[assignment]
+
+
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def _pg_conninfo(url: str) -> tuple[str, str | None]:
+    """Split `schema=NAME` out of a postgresql:// URL."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schema = None
+    rest = []
+    for k, v in query:
+        if k == "schema":
+            schema = v
+        else:
+            rest.append((k, v))
+    if schema is not None and not _SCHEMA_NAME.match(schema):
+        raise LedgerError(f"schema {schema!r} is not a plain SQL identifier")
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest))), schema
+
+
+class PostgresLedger(Ledger):
+    """The ledger in PostgreSQL through psycopg 3; rows are loaded with COPY."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError as exc:  # pragma: no cover - psycopg is a dependency
+            raise LedgerError("the PostgreSQL ledger needs psycopg 3 (pip install "
+                              "'psycopg[binary]')") from exc
+        self._psycopg = psycopg
+        self.url = url
+        conninfo, self.schema = _pg_conninfo(url)
+        self._lock = threading.RLock()
+        self._classes: dict[tuple, int] = {}
+        self._conn = psycopg.connect(conninfo, autocommit=True, row_factory=dict_row)
+        if self.schema:
+            self._conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            self._conn.execute(f'SET search_path TO "{self.schema}"')
+        with self._tx():
+            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
+            for stmt in _split_sql(_DDL.format(entries_suffix="", blob="BYTEA", id_type="BIGINT",
+                                                create_view="CREATE OR REPLACE VIEW")):
+                self._conn.execute(stmt)
+            self._conn.execute(_PG_GUARDS)
+            self._conn.execute("INSERT INTO meta (name, value) VALUES ('schema_version', %s) "
+                               "ON CONFLICT DO NOTHING", (str(SCHEMA_VERSION),))
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        with self._conn.transaction():
+            yield
+
+    def _next_id(self) -> int:
+        # Writers are serialised so ids are dense and allocated without a sequence.
+        self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
+        return super()._next_id()
+
+    def _exec(self, sql: str, params: Sequence = ()) -> None:
+        self._conn.execute(sql.replace("?", "%s"), params)
+
+    def _executemany(self, sql: str, rows: list[tuple]) -> None:
+        with self._conn.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), rows)
+
+    def _query(self, sql: str, params: Sequence = ()) -> list[dict[str, Any]]:
+        return list(self._conn.execute(sql.replace("?", "%s"), params).fetchall())
+
+    def _insert_txns(self, first_id: int, rows: list[tuple]) -> None:
+        with self._conn.cursor() as cur:
+            with cur.copy(f"COPY txns (id, {', '.join(TXN_ROW_COLUMNS)}) FROM STDIN") as cp:
+                for i, row in enumerate(rows, first_id):
+                    cp.write_row((i,) + row)
+
+    def _is_conflict(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._psycopg.errors.UniqueViolation)
+
+    def try_lock_writer(self) -> bool:
+        """Take the session-level lock that makes this the only accountant
+        writing to the schema; False if another holds it."""
+        row = self._query("SELECT pg_try_advisory_lock(%s, hashtext(current_schema())) AS ok",
+                          (_PG_LOCK & 0x7FFFFFFF,))
+        return bool(row[0]["ok"])
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None  # type: ignore[assignment]
+
+
+def _split_sql(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def open_ledger(url: str | None, data_dir: str | None = None) -> Ledger:
+    """Open (and create) a ledger: None for `DATA/accounting/ledger.db`, a path
+    or `sqlite:///PATH` for SQLite, `postgresql://...` for PostgreSQL."""
+    if url is None:
+        if data_dir is None:
+            raise LedgerError("no ledger store: give a URL or a data directory")
+        return SqliteLedger(os.path.join(data_dir, "accounting", "ledger.db"))
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresLedger(url)
+    if url.startswith("sqlite:///"):
+        return SqliteLedger(url[len("sqlite://"):])
+    if "://" in url:
+        raise LedgerError(f"unknown ledger store {url!r} (a path, sqlite:///PATH or postgresql://...)")
+    return SqliteLedger(url)

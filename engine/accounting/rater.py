@@ -1,0 +1,264 @@
+"""The rater: prices metered segments and actions with the right plan.
+
+The plan of a line is the account's own plan for the module (or
+module:action), else the module's listing default, else the platform
+default (see `BillingConfig.plan_for`). The rater keeps the period state
+plans need: usage so far per (account, target, period), where target is the
+module for time in control and "module:action" for actions, plus the
+subscription fees already posted. A line's period is that of the wall-clock
+time its segment began (or of its action).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import msgpack
+
+from .config import BillingConfig, PeriodClock
+from .ledger import Line, split_share
+from .meter import Action, OpenSession, Segment
+from .plans import DEN, NS, PerUnitPlan, SubscriptionPlan, UsagePlan, _SCALE
+
+__all__ = ["Rater", "usage_key"]
+
+_SEP = "\x1f"
+_new = tuple.__new__
+
+
+def usage_key(account: str, target: str, period: str) -> str:
+    """The state-table key of a period usage counter."""
+    return f"{account}{_SEP}{target}{_SEP}{period}"
+
+
+class Rater:
+    """Turns Segment and Action events into ledger Lines."""
+
+    def __init__(self, book: BillingConfig) -> None:
+        self.book = book
+        self.clock = PeriodClock(book.period)
+        self.usage: dict[tuple[str, str, str], int] = {}
+        self.fees: set[str] = set()
+        self.dirty: set[tuple[str, str, str]] = set()
+        self.dirty_fees: set[str] = set()
+        self._ctx: dict[tuple[str, str, str], tuple] = {}
+        # The plan each (account, target) was last rated with, for cap reports.
+        self.last_plan: dict[tuple[str, str], UsagePlan] = {}
+
+    # -- state ---------------------------------------------------------------
+    def load(self, usage: dict[tuple[str, str, str], int], fees: Iterable[str]) -> None:
+        """Restore period usage counters and the keys of posted fees."""
+        self.usage.update(usage)
+        self.fees.update(fees)
+
+    def take_dirty(self) -> dict[tuple[str, str], bytes]:
+        """State rows of the usage counters and fees changed since the last call."""
+        pack = msgpack.packb
+        out = {("usage", usage_key(*k)): pack(self.usage[k]) for k in self.dirty}
+        for key in self.dirty_fees:
+            out[("fee", key)] = b"\x01"
+        self.dirty = set()
+        self.dirty_fees = set()
+        return out
+
+    @staticmethod
+    def parse_state(rows: dict[tuple[str, str], bytes]) -> tuple[dict[tuple[str, str, str], int],
+                                                                 set[str]]:
+        """Usage counters and posted fee keys from the state rows of `take_dirty`."""
+        usage, fees = {}, set()
+        for (kind, key), value in rows.items():
+            if kind == "usage":
+                a, t, p = key.split(_SEP)
+                usage[(a, t, p)] = msgpack.unpackb(value)
+            elif kind == "fee":
+                fees.add(key)
+        return usage, fees
+
+    # -- rating ----------------------------------------------------------------
+    def rate(self, events: Iterable[object], out: list[Line]) -> None:
+        """Rate the Segment and Action events among `events` into `out`."""
+        for ev in events:
+            cls = ev.__class__
+            if cls is Segment:
+                self.rate_segment(ev, out)          # type: ignore[arg-type]
+            elif cls is Action:
+                self.rate_action(ev, out)           # type: ignore[arg-type]
+
+    def _paid(self, account: str, module: str, plan: SubscriptionPlan, period: str, wall: int,
+              node: str, seq: int | None, session: str, out: list[Line]) -> bool:
+        """Whether the subscription's period is paid; posts the fee when the
+        plan charges it at the period's first use."""
+        if self.book.subscription_paid_externally(account, period):
+            return True
+        key = f"sub:{account}:{plan.name}:{period}"
+        if key in self.fees:
+            return True
+        if plan.unpaid == "deny":
+            return False
+        self.fees.add(key)
+        self.dirty_fees.add(key)
+        vendor, share = self.book.vendor_of(module)
+        out.append(Line(key, "fee", node, seq, session, account, module, "subscription", "",
+                        period, wall, 1, 1, "period", plan.name, plan.fee, plan.fee,
+                        self.book.account(account).currency, vendor, split_share(plan.fee, share)))
+        return True
+
+    def _context(self, account: str, module: str, level: str) -> tuple:
+        """What rating a segment of (account, module, level) needs, looked up
+        once: plan, currency, vendor, share, and for the common per-unit time
+        plan without a cap the constants of its integer fast path."""
+        book = self.book
+        plan = book.plan_for(account, module, level)
+        vendor, share = book.vendor_of(module)
+        fast = None
+        if plan.__class__ is PerUnitPlan and plan.cap is None and plan.is_time:
+            inc = plan.increment
+            fast = (inc.first * NS, inc.next * NS, inc.first, inc.next,
+                    plan.price * _SCALE[plan.unit], plan.connect_fee * DEN, plan.minimum,
+                    plan.unit, plan.name, plan.price)
+        ctx = (plan, book.account(account).currency, vendor, share.numerator, share.denominator,
+               fast)
+        self._ctx[(account, module, level)] = ctx
+        return ctx
+
+    def rate_segment(self, seg: Segment, out: list[Line]) -> None:
+        """Rate one segment of time in control."""
+        node, seq, session, account, module, level, start, end, wall, _end_wall, o = seg
+        ctx = self._ctx.get((account, module, level)) or self._context(account, module, level)
+        fast = ctx[5]
+        if fast is None:
+            self._rate_segment(seg, out)
+            return
+        # The per-unit plan inline: the same integer arithmetic as PerUnitPlan.rate.
+        first_ns, next_ns, first, nxt, scaled, connect, minimum, unit, name, price = fast
+        ns = end - start
+        if ns <= 0:
+            q = 0
+        elif ns <= first_ns:
+            q = first
+        else:
+            q = first + -(-(ns - first_ns) // next_ns) * nxt
+        amount = (2 * (q * scaled + connect) + DEN) // (2 * DEN)
+        if amount < minimum:
+            amount = minimum
+        clock = self.clock
+        period = clock._label if clock._lo <= wall < clock._hi else clock.of(wall)
+        uk = (account, module, period)
+        usage = self.usage
+        usage[uk] = usage.get(uk, 0) + q
+        self.dirty.add(uk)
+        if o is not None:
+            u = o.usage
+            u[module] = u.get(module, 0) + q
+            o.charged += amount
+        sn, sd = ctx[3], ctx[4]
+        out.append(_new(Line, (f"{node}:{seq}" if seq is not None else seg.key, "usage",
+                               node, seq, session, account, module, "time", level,
+                               period, wall, ns, q, unit, name, price, amount, ctx[1], ctx[2],
+                               (2 * amount * sn + sd) // (2 * sd) if sn else 0, None, "")))
+
+    def _rate_segment(self, seg: Segment, out: list[Line]) -> None:
+        account, module = seg.account, seg.module
+        book = self.book
+        plan = book.plan_for(account, module, seg.level)
+        ns = seg.end_mono - seg.start_mono
+        q = plan.segment_quantity(ns)
+        period = self.clock.of(seg.start_wall)
+        uk = (account, module, period)
+        prior = self.usage.get(uk, 0)
+        o = seg.owner
+        prior_s = o.usage.get(module, 0) if o is not None else 0
+        paid = True
+        if plan.__class__ is SubscriptionPlan:
+            paid = self._paid(account, module, plan, period, seg.start_wall, seg.node, seg.seq,
+                              seg.session, out)
+        ch = plan.rate(q, prior_period=prior, prior_session=prior_s, segment=True, paid=paid)
+        self.usage[uk] = prior + q
+        self.dirty.add(uk)
+        if plan.cap is not None:
+            self.last_plan[(account, module)] = plan
+        amount = ch.amount
+        if o is not None:
+            o.usage[module] = prior_s + q
+            o.charged += amount
+        vendor, share = book.vendor_of(module)
+        out.append(Line(seg.key, "usage", seg.node, seg.seq, seg.session, account, module,
+                        "time", seg.level, period, seg.start_wall, ns, q, plan.unit, plan.name,
+                        ch.unit_price, amount, book.account(account).currency, vendor,
+                        split_share(amount, share) if share else 0, None, ch.note))
+
+    def rate_action(self, act: Action, out: list[Line]) -> None:
+        """Rate one counted action (its count is the quantity)."""
+        account, module = act.account, act.module
+        book = self.book
+        plan = book.plan_for(account, module, "", act.action)
+        target = f"{module}:{act.action}"
+        wall = act.wall_ns or time.time_ns()
+        period = self.clock.of(wall)
+        uk = (account, target, period)
+        prior = self.usage.get(uk, 0)
+        o = act.owner
+        prior_s = o.usage.get(target, 0) if o is not None else 0
+        q = act.count
+        paid = True
+        if plan.__class__ is SubscriptionPlan:
+            paid = self._paid(account, module, plan, period, wall, act.node, act.seq,
+                              act.session, out)
+        ch = plan.rate(q, prior_period=prior, prior_session=prior_s, segment=False, paid=paid)
+        self.usage[uk] = prior + q
+        self.dirty.add(uk)
+        if plan.cap is not None:
+            self.last_plan[(account, target)] = plan
+        if o is not None:
+            o.usage[target] = prior_s + q
+            o.charged += ch.amount
+        vendor, share = book.vendor_of(module)
+        out.append(Line(act.key, "action", act.node, act.seq, act.session, account, module,
+                        act.action, "", period, wall, act.count, q, plan.unit, plan.name,
+                        ch.unit_price, ch.amount, book.account(account).currency, vendor,
+                        split_share(ch.amount, share) if share else 0, None, ch.note))
+
+    # -- live sessions -------------------------------------------------------------
+    def running_cost(self, o: OpenSession, now_mono_ns: int) -> int:
+        """Micro-units a live session has cost so far: its posted lines plus
+        its current segment rated up to the last completed billing increment
+        (with the connect fee, the minimum, and a subscription fee the segment
+        would trigger). Changes nothing."""
+        total = o.charged
+        if not o.module:
+            return total
+        plan = self.book.plan_for(o.account, o.module, o.level)
+        elapsed = max(0, now_mono_ns - o.seg_mono)
+        q = plan.increment.completed(elapsed) if plan.is_time else 1
+        period = self.clock.of(o.seg_wall or time.time_ns())
+        prior = self.usage.get((o.account, o.module, period), 0)
+        paid = True
+        if isinstance(plan, SubscriptionPlan):
+            fees: list[Line] = []
+            saved = (set(self.fees), set(self.dirty_fees))
+            paid = self._paid(o.account, o.module, plan, period, o.seg_wall, o.node, None,
+                              o.session, fees)
+            self.fees, self.dirty_fees = saved
+            total += sum(f.amount for f in fees)
+        ch = plan.rate(q, prior_period=prior, prior_session=o.usage.get(o.module, 0),
+                       segment=True, paid=paid)
+        return total + ch.amount
+
+    def caps(self, period: str) -> dict[str, dict[str, dict[str, object]]]:
+        """Per account, per capped target used this period: used, cap, at_cap
+        and whether the cap is reached."""
+        out: dict[str, dict[str, dict[str, object]]] = {}
+        for (account, target, p), used in self.usage.items():
+            if p != period:
+                continue
+            plan = self.last_plan.get((account, target)) or self.plan_of_target(account, target)
+            if plan.cap is None:
+                continue
+            out.setdefault(account, {})[target] = {
+                "used": used, "cap": plan.cap, "at_cap": plan.at_cap, "reached": used >= plan.cap}
+        return out
+
+    def plan_of_target(self, account: str, target: str) -> UsagePlan:
+        """The plan of a usage target (module, or module:action), level aside."""
+        module, _, action = target.partition(":")
+        return self.book.plan_for(account, module, "", action)

@@ -1,0 +1,69 @@
+"""From a real call to an invoice: engine -> ring -> accountant (child process) -> ledger -> bill."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+
+from engine.sip.parser_py import parse_message
+from tests.helpers import BATON, DEMO, SDP_OFFER, Call, EngineProcess
+
+
+def run(*args, timeout=60):
+    return subprocess.run([BATON, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def call(eng, number, seconds):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(5)
+
+    class C:
+        host, port = "127.0.0.1", eng.port
+        local_host, local_port = "127.0.0.1", sock.getsockname()[1]
+
+    c = Call(C, number)
+    sock.sendto(c.request("INVITE", SDP_OFFER.format(port=40000)), (C.host, C.port))
+    while True:
+        m = parse_message(sock.recv(65535))
+        if not m.is_request and m.status >= 200:
+            break
+    assert m.status == 200
+    c.to_tag = m.to_tag
+    sock.sendto(c.request("ACK"), (C.host, C.port))
+    time.sleep(seconds)
+    c.cseq = 2
+    sock.sendto(c.request("BYE"), (C.host, C.port))
+    while True:
+        m = parse_message(sock.recv(65535))
+        if not m.is_request and m.cseq_method == "BYE":
+            break
+    sock.close()
+
+
+def test_calls_end_up_on_one_invoice():
+    eng = EngineProcess(DEMO)
+    with eng:
+        call(eng, "1000", 1.2)   # hold: basic level
+        call(eng, "1002", 1.5)   # bridge to the engine's own echo: two sessions
+        assert eng.stop(timeout=20) == 0
+    assert "Traceback" not in eng.output()
+    log = os.path.join(eng.data_dir, "accountant.log")
+    assert os.path.exists(log), "serve starts the accountant"
+    period = time.strftime("%Y-%m", time.gmtime())
+    r = run("bill", "invoice", "--account", "demo", "--period", period, "--format", "json",
+            "--data-dir", eng.data_dir, "--config", DEMO)
+    assert r.returncode == 0, r.stderr + open(log).read()
+    inv = json.loads(r.stdout)
+    lines = {ln["module"]: ln for ln in inv["lines"]}
+    assert {"baton.hold", "baton.bridge", "baton.echo"} <= set(lines), inv
+    # Whole seconds at $0.001/min: 1.2 s of hold -> 2 s billed (1/1 increments round up).
+    hold = lines["baton.hold"]
+    assert hold["plan"] == "bridge-basic" and hold["amount_micro"] > 0
+    total = sum(ln["amount_micro"] for ln in inv["lines"])
+    assert inv["total_micro"] == total
+    r = run("bill", "invoice", "--account", "demo", "--period", period, "--format", "table",
+            "--data-dir", eng.data_dir, "--config", DEMO)
+    assert "TOTAL" in r.stdout and "baton.bridge" in r.stdout
