@@ -230,6 +230,7 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
     _load_trunks(cfg, raw, path)
     _load_apps(cfg, raw, path)
     _load_policy(cfg, raw, path)
+    _check_vendors(raw, path)
     accounts = raw.get("accounts", {})
     if not isinstance(accounts, dict):
         raise ConfigError(path, "accounts", "expected a table of accounts")
@@ -408,3 +409,22 @@ def _number_route(cfg: Config, path: str, key: str, account: str, number: str, t
         if "trunk" in params and params["trunk"] not in cfg.trunks:
             raise ConfigError(path, f"{key}.trunk", f"no trunk {params['trunk']!r}")
     return NumberRoute(number=number, account=account, kind=kind, target=value, params=params)
+
+
+def _check_vendors(raw: dict, path: str) -> None:
+    """The parts of `[vendors.ID]` the control API relies on (billing reads the rest)."""
+    vendors = raw.get("vendors", {})
+    if not isinstance(vendors, dict):
+        raise ConfigError(path, "vendors", "expected a table of vendors")
+    for vid, v in vendors.items():
+        key = f"vendors.{vid}"
+        if not isinstance(v, dict):
+            raise ConfigError(path, key, "expected a table")
+        if "secret" in v and (not isinstance(v["secret"], str) or len(v["secret"]) < 16):
+            raise ConfigError(path, f"{key}.secret", "a string of at least 16 characters")
+        mods = v.get("modules", [])
+        if not isinstance(mods, list) or not all(isinstance(m, str) and "." in m for m in mods):
+            raise ConfigError(path, f"{key}.modules", "a list of module codes such as acme.survey")
+        t = v.get("offer_timeout", 2.0)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.05 <= t <= 60:
+            raise ConfigError(path, f"{key}.offer_timeout", "seconds between 0.05 and 60")

@@ -43,6 +43,7 @@ class Engine:
                            registrar=registrar)
         self.sessions: dict[str, Session] = {}
         self.sip_port = 0
+        self.grpc_port = 0
         self.registry = Registry(self, BUILTIN_MODULES, cfg.modules)
         self.policy = Snapshot(os.path.join(cfg.data_dir, "policy.json"),
                                Rules(**cfg.policy) if cfg.policy else AllowAll())

@@ -38,7 +38,8 @@ _BILLING_KEYS = {
     "pipeline": "post batches on a second thread while the next is rated",
 }
 _ACCOUNT_KEYS = ("plans", "prepaid_balance", "credit_limit", "paid_periods", "banned")
-_VENDOR_KEYS = ("name", "revenue_share", "modules", "plans")
+_VENDOR_KEYS = ("name", "revenue_share", "modules", "plans",
+                "secret", "offer_timeout")  # the last two are the control API's
 
 
 class BillingConfigError(ValueError):

@@ -62,26 +62,46 @@ class SipCore:
 
     # -- lifecycle ------------------------------------------------------------
     async def listen(self, host: str, port: int, transports=("udp", "tcp")) -> int:
-        """Bind UDP and/or TCP on host:port (port 0: pick one, the same for both)."""
+        """Bind UDP and/or TCP on host:port (port 0: pick one free for both)."""
         loop = asyncio.get_running_loop()
         if not self.timers._handle:
             self.timers.start(loop)
-        if "udp" in transports:
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                 socket.SOCK_DGRAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tries = 20 if port == 0 else 1
+        for attempt in range(tries):
+            udp = None
+            try:
+                if "udp" in transports:
+                    udp = await self._listen_udp(loop, host, port)
+                    port = udp.local[1]
+                if "tcp" in transports:
+                    t = TcpTransport(self)
+                    await t.listen(host, port)
+                    self.tcp.append(t)
+                    port = t.local[1]
+            except OSError:
+                # The UDP port picked for us may be taken for TCP: try another pair.
+                if udp is not None:
+                    udp.close()
+                if attempt + 1 >= tries:
+                    raise
+                port = 0
+                continue
+            if udp is not None:
+                self.udp.append(udp)
+            return port
+        raise OSError("no free port")
+
+    async def _listen_udp(self, loop, host: str, port: int) -> UdpTransport:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
             sock.bind((host, port))
-            sock.setblocking(False)
-            _, proto = await loop.create_datagram_endpoint(
-                lambda: UdpTransport(self, sock), sock=sock)
-            self.udp.append(proto)
-            port = proto.local[1]
-        if "tcp" in transports:
-            t = TcpTransport(self)
-            await t.listen(host, port)
-            self.tcp.append(t)
-            port = t.local[1]
-        return port
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        _, proto = await loop.create_datagram_endpoint(lambda: UdpTransport(self, sock), sock=sock)
+        return proto
 
     def close(self) -> None:
         self.timers.stop()

@@ -25,7 +25,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -155,7 +155,8 @@ class Fetcher:
         # Counters and the last fetch latencies, for the benchmark and the API.
         self.requests = 0
         self.failures = 0
-        self.latencies: list[float] = []
+        self.latencies: deque = deque(maxlen=20000)
+        self.latency_count = 0
 
     def _client(self):
         import aiohttp
@@ -246,8 +247,7 @@ class Fetcher:
 
     def _latency(self, seconds: float) -> None:
         self.latencies.append(seconds)
-        if len(self.latencies) > 20000:
-            del self.latencies[:10000]
+        self.latency_count += 1
 
     async def audio_url(self, url: str, *, timeout: float = 15.0,
                         max_bytes: int = 16 << 20):

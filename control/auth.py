@@ -1,0 +1,170 @@
+"""Who may use the control API: account API tokens, vendor secrets, TLS.
+
+- `Sessions` calls carry `authorization: Bearer TOKEN` metadata; the token
+  is one of an account's `api_tokens` and the call sees that account only.
+- A vendor process proves itself when it attaches: the module code and the
+  vendor's secret (`[vendors.ID] secret`) in its Register message or in
+  `x-baton-module` / `x-baton-secret` metadata. A code belongs to a vendor
+  when `[modules."CODE"] vendor = "ID"` says so or `[vendors.ID] modules`
+  lists it.
+
+Secrets and tokens are compared in constant time.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+log = logging.getLogger("baton.control.auth")
+
+MIN_SECRET = 16
+DEFAULT_OFFER_TIMEOUT = 2.0
+
+
+class AuthError(Exception):
+    """A refusal, with the gRPC status it maps to."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Vendor:
+    """One `[vendors.ID]` table."""
+
+    id: str
+    secret: str
+    modules: set = field(default_factory=set)
+    offer_timeout: float = DEFAULT_OFFER_TIMEOUT
+
+
+class Authority:
+    """Token and secret checks over the engine's config (read once at start)."""
+
+    def __init__(self, cfg) -> None:
+        self.tokens: list[tuple[bytes, str]] = []
+        for acc in cfg.accounts.values():
+            for token in getattr(acc, "api_tokens", ()) or ():
+                self.tokens.append((token.encode(), acc.id))
+        self.vendors: dict[str, Vendor] = {}
+        for vid, table in (cfg.raw.get("vendors") or {}).items():
+            if not isinstance(table, dict):
+                log.warning("vendors.%s: expected a table; this vendor cannot attach", vid)
+                continue
+            secret = table.get("secret")
+            if not isinstance(secret, str) or len(secret) < MIN_SECRET:
+                log.warning("vendors.%s.secret: a string of at least %d characters is needed; "
+                            "this vendor cannot attach", vid, MIN_SECRET)
+                continue
+            mods = table.get("modules", [])
+            if not isinstance(mods, list) or not all(isinstance(m, str) for m in mods):
+                log.warning("vendors.%s.modules: expected a list of module codes", vid)
+                mods = []
+            timeout = table.get("offer_timeout", DEFAULT_OFFER_TIMEOUT)
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
+                    not 0.05 <= timeout <= 60:
+                log.warning("vendors.%s.offer_timeout: seconds between 0.05 and 60; using %g",
+                            vid, DEFAULT_OFFER_TIMEOUT)
+                timeout = DEFAULT_OFFER_TIMEOUT
+            self.vendors[vid] = Vendor(vid, secret, set(mods), float(timeout))
+        self.module_vendor: dict[str, str] = {
+            code: entry["vendor"] for code, entry in cfg.modules.items()
+            if isinstance(entry, dict) and entry.get("vendor")}
+
+    # -- account tokens ----------------------------------------------------------
+    def account_for_token(self, token: str) -> str | None:
+        raw = token.encode()
+        found = None
+        for known, account in self.tokens:
+            # Every token is compared, so timing says nothing about which matched.
+            if hmac.compare_digest(known, raw):
+                found = account
+        return found
+
+    def account(self, metadata) -> str:
+        """The account of a call's bearer token; AuthError(UNAUTHENTICATED) otherwise."""
+        value = _metadata_value(metadata, "authorization")
+        if value is None:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED,
+                            "missing `authorization: Bearer TOKEN` metadata")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED,
+                            "the authorization metadata must be `Bearer TOKEN`")
+        account = self.account_for_token(token.strip())
+        if account is None:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "unknown API token")
+        return account
+
+    # -- vendor secrets ----------------------------------------------------------
+    def vendor_for(self, code: str, secret: str, vendor_id: str = "") -> Vendor:
+        """The vendor allowed to serve `code` with `secret`, or AuthError."""
+        if not code:
+            raise AuthError(grpc.StatusCode.INVALID_ARGUMENT,
+                            "register.module_code: a module code is required")
+        if "." not in code:
+            raise AuthError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"register.module_code: {code!r} has no vendor prefix "
+                            "(e.g. acme.survey)")
+        if not secret:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED,
+                            "no secret: send it in Register.secret or x-baton-secret metadata")
+        if code.startswith("baton."):
+            raise AuthError(grpc.StatusCode.PERMISSION_DENIED,
+                            f"module code {code!r} is reserved for built-in modules")
+        if vendor_id:
+            candidates = [self.vendors[vendor_id]] if vendor_id in self.vendors else []
+        elif code in self.module_vendor:
+            v = self.vendors.get(self.module_vendor[code])
+            candidates = [v] if v is not None else []
+        else:
+            candidates = [v for v in self.vendors.values() if code in v.modules]
+        matched = None
+        for v in candidates:
+            if hmac.compare_digest(v.secret.encode(), secret.encode()):
+                matched = v
+        if matched is None:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED,
+                            f"bad secret for module code {code!r}")
+        if code not in matched.modules and self.module_vendor.get(code) != matched.id:
+            raise AuthError(grpc.StatusCode.PERMISSION_DENIED,
+                            f"module code {code!r} does not belong to vendor {matched.id!r}")
+        return matched
+
+
+def _metadata_value(metadata, key: str) -> str | None:
+    for k, v in metadata or ():
+        if k.lower() == key:
+            return v.decode() if isinstance(v, bytes) else v
+    return None
+
+
+def metadata_value(metadata, key: str) -> str | None:
+    """The first value of metadata `key` (case-insensitive), or None."""
+    return _metadata_value(metadata, key)
+
+
+def server_credentials(engine_cfg: dict):
+    """TLS (or mutual TLS) credentials when `[engine] grpc_tls_cert/key` are set, else None."""
+    cert_path = engine_cfg.get("grpc_tls_cert")
+    key_path = engine_cfg.get("grpc_tls_key")
+    if not cert_path and not key_path:
+        return None
+    if not cert_path or not key_path:
+        raise ValueError("engine.grpc_tls_cert and engine.grpc_tls_key go together")
+    with open(cert_path, "rb") as f:
+        cert = f.read()
+    with open(key_path, "rb") as f:
+        key = f.read()
+    ca = None
+    ca_path = engine_cfg.get("grpc_tls_client_ca")
+    if ca_path:
+        with open(ca_path, "rb") as f:
+            ca = f.read()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=ca is not None)

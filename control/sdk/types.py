@@ -1,0 +1,157 @@
+"""What the engine sends a vendor process, as plain typed Python objects."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .. import pb
+
+mh = pb.module_host_pb2
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A command's acknowledgement: `result` is what it produced, `duplicate` tells
+    that the command id had been used before (the first Ack is repeated)."""
+
+    command_id: str
+    session_id: str
+    result: dict = field(default_factory=dict)
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class Say:
+    """A prompt spoken with espeak-ng."""
+
+    text: str
+    voice: str = ""
+    loop: int = 1
+
+
+@dataclass(frozen=True)
+class Play:
+    """A prompt played from a WAV file path or http(s) URL on the engine's side."""
+
+    url: str
+    loop: int = 1
+
+
+Prompt = Union[Say, Play]
+
+
+@dataclass(frozen=True)
+class Dtmf:
+    digit: str
+
+
+@dataclass(frozen=True)
+class GatherResult:
+    command_id: str
+    digits: str
+    reason: str   # num-digits, finish-key, timeout, stopped
+
+
+@dataclass(frozen=True)
+class PlaybackFinished:
+    command_id: str
+    interrupted: bool
+
+
+@dataclass(frozen=True)
+class RecordingReady:
+    command_id: str
+    path: str
+    duration: float
+    reason: str
+    digits: str
+
+
+@dataclass(frozen=True)
+class LegAnswered:
+    leg: str
+
+
+@dataclass(frozen=True)
+class LegEnded:
+    leg: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ControlRevoked:
+    reason: str
+    next_module: str
+    by_vendor: bool
+    control_ms: int
+
+
+@dataclass(frozen=True)
+class CostWarning:
+    amount: float
+    currency: str
+    threshold: float
+
+
+Event = Union[Dtmf, GatherResult, PlaybackFinished, RecordingReady, LegAnswered, LegEnded,
+              ControlRevoked, CostWarning]
+
+
+def event_from_pb(ev: "mh.Event") -> Event | None:
+    """The typed event of an Event message (None for a kind this SDK does not know)."""
+    kind = ev.WhichOneof("kind")
+    if kind == "dtmf":
+        return Dtmf(ev.dtmf.digit)
+    if kind == "gather_result":
+        g = ev.gather_result
+        return GatherResult(g.command_id, g.digits, g.reason)
+    if kind == "playback_finished":
+        p = ev.playback_finished
+        return PlaybackFinished(p.command_id, p.interrupted)
+    if kind == "recording_ready":
+        r = ev.recording_ready
+        return RecordingReady(r.command_id, r.path, r.duration, r.reason, r.digits)
+    if kind == "leg_answered":
+        return LegAnswered(ev.leg_answered.leg)
+    if kind == "leg_ended":
+        return LegEnded(ev.leg_ended.leg, ev.leg_ended.reason)
+    if kind == "control_revoked":
+        c = ev.control_revoked
+        return ControlRevoked(c.reason, c.next_module, c.by_vendor, c.control_ms)
+    if kind == "cost_warning":
+        c = ev.cost_warning
+        return CostWarning(c.amount, c.currency, c.threshold)
+    return None
+
+
+@dataclass
+class OfferInfo:
+    """The data of an offer (see `Offer` for what to do with one)."""
+
+    offer_id: str
+    session_id: str
+    account: str
+    module_code: str
+    call_params: dict[str, Any]
+    module_params: dict[str, Any]
+    outlets: list[str]
+    events: list[str]
+    reason: str
+    previous_module: str
+    node: str
+    app: str
+    from_uri: str
+    to_uri: str
+    number: str
+    direction: str
+    answered: bool
+    deadline_ms: int
+    resume: dict[str, Any] | None
+
+    @classmethod
+    def from_pb(cls, o: "mh.Offer") -> "OfferInfo":
+        return cls(o.offer_id, o.session_id, o.account, o.module_code,
+                   pb.from_struct(o.call_params), pb.from_struct(o.module_params),
+                   list(o.outlets), list(o.events), o.reason, o.previous_module, o.node, o.app,
+                   o.from_uri, o.to_uri, o.number, o.direction, o.answered, o.deadline_ms,
+                   pb.from_struct(o.resume) if o.HasField("resume") else None)

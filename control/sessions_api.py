@@ -1,0 +1,384 @@
+"""`baton.v1.Sessions`: originate calls, move sessions, read them and watch them.
+
+Every call is authenticated with an account API token (`authorization:
+Bearer TOKEN`) and sees only that account's sessions: another account's
+session is NOT_FOUND, exactly as one that never existed.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from engine import apps as apps_mod
+from engine.apps import Node
+from engine.media.ports import PortsExhausted
+from engine.sip import sdp
+from engine.sip.errors import SdpError
+from engine.sip.uac import OutgoingCall, UacOwner
+from engine.sip.uri import parse_uri
+
+from . import pb
+from .auth import AuthError, Authority
+
+log = logging.getLogger("baton.control.sessions")
+
+sp = pb.sessions_pb2
+cp = pb.common_pb2
+
+WATCH_KINDS = ("transition", "ended", "offered", "taken", "declined", "control-lost")
+WATCH_QUEUE = 10_000
+BUSY = (486, 600, 603)
+NO_ANSWER = (408, 480, 487)
+
+
+def session_info(session) -> cp.SessionInfo:
+    """A live or finished `Session` as a SessionInfo message."""
+    live = not session.ended
+    info = cp.SessionInfo(
+        session_id=session.id, account=session.account, number=session.number or "",
+        from_uri=session.from_uri or "", to_uri=session.to_uri or "",
+        direction=session.direction, live=live,
+        module=session.module.code if live and session.module is not None else "",
+        level=(session.level or "") if live else "",
+        node=session.node.name if live and session.node is not None else "",
+        started_wall_ns=session.started_wall, ended_wall_ns=session.ended_wall or 0,
+        end_reason=session.end_reason or "", params=pb.to_struct(session.params),
+        app=session.app.name if session.app is not None else "")
+    return info
+
+
+def span_message(span) -> cp.ControlSpan:
+    end_mono = span.end_mono
+    return cp.ControlSpan(module=span.module, level=span.level or "", node=span.node or "",
+                          reason=span.reason or "", start_wall_ns=span.start_wall,
+                          end_wall_ns=span.end_wall or 0, end_reason=span.end_reason or "",
+                          duration_ns=(end_mono - span.start_mono) if end_mono else 0)
+
+
+def _row_info(row: dict) -> cp.SessionInfo:
+    return cp.SessionInfo(session_id=row["id"], account=row["account"],
+                          number=row.get("number") or "", from_uri=row.get("from_uri") or "",
+                          to_uri=row.get("to_uri") or "", direction=row.get("direction") or "",
+                          live=False, started_wall_ns=row.get("started_wall_ns") or 0,
+                          ended_wall_ns=row.get("ended_wall_ns") or 0,
+                          end_reason=row.get("end_reason") or "", app=row.get("app") or "")
+
+
+def _row_spans(row: dict) -> list[cp.ControlSpan]:
+    out = []
+    for h in row["history"]:
+        end = h.get("end_mono_ns")
+        out.append(cp.ControlSpan(
+            module=h["module"], level=h.get("level") or "", node=h.get("node") or "",
+            reason=h.get("reason") or "", start_wall_ns=h.get("start_wall_ns") or 0,
+            end_wall_ns=h.get("end_wall_ns") or 0, end_reason=h.get("end_reason") or "",
+            duration_ns=(end - h["start_mono_ns"]) if end else 0))
+    return out
+
+
+class _Dialling(UacOwner):
+    """Waits for an originated call's outcome."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.done: asyncio.Future = loop.create_future()
+
+    def call_answered(self, call, msg) -> None:
+        if not self.done.done():
+            self.done.set_result((200, msg))
+
+    def call_failed(self, call, status, msg) -> None:
+        if not self.done.done():
+            self.done.set_result((status, msg))
+
+
+class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
+    """The Sessions service of one engine."""
+
+    def __init__(self, engine, authority: Authority, hub):
+        self.engine = engine
+        self.authority = authority
+        self.hub = hub
+        self.watchers: set[asyncio.Queue] = set()
+
+    # -- helpers ----------------------------------------------------------------------
+    async def _account(self, context) -> str:
+        try:
+            return self.authority.account(context.invocation_metadata())
+        except AuthError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def _find(self, context, account: str, sid: str, live_only: bool = False):
+        """The account's session `sid` (live or recently ended); NOT_FOUND otherwise."""
+        if not sid:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id: required")
+        s = self.engine.find_session(sid)
+        if s is None or s.account != account:
+            return None
+        if live_only and s.ended:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"session {sid} has ended ({s.end_reason})")
+        return s
+
+    async def _journal(self, sid: str) -> dict | None:
+        from engine import store
+
+        journal = self.engine.store
+        busy = False
+        if journal is not None:
+            busy = bool(journal.pending) or not journal.queue.empty()
+            journal.flush()
+        loop = asyncio.get_running_loop()
+        # Snapshots are written by the journal's thread: give a fresh one a moment.
+        for attempt in range(10 if busy else 1):
+            try:
+                row = await loop.run_in_executor(None, store.get_session,
+                                                 self.engine.cfg.data_dir, sid)
+            except Exception:
+                row = None
+            if row is not None:
+                return row
+            if attempt < 9 and busy:
+                await asyncio.sleep(0.05)
+        return None
+
+    @staticmethod
+    async def _not_found(context, sid: str):
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"session_id: no session {sid!r} "
+                                                       "in this account")
+
+    # -- the RPCs -----------------------------------------------------------------------
+    async def Get(self, request, context) -> cp.SessionInfo:
+        account = await self._account(context)
+        s = await self._find(context, account, request.session_id)
+        if s is not None:
+            return session_info(s)
+        row = await self._journal(request.session_id)
+        if row is None or row["account"] != account:
+            await self._not_found(context, request.session_id)
+        return _row_info(row)
+
+    async def History(self, request, context) -> sp.HistoryResponse:
+        account = await self._account(context)
+        s = await self._find(context, account, request.session_id)
+        if s is not None:
+            return sp.HistoryResponse(session_id=s.id, live=not s.ended,
+                                      end_reason=s.end_reason or "",
+                                      spans=[span_message(h) for h in s.history])
+        row = await self._journal(request.session_id)
+        if row is None or row["account"] != account:
+            await self._not_found(context, request.session_id)
+        return sp.HistoryResponse(session_id=row["id"], live=row["live"],
+                                  end_reason=row.get("end_reason") or "", spans=_row_spans(row))
+
+    async def Transition(self, request, context) -> sp.TransitionResponse:
+        account = await self._account(context)
+        target = request.target.strip()
+        if not target:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "target: a module code, node, URI or 'hangup' is required")
+        s = await self._find(context, account, request.session_id, live_only=True)
+        if s is None:
+            await self._not_found(context, request.session_id)
+        params = pb.from_struct(request.params)
+        if apps_mod.resolve(s.app, target, params) is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"target: {target!r} is neither a node of the session's app nor "
+                                "a module code or URI")
+        self.engine.transition(s.id, target, params)
+        return sp.TransitionResponse(session=session_info(s))
+
+    async def Cost(self, request, context) -> sp.CostResponse:
+        account = await self._account(context)
+        s = await self._find(context, account, request.session_id)
+        if s is None:
+            row = await self._journal(request.session_id)
+            if row is None or row["account"] != account:
+                await self._not_found(context, request.session_id)
+        client = getattr(self.engine, "accountant_client", None)
+        if client is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "cost: this engine is not connected to the accountant, which "
+                                "prices sessions")
+        result = client.running_cost(request.session_id)
+        if inspect.isawaitable(result):
+            result = await result
+        if result is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"cost: the accountant has no running cost for session "
+                                f"{request.session_id} (not metered yet, or settled)")
+        acc = self.engine.cfg.accounts.get(account)
+        currency = acc.currency if acc is not None else ""
+        if isinstance(result, int) and not isinstance(result, bool):
+            # The accountant counts integer micro-units of the account's currency.
+            return sp.CostResponse(session_id=request.session_id, amount=result / 1e6,
+                                   currency=currency, amount_micros=result)
+        if isinstance(result, float):
+            return sp.CostResponse(session_id=request.session_id, amount=result,
+                                   currency=currency, amount_micros=round(result * 1e6))
+        detail = dict(result)
+        amount = float(detail.pop("amount", 0.0))
+        micros = detail.pop("amount_micros", None)
+        return sp.CostResponse(session_id=request.session_id, amount=amount,
+                               currency=str(detail.pop("currency", currency)),
+                               amount_micros=int(micros) if micros is not None
+                               else round(amount * 1e6),
+                               detail=pb.to_struct(detail))
+
+    async def Originate(self, request, context) -> sp.OriginateResponse:
+        account = await self._account(context)
+        engine = self.engine
+        abort = context.abort
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        if request.account and request.account != account:
+            await abort(grpc.StatusCode.PERMISSION_DENIED,
+                        f"account: the token belongs to account {account!r}")
+        to = request.to.strip()
+        try:
+            uri = parse_uri(to)
+            if uri.scheme not in ("sip", "sips") or not uri.host:
+                raise ValueError("not a sip: or sips: URI")
+        except ValueError as exc:
+            await abort(bad, f"to: {to!r} is not a SIP URI ({exc})")
+        target = request.target.strip()
+        if not target:
+            await abort(bad, "target: an app name or module code is required")
+        app = engine.cfg.apps.get(target)
+        if app is None:
+            if "." not in target:
+                await abort(bad, f"target: {target!r} is neither an app nor a module code")
+            if engine.registry.resolve(target) is None:
+                await abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"target: module {target!r} is not available now")
+        ring = request.ring_timeout or 30.0
+        if not 0 < ring <= 300:
+            await abort(bad, "ring_timeout: seconds between 0 and 300")
+        from_uri = getattr(request, "from").strip()
+        if from_uri:
+            bare = from_uri.strip("<>")
+            if not bare.lower().startswith(("sip:", "sips:")):
+                await abort(bad, f"from: {from_uri!r} is not a SIP URI")
+            from_uri = f"<{bare}>"
+        else:
+            from engine.sip.transport import format_hostport
+
+            from_uri = f"<sip:{account}@{format_hostport(engine.cfg.advertise, engine.sip_port)}>"
+        params = pb.from_struct(request.params)
+        return await self._originate(context, account, to, uri.user or "", target, app,
+                                     from_uri, params, ring)
+
+    async def _originate(self, context, account, to, user, target, app, from_uri, params,
+                         ring) -> sp.OriginateResponse:
+        from engine.session import Leg, Session
+
+        engine = self.engine
+        session = Session(engine, account, user, from_uri, f"<{to}>", direction="outbound",
+                          app=app)
+        leg = Leg(session, role="caller")
+        try:
+            leg.ports = engine.ports.allocate()
+        except PortsExhausted:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no RTP ports left")
+        leg.sdp_version = 1
+        offer = sdp.build(engine.media_address, leg.ports.port, None, leg.sdp_id, 1)
+        owner = _Dialling(engine.loop)
+        call = OutgoingCall(engine.sip, to, from_uri=from_uri, sdp=offer, owner=owner)
+        leg.call = call
+        await call.start()
+        try:
+            status, msg = await asyncio.wait_for(asyncio.shield(owner.done), ring)
+        except asyncio.TimeoutError:
+            call.cancel()
+            try:
+                status, msg = await asyncio.wait_for(asyncio.shield(owner.done), 5)
+            except asyncio.TimeoutError:
+                status, msg = 408, None
+            if status == 200:
+                # The answer crossed our CANCEL: the call was ended with BYE already.
+                status = 487
+        except asyncio.CancelledError:
+            call.hangup()
+            leg.release()
+            raise
+        if status != 200:
+            leg.ended = True
+            leg.release()
+            outcome = "busy" if status in BUSY else "no-answer" if status in NO_ANSWER \
+                else "failed"
+            return sp.OriginateResponse(outcome=outcome, sip_status=status)
+        try:
+            neg, _ = sdp.negotiate(sdp.parse(msg.body))
+        except SdpError as exc:
+            log.info("originate to %s: unusable SDP answer: %s", to, exc)
+            call.hangup()
+            leg.release()
+            return sp.OriginateResponse(outcome="failed", sip_status=488)
+        leg.attach_dialog(call.dialog)
+        leg.answered = True
+        leg.apply_media(neg)
+        session.started_mono, session.started_wall = time.monotonic_ns(), time.time_ns()
+        engine.sessions[session.id] = session
+        if app is not None:
+            node = apps_mod.resolve(app, app.start, params)
+        else:
+            node = Node(name=f"originate:{target}", module=target, params=params)
+        session.start(node)
+        return sp.OriginateResponse(outcome="answered", sip_status=200,
+                                    session=session_info(session))
+
+    async def Watch(self, request, context) -> AsyncIterator[sp.SessionEvent]:
+        account = await self._account(context)
+        if request.account and request.account != account:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"account: the token belongs to account {account!r}")
+        kinds = set(request.kinds)
+        unknown = kinds - set(WATCH_KINDS)
+        if unknown:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"kinds: unknown {', '.join(sorted(unknown))} "
+                                f"(known: {', '.join(WATCH_KINDS)})")
+        ids = set(request.session_ids)
+        queue: asyncio.Queue = asyncio.Queue(WATCH_QUEUE)
+        overflow = []
+
+        def listener(session, event: str, detail: dict) -> None:
+            if session.account != account or (ids and session.id not in ids) or \
+                    (kinds and event not in kinds):
+                return
+            module = session.module.code if session.module is not None and not session.ended \
+                else ""
+            try:
+                queue.put_nowait(sp.SessionEvent(
+                    session_id=session.id, account=session.account, kind=event, module=module,
+                    detail=pb.to_struct(detail), time_ns=time.time_ns()))
+            except asyncio.QueueFull:
+                overflow.append(1)
+
+        engine = self.engine
+        engine.listeners.append(listener)
+        self.watchers.add(queue)
+        try:
+            while True:
+                ev = await queue.get()
+                if ev is None:
+                    return
+                if overflow:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"the watcher fell more than {WATCH_QUEUE} events behind")
+                yield ev
+        finally:
+            self.watchers.discard(queue)
+            if listener in engine.listeners:
+                engine.listeners.remove(listener)
+
+    def close(self) -> None:
+        """End every Watch stream (the engine is stopping)."""
+        for q in list(self.watchers):
+            try:
+                q.put_nowait(None)
+            except asyncio.QueueFull:
+                pass

@@ -1,0 +1,1 @@
+"""Vendor processes and shared fixtures for the control API tests."""

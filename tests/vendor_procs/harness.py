@@ -1,0 +1,101 @@
+"""Shared set-up of the control API tests: configs, clients, vendor subprocesses."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from tests.helpers import ROOT, engine_config, free_port
+
+# The engine forks espeak-ng while gRPC threads run; gRPC's fork handlers are not needed.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+SECRET_A = "acme-secret-0123456789"
+SECRET_B = "globex-secret-0123456789"
+TOKEN = "demo-token-0123456789abcdef"
+OTHER_TOKEN = "other-token-0123456789abcdef"
+PROCS = os.path.join(ROOT, "tests", "vendor_procs")
+
+
+def control_config(**engine) -> dict:
+    """An engine config with two vendors (acme, globex), their codes, and API tokens."""
+    # A port free for both UDP and TCP: with port 0 the engine takes a UDP port and
+    # then wants TCP on the same number, which a gRPC client socket may hold.
+    engine.setdefault("sip_addr", f"127.0.0.1:{free_port()}")
+    raw = engine_config(**engine)
+    raw["vendors"] = {
+        "acme": {"secret": SECRET_A, "modules": ["acme.survey", "acme.lookup"],
+                 "offer_timeout": 1.0},
+        "globex": {"secret": SECRET_B, "modules": ["globex.desk"], "offer_timeout": 1.0},
+    }
+    raw["modules"] = {"acme.survey": {"vendor": "acme"}, "acme.lookup": {"vendor": "acme"},
+                      "globex.desk": {"vendor": "globex"}}
+    demo = raw["accounts"]["demo"]
+    demo["api_tokens"] = [TOKEN]
+    demo["numbers"]["4000"] = {"module": "acme.survey"}
+    raw["accounts"]["other"] = {"api_tokens": [OTHER_TOKEN],
+                                "numbers": {"4999": {"module": "baton.hold"}}}
+    return raw
+
+
+def with_app(raw: dict, name: str, number: str, nodes: dict, start: str) -> dict:
+    raw.setdefault("apps", {})[name] = {"start": start, "nodes": nodes}
+    raw["accounts"]["demo"]["numbers"][number] = {"app": name}
+    return raw
+
+
+def target(eng) -> str:
+    return f"127.0.0.1:{eng.grpc_port}"
+
+
+def bearer(token: str = TOKEN) -> tuple:
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 5.0, step: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        await asyncio.sleep(step)
+    return cond()
+
+
+def spawn_vendor(script: str, eng, code: str, secret: str, *args: str) -> subprocess.Popen:
+    """A vendor program from tests/vendor_procs/ (or examples/vendors/) as a child process."""
+    path = script if os.path.isabs(script) else os.path.join(PROCS, script)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, path, "--engine", target(eng), "--code", code,
+                             "--secret", secret, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+async def wait_attached(eng, code: str, n: int = 1, timeout: float = 15.0,
+                        proc: subprocess.Popen | None = None) -> None:
+    """Wait until `n` processes serve `code` (fail with the child's output if it died)."""
+    def ready() -> bool:
+        m = eng.control.hub.modules.get(code)
+        return m is not None and len(m.processes) >= n
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"vendor process exited {proc.returncode}:\n{proc.stdout.read()}")
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{code}: {n} vendor process(es) did not attach")
+
+
+def stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.stdout.read() if proc.stdout else ""
