@@ -26,6 +26,7 @@ _counter = itertools.count(1)
 _prefix = os.urandom(3).hex()
 
 LEVELS = ("basic", "application", "service")
+APOLOGY = "We are sorry, this call cannot be completed. Goodbye."
 
 
 def new_session_id() -> str:
@@ -320,7 +321,36 @@ class Session:
     def fail(self, why: str) -> None:
         """No way forward: a spoken apology when possible, then the end of the call."""
         log.warning("session %s: %s", self.id, why)
-        self.end("error")
+        if self.ended:
+            return
+        caller = self.legs[0] if self.legs else None
+        if caller is None or self.engine.speech is None:
+            self.end("error")
+            return
+        if not caller.answered:
+            if caller.dialog is not None:
+                caller.dialog.reject(500, reason="Service Unavailable Here", why="error")
+            else:
+                self.end("error")
+            return
+        if self.control is not None:
+            self.control.deactivate()
+        self.engine.loop.create_task(self._apologise())
+
+    async def _apologise(self) -> None:
+        from ext import rtp
+
+        caller = self.legs[0]
+        try:
+            pcm = await self.engine.speech.say(APOLOGY, voice="en-us")
+        except Exception:
+            pcm = None
+        ch = caller.open_channel() if not self.ended else None
+        if pcm is None or ch is None:
+            self.end("error")
+            return
+        ch.play(rtp.Player(pcm, 1))
+        self.engine.loop.call_later(len(pcm) / 8000 + 0.3, self.end, "error")
 
     # -- ending -----------------------------------------------------------------
     def end(self, reason: str) -> None:

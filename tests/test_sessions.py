@@ -366,3 +366,28 @@ async def test_every_change_of_control_is_stamped_into_the_ring():
     edges = [t["mono_ns"] for t in trans] + [end]
     assert sum(b - a for a, b in zip(edges, edges[1:])) == end - trans[0]["mono_ns"]
     assert all(r["node"] == eng.cfg.node_id and r["account"] == "demo" for r in mine)
+
+
+async def test_no_way_forward_apologises_then_hangs_up():
+    raw = engine_config()
+    raw["apps"] = {"a": {"start": "first", "nodes": {
+        "first": {"module": "baton.hold", "outlets": {"1": "acme.nowhere"}}}}}
+    raw["accounts"]["demo"]["numbers"]["2005"] = {"app": "a"}
+    async with running_engine(raw) as eng:
+        caller = Caller(eng, "2005")
+        await caller.dial()
+        session = next(iter(eng.sessions.values()))
+        session.follow("1")  # leads to a vendor module that is not attached, and no fallback
+        bye = None
+        while bye is None:
+            await caller.talk(0.2)
+            try:
+                m = await caller.c.recv(timeout=0.01)
+                if m.is_request and m.method == "BYE":
+                    bye = m
+            except asyncio.TimeoutError:
+                pass
+        loud = [p for p in caller.received if p[12:] != b"\xff" * 160]
+        assert len(loud) > 20, "the caller heard the spoken apology before the BYE"
+        assert session.end_reason == "error"
+        caller.close()
