@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .sip.transport import parse_hostport
 
 MODULE_CODES_BUILTIN = ("baton.hold", "baton.echo", "baton.bridge", "baton.menu",
-                        "baton.play", "baton.record")
+                        "baton.play", "baton.record", "baton.instructions")
 TARGET_KINDS = ("app", "module", "instructions", "endpoint")
 
 
@@ -104,6 +104,7 @@ SCHEMA = {
         "user_agent": (str, "Server/User-Agent header value"),
         "log_level": (str, "debug, info, warning or error"),
         "grpc": (bool, "serve the gRPC control API (default true)"),
+        "http_addr": (str, "HTTP address HOST:PORT serving recordings (RecordingUrl)"),
         "grpc_tls_cert": (str, "PEM certificate for the gRPC server (enables TLS)"),
         "grpc_tls_key": (str, "PEM private key for the gRPC server"),
         "grpc_tls_client_ca": (str, "PEM CA bundle: require client certificates (mutual TLS)"),
@@ -181,6 +182,11 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
     if cfg.advertise in ("0.0.0.0", "::"):
         raise ConfigError(path, "engine.advertise",
                           "a wildcard address cannot be advertised; set engine.advertise")
+    if "http_addr" in eng:
+        try:
+            parse_hostport(eng["http_addr"], 8080)
+        except ValueError as exc:
+            raise ConfigError(path, "engine.http_addr", str(exc)) from None
     cfg.grpc_addr = eng.get("grpc_addr", cfg.grpc_addr)
     try:
         parse_hostport(cfg.grpc_addr, 50051)
@@ -240,9 +246,16 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             raise ConfigError(path, key, "expected a table")
         a = Account(id=acc_id, name=acc.get("name", acc_id), currency=acc.get("currency", "USD"))
         for k in acc:
-            if k not in ("name", "currency", "numbers", "kv", "billing", "api_tokens"):
+            if k not in ("name", "currency", "numbers", "kv", "billing", "api_tokens", "secret",
+                         "twilio_signature"):
                 raise ConfigError(path, f"{key}.{k}", "unknown key (known: api_tokens, billing, "
-                                                      "currency, kv, name, numbers)")
+                                                      "currency, kv, name, numbers, secret, "
+                                                      "twilio_signature)")
+        if "secret" in acc and (not isinstance(acc["secret"], str) or len(acc["secret"]) < 16):
+            raise ConfigError(path, f"{key}.secret", "a string of at least 16 characters "
+                                                     "(signs requests to instruction apps)")
+        if "twilio_signature" in acc and not isinstance(acc["twilio_signature"], bool):
+            raise ConfigError(path, f"{key}.twilio_signature", "true or false")
         tokens = acc.get("api_tokens", [])
         if not isinstance(tokens, list) or not all(isinstance(t, str) and len(t) >= 16 for t in tokens):
             raise ConfigError(path, f"{key}.api_tokens", "a list of tokens of at least 16 characters")

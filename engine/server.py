@@ -13,6 +13,8 @@ from .media.ports import PortPool
 from .modules.bridge import BridgeModule
 from .modules.echo import EchoModule
 from .modules.hold import HoldModule
+from .modules.instructions import InstructionsModule
+from .modules.instructions import shutdown as instructions_shutdown
 from .modules.menu import MenuModule, PlayModule
 from .modules.record import RecordModule
 from .policy import AllowAll, Rules, Snapshot
@@ -26,7 +28,7 @@ from .stamper import Stamper
 log = logging.getLogger("baton.engine")
 
 BUILTIN_MODULES = {m.code: m for m in (HoldModule, EchoModule, BridgeModule, MenuModule,
-                                       PlayModule, RecordModule)}
+                                       PlayModule, RecordModule, InstructionsModule)}
 
 
 class Engine:
@@ -54,6 +56,7 @@ class Engine:
         self.store = None
         self.finished: list = []       # recently ended sessions (for the API and tests)
         self.control = None            # the gRPC control server (control/server.py)
+        self.http = None               # the HTTP server for RecordingUrl (engine/http.py)
         self.listeners: list = []      # callables(session, event: str, detail: dict) for Watch
 
     async def start(self) -> None:
@@ -77,6 +80,10 @@ class Engine:
                                               self.cfg.transports)
         log.info("listening for SIP on %s port %d (%s)", self.cfg.sip_host, self.sip_port,
                  "+".join(t.upper() for t in self.cfg.transports))
+        if self.cfg.raw.get("engine", {}).get("http_addr"):
+            from .http import start_http
+
+            self.http = await start_http(self)
         if self.cfg.raw.get("engine", {}).get("grpc", True) and self.cfg.grpc_addr:
             try:
                 from control.server import start_control
@@ -93,6 +100,10 @@ class Engine:
         await self.sip.drain(timeout)
         for s in list(self.sessions.values()):
             s.end("shutdown")
+        await instructions_shutdown(self)
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         self.sip.close()
         if self.media is not None:
             self.media.stop()
