@@ -98,6 +98,23 @@ cdef inline int64_t now_ns() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
+cdef inline void put_header(uint8_t* p, uint8_t b1, uint16_t seq, uint32_t ts,
+                            uint32_t ssrc) noexcept nogil:
+    """The RTP fixed header (RFC 3550 5.1), version 2, no padding/extension/CSRC."""
+    p[0] = 0x80
+    p[1] = b1
+    p[2] = seq >> 8
+    p[3] = seq & 0xFF
+    p[4] = ts >> 24
+    p[5] = (ts >> 16) & 0xFF
+    p[6] = (ts >> 8) & 0xFF
+    p[7] = ts & 0xFF
+    p[8] = ssrc >> 24
+    p[9] = (ssrc >> 16) & 0xFF
+    p[10] = (ssrc >> 8) & 0xFF
+    p[11] = ssrc & 0xFF
+
+
 cdef inline bint same_addr(const sockaddr_storage* a, const sockaddr_storage* b) noexcept nogil:
     cdef const sockaddr_in* a4
     cdef const sockaddr_in* b4
@@ -406,6 +423,7 @@ cdef class RtpStream:
         cdef uint16_t seq = (p[2] << 8) | p[3]
         cdef uint32_t ts = (<uint32_t>p[4] << 24) | (p[5] << 16) | (p[6] << 8) | p[7]
         cdef int64_t elapsed
+        cdef uint8_t b0
         if self.resync:
             # The source changed: continue our numbering, advance time by the gap.
             elapsed = (now - self.tx_last_ns) // 125000 if self.tx_last_ns else FRAME
@@ -419,16 +437,9 @@ cdef class RtpStream:
             p[1] |= 0x80  # marker: a new talkspurt for the far end's jitter buffer
         seq = <uint16_t>(seq + self.seq_off)
         ts = <uint32_t>(ts + self.ts_off)
-        p[2] = seq >> 8
-        p[3] = seq & 0xFF
-        p[4] = ts >> 24
-        p[5] = (ts >> 16) & 0xFF
-        p[6] = (ts >> 8) & 0xFF
-        p[7] = ts & 0xFF
-        p[8] = self.tx_ssrc >> 24
-        p[9] = (self.tx_ssrc >> 16) & 0xFF
-        p[10] = (self.tx_ssrc >> 8) & 0xFF
-        p[11] = self.tx_ssrc & 0xFF
+        b0 = p[0]  # a relayed packet keeps its own padding, extension and CSRC bits
+        put_header(p, p[1], seq, ts, self.tx_ssrc)
+        p[0] = b0
         self.tx_seq = seq
         self.tx_ts = ts
         self.tx_last_ns = now
@@ -523,18 +534,7 @@ cdef class RtpStream:
         self.tx_seq = <uint16_t>(self.tx_seq + 1)
         self.tx_ts = self.tx_ts + step
         self.tx_last_ns = now
-        p[0] = 0x80
-        p[1] |= self.payload_type & 0x7F
-        p[2] = self.tx_seq >> 8
-        p[3] = self.tx_seq & 0xFF
-        p[4] = self.tx_ts >> 24
-        p[5] = (self.tx_ts >> 16) & 0xFF
-        p[6] = (self.tx_ts >> 8) & 0xFF
-        p[7] = self.tx_ts & 0xFF
-        p[8] = self.tx_ssrc >> 24
-        p[9] = (self.tx_ssrc >> 16) & 0xFF
-        p[10] = (self.tx_ssrc >> 8) & 0xFF
-        p[11] = self.tx_ssrc & 0xFF
+        put_header(p, p[1] | (self.payload_type & 0x7F), self.tx_seq, self.tx_ts, self.tx_ssrc)
         if self.law == C_LAW_ALAW:
             alaw_encode_buffer(pcm, p + 12, FRAME)
         else:
@@ -555,18 +555,8 @@ cdef class RtpStream:
         if first:
             self.tx_ts = self.tx_ts + FRAME
         self.tx_last_ns = now
-        p[0] = 0x80
-        p[1] = (0x80 if first else 0) | (self.dtmf_pt & 0x7F)
-        p[2] = self.tx_seq >> 8
-        p[3] = self.tx_seq & 0xFF
-        p[4] = self.tx_ts >> 24
-        p[5] = (self.tx_ts >> 16) & 0xFF
-        p[6] = (self.tx_ts >> 8) & 0xFF
-        p[7] = self.tx_ts & 0xFF
-        p[8] = self.tx_ssrc >> 24
-        p[9] = (self.tx_ssrc >> 16) & 0xFF
-        p[10] = (self.tx_ssrc >> 8) & 0xFF
-        p[11] = self.tx_ssrc & 0xFF
+        put_header(p, (0x80 if first else 0) | (self.dtmf_pt & 0x7F), self.tx_seq, self.tx_ts,
+                   self.tx_ssrc)
         p[12] = code
         p[13] = (0x80 if end else 0) | (volume & 0x3F)
         p[14] = (duration >> 8) & 0xFF
