@@ -1,9 +1,8 @@
 """The one place that chooses the call-control ring: Cython (`ext.ring`) unless
 BATON_NO_EXTENSIONS=1 is set or the extension is not built. Both share one
 file format, so either side of a ring may be either implementation."""
-import os
-
 from . import ring_py
+from .extensions import load
 from .ring_py import (RingBusyError, RingCorruptionError, RingError, RingFormatError,
                       ring_info, ring_paths)
 
@@ -14,12 +13,8 @@ IMPLEMENTATION = "py"
 RingWriter = ring_py.RingWriter
 RingReader = ring_py.RingReader
 
-if not os.environ.get("BATON_NO_EXTENSIONS"):
-    try:
-        from ext import ring as _c
-    except ImportError:  # not built: the reference twin serves
-        _c = None
-    if _c is not None:
-        RingWriter = _c.RingWriter
-        RingReader = _c.RingReader
-        IMPLEMENTATION = "c"
+_c = load("ring")
+if _c is not None:
+    RingWriter = _c.RingWriter
+    RingReader = _c.RingReader
+    IMPLEMENTATION = "c"

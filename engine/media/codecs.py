@@ -5,8 +5,7 @@
 and "mixed" otherwise; `G711_IMPLEMENTATION` and `DTMF_IMPLEMENTATION` say
 which one each part uses.
 """
-import os
-
+from ..extensions import load
 from . import dtmf as _dtmf_py
 from . import g711 as _g711_py
 
@@ -18,24 +17,17 @@ alaw_encode = _g711_py.alaw_encode
 alaw_decode = _g711_py.alaw_decode
 DtmfDetector = _dtmf_py.DtmfDetector
 
-if not os.environ.get("BATON_NO_EXTENSIONS"):
-    try:
-        from ext import g711 as _g711_c
-    except ImportError:  # not built: the reference twin serves
-        _g711_c = None
-    if _g711_c is not None:
-        ulaw_encode = _g711_c.ulaw_encode
-        ulaw_decode = _g711_c.ulaw_decode
-        alaw_encode = _g711_c.alaw_encode
-        alaw_decode = _g711_c.alaw_decode
-        G711_IMPLEMENTATION = "c"
-    try:
-        from ext import dtmf as _dtmf_c
-    except ImportError:
-        _dtmf_c = None
-    if _dtmf_c is not None:
-        DtmfDetector = _dtmf_c.DtmfDetector
-        DTMF_IMPLEMENTATION = "c"
+_g711_c = load("g711")
+if _g711_c is not None:
+    ulaw_encode = _g711_c.ulaw_encode
+    ulaw_decode = _g711_c.ulaw_decode
+    alaw_encode = _g711_c.alaw_encode
+    alaw_decode = _g711_c.alaw_decode
+    G711_IMPLEMENTATION = "c"
+_dtmf_c = load("dtmf")
+if _dtmf_c is not None:
+    DtmfDetector = _dtmf_c.DtmfDetector
+    DTMF_IMPLEMENTATION = "c"
 
 IMPLEMENTATION = (G711_IMPLEMENTATION if G711_IMPLEMENTATION == DTMF_IMPLEMENTATION
                   else "mixed")

@@ -1,7 +1,6 @@
 """The one place that chooses the conference mixer: Cython (`ext.mix`) unless
 BATON_NO_EXTENSIONS=1 is set or the extension is not built."""
-import os
-
+from ..extensions import load
 from . import mix as _py
 
 __all__ = ["Conference", "mix_minus", "LAWS", "MAX_PARTICIPANTS_LIMIT", "IMPLEMENTATION"]
@@ -12,12 +11,8 @@ mix_minus = _py.mix_minus
 LAWS = _py.LAWS
 MAX_PARTICIPANTS_LIMIT = _py.MAX_PARTICIPANTS_LIMIT
 
-if not os.environ.get("BATON_NO_EXTENSIONS"):
-    try:
-        from ext import mix as _c
-    except ImportError:  # not built: the reference twin serves
-        _c = None
-    if _c is not None:
-        Conference = _c.Conference
-        mix_minus = _c.mix_minus
-        IMPLEMENTATION = "c"
+_c = load("mix")
+if _c is not None:
+    Conference = _c.Conference
+    mix_minus = _c.mix_minus
+    IMPLEMENTATION = "c"

@@ -1,19 +1,14 @@
 """The one place that chooses the SIP parser: Cython (`ext.sip`) unless
 BATON_NO_EXTENSIONS=1 is set or the extension is not built."""
-import os
-
+from ..extensions import load
 from . import parser_py
 
 IMPLEMENTATION = "py"
 parse_message = parser_py.parse_message
 frame_length = parser_py.frame_length
 
-if not os.environ.get("BATON_NO_EXTENSIONS"):
-    try:
-        from ext import sip as _c
-    except ImportError:  # not built: the reference twin serves
-        _c = None
-    if _c is not None:
-        parse_message = _c.parse_message
-        frame_length = _c.frame_length
-        IMPLEMENTATION = "c"
+_c = load("sip")
+if _c is not None:
+    parse_message = _c.parse_message
+    frame_length = _c.frame_length
+    IMPLEMENTATION = "c"
