@@ -49,6 +49,15 @@ def _serve(args) -> int:
         print(f"baton {__version__} serving SIP on {cfg.sip_host}:{engine.sip_port} "
               f"(config {cfg.path}, data {cfg.data_dir}); numbers: "
               f"{', '.join(sorted(cfg.numbers)) or 'none'}", file=sys.stderr, flush=True)
+        hostport = f"{cfg.sip_host}:{engine.sip_port}"
+        data = f" --data-dir {cfg.data_dir}"
+        print(f"  call it:       sipp -sn uac {hostport} -s {min(cfg.numbers, default='1000')} "
+              f"-m 1 -d 2000   (or any softphone: sip:NUMBER@{hostport})\n"
+              f"  see the calls: baton sessions list{data}\n"
+              f"  the invoice:   baton bill invoice --account {next(iter(cfg.accounts), 'ACCOUNT')} "
+              f"--period $(date -u +%Y-%m){data}"
+              f"{' --config ' + args.config if args.config else ''}\n"
+              f"  stop:          Ctrl-C (calls in progress get BYE)", file=sys.stderr, flush=True)
         await stop.wait()
         logging.getLogger("baton").info("stopping: ending %d calls", len(engine.sessions))
         await engine.stop()
