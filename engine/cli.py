@@ -124,6 +124,7 @@ def _start_accountant(cfg, config_path):
         cmd += ["--config", config_path]
     log_path = os.path.join(cfg.data_dir, "accountant.log")
     out = open(log_path, "ab")
+    cmd += ["--parent-pid", str(os.getpid())]
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     out.close()
     logging.getLogger("baton").info("accountant started (pid %d, log %s)", proc.pid, log_path)

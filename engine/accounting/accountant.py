@@ -176,6 +176,7 @@ class Accountant:
         self.batches = 0
         self.bad_records = 0
         self._stop = threading.Event()
+        self.parent_pid: int | None = None  # stop when this process is no longer our parent
         self._last_policy = 0.0
         self._restore()
         if pipeline is None:
@@ -409,6 +410,11 @@ class Accountant:
             now = time.monotonic()
             if now - self._last_policy >= self.book.policy_interval:
                 self._last_policy = now
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                    # The engine that started us is gone (even by kill -9): stop after
+                    # this committed batch; the ring keeps whatever is still unread.
+                    log.info("engine %d is gone: stopping", self.parent_pid)
+                    self._stop.set()
                 try:
                     self.write_policy()
                 except OSError:
@@ -546,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", metavar="PATH", help="the engine's TOML config (billing sections)")
     p.add_argument("--store", metavar="URL", help="ledger store: a SQLite path or postgresql://... "
                                                   "(default: billing.store, else DATA/accounting/ledger.db)")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     p.add_argument("--once", action="store_true", help="drain the ring, write the policy "
                                                        "snapshot and exit")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -559,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"baton accountant: {exc}", file=sys.stderr)
         return 2
     tune_gc()
+    acct.parent_pid = args.parent_pid
     try:
         if args.once:
             acct.drain()
