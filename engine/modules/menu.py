@@ -13,7 +13,6 @@ outlet, or the end of the call when it is not wired.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from .base import Module, answer_caller
@@ -189,4 +188,4 @@ class PlayModule(Module):
             ch.silence()
 
 
-__all__ = ["MenuModule", "PlayModule", "render", "start_player", "asyncio"]
+__all__ = ["MenuModule", "PlayModule", "render", "start_player"]

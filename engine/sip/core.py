@@ -16,7 +16,7 @@ from .dialog import CONFIRMED, EARLY, Dialog
 from .message import SipParseError
 from .parser import parse_message
 from .timers import TimerQueues
-from .transaction import (ACCEPTED, COMPLETED, PROCEEDING, Flow, TransactionLayer, client_key,
+from .transaction import (ACCEPTED, PROCEEDING, Flow, TransactionLayer, client_key,
                           server_key)
 from .transport import TcpTransport, UdpTransport, format_hostport
 from .uri import SUPPORTED_SCHEMES

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 
-from . import build
 from .digest import DigestServer
 from .parser_py import parse_name_addr
 from .uri import parse_uri, strip_brackets
@@ -144,4 +143,4 @@ def _random_secret() -> bytes:
     return os.urandom(32)
 
 
-__all__ = ["Registrar", "Binding", "build"]
+__all__ = ["Registrar", "Binding", "contact_key"]
