@@ -176,6 +176,7 @@ class Accountant:
         self.batches = 0
         self.bad_records = 0
         self._stop = threading.Event()
+        self._signalled = False
         self.parent_pid: int | None = None  # stop when this process is no longer our parent
         self._last_policy = 0.0
         self._restore()
@@ -389,6 +390,19 @@ class Accountant:
         """Ask run_forever to finish its batch and return."""
         self._stop.set()
 
+    def _on_signal(self, *_args) -> None:
+        self._signalled = True
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, waking early for stop() or a signal (time.sleep, not Event.wait:
+        see run_forever)."""
+        end = time.monotonic() + seconds
+        while not self._signalled and not self._stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.05))
+
     def run_forever(self, idle_sleep: float = 0.005,
                     install_signals: bool = True) -> None:
         """Drain the ring until SIGTERM/SIGINT (or stop()); write the policy
@@ -396,16 +410,18 @@ class Accountant:
         the uncommitted work dropped and retried after a pause."""
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self._stop.set())
+                # A plain flag: Event.set() from a signal handler deadlocks when the
+                # signal lands while this thread waits on the same Event's lock.
+                signal.signal(sig, self._on_signal)
         backoff = 0.0
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._signalled:
             try:
                 n = self.step()
                 backoff = 0.0
             except Exception:
                 log.exception("accounting batch failed; retrying from the committed position")
                 backoff = min(5.0, backoff * 2 or 0.1)
-                self._stop.wait(backoff)
+                self._pause(backoff)
                 continue
             now = time.monotonic()
             if now - self._last_policy >= self.book.policy_interval:
@@ -424,7 +440,7 @@ class Accountant:
                     self._settle()
                 except Exception:
                     log.exception("accounting batch failed; retrying from the committed position")
-                self._stop.wait(idle_sleep)
+                self._pause(idle_sleep)
         try:
             self._settle()
         finally:
