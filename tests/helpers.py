@@ -229,3 +229,47 @@ class UdpClient:
 
     def close(self):
         self.sock.close()
+
+
+class BlockingPeer:
+    """A blocking UDP SIP caller for tests that drive `baton serve` from plain code."""
+
+    def __init__(self, engine: "EngineProcess", timeout: float = 3.0):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(timeout)
+        self.host, self.port = "127.0.0.1", engine.port
+        self.local_host, self.local_port = "127.0.0.1", self.sock.getsockname()[1]
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendto(data, (self.host, self.port))
+
+    def recv(self):
+        from engine.sip.parser_py import parse_message
+
+        return parse_message(self.sock.recv(65535))
+
+    def answered_call(self, number: str = "1000") -> "Call":
+        """INVITE, wait for the 200 (provisional answers skipped), ACK."""
+        call = Call(self, number)
+        self.send(call.request("INVITE", SDP_OFFER.format(port=40000)))
+        while True:
+            m = self.recv()
+            if not m.is_request and m.status >= 200:
+                break
+        assert m.status == 200, f"expected 200, got {m.status}"
+        call.to_tag = m.to_tag
+        self.send(call.request("ACK"))
+        return call
+
+    def hang_up(self, call: "Call") -> None:
+        """BYE, and wait for its answer."""
+        call.cseq += 1
+        self.send(call.request("BYE"))
+        while True:
+            m = self.recv()
+            if not m.is_request and m.cseq_method == "BYE":
+                return
+
+    def close(self) -> None:
+        self.sock.close()

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 
-from engine.sip.parser_py import parse_message
-from tests.helpers import BATON, DEMO, SDP_OFFER, Call, EngineProcess
+from tests.helpers import BATON, DEMO, BlockingPeer, EngineProcess
 
 
 def run(*args, timeout=60):
@@ -16,31 +14,11 @@ def run(*args, timeout=60):
 
 
 def call(eng, number, seconds):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(5)
-
-    class C:
-        host, port = "127.0.0.1", eng.port
-        local_host, local_port = "127.0.0.1", sock.getsockname()[1]
-
-    c = Call(C, number)
-    sock.sendto(c.request("INVITE", SDP_OFFER.format(port=40000)), (C.host, C.port))
-    while True:
-        m = parse_message(sock.recv(65535))
-        if not m.is_request and m.status >= 200:
-            break
-    assert m.status == 200
-    c.to_tag = m.to_tag
-    sock.sendto(c.request("ACK"), (C.host, C.port))
+    peer = BlockingPeer(eng, timeout=5)
+    c = peer.answered_call(number)
     time.sleep(seconds)
-    c.cseq = 2
-    sock.sendto(c.request("BYE"), (C.host, C.port))
-    while True:
-        m = parse_message(sock.recv(65535))
-        if not m.is_request and m.cseq_method == "BYE":
-            break
-    sock.close()
+    peer.hang_up(c)
+    peer.close()
 
 
 def test_calls_end_up_on_one_invoice():

@@ -10,8 +10,7 @@ import time
 import pytest
 
 from engine.config import ConfigError, from_dict, load
-from tests.helpers import BATON, SDP_OFFER, Call, EngineProcess, free_port
-from engine.sip.parser_py import parse_message
+from tests.helpers import BATON, BlockingPeer, EngineProcess, free_port
 
 
 def run(*args, timeout=30):
@@ -69,66 +68,35 @@ def test_demo_config_is_valid():
 
 def test_serve_answers_and_stops_gracefully_with_calls_in_progress():
     with EngineProcess() as eng:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.settimeout(3)
-
-        class C:
-            host, port = "127.0.0.1", eng.port
-            local_host, local_port = "127.0.0.1", sock.getsockname()[1]
-
-        calls = []
-        for _ in range(3):
-            call = Call(C)
-            sock.sendto(call.request("INVITE", SDP_OFFER.format(port=40000)), (C.host, C.port))
-            while True:
-                m = parse_message(sock.recv(65535))
-                if m.status == 200:
-                    break
-            call.to_tag = m.to_tag
-            sock.sendto(call.request("ACK"), (C.host, C.port))
-            calls.append(call)
+        peer = BlockingPeer(eng)
+        calls = [peer.answered_call() for _ in range(3)]
         t0 = time.monotonic()
         eng.proc.send_signal(15)
         byes = set()
         while len(byes) < 3:
-            m = parse_message(sock.recv(65535))
+            m = peer.recv()
             assert m.is_request and m.method == "BYE"
             byes.add(m.call_id)
             resp = (f"SIP/2.0 200 OK\r\nVia: {m.get('via')}\r\nFrom: {m.get('from')}\r\n"
                     f"To: {m.get('to')}\r\nCall-ID: {m.call_id}\r\nCSeq: {m.get('cseq')}\r\n"
                     "Content-Length: 0\r\n\r\n").encode()
-            sock.sendto(resp, (C.host, C.port))
+            peer.send(resp)
         assert byes == {c.call_id for c in calls}
         assert eng.proc.wait(10) == 0
         assert time.monotonic() - t0 < 5
         out = eng.output()
         assert "Traceback" not in out
-        sock.close()
+        peer.close()
 
 
 def test_serve_stops_even_if_peers_never_answer_bye():
     with EngineProcess() as eng:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.settimeout(3)
-
-        class C:
-            host, port = "127.0.0.1", eng.port
-            local_host, local_port = "127.0.0.1", sock.getsockname()[1]
-
-        call = Call(C)
-        sock.sendto(call.request("INVITE", SDP_OFFER.format(port=40000)), (C.host, C.port))
-        while True:
-            m = parse_message(sock.recv(65535))
-            if m.status == 200:
-                break
-        call.to_tag = m.to_tag
-        sock.sendto(call.request("ACK"), (C.host, C.port))
+        peer = BlockingPeer(eng)
+        peer.answered_call()
         t0 = time.monotonic()
         assert eng.stop(timeout=15) == 0
         assert time.monotonic() - t0 < 8  # bounded drain, nothing hangs
-        sock.close()
+        peer.close()
 
 
 def test_port_in_use_is_reported():
@@ -144,31 +112,15 @@ def test_sessions_list_and_history_live_and_finished():
     import json
 
     with EngineProcess() as eng:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.settimeout(3)
-
-        class C:
-            host, port = "127.0.0.1", eng.port
-            local_host, local_port = "127.0.0.1", sock.getsockname()[1]
-
-        call = Call(C)
-        sock.sendto(call.request("INVITE", SDP_OFFER.format(port=40000)), (C.host, C.port))
-        while True:
-            m = parse_message(sock.recv(65535))
-            if m.status == 200:
-                break
-        call.to_tag = m.to_tag
-        sock.sendto(call.request("ACK"), (C.host, C.port))
+        peer = BlockingPeer(eng)
+        call = peer.answered_call()
         time.sleep(0.4)  # the journal commits in batches
         r = run("sessions", "list", "--live", "--data-dir", eng.data_dir, "--format", "json")
         assert r.returncode == 0, r.stderr
         rows = json.loads(r.stdout)
         assert len(rows) == 1 and rows[0]["live"] and rows[0]["module"] == "baton.hold"
         sid = rows[0]["id"]
-        call.cseq = 2
-        sock.sendto(call.request("BYE"), (C.host, C.port))
-        parse_message(sock.recv(65535))
+        peer.hang_up(call)
         time.sleep(0.4)
         r = run("sessions", "history", sid, "--data-dir", eng.data_dir, "--format", "json")
         row = json.loads(r.stdout)
@@ -179,6 +131,6 @@ def test_sessions_list_and_history_live_and_finished():
         assert sid in r.stdout and "ended (hangup)" in r.stdout
         r = run("sessions", "history", "nope", "--data-dir", eng.data_dir)
         assert r.returncode == 1 and "no session" in r.stderr
-        sock.close()
+        peer.close()
     r = run("sessions", "list", "--data-dir", "/nonexistent")
     assert r.returncode == 2 and "no session journal" in r.stderr
