@@ -48,6 +48,9 @@ def start_player(ctl, pcm, loops: int = 1):
 
 
 class PromptState:
+    """What a prompting module holds for one session: the prompt being rendered
+    (`task`), the player on the caller's channel, and what it collected."""
+
     def __init__(self):
         self.player = None
         self.digits = ""
@@ -55,6 +58,16 @@ class PromptState:
         self.invalid = 0
         self.timer = None
         self.task = None
+        self.recording = None
+
+    def stop(self, ctl) -> None:
+        """Let go of the prompt: cancel a render in flight, and silence the
+        caller's channel if our player is still what it plays."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        ch = ctl.caller.channel
+        if ch is not None and self.player is not None and ch.player is self.player:
+            ch.silence()
 
 
 class MenuModule(Module):
@@ -136,14 +149,10 @@ class MenuModule(Module):
         state = ctl.state
         if state is None:
             return
-        if state.task is not None and not state.task.done():
-            state.task.cancel()
+        state.stop(ctl)
         ch = ctl.caller.channel
-        if ch is not None:
-            if state.player is not None and ch.player is state.player:
-                ch.silence()
-            if ch.detecting:
-                ch.detect_dtmf(False)
+        if ch is not None and ch.detecting:
+            ch.detect_dtmf(False)
 
 
 class PlayModule(Module):
@@ -178,14 +187,8 @@ class PlayModule(Module):
             ctl.release("done")
 
     def revoke(self, ctl, reason: str) -> None:
-        state = ctl.state
-        if state is None:
-            return
-        if state.task is not None and not state.task.done():
-            state.task.cancel()
-        ch = ctl.caller.channel
-        if ch is not None and state.player is not None and ch.player is state.player:
-            ch.silence()
+        if ctl.state is not None:
+            ctl.state.stop(ctl)
 
 
-__all__ = ["MenuModule", "PlayModule", "render", "start_player"]
+__all__ = ["MenuModule", "PlayModule", "PromptState", "render", "start_player"]

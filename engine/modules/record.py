@@ -12,16 +12,9 @@ import os
 
 from ..media.recording import Recording
 from .base import Module, answer_caller
-from .menu import render, start_player
+from .menu import PromptState, render, start_player
 
 log = logging.getLogger("baton.modules.record")
-
-
-class RecordState:
-    def __init__(self):
-        self.player = None
-        self.recording = None
-        self.task = None
 
 
 class RecordModule(Module):
@@ -32,7 +25,7 @@ class RecordModule(Module):
     def take(self, ctl) -> None:
         if not answer_caller(ctl):
             return
-        ctl.state = RecordState()
+        ctl.state = PromptState()
         prompt = ctl.params.get("prompt")
         if prompt:
             ctl.state.task = ctl.engine.loop.create_task(self._prompt(ctl, prompt))
@@ -89,11 +82,7 @@ class RecordModule(Module):
         state = ctl.state
         if state is None:
             return
-        if state.task is not None and not state.task.done():
-            state.task.cancel()
         if state.recording is not None and not state.recording.finished:
             state.recording.on_done = None
             state.recording.stop("hangup")
-        ch = ctl.caller.channel
-        if ch is not None and state.player is not None and ch.player is state.player:
-            ch.silence()
+        state.stop(ctl)
