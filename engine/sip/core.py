@@ -15,6 +15,7 @@ from . import build
 from .dialog import CONFIRMED, EARLY, Dialog
 from .message import SipParseError
 from .parser import parse_message
+from .parser_py import parse_name_addr
 from .timers import TimerQueues
 from .transaction import (ACCEPTED, PROCEEDING, Flow, TransactionLayer, client_key,
                           server_key)
@@ -194,7 +195,8 @@ class SipCore:
         self.stats[f"sent_{status}"] += 1
         # A To header we could not parse is echoed as it came, without a tag
         # that would land inside its broken quoting (RFC 4475 3.1.2.6).
-        tag = None if msg.error is not None and "To" in msg.error[1] else build.new_tag()
+        to = msg.get("to")
+        tag = None if to is not None and parse_name_addr(to) is None else build.new_tag()
         rflow.send(build.response(msg, status, flow.addr, tag, reason=reason,
                                   headers=headers, server=self.user_agent))
 
