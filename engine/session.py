@@ -234,8 +234,10 @@ class Session:
             return
         if node is None:
             log.warning("session %s: target %r does not resolve", self.id, target)
-            self.follow("fallback") if self.node is not None and "fallback" in self.node.outlets \
-                else self.fail(f"target {target!r} does not resolve")
+            if self.node is not None and "fallback" in self.node.outlets:
+                self.follow("fallback")
+            else:
+                self.fail(f"target {target!r} does not resolve")
             return
         self._give(node, reason, params)
 
