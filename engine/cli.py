@@ -28,6 +28,11 @@ def _serve(args) -> int:
 
     async def main() -> int:
         engine = Engine(cfg)
+        # Handlers first: a SIGTERM that arrives while starting still stops gracefully.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         try:
             await engine.start()
         except OSError as exc:
@@ -39,10 +44,6 @@ def _serve(args) -> int:
 
         gc.collect()
         gc.freeze()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         accountant = None
         if not args.no_accountant:
             accountant = _start_accountant(cfg, args.config)

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 
 from .sip.transport import parse_hostport
 
-MODULE_CODES_BUILTIN = ("baton.hold", "baton.echo", "baton.bridge", "baton.menu",
-                        "baton.play", "baton.record", "baton.instructions")
 TARGET_KINDS = ("app", "module", "instructions", "endpoint")
 
 
@@ -282,7 +280,9 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
 
 
 def _known_code(cfg: Config, code: str) -> bool:
-    return code in MODULE_CODES_BUILTIN or code in cfg.modules or code == "baton.instructions"
+    from .modules.catalog import builtin_codes
+
+    return code in builtin_codes() or code in cfg.modules
 
 
 def _load_modules(cfg: Config, raw: dict, path: str) -> None:
@@ -372,6 +372,7 @@ def _load_apps(cfg: Config, raw: dict, path: str) -> None:
             for sect in ("params", "outlets", "events"):
                 if not isinstance(n.get(sect, {}), dict):
                     raise ConfigError(path, f"{nkey}.{sect}", "expected a table")
+            _check_params(path, nkey, code, n.get("params", {}))
             node = Node(nname, n["module"], dict(n.get("params", {})),
                         {str(k): v for k, v in n.get("outlets", {}).items()},
                         dict(n.get("events", {})), app)
@@ -383,6 +384,23 @@ def _load_apps(cfg: Config, raw: dict, path: str) -> None:
         for ev, target in app.events.items():
             _check_target(cfg, path, f"{key}.events.{ev}", target, app.nodes)
         cfg.apps[name] = app
+
+
+def _check_params(path: str, nkey: str, code: str, params: dict) -> None:
+    """A built-in module's own check of a node's params (Module.check_params)."""
+    from .modules.catalog import builtin_modules
+
+    cls = builtin_modules().get(code)
+    if cls is None:
+        return
+    try:
+        cls.check_params(dict(params))
+    except (ValueError, TypeError) as exc:
+        text = str(exc)
+        head, sep, rest = text.partition(": ")
+        if sep and head and " " not in head:
+            raise ConfigError(path, f"{nkey}.params.{head}", rest) from None
+        raise ConfigError(path, f"{nkey}.params", text) from None
 
 
 def _load_policy(cfg: Config, raw: dict, path: str) -> None:
@@ -410,7 +428,9 @@ def _number_route(cfg: Config, path: str, key: str, account: str, number: str, t
         raise ConfigError(path, f"{key}.{kind}", "must be a non-empty string")
     params = {k: v for k, v in target.items() if k != kind}
     if kind == "module" and not _known_code(cfg, value):
-        known = ", ".join(sorted(set(MODULE_CODES_BUILTIN) | set(cfg.modules)))
+        from .modules.catalog import builtin_codes
+
+        known = ", ".join(sorted(set(builtin_codes()) | set(cfg.modules)))
         raise ConfigError(path, f"{key}.module", f"unknown module {value!r} (known: {known})")
     if kind == "app" and value not in cfg.apps:
         raise ConfigError(path, f"{key}.app", f"no app {value!r} (apps: {', '.join(cfg.apps) or 'none'})")

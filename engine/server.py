@@ -10,13 +10,8 @@ from .apps import Node
 from .config import Config
 from .media.engine import MediaEngine
 from .media.ports import PortPool
-from .modules.bridge import BridgeModule
-from .modules.echo import EchoModule
-from .modules.hold import HoldModule
-from .modules.instructions import InstructionsModule
+from .modules.catalog import builtin_modules
 from .modules.instructions import shutdown as instructions_shutdown
-from .modules.menu import MenuModule, PlayModule
-from .modules.record import RecordModule
 from .policy import AllowAll, Rules, Snapshot
 from .registry import Registry
 from .session import Leg, Session
@@ -27,8 +22,7 @@ from .stamper import Stamper
 
 log = logging.getLogger("baton.engine")
 
-BUILTIN_MODULES = {m.code: m for m in (HoldModule, EchoModule, BridgeModule, MenuModule,
-                                       PlayModule, RecordModule, InstructionsModule)}
+BUILTIN_MODULES = builtin_modules()
 
 
 class Engine:

@@ -27,6 +27,12 @@ class Module:
         self.engine = engine
         self.params = params or {}
 
+    @classmethod
+    def check_params(cls, params: dict) -> None:
+        """Validate an app node's `params` at config load: raise
+        `ValueError("KEY: PROBLEM")` naming the param, and the engine refuses
+        to start with `FILE: apps.APP.nodes.NODE.params.KEY: PROBLEM`."""
+
     def take(self, ctl) -> None:
         """Take control of `ctl.session`."""
         raise NotImplementedError
