@@ -691,9 +691,14 @@ def timestamp() -> str:
 
 def result_paths(name: str, results_dir: Path | None = None) -> tuple[Path, Path]:
     """bench/results/NAME-TIMESTAMP.json and .png (the directory is created)."""
-    directory = results_dir or RESULTS_DIR
+    directory = Path(results_dir or RESULTS_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"{name}-{timestamp()}"
+    # Two runs within the same second get files of their own.
+    n = 1
+    while (directory / f"{stem}.json").exists() or (directory / f"{stem}.png").exists():
+        n += 1
+        stem = f"{name}-{timestamp()}-{n}"
     return directory / f"{stem}.json", directory / f"{stem}.png"
 
 
@@ -742,6 +747,9 @@ def summarize(values: Sequence[float]) -> dict[str, float] | None:
 
 # --------------------------------------------------------------------------- progress
 
+PROGRESS_ENV = "BATON_BENCH_PROGRESS"
+PROGRESS_PREFIX = "@progress "
+
 
 @dataclass
 class Progress:
@@ -754,14 +762,22 @@ class Progress:
 
     def __post_init__(self) -> None:
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        # Under `baton bench` the driver's stderr is a pipe: it reports its fraction done
+        # as lines of its own, which the command folds into one bar across repetitions.
+        self._report = os.environ.get(PROGRESS_ENV) == "1"
 
     def show(self, done: float, note: str = "") -> None:
-        if not self._tty:
+        if not (self._tty or self._report):
             return
         now = time.monotonic()
-        if now - self._last < 0.1:
+        if now - self._last < (0.25 if self._report else 0.1):
             return
         self._last = now
+        if self._report:
+            frac = min(1.0, max(0.0, done / self.total)) if self.total else 1.0
+            self.stream.write(f"{PROGRESS_PREFIX}{frac:.4f} {note}\n")
+            self.stream.flush()
+            return
         self._draw(done, note)
 
     def _draw(self, done: float, note: str) -> None:
@@ -773,12 +789,107 @@ class Progress:
 
     def note(self, message: str) -> None:
         """A line of its own, printed above the bar."""
-        if self._tty:
+        if self._tty and not self._report:
             self.stream.write("\r\x1b[K")
         self.stream.write(message + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self._tty:
+        if self._tty and not self._report:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def dig(data: Any, path: str) -> Any:
+    """The value at a dotted PATH in nested dicts ('baseline.c_cpu_ns_per_pkt'), or None."""
+    for part in path.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def spread(values: Sequence[float]) -> dict[str, Any] | None:
+    """median/min/max and the values themselves, of the repetitions that produced a number."""
+    nums = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    summary = summarize(nums)
+    if summary is None:
+        return None
+    return {**summary, "values": nums}
+
+
+def _short(value: float) -> str:
+    """1864476 -> '1.86 M', 12345 -> '12.3 k', 4.2 -> '4.2'."""
+    for limit, suffix in ((1e9, " G"), (1e6, " M"), (1e4, " k")):
+        if abs(value) >= limit:
+            return f"{value / (limit if limit != 1e4 else 1e3):.3g}{suffix}"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def summary_plot(path: Path, title: str, panels: Sequence[dict[str, Any]]) -> bool:
+    """One panel per figure: the median of the repetitions as a bar with their min..max,
+    every repetition as a dot, and the baseline measured in the same command beside it.
+
+    A panel is {"label", "unit", "bars": [{"label", "values": [...]}, ...]}, or a line chart
+    {"label", "unit", "xlabel", "series": [{"label", "x": [...], "y": [...]}, ...]} (e.g.
+    achieved against offered calls per second, one line per repetition and server).  Returns
+    False when matplotlib is missing or there is nothing to draw.
+    """
+    plt = pyplot()
+    panels = [p for p in panels
+              if any(b.get("values") for b in p.get("bars", ()))
+              or any(sr.get("x") for sr in p.get("series", ()))]
+    if plt is None or not panels:
+        return False
+    cols = min(3, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+    for ax, panel in zip([a for row in axes for a in row], panels):
+        if "series" in panel:
+            for i, sr in enumerate(panel["series"]):
+                ax.plot(sr["x"], sr["y"], "o-", color=colors[sr.get("color", i) % len(colors)],
+                        label=sr["label"], markersize=4, alpha=0.8)
+            ax.set_title(panel["label"], fontsize=10)
+            ax.set_xlabel(panel.get("xlabel", ""), fontsize=8)
+            ax.set_ylabel(panel.get("unit", ""))
+            ax.set_ylim(bottom=0)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+            continue
+        names, medians, lows, highs = [], [], [], []
+        for i, bar in enumerate(panel["bars"]):
+            values = bar.get("values") or []
+            names.append(bar["label"])
+            if not values:
+                medians.append(0.0)
+                lows.append(0.0)
+                highs.append(0.0)
+                continue
+            med = statistics.median(values)
+            medians.append(med)
+            lows.append(med - min(values))
+            highs.append(max(values) - med)
+            ax.plot([i] * len(values), values, "o", color="black", markersize=4, zorder=3)
+        ax.bar(range(len(names)), medians, yerr=[lows, highs], capsize=6,
+               color=[colors[i % len(colors)] for i in range(len(names))], alpha=0.8)
+        for i, med in enumerate(medians):
+            if med:
+                ax.annotate(_short(med), (i, med), textcoords="offset points", xytext=(0, 4),
+                            ha="center", fontsize=8)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, fontsize=8)
+        ax.set_title(panel["label"], fontsize=10)
+        ax.set_ylabel(panel.get("unit", ""))
+        ax.set_ylim(bottom=0)
+        ax.grid(True, axis="y", alpha=0.3)
+    for ax in [a for row in axes for a in row][len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -48,7 +47,8 @@ def speech_like_frames(count: int, seed: int = 1) -> list[bytes]:
     return frames
 
 
-def run(module, conferences: int, participants: int, ticks: int) -> float:
+def run(module, conferences: int, participants: int, ticks: int,
+        progress: common.Progress | None = None) -> float:
     """CPU seconds for TICKS ticks of every conference."""
     confs = []
     inputs = speech_like_frames(participants)
@@ -63,12 +63,14 @@ def run(module, conferences: int, participants: int, ticks: int) -> float:
             conf.put(pid, frame)
         conf.mix()
     start = time.process_time()
-    for _ in range(ticks):
+    for tick in range(ticks):
         for conf, feed in confs:
             put = conf.put
             for pid, frame in feed:
                 put(pid, frame)
             conf.mix()
+        if progress is not None and tick % 50 == 0:
+            progress.show(tick, f"tick {tick}")
     return time.process_time() - start
 
 
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ticks", type=int, default=500)
     ap.add_argument("--impl", choices=("c", "py"), default="c")
     ap.add_argument("--results-dir", type=Path, default=None)
+    ap.add_argument("--no-files", action="store_true", help="print only, write no result file")
     args = ap.parse_args(argv)
 
     if args.impl == "c":
@@ -90,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from engine.media import mix as module
 
-    cpu = run(module, args.conferences, args.participants, args.ticks)
+    progress = common.Progress(total=args.ticks)
+    cpu = run(module, args.conferences, args.participants, args.ticks, progress)
+    progress.close()
     total = args.conferences * args.participants
     per_core = total * args.ticks * TICK_S / cpu if cpu > 0 else float("inf")
     result = {
@@ -111,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     line = json.dumps(result)
     print(line)
-    directory = args.results_dir or common.RESULTS_DIR
-    os.makedirs(directory, exist_ok=True)
-    (Path(directory) / f"mixer_density-{common.timestamp()}.json").write_text(line + "\n")
+    if not args.no_files:
+        json_path, _ = common.result_paths("mixer_density", args.results_dir)
+        json_path.write_text(line + "\n")
     return 0
 
 

@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slot-size", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4096, help="records per read()")
     ap.add_argument("--results-dir", type=Path, default=None)
+    ap.add_argument("--no-files", action="store_true", help="print only, write no result file")
     ap.add_argument("--role", choices=("writer", "reader"), help=argparse.SUPPRESS)
     ap.add_argument("path", nargs="?", help=argparse.SUPPRESS)
     ap.add_argument("--ready", help=argparse.SUPPRESS)
@@ -176,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     common.install_cleanup()
     impls = ["c", "py"] if a.impl == "both" else [a.impl]
     results: dict[str, dict] = {}
-    for impl in impls:
+    progress = common.Progress(total=len(impls))
+    for n, impl in enumerate(impls):
+        progress.show(n, f"{impl} ring")
         try:
             _module(impl)
         except ImportError as exc:
@@ -187,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results[impl] = measure(impl, a.records or DEFAULT_RECORDS[impl], a.slots, a.slot_size,
                                 a.batch)
+        progress.note(f"{impl}: {results[impl]['end_to_end_rate']:,} records/s end to end")
+    progress.close()
     c = results.get("c", {})
     result = {
         "benchmark": "ring",
@@ -197,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     line = json.dumps(result)
     print(line)
-    directory = a.results_dir or common.RESULTS_DIR
-    os.makedirs(directory, exist_ok=True)
-    (Path(directory) / f"ring-{common.timestamp()}.json").write_text(line + "\n")
+    if not a.no_files:
+        json_path, _ = common.result_paths("ring", a.results_dir)
+        json_path.write_text(line + "\n")
     return 0
 
 

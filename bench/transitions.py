@@ -56,9 +56,12 @@ async def run(args) -> dict:
          "-max_socket", "4096", "-trace_err", "-error_file", str(work / "err.log")],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         cwd=work, start_new_session=True)
+    # Half the bar for the calls coming up, half for the transitions.
+    progress = common.Progress(total=2.0)
     try:
         deadline = time.monotonic() + 60
         while len(eng.sessions) < args.sessions and time.monotonic() < deadline:
+            progress.show(len(eng.sessions) / args.sessions, f"{len(eng.sessions)} calls up")
             await asyncio.sleep(0.1)
         live = len(eng.sessions)
         if live < args.sessions:
@@ -83,7 +86,9 @@ async def run(args) -> dict:
             lat.append((t1 - t0) / 1000.0)
             # Spread the requests: the reactor keeps carrying media between them.
             if i % 50 == 49:
+                progress.show(1.0 + i / args.transitions, f"{i + 1} transitions")
                 await asyncio.sleep(0.01)
+        progress.close()
         wall = time.monotonic() - t_start
         cpu = time.process_time() - cpu0
         return {
@@ -104,6 +109,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sessions", type=int, default=500, help="concurrent live sessions")
     p.add_argument("--transitions", type=int, default=5000)
+    p.add_argument("--results-dir", type=Path, default=None)
     p.add_argument("--no-files", action="store_true", help="print only, write no result files")
     args = p.parse_args(argv)
     import uvloop
@@ -112,7 +118,7 @@ def main(argv=None) -> int:
     result = uvloop.run(run(args))
     lat = result.pop("latencies_us")
     if not args.no_files:
-        jpath, ppath = common.result_paths("transitions")
+        jpath, ppath = common.result_paths("transitions", args.results_dir)
         result["json"], result["png"] = str(jpath), str(ppath)
         plt = common.pyplot()
         if plt is not None:

@@ -12,6 +12,7 @@ Secrets and tokens are compared in constant time.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 from dataclasses import dataclass, field
@@ -51,6 +52,10 @@ class Authority:
         for acc in cfg.accounts.values():
             for token in getattr(acc, "api_tokens", ()) or ():
                 self.tokens.append((token.encode(), acc.id))
+        # API keys ([api_keys.ID], control/metering.py) act for their account too;
+        # they are known by the SHA-256 of the token.
+        self.key_accounts: dict[str, str] = {
+            k.digest: k.account for k in (getattr(cfg, "api_keys", None) or {}).values()}
         self.vendors: dict[str, Vendor] = {}
         for vid, table in (cfg.raw.get("vendors") or {}).items():
             if not isinstance(table, dict):
@@ -84,6 +89,8 @@ class Authority:
             # Every token is compared, so timing says nothing about which matched.
             if hmac.compare_digest(known, raw):
                 found = account
+        if found is None and self.key_accounts:
+            found = self.key_accounts.get(hashlib.sha256(raw).hexdigest())
         return found
 
     def account(self, metadata) -> str:

@@ -30,7 +30,11 @@ from engine import __version__  # noqa: E402
 
 from . import pb  # noqa: E402
 from .auth import AuthError, Authority, metadata_value, server_credentials  # noqa: E402
+from .metering import ApiMeter, MeteringInterceptor  # noqa: E402
+from .billing import BillingService  # noqa: E402
 from .sessions_api import SessionsService  # noqa: E402
+from .call_center_api import CallCenterService  # noqa: E402
+from .services_api import SurveyService, VerifyService  # noqa: E402
 from .vendor import ControlHub, VendorProcess  # noqa: E402
 
 log = logging.getLogger("baton.control")
@@ -138,17 +142,36 @@ class ControlServer:
         self.port = 0
         self.health = health.aio.HealthServicer()
         self.sessions = SessionsService(engine, self.authority, self.hub)
+        self.billing = BillingService(engine, self.authority, self.sessions)
+        if getattr(engine, "accountant_client", None) is None:
+            from engine.billing_client import BillingClient
+
+            engine.accountant_client = BillingClient(engine)
         self.started = time.monotonic()
 
     async def start(self) -> None:
         engine = self.engine
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        # API keys' calls are counted and stamped before their handler runs.
+        self.metering = ApiMeter.for_engine(engine)
+        self.metering.restamp_top_ups()
+        server = grpc.aio.server(options=SERVER_OPTIONS,
+                                 interceptors=[MeteringInterceptor(self.metering)])
         pb.module_host_pb2_grpc.add_ModuleHostServicer_to_server(ModuleHostService(self.hub),
                                                                  server)
         pb.sessions_pb2_grpc.add_SessionsServicer_to_server(self.sessions, server)
+        pb.billing_pb2_grpc.add_BillingServicer_to_server(self.billing, server)
+        pb.call_center_pb2_grpc.add_CallCenterServicer_to_server(
+            CallCenterService(engine, self.authority), server)
+        self.verify = VerifyService(engine, self.authority, self.sessions)
+        pb.services_pb2_grpc.add_SurveyServicer_to_server(SurveyService(engine, self.authority),
+                                                          server)
+        pb.services_pb2_grpc.add_VerifyServicer_to_server(self.verify, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (pb.SERVICE_MODULE_HOST, pb.SERVICE_SESSIONS, health.SERVICE_NAME,
                  reflection.SERVICE_NAME)
+        names += (pb.SERVICE_CALL_CENTER,)
+        names += (pb.SERVICE_BILLING,)
+        names += (pb.SERVICE_SURVEY, pb.SERVICE_VERIFY)
         reflection.enable_server_reflection(names, server)
         addr = engine.cfg.grpc_addr
         creds = server_credentials(engine.cfg.raw.get("engine", {}))
@@ -163,8 +186,10 @@ class ControlServer:
         engine.grpc_port = port
         await server.start()
         self.server = server
-        for name in ("", pb.SERVICE_MODULE_HOST, pb.SERVICE_SESSIONS):
+        for name in ("", pb.SERVICE_MODULE_HOST, pb.SERVICE_SESSIONS, pb.SERVICE_BILLING):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if hasattr(engine.accountant_client, "start"):
+            engine.accountant_client.start()     # the accountant's events reach Watch
         log.info("gRPC control API on %s port %d%s", addr.rsplit(":", 1)[0], port,
                  " (TLS)" if creds is not None else "")
 
@@ -178,9 +203,16 @@ class ControlServer:
         with contextlib.suppress(Exception):
             await self.health.enter_graceful_shutdown()
         self.sessions.close()
+        if getattr(self, "verify", None) is not None:
+            self.verify.close()
         if self.server is not None:
             await self.server.stop(grace)
             self.server = None
+        if getattr(self, "metering", None) is not None:
+            self.metering.close()
+        client = getattr(self.engine, "accountant_client", None)
+        if hasattr(client, "close"):
+            await client.close()
 
 
 async def start_control(engine) -> ControlServer:

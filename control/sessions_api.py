@@ -7,7 +7,6 @@ session is NOT_FOUND, exactly as one that never existed.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -30,7 +29,13 @@ log = logging.getLogger("baton.control.sessions")
 sp = pb.sessions_pb2
 cp = pb.common_pb2
 
-WATCH_KINDS = ("transition", "ended", "offered", "taken", "declined", "control-lost")
+WATCH_KINDS = ("transition", "ended", "offered", "taken", "declined", "control-lost",
+               # the notifications also sent as webhooks (engine/webhooks.py)
+               "session.started", "session.ended", "balance.low", "cap.reached", "invoice.ready",
+               # the service modules' events (docs/services/)
+               "phone_tree.menu", "survey.result", "verify.result", "calling_card.step",
+               # the policy's warning before a prepaid limit (docs/billing.md)
+               "limit-warning")
 WATCH_QUEUE = 10_000
 BUSY = (486, 600, 603)
 NO_ANSWER = (408, 480, 487)
@@ -199,35 +204,14 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
             row = await self._journal(request.session_id)
             if row is None or row["account"] != account:
                 await self._not_found(context, request.session_id)
-        client = getattr(self.engine, "accountant_client", None)
-        if client is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "cost: this engine is not connected to the accountant, which "
-                                "prices sessions")
-        result = client.running_cost(request.session_id)
-        if inspect.isawaitable(result):
-            result = await result
-        if result is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"cost: the accountant has no running cost for session "
-                                f"{request.session_id} (not metered yet, or settled)")
-        acc = self.engine.cfg.accounts.get(account)
-        currency = acc.currency if acc is not None else ""
-        if isinstance(result, int) and not isinstance(result, bool):
-            # The accountant counts integer micro-units of the account's currency.
-            return sp.CostResponse(session_id=request.session_id, amount=result / 1e6,
-                                   currency=currency, amount_micros=result)
-        if isinstance(result, float):
-            return sp.CostResponse(session_id=request.session_id, amount=result,
-                                   currency=currency, amount_micros=round(result * 1e6))
-        detail = dict(result)
-        amount = float(detail.pop("amount", 0.0))
-        micros = detail.pop("amount_micros", None)
-        return sp.CostResponse(session_id=request.session_id, amount=amount,
-                               currency=str(detail.pop("currency", currency)),
-                               amount_micros=int(micros) if micros is not None
-                               else round(amount * 1e6),
-                               detail=pb.to_struct(detail))
+        from .billing import session_cost
+
+        # The accountant prices sessions (control/billing.py); money stays integral.
+        cost = await session_cost(self.engine, context, request.session_id,
+                                  s if s is not None and not s.ended else None)
+        return sp.CostResponse(session_id=request.session_id, currency=cost.cost.currency,
+                               amount_micros=cost.cost.micros, amount_decimal=cost.cost.amount,
+                               live=cost.live)
 
     async def Originate(self, request, context) -> sp.OriginateResponse:
         account = await self._account(context)
@@ -329,6 +313,22 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         session.start(node)
         return sp.OriginateResponse(outcome="answered", sip_status=200,
                                     session=session_info(session))
+
+    async def List(self, request, context) -> sp.ListResponse:
+        account = await self._account(context)
+        limit = request.limit or 1000
+        if not 0 < limit <= 10_000:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "limit: between 1 and 10000 (0: the default, 1000)")
+        mine = [s for s in self.engine.sessions.values() if s.account == account and not s.ended]
+        mine.sort(key=lambda s: s.started_mono)
+        infos = []
+        for s in mine[:limit]:
+            info = session_info(s)
+            info.ClearField("params")
+            infos.append(info)
+        return sp.ListResponse(sessions=infos, live=len(mine), now_wall_ns=time.time_ns(),
+                               started_total=self.engine.stamper.started_by_account[account])
 
     async def Watch(self, request, context) -> AsyncIterator[sp.SessionEvent]:
         account = await self._account(context)

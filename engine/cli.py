@@ -16,15 +16,16 @@ def _serve(args) -> int:
     from .server import Engine
 
     overrides = {"sip_addr": args.sip_addr, "grpc_addr": args.grpc_addr,
-                 "data_dir": args.data_dir}
+                 "data_dir": args.data_dir, "metrics_addr": args.metrics_addr,
+                 "log_format": args.log_format}
     try:
         cfg = load(args.config, overrides)
     except ConfigError as exc:
         print(f"baton: bad config: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=getattr(logging, (args.log_level or cfg.log_level).upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    from .logs import setup as setup_logs
+
+    setup_logs(args.log_level or cfg.log_level, cfg.log_format)
 
     async def main() -> int:
         engine = Engine(cfg)
@@ -52,13 +53,23 @@ def _serve(args) -> int:
               f"{', '.join(sorted(cfg.numbers)) or 'none'}", file=sys.stderr, flush=True)
         hostport = f"{cfg.sip_host}:{engine.sip_port}"
         data = f" --data-dir {cfg.data_dir}"
-        print(f"  call it:       sipp -sn uac {hostport} -s {min(cfg.numbers, default='1000')} "
-              f"-m 1 -d 2000   (or any softphone: sip:NUMBER@{hostport})\n"
+        first = min(cfg.numbers, default='1000')
+        print(f"  call it:       baton call {first} --engine {hostport} --hangup-after 5   "
+              f"(or sipp -sn uac {hostport} -s {first} -m 1 -d 2000, or any softphone: "
+              f"sip:NUMBER@{hostport})\n"
+              f"  the tour:      baton demo   (its own engine, vendors, calls, invoice)\n"
               f"  see the calls: baton sessions list{data}\n"
               f"  the invoice:   baton bill invoice --account {next(iter(cfg.accounts), 'ACCOUNT')} "
               f"--period $(date -u +%Y-%m){data}"
               f"{' --config ' + args.config if args.config else ''}\n"
               f"  stop:          Ctrl-C (calls in progress get BYE)", file=sys.stderr, flush=True)
+        if engine.metrics is not None:
+            print(f"  metrics:       {engine.metrics.url}", file=sys.stderr, flush=True)
+        if engine.control is not None:
+            from control.server import grpc_target
+
+            print(f"  live view:     baton top --engine {grpc_target(engine)} --token TOKEN",
+                  file=sys.stderr, flush=True)
         await stop.wait()
         logging.getLogger("baton").info("stopping: ending %d calls", len(engine.sessions))
         await engine.stop()
@@ -125,7 +136,9 @@ def _start_accountant(cfg, config_path):
         cmd += ["--config", config_path]
     log_path = os.path.join(cfg.data_dir, "accountant.log")
     out = open(log_path, "ab")
-    cmd += ["--parent-pid", str(os.getpid())]
+    cmd += ["--parent-pid", str(os.getpid()), "--log-format", cfg.log_format]
+    if cfg.accountant_metrics_addr:
+        cmd += ["--metrics-addr", cfg.accountant_metrics_addr]
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     out.close()
     logging.getLogger("baton").info("accountant started (pid %d, log %s)", proc.pid, log_path)
@@ -151,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-addr", metavar="HOST:PORT", help="gRPC listen address (overrides the config)")
     s.add_argument("--data-dir", metavar="DIR", help="data directory (overrides the config)")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--log-format", choices=("text", "json"),
+                   help="text, or json: one JSON object per line with ts, level, logger, msg, "
+                        "session (overrides engine.log_format)")
+    s.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve Prometheus /metrics here (overrides engine.metrics_addr)")
     s.add_argument("--no-accountant", action="store_true",
                    help="do not start the accountant process (run `baton accountant` yourself)")
     s.set_defaults(func=_serve)
@@ -158,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drain the ring into the ledger (see `baton accountant --help`)")
     sub.add_parser("bill", add_help=False,
                    help="invoices and payouts (see `baton bill --help`)")
+    sub.add_parser("bench", add_help=False,
+                   help="run a benchmark next to the machine's baseline (see `baton bench --list`)")
+    sub.add_parser("config", add_help=False,
+                   help="check a config file, print the config reference (see `baton config --help`)")
+    sub.add_parser("call", add_help=False,
+                   help="place a test call with PJSIP: DTMF, play, record (see `baton call --help`)")
+    sub.add_parser("demo", add_help=False,
+                   help="a guided tour: engine, vendors, calls, history, invoice, payouts "
+                        "(see `baton demo --help`)")
     ss = sub.add_parser("sessions", help="list sessions and their history of control")
     ssub = ss.add_subparsers(dest="sessions_command", metavar="WHAT", required=True)
     sl = ssub.add_parser("list", help="sessions, newest first")
@@ -172,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the engine's data directory (default: .baton)")
         p_.add_argument("--format", choices=("table", "json"), default="table")
     ss.set_defaults(func=_sessions)
+    from .billing_client import add_cost_parser
+
+    add_cost_parser(ssub)
+    from .queues_cli import add_parser as add_queues_parser
+
+    add_queues_parser(sub)
+    from .top import add_parser as add_top_parser
+
+    add_top_parser(sub)
     v = sub.add_parser("version", help="print the version")
     v.set_defaults(func=lambda a: print(f"baton {__version__}") or 0)
     return p
@@ -183,6 +219,18 @@ def main(argv=None) -> int:
         from .accounting import accountant
 
         return (accountant.main if argv[0] == "accountant" else accountant.bill_main)(argv[1:])
+    if argv and argv[0] in ("bench", "config"):
+        from . import bench_cli, config_doc
+
+        return (bench_cli.main if argv[0] == "bench" else config_doc.main)(argv[1:])
+    if argv and argv[0] == "call":
+        from . import caller
+
+        return caller.main(argv[1:])
+    if argv and argv[0] == "demo":
+        from . import demo
+
+        return demo.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -72,6 +72,9 @@ class Config:
     node_id: str = "node1"
     user_agent: str = ""
     log_level: str = "info"
+    log_format: str = "text"
+    metrics_addr: str = ""             # HOST:PORT of the engine's /metrics ("": off)
+    accountant_metrics_addr: str = ""  # HOST:PORT of the accountant's /metrics ("": off)
     media_address: str = "127.0.0.1"
     rtp_port_min: int = 20000
     rtp_port_max: int = 29999
@@ -87,6 +90,8 @@ class Config:
     modules: dict = field(default_factory=dict)    # code -> {"alias"|"uri"|"vendor": ...}
     policy: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
+    call_center: object = None                     # services.call_center.CenterConfig
+    api_keys: dict = field(default_factory=dict)   # id -> control.metering.ApiKey
 
 
 # The schema: section -> key -> (type, description). Unknown keys are errors,
@@ -101,6 +106,9 @@ SCHEMA = {
         "node_id": (str, "this engine node's id (in ring records and ledger keys)"),
         "user_agent": (str, "Server/User-Agent header value"),
         "log_level": (str, "debug, info, warning or error"),
+        "log_format": (str, "text (human) or json (one JSON object per line)"),
+        "metrics_addr": (str, "HOST:PORT serving Prometheus /metrics of the engine (port 0: any)"),
+        "accountant_metrics_addr": (str, "HOST:PORT serving /metrics of the accountant child"),
         "grpc": (bool, "serve the gRPC control API (default true)"),
         "http_addr": (str, "HTTP address HOST:PORT serving recordings (RecordingUrl)"),
         "grpc_tls_cert": (str, "PEM certificate for the gRPC server (enables TLS)"),
@@ -118,7 +126,141 @@ SCHEMA = {
         "mode": (str, "open, auth or off"),
         "realm": (str, "digest realm"),
     },
+    "webhooks": {
+        "url": (str, "where signed notifications are POSTed (http:// or https://)"),
+        "secret": (str, "HMAC-SHA256 key signing them (at least 16 characters)"),
+        "events": (list, "event types sent (default: all; see docs/billing.md)"),
+        "max_attempts": (int, "attempts per message before it is kept as failed"),
+        "retry_base": ((int, float), "seconds before the first retry (doubles each time)"),
+        "retry_max": ((int, float), "longest pause between attempts, seconds"),
+        "timeout": ((int, float), "seconds one attempt may take"),
+        "low_balance": (str, "funds left below which balance.low is sent, e.g. \"5.00\""),
+    },
 }
+
+
+# The sections made of named entries, as data: table -> (what it is, {key: (type,
+# meaning)}); NAME, ID, CODE, NUMBER and NODE stand for any name.  The validators below
+# accept exactly these keys, and `baton config reference` (engine/config_doc.py) prints
+# them with SCHEMA and the billing keys (engine/accounting/config.py).
+TABLES = {
+    "users.NAME": ("a SIP user the registrar accepts in `auth` mode", {
+        "password": ("string", "the user's digest password (required)"),
+    }),
+    "accounts.ID": ("a customer account: its numbers, data and credentials", {
+        "name": ("string", "display name (default: the ID)"),
+        "currency": ("string", "ISO 4217 code the account is billed in (default: billing.currency)"),
+        "numbers": ("table", "NUMBER -> what it starts, see accounts.ID.numbers.NUMBER"),
+        "kv": ("table", "the account's key/value store, readable by every module"),
+        "billing": ("table", "plans, prepaid balance, credit limit: see accounts.ID.billing"),
+        "api_tokens": ("list of strings", "bearer tokens for the control API (16+ characters each)"),
+        "secret": ("string", "signs requests to instruction apps, X-Baton-Signature (16+ characters)"),
+        "twilio_signature": ("bool", "also send X-Twilio-Signature to instruction apps"),
+        "webhook_url": ("string", "this account's notifications go here instead of webhooks.url"),
+        "webhook_secret": ("string", "key signing them (default: webhooks.secret)"),
+        "low_balance": ("string", "funds left below which balance.low is sent for this account"),
+    }),
+    "accounts.ID.numbers.NUMBER": ("a dialled number (the Request-URI's user part) and what it "
+                                   "starts; exactly one of app, module, endpoint, instructions; "
+                                   "any other key is a parameter of the first module", {
+        "app": ("string", "name of an [apps.NAME] to run"),
+        "module": ("string", "module code to start in, e.g. baton.hold or acme.survey"),
+        "endpoint": ("string", "SIP/tel URI to bridge to, or a number with trunk"),
+        "instructions": ("string", "http(s):// URI of an instruction document"),
+        "trunk": ("string", "with endpoint: the [trunks.NAME] the number is dialled through"),
+    }),
+    "apps.NAME": ("an app: nodes (modules with their params) wired by outlets", {
+        "start": ("string", "the node a call starts in (required)"),
+        "nodes": ("table", "NODE -> node, see apps.NAME.nodes.NODE (at least one)"),
+        "vars": ("table", "app-wide variables every module can read"),
+        "events": ("table", "app-wide event -> target (node, module code, URI or hangup)"),
+    }),
+    "apps.NAME.nodes.NODE": ("one step of an app", {
+        "module": ("string", "module code (required)"),
+        "params": ("table", "the module's parameters, checked at load for built-in modules"),
+        "outlets": ("table", "outlet -> target: a node, module code, URI or hangup"),
+        "events": ("table", "event -> target, e.g. dialled-hangup"),
+    }),
+    "modules.CODE": ("where a module code lives; exactly one key", {
+        "vendor": ("string", "served by this vendor's processes over gRPC"),
+        "uri": ("string", "an http(s):// instruction document"),
+        "alias": ("string", "another module code this one stands for"),
+    }),
+    "trunks.NAME": ("an outbound SIP trunk", {
+        "proxy": ("string", "HOST:PORT INVITEs are sent to (required)"),
+        "transport": ("string", "udp or tcp (default udp)"),
+        "username": ("string", "digest user, when the trunk challenges (401/407)"),
+        "password": ("string", "digest password"),
+        "prefix": ("string", "put before dialled numbers"),
+        "domain": ("string", "host part of the Request-URI (default: the proxy host)"),
+    }),
+    "policy": ("the local policy hook, consulted on every hand-off of control", {
+        "deny_modules": ("table", "account -> list of module codes it may not use"),
+        "allow_modules": ("table", "account -> the only module codes it may use"),
+        "banned_callers": ("list of strings", "a From URI containing one of these is refused"),
+        "limits": ("table", "module code -> seconds of control allowed per hand-off"),
+        "warn_before": ("number", "prepaid: seconds before the funds run out that the session "
+                                  "is warned (default 30, 0: no warning)"),
+        "warning_text": ("string", "prepaid: spoken to the caller with the warning (default: "
+                                   "nothing spoken)"),
+        "warning_voice": ("string", "espeak-ng voice of the spoken warning (default en)"),
+        "accounts": ("table", "ACCOUNT -> its own warn_before, warning_text, warning_voice"),
+    }),
+    "policy.accounts.ID": ("one account's prepaid warning settings", {
+        "warn_before": ("number", "seconds (0..3600)"),
+        "warning_text": ("string", "spoken to the caller"),
+        "warning_voice": ("string", "espeak-ng voice"),
+    }),
+    "vendors.ID": ("a module vendor: how its processes attach and what it is paid", {
+        "name": ("string", "display name on payouts"),
+        "secret": ("string", "what its processes present when they attach (16+ characters)"),
+        "modules": ("list of strings", "module codes it serves and sells (default: ID.*)"),
+        "offer_timeout": ("number", "seconds a process has to take an offered call (0.05..60, default 2)"),
+        "revenue_share": ("number or string", "its share of what its modules earn: 0.7, \"0.7\" or \"70%\""),
+        "plans": ("table", "listing default plans of its modules: \"MODULE[:ACTION]\" -> plan"),
+    }),
+    "plans.NAME": ("a usage plan: what time in control or an action costs (docs/billing.md)", {
+        "kind": ("string", "per_unit (default), graduated, volume or subscription"),
+        "unit": ("string", "second, minute (default), hour or action"),
+        "currency": ("string", "the plan's currency (default USD); must be the account's"),
+        "description": ("string", "free text"),
+        "price": ("string", "per_unit: price per unit, e.g. \"0.01\" (required)"),
+        "increment": ("string or int", "time units: \"FIRST/NEXT\" seconds, e.g. \"60/60\", \"6/6\""),
+        "connect_fee": ("string", "time units: added to each segment of control"),
+        "minimum": ("string", "per rated line: a smaller amount is raised to it"),
+        "cap": ("int or string", "per account, module and period, in base units (\"10m\" for time)"),
+        "at_cap": ("string", "beyond the cap: deny (default) or overage"),
+        "overage_price": ("string", "with at_cap = \"overage\": price per unit beyond the cap"),
+        "tiers": ("list of tables", "graduated, volume: [{up_to, price, unit, flat}, ...]"),
+        "tier_scope": ("string", "graduated: tiers count from the session or the period (default)"),
+        "fee": ("string", "subscription: fee per period (required)"),
+        "unpaid": ("string", "subscription: charge (default) or deny an unpaid period"),
+    }),
+    "accounts.ID.billing": ("an account's own billing settings", {
+        "plans": ("table", "\"MODULE[:ACTION]\" -> plan, before listings and defaults"),
+        "prepaid_balance": ("string", "prepaid: the balance is this minus all charges"),
+        "credit_limit": ("string", "how far below zero the balance may go"),
+        "paid_periods": ("list of strings", "subscription periods paid outside the ledger"),
+        "banned": ("bool", "reported to the engine's policy: new calls are refused"),
+    }),
+    "api_keys.ID": ("a metered key a third-party application calls the control API with", {
+        "account": ("string", "the account the key acts for (required)"),
+        "token": ("string", "the bearer token (16+ characters); or token_sha256"),
+        "token_sha256": ("string", "the SHA-256 of the token, 64 hex digits (sha256sum)"),
+        "description": ("string", "free text"),
+        "plan": ("string", "a [plans.NAME] pricing each call"),
+        "quota": ("integer", "calls allowed per period"),
+        "period": ("string", "month or day (UTC); default billing.period"),
+        "auto_top_up": ("table", "{ calls = N, price = \"5.00\" } bought when the quota runs out"),
+    }),
+}
+
+
+def _known_key(path: str, table: str, key: str, name: str) -> None:
+    """A key of one of the TABLES, or a ConfigError listing the known ones."""
+    keys = TABLES[table][1]
+    if name not in keys:
+        raise ConfigError(path, key, f"unknown key (known: {', '.join(sorted(keys))})")
 
 
 def _check_type(path, key, value, typ):
@@ -149,7 +291,7 @@ def load(path: str | None, overrides: dict | None = None) -> Config:
 def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) -> Config:
     cfg = Config(path=path, raw=raw)
     known = set(SCHEMA) | {"users", "accounts", "apps", "trunks", "modules", "policy",
-                           "billing", "plans", "vendors"}
+                           "billing", "plans", "vendors", "call_center", "api_keys"}
     for section in raw:
         if section not in known:
             raise ConfigError(path, section, f"unknown section (known: {', '.join(sorted(known))})")
@@ -196,6 +338,18 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
     cfg.log_level = eng.get("log_level", "info")
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(path, "engine.log_level", f"unknown level {cfg.log_level!r}")
+    cfg.log_format = eng.get("log_format", "text")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError(path, "engine.log_format", f"must be text or json, not {cfg.log_format!r}")
+    for key in ("metrics_addr", "accountant_metrics_addr"):
+        value = eng.get(key) or ""
+        if value:
+            try:
+                parse_hostport(value, 9090)
+            except ValueError as exc:
+                raise ConfigError(path, f"engine.{key}", f"{exc} (expected HOST:PORT, "
+                                                         "e.g. 127.0.0.1:9090)") from None
+        setattr(cfg, key, value)
 
     media = raw.get("media", {})
     cfg.media_address = media.get("address", cfg.advertise)
@@ -235,6 +389,9 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
     _load_apps(cfg, raw, path)
     _load_policy(cfg, raw, path)
     _check_vendors(raw, path)
+    from .webhooks import check_config as _check_webhooks
+
+    _check_webhooks(raw, path)
     accounts = raw.get("accounts", {})
     if not isinstance(accounts, dict):
         raise ConfigError(path, "accounts", "expected a table of accounts")
@@ -244,11 +401,7 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             raise ConfigError(path, key, "expected a table")
         a = Account(id=acc_id, name=acc.get("name", acc_id), currency=acc.get("currency", "USD"))
         for k in acc:
-            if k not in ("name", "currency", "numbers", "kv", "billing", "api_tokens", "secret",
-                         "twilio_signature"):
-                raise ConfigError(path, f"{key}.{k}", "unknown key (known: api_tokens, billing, "
-                                                      "currency, kv, name, numbers, secret, "
-                                                      "twilio_signature)")
+            _known_key(path, "accounts.ID", f"{key}.{k}", k)
         if "secret" in acc and (not isinstance(acc["secret"], str) or len(acc["secret"]) < 16):
             raise ConfigError(path, f"{key}.secret", "a string of at least 16 characters "
                                                      "(signs requests to instruction apps)")
@@ -273,10 +426,33 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             a.numbers[number] = route
             cfg.numbers[number] = route
         cfg.accounts[acc_id] = a
+    _load_call_center(cfg, raw, path)
+    from control.metering import load_api_keys
+
+    cfg.api_keys = load_api_keys(raw, path)
     if overrides and overrides.get("data_dir"):
         cfg.data_dir = overrides["data_dir"]
     cfg.data_dir = os.path.abspath(cfg.data_dir)
     return cfg
+
+
+def _load_call_center(cfg: Config, raw: dict, path: str) -> None:
+    """`[call_center]` agents and queues, and the nodes and numbers that name them."""
+    from .modules.services.call_center import check_routes, load_config
+
+    try:
+        base = os.path.dirname(os.path.abspath(path)) if os.path.exists(path) else ""
+        cfg.call_center = load_config(raw.get("call_center", {}), cfg.users, cfg.accounts,
+                                      cfg.registrar_mode, base)
+    except ValueError as exc:
+        key, _, problem = str(exc).partition(": ")
+        raise ConfigError(path, key if key == "call_center" else f"call_center.{key}",
+                          problem) from None
+    try:
+        check_routes(cfg.call_center, cfg.apps, cfg.numbers)
+    except ValueError as exc:
+        key, _, problem = str(exc).partition(": ")
+        raise ConfigError(path, key, problem) from None
 
 
 def _known_code(cfg: Config, code: str) -> bool:
@@ -313,9 +489,7 @@ def _load_trunks(cfg: Config, raw: dict, path: str) -> None:
         except ValueError as exc:
             raise ConfigError(path, f"{key}.proxy", str(exc)) from None
         for k in t:
-            if k not in ("proxy", "transport", "username", "password", "prefix", "domain"):
-                raise ConfigError(path, f"{key}.{k}", "unknown key (known: domain, password, "
-                                                      "prefix, proxy, transport, username)")
+            _known_key(path, "trunks.NAME", f"{key}.{k}", k)
         transport = t.get("transport", "udp").lower()
         if transport not in ("udp", "tcp"):
             raise ConfigError(path, f"{key}.transport", "udp or tcp")
@@ -340,6 +514,7 @@ def _check_target(cfg: Config, path: str, key: str, target, app_nodes) -> None:
 
 def _load_apps(cfg: Config, raw: dict, path: str) -> None:
     from .apps import App, Node
+    from .modules.catalog import builtin_modules
 
     apps = raw.get("apps", {})
     if not isinstance(apps, dict):
@@ -349,8 +524,7 @@ def _load_apps(cfg: Config, raw: dict, path: str) -> None:
         if not isinstance(a, dict):
             raise ConfigError(path, key, "expected a table")
         for k in a:
-            if k not in ("start", "nodes", "vars", "events"):
-                raise ConfigError(path, f"{key}.{k}", "unknown key (known: events, nodes, start, vars)")
+            _known_key(path, "apps.NAME", f"{key}.{k}", k)
         nodes = a.get("nodes", {})
         if not isinstance(nodes, dict) or not nodes:
             raise ConfigError(path, f"{key}.nodes", "an app needs at least one node")
@@ -364,8 +538,7 @@ def _load_apps(cfg: Config, raw: dict, path: str) -> None:
             if not isinstance(n, dict) or not isinstance(n.get("module"), str):
                 raise ConfigError(path, f"{nkey}.module", "each node needs a module code")
             for k in n:
-                if k not in ("module", "params", "outlets", "events"):
-                    raise ConfigError(path, f"{nkey}.{k}", "unknown key (known: events, module, outlets, params)")
+                _known_key(path, "apps.NAME.nodes.NODE", f"{nkey}.{k}", k)
             code = n["module"]
             if "." not in code or (code.startswith("baton.") and not _known_code(cfg, code)):
                 raise ConfigError(path, f"{nkey}.module", f"unknown module {code!r}")
@@ -381,6 +554,14 @@ def _load_apps(cfg: Config, raw: dict, path: str) -> None:
             for sect, table in (("outlets", node.outlets), ("events", node.events)):
                 for o, target in table.items():
                     _check_target(cfg, path, f"{key}.nodes.{nname}.{sect}.{o}", target, app.nodes)
+        for nname, node in app.nodes.items():
+            # Targets a module names in its params (a phone tree's choices): a wired
+            # outlet of the node, else checked like an outlet's target.
+            targets = getattr(builtin_modules().get(node.module), "targets", None)
+            for pkey, target in (targets(node.params) if targets is not None else ()):
+                if target not in node.outlets:
+                    _check_target(cfg, path, f"{key}.nodes.{nname}.params.{pkey}", target,
+                                  app.nodes)
         for ev, target in app.events.items():
             _check_target(cfg, path, f"{key}.events.{ev}", target, app.nodes)
         cfg.apps[name] = app
@@ -407,11 +588,34 @@ def _load_policy(cfg: Config, raw: dict, path: str) -> None:
     pol = raw.get("policy", {})
     if not isinstance(pol, dict):
         raise ConfigError(path, "policy", "expected a table")
-    for k, v in pol.items():
-        if k not in ("deny_modules", "allow_modules", "banned_callers", "limits"):
-            raise ConfigError(path, f"policy.{k}", "unknown key (known: allow_modules, "
-                                                   "banned_callers, deny_modules, limits)")
+    for k in pol:
+        _known_key(path, "policy", f"policy.{k}", k)
+    _check_warning(pol, path, "policy")
+    per = pol.get("accounts", {})
+    if not isinstance(per, dict):
+        raise ConfigError(path, "policy.accounts", "expected a table of ACCOUNT = "
+                                                   "{ warn_before = ..., warning_text = ... }")
+    for acc, table in per.items():
+        key = f"policy.accounts.{acc}"
+        if not isinstance(table, dict):
+            raise ConfigError(path, key, "expected a table { warn_before = ..., warning_text = ... }")
+        for k in table:
+            _known_key(path, "policy.accounts.ID", f"{key}.{k}", k)
+        _check_warning(table, path, key)
     cfg.policy = dict(pol)
+
+
+def _check_warning(table: dict, path: str, where: str) -> None:
+    """The prepaid warning keys: seconds before the limit, and what is spoken."""
+    v = table.get("warn_before")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or
+                          not 0 <= v <= 3600):
+        raise ConfigError(path, f"{where}.warn_before",
+                          f"seconds from 0 (no warning) to 3600, not {v!r}")
+    for k in ("warning_text", "warning_voice"):
+        v = table.get(k)
+        if v is not None and (not isinstance(v, str) or len(v) > 500):
+            raise ConfigError(path, f"{where}.{k}", "a string of at most 500 characters")
 
 
 def _number_route(cfg: Config, path: str, key: str, account: str, number: str, target) -> NumberRoute:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 
@@ -52,6 +53,12 @@ class Engine:
         self.control = None            # the gRPC control server (control/server.py)
         self.http = None               # the HTTP server for RecordingUrl (engine/http.py)
         self.listeners: list = []      # callables(session, event: str, detail: dict) for Watch
+        self.denials = collections.Counter()  # module code -> policy denials (for /metrics)
+        self.metrics = None            # the /metrics server (engine/metrics.py)
+        from .webhooks import EngineHooks, WebhookSettings, Webhooks
+
+        self.webhooks = Webhooks(WebhookSettings.from_raw(cfg.raw, cfg.path), cfg.data_dir)
+        self.listeners.append(EngineHooks(self, self.webhooks))
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -70,6 +77,7 @@ class Engine:
         self.store = SessionStore(os.path.join(self.cfg.data_dir, "sessions.db"))
         self.media = MediaEngine(self.loop, self.cfg.rtp_timeout, self.cfg.rtp_hold_timeout)
         self.media.start()
+        await self.webhooks.start()
         self.sip_port = await self.sip.listen(self.cfg.sip_host, self.cfg.sip_port,
                                               self.cfg.transports)
         log.info("listening for SIP on %s port %d (%s)", self.cfg.sip_host, self.sip_port,
@@ -78,6 +86,10 @@ class Engine:
             from .http import start_http
 
             self.http = await start_http(self)
+        if self.cfg.metrics_addr:
+            from .metrics import start_metrics
+
+            self.metrics = await start_metrics(self, self.cfg.metrics_addr)
         if self.cfg.raw.get("engine", {}).get("grpc", True) and self.cfg.grpc_addr:
             try:
                 from control.server import start_control
@@ -98,6 +110,9 @@ class Engine:
         if self.http is not None:
             await self.http.stop()
             self.http = None
+        if self.metrics is not None:
+            await self.metrics.stop()
+            self.metrics = None
         self.sip.close()
         if self.media is not None:
             self.media.stop()
@@ -105,6 +120,7 @@ class Engine:
         self.stamper.close()
         if self.store is not None:
             self.store.close()
+        await self.webhooks.stop()
 
     # -- the SIP core's application -------------------------------------------
     def node_for(self, route) -> Node:
@@ -159,7 +175,12 @@ class Engine:
         self.finished.append(session)
         if len(self.finished) > 1000:
             del self.finished[:500]
-        log.debug("session %s ended: %s", session.id, session.end_reason)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session %s ended: %s", session.id, session.end_reason,
+                      extra={"event": "session.ended", "reason": session.end_reason,
+                             "account": session.account, "number": session.number,
+                             "duration_ms": ((session.ended_mono or session.started_mono)
+                                             - session.started_mono) // 1_000_000})
 
     def transition(self, session_id: str, target: str, params: dict | None = None) -> bool:
         """The asynchronous API transition: move a live session to a module code,

@@ -17,6 +17,7 @@ import os
 import time
 
 from . import apps as apps_mod
+from .logs import SESSION as _LOG_SESSION
 from .sip import sdp
 from .sip.dialog import DialogOwner
 
@@ -186,6 +187,11 @@ class Session:
     # -- passing control --------------------------------------------------------
     def start(self, node, reason: str = "initial") -> None:
         self.engine.stamper.session_start(self)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session %s started", self.id,
+                      extra={"event": "session.started", "account": self.account,
+                             "number": self.number, "direction": self.direction,
+                             "module_code": node.module})
         self._give(node, reason, None)
 
     def follow(self, outlet: str, params: dict | None = None, reason: str | None = None) -> None:
@@ -257,7 +263,10 @@ class Session:
             return
         decision = engine.policy.check(self, node, module)
         if not decision.allow:
-            log.info("session %s: policy denied %s: %s", self.id, module.code, decision.reason)
+            log.info("session %s: policy denied %s: %s", self.id, module.code, decision.reason,
+                     extra={"event": "policy.denied", "module_code": module.code,
+                            "reason": decision.reason})
+            engine.denials[module.code] += 1
             self._record("policy-denied:" + module.code, module.level, "policy-denied", node,
                          closed=True)
             denied = node.outlets.get("denied")
@@ -285,11 +294,12 @@ class Session:
         if engine.listeners:
             engine.notify(self, "transition", {"from": prev_module, "to": module.code,
                                                "level": module.level, "reason": reason})
-        if decision.limit is not None:
-            ctl.later(decision.limit, self._limit_reached, ctl)
+        self._arm_limit(ctl, decision)
         # The new module attaches its media first; the old one lets go after.
         if old is not None:
             old.deactivate()
+        # Lines the module logs (and tasks it starts) are about this session.
+        log_token = _LOG_SESSION.set(self)
         try:
             module.take(ctl)
         except Exception:
@@ -300,6 +310,8 @@ class Session:
                     self.transition(fb, "fallback")
                 else:
                     self.fail(f"module {module.code} failed")
+        finally:
+            _LOG_SESSION.reset(log_token)
         if old is not None:
             try:
                 old.module.revoke(old, reason)
@@ -309,6 +321,48 @@ class Session:
     def _limit_reached(self, ctl: Control) -> None:
         if not ctl.event("limit"):
             self.end("limit")
+
+    def _arm_limit(self, ctl: Control, decision) -> None:
+        """The policy's usage limit: the cut-off at zero, and the warning
+        `decision.warn_before` seconds before it (at once when less is left)."""
+        ctl.limit = decision.limit
+        if decision.limit is None:
+            return
+        ctl.later(decision.limit, self._limit_reached, ctl)
+        warn_before = getattr(decision, "warn_before", 0)
+        if warn_before and warn_before > 0:
+            from .policy import warn
+
+            ctl.later(max(0.0, decision.limit - warn_before), warn, ctl, decision)
+
+    def set_account(self, account: str, reason: str = "account"):
+        """Bill the rest of the session to `account` (e.g. a calling card's,
+        once its PIN is known). The current module keeps control, but its time
+        is split here: a new span of the same module starts and is stamped as
+        a transition, so the accountant bills the time before to the old
+        account and the time after to the new one. The policy is asked again
+        for the new account: returns its Decision, and arms its limit."""
+        from .policy import ALLOW
+
+        if self.ended or account == self.account or self.module is None:
+            return ALLOW
+        previous = self.account
+        self.account = account
+        self.params["account"] = account
+        module, ctl = self.module, self.control
+        span = self._record(module.code, module.level, reason, self.node)
+        if ctl is not None:
+            ctl.span = span
+        self.engine.stamper.transition(self, module.code, module.code, module.level, reason)
+        self.engine.journal(self)
+        if self.engine.listeners:
+            self.engine.notify(self, "transition", {"from": module.code, "to": module.code,
+                                                    "level": module.level, "reason": reason,
+                                                    "account": account, "previous_account": previous})
+        decision = self.engine.policy.check(self, self.node, module)
+        if decision.allow and ctl is not None and ctl.active:
+            self._arm_limit(ctl, decision)
+        return decision
 
     def _record(self, code, level, reason, node, closed=False) -> ControlSpan:
         mono, wall = time.monotonic_ns(), time.time_ns()

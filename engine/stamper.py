@@ -5,6 +5,7 @@ memory (or the overflow file when the ring is full).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -17,6 +18,11 @@ class Stamper:
         self.node_id = node_id
         self.writer = None
         self.stamps = 0
+        # Plain counters read by /metrics at scrape time (engine/metrics.py).
+        self.started = 0
+        self.ended = 0
+        self.started_by_account: collections.Counter = collections.Counter()
+        self.transitions: collections.Counter = collections.Counter()  # (to module, level)
         if ring_path is not None:
             from . import ring
 
@@ -29,12 +35,15 @@ class Stamper:
 
     def session_start(self, session) -> None:
         self.stamps += 1
+        self.started += 1
+        self.started_by_account[session.account] += 1
         if self.writer is not None:
             self.writer.stamp_session("start", session.id, session.account,
                                       session.started_mono, session.started_wall, "")
 
     def session_end(self, session) -> None:
         self.stamps += 1
+        self.ended += 1
         if self.writer is not None:
             self.writer.stamp_session("end", session.id, session.account,
                                       session.ended_mono, session.ended_wall,
@@ -43,6 +52,7 @@ class Stamper:
     def transition(self, session, from_module: str, to_module: str, level: str,
                    reason: str) -> None:
         self.stamps += 1
+        self.transitions[to_module, level] += 1
         if self.writer is not None:
             span = session.history[-1]
             self.writer.stamp_transition(session.id, session.account, from_module, to_module,
@@ -52,6 +62,16 @@ class Stamper:
         self.stamps += 1
         if self.writer is not None:
             self.writer.stamp_action(session.id, session.account, module, action, count)
+
+    def record_action(self, account: str, module: str, action: str, count: int,
+                      **fields) -> None:
+        """Stamp a counted action that belongs to no session (an API key's
+        call, control/metering.py); `fields` go into the record as they are."""
+        self.stamps += 1
+        if self.writer is not None:
+            self.writer.append_record({"type": "action", "session": "", "account": account,
+                                       "module": module, "action": action, "count": count,
+                                       **fields})
 
     def close(self) -> None:
         if self.writer is not None:

@@ -22,6 +22,7 @@ runs `bill_main` (invoices and payouts).
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import logging
@@ -175,10 +176,18 @@ class Accountant:
         self.posted = 0
         self.batches = 0
         self.bad_records = 0
+        # For /metrics (engine/metrics.py): (ring seq, stamp wall ns) of the last record
+        # of each chunk read, and the stamp-to-ledger lag of the last commit.
+        self._marks: collections.deque = collections.deque()
+        self.lag_seconds = 0.0
+        self.last_commit = 0.0
         self._stop = threading.Event()
         self._signalled = False
         self.parent_pid: int | None = None  # stop when this process is no longer our parent
         self._last_policy = 0.0
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()  # work other threads hand the loop
+        self.looping = False             # run_forever runs `calls` between batches
+        self.on_snapshot: list = []      # callables(snapshot) after each policy write
         self._restore()
         if pipeline is None:
             pipeline = self.book.pipeline
@@ -208,7 +217,7 @@ class Accountant:
     def _state_delta(self) -> dict[tuple[str, str], bytes | None]:
         delta: dict[tuple[str, str], bytes | None] = {}
         sessions, nodes = self.meter.take_dirty()
-        pack = msgpack.packb
+        pack = msgpack.Packer().pack          # one packer for the batch: cheaper than packb
         for key in sessions:
             o = self.meter.sessions.get(key)
             delta[("session", key[0] + _SEP + key[1])] = pack(o.dump()) if o is not None else None
@@ -285,16 +294,22 @@ class Accountant:
         self.records += batch.n
         self.posted += batch.posted
         self.batches += 1
+        marks, wall = self._marks, None
+        while marks and marks[0][0] <= batch.position[1]:
+            wall = marks.popleft()[1]
+        self.last_commit = time.time()
+        if wall is not None:
+            self.lag_seconds = max(0.0, self.last_commit - wall / 1e9)
         charges = self.charges
-        for ln in batch.lines:
-            per = charges.get(ln.account)
+        for (account, currency, period), amount in Line.sum_amounts(batch.lines).items():
+            per = charges.get(account)
             if per is None:
-                per = charges[ln.account] = {}
-            cur = per.get(ln.currency)
+                per = charges[account] = {}
+            cur = per.get(currency)
             if cur is None:
-                cur = per[ln.currency] = [0, {}]
-            cur[0] += ln.amount
-            cur[1][ln.period] = cur[1].get(ln.period, 0) + ln.amount
+                cur = per[currency] = [0, {}]
+            cur[0] += amount
+            cur[1][period] = cur[1].get(period, 0) + amount
 
     def _reap(self, block: bool) -> None:
         """Take the committer's results: release what is committed; on a
@@ -334,23 +349,20 @@ class Accountant:
     def _collect(self, reader, meter, rater, unpack, events, lines, limit, deadline):
         last = None
         n = 0
+        rec = None
         while n < limit:
             recs = reader.read(min(4096, limit - n))
             if not recs:
                 break
-            for seq, payload in recs:
-                try:
-                    rec = unpack(payload)
-                    if not isinstance(rec, dict):
-                        raise ValueError("not a map")
-                    rec["seq"] = seq            # the ring's seq is the idempotency key
-                    rec.setdefault("node", self.node)
-                    meter.feed(rec, events)
-                except Exception as exc:  # a bad record must not stop billing
-                    self.bad_records += 1
-                    log.error("ring record %d is unusable and skipped: %s", seq, exc)
+            # The ring's seq is the idempotency key; a bad record must not stop billing.
+            for seq, exc in meter.feed_payloads(recs, self.node, events, unpack):
+                self.bad_records += 1
+                log.error("ring record %d is unusable and skipped: %s", seq, exc)
+            rec = meter.last_record
             last = recs[-1][0]
             n += len(recs)
+            if isinstance(rec, dict) and rec.get("wall_ns"):
+                self._marks.append((last, rec["wall_ns"]))
             if events:
                 rater.rate(events, lines)
                 events.clear()
@@ -398,6 +410,7 @@ class Accountant:
         see run_forever)."""
         end = time.monotonic() + seconds
         while not self._signalled and not self._stop.is_set():
+            self.run_calls()
             left = end - time.monotonic()
             if left <= 0:
                 return
@@ -414,7 +427,9 @@ class Accountant:
                 # signal lands while this thread waits on the same Event's lock.
                 signal.signal(sig, self._on_signal)
         backoff = 0.0
+        self.looping = True
         while not self._stop.is_set() and not self._signalled:
+            self.run_calls()
             try:
                 n = self.step()
                 backoff = 0.0
@@ -441,10 +456,21 @@ class Accountant:
                 except Exception:
                     log.exception("accounting batch failed; retrying from the committed position")
                 self._pause(idle_sleep)
+        self.looping = False
         try:
             self._settle()
         finally:
             self.write_policy()
+
+    def run_calls(self) -> None:
+        """Run what other threads handed to this loop (the Billing service,
+        engine/accounting/service.py): between batches, the state is whole."""
+        while True:
+            try:
+                call = self.calls.get_nowait()
+            except queue.Empty:
+                return
+            call()
 
     # -- live views ----------------------------------------------------------
     def running_cost(self, session_id: str, now_mono_ns: int | None = None) -> int | None:
@@ -514,9 +540,15 @@ class Accountant:
         path = path or policy_path(self.data_dir)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
+        snap = self.policy_snapshot()
         with open(tmp, "w") as f:
-            json.dump(self.policy_snapshot(), f, indent=1, sort_keys=True)
+            json.dump(snap, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
+        for hook in list(self.on_snapshot):
+            try:
+                hook(snap)
+            except Exception:
+                log.exception("policy snapshot hook failed")
         return path
 
     def stats(self) -> dict[str, Any]:
@@ -572,9 +604,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--once", action="store_true", help="drain the ring, write the policy "
                                                        "snapshot and exit")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="text (default), or json: one JSON object per line")
+    p.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve Prometheus /metrics here (default: engine.accountant_metrics_addr)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    from engine.logs import setup as setup_logs
+
+    setup_logs(args.log_level, args.log_format or "text")
     try:
         raw = _load_config(args.config)
         acct = Accountant(_data_dir(args, raw), raw, args.store)
@@ -583,15 +620,34 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tune_gc()
     acct.parent_pid = args.parent_pid
+    service = None
+    metrics_addr = args.metrics_addr or raw.get("engine", {}).get("accountant_metrics_addr")
+    stop_metrics = None
+    if metrics_addr and not args.once:
+        from engine.metrics import serve_accountant_metrics
+
+        try:
+            _url, stop_metrics = serve_accountant_metrics(acct, metrics_addr)
+        except (OSError, ValueError) as exc:
+            print(f"baton accountant: metrics address {metrics_addr}: {exc}", file=sys.stderr)
+            acct.close()
+            return 2
     try:
         if args.once:
             acct.drain()
             acct.write_policy()
         else:
+            from .service import BackgroundService
+
+            service = BackgroundService(acct, raw)      # Billing API and notifications
             log.info("accountant running on %s", acct.data_dir)
             acct.run_forever()
         log.info("accountant stopped: %s", json.dumps(acct.stats()))
     finally:
+        if service is not None:
+            service.stop()
+        if stop_metrics is not None:
+            stop_metrics()
         acct.close()
     return 0
 
@@ -604,6 +660,8 @@ def bill_main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     inv = sub.add_parser("invoice", help="one account's invoice for a period")
     inv.add_argument("--account", required=True)
+    inv.add_argument("--notify", action="store_true",
+                     help="also send the invoice.ready webhook (docs/billing.md)")
     pay = sub.add_parser("payouts", help="vendor payout statements for a period")
     pay.add_argument("--vendor", help="only this vendor")
     for sp in (inv, pay):
@@ -636,6 +694,10 @@ def bill_main(argv: list[str] | None = None) -> int:
     finally:
         ledger.close()
     sys.stdout.write(render(doc, args.format))
+    if getattr(args, "notify", False):
+        from .service import notify_invoice_now
+
+        return notify_invoice_now(raw, data_dir, doc)
     return 0
 
 

@@ -106,6 +106,17 @@ class Line(tuple):
     def __repr__(self) -> str:
         return f"Line({self.key} {self.account} {self.module} {self.item} {self.amount})"
 
+    @staticmethod
+    def sum_amounts(lines: Iterable[Line]) -> dict[tuple[str, str, str], int]:
+        """Amounts of lines summed per (account, currency, period)."""
+        if not isinstance(lines, (list, tuple)):
+            lines = list(lines)
+        sums: dict[tuple[str, str, str], int] = {}
+        get = sums.get
+        for k, a in zip(map(_charge_key, lines), map(_amount_of, lines)):
+            sums[k] = get(k, 0) + a
+        return sums
+
 
 for _i, _name in enumerate(Line.FIELDS):
     setattr(Line, _name, property(operator.itemgetter(_i), doc=f"the {_name} column"))
@@ -113,6 +124,8 @@ del _i, _name
 # Positions of the fields the hot paths read.
 _ACCOUNT, _PERIOD, _MODULE, _ITEM, _PLAN, _UNIT, _UPRICE = 5, 9, 6, 7, 14, 13, 15
 _QTY, _USAGE, _AMOUNT, _CUR, _VENDOR, _VAMOUNT = 12, 11, 16, 17, 18, 19
+_charge_key = operator.itemgetter(_ACCOUNT, _CUR, _PERIOD)
+_amount_of = operator.itemgetter(_AMOUNT)
 
 
 def _check_line(line: Line) -> None:
@@ -223,7 +236,7 @@ CREATE TABLE IF NOT EXISTS state (
     key TEXT NOT NULL,
     value {blob} NOT NULL,
     PRIMARY KEY (kind, key)
-);
+){state_suffix};
 {create_view} lines AS
 SELECT t.id, t.key, t.kind, c.node, t.seq, t.session, c.account, c.module, c.item, c.level,
        c.period, t.wall_ns, t.usage, t.quantity, c.unit, c.plan,
@@ -284,20 +297,23 @@ _DERIVE_SUMMARY = (
     + ", ".join(f"{c} = summary.{c} + excluded.{c}" for c in _SUMMARY_SUMS))
 # The entries of a batch of transactions: the customer is debited the amount,
 # the platform and the vendor are credited their parts; negative amounts
-# swap the sides, so no column is ever negative.
+# swap the sides, so no column is ever negative. One statement produces them
+# in (txn_id, leg) order, so each row lands at the end of the entries b-tree
+# instead of splitting pages in the middle of it.
 _DERIVE_ENTRIES = (
+    "WITH legs (leg) AS (VALUES (0), (1), (2)) "
     "INSERT INTO entries (txn_id, leg, account, debit, credit, currency) "
-    "SELECT t.id, 0, 'customer:' || c.account, CASE WHEN t.amount >= 0 THEN t.amount ELSE 0 END, "
-    "CASE WHEN t.amount < 0 THEN -t.amount ELSE 0 END, c.currency "
-    "FROM txns t JOIN classes c ON c.id = t.class_id WHERE t.id BETWEEN ? AND ?",
-    "INSERT INTO entries (txn_id, leg, account, debit, credit, currency) "
-    "SELECT t.id, 1, 'platform', CASE WHEN t.amount < 0 THEN t.vendor_amount - t.amount ELSE 0 END, "
-    "CASE WHEN t.amount >= 0 THEN t.amount - t.vendor_amount ELSE 0 END, c.currency "
-    "FROM txns t JOIN classes c ON c.id = t.class_id WHERE t.id BETWEEN ? AND ?",
-    "INSERT INTO entries (txn_id, leg, account, debit, credit, currency) "
-    "SELECT t.id, 2, 'vendor:' || c.vendor, CASE WHEN t.amount < 0 THEN -t.vendor_amount ELSE 0 END, "
-    "CASE WHEN t.amount >= 0 THEN t.vendor_amount ELSE 0 END, c.currency "
-    "FROM txns t JOIN classes c ON c.id = t.class_id WHERE t.id BETWEEN ? AND ? AND c.vendor <> ''",
+    "SELECT t.id, l.leg, "
+    "CASE l.leg WHEN 0 THEN 'customer:' || c.account WHEN 1 THEN 'platform' "
+    "ELSE 'vendor:' || c.vendor END, "
+    "CASE WHEN t.amount >= 0 THEN CASE WHEN l.leg = 0 THEN t.amount ELSE 0 END "
+    "ELSE CASE l.leg WHEN 0 THEN 0 WHEN 1 THEN t.vendor_amount - t.amount "
+    "ELSE -t.vendor_amount END END, "
+    "CASE WHEN t.amount >= 0 THEN CASE l.leg WHEN 0 THEN 0 WHEN 1 THEN t.amount - t.vendor_amount "
+    "ELSE t.vendor_amount END "
+    "ELSE CASE WHEN l.leg = 0 THEN -t.amount ELSE 0 END END, c.currency "
+    "FROM txns t JOIN classes c ON c.id = t.class_id CROSS JOIN legs l "
+    "WHERE t.id BETWEEN ? AND ? AND (l.leg < 2 OR c.vendor <> '') ORDER BY t.id, l.leg",
 )
 _CLASS_OF = f"SELECT id FROM classes WHERE {' AND '.join(f'{c} = ?' for c in CLASS_COLUMNS)}"
 _INSERT_CLASS = (f"INSERT INTO classes (id, {', '.join(CLASS_COLUMNS)}) "
@@ -642,7 +658,8 @@ class SqliteLedger(Ledger):
         # executescript commits any open transaction, so the script brings its own.
         self._conn.executescript(
             "BEGIN IMMEDIATE;" + _DDL.format(
-                entries_suffix=" WITHOUT ROWID", blob="BLOB", id_type="INTEGER",
+                entries_suffix=" WITHOUT ROWID", state_suffix=" WITHOUT ROWID", blob="BLOB",
+                id_type="INTEGER",
                 create_view="CREATE VIEW IF NOT EXISTS")
             + _SQLITE_GUARDS + "INSERT OR IGNORE INTO meta (name, value) VALUES "
             f"('schema_version', '{SCHEMA_VERSION}'); COMMIT;")
@@ -740,7 +757,7 @@ class PostgresLedger(Ledger):
             self._conn.execute(f'SET search_path TO "{self.schema}"')
         with self._tx():
             self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
-            for stmt in _split_sql(_DDL.format(entries_suffix="", blob="BYTEA", id_type="BIGINT",
+            for stmt in _split_sql(_DDL.format(entries_suffix="", state_suffix="", blob="BYTEA", id_type="BIGINT",
                                                 create_view="CREATE OR REPLACE VIEW")):
                 self._conn.execute(stmt)
             self._conn.execute(_PG_GUARDS)

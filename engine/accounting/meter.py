@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import operator
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 __all__ = ["Meter", "Segment", "Action", "SessionEnd", "OpenSession"]
@@ -75,10 +75,16 @@ del _i, _name
 
 
 class Action:
-    """A counted action (api_call, message, tts_characters, recording_seconds)."""
+    """A counted action (api_call, message, tts_characters, recording_seconds).
+
+    Optional, from the record: `plan` names the plan that prices it (an API
+    key's); `price` makes it a fee of that many micro-units per count (an API
+    key's top-up); `ledger_key` is its own idempotency key, for an action the
+    engine may stamp more than once (a top-up), posted once whatever its seq.
+    """
 
     __slots__ = ("node", "seq", "session", "account", "module", "action", "count", "wall_ns",
-                 "owner")
+                 "owner", "plan", "price", "ledger_key")
 
     def __init__(self, node: str, seq: int, session: str, account: str, module: str,
                  action: str, count: int, wall_ns: int) -> None:
@@ -91,10 +97,15 @@ class Action:
         self.count = count
         self.wall_ns = wall_ns
         self.owner: OpenSession | None = None
+        self.plan: str | None = None
+        self.price: int | None = None
+        self.ledger_key: str | None = None
 
     @property
     def key(self) -> str:
         """The ledger's idempotency key of this action's line."""
+        if self.ledger_key is not None:
+            return self.ledger_key
         return f"{self.node}:{self.seq}"
 
     def __repr__(self) -> str:
@@ -175,6 +186,7 @@ class Meter:
         self._ended: set[tuple[str, str]] = set()
         self._ended_order: deque[tuple[str, str]] = deque()
         self.skipped = 0
+        self.last_record: Any = None      # the last record feed_payloads decoded
 
     # -- the stream ----------------------------------------------------------
     def feed(self, rec: dict[str, Any], out: list) -> None:
@@ -196,12 +208,19 @@ class Meter:
         elif typ == "action":
             sid = rec["session"]
             o = self.sessions.get((node, sid))
-            wall = o.last_wall if o is not None and o.last_wall else st[2]
+            wall = rec.get("wall_ns") or (o.last_wall if o is not None and o.last_wall else st[2])
             act = Action(node, seq, sid, rec.get("account", ""), rec["module"], rec["action"],
                          rec.get("count", 1), wall)
             if o is not None:
                 act.owner = o
                 self.dirty.add((node, sid))
+            if "plan" in rec or "price" in rec or "key" in rec:
+                act.plan = rec.get("plan")
+                price = rec.get("price")
+                if price is not None and (price.__class__ is not int or price < 0):
+                    raise ValueError(f"price {price!r}: micro-units, an integer >= 0")
+                act.price = price
+                act.ledger_key = rec.get("key")
             out.append(act)
         elif typ == "session":
             if rec.get("kind") == "start":
@@ -213,6 +232,77 @@ class Meter:
                 self.close_stale(node, out=out)
         else:
             self.skipped += 1
+
+    def feed_payloads(self, records: Iterable[tuple[int, bytes]], node: str, out: list,
+                      unpack: Callable[[bytes], Any]) -> list[tuple[int, Exception]]:
+        """Decode and process ring records `(seq, payload)` in order; the ring's
+        seq is the record's seq, `node` the node of records that name none.
+        Appends the events to `out`; returns the records that could not be
+        used, as (seq, exception), having skipped them.
+
+        The same as `feed` on each decoded record, with the common case (a
+        transition of an open session) inlined: this loop runs once per
+        stamp, so it avoids the calls and the dict lookups it can.
+        """
+        bad: list[tuple[int, Exception]] = []
+        nodes = self.nodes
+        sessions = self.sessions
+        dirty_add = self.dirty.add
+        dirty_nodes = self.dirty_nodes
+        feed = self.feed
+        last_node, st, rec = None, None, None
+        for seq, payload in records:
+            try:
+                rec = unpack(payload)
+                if rec.__class__ is not dict:
+                    raise ValueError("not a map")
+                rec["seq"] = seq
+                n = rec.get("node")
+                if n is None:
+                    rec["node"] = n = node
+                if rec.get("type") != "transition":
+                    feed(rec, out)
+                    last_node = None            # feed may add or reset node states
+                    continue
+                if n != last_node:
+                    st = nodes.get(n)
+                    if st is None:
+                        st = nodes[n] = [0, 0, 0]
+                    dirty_nodes.add(n)
+                    last_node = n
+                if seq <= st[0]:
+                    self.skipped += 1
+                    continue
+                st[0] = seq
+                mono, wall = rec["mono_ns"], rec["wall_ns"]
+                if mono > st[1]:
+                    st[1] = mono
+                if wall > st[2]:
+                    st[2] = wall
+                key = (n, rec["session"])
+                o = sessions.get(key)
+                if o is None or not o.module:
+                    self._transition(n, seq, rec, st, out)
+                    continue
+                dirty_add(key)
+                # As in _transition, for a session that has a module in control.
+                seg = o.seg_mono
+                end = mono if mono > seg else seg
+                out.append(_new(Segment, (n, seq, o.session, o.account, o.module, o.level,
+                                          seg, end, o.seg_wall, wall, o)))
+                o.metered += end - seg
+                o.seg_mono = o.last_mono = end
+                o.seg_wall = o.last_wall = wall
+                o.module = rec["to"]
+                o.level = rec.get("level", "")
+                account = rec.get("account")
+                if account and account != o.account:
+                    o.account = account         # the payer changed, as in _transition
+            except Exception as exc:  # noqa: BLE001 - handed back to the caller
+                last_node = None
+                bad.append((seq, exc))
+        self.last_record = rec
+        return bad
 
     def feed_many(self, records: Iterable[dict[str, Any]]) -> list:
         """Process records in order; the events they produce."""
@@ -276,6 +366,11 @@ class Meter:
             o.seg_mono, o.seg_wall = mono, wall
         o.module = rec["to"]
         o.level = rec.get("level", "")
+        account = rec.get("account")
+        if account and account != o.account:
+            # The session's payer changed (e.g. a calling card's PIN was
+            # entered): the segment closed above is the old account's.
+            o.account = account
         o.last_mono = mono if mono > o.seg_mono else o.seg_mono
         o.last_wall = wall
 

@@ -76,13 +76,54 @@ class Rater:
 
     # -- rating ----------------------------------------------------------------
     def rate(self, events: Iterable[object], out: list[Line]) -> None:
-        """Rate the Segment and Action events among `events` into `out`."""
+        """Rate the Segment and Action events among `events` into `out`.
+
+        The per-unit time plan without a cap (nearly every segment) is rated
+        inline here, with the same integer arithmetic as `rate_segment`: this
+        loop runs once per transition.
+        """
+        ctxs = self._ctx
+        usage = self.usage
+        dirty_add = self.dirty.add
+        clock = self.clock
+        append = out.append
         for ev in events:
             cls = ev.__class__
-            if cls is Segment:
+            if cls is not Segment:
+                if cls is Action:
+                    self.rate_action(ev, out)       # type: ignore[arg-type]
+                continue
+            node, seq, session, account, module, level, start, end, wall, _ew, o = ev
+            ctx = ctxs.get((account, module, level)) or self._context(account, module, level)
+            fast = ctx[5]
+            if fast is None or seq is None:
                 self.rate_segment(ev, out)          # type: ignore[arg-type]
-            elif cls is Action:
-                self.rate_action(ev, out)           # type: ignore[arg-type]
+                continue
+            first_ns, next_ns, first, nxt, scaled, connect, minimum, unit, name, price = fast
+            ns = end - start
+            if ns <= 0:
+                q = 0
+            elif ns <= first_ns:
+                q = first
+            else:
+                q = first + -(-(ns - first_ns) // next_ns) * nxt
+            amount = (2 * (q * scaled + connect) + DEN) // (2 * DEN)
+            if amount < minimum:
+                amount = minimum
+            period = clock._label if clock._lo <= wall < clock._hi else clock.of(wall)
+            uk = (account, module, period)
+            usage[uk] = usage.get(uk, 0) + q
+            dirty_add(uk)
+            if o is not None:
+                u = o.usage
+                u[module] = u.get(module, 0) + q
+                o.charged += amount
+            sn = ctx[3]
+            append(_new(Line, (f"{node}:{seq}", "usage", node, seq, session, account, module,
+                               "time", level, period, wall, ns, q, unit, name, price, amount,
+                               ctx[1], ctx[2],
+                               (2 * amount * sn + ctx[4]) // (2 * ctx[4]) if sn else 0,
+                               None, "")))
 
     def _paid(self, account: str, module: str, plan: SubscriptionPlan, period: str, wall: int,
               node: str, seq: int | None, session: str, out: list[Line]) -> bool:
@@ -188,10 +229,24 @@ class Rater:
                         split_share(amount, share) if share else 0, None, ch.note))
 
     def rate_action(self, act: Action, out: list[Line]) -> None:
-        """Rate one counted action (its count is the quantity)."""
+        """Rate one counted action (its count is the quantity): by the plan the
+        record names when this config has it (an API key's), else by the
+        account's, the listing's or the platform's plan. An action with a
+        price is a fee (an API key's top-up); one with a ledger key of its own
+        is rated once, however often it was stamped."""
         account, module = act.account, act.module
         book = self.book
-        plan = book.plan_for(account, module, "", act.action)
+        if act.ledger_key is not None:
+            if act.ledger_key in self.fees:
+                return
+            self.fees.add(act.ledger_key)
+            self.dirty_fees.add(act.ledger_key)
+        if act.price is not None:
+            self._rate_fee_action(act, out)
+            return
+        plan = book.plans.get(act.plan) if act.plan else None
+        if plan is None:
+            plan = book.plan_for(account, module, "", act.action)
         target = f"{module}:{act.action}"
         wall = act.wall_ns or time.time_ns()
         period = self.clock.of(wall)
@@ -217,6 +272,24 @@ class Rater:
                         act.action, "", period, wall, act.count, q, plan.unit, plan.name,
                         ch.unit_price, ch.amount, book.account(account).currency, vendor,
                         split_share(ch.amount, share) if share else 0, None, ch.note))
+
+    def _rate_fee_action(self, act: Action, out: list[Line]) -> None:
+        account, module = act.account, act.module
+        wall = act.wall_ns or time.time_ns()
+        period = self.clock.of(wall)
+        target = f"{module}:{act.action}"
+        uk = (account, target, period)
+        self.usage[uk] = self.usage.get(uk, 0) + act.count
+        self.dirty.add(uk)
+        amount = act.price * act.count
+        if act.owner is not None:
+            act.owner.charged += amount
+        vendor, share = self.book.vendor_of(module)
+        out.append(Line(act.key, "fee", act.node, act.seq, act.session, account, module,
+                        act.action, "", period, wall, act.count, act.count, "action",
+                        act.plan or act.action, act.price, amount,
+                        self.book.account(account).currency, vendor,
+                        split_share(amount, share) if share else 0, None, ""))
 
     # -- live sessions -------------------------------------------------------------
     def running_cost(self, o: OpenSession, now_mono_ns: int) -> int:

@@ -39,6 +39,10 @@ class MediaEngine:
         self.rtcp: dict[int, list] = {}             # id(stream) -> [stream, rtcp socket, owner, last SR]
         self.rtcp_interval = 5.0
         self._rtcp_handle = None
+        self.streams: dict[int, object] = {}        # id(stream) -> live stream (for /metrics)
+        # Counters of released streams, so totals never go back when a call ends.
+        self.retired = {"rx_packets": 0, "tx_packets": 0, "rx_bytes": 0, "tx_bytes": 0,
+                        "lost": 0, "expected": 0, "streams": 0}
 
     def start(self) -> None:
         self.loop.add_reader(self.hub.fd, self.hub.poll)
@@ -69,12 +73,19 @@ class MediaEngine:
                rtcp_sock=None, owner=None):
         s = rtp.RtpStream(sock, payload_type, -1 if dtmf_pt is None else dtmf_pt)
         self.hub.add(s)
+        self.streams[id(s)] = s
         if rtcp_sock is not None:
             self.rtcp[id(s)] = [s, rtcp_sock, owner, None]
         return s
 
     def release(self, stream) -> None:
         self.hub.remove(stream)
+        if self.streams.pop(id(stream), None) is not None:
+            st = stream.stats()
+            r = self.retired
+            for k in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "lost", "expected"):
+                r[k] += st[k]
+            r["streams"] += 1
         self.watch.pop(id(stream), None)
         self.rtcp.pop(id(stream), None)
 

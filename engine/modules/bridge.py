@@ -5,7 +5,9 @@ engine's own address), `trunk`, `timeout` (ring
 seconds, default 30), `time_limit` (seconds once answered), `caller_id`.
 Outlets: `busy`, `no-answer`, `failed` (the call was not answered) and
 `done` (the dialled party hung up). The event `dialled-hangup` can map the
-dialled party's hang-up elsewhere, e.g. to a post-call survey.
+dialled party's hang-up elsewhere, e.g. to a post-call survey. A module
+that placed the call and got the answer itself (the call centre's agent leg)
+gives the leg to the next bridge with `hand_over` instead of dialling.
 
 Nothing runs per packet while bridged: both RTP streams relay to each other
 inside the Cython hub, rewritten onto each far end's own SSRC and timeline.
@@ -24,6 +26,13 @@ log = logging.getLogger("baton.modules.bridge")
 
 BUSY = (486, 600, 603)
 NO_ANSWER = (408, 480, 487)
+ADOPT_KEY = "baton.bridge:adopt"
+
+
+def hand_over(session, leg) -> None:
+    """Give the next `baton.bridge` to take `session` an already answered leg
+    (e.g. a call-centre agent's) to bridge the caller to, instead of dialling."""
+    session.saved[ADOPT_KEY] = leg
 
 
 class BridgeState(UacOwner):
@@ -63,6 +72,10 @@ class BridgeModule(Module):
         engine = self.engine
         session = ctl.session
         caller = ctl.caller
+        adopted = session.saved.pop(ADOPT_KEY, None)
+        if adopted is not None:
+            self._adopt(ctl, adopted)
+            return
         try:
             target, destination, transport, credentials, domain = self._target(ctl)
         except ValueError as exc:
@@ -93,6 +106,28 @@ class BridgeModule(Module):
         if caller.answered:
             self._ringback(ctl, state)
         engine.loop.create_task(call.start())
+
+    def _adopt(self, ctl, leg) -> None:
+        """Bridge the answered caller to a leg another module dialled and got answered."""
+        state = BridgeState(ctl, self)
+        ctl.state = state
+        state.leg = leg
+        state.call = leg.call
+        state.answered = True
+        if state.call is not None:
+            state.call.owner = state
+        if leg.ended or leg.stream is None:
+            state.ended = True
+            self._after_call(ctl, "dialled-hangup")
+            return
+        caller = ctl.caller
+        caller.close_channel()
+        if caller.stream is not None:
+            caller.stream.relay_to(leg.stream)
+            leg.stream.relay_to(caller.stream)
+        limit = ctl.params.get("time_limit") or ctl.params.get("timeLimit")
+        if limit:
+            ctl.later(float(limit), self._time_limit, ctl, state)
 
     def _target(self, ctl):
         to = str(ctl.params.get("to", "")).strip()

@@ -57,6 +57,9 @@ class SipCore:
         self.udp: list[UdpTransport] = []
         self.tcp: list[TcpTransport] = []
         self.stats = collections.Counter()
+        # Requests received by method and responses received by status (for /metrics).
+        self.rx_methods = collections.Counter()
+        self.rx_statuses = collections.Counter()
         self.draining = False
         self._contact = {}
         self._sent_by = {}
@@ -212,6 +215,7 @@ class SipCore:
     def on_request(self, msg, flow: Flow) -> None:
         method = msg.method
         self.stats["requests"] += 1
+        self.rx_methods[method if method in KNOWN_METHODS else "other"] += 1
         if msg.error is not None:
             if method != "ACK":
                 status, reason = msg.error
@@ -376,6 +380,7 @@ class SipCore:
         self.stats["responses"] += 1
         if msg.error is not None or msg.via_branch is None:
             return  # RFC 4475 3.1.2.5: drop broken responses
+        self.rx_statuses[msg.status] += 1
         ct = self.transactions.client.get(client_key(msg.via_branch, msg.cseq_method))
         if ct is None:
             return  # RFC 3261 18.1.2: no matching transaction (e.g. RFC 4475 3.3.10)

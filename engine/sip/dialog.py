@@ -110,6 +110,7 @@ class Dialog:
             headers.append(("content-type", "application/sdp"))
         data = build.response(self.invite, status, self.source, self.local_tag,
                               headers=headers, body=body, server=self.core.user_agent)
+        self.core.stats[f"sent_{status}"] += 1
         self.invite_st.respond(status, data)
 
     def answer(self, sdp: bytes) -> None:
@@ -128,6 +129,7 @@ class Dialog:
                               headers=headers, body=sdp, server=self.core.user_agent)
         self.state = CONFIRMED
         self.ok_data = data
+        self.core.stats["sent_200"] += 1
         self.invite_st.respond(200, data)
         self.invite_st = None
         if not self.flow.reliable:

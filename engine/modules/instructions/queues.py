@@ -51,6 +51,15 @@ class CallQueue:
         self.waiters: list[asyncio.Future] = []    # takers waiting for a member
         self.served = 0
         self.total_wait = 0.0
+        self.abandoned = 0         # members that hung up while waiting
+        self.pinned = False        # kept (with its statistics) even when empty
+
+    @property
+    def longest_wait(self) -> float:
+        """Seconds the member at the front has waited (0 when empty)."""
+        for m in self.members.values():
+            return m.waited
+        return 0.0
 
     def __len__(self) -> int:
         return len(self.members)
@@ -144,6 +153,18 @@ class Queues:
                     q.waiters.remove(w)
                 self._drop_if_empty(q)
 
+    def serve(self, member: Member) -> bool:
+        """Take `member` out wherever it stands and count it served (a taker
+        that picks members out of order, like an agent answering)."""
+        q = self.get(member.account, member.queue)
+        if q is None or q.members.get(member.session_id) is not member:
+            return False
+        del q.members[member.session_id]
+        q.served += 1
+        q.total_wait += member.waited
+        self._drop_if_empty(q)
+        return True
+
     def requeue_front(self, member: Member) -> None:
         """Put a member that was taken but never connected back at the front."""
         q = self.get(member.account, member.queue, create=True)
@@ -167,7 +188,8 @@ class Queues:
         return True
 
     def _drop_if_empty(self, q: CallQueue) -> None:
-        if not q.members and not q.waiters and self.queues.get((q.account, q.name)) is q:
+        if not q.members and not q.waiters and not q.pinned and \
+                self.queues.get((q.account, q.name)) is q:
             # Keep statistics only while the queue is in use.
             del self.queues[(q.account, q.name)]
 

@@ -6,4 +6,10 @@ them next to the basic and application modules (engine/modules/catalog.py).
 """
 from __future__ import annotations
 
-SERVICE_MODULES: tuple = ()
+from .call_center import CallCenterModule
+from .calling_card import CallingCardModule
+from .phone_tree import PhoneTreeModule
+from .survey import SurveyModule
+from .verify import VerifyModule
+
+SERVICE_MODULES: tuple = (CallCenterModule, CallingCardModule, PhoneTreeModule, SurveyModule, VerifyModule,)

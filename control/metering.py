@@ -1,0 +1,372 @@
+"""Metered API access: API keys under a usage agreement, with a quota per period.
+
+A third-party application calls the control API with an API key (`[api_keys.ID]`):
+a bearer token that acts for one account. Every call it makes to a control
+service (`baton.v1.Sessions`, `baton.v1.Billing` and the other `baton.v1`
+services; vendors' `ModuleHost` streams are not metered) is
+
+- counted against the key's quota for the current period (a UTC month or
+  day). The check is local: the counts live in the engine, in
+  `DATA/api_keys.db` (SQLite, written before the call proceeds), so a
+  restarted engine goes on from where it stopped;
+- refused with `RESOURCE_EXHAUSTED` once the quota is used, unless the key's
+  agreement tops up automatically: then a block of `auto_top_up.calls` more
+  calls is added and charged `auto_top_up.price`;
+- stamped into the ring as a counted action (`api_call`, module
+  `baton.api.ID`) with the key's plan, so the accountant rates it and it
+  shows on the account's invoice, one line per key. A top-up is stamped as
+  the action `api_top_up` with its price and a ledger key of its own
+  (`apitopup:NODE:ID:PERIOD:N`), which the accountant posts once: the engine
+  stamps the latest top-up of each key again when it starts, in case it
+  stopped between counting a top-up and stamping it.
+
+Account tokens (`accounts.ID.api_tokens`) are not metered.
+
+Config (checked by `load_api_keys`, errors name the key):
+
+    [api_keys.partner1]
+    account = "demo"
+    token_sha256 = "9f86d0...e08"      # or token = "..." (16 characters at least)
+    plan = "api-calls"                # [plans.NAME] pricing each call (optional)
+    quota = 1000                      # calls per period
+    period = "month"                  # month or day (UTC); default billing.period
+    auto_top_up = { calls = 500, price = "5.00" }   # optional
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from engine.accounting.config import PeriodClock
+from engine.accounting.money import MoneyError, format_money, parse_money
+from engine.accounting.plans import PlanError, parse_plan
+
+log = logging.getLogger("baton.control.metering")
+
+__all__ = ["ApiKey", "TopUp", "ApiMeter", "MeteringInterceptor", "load_api_keys",
+           "API_MODULE_PREFIX", "token_digest"]
+
+API_MODULE_PREFIX = "baton.api."
+MIN_TOKEN = 16
+_KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_KEYS = ("account", "token", "token_sha256", "plan", "quota", "period", "auto_top_up",
+         "description")
+# Services of the control API a key's calls are metered on; vendors attach
+# with their own secrets and are billed for time in control instead.
+METERED_PREFIX = "/baton.v1."
+UNMETERED = ("/baton.v1.ModuleHost/",)
+
+
+def token_digest(token: str) -> str:
+    """The hex SHA-256 of a token, as `token_sha256` holds it."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TopUp:
+    """An agreement's automatic top-up: `calls` more for `price` micro-units."""
+
+    calls: int
+    price: int
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One `[api_keys.ID]`: whose it is, how its calls are priced and limited."""
+
+    id: str
+    account: str
+    digest: str                       # hex SHA-256 of the token
+    quota: int
+    period: str = "month"
+    plan: str = ""
+    currency: str = "USD"
+    top_up: TopUp | None = None
+    description: str = ""
+
+    @property
+    def module(self) -> str:
+        """The module code its usage is stamped and invoiced under."""
+        return API_MODULE_PREFIX + self.id
+
+
+def load_api_keys(raw: dict, path: str = "<dict>") -> dict[str, ApiKey]:
+    """Parse and check `[api_keys.ID]` tables of a config dict; ConfigError names the key."""
+    from engine.config import ConfigError
+
+    tables = raw.get("api_keys", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(path, "api_keys", "expected a table of API keys ([api_keys.ID])")
+    accounts = raw.get("accounts", {}) if isinstance(raw.get("accounts", {}), dict) else {}
+    billing = raw.get("billing", {}) if isinstance(raw.get("billing", {}), dict) else {}
+    plans = raw.get("plans", {}) if isinstance(raw.get("plans", {}), dict) else {}
+    default_period = billing.get("period", "month")
+    default_currency = billing.get("currency", "USD")
+    account_tokens = {t for a in accounts.values() if isinstance(a, dict)
+                      for t in (a.get("api_tokens") or []) if isinstance(t, str)}
+    keys: dict[str, ApiKey] = {}
+    digests: dict[str, str] = {}
+    for kid, t in tables.items():
+        where = f"api_keys.{kid}"
+        if not _KEY_ID.match(kid):
+            raise ConfigError(path, where, "a key id is 1 to 64 letters, digits, _ or -")
+        if not isinstance(t, dict):
+            raise ConfigError(path, where, "expected a table")
+        for k in t:
+            if k not in _KEYS:
+                raise ConfigError(path, f"{where}.{k}", f"unknown key (known: {', '.join(sorted(_KEYS))})")
+        account = t.get("account")
+        if not isinstance(account, str) or not account:
+            raise ConfigError(path, f"{where}.account", "the account the key acts for is required")
+        if account not in accounts:
+            raise ConfigError(path, f"{where}.account", f"no account {account!r} in [accounts]")
+        acc = accounts[account] if isinstance(accounts[account], dict) else {}
+        currency = acc.get("currency", default_currency)
+        if ("token" in t) == ("token_sha256" in t):
+            raise ConfigError(path, where, "needs exactly one of token or token_sha256")
+        if "token" in t:
+            token = t["token"]
+            if not isinstance(token, str) or len(token) < MIN_TOKEN:
+                raise ConfigError(path, f"{where}.token", f"a string of at least {MIN_TOKEN} characters")
+            if token in account_tokens:
+                raise ConfigError(path, f"{where}.token", "is also an account's api_tokens entry")
+            digest = token_digest(token)
+        else:
+            digest = t["token_sha256"]
+            if not isinstance(digest, str) or not _HEX64.match(digest.lower()):
+                raise ConfigError(path, f"{where}.token_sha256",
+                                  "64 hex digits: the SHA-256 of the token (sha256sum)")
+            digest = digest.lower()
+        if digest in digests:
+            raise ConfigError(path, f"{where}.token", f"the same token as api_keys.{digests[digest]}")
+        digests[digest] = kid
+        quota = t.get("quota")
+        if isinstance(quota, bool) or not isinstance(quota, int) or quota < 0:
+            raise ConfigError(path, f"{where}.quota", "the calls allowed per period, an integer >= 0")
+        period = t.get("period", default_period)
+        if period not in ("month", "day"):
+            raise ConfigError(path, f"{where}.period", f"month or day (UTC), not {period!r}")
+        plan = t.get("plan", "")
+        if plan:
+            if not isinstance(plan, str) or plan not in plans:
+                raise ConfigError(path, f"{where}.plan", f"no plan {plan!r} in [plans]")
+            try:
+                p = parse_plan(plan, plans[plan])
+            except PlanError as exc:
+                raise ConfigError(path, exc.key, exc.problem) from None
+            if p.is_time:
+                raise ConfigError(path, f"{where}.plan", f"plan {plan!r} prices time "
+                                                         f"({p.unit}); an API plan counts calls "
+                                                         "(unit = \"action\")")
+            if p.currency != currency:
+                raise ConfigError(path, f"{where}.plan", f"plan {plan!r} is priced in {p.currency}, "
+                                                         f"but account {account} bills in {currency}")
+        top_up = None
+        if "auto_top_up" in t:
+            tu = t["auto_top_up"]
+            if not isinstance(tu, dict) or set(tu) - {"calls", "price"}:
+                raise ConfigError(path, f"{where}.auto_top_up", "a table { calls = N, price = \"5.00\" }")
+            calls = tu.get("calls")
+            if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+                raise ConfigError(path, f"{where}.auto_top_up.calls", "the calls one top-up adds, an integer >= 1")
+            if "price" not in tu:
+                raise ConfigError(path, f"{where}.auto_top_up.price", "the price of one top-up is required")
+            try:
+                price = parse_money(tu["price"], f"{where}.auto_top_up.price", currency=currency)
+            except MoneyError as exc:
+                raise ConfigError(path, exc.key, exc.problem) from None
+            top_up = TopUp(calls, price)
+        desc = t.get("description", "")
+        if not isinstance(desc, str):
+            raise ConfigError(path, f"{where}.description", "expected a string")
+        keys[kid] = ApiKey(kid, account, digest, quota, period, plan, currency, top_up, desc)
+    return keys
+
+
+class ApiMeter:
+    """Counts each key's calls per period and decides whether a call may proceed.
+
+    `admit(key)` is synchronous and does no I/O but one SQLite write, so on
+    the event loop the check and the count cannot interleave with another
+    call's. Counts are in `path` (None: in memory only).
+    """
+
+    def __init__(self, keys: dict[str, ApiKey], path: str | None, node: str, stamper_of) -> None:
+        self.keys = keys
+        self.by_digest = {k.digest: k for k in keys.values()}
+        self.node = node
+        self._stamper_of = stamper_of        # () -> the engine's current Stamper
+        self._clocks = {p: PeriodClock(p) for p in ("month", "day")}
+        self.usage: dict[tuple[str, str], list[int]] = {}   # (key, period) -> [calls, top_ups]
+        self.refused = 0
+        if path is not None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.db = sqlite3.connect(path or ":memory:", isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # A count survives the engine being killed once the statement returns
+        # (the WAL is in the OS); a power cut may lose the last ones, as the ring would.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS usage (key TEXT NOT NULL, period TEXT NOT NULL, "
+                        "calls INTEGER NOT NULL, top_ups INTEGER NOT NULL, "
+                        "PRIMARY KEY (key, period))")
+        for key, period, calls, top_ups in self.db.execute("SELECT key, period, calls, top_ups FROM usage"):
+            self.usage[(key, period)] = [calls, top_ups]
+
+    @classmethod
+    def for_engine(cls, engine) -> ApiMeter:
+        """The meter of an engine: its config's keys, counts in DATA/api_keys.db."""
+        cfg = engine.cfg
+        keys = getattr(cfg, "api_keys", None) or {}
+        path = os.path.join(cfg.data_dir, "api_keys.db") if keys else None
+        return cls(keys, path, cfg.node_id, lambda: engine.stamper)
+
+    # -- tokens -------------------------------------------------------------------
+    def key_for_token(self, token: str) -> ApiKey | None:
+        """The API key a bearer token is, or None (an account token, or unknown)."""
+        if not self.by_digest:
+            return None
+        return self.by_digest.get(token_digest(token))
+
+    # -- counting -------------------------------------------------------------------
+    def period(self, key: ApiKey, wall_ns: int | None = None) -> str:
+        """The key's current quota period ("2026-11", or "2026-11-26")."""
+        return self._clocks[key.period].of(time.time_ns() if wall_ns is None else wall_ns)
+
+    def limit(self, key: ApiKey, period: str) -> int:
+        """The calls the key may make in `period`: its quota plus its top-ups so far."""
+        top_ups = self.usage.get((key.id, period), (0, 0))[1]
+        return key.quota + top_ups * (key.top_up.calls if key.top_up else 0)
+
+    def used(self, key: ApiKey, period: str | None = None) -> int:
+        """Calls counted in a period (default: the current one)."""
+        return self.usage.get((key.id, period or self.period(key)), (0, 0))[0]
+
+    def admit(self, key: ApiKey, method: str = "") -> str | None:
+        """Count one call of `key`; None when it may proceed, else the refusal
+        (a message naming the key and its quota)."""
+        wall = time.time_ns()
+        period = self.period(key, wall)
+        u = self.usage.get((key.id, period))
+        if u is None:
+            u = self.usage[(key.id, period)] = [0, 0]
+        calls, top_ups = u
+        topped = False
+        if calls >= self.limit(key, period):
+            if key.top_up is None:
+                self.refused += 1
+                return (f"API key {key.id!r} has used its quota of {self.limit(key, period)} "
+                        f"calls for {period}" + (f" ({key.quota} + top-ups)" if top_ups else ""))
+            top_ups += 1
+            topped = True
+        self.db.execute("INSERT INTO usage (key, period, calls, top_ups) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (key, period) DO UPDATE SET calls = excluded.calls, "
+                        "top_ups = excluded.top_ups", (key.id, period, calls + 1, top_ups))
+        u[0], u[1] = calls + 1, top_ups
+        if topped:
+            log.info("API key %s: quota used, topped up %d calls for %s (top-up %d of %s)",
+                     key.id, key.top_up.calls, format_money(key.top_up.price, key.currency),
+                     top_ups, period)
+            self._stamp_top_up(key, period, top_ups, wall)
+        stamper = self._stamper_of()
+        if stamper is not None:
+            fields: dict[str, Any] = {"api_key": key.id, "wall_ns": wall}
+            if key.plan:
+                fields["plan"] = key.plan
+            if method:
+                fields["method"] = method
+            stamper.record_action(key.account, key.module, "api_call", 1, **fields)
+        return None
+
+    def _stamp_top_up(self, key: ApiKey, period: str, n: int, wall: int) -> None:
+        stamper = self._stamper_of()
+        if stamper is None or key.top_up is None:
+            return
+        stamper.record_action(key.account, key.module, "api_top_up", 1, api_key=key.id,
+                              wall_ns=wall, price=key.top_up.price, calls=key.top_up.calls,
+                              plan=f"top-up {key.top_up.calls} calls",
+                              key=f"apitopup:{self.node}:{key.id}:{period}:{n}")
+
+    def restamp_top_ups(self) -> int:
+        """Stamp each key's latest top-up of its current period again (the
+        accountant posts a top-up once, by its ledger key): a stop between
+        counting a top-up and stamping it must not leave it unbilled."""
+        n = 0
+        for key in self.keys.values():
+            period = self.period(key)
+            top_ups = self.usage.get((key.id, period), (0, 0))[1]
+            if top_ups and key.top_up is not None:
+                self._stamp_top_up(key, period, top_ups, time.time_ns())
+                n += 1
+        return n
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None  # type: ignore[assignment]
+
+
+def _bearer(metadata) -> str | None:
+    for k, v in metadata or ():
+        if k.lower() == "authorization":
+            v = v.decode() if isinstance(v, bytes) else v
+            scheme, _, token = v.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+class MeteringInterceptor(grpc.aio.ServerInterceptor):
+    """A grpc.aio server interceptor: meters the control calls made with API keys.
+
+    Calls with any other credentials pass untouched (the service itself
+    authenticates them); so do calls of unknown methods.
+    """
+
+    def __init__(self, meter: ApiMeter) -> None:
+        self.meter = meter
+
+    async def intercept_service(self, continuation, details):
+        method = details.method or ""
+        handler = await continuation(details)
+        if handler is None or not method.startswith(METERED_PREFIX) or \
+                method.startswith(UNMETERED) or not self.meter.keys:
+            return handler
+        token = _bearer(details.invocation_metadata)
+        key = self.meter.key_for_token(token) if token else None
+        if key is None:
+            return handler
+        try:
+            refusal = self.meter.admit(key, method)
+        except sqlite3.Error as exc:
+            # The count cannot be kept: refuse rather than serve unmetered.
+            log.error("API key %s: cannot record the call: %s", key.id, exc)
+            return _refusing(handler, grpc.StatusCode.UNAVAILABLE,
+                             "API usage cannot be recorded; retry later")
+        if refusal is None:
+            return handler
+        return _refusing(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+
+
+def _refusing(handler, code: grpc.StatusCode, message: str):
+    """A handler of the same shape as `handler` that ends the call with a status."""
+
+    async def refuse(_request, context):
+        await context.abort(code, message)
+
+    kw = {"request_deserializer": handler.request_deserializer,
+          "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse, **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, **kw)
+    return grpc.stream_stream_rpc_method_handler(refuse, **kw)

@@ -1,0 +1,133 @@
+"""`baton bench`: scenarios run through the command, result files, repeats, usage errors."""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+from engine import bench_cli
+from tests.helpers import BATON
+
+FIGURE_FIELDS = {"label", "unit", "median", "min", "max", "values", "higher_is_better"}
+
+
+def bench(*args, timeout=120):
+    return subprocess.run([BATON, "bench", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def assert_valid_png(path: Path) -> None:
+    """The PNG signature, then well-formed chunks with correct CRCs up to IEND."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, kinds = 8, []
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert zlib.crc32(kind + body) == crc, kind
+        kinds.append(kind)
+        pos += 12 + length
+    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"IDAT" in kinds
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 100 and height > 100
+
+
+def result_of(proc: subprocess.CompletedProcess, results: Path) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(results.glob("*.json"))
+    assert len(files) == 1, files
+    record = json.loads(files[0].read_text())
+    assert record["json"] == str(files[0])
+    assert_valid_png(Path(record["png"]))
+    assert Path(record["png"]).parent == results
+    return record
+
+
+def test_ring_quick_writes_json_and_png(tmp_path):
+    r = bench("ring", "--quick", "--results-dir", str(tmp_path))
+    record = result_of(r, tmp_path)
+    assert record["scenario"] == "ring" and record["driver"] == "bench/ring_bench.py"
+    assert record["repeat"] == 1 and record["completed"] == 1 and record["quick"] is True
+    assert record["errors"] == []
+    assert {"cpus", "cpu_model", "kernel", "python", "loadavg", "started", "command"} \
+        <= set(record["meta"])
+    fig = record["figures"]["end_to_end"]
+    assert FIGURE_FIELDS <= set(fig) and fig["unit"] == "records/s"
+    assert fig["median"] == fig["min"] == fig["max"] > 0 and len(fig["values"]) == 1
+    # The Python twin ran in the same command and is the baseline.
+    assert fig["baseline"]["label"] == "Python twin" and fig["baseline"]["median"] > 0
+    assert fig["ratio"]["median"] > 0
+    run = record["runs"][0]
+    assert run["returncode"] == 0 and run["result"]["results"]["c"]["records"] == 50000
+    # Not a terminal: plain progress lines, and the summary on stdout.
+    assert "bench ring: 100%" in r.stderr and "\x1b[" not in r.stderr
+    assert "records/s written and drained" in r.stdout and record["json"] in r.stdout
+
+
+def test_repeat_reports_median_min_max(tmp_path):
+    r = bench("mixer", "--quick", "--repeat", "2", "--results-dir", str(tmp_path), "--json")
+    record = result_of(r, tmp_path)
+    assert json.loads(r.stdout.strip().splitlines()[-1])["json"] == record["json"]
+    assert record["repeat"] == 2 and len(record["runs"]) == 2
+    fig = record["figures"]["participants"]
+    assert len(fig["values"]) == 2
+    assert fig["min"] == min(fig["values"]) and fig["max"] == max(fig["values"])
+    assert fig["min"] <= fig["median"] <= fig["max"]
+    # The numpy twin is run beside each repetition.
+    assert len(fig["baseline"]["values"]) == 2
+    assert all(run["reference"]["implementation"] == "py" for run in record["runs"])
+    assert set(fig["ratio"]) == {"median", "min", "max"}
+
+
+def test_driver_options_after_double_dash(tmp_path):
+    r = bench("ring", "--results-dir", str(tmp_path), "--", "--impl", "py", "--records", "2000")
+    record = result_of(r, tmp_path)
+    run = record["runs"][0]["result"]
+    assert set(run["results"]) == {"py"} and run["results"]["py"]["records"] == 2000
+    assert record["figures"]["end_to_end"]["median"] is None
+    assert record["figures"]["end_to_end"]["baseline"]["median"] > 0
+
+
+def test_unknown_scenario_names_the_known_ones(tmp_path):
+    r = bench("warp-speed", "--results-dir", str(tmp_path))
+    assert r.returncode == 2
+    assert "unknown scenario 'warp-speed'" in r.stderr
+    for name in bench_cli.SCENARIOS:
+        assert name in r.stderr
+    assert list(tmp_path.iterdir()) == []
+    r = bench()
+    assert r.returncode == 2 and "cps-ramp" in r.stderr
+
+
+def test_usage_errors():
+    r = bench("ring", "--engine", "127.0.0.1:5060")
+    assert r.returncode == 2 and "--engine applies to cps-ramp only" in r.stderr
+    r = bench("cps-ramp", "--engine", "127.0.0.1:99999")
+    assert r.returncode == 2 and "--engine" in r.stderr
+    r = bench("ring", "--repeat", "0")
+    assert r.returncode == 2 and "--repeat" in r.stderr
+
+
+def test_list_describes_every_scenario():
+    r = bench("--list")
+    assert r.returncode == 0
+    for name, scenario in bench_cli.SCENARIOS.items():
+        assert f"{name}  (bench/{scenario.driver}" in r.stdout
+        assert (Path(bench_cli.BENCH_DIR) / scenario.driver).is_file()
+    assert r.stdout.count("baseline:") == len(bench_cli.SCENARIOS)
+    assert "Kamailio" in r.stdout and "relay.c" in r.stdout
+    r = bench("--help")
+    assert r.returncode == 0 and "--repeat" in r.stdout and "--engine" in r.stdout
+
+
+def test_scenarios_map_to_driver_json():
+    """Every figure's path names a key its driver prints (checked against the source)."""
+    for scenario in bench_cli.SCENARIOS.values():
+        source = (Path(bench_cli.BENCH_DIR) / scenario.driver).read_text()
+        for fig in scenario.figures:
+            for path in filter(None, (fig.path, fig.baseline)):
+                leaf = path.split(".")[-1]
+                assert leaf in source or leaf.split("_", 1)[1] in source, (scenario.name, path)
