@@ -7,6 +7,10 @@
   `x-baton-module` / `x-baton-secret` metadata. A code belongs to a vendor
   when `[modules."CODE"] vendor = "ID"` says so or `[vendors.ID] modules`
   lists it.
+- A platform operator's token (`[engine] operator_tokens`) sees every
+  account and vendor: `scope()` is None for it. With `x-baton-account: ID`
+  metadata it acts for that one account, as the account's own token would.
+  Operator calls are not metered (control/metering.py meters API keys only).
 
 Secrets and tokens are compared in constant time.
 """
@@ -23,6 +27,8 @@ log = logging.getLogger("baton.control.auth")
 
 MIN_SECRET = 16
 DEFAULT_OFFER_TIMEOUT = 2.0
+# An operator token names the account it acts for in this metadata key.
+ACCOUNT_HEADER = "x-baton-account"
 
 
 class AuthError(Exception):
@@ -56,6 +62,10 @@ class Authority:
         # they are known by the SHA-256 of the token.
         self.key_accounts: dict[str, str] = {
             k.digest: k.account for k in (getattr(cfg, "api_keys", None) or {}).values()}
+        # Platform operators: every account and vendor (engine.operator_tokens).
+        self.operator_tokens: list[bytes] = [
+            t.encode() for t in getattr(cfg, "operator_tokens", None) or ()]
+        self.account_ids: set[str] = set(cfg.accounts)
         self.vendors: dict[str, Vendor] = {}
         for vid, table in (cfg.raw.get("vendors") or {}).items():
             if not isinstance(table, dict):
@@ -93,20 +103,57 @@ class Authority:
             found = self.key_accounts.get(hashlib.sha256(raw).hexdigest())
         return found
 
+    def is_operator_token(self, token: str) -> bool:
+        """True when `token` is one of `engine.operator_tokens`."""
+        raw = token.encode()
+        found = False
+        for known in self.operator_tokens:
+            # Every token is compared, so timing says nothing about which matched.
+            if hmac.compare_digest(known, raw):
+                found = True
+        return found
+
     def account(self, metadata) -> str:
-        """The account of a call's bearer token; AuthError(UNAUTHENTICATED) otherwise."""
-        value = _metadata_value(metadata, "authorization")
-        if value is None:
-            raise AuthError(grpc.StatusCode.UNAUTHENTICATED,
-                            "missing `authorization: Bearer TOKEN` metadata")
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError(grpc.StatusCode.UNAUTHENTICATED,
-                            "the authorization metadata must be `Bearer TOKEN`")
-        account = self.account_for_token(token.strip())
+        """The account of a call's bearer token; AuthError(UNAUTHENTICATED) otherwise.
+
+        An operator token acts for the account its `x-baton-account` metadata
+        names; without one it is INVALID_ARGUMENT (the call needs one account)."""
+        scope = self.scope(metadata)
+        if scope is None:
+            raise AuthError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{ACCOUNT_HEADER}: this call acts for one account; with an "
+                            f"operator token name it in `{ACCOUNT_HEADER}: ID` metadata")
+        return scope
+
+    def scope(self, metadata) -> str | None:
+        """The account a call may see: its token's account, or None for a platform
+        operator (every account; `x-baton-account: ID` narrows it to ID).
+        AuthError(UNAUTHENTICATED) for a missing or unknown token."""
+        token = _bearer(metadata)
+        acting = _metadata_value(metadata, ACCOUNT_HEADER)
+        acting = acting.strip() if acting is not None else ""
+        if self.is_operator_token(token):
+            if not acting:
+                return None
+            if acting not in self.account_ids:
+                raise AuthError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{ACCOUNT_HEADER}: no account {acting!r}")
+            return acting
+        account = self.account_for_token(token)
         if account is None:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "unknown API token")
+        if acting and acting != account:
+            raise AuthError(grpc.StatusCode.PERMISSION_DENIED,
+                            f"{ACCOUNT_HEADER}: the token belongs to account {account!r}")
         return account
+
+    def operator(self, metadata) -> bool:
+        """True when the call's bearer token is an operator's (no error otherwise)."""
+        value = _metadata_value(metadata, "authorization")
+        if value is None or not self.operator_tokens:
+            return False
+        scheme, _, token = value.partition(" ")
+        return scheme.lower() == "bearer" and self.is_operator_token(token.strip())
 
     # -- vendor secrets ----------------------------------------------------------
     def vendor_for(self, code: str, secret: str, vendor_id: str = "") -> Vendor:
@@ -142,6 +189,25 @@ class Authority:
             raise AuthError(grpc.StatusCode.PERMISSION_DENIED,
                             f"module code {code!r} does not belong to vendor {matched.id!r}")
         return matched
+
+
+def in_scope(scope: str | None, account: str | None) -> bool:
+    """Whether a call of `scope` (Authority.scope: an account, None for an
+    operator) may see something of `account`."""
+    return scope is None or (account is not None and account == scope)
+
+
+def _bearer(metadata) -> str:
+    """The bearer token of a call's metadata; AuthError(UNAUTHENTICATED) otherwise."""
+    value = _metadata_value(metadata, "authorization")
+    if value is None:
+        raise AuthError(grpc.StatusCode.UNAUTHENTICATED,
+                        "missing `authorization: Bearer TOKEN` metadata")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError(grpc.StatusCode.UNAUTHENTICATED,
+                        "the authorization metadata must be `Bearer TOKEN`")
+    return token.strip()
 
 
 def _metadata_value(metadata, key: str) -> str | None:

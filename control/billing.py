@@ -11,6 +11,10 @@ engine's `BillingClient` (engine/billing_client.py).
   of another account is NOT_FOUND, as in `Sessions`.
 - Payouts: a vendor's `x-baton-vendor` and `x-baton-secret` metadata; a
   vendor sees its own statement only.
+- A platform operator's token (`[engine] operator_tokens`) sees everything:
+  Invoice and Balance of the account it names, Cost of any session, Events
+  of every account (or the one named), and Payouts of every vendor (no
+  `vendor`: all of them, with the total) or of the vendor it names.
 - No accountant running: UNAVAILABLE, saying so.
 """
 from __future__ import annotations
@@ -24,7 +28,7 @@ import grpc
 from engine.accounting.service import check_account, check_period, money_pb
 
 from . import pb
-from .auth import AuthError, Authority, metadata_value
+from .auth import AuthError, Authority, in_scope, metadata_value
 
 log = logging.getLogger("baton.control.billing")
 
@@ -89,10 +93,11 @@ class BillingService(pb.billing_pb2_grpc.BillingServicer):
         self.authority = authority
         self.sessions = sessions      # the SessionsService: finding a caller's session
 
-    async def _account(self, context, requested: str) -> str:
-        """The token's account, checked against the request's `account`."""
+    async def _account(self, context, requested: str) -> str | None:
+        """The token's account, checked against the request's `account`; for an
+        operator the requested account (None: every account)."""
         try:
-            account = self.authority.account(context.invocation_metadata())
+            account = self.authority.scope(context.invocation_metadata())
         except AuthError as exc:
             await context.abort(exc.code, exc.message)
         requested = requested.strip()
@@ -104,13 +109,21 @@ class BillingService(pb.billing_pb2_grpc.BillingServicer):
         if requested not in self.engine.cfg.accounts:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"account: no account {requested!r}")
-        if requested != account:
+        if account is not None and requested != account:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"account: the token belongs to account {account!r}")
+        return requested
+
+    async def _one_account(self, context, requested: str) -> str:
+        """`_account` for the calls about one account: an operator must name it."""
+        account = await self._account(context, requested)
+        if account is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "account: required with an operator token")
         return account
 
     async def Invoice(self, request, context) -> bp.AccountInvoice:
-        account = await self._account(context, request.account)
+        account = await self._one_account(context, request.account)
         problem = check_period(request.period.strip())
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
@@ -118,7 +131,7 @@ class BillingService(pb.billing_pb2_grpc.BillingServicer):
                            bp.InvoiceRequest(account=account, period=request.period.strip()))
 
     async def Balance(self, request, context) -> bp.AccountBalance:
-        account = await self._account(context, request.account)
+        account = await self._one_account(context, request.account)
         return await _call(self.engine, context, "Balance", bp.BalanceRequest(account=account))
 
     async def Cost(self, request, context) -> bp.SessionCost:
@@ -132,21 +145,28 @@ class BillingService(pb.billing_pb2_grpc.BillingServicer):
             owner = row["account"] if row is not None else None
         else:
             owner = s.account if s is not None else None
-        if owner != account:
+        if owner is None or not in_scope(account, owner):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"session_id: no session {sid!r} in this account")
         cost = await session_cost(self.engine, context, sid,
                                   s if s is not None and not s.ended else None)
-        if cost.account and cost.account != account:
+        if cost.account and not in_scope(account, cost.account):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"session_id: no session {sid!r} in this account")
         return cost
 
     async def Payouts(self, request, context) -> bp.PayoutsReport:
-        vendor = await self._vendor(context)
-        if request.vendor and request.vendor != vendor:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"vendor: the credentials are vendor {vendor!r}'s")
+        if self.authority.operator(context.invocation_metadata()):
+            # The platform operator: every vendor's statements, or the one named.
+            vendor = request.vendor.strip()
+            if vendor and vendor not in (self.engine.cfg.raw.get("vendors") or {}):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"vendor: no vendor {vendor!r}")
+        else:
+            vendor = await self._vendor(context)
+            if request.vendor and request.vendor != vendor:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"vendor: the credentials are vendor {vendor!r}'s")
         problem = check_period(request.period.strip())
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
@@ -159,6 +179,11 @@ class BillingService(pb.billing_pb2_grpc.BillingServicer):
         secret = metadata_value(md, "x-baton-secret") or ""
         if not vid or not secret:
             if metadata_value(md, "authorization") is not None:
+                try:
+                    self.authority.scope(md)
+                except AuthError as exc:
+                    # A token that is nobody's is UNAUTHENTICATED, as everywhere else.
+                    await context.abort(exc.code, exc.message)
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                     "payouts: a vendor's statement needs the vendor's "
                                     "x-baton-vendor and x-baton-secret metadata, not an "
@@ -178,7 +203,7 @@ class BillingService(pb.billing_pb2_grpc.BillingServicer):
         if client is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "billing: this engine has no link to the accountant")
-        stream = client.stub.Events(bp.BillingEventsRequest(account=account))
+        stream = client.stub.Events(bp.BillingEventsRequest(account=account or ""))
         try:
             async for ev in stream:
                 yield ev

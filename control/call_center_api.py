@@ -3,7 +3,8 @@
 Every call is authenticated with an account API token (`authorization:
 Bearer TOKEN`) and sees only that account's queues and the agents serving
 them: another account's queue or agent is NOT_FOUND, exactly as one that
-does not exist.
+does not exist. A platform operator's token (`[engine] operator_tokens`)
+sees every account's queues and agents.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import grpc
 from engine.modules.services.call_center import CallCenter
 
 from . import pb
-from .auth import AuthError, Authority
+from .auth import AuthError, Authority, in_scope
 
 ccp = pb.call_center_pb2
 
@@ -45,15 +46,17 @@ class CallCenterService(pb.call_center_pb2_grpc.CallCenterServicer):
         self.engine = engine
         self.authority = authority
 
-    async def _account(self, context) -> str:
+    async def _account(self, context) -> str | None:
+        """The caller's account, or None for an operator (every account)."""
         try:
-            return self.authority.account(context.invocation_metadata())
+            return self.authority.scope(context.invocation_metadata())
         except AuthError as exc:
             await context.abort(exc.code, exc.message)
 
-    async def _queues(self, context, center: CallCenter, account: str, name: str) -> list[str]:
+    async def _queues(self, context, center: CallCenter, account: str | None,
+                      name: str) -> list[str]:
         """The account's queue `name`, or all of them (name empty); NOT_FOUND otherwise."""
-        mine = [n for n, qc in center.cfg.queues.items() if qc.account == account]
+        mine = [n for n, qc in center.cfg.queues.items() if in_scope(account, qc.account)]
         if not name:
             return mine
         if name not in mine:
@@ -82,8 +85,8 @@ class CallCenterService(pb.call_center_pb2_grpc.CallCenterServicer):
         center = CallCenter.of(self.engine)
         if not request.agent:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "agent: required")
-        mine = {a for qc in center.cfg.queues.values() if qc.account == account
-                for a in qc.agents}
+        mine = set(center.agents) if account is None else \
+            {a for qc in center.cfg.queues.values() if qc.account == account for a in qc.agents}
         if request.agent not in mine:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"agent: no agent {request.agent!r}")
         try:

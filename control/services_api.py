@@ -2,7 +2,10 @@
 
 Authenticated like `Sessions` (an account API token as `authorization:
 Bearer TOKEN`); an account sees only its own survey runs and verifications,
-another account's are NOT_FOUND exactly as ones that never existed.
+another account's are NOT_FOUND exactly as ones that never existed. A
+platform operator's token (`[engine] operator_tokens`) reads every
+account's; `Verify.Create` needs the account it acts for
+(`x-baton-account: ID` metadata).
 """
 from __future__ import annotations
 
@@ -31,13 +34,21 @@ async def _account(authority: Authority, context) -> str:
         await context.abort(exc.code, exc.message)
 
 
+async def _scope(authority: Authority, context) -> str | None:
+    """The caller's account, or None for an operator (every account)."""
+    try:
+        return authority.scope(context.invocation_metadata())
+    except AuthError as exc:
+        await context.abort(exc.code, exc.message)
+
+
 class SurveyService(pb.services_pb2_grpc.SurveyServicer):
     def __init__(self, engine, authority: Authority):
         self.engine = engine
         self.authority = authority
 
     async def Results(self, request, context) -> sv.SurveyResultsResponse:
-        account = await _account(self.authority, context)
+        account = await _scope(self.authority, context)
         bad = grpc.StatusCode.INVALID_ARGUMENT
         limit = request.limit or 100
         if not 1 <= limit <= MAX_RESULTS:
@@ -49,9 +60,15 @@ class SurveyService(pb.services_pb2_grpc.SurveyServicer):
         if len(request.survey) > 64:
             await context.abort(bad, "survey: too long")
         store = survey_mod.store_for(self.engine)
-        runs = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: store.results(account, request.session_id, request.survey,
-                                        request.since_wall_ns, limit))
+        accounts = [account] if account is not None else list(self.engine.cfg.accounts)
+
+        def read() -> list[dict]:
+            runs = [r for a in accounts for r in store.results(
+                a, request.session_id, request.survey, request.since_wall_ns, limit)]
+            # Several accounts' runs merged: newest first, as for one.
+            runs.sort(key=lambda r: (r["started_wall_ns"], r["run_id"]), reverse=True)
+            return runs[:limit]
+        runs = await asyncio.get_running_loop().run_in_executor(None, read)
         out = sv.SurveyResultsResponse()
         for r in runs:
             out.runs.append(sv.SurveyRun(
@@ -164,8 +181,18 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
             self.service.to_speak.pop(v.id, None)
         self.service.attach_call(v.id, session_id=sid, outcome=outcome)
 
-    async def _find(self, context, account: str, vid: str, to: str = ""):
+    async def _find(self, context, account: str | None, vid: str, to: str = ""):
         svc = self.service
+        if account is None:
+            # An operator: whichever account has it (the newest one for `to`).
+            found = []
+            for a in self.engine.cfg.accounts:
+                v = svc.get(a, vid) if vid else svc.latest_for(a, to) if to else None
+                if v is not None:
+                    found.append(v)
+            if found:
+                return max(found, key=lambda v: v.created_wall_ns)
+            account = ""        # the same NOT_FOUND or INVALID_ARGUMENT as below
         if vid:
             v = svc.get(account, vid)
             if v is None:
@@ -182,7 +209,7 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
         return v
 
     async def Check(self, request, context) -> sv.VerifyCheckResponse:
-        account = await _account(self.authority, context)
+        account = await _scope(self.authority, context)
         code = request.code.strip()
         if not code:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "code: required")
@@ -190,11 +217,11 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"code: up to {verify_mod.MAX_LENGTH} digits")
         v = await self._find(context, account, request.verification_id.strip(), request.to.strip())
-        v, ok = self.service.check(account, v.id, code)
+        v, ok = self.service.check(v.account, v.id, code)
         return sv.VerifyCheckResponse(valid=ok, verification=verification_message(v))
 
     async def Get(self, request, context) -> sv.Verification:
-        account = await _account(self.authority, context)
+        account = await _scope(self.authority, context)
         vid = request.verification_id.strip()
         if not vid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "verification_id: required")

@@ -2,7 +2,9 @@
 
 Every call is authenticated with an account API token (`authorization:
 Bearer TOKEN`) and sees only that account's sessions: another account's
-session is NOT_FOUND, exactly as one that never existed.
+session is NOT_FOUND, exactly as one that never existed. A platform
+operator's token (`[engine] operator_tokens`) sees and acts on every
+account's sessions; `Originate` then needs the account it bills.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from engine.sip.uac import OutgoingCall, UacOwner
 from engine.sip.uri import parse_uri
 
 from . import pb
-from .auth import AuthError, Authority
+from .auth import AuthError, Authority, in_scope
 
 log = logging.getLogger("baton.control.sessions")
 
@@ -111,18 +113,19 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         self.watchers: set[asyncio.Queue] = set()
 
     # -- helpers ----------------------------------------------------------------------
-    async def _account(self, context) -> str:
+    async def _account(self, context) -> str | None:
+        """The caller's account, or None for an operator (every account)."""
         try:
-            return self.authority.account(context.invocation_metadata())
+            return self.authority.scope(context.invocation_metadata())
         except AuthError as exc:
             await context.abort(exc.code, exc.message)
 
-    async def _find(self, context, account: str, sid: str, live_only: bool = False):
+    async def _find(self, context, account: str | None, sid: str, live_only: bool = False):
         """The account's session `sid` (live or recently ended); NOT_FOUND otherwise."""
         if not sid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id: required")
         s = self.engine.find_session(sid)
-        if s is None or s.account != account:
+        if s is None or not in_scope(account, s.account):
             return None
         if live_only and s.ended:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -163,7 +166,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         if s is not None:
             return session_info(s)
         row = await self._journal(request.session_id)
-        if row is None or row["account"] != account:
+        if row is None or not in_scope(account, row["account"]):
             await self._not_found(context, request.session_id)
         return _row_info(row)
 
@@ -175,7 +178,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
                                       end_reason=s.end_reason or "",
                                       spans=[span_message(h) for h in s.history])
         row = await self._journal(request.session_id)
-        if row is None or row["account"] != account:
+        if row is None or not in_scope(account, row["account"]):
             await self._not_found(context, request.session_id)
         return sp.HistoryResponse(session_id=row["id"], live=row["live"],
                                   end_reason=row.get("end_reason") or "", spans=_row_spans(row))
@@ -202,7 +205,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         s = await self._find(context, account, request.session_id)
         if s is None:
             row = await self._journal(request.session_id)
-            if row is None or row["account"] != account:
+            if row is None or not in_scope(account, row["account"]):
                 await self._not_found(context, request.session_id)
         from .billing import session_cost
 
@@ -218,6 +221,14 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         engine = self.engine
         abort = context.abort
         bad = grpc.StatusCode.INVALID_ARGUMENT
+        if account is None:
+            # An operator: the call is billed to the account it names.
+            account = request.account.strip()
+            if not account:
+                await abort(bad, "account: an operator token must name the account the call "
+                                 "is billed to")
+            if account not in engine.cfg.accounts:
+                await abort(bad, f"account: no account {account!r}")
         if request.account and request.account != account:
             await abort(grpc.StatusCode.PERMISSION_DENIED,
                         f"account: the token belongs to account {account!r}")
@@ -320,19 +331,35 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         if not 0 < limit <= 10_000:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "limit: between 1 and 10000 (0: the default, 1000)")
-        mine = [s for s in self.engine.sessions.values() if s.account == account and not s.ended]
+        if account is None and request.account:
+            account = request.account       # an operator looking at one account
+            if account not in self.engine.cfg.accounts:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"account: no account {account!r}")
+        elif request.account and request.account != account:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"account: the token belongs to account {account!r}")
+        mine = [s for s in self.engine.sessions.values()
+                if in_scope(account, s.account) and not s.ended]
         mine.sort(key=lambda s: s.started_mono)
         infos = []
         for s in mine[:limit]:
             info = session_info(s)
             info.ClearField("params")
             infos.append(info)
+        started = self.engine.stamper.started_by_account
         return sp.ListResponse(sessions=infos, live=len(mine), now_wall_ns=time.time_ns(),
-                               started_total=self.engine.stamper.started_by_account[account])
+                               started_total=sum(started.values()) if account is None
+                               else started[account])
 
     async def Watch(self, request, context) -> AsyncIterator[sp.SessionEvent]:
         account = await self._account(context)
-        if request.account and request.account != account:
+        if account is None and request.account:
+            account = request.account       # an operator watching one account
+            if account not in self.engine.cfg.accounts:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"account: no account {account!r}")
+        elif request.account and request.account != account:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"account: the token belongs to account {account!r}")
         kinds = set(request.kinds)
@@ -346,7 +373,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         overflow = []
 
         def listener(session, event: str, detail: dict) -> None:
-            if session.account != account or (ids and session.id not in ids) or \
+            if not in_scope(account, session.account) or (ids and session.id not in ids) or \
                     (kinds and event not in kinds):
                 return
             module = session.module.code if session.module is not None and not session.ended \

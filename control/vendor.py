@@ -1117,15 +1117,23 @@ class ControlHub:
             del self.engine.registry.vendors[proc.code]
         log.info("vendor process %s of %s detached (%s)", proc.label(), proc.code, why)
 
-    def cost_warning(self, session_id: str, amount: float, currency: str,
-                     threshold: float) -> bool:
+    def cost_warning(self, session_id: str, cost_micros: int, currency: str,
+                     threshold_micros: int) -> bool:
         """Tell the vendor process holding `session_id` that its running cost crossed
-        `threshold` (the accountant's hook). False when no vendor process holds it."""
+        `threshold` (the accountant's hook); amounts in integer micro-units, never
+        floats. False when no vendor process holds it."""
+        from engine.accounting.service import money_pb
+
+        for micros in (cost_micros, threshold_micros):
+            if not isinstance(micros, int) or isinstance(micros, bool):
+                raise TypeError(f"cost_warning: amounts are int micro-units, not "
+                                f"{type(micros).__name__}")
         for proc in list(self.processes.values()):
             ctl = proc.held.get(session_id)
             if ctl is not None and ctl.active:
                 proc.send(_event(session_id, ctl.state.offer_id, cost_warning=mh.CostWarning(
-                    amount=amount, currency=currency, threshold=threshold)))
+                    currency=currency, cost=money_pb(cost_micros, currency),
+                    threshold=money_pb(threshold_micros, currency))))
                 return True
         return False
 

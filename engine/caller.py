@@ -41,6 +41,7 @@ except ImportError:  # `baton call --help` works without it; a call says what to
 DEFAULT_ENGINE = "127.0.0.1:5060"
 DTMF_KEYS = "0123456789*#ABCD"
 _LOG_KEEP = 4000        # PJSIP log entries kept in memory (SIP messages among them)
+_RX_RESPONSE = re.compile(r"RX \d+ bytes Response msg (\d+)/(\w+)/cseq=")
 
 
 # -- arguments ------------------------------------------------------------------------
@@ -148,10 +149,15 @@ class _LogWriter(pj.LogWriter if pj else object):
     def __init__(self, path: str | None):
         super().__init__()
         self.entries: collections.deque = collections.deque(maxlen=_LOG_KEEP)
+        # (method, status) of every response received, in order, however long the run.
+        self.responses: list[tuple[str, int]] = []
         self.file = open(path, "w", errors="replace") if path else None
 
     def write(self, entry):
         self.entries.append(entry.msg)
+        m = _RX_RESPONSE.search(entry.msg)
+        if m:
+            self.responses.append((m.group(2), int(m.group(1))))
         if self.file is not None:
             try:
                 self.file.write(entry.msg if entry.msg.endswith("\n") else entry.msg + "\n")
@@ -176,6 +182,20 @@ class _Endpoint(pj.Endpoint if pj else object):
         return super().libInit(cfg)
 
 
+def _guarded(callback):
+    """A PJSIP callback that never lets a Python exception unwind into C: the
+    exception is kept on the phone and raised again by `Phone.check()`."""
+    def wrapper(self, prm):
+        try:
+            callback(self, prm)
+        except BaseException as exc:   # noqa: BLE001 (re-raised on our side)
+            if self.phone.callback_error is None:
+                self.phone.callback_error = exc
+    wrapper.__name__ = callback.__name__
+    wrapper.__doc__ = callback.__doc__
+    return wrapper
+
+
 class PhoneCall(pj.Call if pj else object):
     """One call and what happened to it; `report` receives progress lines."""
 
@@ -198,6 +218,7 @@ class PhoneCall(pj.Call if pj else object):
         self.received_dtmf: list[str] = []
 
     # -- callbacks (inside libHandleEvents, in the pumping thread) ----------------
+    @_guarded
     def onCallState(self, prm):
         ci = self.getInfo()
         self.state = ci.state
@@ -216,12 +237,14 @@ class PhoneCall(pj.Call if pj else object):
             if self.answered_at is not None and self.hung_up_by is None:
                 self.hung_up_by = "the far end"
 
+    @_guarded
     def onCallMediaState(self, prm):
         ci = self.getInfo()     # keep it: `media` points into it
         for mi in ci.media:
             if mi.type == pj.PJMEDIA_TYPE_AUDIO:
                 self.media_active = mi.status == pj.PJSUA_CALL_MEDIA_ACTIVE
 
+    @_guarded
     def onCallTsxState(self, prm):
         e = prm.e
         if e.type != pj.PJSIP_EVENT_TSX_STATE:
@@ -232,6 +255,7 @@ class PhoneCall(pj.Call if pj else object):
                 and ts.type == pj.PJSIP_EVENT_RX_MSG and self.invite_final is None:
             self.invite_final = (tsx.statusCode, tsx.statusText)
 
+    @_guarded
     def onDtmfDigit(self, prm):
         self.received_dtmf.append(prm.digit)
 
@@ -299,6 +323,7 @@ class Phone:
         self.sip_port = 0
         self.calls: list[PhoneCall] = []
         self.log: _LogWriter | None = None
+        self.callback_error: BaseException | None = None
 
     def __enter__(self) -> "Phone":
         self.ep = _Endpoint()
@@ -422,6 +447,12 @@ class Phone:
             log.file.close()
 
     # -- driving --------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise, here, what a callback raised inside PJSIP."""
+        exc, self.callback_error = self.callback_error, None
+        if exc is not None:
+            raise exc
+
     def pump(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -451,8 +482,9 @@ class Phone:
 
     def rx_responses(self, method: str) -> list[int]:
         """Status codes of the responses to `method` received so far (from the log)."""
-        pat = re.compile(r"RX \d+ bytes Response msg (\d+)/" + re.escape(method) + r"/cseq=")
-        return [int(m.group(1)) for m in pat.finditer(self.log_text())]
+        if self.log is None:
+            return []
+        return [status for meth, status in self.log.responses if meth == method]
 
 
 # -- one scripted call -------------------------------------------------------------------
@@ -479,8 +511,9 @@ class CallRun:
     """A call placed by `phone` that plays, records, sends DTMF and hangs up as
     told. Drive it with `poll()` in a loop (or `run()` to the end):
 
-        run = CallRun(phone, uri, report=print, dtmf=parse_dtmf("1@2s"))
-        result = run.run(hangup_after=5)
+        with Phone() as phone:
+            result = CallRun(phone, "sip:2000@127.0.0.1:5060", report=print,
+                             dtmf=parse_dtmf("1@2s"), hangup_after=5).run()
     """
 
     def __init__(self, phone: Phone, uri: str, report=None, dtmf=(), play: str | None = None,
@@ -503,6 +536,7 @@ class CallRun:
         self._play_done = False
         self._we_hung_up = False
         self._why = ""
+        self._byes_before = 0
 
     def start(self) -> "CallRun":
         if self.play:
@@ -520,6 +554,7 @@ class CallRun:
         """Pump for a moment and do what is due; False once the call is over."""
         call = self.call
         self.phone.ep.libHandleEvents(10)
+        self.phone.check()
         if call.disconnected:
             return False
         if not call.confirmed:
@@ -577,6 +612,7 @@ class CallRun:
         if call.answered_at is not None:
             call.hung_up_by = "us"
         self._why = why
+        self._byes_before = len(self.phone.rx_responses("BYE"))
         try:
             call.hangup(pj.CallOpParam(True))
         except pj.Error as exc:
@@ -592,9 +628,10 @@ class CallRun:
             self.phone.settle(lambda: call.disconnected, 10)
         if call.hung_up_by == "us":
             # PJSIP reports DISCONNECTED when it sends the BYE: the answer is in the log.
-            self.phone.settle(lambda: len(self.phone.rx_responses("BYE")) > 0, 3)
-            byes = self.phone.rx_responses("BYE")
-            res.bye_status = byes[-1] if byes else None
+            n = self._byes_before
+            self.phone.settle(lambda: len(self.phone.rx_responses("BYE")) > n, 3)
+            byes = self.phone.rx_responses("BYE")[n:]
+            res.bye_status = byes[0] if byes else None
         self._release_media()
         res.status, res.reason = call.final_status()
         res.answered = call.answered_at is not None

@@ -37,7 +37,8 @@ def _serve(args) -> int:
         try:
             await engine.start()
         except OSError as exc:
-            print(f"baton: cannot listen on {cfg.sip_host}:{cfg.sip_port}: {exc}", file=sys.stderr)
+            where = getattr(exc, "config_key", None) or f"{cfg.sip_host}:{cfg.sip_port}"
+            print(f"baton: cannot listen on {where}: {exc}", file=sys.stderr)
             return 1
         # Everything loaded at start-up lives as long as the engine: keep it out of the
         # collector's way, so full collections stay short under load.

@@ -92,6 +92,7 @@ class Config:
     raw: dict = field(default_factory=dict)
     call_center: object = None                     # services.call_center.CenterConfig
     api_keys: dict = field(default_factory=dict)   # id -> control.metering.ApiKey
+    operator_tokens: list = field(default_factory=list)  # platform-wide bearer tokens
 
 
 # The schema: section -> key -> (type, description). Unknown keys are errors,
@@ -114,6 +115,8 @@ SCHEMA = {
         "grpc_tls_cert": (str, "PEM certificate for the gRPC server (enables TLS)"),
         "grpc_tls_key": (str, "PEM private key for the gRPC server"),
         "grpc_tls_client_ca": (str, "PEM CA bundle: require client certificates (mutual TLS)"),
+        "operator_tokens": (list, "platform operator bearer tokens for the control API: every "
+                                  "account and vendor (32+ characters each)"),
     },
     "media": {
         "address": (str, "address RTP binds to and advertises in SDP"),
@@ -430,6 +433,7 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
     from control.metering import load_api_keys
 
     cfg.api_keys = load_api_keys(raw, path)
+    cfg.operator_tokens = _operator_tokens(cfg, eng.get("operator_tokens", []), path)
     if overrides and overrides.get("data_dir"):
         cfg.data_dir = overrides["data_dir"]
     cfg.data_dir = os.path.abspath(cfg.data_dir)
@@ -665,3 +669,31 @@ def _check_vendors(raw: dict, path: str) -> None:
         t = v.get("offer_timeout", 2.0)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.05 <= t <= 60:
             raise ConfigError(path, f"{key}.offer_timeout", "seconds between 0.05 and 60")
+
+
+MIN_OPERATOR_TOKEN = 32
+
+
+def _operator_tokens(cfg: Config, tokens: list, path: str) -> list:
+    """`engine.operator_tokens`: long, distinct, and no account's or API key's token
+    (a token must say unambiguously who calls)."""
+    key = "engine.operator_tokens"
+    seen: set = set()
+    for i, t in enumerate(tokens):
+        if not isinstance(t, str) or len(t) < MIN_OPERATOR_TOKEN or t != t.strip():
+            raise ConfigError(path, f"{key}[{i}]", f"a token of at least {MIN_OPERATOR_TOKEN} "
+                                                   "characters, without surrounding spaces")
+        if t in seen:
+            raise ConfigError(path, f"{key}[{i}]", "listed twice")
+        seen.add(t)
+        for acc in cfg.accounts.values():
+            if t in acc.api_tokens:
+                raise ConfigError(path, f"{key}[{i}]",
+                                  f"is also an api_tokens entry of account {acc.id!r}")
+        from control.metering import token_digest
+
+        digest = token_digest(t)
+        for k in cfg.api_keys.values():
+            if k.digest == digest:
+                raise ConfigError(path, f"{key}[{i}]", f"is also the token of api_keys.{k.id}")
+    return list(tokens)

@@ -23,6 +23,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -225,10 +226,11 @@ class Tour:
                 seen = len(row["history"])
                 if not row["history"] or not row["live"]:
                     continue
-                current = row["history"][-1]["node"]
+                # A node entered again (a menu repeating itself) is a new visit.
+                current = (len(row["history"]), row["history"][-1]["node"])
                 if current != node:
                     node, entered, pressed, last_press = current, now, 0, 0.0
-                stage = tc.stages.get(node) or Stage()
+                stage = tc.stages.get(node[1]) or Stage()
                 if pressed < len(stage.keys):
                     due = entered + stage.lead + pressed * stage.gap
                     if now >= due:
@@ -236,7 +238,7 @@ class Tour:
                         pressed += 1
                         last_press = now
                 elif stage.again and last_press and now - last_press >= stage.repeat:
-                    self.say(f"{who}: still at {node}: pressing {stage.again} again")
+                    self.say(f"{who}: still at {node[1]}: pressing {stage.again} again")
                     run.send_dtmf(stage.again)
                     last_press = now
         except KeyboardInterrupt:
@@ -257,12 +259,8 @@ class Tour:
                         and f"sip:{who}@" in (row["from_uri"] or "") \
                         and row["id"] not in self.session_ids:
                     return row
-        except (FileNotFoundError, OSError):
+        except (OSError, sqlite3.Error):   # not written yet, or busy: look again
             return None
-        except Exception as exc:     # sqlite3 busy while the writer commits: look again
-            if "locked" in str(exc) or "busy" in str(exc):
-                return None
-            raise
         return None
 
     # -- the end -----------------------------------------------------------------------
@@ -273,7 +271,7 @@ class Tour:
             try:
                 if not store.list_sessions(self.data_dir, live=True):
                     return
-            except Exception:
+            except (OSError, sqlite3.Error):
                 pass
             time.sleep(0.2)
 
@@ -324,6 +322,7 @@ class Tour:
                             f"{os.path.join(self.data_dir, 'accountant.log')}")
         sys.stdout.flush()
         rel = os.path.relpath(self.config)
+        rel = self.config if rel.startswith("..") else rel
         print(f"\nThe tour's data stays in {self.data_dir}; look again with:\n"
               f"  baton sessions list --data-dir {self.data_dir}\n"
               f"  baton bill invoice --account {self.account} --period {period} "
@@ -396,10 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "vendor processes over gRPC, places calls through the multi-module `tour` "
                     f"app (number {TOUR_NUMBER}: menu -> vendor module -> bridge -> post-call "
                     "survey), then prints each session's module history, the consolidated "
-                    "invoice and the vendor payouts, and stops everything. Takes about a "
-                    "minute.")
+                    "invoice and the vendor payouts, and stops everything. Takes about 40 "
+                    "seconds.")
     p.add_argument("--config", default=DEMO_CONFIG, metavar="PATH",
-                   help=f"the config with the tour app (default {os.path.relpath(DEMO_CONFIG)})")
+                   help="the config with the tour app (default: examples/demo.toml of this "
+                        "checkout)")
     p.add_argument("--data-dir", metavar="DIR",
                    help="keep the engine's data here (default: a new temporary directory)")
     p.add_argument("--calls", type=int, choices=range(1, len(CALLS) + 1), default=len(CALLS),

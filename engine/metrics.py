@@ -65,6 +65,8 @@ class EngineCollector:
 
     def __init__(self, engine) -> None:
         self.engine = engine
+        # (level, module) pairs seen before: they read 0 rather than vanish when idle.
+        self.seen: set = set()
 
     def describe(self):
         return []      # no up-front collection at registration time
@@ -72,7 +74,7 @@ class EngineCollector:
     def collect(self):
         e = self.engine
         yield from self._info(e)
-        yield from self._sessions(e)
+        yield from self._sessions(e, self.seen)
         yield from self._sip(e.sip)
         if e.media is not None:
             yield from self._media(e.media)
@@ -87,12 +89,16 @@ class EngineCollector:
         yield g
 
     @staticmethod
-    def _sessions(e):
+    def _sessions(e, seen: set):
         by = collections.Counter()
         for s in list(e.sessions.values()):
             m = s.module
             by[(m.level, m.code) if m is not None else ("", "")] += 1
-        yield _gauge("baton_sessions_active", "Calls in progress by the level and module in control",
+        seen.update(by)
+        for key in seen:
+            by[key] += 0
+        yield _gauge("baton_sessions_active",
+                     "Calls in progress by the level and module in control",
                      labels=["level", "module"], rows=sorted(by.items()))
         st = e.stamper
         yield _counter("baton_sessions_started", "Sessions started (rate() of it is the CPS)",
@@ -124,12 +130,14 @@ class EngineCollector:
                        rows=sorted(((str(c),), v) for c, v in sip.rx_statuses.items()))
         yield _counter("baton_sip_requests_sent", "SIP requests sent (new transactions), by method",
                        labels=["method"], rows=sorted(sent_methods))
-        yield _counter("baton_sip_responses_sent", "SIP responses sent (first sends), by status code",
+        yield _counter("baton_sip_responses_sent",
+                       "SIP responses sent (first sends), by status code",
                        labels=["code"], rows=sorted(sent_codes))
         yield _counter("baton_sip_parse_errors", "SIP messages dropped as unparseable",
                        stats.get("parse_errors", 0))
-        yield _counter("baton_sip_internal_errors", "SIP requests that failed inside the engine "
-                                                   "(answered 500)", stats.get("internal_errors", 0))
+        yield _counter("baton_sip_internal_errors",
+                       "SIP requests that failed inside the engine (answered 500)",
+                       stats.get("internal_errors", 0))
         yield _gauge("baton_sip_dialogs", "SIP dialogs held", len(sip.dialogs))
         tl = sip.transactions
         yield _gauge("baton_sip_transactions", "SIP transactions held, by side",
@@ -251,7 +259,9 @@ async def start_metrics(engine, addr: str) -> MetricsServer:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise OSError(exc.errno, f"metrics_addr {addr}: {exc.strerror}") from None
+        err = OSError(exc.errno, exc.strerror)
+        err.config_key = f"engine.metrics_addr {addr}"    # what `baton serve` names
+        raise err from None
     bound = port
     for s in runner.addresses:
         bound = s[1]

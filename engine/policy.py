@@ -458,17 +458,21 @@ async def speak_over(ctl, text: str, voice: str = "en") -> bool:
 
 
 def _resume_relay(ctl, caller, far, player) -> None:
+    from ext import rtp
+
     ch = caller.channel
     if caller.stream is None or ch is None or ch.player not in (player, None):
         return
-    if ch.source not in (0, 1):       # SOURCE_SILENCE, SOURCE_PLAYER: ours, or done
+    if ch.source not in (rtp.SOURCE_SILENCE, rtp.SOURCE_PLAYER):   # ours, or done
         return
     caller.close_channel()
     for leg in far:
-        if leg.stream is not None and leg.stream.mode == 0 and not leg.ended:   # MODE_IDLE
+        if leg.stream is not None and leg.stream.mode == rtp.MODE_IDLE and not leg.ended:
             leg.stream.relay_to(caller.stream)
 
 
 def _resume_echo(ch, player) -> None:
-    if ch.player is player or (ch.player is None and ch.source == 0):
+    from ext import rtp
+
+    if ch.player is player or (ch.player is None and ch.source == rtp.SOURCE_SILENCE):
         ch.echo()

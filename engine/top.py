@@ -28,6 +28,7 @@ __all__ = ["add_parser", "main", "Frame", "render", "collect"]
 
 CLEAR = "\x1b[H\x1b[2J"
 COST_TIMEOUT = 0.5
+COST_ROWS = 100
 NO_COST = ("UNAVAILABLE", "FAILED_PRECONDITION", "UNIMPLEMENTED", "DEADLINE_EXCEEDED")
 
 
@@ -108,6 +109,8 @@ async def from_engine(stub, token: str, limit: int, costs: bool, frame: Frame) -
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
             raise TopError(f"the engine refused the token: {exc.details()}") from None
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            raise TopError(f"cannot reach the engine's control API: {exc.details()}") from None
         raise TopError(f"Sessions.List failed: {exc.code().name}: {exc.details()}") from None
     now = r.now_wall_ns
     frame.live = r.live
@@ -116,13 +119,15 @@ async def from_engine(stub, token: str, limit: int, costs: bool, frame: Frame) -
         frame.rows.append(Row(s.session_id, s.number, _caller(s.from_uri), s.module, s.level,
                               s.node, max(0.0, (now - s.started_wall_ns) / 1e9)))
     if costs and frame.rows:
+        # Only the rows shown, and never more than COST_ROWS: each is one RPC.
         state: dict = {}
         # The first one alone: when the accountant is away, one call says so.
         frame.rows[0].cost = await _cost(stub, sp, frame.rows[0].session_id, metadata, state)
         if not state.get("off"):
+            ask = frame.rows[1:COST_ROWS]
             rest = await asyncio.gather(*(_cost(stub, sp, row.session_id, metadata, state)
-                                          for row in frame.rows[1:]))
-            for row, c in zip(frame.rows[1:], rest):
+                                          for row in ask))
+            for row, c in zip(ask, rest):
                 row.cost = c
         else:
             frame.notes.append("running cost: the accountant is not answering")
@@ -218,7 +223,7 @@ def render(frame: Frame, source: str, max_rows: int | None = None) -> str:
     elif m is not None:
         lines.append(f"{'MODULE':<28} {'LEVEL':<12} {'CALLS':>8}")
         active = sorted(((dict(k).get("module", ""), dict(k).get("level", ""), v)
-                         for k, v in m.get("baton_sessions_active", {}).items()),
+                         for k, v in m.get("baton_sessions_active", {}).items() if v),
                         key=lambda t: -t[2])
         for module, level, v in active[:max_rows]:
             lines.append(f"{module[:28]:<28} {level[:12]:<12} {int(v):>8}")
@@ -229,11 +234,13 @@ def render(frame: Frame, source: str, max_rows: int | None = None) -> str:
 
 # -- the loop ------------------------------------------------------------------------
 
-async def collect(stub, http, args, prev: Frame | None) -> Frame:
-    """One frame from the configured sources, with CPS against `prev`."""
+async def collect(stub, http, args, prev: Frame | None, rows: int | None = None) -> Frame:
+    """One frame from the configured sources (at most `rows` calls listed), with CPS
+    against `prev`."""
     frame = Frame(taken=time.monotonic())
     if stub is not None:
-        await from_engine(stub, args.token, args.limit, not args.no_cost, frame)
+        limit = args.limit if rows is None else min(args.limit, rows)
+        await from_engine(stub, args.token, limit, not args.no_cost, frame)
     if args.metrics:
         await from_metrics(http, args.metrics, frame)
     now_started = frame.started
@@ -276,8 +283,11 @@ async def run(args, out=None) -> int:
     prev = None
     try:
         while True:
+            rows = None
+            if tty:
+                rows = max(1, shutil.get_terminal_size((120, 40)).lines - 10)
             try:
-                frame = await collect(stub, http, args, prev)
+                frame = await collect(stub, http, args, prev, rows)
             except TopError as exc:
                 print(f"baton top: {exc}", file=sys.stderr)
                 return 1
@@ -289,9 +299,6 @@ async def run(args, out=None) -> int:
                           f"{exc.code().name}: {exc.details()}", file=sys.stderr)
                     return 1
                 raise
-            rows = None
-            if tty:
-                rows = max(1, shutil.get_terminal_size((120, 40)).lines - 10)
             text = render(frame, source, rows)
             out.write((CLEAR + text + "\n") if tty else
                       (text + "\n") if args.once else (text + "\n\n"))
@@ -311,7 +318,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", metavar="HOST:PORT",
                    help="the engine's gRPC control API (with --token): live calls and cost")
     p.add_argument("--token", default=os.environ.get("BATON_TOKEN"),
-                   help="an account API token (default: $BATON_TOKEN); shows that account's calls")
+                   help="an account API token (default: $BATON_TOKEN); shows that account's "
+                        "calls, or an operator token (engine.operator_tokens): every account's")
     p.add_argument("--metrics", metavar="URL",
                    help="the engine's /metrics URL (e.g. http://127.0.0.1:9090/metrics): "
                         "engine-wide counters")

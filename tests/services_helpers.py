@@ -169,7 +169,7 @@ async def peer(scenario: str, *args: str, engine: EngineProcess | None = None,
         raise AssertionError(f"the PJSIP peer hung:\n{lines}\n{_tail(log)}") from None
     err = (await proc.stderr.read()).decode(errors="replace")
     results = [ln for ln in lines if ln.startswith("RESULT ")]
-    context = f"stdout: {lines}\nstderr: {err[-3000:]}\nlog:\n{_tail(log)}"
+    context = f"exit {proc.returncode}\nstdout: {lines}\nstderr: {err[-3000:]}\nlog:\n{_tail(log)}"
     assert results, f"the PJSIP peer printed no result\n{context}"
     result = json.loads(results[-1][len("RESULT "):])
     assert "error" not in result, f"{result['error']}\n{result.get('traceback')}\n{context}"

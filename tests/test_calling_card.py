@@ -148,7 +148,6 @@ def test_calling_card_end_to_end():
     with eng:
         assert wait_for_policy(eng.data_dir, "card-1001")["balance_micro"] == 500_000
         op, card = Watcher(eng.grpc_port, OP_TOKEN), Watcher(eng.grpc_port, CARD_TOKEN)
-        time.sleep(0.3)
         record = os.path.join(tmp, "heard.wav")
         caller = Caller(eng.port, "7100", record, max_seconds=60)
         confirmed = caller.wait("confirmed")
@@ -185,6 +184,7 @@ def test_calling_card_end_to_end():
         op.close()
         card.close()
         assert eng.stop(timeout=20) == 0
+    assert "Traceback" not in eng.output(), eng.output()
     t0 = confirmed["record_start"]
     spoken = loudness(record, warned_at - t0, warned_at - t0 + 2.0)
     quiet = loudness(record, warned_at - t0 - 1.5, warned_at - t0 - 0.3)

@@ -15,7 +15,7 @@ pytest.importorskip("ext.rtp", reason="ext.rtp is not built (make build)")
 from tests.vendor_procs.harness import (SECRET_A, control_config, target, wait_until,  # noqa: E402
                                         with_app)
 
-from control.sdk import (CostWarning, Dtmf, LegAnswered, NotFound, Say,  # noqa: E402
+from control.sdk import (CostWarning, Dtmf, LegAnswered, Money, NotFound, Say,  # noqa: E402
                          Unimplemented, VendorClient)
 from engine.media.dtmf import DtmfDetector  # noqa: E402
 from engine.media.g711 import ulaw_decode, ulaw_encode  # noqa: E402
@@ -289,10 +289,16 @@ async def test_play_from_a_url_inband_digits_and_cost_warning(tmp_path):
             audio = b"".join(p[12:] for p in caller.received if p[1] & 0x7F == 0)
             pcm = np.frombuffer(ulaw_decode(audio), dtype="<i2")
             assert [d for d, _ in DtmfDetector().feed(pcm)] == ["1", "5"]
-            assert eng.control.hub.cost_warning(call.session_id, 1.5, "USD", 1.0)
-            assert not eng.control.hub.cost_warning("S-nobody", 1.5, "USD", 1.0)
+            assert eng.control.hub.cost_warning(call.session_id, 1_500_000, "USD", 1_000_000)
+            assert not eng.control.hub.cost_warning("S-nobody", 1_500_000, "USD", 1_000_000)
+            with pytest.raises(TypeError):
+                eng.control.hub.cost_warning(call.session_id, 1.5, "USD", 1.0)
             await wait_until(lambda: any(isinstance(e, CostWarning)
                                          for e in list(call.events._queue)))
+            warning = next(e for e in list(call.events._queue) if isinstance(e, CostWarning))
+            assert (warning.cost.micros, warning.cost.amount, warning.currency) == \
+                (1_500_000, "1.50", "USD")
+            assert warning.threshold == Money(1_000_000, "USD", "1.00")
             await caller.bye()
             caller.close()
             await v.close()

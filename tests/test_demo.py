@@ -72,6 +72,12 @@ def test_demo_tour_end_to_end(tmp_path):
     total = next(ln for ln in payouts.splitlines() if ln.startswith("TOTAL"))
     assert _amount(total) > 0, payouts
 
+    # Every process it started logged no traceback.
+    for log in ("engine.log", "accountant.log", "vendor-acme.lookup.log"):
+        with open(data / log, errors="replace") as f:
+            text = f.read()
+        assert "Traceback" not in text, f"{log}:\n{text[-4000:]}"
+
     # The same from the ledger it left behind, as `baton bill` reads it.
     period = time.strftime("%Y-%m", time.gmtime())
     config = os.path.join(ROOT, "examples", "demo.toml")

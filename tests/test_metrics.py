@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import subprocess
 import tempfile
 import types
@@ -66,12 +67,6 @@ def demo_with(**engine_keys) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     return path
-
-
-def url_in(text: str) -> str:
-    m = URL.search(text)
-    assert m, f"no metrics URL in:\n{text}"
-    return m.group(0)
 
 
 async def wait_for_url(path_or_proc, timeout: float = 15.0) -> str:
@@ -191,3 +186,16 @@ def test_config_names_the_bad_address():
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert "engine.metrics_addr" in r.stderr
+
+
+def test_a_taken_metrics_port_is_named():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([BATON, "serve", "--config", DEMO, "--sip-addr", "127.0.0.1:0",
+                            "--grpc-addr", "127.0.0.1:0", "--data-dir", tempfile.mkdtemp(),
+                            "--no-accountant", "--metrics-addr", f"127.0.0.1:{port}"],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert f"cannot listen on engine.metrics_addr 127.0.0.1:{port}" in r.stderr

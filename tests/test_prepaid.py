@@ -27,7 +27,7 @@ import pytest
 from engine.accounting.plans import parse_plan
 from engine.policy import (GUARD, Decision, Snapshot, affordable, limit_seconds,
                            segment_cost)
-from tests.helpers import BATON, ROOT, EngineProcess, free_port
+from tests.helpers import BATON, ROOT, EngineProcess
 
 M = 1_000_000
 
@@ -262,9 +262,13 @@ class Watcher:
         self.stub = pb.sessions_pb2_grpc.SessionsStub(self.channel)
         self.events: list = []
         self.cond = threading.Condition()
+        # The engine answers SIP before its gRPC server listens: connect first,
+        # then give the server a moment to register the stream's listener.
+        grpc.channel_ready_future(self.channel).result(timeout=20)
         self.stream = self.stub.Watch(pb.sessions_pb2.WatchRequest(),
                                       metadata=(("authorization", f"Bearer {token}"),))
         threading.Thread(target=self._run, daemon=True).start()
+        time.sleep(1.0)
 
     def _run(self):
         try:
@@ -323,9 +327,6 @@ def loudness(path: str, start: float, end: float) -> float:
     return float(math.sqrt((x ** 2).mean())) if len(x) else 0.0
 
 
-MEDIA = None
-
-
 def media_config() -> str:
     base = 30000 + (os.getpid() * 131 % 18000)
     base -= base % 2
@@ -370,9 +371,13 @@ prepaid_balance = "0.30"
 """
 
 TOKEN = "prepaid-test-token-0123456789"
-needs_peers = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None or os.environ.get("BATON_NO_EXTENSIONS") == "1",
-    reason="needs espeak-ng and the media extensions")
+
+
+def needs_peers(test):
+    """An end-to-end test with a PJSIP caller and spoken prompts."""
+    test = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                              reason="needs espeak-ng (Debian espeak-ng)")(test)
+    return pytest.mark.interop(test)
 
 
 @needs_peers
@@ -387,7 +392,6 @@ def test_prepaid_call_is_warned_then_cut_off_at_the_balance():
         acc = wait_for_policy(eng.data_dir, "pre")
         assert acc["funds_left_micro"] == 300_000
         watch = Watcher(eng.grpc_port, TOKEN)
-        time.sleep(0.3)
         record = os.path.join(tmp, "heard.wav")
         caller = Caller(eng.port, "8000", record, max_seconds=30)
         confirmed = caller.wait("confirmed")
@@ -403,6 +407,7 @@ def test_prepaid_call_is_warned_then_cut_off_at_the_balance():
         assert result["disconnected"]
         watch.close()
         assert eng.stop(timeout=20) == 0
+    assert "Traceback" not in eng.output(), eng.output()
     # The caller heard silence echoed back before the warning, and speech with it.
     t0 = confirmed["record_start"]
     quiet = loudness(record, 1.0, warned_at - t0 - 0.5)
@@ -420,3 +425,55 @@ def test_prepaid_call_is_warned_then_cut_off_at_the_balance():
     # more increment (3 cents) -- the documented bound.
     assert inv["total_micro"] <= 300_000 + 30_000, inv
     assert inv["total_micro"] >= 270_000, inv
+
+
+ECHO_TOML = """
+[plans.basic]
+price = "1.80"
+unit = "minute"
+increment = "1/1"
+[billing]
+level_plans = {{ basic = "basic" }}
+
+[accounts.pre]
+api_tokens = ["{token}"]
+[accounts.pre.numbers]
+"8100" = {{ module = "baton.echo" }}
+
+[policy.accounts.pre]
+warn_before = 4
+warning_text = "Two seconds of warning."
+"""
+
+
+@needs_peers
+def test_the_warning_is_spoken_over_an_echo_and_the_snapshot_alone_sets_the_limit():
+    """No accountant: the limit comes from a snapshot file as the accountant
+    would write it; the warning is spoken over the echo, which then goes on."""
+    pytest.importorskip("pjsua2")
+    tmp = tempfile.mkdtemp(prefix="baton-prepaid-")
+    config = os.path.join(tmp, "echo.toml")
+    with open(config, "w") as f:
+        f.write(media_config() + ECHO_TOML.format(token=TOKEN))
+    eng = EngineProcess(config, extra=["--no-accountant"])
+    with open(os.path.join(eng.data_dir, "policy.json"), "w") as f:
+        json.dump({"node": "node1", "position": None, "accounts": {
+            "pre": {"funds_left_micro": 200_000, "balance_micro": 200_000}}}, f)
+    with eng:
+        watch = Watcher(eng.grpc_port, TOKEN)
+        record = os.path.join(tmp, "heard.wav")
+        caller = Caller(eng.port, "8100", record, max_seconds=20)
+        confirmed = caller.wait("confirmed")
+        _, _, warning, warned_at = watch.wait(lambda k, d: k == "limit-warning")
+        # $0.20 at 3 cents a second: 6 s billed, so the limit is 5.75 s
+        assert warning == {"module": "baton.echo", "seconds_left": 4.0, "limit": 6 - GUARD}
+        _, _, ended, _ = watch.wait(lambda k, d: k == "ended")
+        assert ended["reason"] == "limit"
+        caller.wait("disconnected")
+        caller.finish()
+        watch.close()
+        assert eng.stop(timeout=20) == 0
+    assert "Traceback" not in eng.output(), eng.output()
+    t0 = confirmed["record_start"]
+    spoken = loudness(record, warned_at - t0, warned_at - t0 + 1.0)
+    assert spoken > 300, spoken

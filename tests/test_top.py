@@ -2,6 +2,7 @@
 `Sessions.List` RPC it reads (account isolation, limits)."""
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import time
@@ -16,7 +17,8 @@ from control import pb  # noqa: E402
 from engine.top import Frame, Row, render  # noqa: E402
 from tests.helpers import BATON, BlockingPeer, EngineProcess, running_engine  # noqa: E402
 from tests.test_sessions import Caller  # noqa: E402
-from tests.vendor_procs.harness import OTHER_TOKEN, bearer, control_config, target  # noqa: E402
+from tests.vendor_procs.harness import (OTHER_TOKEN, TOKEN, bearer, control_config,  # noqa: E402
+                                        target)
 
 DEMO_TOKEN = "demo-api-token-change-me-0123456789"     # examples/demo.toml
 sp = pb.sessions_pb2
@@ -105,6 +107,22 @@ async def test_list_sees_only_the_accounts_live_sessions():
             r = await stub.List(sp.ListRequest(), metadata=bearer())
             assert (len(r.sessions), r.live, r.started_total) == (0, 0, 1)
         await theirs.bye()
+
+
+async def test_cost_is_a_dash_without_the_accountant():
+    async with running_engine(control_config()) as eng:
+        caller = Caller(eng, "1000")
+        await caller.dial()
+        proc = await asyncio.create_subprocess_exec(
+            BATON, "top", "--once", "--engine", target(eng), "--token", TOKEN,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        text = out.decode()
+        assert proc.returncode == 0, err.decode()
+        row = [line for line in text.splitlines() if re.match(r"S[0-9a-f]{14} ", line)]
+        assert len(row) == 1 and row[0].endswith(" -"), text
+        assert "running cost: the accountant is not answering" in text
+        await caller.bye()
 
 
 def test_render_limits_rows_and_shows_cps():

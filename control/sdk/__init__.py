@@ -23,12 +23,13 @@ from .errors import (ControlError, ControlLost, Disconnected, FailedPrecondition
                      InvalidArgument, NotFound, PermissionDenied, RegistrationError,
                      Unauthenticated, Unimplemented)
 from .types import (Ack, ControlRevoked, CostWarning, Dtmf, Event, GatherResult, LegAnswered,
-                    LegEnded, OfferInfo, Play, PlaybackFinished, Prompt, RecordingReady, Say)
+                    LegEnded, Money, OfferInfo, Play, PlaybackFinished, Prompt, RecordingReady,
+                    Say)
 
 __all__ = [
     "VendorClient", "Offer", "Call", "OfferInfo",
     "Ack", "Say", "Play", "Prompt", "Event", "Dtmf", "GatherResult", "PlaybackFinished",
-    "RecordingReady", "LegAnswered", "LegEnded", "ControlRevoked", "CostWarning",
+    "RecordingReady", "LegAnswered", "LegEnded", "ControlRevoked", "CostWarning", "Money",
     "ControlError", "ControlLost", "Disconnected", "InvalidArgument", "NotFound",
     "PermissionDenied", "FailedPrecondition", "Unimplemented", "Unauthenticated", "Internal",
     "RegistrationError",

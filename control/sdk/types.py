@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Union
 
 from .. import pb
@@ -86,11 +87,56 @@ class ControlRevoked:
     control_ms: int
 
 
+MICRO = 1_000_000
+
+
+def _decimal_text(micros: int) -> str:
+    """Micro-units as the Billing API writes them: 23000 -> "0.023", 1000000 -> "1.00"."""
+    sign = "-" if micros < 0 else ""
+    whole, frac = divmod(abs(micros), MICRO)
+    digits = f"{frac:06d}".rstrip("0").ljust(2, "0")
+    return f"{sign}{whole}.{digits}"
+
+
+@dataclass(frozen=True)
+class Money:
+    """An exact amount, as `baton.v1.Money`: integer micro-units of `currency`
+    (1 USD = 1,000,000) and the same as a decimal string. Never a float."""
+
+    micros: int
+    currency: str
+    amount: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.micros, int) or isinstance(self.micros, bool):
+            raise TypeError(f"Money.micros is an int of micro-units, not "
+                            f"{type(self.micros).__name__}")
+        if not self.amount:
+            object.__setattr__(self, "amount", _decimal_text(self.micros))
+
+    @property
+    def decimal(self) -> Decimal:
+        """The amount as an exact Decimal (micros / 1,000,000)."""
+        return Decimal(self.micros).scaleb(-6)
+
+    @classmethod
+    def from_pb(cls, m: "pb.billing_pb2.Money", currency: str = "") -> "Money":
+        return cls(m.micros, m.currency or currency, m.amount)
+
+    def __str__(self) -> str:
+        return f"{self.amount} {self.currency}".rstrip()
+
+
 @dataclass(frozen=True)
 class CostWarning:
-    amount: float
-    currency: str
-    threshold: float
+    """The session's running cost (`cost`) crossed `threshold`, both exact `Money`."""
+
+    cost: Money
+    threshold: Money
+
+    @property
+    def currency(self) -> str:
+        return self.cost.currency
 
 
 Event = Union[Dtmf, GatherResult, PlaybackFinished, RecordingReady, LegAnswered, LegEnded,
@@ -120,7 +166,8 @@ def event_from_pb(ev: "mh.Event") -> Event | None:
         return ControlRevoked(c.reason, c.next_module, c.by_vendor, c.control_ms)
     if kind == "cost_warning":
         c = ev.cost_warning
-        return CostWarning(c.amount, c.currency, c.threshold)
+        return CostWarning(Money.from_pb(c.cost, c.currency),
+                           Money.from_pb(c.threshold, c.currency))
     return None
 
 

@@ -297,9 +297,9 @@ _DERIVE_SUMMARY = (
     + ", ".join(f"{c} = summary.{c} + excluded.{c}" for c in _SUMMARY_SUMS))
 # The entries of a batch of transactions: the customer is debited the amount,
 # the platform and the vendor are credited their parts; negative amounts
-# swap the sides, so no column is ever negative. One statement produces them
-# in (txn_id, leg) order, so each row lands at the end of the entries b-tree
-# instead of splitting pages in the middle of it.
+# swap the sides, so no column is ever negative. One statement produces them,
+# in (txn_id, leg) order as it scans the transactions, so each row lands at
+# the end of the entries b-tree instead of splitting pages in its middle.
 _DERIVE_ENTRIES = (
     "WITH legs (leg) AS (VALUES (0), (1), (2)) "
     "INSERT INTO entries (txn_id, leg, account, debit, credit, currency) "
@@ -313,7 +313,7 @@ _DERIVE_ENTRIES = (
     "ELSE t.vendor_amount END "
     "ELSE CASE WHEN l.leg = 0 THEN -t.amount ELSE 0 END END, c.currency "
     "FROM txns t JOIN classes c ON c.id = t.class_id CROSS JOIN legs l "
-    "WHERE t.id BETWEEN ? AND ? AND (l.leg < 2 OR c.vendor <> '') ORDER BY t.id, l.leg",
+    "WHERE t.id BETWEEN ? AND ? AND (l.leg < 2 OR c.vendor <> '')",
 )
 _CLASS_OF = f"SELECT id FROM classes WHERE {' AND '.join(f'{c} = ?' for c in CLASS_COLUMNS)}"
 _INSERT_CLASS = (f"INSERT INTO classes (id, {', '.join(CLASS_COLUMNS)}) "
