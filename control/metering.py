@@ -177,7 +177,8 @@ def load_api_keys(raw: dict, path: str = "<dict>") -> dict[str, ApiKey]:
                 raise ConfigError(path, f"{where}.auto_top_up", "a table { calls = N, price = \"5.00\" }")
             calls = tu.get("calls")
             if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
-                raise ConfigError(path, f"{where}.auto_top_up.calls", "the calls one top-up adds, an integer >= 1")
+                raise ConfigError(path, f"{where}.auto_top_up.calls",
+                                  "the calls one top-up adds, an integer >= 1")
             if "price" not in tu:
                 raise ConfigError(path, f"{where}.auto_top_up.price", "the price of one top-up is required")
             try:

@@ -78,7 +78,7 @@ def _serve(args) -> int:
             # After the engine's last stamps: the accountant drains them, then stops.
             accountant.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(asyncio.to_thread(accountant.wait), 10)
+                await asyncio.wait_for(asyncio.to_thread(accountant.wait), 20)
             except asyncio.TimeoutError:
                 accountant.kill()
         return 0

@@ -126,8 +126,8 @@ def affordable(plan, funds: int, prior_period: int = 0, horizon: int = HORIZON) 
         # prices a segment once, whatever its length.
         if isinstance(plan, SubscriptionPlan):
             return None
-        return None if plan.rate(1, prior_period=prior_period, segment=True).amount <= funds \
-            else 0
+        cost = plan.rate(1, prior_period=prior_period, segment=True).amount
+        return None if cost <= funds or cost == 0 else 0
     inc = plan.increment
     lo_k = 0 if inc.first > 0 else 1
 
@@ -135,7 +135,8 @@ def affordable(plan, funds: int, prior_period: int = 0, horizon: int = HORIZON) 
         return inc.first + k * inc.next
 
     def ok(k: int) -> bool:
-        return segment_cost(plan, q(k), prior_period) <= funds
+        cost = segment_cost(plan, q(k), prior_period)
+        return cost <= funds or cost == 0       # free time needs no funds
 
     if not ok(lo_k):
         return 0
@@ -322,8 +323,6 @@ class Snapshot:
         cap = (acc.get("caps") or {}).get(code)
         if cap:
             prior = int(cap.get("used", 0))
-        if funds <= 0:
-            return 0, funds, plan
         return affordable(plan, funds, prior), funds, plan
 
     def _grant(self, session, cost: int) -> None:
@@ -354,7 +353,12 @@ class Snapshot:
         decision = self.rules.check(session, node, module)
         if not decision.allow or acc is None or acc.get("funds_left_micro") is None:
             return decision
-        billed, funds, plan = self.limit_for(session, module.code, module.level)
+        try:
+            billed, funds, plan = self.limit_for(session, module.code, module.level)
+        except Exception:
+            # Never unlimited by accident: a limit that cannot be computed denies.
+            log.exception("session %s: no prepaid limit for %s", session.id, module.code)
+            return Decision(False, f"account {session.account}: limit unavailable")
         if plan is None:
             return decision
         if billed == 0:
@@ -383,8 +387,11 @@ class Snapshot:
                     return src[key]
             return default
 
-        return (float(pick("warn_before", DEFAULT_WARN_BEFORE)), str(pick("warning_text", "")),
-                str(pick("warning_voice", "en")))
+        try:
+            warn_before = max(0.0, float(pick("warn_before", DEFAULT_WARN_BEFORE)))
+        except (TypeError, ValueError):     # a node param no module checked
+            warn_before = DEFAULT_WARN_BEFORE
+        return warn_before, str(pick("warning_text", "")), str(pick("warning_voice", "en"))
 
 
 # -- the warning ----------------------------------------------------------------------

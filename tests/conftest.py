@@ -14,6 +14,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tests fork peers (PJSIP, SIPp) from a loop that also runs gRPC clients; the
+# children exec at once and never use gRPC, and gRPC's fork handlers can crash
+# a child forked while a gRPC thread is busy.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

@@ -9,7 +9,12 @@ import json
 import os
 import sys
 
-import grpc
+# Calls and gRPC streams run on the same loop, which forks the PJSIP children:
+# gRPC's fork handlers are not needed (the children never use gRPC) and can
+# crash a child that forks while a gRPC thread is busy.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import grpc  # noqa: E402
 
 from tests.helpers import ROOT, EngineProcess
 
@@ -40,7 +45,7 @@ def write_config(tmp_path, body: str, numbers: dict[str, str]) -> str:
 
 def engine_process(config: str) -> EngineProcess:
     """`baton serve` with `config` (no accountant); use it as a context manager."""
-    return EngineProcess(config, extra=["--no-accountant", "--log-level", "debug"])
+    return EngineProcess(config, extra=["--no-accountant"])
 
 
 async def prerender(engine: EngineProcess, *texts: str, voice: str = "en") -> dict:

@@ -326,7 +326,9 @@ def test_a_failed_commit_is_retried_from_the_committed_position(tmp_path, pipeli
     for i in range(4):
         eng.seed_call(f"F{i}", t0=i * 1000 * S)
     with Accountant(str(tmp_path), cfg, pipeline=pipeline) as acct:
-        real = acct.ledger.post
+        # what posts the batches: the ledger, or the committer's writer process
+        poster = acct._committer.ledger if acct._committer is not None else acct.ledger
+        real = poster.post
         calls = []
 
         def flaky(*a, **k):
@@ -335,7 +337,7 @@ def test_a_failed_commit_is_retried_from_the_committed_position(tmp_path, pipeli
                 raise RuntimeError("database went away")
             return real(*a, **k)
 
-        acct.ledger.post = flaky          # type: ignore[method-assign]
+        poster.post = flaky               # type: ignore[method-assign]
         with pytest.raises(RuntimeError, match="went away"):
             acct.drain()
         acct.drain()

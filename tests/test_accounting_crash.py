@@ -195,15 +195,17 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path, pipeline)
     parts = [stamps[i:i + size] for i in range(0, len(stamps), size)]
     interrupted = 0
     # The process needs a moment to start (longer on a loaded machine); the kill lands
-    # before, during or after its drain. The window follows what the kills found, so
-    # most of them land while there is work in flight, however slow the start is.
-    low, high = 0.1, 0.45
+    # before, during or after its drain. The delay is drawn between the longest one
+    # that found nothing drained yet and the shortest one that found all drained, so
+    # the kills close in on the drain, however slow the start or quick the drain.
+    early, late = 0.05, 0.6
     for part in parts[:-1]:
         write(part)
         for _attempt in range(4):
             before = _position(db)
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
-            time.sleep(rng.uniform(low, high))
+            delay = rng.uniform(early, late)
+            time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             after = _position(db)
@@ -211,9 +213,11 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path, pipeline)
                 interrupted += 1
                 break
             if after == before:        # killed before it drained anything: wait longer
-                low, high = low + 0.1, high + 0.2
+                early = delay
+                late = max(late, early + 0.2)
             else:                      # it drained everything first: kill sooner
-                low, high = max(0.02, low - 0.05), max(0.1, high - 0.1)
+                late = delay
+                early = min(early, max(0.02, late - 0.2))
                 break
     write(parts[-1])
     assert w.spilled > 0, "the test should exercise the overflow file"

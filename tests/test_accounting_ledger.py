@@ -144,6 +144,27 @@ def test_position_and_state_commit_with_the_rows(ledger):
     assert ledger.load_state() == {("usage", "u"): b"2"}
 
 
+def test_large_state_batches_go_through_the_log(ledger):
+    """Batches of many state rows are logged as one row and folded every few
+    batches; what load_state returns is the same, and a failed batch leaves it."""
+    from engine.accounting import ledger as ledger_mod
+
+    want: dict = {}
+    for b in range(ledger_mod._STATE_LOG_MAX + 3):
+        state = {("session", f"s{i}"): f"{b}:{i}".encode() for i in range(b, b + 80)}
+        state[("session", f"s{b - 1}")] = None            # ended: deleted
+        ledger.post([line(f"n1:{b + 1}", 1)], position=("n1", b + 1), state=state)
+        want.update(state)
+        want = {k: v for k, v in want.items() if v is not None}
+        assert ledger.load_state() == want
+        assert ledger.load_state("usage") == {}
+    with pytest.raises(LedgerError, match="must be bytes"):
+        ledger.post([line("n1:999", 1)], position=("n1", 999),
+                    state={**{("session", f"x{i}"): b"x" for i in range(80)},
+                           ("usage", "u"): {"not": "bytes"}})  # type: ignore[dict-item]
+    assert ledger.load_state() == want and ledger.position("n1") == ledger_mod._STATE_LOG_MAX + 3
+
+
 def test_rejects_unbalanced_lines(ledger):
     bad = line("n1:1", 100, vendor="acme").replace(vendor_amount=150)
     with pytest.raises(LedgerError, match="not within the amount"):

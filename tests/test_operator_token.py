@@ -20,6 +20,7 @@ import grpc  # noqa: E402
 from control import pb  # noqa: E402
 from control.sdk import VendorClient  # noqa: E402
 from engine import config as config_mod  # noqa: E402
+from engine.top import Frame, from_engine  # noqa: E402
 from tests.helpers import running_engine  # noqa: E402
 from tests.test_billing_api import Accountant, code_of  # noqa: E402
 from tests.test_sessions import Caller  # noqa: E402
@@ -122,6 +123,9 @@ async def test_operator_sees_every_account_and_vendor(tmp_path):
                 assert {(s.session_id, s.account) for s in r.sessions} == \
                     {(demo_sid, "demo"), (other_sid, "other")}
                 assert r.live == 2 and r.started_total >= 2
+                frame = Frame(taken=time.monotonic())      # `baton top --token OPERATOR`
+                await from_engine(sessions, OPERATOR, 100, False, frame)
+                assert {row.session_id for row in frame.rows} == {demo_sid, other_sid}
                 r = await sessions.List(sp.ListRequest(account="other"), metadata=operator())
                 assert [s.session_id for s in r.sessions] == [other_sid]
                 r = await sessions.List(sp.ListRequest(), metadata=operator("demo"))

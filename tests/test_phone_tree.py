@@ -2,6 +2,7 @@
 DTMF through nested menus of an engine run by its own CLI."""
 from __future__ import annotations
 
+import asyncio
 import subprocess
 
 import pytest
@@ -131,6 +132,7 @@ async def _session(ch, watcher: Watcher):
     return pb.from_struct(info.params), [(s.module, s.reason) for s in hist.spans]
 
 
+@pytest.mark.interop
 async def test_caller_walks_the_tree_with_barge_in_invalid_key_and_back(tmp_path):
     pytest.importorskip("pjsua2")
     cfg = write_config(tmp_path, TREE, {"2100": '{ app = "tree" }'})
@@ -163,6 +165,7 @@ async def test_caller_walks_the_tree_with_barge_in_invalid_key_and_back(tmp_path
         finish(eng)
 
 
+@pytest.mark.interop
 async def test_no_key_repeats_then_leaves_through_timeout(tmp_path):
     pytest.importorskip("pjsua2")
     cfg = write_config(tmp_path, TREE, {"2100": '{ app = "tree" }'})
@@ -181,4 +184,41 @@ async def test_no_key_repeats_then_leaves_through_timeout(tmp_path):
         # The whole main prompt, twice (retries = 1), then goodbye.
         assert correlation(pcm[MAIN][-8000:], got) > 0.8
         assert correlation(pcm["Goodbye."], got) > 0.8
+        finish(eng)
+
+
+@pytest.mark.interop
+async def test_demo_tree_bridges_to_the_echo_desk(tmp_path):
+    """examples/demo.toml's 5100: 1 leaves through `desk`, a bridge to 1001 (the echo)."""
+    pytest.importorskip("pjsua2")
+    from control import pb
+
+    from tests.helpers import DEMO, EngineProcess
+
+    token = (("authorization", "Bearer demo-api-token-change-me-0123456789"),)
+    with EngineProcess(DEMO, extra=["--no-accountant"]) as eng:
+        async with control(eng) as ch:
+            stub = pb.sessions_pb2_grpc.SessionsStub(ch)
+            events = []
+
+            async def watch():
+                async for ev in stub.Watch(pb.sessions_pb2.WatchRequest(), metadata=token):
+                    events.append(ev)
+
+            task = asyncio.get_running_loop().create_task(watch())
+            await asyncio.sleep(0.3)
+            r = await peer("call", "--number", "5100", "--steps", "w1.5,1,w2", engine=eng,
+                           log=tmp_path / "pjsip.log")
+            for _ in range(50):
+                if sum(e.kind == "ended" for e in events) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            sid = next(e.session_id for e in events if e.kind == "phone_tree.menu")
+            hist = await stub.History(pb.sessions_pb2.HistoryRequest(session_id=sid),
+                                      metadata=token)
+        assert r["hung_up_by"] == "peer", r["_context"]
+        assert [(s.module, s.reason) for s in hist.spans] == \
+            [("baton.phone_tree", "initial"), ("baton.bridge", "outlet:desk")]
         finish(eng)

@@ -144,6 +144,7 @@ class Receiver:
         await self.runner.cleanup()
 
 
+@pytest.mark.interop
 async def test_callers_answer_and_results_are_stored_posted_and_readable(tmp_path):
     pytest.importorskip("pjsua2")
     from control import pb

@@ -79,6 +79,7 @@ def test_callers_are_matched_by_user_or_number():
 
 # -- the engine calls out and speaks the code ----------------------------------------
 
+@pytest.mark.interop
 async def test_call_out_speaks_the_code_then_check_verifies_it(tmp_path):
     pytest.importorskip("pjsua2")
     heard = tmp_path / "heard.wav"
@@ -216,6 +217,7 @@ async def _spans(sessions, pb, sid):
     return [(s.module, s.reason) for s in hist.spans]
 
 
+@pytest.mark.interop
 async def test_inbound_caller_keys_a_wrong_code_then_the_right_one(tmp_path):
     pytest.importorskip("pjsua2")
     with engine_process(_config(tmp_path)) as eng:
@@ -246,6 +248,7 @@ async def test_inbound_caller_keys_a_wrong_code_then_the_right_one(tmp_path):
         finish(eng)
 
 
+@pytest.mark.interop
 async def test_inbound_attempt_limit_fails_the_code(tmp_path):
     pytest.importorskip("pjsua2")
     with engine_process(_config(tmp_path)) as eng:
@@ -275,6 +278,7 @@ async def test_inbound_attempt_limit_fails_the_code(tmp_path):
         finish(eng)
 
 
+@pytest.mark.interop
 async def test_codes_expire(tmp_path):
     pytest.importorskip("pjsua2")
     with engine_process(_config(tmp_path)) as eng:

@@ -51,6 +51,9 @@ log = logging.getLogger("baton.accountant")
 _SEP = "\x1f"
 
 
+STOP_DRAIN_SECONDS = 10.0   # at most this long draining the ring when asked to stop
+
+
 def ring_path(data_dir: str) -> str:
     """Where the engine's ring lives in a data directory."""
     return os.path.join(data_dir, "ring", "ring.dat")
@@ -99,7 +102,9 @@ class _Committer:
     """
 
     def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
+        # SQLite posts through a writer process (ledger.LedgerWriter): the thread
+        # then only waits for it, and binding and writing run on another core.
+        self.ledger = ledger.poster()
         self.inbox: queue.Queue = queue.Queue(maxsize=2)
         self.results: queue.Queue = queue.Queue()
         self.in_flight = 0
@@ -147,6 +152,8 @@ class _Committer:
         self.inbox.put(None)
         self.thread.join()
         sys.setswitchinterval(self._interval)
+        if not isinstance(self.ledger, Ledger):
+            self.ledger.close()
 
 
 class Accountant:
@@ -458,6 +465,17 @@ class Accountant:
                 self._pause(idle_sleep)
         self.looping = False
         try:
+            # A stop first drains what the ring holds now: `baton serve` asks only after
+            # the engine's last stamp, so its invoices are whole when it has exited. The
+            # bound keeps an engine that is still stamping from holding the stop up.
+            deadline = time.monotonic() + STOP_DRAIN_SECONDS
+            while time.monotonic() < deadline:
+                try:
+                    if not self.step():
+                        break
+                except Exception:
+                    log.exception("accounting batch failed while stopping; the ring keeps it")
+                    break
             self._settle()
         finally:
             self.write_policy()

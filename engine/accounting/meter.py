@@ -256,11 +256,11 @@ class Meter:
                 rec = unpack(payload)
                 if rec.__class__ is not dict:
                     raise ValueError("not a map")
-                rec["seq"] = seq
                 n = rec.get("node")
                 if n is None:
                     rec["node"] = n = node
                 if rec.get("type") != "transition":
+                    rec["seq"] = seq
                     feed(rec, out)
                     last_node = None            # feed may add or reset node states
                     continue

@@ -40,7 +40,7 @@ import re
 
 from ...apps import HANGUP, adhoc_node
 from ..base import Module, answer_caller
-from .prompting import (KEYS, Prompter, check_common, check_keys, check_prompt, check_text)
+from .prompting import KEYS, Prompter, check_common, check_keys, check_prompt
 
 log = logging.getLogger("baton.modules.phone_tree")
 

@@ -45,7 +45,7 @@ import time
 
 from ..base import Module, answer_caller
 from .prompting import (KEYS, Prompter, check_bool, check_common, check_key_set, check_keys,
-                        check_number, check_prompt, check_text)
+                        check_number, check_prompt)
 
 log = logging.getLogger("baton.modules.survey")
 

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 
 from ..base import Module, answer_caller
-from .prompting import Prompter, check_common, check_keys, check_number, check_prompt, check_text
+from .prompting import Prompter, check_common, check_keys, check_number, check_text
 
 log = logging.getLogger("baton.modules.verify")
 
