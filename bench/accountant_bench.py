@@ -14,10 +14,11 @@ with the committer thread (`billing.pipeline = true`).
 Also measured, in the same run as the baseline: the same stream metered and
 rated without posting (the CPU part alone), to show where the time goes.
 
-The machine is shared, so each configuration runs `--repeat` times (the ring
-is filled once) and the median is reported, with every run's figure and its
-process CPU time per transition (less sensitive to other load than the wall
-clock).
+The machine is shared, so `--repeat N` runs each configuration N times (the
+ring is filled once, the rounds interleaved) and reports the median, with
+every run's figure and its process CPU time per transition (less sensitive
+to other load than the wall clock). With `pipeline = true` a SQLite ledger is
+written by a writer process, whose CPU time is not in that figure.
 
 Prints one JSON line and writes it to bench/results/accountant-<timestamp>.json.
 Target: >= 100,000 transitions/s into SQLite.
@@ -156,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                                                       "postgresql://postgres@127.0.0.1:5432/test"))
     p.add_argument("--check", action="store_true", help="verify the ledger invariants after")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=3, help="runs per store and mode (median reported)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per store and mode, the median reported (`baton bench "
+                        "accountant --repeat N` repeats the whole driver instead)")
     p.add_argument("--no-files", action="store_true", help="do not write bench/results/")
     args = p.parse_args(argv)
 

@@ -33,6 +33,7 @@ from .auth import AuthError, Authority, in_scope, metadata_value
 log = logging.getLogger("baton.control.billing")
 
 bp = pb.billing_pb2
+MAX_ID = 128        # session ids and vendor ids: longer ones are refused, not looked up
 
 __all__ = ["BillingService", "session_cost"]
 
@@ -139,6 +140,9 @@ class BillingService(pb.billing_pb2_grpc.BillingServicer):
         sid = request.session_id.strip()
         if not sid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id: required")
+        if len(sid) > MAX_ID:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"session_id: longer than {MAX_ID} characters")
         s = self.engine.find_session(sid)
         if s is None and self.sessions is not None:
             row = await self.sessions._journal(sid)
@@ -156,6 +160,9 @@ class BillingService(pb.billing_pb2_grpc.BillingServicer):
         return cost
 
     async def Payouts(self, request, context) -> bp.PayoutsReport:
+        if len(request.vendor) > MAX_ID:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"vendor: longer than {MAX_ID} characters")
         if self.authority.operator(context.invocation_metadata()):
             # The platform operator: every vendor's statements, or the one named.
             vendor = request.vendor.strip()

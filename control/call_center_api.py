@@ -16,6 +16,7 @@ from . import pb
 from .auth import AuthError, Authority, in_scope
 
 ccp = pb.call_center_pb2
+MAX_NAME = 128      # queue and agent names: longer ones are refused, not looked up
 
 
 def queue_message(d: dict) -> ccp.QueueStat:
@@ -56,6 +57,9 @@ class CallCenterService(pb.call_center_pb2_grpc.CallCenterServicer):
     async def _queues(self, context, center: CallCenter, account: str | None,
                       name: str) -> list[str]:
         """The account's queue `name`, or all of them (name empty); NOT_FOUND otherwise."""
+        if len(name) > MAX_NAME:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"queue: longer than {MAX_NAME} characters")
         mine = [n for n, qc in center.cfg.queues.items() if in_scope(account, qc.account)]
         if not name:
             return mine
@@ -85,6 +89,10 @@ class CallCenterService(pb.call_center_pb2_grpc.CallCenterServicer):
         center = CallCenter.of(self.engine)
         if not request.agent:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "agent: required")
+        if len(request.agent) > MAX_NAME or len(request.state) > MAX_NAME:
+            field = "agent" if len(request.agent) > MAX_NAME else "state"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{field}: longer than {MAX_NAME} characters")
         mine = set(center.agents) if account is None else \
             {a for qc in center.cfg.queues.values() if qc.account == account for a in qc.agents}
         if request.agent not in mine:

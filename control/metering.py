@@ -43,15 +43,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
 from engine.accounting.config import PeriodClock
 from engine.accounting.money import MoneyError, format_money, parse_money
 from engine.accounting.plans import PlanError, parse_plan
 
 log = logging.getLogger("baton.control.metering")
 
-__all__ = ["ApiKey", "TopUp", "ApiMeter", "MeteringInterceptor", "load_api_keys",
+__all__ = ["ApiKey", "TopUp", "ApiMeter", "metering_interceptor", "load_api_keys",
            "API_MODULE_PREFIX", "token_digest"]
 
 API_MODULE_PREFIX = "baton.api."
@@ -324,40 +322,44 @@ def _bearer(metadata) -> str | None:
     return None
 
 
-class MeteringInterceptor(grpc.aio.ServerInterceptor):
-    """A grpc.aio server interceptor: meters the control calls made with API keys.
+def metering_interceptor(meter: ApiMeter):
+    """A grpc.aio server interceptor that meters the control calls made with API keys.
 
     Calls with any other credentials pass untouched (the service itself
-    authenticates them); so do calls of unknown methods.
+    authenticates them); so do calls of unknown methods. (grpc is imported
+    here, not when the config is read: control/server.py sets its fork
+    option before the first import.)
     """
+    import grpc
 
-    def __init__(self, meter: ApiMeter) -> None:
-        self.meter = meter
+    class MeteringInterceptor(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation, details):
+            method = details.method or ""
+            handler = await continuation(details)
+            if handler is None or not method.startswith(METERED_PREFIX) or \
+                    method.startswith(UNMETERED) or not meter.keys:
+                return handler
+            token = _bearer(details.invocation_metadata)
+            key = meter.key_for_token(token) if token else None
+            if key is None:
+                return handler
+            try:
+                refusal = meter.admit(key, method)
+            except sqlite3.Error as exc:
+                # The count cannot be kept: refuse rather than serve unmetered.
+                log.error("API key %s: cannot record the call: %s", key.id, exc)
+                return _refusing(handler, grpc.StatusCode.UNAVAILABLE,
+                                 "API usage cannot be recorded; retry later")
+            if refusal is None:
+                return handler
+            return _refusing(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
 
-    async def intercept_service(self, continuation, details):
-        method = details.method or ""
-        handler = await continuation(details)
-        if handler is None or not method.startswith(METERED_PREFIX) or \
-                method.startswith(UNMETERED) or not self.meter.keys:
-            return handler
-        token = _bearer(details.invocation_metadata)
-        key = self.meter.key_for_token(token) if token else None
-        if key is None:
-            return handler
-        try:
-            refusal = self.meter.admit(key, method)
-        except sqlite3.Error as exc:
-            # The count cannot be kept: refuse rather than serve unmetered.
-            log.error("API key %s: cannot record the call: %s", key.id, exc)
-            return _refusing(handler, grpc.StatusCode.UNAVAILABLE,
-                             "API usage cannot be recorded; retry later")
-        if refusal is None:
-            return handler
-        return _refusing(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+    return MeteringInterceptor()
 
 
-def _refusing(handler, code: grpc.StatusCode, message: str):
+def _refusing(handler, code, message: str):
     """A handler of the same shape as `handler` that ends the call with a status."""
+    import grpc
 
     async def refuse(_request, context):
         await context.abort(code, message)

@@ -30,7 +30,7 @@ from engine import __version__  # noqa: E402
 
 from . import pb  # noqa: E402
 from .auth import AuthError, Authority, metadata_value, server_credentials  # noqa: E402
-from .metering import ApiMeter, MeteringInterceptor  # noqa: E402
+from .metering import ApiMeter, metering_interceptor  # noqa: E402
 from .billing import BillingService  # noqa: E402
 from .sessions_api import SessionsService  # noqa: E402
 from .call_center_api import CallCenterService  # noqa: E402
@@ -155,7 +155,7 @@ class ControlServer:
         self.metering = ApiMeter.for_engine(engine)
         self.metering.restamp_top_ups()
         server = grpc.aio.server(options=SERVER_OPTIONS,
-                                 interceptors=[MeteringInterceptor(self.metering)])
+                                 interceptors=[metering_interceptor(self.metering)])
         pb.module_host_pb2_grpc.add_ModuleHostServicer_to_server(ModuleHostService(self.hub),
                                                                  server)
         pb.sessions_pb2_grpc.add_SessionsServicer_to_server(self.sessions, server)

@@ -25,6 +25,11 @@ log = logging.getLogger("baton.control.services")
 
 sv = pb.services_pb2
 MAX_RESULTS = 1000
+# Lengths of request strings: ids are "VE" + 24 hex digits, addresses as in
+# `verify.VerifyService.create`; longer input is refused before any lookup.
+MAX_ID = 64
+MAX_ADDRESS = 256
+MAX_NAME = 128
 
 
 async def _account(authority: Authority, context) -> str:
@@ -83,6 +88,15 @@ class SurveyService(pb.services_pb2_grpc.SurveyServicer):
         return out
 
 
+async def _check_lengths(context, request) -> None:
+    """INVALID_ARGUMENT for a verification id or address longer than any real one."""
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    if len(request.verification_id) > MAX_ID:
+        await context.abort(bad, f"verification_id: longer than {MAX_ID} characters")
+    if len(getattr(request, "to", "")) > MAX_ADDRESS:
+        await context.abort(bad, f"to: longer than {MAX_ADDRESS} characters")
+
+
 class _Background:
     """What `SessionsService._originate` needs of a gRPC context, for a call
     placed after the RPC that asked for it has returned."""
@@ -117,6 +131,12 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
         channel = request.channel or "call"
         to = request.to.strip()
         app = None
+        for name, value, most in (("to", request.to, MAX_ADDRESS),
+                                  ("from", getattr(request, "from"), MAX_ADDRESS),
+                                  ("app", request.app, MAX_NAME), ("channel", channel, MAX_NAME),
+                                  ("code", request.code, verify_mod.MAX_LENGTH + 16)):
+            if len(value) > most:
+                await context.abort(bad, f"{name}: longer than {most} characters")
         if channel == "call":
             try:
                 uri = parse_uri(to)
@@ -210,6 +230,7 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
 
     async def Check(self, request, context) -> sv.VerifyCheckResponse:
         account = await _scope(self.authority, context)
+        await _check_lengths(context, request)
         code = request.code.strip()
         if not code:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "code: required")
@@ -222,6 +243,7 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
 
     async def Get(self, request, context) -> sv.Verification:
         account = await _scope(self.authority, context)
+        await _check_lengths(context, request)
         vid = request.verification_id.strip()
         if not vid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "verification_id: required")

@@ -571,8 +571,10 @@ def _load_apps(cfg: Config, raw: dict, path: str) -> None:
         cfg.apps[name] = app
 
 
-def _check_params(path: str, nkey: str, code: str, params: dict) -> None:
-    """A built-in module's own check of a node's params (Module.check_params)."""
+def _check_params(path: str, nkey: str, code: str, params: dict, sub: str = ".params") -> None:
+    """A built-in module's own check of a node's params (Module.check_params);
+    `sub` is where the params stand under `nkey` ("" for a number's route,
+    whose params are the route table's other keys)."""
     from .modules.catalog import builtin_modules
 
     cls = builtin_modules().get(code)
@@ -584,8 +586,8 @@ def _check_params(path: str, nkey: str, code: str, params: dict) -> None:
         text = str(exc)
         head, sep, rest = text.partition(": ")
         if sep and head and " " not in head:
-            raise ConfigError(path, f"{nkey}.params.{head}", rest) from None
-        raise ConfigError(path, f"{nkey}.params", text) from None
+            raise ConfigError(path, f"{nkey}{sub}.{head}", rest) from None
+        raise ConfigError(path, f"{nkey}{sub}", text) from None
 
 
 def _load_policy(cfg: Config, raw: dict, path: str) -> None:
@@ -640,6 +642,9 @@ def _number_route(cfg: Config, path: str, key: str, account: str, number: str, t
 
         known = ", ".join(sorted(set(builtin_codes()) | set(cfg.modules)))
         raise ConfigError(path, f"{key}.module", f"unknown module {value!r} (known: {known})")
+    if kind == "module":
+        # The same check as an app node's params: a bad number route fails at start.
+        _check_params(path, key, value, params, sub="")
     if kind == "app" and value not in cfg.apps:
         raise ConfigError(path, f"{key}.app", f"no app {value!r} (apps: {', '.join(cfg.apps) or 'none'})")
     if kind == "instructions" and not value.startswith(("http://", "https://")):

@@ -168,12 +168,15 @@ class _Hold:
     session: the cost of its granted limit, and costs already incurred that
     the snapshot may not show yet, each with the ring seq that covers it."""
 
-    __slots__ = ("session", "reserved", "pending")
+    __slots__ = ("session", "reserved", "account", "pending", "split")
 
     def __init__(self, session):
         self.session = session
         self.reserved = 0
-        self.pending: list[tuple[int, int]] = []   # (ring seq, micro-units)
+        self.account = session.account      # whose funds `reserved` holds
+        # (ring seq, micro-units, account): a session's payer may change.
+        self.pending: list[tuple[int, int, str]] = []
+        self.split = False                  # the payer just changed: no closing cost to add
 
 
 class Snapshot:
@@ -280,17 +283,15 @@ class Snapshot:
             if s.ended and h.reserved:
                 # Its final segments are rated by now or soon: keep counting the
                 # reservation (it bounds them) until a snapshot covers its end.
-                h.pending.append((seq_now - 1 if seq_now else 0, h.reserved))
+                h.pending.append((seq_now - 1 if seq_now else 0, h.reserved, h.account))
                 h.reserved = 0
             if h.pending:
                 h.pending = [p for p in h.pending if not self.covers(p[0], node)]
             if s.ended and not h.pending:
                 del self._holds[sid]
                 continue
-            if s.account != account:
-                continue
-            funds -= sum(p[1] for p in h.pending)
-            if s is not session:
+            funds -= sum(p[1] for p in h.pending if p[2] == account)
+            if s is not session and h.account == account:
                 funds -= h.reserved
         funds -= self._current_cost(session)
         return funds
@@ -325,23 +326,46 @@ class Snapshot:
             prior = int(cap.get("used", 0))
         return affordable(plan, funds, prior), funds, plan
 
-    def _grant(self, session, cost: int) -> None:
+    def _grant(self, session, cost: int, split: bool = False) -> None:
         """Remember the new grant of `session` and the closing cost of its
         current segment, which the transition about to be stamped closes."""
         h = self._holds.get(session.id)
-        closing = self._current_cost(session)
+        # Just after a payer change the segment was closed for the previous
+        # payer (payer_changing); the new one has not run yet.
+        closing = 0 if split else self._current_cost(session)
         if h is None:
             if not cost and not closing:
                 return
             h = self._holds[session.id] = _Hold(session)
         h.reserved = cost
+        h.account = session.account
         if closing:
             seq = self._ring_seq(session.engine)
-            h.pending.append((seq if seq is not None else 0, closing))
+            h.pending.append((seq if seq is not None else 0, closing, session.account))
+
+    def payer_changing(self, session) -> None:
+        """`session`'s payer is about to change (Session.set_account): the
+        current segment closes for the account paying now, which also no
+        longer holds the reservation of its grant."""
+        closing = self._current_cost(session)
+        h = self._holds.get(session.id)
+        if h is None:
+            if not closing:
+                return
+            h = self._holds[session.id] = _Hold(session)
+        if closing:
+            seq = self._ring_seq(session.engine)
+            h.pending.append((seq if seq is not None else 0, closing, session.account))
+        h.reserved = 0
+        h.split = True
 
     # -- the check --------------------------------------------------------------------
     def check(self, session, node, module) -> Decision:
         self._refresh()
+        h = self._holds.get(session.id)
+        split = h is not None and h.split
+        if split:
+            h.split = False
         acc = self.accounts.get(session.account)
         if acc is not None:
             if acc.get("banned"):
@@ -366,7 +390,7 @@ class Snapshot:
                                    f"first increment of {module.code}")
         limit = limit_seconds(billed)
         cost = segment_cost(plan, billed) if billed is not None else 0
-        self._grant(session, cost)
+        self._grant(session, cost, split)
         if decision.limit is not None and (limit is None or decision.limit < limit):
             limit = decision.limit
         if limit is None:

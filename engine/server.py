@@ -120,6 +120,10 @@ class Engine:
         self.stamper.close()
         if self.store is not None:
             self.store.close()
+        for attr in ("verify_service", "survey_store"):    # the services' SQLite files
+            svc = getattr(self, attr, None)
+            if svc is not None:
+                svc.close()
         await self.webhooks.stop()
 
     # -- the SIP core's application -------------------------------------------

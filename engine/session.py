@@ -72,7 +72,7 @@ class Control:
     """
 
     __slots__ = ("session", "node", "module", "params", "active", "state", "limit",
-                 "timers", "span")
+                 "timers", "span", "limit_timers")
 
     def __init__(self, session: "Session", node, module, params: dict):
         self.session = session
@@ -84,6 +84,7 @@ class Control:
         self.limit = None          # seconds of use the policy allows, or None
         self.timers = []
         self.span = None
+        self.limit_timers = ()     # the policy limit's cut-off and warning
 
     @property
     def caller(self) -> "Leg":
@@ -121,10 +122,18 @@ class Control:
     def later(self, seconds: float, fn, *args):
         """A timer that only fires while this control is active."""
         def fire():
+            timers = self.timers
+            if h in timers:
+                timers.remove(h)
             if self.active:
                 fn(*args)
+        timers = self.timers
+        if len(timers) >= 32:
+            # Re-armed timers (a prompt's timeout per key) are cancelled, not
+            # fired: drop them so a long call does not keep every handle.
+            timers[:] = [t for t in timers if not t.cancelled()]
         h = self.session.engine.loop.call_later(seconds, fire)
-        self.timers.append(h)
+        timers.append(h)
         return h
 
     def deactivate(self) -> None:
@@ -326,14 +335,19 @@ class Session:
         """The policy's usage limit: the cut-off at zero, and the warning
         `decision.warn_before` seconds before it (at once when less is left)."""
         ctl.limit = decision.limit
+        # A new decision (the account changed) replaces the earlier limit.
+        for h in ctl.limit_timers:
+            h.cancel()
+        ctl.limit_timers = ()
         if decision.limit is None:
             return
-        ctl.later(decision.limit, self._limit_reached, ctl)
+        timers = [ctl.later(decision.limit, self._limit_reached, ctl)]
         warn_before = getattr(decision, "warn_before", 0)
         if warn_before and warn_before > 0:
             from .policy import warn
 
-            ctl.later(max(0.0, decision.limit - warn_before), warn, ctl, decision)
+            timers.append(ctl.later(max(0.0, decision.limit - warn_before), warn, ctl, decision))
+        ctl.limit_timers = tuple(timers)
 
     def set_account(self, account: str, reason: str = "account"):
         """Bill the rest of the session to `account` (e.g. a calling card's,
@@ -346,6 +360,9 @@ class Session:
 
         if self.ended or account == self.account or self.module is None:
             return ALLOW
+        changing = getattr(self.engine.policy, "payer_changing", None)
+        if changing is not None:
+            changing(self)      # the time so far is the previous account's
         previous = self.account
         self.account = account
         self.params["account"] = account

@@ -79,6 +79,24 @@ def correlation(part, recording) -> float:
     return float(r.max())
 
 
+def heard_clearly(part, recording, window: int = 2400) -> float:
+    """How clearly `part` was heard in `recording`: the best correlation of any
+    300 ms window of it. A receiver's jitter buffer may stretch, drop or conceal a
+    few frames under load, which lowers a whole-prompt correlation; a window is
+    short enough to fall between such repairs and long enough not to match other
+    speech."""
+    import numpy as np
+
+    a = np.asarray(part)
+    loud = np.nonzero(np.abs(a) > 64)[0]
+    if len(loud):
+        a = a[loud[0]:loud[-1] + 1]
+    if len(a) <= window:
+        return correlation(a, recording)
+    starts = range(0, len(a) - window + 1, window // 2)
+    return max(correlation(a[i:i + window], recording) for i in starts)
+
+
 def read_wav(path):
     import numpy as np
     import wave

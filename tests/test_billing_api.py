@@ -318,3 +318,20 @@ async def test_billing_api_against_a_real_accountant(tmp_path):
 async def test_sessions_cost_cli_without_an_accountant(tmp_path):
     rc, out, err = await baton("sessions", "cost", "S1", "--data-dir", str(tmp_path))
     assert rc == 2 and "does not answer" in err
+
+
+def test_an_ended_sessions_cost_is_its_last_payers():
+    import types
+
+    from engine.accounting.service import _Servicer
+
+    rows = [{"account": "op", "currency": "USD", "amount": 40_000},       # before the PIN
+            {"account": "card-1", "currency": "USD", "amount": 250_000},
+            {"account": "card-1", "currency": "USD", "amount": 10_000}]
+    acct = types.SimpleNamespace(meter=types.SimpleNamespace(find=lambda sid: None))
+    srv = types.SimpleNamespace(acct=acct, on_loop=lambda fn: fn(),
+                                reader=lambda fn: fn(types.SimpleNamespace(
+                                    transactions=lambda session: rows)))
+    cost = _Servicer(srv).Cost(bp.SessionCostRequest(session_id="S1"), context=None)
+    # The card's holder sees what the card paid, not the number owner's share.
+    assert (cost.account, cost.cost.micros, cost.live) == ("card-1", 260_000, False)

@@ -325,6 +325,13 @@ def test_api_errors(center):
         s.SetAgentState(ccp.SetAgentStateRequest(agent="dave", state="offline"),
                         metadata=md(OTHER_TOKEN))
     assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+    for rpc, req, field in ((s.QueueStats, ccp.QueueStatsRequest(queue="q" * 100_000), "queue:"),
+                            (s.SetAgentState, ccp.SetAgentStateRequest(agent="a" * 100_000,
+                                                                       state="offline"), "agent:")):
+        with pytest.raises(grpc.RpcError) as ei:
+            rpc(req, metadata=md())
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ei.value.details().startswith(field)
     r = queues_cli(engine, "--queue", "nope")
     assert r.returncode == 1 and "NOT_FOUND" in r.stderr
 
@@ -534,3 +541,22 @@ async def test_static_agents_busy_then_answer_without_wrap_up():
     finally:
         t1.close()
         t2.close()
+
+
+def test_an_agent_who_does_not_answer_leaves_no_leg_on_the_session():
+    import types
+
+    from engine.modules.services.call_center import AgentLeg, CallCenter, Offer
+
+    released = []
+    media = types.SimpleNamespace(drop_channel=lambda ch: None, release=released.append)
+    session = types.SimpleNamespace(legs=["caller"], engine=types.SimpleNamespace(media=media))
+    center = CallCenter.__new__(CallCenter)
+    waiting = types.SimpleNamespace(offer=None)
+    for _ in range(100):            # a caller who waits long rings many agents
+        offer = Offer(center, waiting, agent=None)
+        offer.leg = AgentLeg(session)
+        waiting.offer = offer
+        center._close_offer(offer, cancel=False)
+        assert offer.leg.ended and waiting.offer is None
+    assert session.legs == ["caller"]

@@ -51,7 +51,7 @@ def config_with_ivr(tmp_path, url: str) -> str:
                         f'api_tokens = ["demo-api-token-change-me-0123456789"]\n'
                         f'secret = "{SECRET}"\ntwilio_signature = true')
     text = text.replace('"2000" = { app = "support" }',
-                        f'"2000" = {{ app = "support" }}\n"4000" = {{ instructions = "{url}/ivr" }}')
+                        f'"2000" = {{ app = "support" }}\n"4900" = {{ instructions = "{url}/ivr" }}')
     path = tmp_path / "ivr.toml"
     path.write_text(text)
     return str(path)
@@ -74,7 +74,7 @@ async def test_sipp_presses_one_in_a_twilio_ivr(tmp_path):
     try:
         with EngineProcess(config_with_ivr(tmp_path, app.url)) as eng:
             proc = await asyncio.create_subprocess_exec(
-                "sipp", "-sf", SURVEY, f"127.0.0.1:{eng.port}", "-s", "4000", "-m", "1",
+                "sipp", "-sf", SURVEY, f"127.0.0.1:{eng.port}", "-s", "4900", "-m", "1",
                 "-i", "127.0.0.1", "-p", "0", "-mp", "0", "-timeout", "40s", "-timeout_error",
                 "-trace_err", "-error_file", str(tmp_path / "err.log"), "-max_socket", "100",
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
@@ -83,7 +83,7 @@ async def test_sipp_presses_one_in_a_twilio_ivr(tmp_path):
             errlog = (tmp_path / "err.log").read_text() if (tmp_path / "err.log").exists() else ""
             assert proc.returncode == 0, f"SIPp failed:\n{err.decode()[-2000:]}\n{errlog[-2000:]}"
             params = check(app)
-            assert params["To"].startswith("sip:4000@") or "4000" in params["To"]
+            assert params["To"].startswith("sip:4900@") or "4900" in params["To"]
             assert eng.stop() == 0
             assert "Traceback" not in eng.output()
     finally:
@@ -97,7 +97,7 @@ async def test_pjsip_presses_one_in_a_twilio_ivr(tmp_path):
         with EngineProcess(config_with_ivr(tmp_path, app.url)) as eng:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, os.path.join(ROOT, "tests", "pjsip_media.py"), "dtmf",
-                "--engine", f"127.0.0.1:{eng.port}", "--number", "4000", "--key", "1",
+                "--engine", f"127.0.0.1:{eng.port}", "--number", "4900", "--key", "1",
                 "--before", "2.0", "--after", "1.0", "--log", str(tmp_path / "pjsip.log"),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
             out, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -493,3 +493,109 @@ def test_free_time_needs_no_funds_even_when_others_reserved_them():
     assert affordable(plan(price="0.60", increment="1/1"), -5) == 0
     assert affordable(plan(price="0.60", unit="action"), 1_000_000) is None
     assert affordable(plan(price="0.60", unit="action"), 10) == 0
+
+
+def _live_session(policy_decision):
+    import asyncio
+
+    from engine.session import Control, Session
+
+    loop = asyncio.new_event_loop()
+    noop = lambda *a, **k: None  # noqa: E731
+    eng = types.SimpleNamespace(
+        loop=loop, listeners=[], journal=noop,
+        stamper=types.SimpleNamespace(transition=noop, session_start=noop),
+        policy=types.SimpleNamespace(check=lambda s, n, m: policy_decision))
+    s = Session(eng, "op", "1234", "<sip:a@b>", "<sip:1234@b>")
+    s.module = types.SimpleNamespace(code="baton.calling_card", level="service")
+    s.node = types.SimpleNamespace(name="card", params={})
+    ctl = s.control = Control(s, s.node, s.module, {})
+    return loop, s, ctl
+
+
+def test_a_new_paying_account_replaces_the_earlier_limit():
+    loop, s, ctl = _live_session(Decision(True, limit=100.0, warn_before=10.0))
+    try:
+        s._arm_limit(ctl, Decision(True, limit=5.0, warn_before=2.0))
+        old = ctl.limit_timers
+        assert len(old) == 2 and not any(h.cancelled() for h in old)
+        assert s.set_account("card-1").limit == 100.0
+        # The number's account's cut-off must not end the card's call.
+        assert all(h.cancelled() for h in old)
+        assert len(ctl.limit_timers) == 2 and not any(h.cancelled() for h in ctl.limit_timers)
+    finally:
+        ctl.deactivate()
+        loop.close()
+
+
+def test_rearmed_timers_do_not_pile_up_on_a_long_call():
+    loop, s, ctl = _live_session(Decision(True))
+    try:
+        h = None
+        for _ in range(1000):       # a prompt's timeout re-armed on every key
+            if h is not None:
+                h.cancel()
+            h = ctl.later(5.0, lambda: None)
+        assert len(ctl.timers) <= 32
+    finally:
+        ctl.deactivate()
+        loop.close()
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["one-batch", "record-by-record"])
+def test_a_new_payer_starts_its_own_session_tiers(batched):
+    from engine.accounting.config import BillingConfig
+    from engine.accounting.meter import Meter
+    from engine.accounting.rater import Rater
+    from tests.test_accounting_meter import Stream
+
+    book = BillingConfig.from_dict({
+        "plans": {"card": {"kind": "graduated", "tier_scope": "session",
+                           "tiers": [{"up_to": "10m", "flat": "1.00"},
+                                     {"price": "0.10", "unit": "minute"}]}},
+        "billing": {"level_plans": {"service": "card"}}})
+    s, m, r = Stream(), Meter(), Rater(book)
+    sec = 10**9
+    code = "baton.calling_card"
+    records = [s.start("S", 0, account="op"),
+               s.go("S", "", code, 0, level="service", account="op"),
+               # The PIN is known: the rest of the session is the card's.
+               s.go("S", code, code, 30 * sec, level="service", account="card"),
+               s.end("S", 60 * sec, account="card")]
+    lines = []
+    if batched:
+        r.rate(m.feed_many(records), lines)
+    else:
+        for rec in records:
+            r.rate(m.feed_many([rec]), lines)
+    charged = {}
+    for ln in lines:
+        charged[ln.account] = charged.get(ln.account, 0) + ln.amount
+    # Each payer's first unit opens its first tier: the flat amount, once each.
+    assert charged == {"op": 1_000_000, "card": 1_000_000}
+
+
+def test_a_payer_change_counts_the_time_so_far_against_the_previous_payer(tmp_path):
+    raw = {**RAW, "accounts": {"op": {"billing": {"prepaid_balance": "1.00"}},
+                               "card": {"billing": {"prepaid_balance": "1.00"}}}}
+    snap = snapshot_with(tmp_path, {"op": {"funds_left_micro": 1_000_000},
+                                    "card": {"funds_left_micro": 1_000_000}})
+    eng = fake_engine(raw)
+    bridge = types.SimpleNamespace(code="baton.bridge", level="basic")
+    s1 = fake_session(eng, "op", "S1")
+    s1.module = bridge
+    # 10 s in the bridge so far, at 3 cents a second, not in any snapshot yet.
+    s1.control = types.SimpleNamespace(active=True, span=types.SimpleNamespace(
+        start_mono=time.monotonic_ns() - 10 * 10**9))
+    snap.payer_changing(s1)
+    s1.account = "card"
+    s1.control.span = types.SimpleNamespace(start_mono=time.monotonic_ns())
+    other_op, other_card = fake_session(eng, "op", "S2"), fake_session(eng, "card", "S3")
+    assert 640_000 <= snap.available(other_op, 1_000_000) <= 700_000
+    assert snap.available(other_card, 1_000_000) == 1_000_000
+    # The card's grant: its funds less the first second of the new segment;
+    # nothing of the time before is counted against the card.
+    d = snap.check(s1, types.SimpleNamespace(params={}), bridge)
+    assert d.allow and d.cost == 960_000
+    assert snap.available(other_card, 1_000_000) == 1_000_000 - d.cost
+    assert 640_000 <= snap.available(other_op, 1_000_000) <= 700_000

@@ -99,6 +99,17 @@ def test_bad_params_are_refused_at_load(params, error):
     assert f"s.toml: apps.a.nodes.s.{error}" in _load(params)
 
 
+def test_a_number_routed_straight_to_the_module_is_checked_at_load():
+    cfg = engine_config()
+    cfg["accounts"]["demo"]["numbers"]["5100"] = {"module": "baton.survey",
+                                                   "questions": [{"id": "q"}]}
+    with pytest.raises(ConfigError) as exc:
+        from_dict(cfg, "s.toml")
+    assert "s.toml: accounts.demo.numbers.5100.questions.0.say: required" in str(exc.value)
+    cfg["accounts"]["demo"]["numbers"]["5100"] = {"module": "baton.survey", **_q()}
+    from_dict(cfg, "s.toml")
+
+
 def test_answers_are_validated():
     valid = SurveyModule.valid
     assert valid({"allowed": "12"}, "1") and not valid({"allowed": "12"}, "3")

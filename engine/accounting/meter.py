@@ -135,7 +135,8 @@ class SessionEnd:
 class OpenSession:
     """A session with no end record yet, and what rating carries for it:
     `charged` (micro-units posted so far) and `usage` (base quantity per
-    module so far, for tiers counted within a session)."""
+    paying account and module so far, keyed "ACCOUNT\x1fMODULE", for tiers
+    counted within a session)."""
 
     __slots__ = ("node", "session", "account", "start_mono", "start_wall", "module", "level",
                  "seg_mono", "seg_wall", "last_mono", "last_wall", "charged", "usage",

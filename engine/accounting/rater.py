@@ -23,6 +23,10 @@ from .plans import DEN, NS, PerUnitPlan, SubscriptionPlan, UsagePlan, _SCALE
 __all__ = ["Rater", "usage_key"]
 
 _SEP = "\x1f"
+# A session's own usage (`OpenSession.usage`, for tiers counted per session)
+# is kept per paying account: after a payer change (a calling card's PIN) the
+# new account's tiers start at its first unit.
+SK = _SEP
 _new = tuple.__new__
 
 
@@ -116,7 +120,8 @@ class Rater:
             dirty_add(uk)
             if o is not None:
                 u = o.usage
-                u[module] = u.get(module, 0) + q
+                sk = account + SK + module
+                u[sk] = u.get(sk, 0) + q
                 o.charged += amount
             sn = ctx[3]
             append(_new(Line, (f"{node}:{seq}", "usage", node, seq, session, account, module,
@@ -190,7 +195,8 @@ class Rater:
         self.dirty.add(uk)
         if o is not None:
             u = o.usage
-            u[module] = u.get(module, 0) + q
+            sk = account + SK + module
+            u[sk] = u.get(sk, 0) + q
             o.charged += amount
         sn, sd = ctx[3], ctx[4]
         out.append(_new(Line, (f"{node}:{seq}" if seq is not None else seg.key, "usage",
@@ -208,7 +214,8 @@ class Rater:
         uk = (account, module, period)
         prior = self.usage.get(uk, 0)
         o = seg.owner
-        prior_s = o.usage.get(module, 0) if o is not None else 0
+        sk = account + SK + module
+        prior_s = o.usage.get(sk, 0) if o is not None else 0
         paid = True
         if plan.__class__ is SubscriptionPlan:
             paid = self._paid(account, module, plan, period, seg.start_wall, seg.node, seg.seq,
@@ -220,7 +227,7 @@ class Rater:
             self.last_plan[(account, module)] = plan
         amount = ch.amount
         if o is not None:
-            o.usage[module] = prior_s + q
+            o.usage[sk] = prior_s + q
             o.charged += amount
         vendor, share = book.vendor_of(module)
         out.append(Line(seg.key, "usage", seg.node, seg.seq, seg.session, account, module,
@@ -253,7 +260,8 @@ class Rater:
         uk = (account, target, period)
         prior = self.usage.get(uk, 0)
         o = act.owner
-        prior_s = o.usage.get(target, 0) if o is not None else 0
+        sk = account + SK + target
+        prior_s = o.usage.get(sk, 0) if o is not None else 0
         q = act.count
         paid = True
         if plan.__class__ is SubscriptionPlan:
@@ -265,7 +273,7 @@ class Rater:
         if plan.cap is not None:
             self.last_plan[(account, target)] = plan
         if o is not None:
-            o.usage[target] = prior_s + q
+            o.usage[sk] = prior_s + q
             o.charged += ch.amount
         vendor, share = book.vendor_of(module)
         out.append(Line(act.key, "action", act.node, act.seq, act.session, account, module,
@@ -313,7 +321,7 @@ class Rater:
                               o.session, fees)
             self.fees, self.dirty_fees = saved
             total += sum(f.amount for f in fees)
-        ch = plan.rate(q, prior_period=prior, prior_session=o.usage.get(o.module, 0),
+        ch = plan.rate(q, prior_period=prior, prior_session=o.usage.get(o.account + SK + o.module, 0),
                        segment=True, paid=paid)
         return total + ch.amount
 

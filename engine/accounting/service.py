@@ -405,9 +405,12 @@ class _Servicer:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"session_id: the accountant has not metered session {sid!r} "
                           "(not stamped yet, or unknown)")
-        account = rows[0]["account"]
-        currency = rows[0]["currency"]
-        total = sum(int(r["amount"]) for r in rows)
+        # The payer at the end (a calling card's PIN changes it mid-call): its
+        # lines only; what an earlier payer paid is on that account's invoice.
+        account = rows[-1]["account"]
+        currency = rows[-1]["currency"]
+        total = sum(int(r["amount"]) for r in rows
+                    if r["account"] == account and r["currency"] == currency)
         return pb.billing_pb2.SessionCost(session_id=sid, account=account, live=False,
                                           cost=money_pb(total, currency))
 

@@ -503,7 +503,7 @@ class CallCenter:
             leg.ports = engine.ports.allocate()
         except PortsExhausted:
             log.warning("session %s: no RTP ports left to ring agent %s", session.id, agent.name)
-            leg.ended = True
+            _drop_leg(leg)
             return False
         agent.state = "busy"
         agent.session_id = session.id
@@ -531,8 +531,7 @@ class CallCenter:
             offer.call.cancel()
         leg = offer.leg
         if leg is not None and not leg.answered:
-            leg.ended = True
-            leg.release()
+            _drop_leg(leg)
         if offer.waiting.offer is offer:
             offer.waiting.offer = None
 
@@ -581,8 +580,7 @@ class CallCenter:
             offer.done = True
             call.hangup()
             if leg is not None:
-                leg.ended = True
-                leg.release()
+                _drop_leg(leg)
             if agent.session_id == session.id:
                 self._agent_free(agent)
             self.dispatch()
@@ -679,6 +677,16 @@ class CallCenter:
         return {"name": a.name, "state": a.state, "user": a.cfg.user,
                 "contact": a.cfg.uri or a.contact, "queues": queues, "idle": idle,
                 "calls": a.calls, "session_id": a.session_id, "signed_out": a.signed_out}
+
+
+def _drop_leg(leg) -> None:
+    """An agent leg that never became part of the call: its ports back, and
+    off the session's legs (a caller who waits long rings many agents)."""
+    leg.ended = True
+    leg.release()
+    legs = leg.session.legs
+    if leg in legs:
+        legs.remove(leg)
 
 
 def _offer_sdp(engine, caller, leg) -> bytes:

@@ -42,8 +42,8 @@ import logging
 import re
 
 from ...apps import Node
-from ..base import Module, answer_caller
-from .prompting import Prompter, check_bool, check_common, check_keys, check_number, check_text
+from .prompting import (PromptingModule, check_bool, check_common, check_keys, check_number,
+                        check_text)
 
 log = logging.getLogger("baton.services.calling_card")
 
@@ -108,7 +108,7 @@ def _digest(pin: str) -> bytes:
     return hashlib.sha256(pin.encode()).digest()
 
 
-class CallingCardModule(Module):
+class CallingCardModule(PromptingModule):
     code = "baton.calling_card"
     level = "service"
     outlets = ("done", "failed", "denied")
@@ -180,11 +180,8 @@ class CallingCardModule(Module):
 
     # -- the calls ----------------------------------------------------------------
     def take(self, ctl) -> None:
-        if not answer_caller(ctl):
+        if self.begin(ctl) is None:
             return
-        st = Prompter(ctl)
-        ctl.state = st
-        st.listen()
         saved = ctl.session.saved.get(KEY)
         if saved is not None and saved.get("account"):
             self._after_call(ctl, saved)
@@ -192,14 +189,6 @@ class CallingCardModule(Module):
         ctl.session.saved[KEY] = {"account": None, "attempts": 0, "calls": 0,
                                   "node": ctl.node}
         self._ask_pin(ctl)
-
-    def media_event(self, ctl, leg, kind, detail) -> None:
-        if isinstance(ctl.state, Prompter):
-            ctl.state.media_event(leg, kind, detail)
-
-    def revoke(self, ctl, reason: str) -> None:
-        if isinstance(ctl.state, Prompter):
-            ctl.state.close()
 
     # PIN
     def _ask_pin(self, ctl, before: str | None = None) -> None:

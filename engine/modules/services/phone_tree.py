@@ -39,8 +39,7 @@ import logging
 import re
 
 from ...apps import HANGUP, adhoc_node
-from ..base import Module, answer_caller
-from .prompting import KEYS, Prompter, check_common, check_keys, check_prompt
+from .prompting import KEYS, Prompter, PromptingModule, check_common, check_keys, check_prompt
 
 log = logging.getLogger("baton.modules.phone_tree")
 
@@ -75,7 +74,7 @@ class TreeState(Prompter):
         self.tries = 0
 
 
-class PhoneTreeModule(Module):
+class PhoneTreeModule(PromptingModule):
     code = "baton.phone_tree"
     level = "service"
     outlets = ("timeout", "invalid", "any outlet named by a choice")
@@ -148,18 +147,11 @@ class PhoneTreeModule(Module):
 
     # -- the calls ----------------------------------------------------------------
     def take(self, ctl) -> None:
-        if not answer_caller(ctl):
+        if self.begin(ctl, TreeState) is None:
             return
-        state = TreeState(ctl)
-        ctl.state = state
-        state.listen()
         menus = ctl.params["menus"]
         start = ctl.params.get("start", "main" if "main" in menus else next(iter(menus)))
         self._enter(ctl, start)
-
-    def _opt(self, ctl, menu: dict, key: str, default=None):
-        v = menu.get(key)
-        return ctl.params.get(key, default) if v is None else v
 
     def _enter(self, ctl, name: str, prefix=None) -> None:
         state = ctl.state
@@ -185,14 +177,14 @@ class PhoneTreeModule(Module):
             parts.append(prefix)
         parts.append((menu.get("prompt"), menu.get("prompt_file")))
         state.ask(parts, lambda digits, why: self._answer(ctl, digits, why),
-                  max_digits=1, timeout=float(self._opt(ctl, menu, "timeout", 5)),
-                  voice=self._opt(ctl, menu, "voice", "en"),
-                  language=self._opt(ctl, menu, "language"))
+                  max_digits=1, timeout=float(self.opt(ctl, menu, "timeout", 5)),
+                  voice=self.opt(ctl, menu, "voice", "en"),
+                  language=self.opt(ctl, menu, "language"))
 
     def _answer(self, ctl, digits: str, why: str) -> None:
         state = ctl.state
         menu = ctl.params["menus"][state.menu]
-        retries = int(self._opt(ctl, menu, "retries", 2))
+        retries = int(self.opt(ctl, menu, "retries", 2))
         if digits:
             ctl.session.params["Digits"] = digits
             target = menu["choices"].get(digits)
@@ -206,7 +198,7 @@ class PhoneTreeModule(Module):
                     self._leave(ctl, "invalid" if "invalid" in ctl.node.outlets else "timeout",
                                 digits)
                 return
-            prefix = (self._opt(ctl, menu, "invalid_prompt"), self._opt(ctl, menu, "invalid_prompt_file"))
+            prefix = (self.opt(ctl, menu, "invalid_prompt"), self.opt(ctl, menu, "invalid_prompt_file"))
             if prefix == (None, None):
                 prefix = (DEFAULT_INVALID, None)
             self._prompt(ctl, prefix)
@@ -217,7 +209,7 @@ class PhoneTreeModule(Module):
             else:
                 self._leave(ctl, "timeout", "")
             return
-        prefix = (self._opt(ctl, menu, "timeout_prompt"), self._opt(ctl, menu, "timeout_prompt_file"))
+        prefix = (self.opt(ctl, menu, "timeout_prompt"), self.opt(ctl, menu, "timeout_prompt_file"))
         self._prompt(ctl, None if prefix == (None, None) else prefix)
 
     def _follow(self, ctl, target: str, key: str) -> None:
@@ -245,14 +237,6 @@ class PhoneTreeModule(Module):
 
     def _leave(self, ctl, outlet: str, key: str) -> None:
         ctl.release(outlet, Digits=key, PhoneTreePath="/".join(ctl.state.path))
-
-    def media_event(self, ctl, leg, kind, detail) -> None:
-        if ctl.state is not None:
-            ctl.state.media_event(leg, kind, detail)
-
-    def revoke(self, ctl, reason: str) -> None:
-        if ctl.state is not None:
-            ctl.state.close()
 
 
 __all__ = ["PhoneTreeModule"]

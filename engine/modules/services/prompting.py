@@ -15,6 +15,7 @@ import logging
 import math
 import os
 
+from ..base import Module, answer_caller
 from ..menu import PromptState, render, start_player
 
 log = logging.getLogger("baton.modules.services")
@@ -163,6 +164,34 @@ class Prompter(PromptState):
         ch = self.ctl.caller.channel
         if ch is not None and ch.detecting:
             ch.detect_dtmf(False)
+
+
+class PromptingModule(Module):
+    """A service module whose per-session state (`ctl.state`) is a Prompter:
+    answering the caller, passing media events on, letting go of the prompt."""
+
+    def begin(self, ctl, state_class=Prompter):
+        """Answer the caller and make the session's Prompter (listening for
+        in-band DTMF when needed); None when the caller could not be answered."""
+        if not answer_caller(ctl):
+            return None
+        state = ctl.state = state_class(ctl)
+        state.listen()
+        return state
+
+    @staticmethod
+    def opt(ctl, table: dict, key: str, default=None):
+        """`key` of `table` (a menu, a question), else the node's param, else `default`."""
+        v = table.get(key)
+        return ctl.params.get(key, default) if v is None else v
+
+    def media_event(self, ctl, leg, kind, detail) -> None:
+        if isinstance(ctl.state, Prompter):
+            ctl.state.media_event(leg, kind, detail)
+
+    def revoke(self, ctl, reason: str) -> None:
+        if isinstance(ctl.state, Prompter):
+            ctl.state.close()
 
 
 # -- param checks (ValueError("KEY: PROBLEM"), see Module.check_params) -----------------

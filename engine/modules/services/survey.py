@@ -43,9 +43,8 @@ import sqlite3
 import threading
 import time
 
-from ..base import Module, answer_caller
-from .prompting import (KEYS, Prompter, check_bool, check_common, check_key_set, check_keys,
-                        check_number, check_prompt)
+from .prompting import (KEYS, Prompter, PromptingModule, check_bool, check_common,
+                        check_key_set, check_keys, check_number, check_prompt)
 
 log = logging.getLogger("baton.modules.survey")
 
@@ -188,7 +187,7 @@ class SurveyState(Prompter):
         self.finished = False
 
 
-class SurveyModule(Module):
+class SurveyModule(PromptingModule):
     code = "baton.survey"
     level = "service"
     outlets = ("done", "incomplete")
@@ -268,11 +267,9 @@ class SurveyModule(Module):
 
     # -- the calls ----------------------------------------------------------------
     def take(self, ctl) -> None:
-        if not answer_caller(ctl):
+        state = self.begin(ctl, SurveyState)
+        if state is None:
             return
-        state = SurveyState(ctl)
-        ctl.state = state
-        state.listen()
         session = ctl.session
         try:
             state.run_id = store_for(ctl.engine).start(
@@ -289,10 +286,6 @@ class SurveyModule(Module):
     @staticmethod
     def _name(ctl) -> str:
         return str(ctl.params.get("name") or ctl.node.name)
-
-    def _opt(self, ctl, q: dict, key: str, default=None):
-        v = q.get(key)
-        return ctl.params.get(key, default) if v is None else v
 
     @staticmethod
     def _max_digits(q: dict) -> int:
@@ -313,8 +306,8 @@ class SurveyModule(Module):
         n = self._max_digits(q)
         finish = q.get("finish_on_key", "#") if n > 1 else q.get("finish_on_key", "")
         state.ask(parts, lambda digits, why: self._answer(ctl, digits, why), max_digits=n,
-                  finish_on_key=finish, timeout=float(self._opt(ctl, q, "timeout", 5)),
-                  voice=self._opt(ctl, q, "voice", "en"), language=self._opt(ctl, q, "language"))
+                  finish_on_key=finish, timeout=float(self.opt(ctl, q, "timeout", 5)),
+                  voice=self.opt(ctl, q, "voice", "en"), language=self.opt(ctl, q, "language"))
 
     @staticmethod
     def valid(q: dict, digits: str) -> bool:
@@ -336,7 +329,7 @@ class SurveyModule(Module):
         if self.valid(q, digits):
             self._record(ctl, q, digits)
             return
-        if state.tries > int(self._opt(ctl, q, "retries", 2)):
+        if state.tries > int(self.opt(ctl, q, "retries", 2)):
             if q.get("required", True):
                 self._finish(ctl, "incomplete")
             else:
@@ -344,7 +337,7 @@ class SurveyModule(Module):
             return
         prefix = None
         if digits:
-            prefix = (self._opt(ctl, q, "invalid_prompt"), self._opt(ctl, q, "invalid_prompt_file"))
+            prefix = (self.opt(ctl, q, "invalid_prompt"), self.opt(ctl, q, "invalid_prompt_file"))
             if prefix == (None, None):
                 prefix = (DEFAULT_INVALID, None)
         self._ask(ctl, prefix)
@@ -416,16 +409,10 @@ class SurveyModule(Module):
         except ValueError as exc:
             log.warning("session %s: survey webhook not sent: %s", session.id, exc)
 
-    def media_event(self, ctl, leg, kind, detail) -> None:
-        if ctl.state is not None:
-            ctl.state.media_event(leg, kind, detail)
-
     def revoke(self, ctl, reason: str) -> None:
+        super().revoke(ctl, reason)
         state = ctl.state
-        if state is None:
-            return
-        state.close()
-        if not state.finished:
+        if isinstance(state, SurveyState) and not state.finished:
             self._report(ctl, state, "abandoned")
 
 

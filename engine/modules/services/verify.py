@@ -40,8 +40,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..base import Module, answer_caller
-from .prompting import Prompter, check_common, check_keys, check_number, check_text
+from .prompting import (Prompter, PromptingModule, check_common, check_keys, check_number,
+                        check_text)
 
 log = logging.getLogger("baton.modules.verify")
 
@@ -161,6 +161,7 @@ class VerifyService:
         # Codes a call is about to speak, by verification id: in memory only,
         # dropped once spoken or expired.
         self.to_speak: dict[str, str] = {}
+        self.closed = False
 
     def _hash(self, salt: bytes, code: str) -> str:
         return hmac.new(self.key, salt + b":" + code.encode(), hashlib.sha256).hexdigest()
@@ -196,6 +197,9 @@ class VerifyService:
         salt = secrets.token_bytes(16)
         with self._lock:
             # One pending code per address: a new one replaces the old.
+            replaced = [r[0] for r in self._db.execute(
+                "SELECT id FROM verifications WHERE account = ? AND to_user = ? AND "
+                "status = 'pending'", (account, user))]
             self._db.execute("UPDATE verifications SET status = 'canceled', updated_wall_ns = ? "
                              "WHERE account = ? AND to_user = ? AND status = 'pending'",
                              (now, account, user))
@@ -205,6 +209,9 @@ class VerifyService:
                 "updated_wall_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
                 (vid, account, to, user, channel, length, salt, self._hash(salt, code),
                  max_attempts, now, now + int(ttl * 1e9), now))
+        for old in replaced:
+            # A canceled code is never spoken: drop it from memory now.
+            self.to_speak.pop(old, None)
         loop = self.engine.loop
         if loop is not None:
             loop.call_later(ttl + 0.05, self._expire_due, vid)
@@ -266,6 +273,11 @@ class VerifyService:
 
     # -- expiry and events ------------------------------------------------------------
     def _expire_due(self, vid: str) -> None:
+        # Whatever became of it (spoken, verified, canceled), its code is due
+        # out of memory now.
+        self.to_speak.pop(vid, None)
+        if self.closed:
+            return
         v = self._row("id = ?", (vid,))
         if v is not None and v.status == "pending" and time.time_ns() >= v.expires_wall_ns:
             self._expire(v)
@@ -306,6 +318,8 @@ class VerifyService:
 
     def close(self) -> None:
         with self._lock:
+            self.closed = True
+            self.to_speak.clear()
             self._db.close()
 
 
@@ -351,7 +365,7 @@ class VerifyState(Prompter):
         self.tries = 0
 
 
-class VerifyModule(Module):
+class VerifyModule(PromptingModule):
     code = "baton.verify"
     level = "service"
     outlets = ("verified", "failed", "expired", "done")
@@ -376,11 +390,9 @@ class VerifyModule(Module):
         return ctl.params.get(key) or PROMPTS.get(key)
 
     def take(self, ctl) -> None:
-        if not answer_caller(ctl):
+        state = self.begin(ctl, VerifyState)
+        if state is None:
             return
-        state = VerifyState(ctl)
-        ctl.state = state
-        state.listen()
         svc = service_for(ctl.engine)
         session = ctl.session
         vid = ctl.params.get("verification_id")
@@ -474,14 +486,6 @@ class VerifyModule(Module):
             return
         ctl.state.say([(prompt, None)], lambda *_: ctl.release(outlet, **params),
                       voice=ctl.params.get("voice", "en"), language=ctl.params.get("language"))
-
-    def media_event(self, ctl, leg, kind, detail) -> None:
-        if ctl.state is not None:
-            ctl.state.media_event(leg, kind, detail)
-
-    def revoke(self, ctl, reason: str) -> None:
-        if ctl.state is not None:
-            ctl.state.close()
 
 
 __all__ = ["VerifyModule", "VerifyService", "Verification", "VerifyError", "service_for",
