@@ -73,7 +73,8 @@ class SurveyService(pb.services_pb2_grpc.SurveyServicer):
             # Several accounts' runs merged: newest first, as for one.
             runs.sort(key=lambda r: (r["started_wall_ns"], r["run_id"]), reverse=True)
             return runs[:limit]
-        runs = await asyncio.get_running_loop().run_in_executor(None, read)
+        # On the store's thread: after the writes of every run that ended before.
+        runs = await asyncio.wrap_future(store.submit(read))
         out = sv.SurveyResultsResponse()
         for r in runs:
             out.runs.append(sv.SurveyRun(

@@ -42,6 +42,7 @@ import re
 import sqlite3
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from .prompting import (KEYS, Prompter, PromptingModule, check_bool, check_common,
                         check_key_set, check_keys, check_number, check_prompt)
@@ -91,7 +92,12 @@ CREATE TABLE IF NOT EXISTS answers (
 
 
 class SurveyStore:
-    """Survey runs and their answers in SQLite (WAL: readers never wait)."""
+    """Survey runs and their answers in SQLite (WAL: readers never wait).
+
+    The engine writes through `submit`: one thread of the store's own runs
+    the writes in order, off the event loop (a write, or a WAL checkpoint's
+    fsync, never holds up the calls' media). Run ids are handed out in
+    memory (`new_run_id`), so a call never waits for its insert."""
 
     def __init__(self, path: str):
         self.path = path
@@ -101,24 +107,49 @@ class SurveyStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        last = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM runs").fetchone()[0]
+        seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'runs'").fetchone()
+        self._next_id = max(int(last), int(seq[0]) if seq else 0) + 1
+        self._writer: ThreadPoolExecutor | None = None
+
+    def new_run_id(self) -> int:
+        """A run id for `start(..., run_id=)`, never used before in this file."""
+        with self._lock:
+            rid = self._next_id
+            self._next_id += 1
+            return rid
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        """Run `fn(*args, **kwargs)` on the store's thread, after everything
+        submitted before; a failure is logged (and left in the Future)."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-survey")
+        fut = self._writer.submit(fn, *args, **kwargs)
+        fut.add_done_callback(_log_failure)
+        return fut
 
     def start(self, session_id: str, account: str, survey: str, node: str, caller: str,
-              number: str) -> int:
+              number: str, run_id: int | None = None, started_wall_ns: int | None = None) -> int:
+        started = time.time_ns() if started_wall_ns is None else started_wall_ns
         with self._lock:
             cur = self._db.execute(
-                "INSERT INTO runs (session_id, account, survey, node, caller, number, status, "
-                "started_wall_ns) VALUES (?, ?, ?, ?, ?, ?, 'running', ?)",
-                (session_id, account, survey, node, caller, number, time.time_ns()))
-            return int(cur.lastrowid)
+                "INSERT INTO runs (id, session_id, account, survey, node, caller, number, status, "
+                "started_wall_ns) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+                (run_id, session_id, account, survey, node, caller, number, started))
+            if run_id is None:
+                run_id = int(cur.lastrowid)
+                self._next_id = max(self._next_id, run_id + 1)
+            return run_id
 
     def answer(self, run_id: int, position: int, question: str, answer: str | None,
-               attempts: int) -> None:
+               attempts: int, answered_wall_ns: int | None = None) -> None:
+        at = time.time_ns() if answered_wall_ns is None else answered_wall_ns
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)",
-                             (run_id, position, question, answer, attempts, time.time_ns()))
+                             (run_id, position, question, answer, attempts, at))
 
-    def finish(self, run_id: int, status: str) -> int:
-        now = time.time_ns()
+    def finish(self, run_id: int, status: str, ended_wall_ns: int | None = None) -> int:
+        now = time.time_ns() if ended_wall_ns is None else ended_wall_ns
         with self._lock:
             self._db.execute("UPDATE runs SET status = ?, ended_wall_ns = ? WHERE id = ?",
                              (status, now, run_id))
@@ -154,8 +185,16 @@ class SurveyStore:
         return runs
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)      # the writes queued so far land first
+            self._writer = None
         with self._lock:
             self._db.close()
+
+
+def _log_failure(fut: Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("survey store: %s", fut.exception())
 
 
 def store_for(engine) -> SurveyStore:
@@ -272,9 +311,11 @@ class SurveyModule(PromptingModule):
             return
         session = ctl.session
         try:
-            state.run_id = store_for(ctl.engine).start(
-                session.id, session.account, self._name(ctl), ctl.node.name,
-                caller_uri(session.from_uri), session.number or "")
+            store = store_for(ctl.engine)
+            state.run_id = store.new_run_id()
+            store.submit(store.start, session.id, session.account, self._name(ctl),
+                         ctl.node.name, caller_uri(session.from_uri), session.number or "",
+                         run_id=state.run_id, started_wall_ns=time.time_ns())
         except sqlite3.Error as exc:
             log.error("session %s: survey store: %s", session.id, exc)
             state.run_id = 0
@@ -347,11 +388,9 @@ class SurveyModule(PromptingModule):
         state.answers[q["id"]] = answer
         ctl.session.params["SurveyAnswers"] = dict(state.answers)
         if state.run_id:
-            try:
-                store_for(ctl.engine).answer(state.run_id, state.index, q["id"], answer,
-                                             state.tries)
-            except sqlite3.Error as exc:
-                log.error("session %s: survey store: %s", ctl.session.id, exc)
+            store = store_for(ctl.engine)
+            store.submit(store.answer, state.run_id, state.index, q["id"], answer, state.tries,
+                         time.time_ns())
         state.index += 1
         state.tries = 0
         if state.index >= len(ctl.params["questions"]):
@@ -383,10 +422,8 @@ class SurveyModule(PromptingModule):
         session.params["SurveyStatus"] = status
         ended = time.time_ns()
         if state.run_id:
-            try:
-                ended = store_for(engine).finish(state.run_id, status)
-            except sqlite3.Error as exc:
-                log.error("session %s: survey store: %s", session.id, exc)
+            store = store_for(engine)
+            store.submit(store.finish, state.run_id, status, ended)
         payload = {"session_id": session.id, "account": session.account,
                    "survey": self._name(ctl), "node": ctl.node.name, "run_id": state.run_id,
                    "status": status, "caller": caller_uri(session.from_uri),
