@@ -210,11 +210,21 @@ class BillingService(pb.billing_pb2_grpc.BillingServicer):
         if client is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "billing: this engine has no link to the accountant")
-        stream = client.stub.Events(bp.BillingEventsRequest(account=account or ""))
+        if not hasattr(client, "subscribe"):
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "billing: this engine has no link to the accountant")
+        if not client.connected:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "billing: the accountant is not running or not answering (on "
+                                f"{client.address}); it starts with `baton serve`, or run "
+                                "`baton accountant` on the same data directory")
+        # One stream to the accountant serves every watcher (each stream there
+        # holds one of its few threads): its events, filtered here.
+        q = client.subscribe()
         try:
-            async for ev in stream:
-                yield ev
-        except grpc.aio.AioRpcError as exc:
-            await _forward_error(context, exc, client)
+            while True:
+                ev = await q.get()
+                if account is None or ev.account == account:
+                    yield ev
         finally:
-            stream.cancel()
+            client.unsubscribe(q)

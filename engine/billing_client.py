@@ -26,6 +26,8 @@ CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
                    ("grpc.min_reconnect_backoff_ms", 200),
                    ("grpc.max_reconnect_backoff_ms", 2000)]
 CALL_TIMEOUT = 10.0
+# Events held for one Billing.Events watcher that reads too slowly.
+SUBSCRIBER_QUEUE = 1000
 
 
 class BillingClient:
@@ -40,6 +42,10 @@ class BillingClient:
         self._stub = None
         self._task: asyncio.Task | None = None
         self.events_seen = 0
+        # Billing.Events watchers of the control API share this client's one
+        # stream: the accountant serves each stream with a thread of its own.
+        self._subscribers: set[asyncio.Queue] = set()
+        self.connected = False
 
     @property
     def stub(self):
@@ -70,6 +76,15 @@ class BillingClient:
                 return None
             raise
 
+    def subscribe(self) -> asyncio.Queue:
+        """A queue that gets every accountant event (`BillingEvent`) from now on."""
+        q: asyncio.Queue = asyncio.Queue(SUBSCRIBER_QUEUE)
+        self._subscribers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        self._subscribers.discard(q)
+
     def start(self) -> None:
         """Follow the accountant's events (reconnecting) until `close()`."""
         if self._task is None:
@@ -86,18 +101,28 @@ class BillingClient:
         while True:
             try:
                 stream = self.stub.Events(pb.billing_pb2.BillingEventsRequest())
+                await stream.wait_for_connection()
+                self.connected = True
                 async for ev in stream:
                     self.events_seen += 1
                     detail = pb.from_struct(ev.data)
                     detail.setdefault("id", ev.id)
                     engine.notify(AccountEvent(ev.account), ev.type, detail)
+                    for q in list(self._subscribers):
+                        try:
+                            q.put_nowait(ev)
+                        except asyncio.QueueFull:
+                            log.warning("a Billing.Events watcher fell behind; event %s dropped",
+                                        ev.id)
             except asyncio.CancelledError:
+                self.connected = False
                 raise
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     log.info("accountant events: %s", exc.details())
             except Exception:
                 log.exception("accountant events stream failed")
+            self.connected = False
             await asyncio.sleep(1.0)
 
     async def close(self) -> None:

@@ -44,7 +44,7 @@ class SessionStore:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self.written = 0
-        self.pending: list = []
+        self.pending: dict = {}        # session id -> session, until the next flush
         try:
             import asyncio
 
@@ -64,28 +64,24 @@ class SessionStore:
     def record(self, session) -> None:
         """Queue a snapshot of `session` (called at start, each transition, end).
 
-        Snapshots gather in a list on the loop and go to the writer thread
-        once per BATCH_SECONDS: waking a thread per snapshot would cost the
-        loop more than the snapshot itself."""
+        Sessions gather on the loop and go to the writer thread once per
+        BATCH_SECONDS: waking a thread per snapshot would cost the loop more
+        than the snapshot itself. The snapshot is taken when the batch is
+        handed over, once per session however often it was recorded in the
+        batch (only its latest state would be written anyway)."""
         pending = self.pending
         if not pending:
             loop = self.loop
             if loop is not None:
                 loop.call_later(BATCH_SECONDS, self.flush)
-        pending.append((
-            session.id, session.account, session.number, session.from_uri, session.to_uri,
-            session.direction, session.app.name if session.app is not None else None,
-            session.module.code if session.module is not None else None, session.level,
-            session.started_wall, session.ended_wall, session.end_reason,
-            [(s.module, s.level, s.node, s.reason, s.start_mono, s.end_mono, s.start_wall,
-              s.end_wall, s.end_reason) for s in session.history]))
+        pending[session.id] = session
         if self.loop is None:
             self.flush()
 
     def flush(self) -> None:
         if self.pending:
-            batch, self.pending = self.pending, []
-            self.queue.put(batch)
+            sessions, self.pending = self.pending, {}
+            self.queue.put([_snapshot(s) for s in sessions.values()])
 
     def close(self, timeout: float = 5.0) -> None:
         self.flush()
@@ -112,12 +108,11 @@ class SessionStore:
         for item in batch:
             latest[item[0]] = item
         rows = []
+        dumps = json.dumps
         for item in latest.values():
             *fields, history = item
-            rows.append((*fields, json.dumps([
-                {"module": h[0], "level": h[1], "node": h[2], "reason": h[3],
-                 "start_mono_ns": h[4], "end_mono_ns": h[5], "start_wall_ns": h[6],
-                 "end_wall_ns": h[7], "end_reason": h[8]} for h in history])))
+            fields.append(dumps([dict(zip(_SPAN_KEYS, h)) for h in history]))
+            rows.append(fields)
         try:
             with conn:
                 conn.executemany(
@@ -128,6 +123,21 @@ class SessionStore:
             self.written += len(rows)
         except sqlite3.Error:
             log.exception("session journal write failed (%d rows)", len(rows))
+
+
+_SPAN_KEYS = ("module", "level", "node", "reason", "start_mono_ns", "end_mono_ns",
+              "start_wall_ns", "end_wall_ns", "end_reason")
+
+
+def _snapshot(session) -> tuple:
+    """The row of `session` as it is now, its history as tuples (JSON is made by the writer)."""
+    return (
+        session.id, session.account, session.number, session.from_uri, session.to_uri,
+        session.direction, session.app.name if session.app is not None else None,
+        session.module.code if session.module is not None else None, session.level,
+        session.started_wall, session.ended_wall, session.end_reason,
+        [(s.module, s.level, s.node, s.reason, s.start_mono, s.end_mono, s.start_wall,
+          s.end_wall, s.end_reason) for s in session.history])
 
 
 def _connect(path: str) -> sqlite3.Connection:

@@ -97,7 +97,8 @@ def verify(secret: str, headers, body: bytes, *, tolerance: float = 300.0,
         return False
     want = sign(secret, msg_id, timestamp, body)
     # Several space-separated signatures are allowed (a secret being rotated).
-    return any(part.startswith("v1=") and hmac.compare_digest(part[3:], want)
+    # Bytes: compare_digest raises on a str with non-ASCII characters (a forged header).
+    return any(part.startswith("v1=") and hmac.compare_digest(part[3:].encode(), want.encode())
                for part in sigs.split())
 
 
@@ -703,6 +704,8 @@ class EngineHooks:
     def __init__(self, engine, webhooks: Webhooks) -> None:
         self.engine = engine
         self.webhooks = webhooks
+        self._settings = None       # the settings `_configured` was worked out for
+        self._configured = False
 
     def __call__(self, session, event: str, detail: dict) -> None:
         if event == "transition":
@@ -715,10 +718,15 @@ class EngineHooks:
             return
         engine = self.engine
         watched = len(engine.listeners) > 1
-        if not (self.webhooks.settings.configured or watched):
+        # Twice per call: `configured` walks every account, so it is kept per settings object.
+        settings = self.webhooks.settings
+        if settings is not self._settings:
+            self._settings, self._configured = settings, settings.configured
+        configured = self._configured
+        if not (configured or watched):
             return
         payload = payload_of(session, ended=kind == "session.ended")
-        if self.webhooks.settings.configured:
+        if configured:
             self.webhooks.send(kind, payload, account=session.account)
         if watched:
             engine.notify(session, kind, payload)

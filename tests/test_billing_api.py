@@ -335,3 +335,35 @@ def test_an_ended_sessions_cost_is_its_last_payers():
     cost = _Servicer(srv).Cost(bp.SessionCostRequest(session_id="S1"), context=None)
     # The card's holder sees what the card paid, not the number owner's share.
     assert (cost.account, cost.cost.micros, cost.live) == ("card-1", 260_000, False)
+
+
+async def test_billing_event_watchers_share_one_stream_to_the_accountant():
+    import types
+
+    from control.billing import BillingService
+    from engine.billing_client import BillingClient
+
+    def no_stream(*a, **kw):
+        raise AssertionError("a watcher opened its own stream to the accountant")
+
+    engine = types.SimpleNamespace(cfg=types.SimpleNamespace(data_dir="/nonexistent",
+                                                             accounts={"demo": None}))
+    client = engine.accountant_client = BillingClient(engine, address="unix:/nonexistent")
+    client._stub = types.SimpleNamespace(Events=no_stream)
+    client.connected = True
+    authority = types.SimpleNamespace(scope=lambda md: "demo")
+    context = types.SimpleNamespace(invocation_metadata=lambda: ())
+    svc = BillingService(engine, authority)
+    # More watchers than the accountant has threads for its streams.
+    watchers = [svc.Events(bp.BillingEventsRequest(), context) for _ in range(20)]
+    firsts = [asyncio.ensure_future(w.__anext__()) for w in watchers]
+    while len(client._subscribers) < 20:
+        await asyncio.sleep(0.01)
+    for q in list(client._subscribers):     # what the one stream hands on
+        q.put_nowait(bp.BillingEvent(id="e1", type="balance.low", account="other"))
+        q.put_nowait(bp.BillingEvent(id="e2", type="balance.low", account="demo"))
+    got = await asyncio.gather(*firsts)
+    assert {ev.id for ev in got} == {"e2"}       # another account's event is not shown
+    for w in watchers:
+        await w.aclose()
+    assert not client._subscribers

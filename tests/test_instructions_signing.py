@@ -53,6 +53,9 @@ def test_baton_signature_and_replay_window():
     assert not verify_baton_signature(SECRET, URL, {**PARAMS, "To": "4001"}, h, now=now)
     forged = dict(h, **{"X-Baton-Timestamp": str(int(now) + 1)})
     assert not verify_baton_signature(SECRET, URL, PARAMS, forged, now=now)
+    # A forged signature with any characters is a plain "no", never an exception.
+    garbled = dict(h, **{"X-Baton-Signature": "v1=é" + h["X-Baton-Signature"][4:]})
+    assert not verify_baton_signature(SECRET, URL, PARAMS, garbled, now=now)
     assert not verify_baton_signature("wrong", URL, PARAMS, h, now=now)
     assert not verify_baton_signature(SECRET, URL, PARAMS, {}, now=now)
     # Order of the form does not matter: the body is signed sorted.

@@ -110,6 +110,35 @@ def test_a_number_routed_straight_to_the_module_is_checked_at_load():
     from_dict(cfg, "s.toml")
 
 
+def test_the_store_writes_in_order_on_its_own_thread(tmp_path):
+    import threading
+
+    from engine.modules.services.survey import SurveyStore
+
+    path = str(tmp_path / "survey.db")
+    store = SurveyStore(path)
+    seen = []
+    start = store.start
+
+    def recording_start(*a, **kw):
+        seen.append(threading.current_thread() is threading.main_thread())
+        return start(*a, **kw)
+
+    rid = store.new_run_id()
+    store.submit(recording_start, "S1", "demo", "csat", "n", "sip:a@b", "5200", run_id=rid)
+    store.submit(store.answer, rid, 0, "q", "1", 1)
+    store.submit(store.finish, rid, "completed", 123)
+    (run,) = store.submit(store.results, "demo").result(timeout=10)
+    assert seen == [False]           # never on the caller's (the event loop's) thread
+    assert (run["run_id"], run["status"], run["ended_wall_ns"]) == (rid, "completed", 123)
+    assert run["answers"][0]["answer"] == "1"
+    store.close()
+    # Ids handed out in memory continue after a restart.
+    again = SurveyStore(path)
+    assert again.new_run_id() == rid + 1
+    again.close()
+
+
 def test_answers_are_validated():
     valid = SurveyModule.valid
     assert valid({"allowed": "12"}, "1") and not valid({"allowed": "12"}, "3")

@@ -90,6 +90,34 @@ def test_a_replaced_code_is_dropped_from_memory(tmp_path):
         svc.close()
 
 
+def test_a_check_off_the_loop_raises_its_event_on_the_loop(tmp_path):
+    import threading
+    import types
+
+    from engine.modules.services.verify import VerifyService
+
+    loop = asyncio.new_event_loop()
+    seen = []
+    eng = types.SimpleNamespace(
+        cfg=types.SimpleNamespace(data_dir=str(tmp_path)), loop=loop, listeners=[object()],
+        sessions={}, notify=lambda s, event, d: seen.append(
+            (event, d["status"], threading.current_thread() is threading.main_thread())))
+    svc = VerifyService(eng)
+    try:
+        v, code = svc.create("demo", "tel:+1555", "none")
+
+        async def check_in_a_thread():
+            # As the module does: the SQLite work in a worker thread.
+            await asyncio.to_thread(svc.check, "demo", v.id, code)
+            await asyncio.sleep(0)
+
+        loop.run_until_complete(check_in_a_thread())
+        assert seen == [("verify.result", "verified", True)]
+    finally:
+        svc.close()
+        loop.close()
+
+
 def test_callers_are_matched_by_user_or_number():
     assert user_of("sip:+15551234@example.com;user=phone") == "15551234"
     assert user_of("<sip:pjsip@127.0.0.1:5062>") == "pjsip"

@@ -78,6 +78,9 @@ def test_sign_and_verify():
     assert not verify("another-secret-0123456", h, body, now=1700000010)
     assert not verify(SECRET, h, body, now=1700000000 + 3600)        # a replay, too old
     assert not verify(SECRET, {**h, HEADER_ID: "msg_2"}, body, now=1700000010)
+    # A forged signature with non-ASCII characters is a bad signature, not an exception.
+    assert not verify(SECRET, {**h, HEADER_SIGNATURE: "v1=\u00e9" + sig[1:]}, body,
+                      now=1700000010)
 
 
 def test_config_errors_name_the_key():

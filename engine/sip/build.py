@@ -24,10 +24,24 @@ ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE"
 # No option tags are claimed: session timers (RFC 4028), Replaces and 100rel are not implemented.
 SUPPORTED = ""
 _TAG_BYTES = 6
+_TAG_CHARS = 2 * _TAG_BYTES
+_TAG_POOL = 4096        # random octets fetched per refill of the tag pool
+_tag_hex = ""
+_tag_pos = 0
 
 
 def new_tag() -> str:
-    return secrets.token_hex(_TAG_BYTES)
+    """48 random bits as 12 hex digits (RFC 3261 19.3 asks for at least 32).
+
+    The octets come from the OS's CSPRNG a pool at a time rather than one
+    getrandom() call per tag."""
+    global _tag_hex, _tag_pos
+    pos = _tag_pos
+    if pos >= len(_tag_hex):
+        _tag_hex = secrets.token_hex(_TAG_POOL)
+        pos = 0
+    _tag_pos = pos + _TAG_CHARS
+    return _tag_hex[pos:pos + _TAG_CHARS]
 
 
 _branch_prefix = "z9hG4bK" + os.urandom(4).hex()
@@ -55,42 +69,67 @@ def top_via(msg, source) -> str:
     return via
 
 
+_SENT_KEYS: dict = {}
+
+
+def sent_key(status) -> str:
+    """The stats counter of responses sent with `status` (or requests of a method)."""
+    key = _SENT_KEYS.get(status)
+    if key is None:
+        key = _SENT_KEYS[status] = f"sent_{status}"
+    return key
+
+
+_STATUS_LINES: dict = {}   # status -> "SIP/2.0 status reason" with the default reason
+
+
+def _status_line(status: int, reason: str | None) -> str:
+    if reason is not None:
+        return f"SIP/2.0 {status} {reason}"
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = f"SIP/2.0 {status} {REASONS.get(status, 'Unknown')}"
+    return line
+
+
 def response(msg, status: int, source, to_tag: str | None = None, reason: str | None = None,
              headers: list | tuple = (), body: bytes = b"", server: str = "") -> bytes:
     """A response to request `msg` received from `source` (RFC 3261 8.2.6.2)."""
-    if reason is None:
-        reason = REASONS.get(status, "Unknown")
     h = msg.headers
-    out = [f"SIP/2.0 {status} {reason}"]
+    out = [_status_line(status, reason)]
+    append = out.append
     vias = h.get("via")
     if vias:
         if msg.via_host:
-            out.append("Via: " + top_via(msg, source))
+            append("Via: " + top_via(msg, source))
         else:
-            out.append("Via: " + vias[0])
-        for v in vias[1:]:
-            out.append("Via: " + v)
+            append("Via: " + vias[0])
+        if len(vias) > 1:
+            for v in vias[1:]:
+                append("Via: " + v)
     frm = h.get("from")
     if frm:
-        out.append("From: " + frm[0])
+        append("From: " + frm[0])
     to = h.get("to")
     if to:
         to = to[0]
         if to_tag is not None and msg.to_tag is None and status != 100:
-            to = f"{to};tag={to_tag}"
-        out.append("To: " + to)
+            append(f"To: {to};tag={to_tag}")
+        else:
+            append("To: " + to)
     cid = h.get("call-id")
     if cid:
-        out.append("Call-ID: " + cid[0])
+        append("Call-ID: " + cid[0])
     cseq = h.get("cseq")
     if cseq:
-        out.append("CSeq: " + cseq[0])
+        append("CSeq: " + cseq[0])
     if server:
-        out.append("Server: " + server)
+        append("Server: " + server)
     for name, value in headers:
-        out.append(f"{pretty(name)}: {value}")
-    out.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
+        append(f"{pretty(name)}: {value}")
+    append(f"Content-Length: {len(body)}\r\n\r\n")
+    data = "\r\n".join(out).encode("utf-8", "surrogateescape")
+    return data + body if body else data
 
 
 def request(method: str, uri: str, headers: list, body: bytes = b"") -> bytes:

@@ -195,7 +195,7 @@ class SipCore:
 
     def stateless(self, msg, flow: Flow, status: int, reason=None, headers=()) -> None:
         rflow = self.response_flow(msg, flow)
-        self.stats[f"sent_{status}"] += 1
+        self.stats[build.sent_key(status)] += 1
         # A To header we could not parse is echoed as it came, without a tag
         # that would land inside its broken quoting (RFC 4475 3.1.2.6).
         to = msg.get("to")
@@ -206,7 +206,7 @@ class SipCore:
     def respond(self, st, msg, status: int, reason=None, headers=(), body=b"",
                 to_tag: str | None = None) -> None:
         """Answer `msg` through its server transaction `st`."""
-        self.stats[f"sent_{status}"] += 1
+        self.stats[build.sent_key(status)] += 1
         if to_tag is None and status > 100:
             to_tag = build.new_tag()
         st.respond(status, build.response(msg, status, st.flow.addr, to_tag, reason=reason,

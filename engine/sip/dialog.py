@@ -110,7 +110,7 @@ class Dialog:
             headers.append(("content-type", "application/sdp"))
         data = build.response(self.invite, status, self.source, self.local_tag,
                               headers=headers, body=body, server=self.core.user_agent)
-        self.core.stats[f"sent_{status}"] += 1
+        self.core.stats[build.sent_key(status)] += 1
         self.invite_st.respond(status, data)
 
     def answer(self, sdp: bytes) -> None:
@@ -147,7 +147,7 @@ class Dialog:
             return
         data = build.response(self.invite, status, self.source, self.local_tag,
                               reason=reason, headers=headers, server=self.core.user_agent)
-        self.core.stats[f"sent_{status}"] += 1
+        self.core.stats[build.sent_key(status)] += 1
         self.invite_st.respond(status, data)
         self._terminate(why)
 

@@ -52,39 +52,16 @@ def parse(body: bytes) -> SessionDescription:
     sd = SessionDescription()
     current = None
     saw_version = False
-    for raw in text.splitlines():
-        line = raw.strip()
+    for line in text.splitlines():
+        line = line.strip()
         if not line:
             continue
-        if len(line) < 2 or line[1] != "=":
+        if line[1:2] != "=":
             raise SdpError(f"malformed SDP line {line[:40]!r}")
-        kind, value = line[0], line[2:]
-        if kind == "v":
-            saw_version = True
-            if value != "0":
-                raise SdpError("unsupported SDP version")
-        elif kind == "o":
-            sd.origin = value
-        elif kind == "c":
-            parts = value.split()
-            if len(parts) != 3 or parts[0] != "IN" or parts[1] not in ("IP4", "IP6"):
-                raise SdpError("malformed c= line")
-            addr = parts[2].split("/")[0]
-            if current is None:
-                sd.address = addr
-            else:
-                current.address = addr
-        elif kind == "m":
-            parts = value.split()
-            if len(parts) < 4:
-                raise SdpError("malformed m= line")
-            port = parts[1].split("/")[0]
-            if not port.isdigit() or int(port) > 65535:
-                raise SdpError("bad media port")
-            current = MediaDescription(parts[0], int(port), parts[2], parts[3:])
-            sd.media.append(current)
-        elif kind == "a":
-            name, _, arg = value.partition(":")
+        kind = line[0]
+        # Attribute lines are most of a body: they are tested first.
+        if kind == "a":
+            name, _, arg = line[2:].partition(":")
             if name in DIRECTIONS:
                 if current is None:
                     sd.direction = name
@@ -104,6 +81,30 @@ def parse(body: bytes) -> SessionDescription:
                     current.fmtp[int(pt)] = params
             elif name == "ptime" and arg.isdigit():
                 current.ptime = int(arg)
+        elif kind == "m":
+            parts = line[2:].split()
+            if len(parts) < 4:
+                raise SdpError("malformed m= line")
+            port = parts[1].split("/")[0]
+            if not port.isdigit() or int(port) > 65535:
+                raise SdpError("bad media port")
+            current = MediaDescription(parts[0], int(port), parts[2], parts[3:])
+            sd.media.append(current)
+        elif kind == "c":
+            parts = line[2:].split()
+            if len(parts) != 3 or parts[0] != "IN" or parts[1] not in ("IP4", "IP6"):
+                raise SdpError("malformed c= line")
+            addr = parts[2].split("/")[0]
+            if current is None:
+                sd.address = addr
+            else:
+                current.address = addr
+        elif kind == "v":
+            saw_version = True
+            if line[2:] != "0":
+                raise SdpError("unsupported SDP version")
+        elif kind == "o":
+            sd.origin = line[2:]
     if not saw_version:
         raise SdpError("SDP without v= line")
     return sd

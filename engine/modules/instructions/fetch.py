@@ -89,7 +89,9 @@ def verify_baton_signature(secret: str, url: str, params: dict, headers, *,
     now = time.time() if now is None else now
     if abs(now - t) > window:
         return False
-    return hmac.compare_digest(sig, baton_signature(secret, url, params, ts))
+    # As bytes: compare_digest refuses non-ASCII str, and a forged header may hold any.
+    return hmac.compare_digest(sig.encode("utf-8", "surrogateescape"),
+                               baton_signature(secret, url, params, ts).encode())
 
 
 def signed_headers(url: str, form: dict, secret: str | None, twilio: bool,

@@ -30,6 +30,7 @@ Create's call): `message` (default "Your verification code is {code}."),
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -162,6 +163,9 @@ class VerifyService:
         # dropped once spoken or expired.
         self.to_speak: dict[str, str] = {}
         self.closed = False
+        # The engine's loop runs in this thread: events raised from another
+        # (the module's lookups run off the loop) are handed to it.
+        self._loop_thread = threading.get_ident()
 
     def _hash(self, salt: bytes, code: str) -> str:
         return hmac.new(self.key, salt + b":" + code.encode(), hashlib.sha256).hexdigest()
@@ -294,6 +298,9 @@ class VerifyService:
 
     def _announce(self, v: Verification, session) -> None:
         engine = self.engine
+        if engine.loop is not None and threading.get_ident() != self._loop_thread:
+            engine.loop.call_soon_threadsafe(self._announce, v, session)
+            return
         if not engine.listeners:
             return
         if session is None:
@@ -363,6 +370,7 @@ class VerifyState(Prompter):
         super().__init__(ctl)
         self.verification: Verification | None = None
         self.tries = 0
+        self.lookup = None          # the store's work in flight (off the loop)
 
 
 class VerifyModule(PromptingModule):
@@ -393,40 +401,65 @@ class VerifyModule(PromptingModule):
         state = self.begin(ctl, VerifyState)
         if state is None:
             return
+        # The store is SQLite: its reads and writes run off the event loop.
+        state.lookup = ctl.engine.loop.create_task(self._guard(ctl, self._start(ctl)))
+
+    async def _guard(self, ctl, work) -> None:
+        """Run the module's store work; a store failure ends this module's
+        part through `failed` instead of escaping into the loop."""
+        try:
+            await work
+        except Exception:
+            log.exception("session %s: verification store failed", ctl.session.id)
+            ctl.release("failed", VerifyStatus="failed", VerifyReason="error")
+
+    async def _start(self, ctl) -> None:
+        state = ctl.state
         svc = service_for(ctl.engine)
         session = ctl.session
         vid = ctl.params.get("verification_id")
         if ctl.params.get("mode", "collect") == "speak":
-            self._speak(ctl, svc, vid)
+            await self._speak(ctl, svc, vid)
             return
         if vid:
-            v = svc.get(session.account, str(vid))
+            v = await asyncio.to_thread(svc.get, session.account, str(vid))
         else:
             # The caller proves the number they call from.
-            v = svc.pending_for(session.account, session.from_uri or "")
+            v = await asyncio.to_thread(svc.pending_for, session.account, session.from_uri or "")
+        if not ctl.active:
+            return
         state.verification = v
         if v is None or v.status not in ("pending", "expired"):
             self._end(ctl, "failed", self._p(ctl, "missing_prompt"), reason="no-code")
             return
-        session.params["VerificationId"] = v.id
-        svc.attach_call(v.id, session_id=session.id)
+        if not await self._attach(ctl, svc, v):
+            return
         v.session_id = session.id
         if v.status == "expired":
             self._end(ctl, "expired", self._p(ctl, "expired_prompt"))
             return
         self._ask(ctl)
 
+    @staticmethod
+    async def _attach(ctl, svc: VerifyService, v: Verification) -> bool:
+        """Record this call on `v` (off the loop); False when control left meanwhile."""
+        ctl.session.params["VerificationId"] = v.id
+        await asyncio.to_thread(svc.attach_call, v.id, session_id=ctl.session.id)
+        return ctl.active
+
     # -- speak (a call placed by Create) -------------------------------------------------
-    def _speak(self, ctl, svc: VerifyService, vid) -> None:
+    async def _speak(self, ctl, svc: VerifyService, vid) -> None:
         session = ctl.session
         code = svc.to_speak.pop(str(vid), None) if vid else None
-        v = svc.get(session.account, str(vid)) if vid else None
+        v = await asyncio.to_thread(svc.get, session.account, str(vid)) if vid else None
+        if not ctl.active:
+            return
         if code is None or v is None or v.status != "pending":
             log.info("session %s: no code to speak for %r", session.id, vid)
             ctl.release("done", VerifyStatus=v.status if v is not None else "missing")
             return
-        session.params["VerificationId"] = v.id
-        svc.attach_call(v.id, session_id=session.id)
+        if not await self._attach(ctl, svc, v):
+            return
         before, _, after = str(ctl.params.get("message") or MESSAGE).partition("{code}")
         # Each digit is rendered on its own: the speech cache on disk then holds
         # single digits, never a whole code.
@@ -451,15 +484,21 @@ class VerifyModule(PromptingModule):
 
     def _entered(self, ctl, digits: str, why: str) -> None:
         state = ctl.state
-        svc = service_for(ctl.engine)
-        v = state.verification
         if not digits:
             if state.tries > int(ctl.params.get("retries", 2)):
                 self._end(ctl, "failed", self._p(ctl, "failed_prompt"), reason="timeout")
             else:
                 self._ask(ctl)
             return
-        v, ok = svc.check(ctl.session.account, v.id, digits, session=ctl.session)
+        state.lookup = ctl.engine.loop.create_task(self._guard(ctl, self._check(ctl, digits)))
+
+    async def _check(self, ctl, digits: str) -> None:
+        state = ctl.state
+        svc = service_for(ctl.engine)
+        v, ok = await asyncio.to_thread(svc.check, ctl.session.account, state.verification.id,
+                                        digits, session=ctl.session)
+        if not ctl.active:
+            return
         state.verification = v
         if ok:
             self._end(ctl, "verified", self._p(ctl, "verified_prompt"))
