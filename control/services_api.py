@@ -169,17 +169,19 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
             field = "code_length" if request.code_length < 0 else \
                 "ttl_seconds" if request.ttl_seconds < 0 else "max_attempts"
             await context.abort(bad, f"{field}: must not be negative")
+        svc = self.service
         try:
-            v, code = self.service.create(
-                account, to, channel, code=request.code.strip(),
+            # The store's SQLite work runs on its own thread, in order with every other.
+            v, code = await svc.run(
+                svc.create, account, to, channel, code=request.code.strip(),
                 length=request.code_length or 6, ttl=request.ttl_seconds or 600,
                 max_attempts=request.max_attempts or 5)
         except verify_mod.VerifyError as exc:
             await context.abort(bad, str(exc))
         if channel != "call":
             return verification_message(v, code)
-        self.service.to_speak[v.id] = code
-        self.service.attach_call(v.id, outcome="calling")
+        svc.to_speak[v.id] = code
+        await svc.run(svc.attach_call, v.id, outcome="calling")
         v.call_outcome = "calling"
         task = asyncio.get_running_loop().create_task(
             self._call(account, v, to, uri.user or "", app, from_uri, ring))
@@ -198,32 +200,30 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
         except Exception as exc:
             log.warning("verification %s: the call to %s failed: %s", v.id, to, exc)
             outcome, sid = "failed", ""
+        svc = self.service
         if outcome != "answered":
-            self.service.to_speak.pop(v.id, None)
-        self.service.attach_call(v.id, session_id=sid, outcome=outcome)
+            svc.to_speak.pop(v.id, None)
+        try:
+            await svc.run(svc.attach_call, v.id, session_id=sid, outcome=outcome)
+        except RuntimeError:
+            log.info("verification %s: closed before the call's outcome was stored", v.id)
 
     async def _find(self, context, account: str | None, vid: str, to: str = ""):
         svc = self.service
-        if account is None:
-            # An operator: whichever account has it (the newest one for `to`).
-            found = []
-            for a in self.engine.cfg.accounts:
-                v = svc.get(a, vid) if vid else svc.latest_for(a, to) if to else None
-                if v is not None:
-                    found.append(v)
-            if found:
-                return max(found, key=lambda v: v.created_wall_ns)
-            account = ""        # the same NOT_FOUND or INVALID_ARGUMENT as below
-        if vid:
-            v = svc.get(account, vid)
-            if v is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND,
-                                    f"verification_id: no verification {vid!r} in this account")
-            return v
-        if not to:
+        if not vid and not to:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "verification_id: required (or to)")
-        v = svc.latest_for(account, to)
+        accounts = list(self.engine.cfg.accounts) if account is None else [account]
+
+        def lookup():
+            # An operator: whichever account has it (the newest one for `to`).
+            found = [v for v in (svc.get(a, vid) if vid else svc.latest_for(a, to)
+                                 for a in accounts) if v is not None]
+            return max(found, key=lambda v: v.created_wall_ns) if found else None
+        v = await svc.run(lookup)
+        if v is None and vid:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"verification_id: no verification {vid!r} in this account")
         if v is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"to: no verification for {to!r} in this account")
@@ -239,7 +239,8 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"code: up to {verify_mod.MAX_LENGTH} digits")
         v = await self._find(context, account, request.verification_id.strip(), request.to.strip())
-        v, ok = self.service.check(v.account, v.id, code)
+        svc = self.service
+        v, ok = await svc.run(svc.check, v.account, v.id, code)
         return sv.VerifyCheckResponse(valid=ok, verification=verification_message(v))
 
     async def Get(self, request, context) -> sv.Verification:

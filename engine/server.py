@@ -120,7 +120,7 @@ class Engine:
         self.stamper.close()
         if self.store is not None:
             self.store.close()
-        for attr in ("verify_service", "survey_store"):    # the services' SQLite files
+        for attr in ("verify_service", "survey_store", "calling_card_lockouts"):  # SQLite files
             svc = getattr(self, attr, None)
             if svc is not None:
                 svc.close()

@@ -3,8 +3,9 @@
 Sources (either or both):
 
 - `--engine HOST:PORT --token TOKEN`: the engine's gRPC control API.
-  `Sessions.List` gives the account's live calls (module, level, start) and
-  its count of sessions started; `Sessions.Cost` each call's running cost
+  `Sessions.List` gives the account's live calls (account, module, level,
+  start) and its count of sessions started (an operator token's: every
+  account's); `Sessions.Cost` each call's running cost
   ("-" while the accountant cannot answer: UNAVAILABLE, FAILED_PRECONDITION).
 - `--metrics URL`: the engine's Prometheus `/metrics` (engine-wide: calls by
   module and level, sessions started, SIP, RTP, media clock, ring, policy).
@@ -46,6 +47,7 @@ class Row:
     node: str
     seconds: float
     cost: str = "-"
+    account: str = ""
 
 
 @dataclass
@@ -117,7 +119,8 @@ async def from_engine(stub, token: str, limit: int, costs: bool, frame: Frame) -
     frame.started = r.started_total
     for s in r.sessions:
         frame.rows.append(Row(s.session_id, s.number, _caller(s.from_uri), s.module, s.level,
-                              s.node, max(0.0, (now - s.started_wall_ns) / 1e9)))
+                              s.node, max(0.0, (now - s.started_wall_ns) / 1e9),
+                              account=s.account))
     if costs and frame.rows:
         # Only the rows shown, and never more than COST_ROWS: each is one RPC.
         state: dict = {}
@@ -208,13 +211,15 @@ def render(frame: Frame, source: str, max_rows: int | None = None) -> str:
     lines.extend(frame.notes)
     lines.append("")
     if frame.live is not None:
-        lines.append(f"{'SESSION':<16} {'NUMBER':<10} {'CALLER':<16} {'MODULE':<22} "
-                     f"{'LEVEL':<11} {'DURATION':>9} {'COST':>14}")
+        # ACCOUNT is always there, so the columns stay put as calls come and go
+        # (an operator token's view spans every account).
+        lines.append(f"{'SESSION':<16} {'ACCOUNT':<14} {'NUMBER':<10} {'CALLER':<16} "
+                     f"{'MODULE':<22} {'LEVEL':<11} {'DURATION':>9} {'COST':>14}")
         rows = frame.rows if max_rows is None else frame.rows[:max_rows]
         for r in rows:
-            lines.append(f"{r.session_id:<16} {r.number[:10]:<10} {r.caller[:16]:<16} "
-                         f"{r.module[:22]:<22} {r.level[:11]:<11} {_duration(r.seconds):>9} "
-                         f"{r.cost:>14}")
+            lines.append(f"{r.session_id:<16} {(r.account or '-')[:14]:<14} "
+                         f"{r.number[:10]:<10} {r.caller[:16]:<16} {r.module[:22]:<22} "
+                         f"{r.level[:11]:<11} {_duration(r.seconds):>9} {r.cost:>14}")
         hidden = (frame.live or 0) - len(rows)
         if hidden > 0:
             lines.append(f"… and {hidden} more")

@@ -482,6 +482,7 @@ class Webhooks(_Sender):
     def __init__(self, settings: WebhookSettings, data_dir: str, name: str = "engine") -> None:
         super().__init__(settings, data_dir, name)
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self._wake: asyncio.Event | None = None
         self._http = None
         self._inflight: set[str] = set()
@@ -502,6 +503,7 @@ class Webhooks(_Sender):
         return msg_id
 
     async def start(self) -> None:
+        self._stopping = False
         self._wake = asyncio.Event()
         self._sem = asyncio.Semaphore(self.CONCURRENCY)
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -533,9 +535,15 @@ class Webhooks(_Sender):
                 # Due ones are in flight: each delivery's end wakes this loop.
                 wait = 1.0 if self._inflight else 0.0
             wake.clear()
+            if self._stopping:
+                return
+            # asyncio.timeout, not wait_for: on 3.11 wait_for returns the result when a
+            # cancel lands as the wait completes (a cancelled delivery sets `wake`),
+            # and the loop would outlive stop().
             try:
-                await asyncio.wait_for(wake.wait(), wait)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(wait):
+                    await wake.wait()
+            except TimeoutError:
                 pass
 
     async def _deliver(self, m: Message) -> None:
@@ -575,6 +583,7 @@ class Webhooks(_Sender):
         outbox for the next start."""
         if self._task is not None:
             await self.flush(grace)
+            self._stopping = True
             self._task.cancel()
             for t in list(self._tasks):
                 t.cancel()

@@ -18,7 +18,8 @@ import time
 import pytest
 
 from engine.config import ConfigError, from_dict
-from engine.modules.services.calling_card import CallingCardModule, spoken_money, spoken_time
+from engine.modules.services.calling_card import (CallingCardModule, LockoutBook, caller_key,
+                                                  spoken_money, spoken_time)
 from tests.test_prepaid import (Caller, Watcher, drain, loudness, media_config, needs_peers,
                                 run_bill, wait_for_policy)
 
@@ -101,6 +102,11 @@ def card_app(**params) -> dict:
     ({"pin_min": 8, "pin_max": 4}, "params.pin_min"),
     ({"pin_prompt": ""}, "params.pin_prompt"),
     ({"warn_before": -2}, "params.warn_before"),
+    ({"lockout_after": 1.5}, "params.lockout_after"),
+    ({"lockout_after": 101}, "params.lockout_after"),
+    ({"lockout_window": 0}, "params.lockout_window"),
+    ({"lockout_seconds": "10"}, "params.lockout_seconds"),
+    ({"lockout_text": ""}, "params.lockout_text"),
     ({"colour": "red"}, "params.colour"),
 ])
 def test_params_are_checked_at_load(params, key):
@@ -112,6 +118,8 @@ def test_params_are_checked_at_load(params, key):
 def test_good_params_load_and_a_trunk_takes_bare_digits():
     from_dict(card_app(pins={"4321": "card-1"}, dial="{digits}", trunk="carrier",
                        warning_text="Soon.", max_attempts=2))
+    from_dict(card_app(lockout_after=0))                  # no lockout across calls
+    from_dict(card_app(lockout_after=4, lockout_window=600, lockout_seconds=1800))
     CallingCardModule.check_params({})
 
 
@@ -129,6 +137,83 @@ def test_pins_are_compared_whole_and_come_from_params_and_accounts():
     assert mod.verify(ctl, "432") is None
     assert mod.verify(ctl, "43210") is None
     assert mod.verify(ctl, "") is None
+
+
+def test_callers_are_counted_by_the_from_user():
+    assert caller_key('"Bob" <sip:+15551234@carrier.example>;tag=a1') == "caller:15551234"
+    assert caller_key("sip:Alice@pbx.example;transport=tcp") == "caller:alice"
+    assert caller_key("<sip:pbx.example>") == "caller:pbx.example"
+    assert caller_key("") == "caller:anonymous"
+    assert len(caller_key("sip:" + "9" * 10_000 + "@x")) == len("caller:") + 128
+
+
+def test_wrong_pins_lock_a_caller_within_a_sliding_window(tmp_path):
+    path = str(tmp_path / "services" / "calling_card.db")
+    book = LockoutBook(path)
+    bob, card = "caller:1555", "card:card-1"
+    try:
+        # Two wrong PINs 70 s apart with a 60 s window: never two in the window.
+        assert book.fail(bob, 1000.0, 2, 60, 30) == 0
+        assert book.fail(bob, 1070.0, 2, 60, 30) == 0
+        assert book.locked([bob], 1070.0) == {}
+        # A third within 60 s of the second: locked for 30 s, whatever PIN comes next.
+        assert book.fail(bob, 1100.0, 2, 60, 30) == 30
+        assert book.locked([bob, card], 1110.0) == {bob: 20.0}
+        assert book.locked(["caller:other"], 1110.0) == {}
+        # A card lock, and a shorter one later does not shorten it.
+        book.lock(card, 1110.0, 30)
+        book.lock(card, 1115.0, 5)
+        assert book.locked([bob, card], 1125.0) == {bob: 5.0, card: 15.0}
+        # The lock ends; the count started again at the lock, so one wrong PIN is not enough.
+        assert book.locked([bob, card], 1141.0) == {}
+        assert book.fail(bob, 1141.0, 2, 60, 30) == 0
+        # The right PIN forgets the wrong ones before it.
+        book.clear(bob)
+        assert book.fail(bob, 1142.0, 2, 60, 30) == 0
+        assert book.fail(bob, 1143.0, 2, 60, 30) == 30
+    finally:
+        book.close()
+    # A restart: the lock is still there (and then over at its time).
+    book = LockoutBook(path)
+    try:
+        assert book.locked([bob], 1150.0) == {bob: 23.0}
+        assert book.locked([bob], 1173.0) == {}
+    finally:
+        book.close()
+
+
+def test_the_lockout_book_stays_bounded(tmp_path):
+    book = LockoutBook(str(tmp_path / "c.db"), max_rows=50)
+    try:
+        for i in range(LockoutBook.PRUNE_EVERY * 4):
+            book.fail(f"caller:{i}", 1000.0 + i, 100, 60, 30)
+            book.lock(f"card:{i}", 1000.0 + i, 1)
+        db = book._db
+        # Failures older than the longest window and ended locks go, and never
+        # more than max_rows of either are kept.
+        assert db.execute("SELECT COUNT(*) FROM failures").fetchone()[0] <= 50 + 2 * book.PRUNE_EVERY
+        assert db.execute("SELECT COUNT(*) FROM locks").fetchone()[0] <= 2
+        # What is kept is the newest.
+        newest = db.execute("SELECT MAX(at) FROM failures").fetchone()[0]
+        assert newest == 1000.0 + LockoutBook.PRUNE_EVERY * 4 - 1
+    finally:
+        book.close()
+
+
+def test_the_lockout_book_runs_in_order_on_its_own_thread(tmp_path):
+    import threading
+
+    book = LockoutBook(str(tmp_path / "c.db"))
+    try:
+        seen = book.submit(lambda: threading.current_thread().name).result(5)
+        assert seen.startswith("baton-card")
+        futs = [book.submit(book.fail, "caller:1", 1000.0 + i, 3, 60, 30) for i in range(3)]
+        assert [f.result(5) for f in futs] == [0, 0, 30]
+        assert book.submit(book.locked, ["caller:1"], 1002.0).result(5) == {"caller:1": 30.0}
+    finally:
+        book.close()
+    with pytest.raises(RuntimeError):
+        book.submit(book.locked, ["caller:1"], 1000.0).result(5)
 
 
 def step(name):
@@ -251,3 +336,98 @@ def test_a_mid_session_account_change_bills_each_account_its_own_time(path):
     segs = [(e.account, e.module, e.duration_ns // s) for e in out if isinstance(e, Segment)]
     assert segs == [("op", "baton.calling_card", 7), ("card-1", "baton.calling_card", 5),
                     ("card-1", "baton.bridge", 28)]
+
+
+LOCKOUT_TOML = """
+[apps.card]
+start = "card"
+[apps.card.nodes.card]
+module = "baton.calling_card"
+outlets = {{ done = "hangup" }}
+[apps.card.nodes.card.params]
+pins = {{ "4321" = "card-1001" }}
+max_attempts = 1
+lockout_after = 2
+lockout_window = 600
+lockout_seconds = {lock}
+timeout = 10
+
+[accounts.op]
+api_tokens = ["{op}"]
+[accounts.op.numbers]
+"7100" = {{ app = "card" }}
+
+[accounts.card-1001]
+api_tokens = ["{card}"]
+"""
+LOCK_SECONDS = 10
+
+
+def _card_call(port: int, tmp: str, n: int, pin: str, op, until) -> tuple:
+    """One call to the card: the PIN keyed after its prompt, then the step
+    `until` accepts; (the watcher's index, detail, wall time)."""
+    start = len(op.events)
+    caller = Caller(port, "7100", os.path.join(tmp, f"call{n}.wav"), max_seconds=40)
+    caller.wait("confirmed")
+    i, *_ = op.wait(step("pin"), after=start)
+    caller.send(f"dtmf {pin}#")
+    i, _, detail, wall = until(i)
+    return caller, i, detail, wall
+
+
+@needs_peers
+def test_wrong_pins_across_calls_lock_the_caller_out_even_after_a_restart():
+    """Two calls with a wrong PIN lock the caller (From user) out: the third,
+    after an engine restart, is refused with the right PIN, which locks the
+    card too; once the lockout is over the right PIN works again."""
+    pytest.importorskip("pjsua2")
+    from tests.helpers import EngineProcess
+
+    tmp = tempfile.mkdtemp(prefix="baton-card-lock-")
+    config = os.path.join(tmp, "card.toml")
+    with open(config, "w") as f:
+        f.write(media_config() + LOCKOUT_TOML.format(op=OP_TOKEN, card=CARD_TOKEN,
+                                                     lock=LOCK_SECONDS))
+    eng = EngineProcess(config)
+    with eng:
+        op = Watcher(eng.grpc_port, OP_TOKEN)
+        # 1: a wrong PIN ends the call (max_attempts = 1), not locked out yet.
+        c, i, _, _ = _card_call(eng.port, tmp, 1, "1111", op,
+                                lambda i: op.wait(step("locked"), after=i))
+        c.wait("disconnected")
+        c.finish()
+        assert not [e for e in op.events if e[1].get("step") == "lockout"]
+        # 2: the second wrong PIN from the same caller: locked out.
+        c, i, out, _ = _card_call(eng.port, tmp, 2, "2222", op,
+                                  lambda i: op.wait(step("lockout"), after=i))
+        assert 0 < out["seconds_left"] <= LOCK_SECONDS
+        c.wait("disconnected")
+        c.finish()
+        op.close()
+        assert eng.stop(timeout=20) == 0
+    assert "Traceback" not in eng.output(), eng.output()
+
+    # The same data directory after a restart: still locked, even with the right PIN.
+    again = EngineProcess(config, extra=["--data-dir", eng.data_dir])
+    with again:
+        op, card = Watcher(again.grpc_port, OP_TOKEN), Watcher(again.grpc_port, CARD_TOKEN)
+        c, i, out, _ = _card_call(again.port, tmp, 3, "4321", op,
+                                  lambda i: op.wait(step("lockout"), after=i))
+        assert 0 < out["seconds_left"] < LOCK_SECONDS
+        # A locked-out caller found a PIN: its card is locked too.
+        _, _, locked, locked_at = op.wait(step("card-locked"))
+        assert locked["account"] == "card-1001"
+        c.wait("disconnected")
+        c.finish()
+        assert not card.events                    # the session never became the card's
+        # After the lockout (the card's, the later one) the right PIN works again.
+        time.sleep(max(0.0, locked_at + LOCK_SECONDS + 0.5 - time.time()))
+        c, i, _, _ = _card_call(again.port, tmp, 4, "4321", op,
+                                lambda i: card.wait(step("authenticated")))
+        c.send("hangup")
+        c.wait("disconnected")
+        c.finish()
+        op.close()
+        card.close()
+        assert again.stop(timeout=20) == 0
+    assert "Traceback" not in again.output(), again.output()

@@ -21,6 +21,7 @@ from tests.vendor_procs.harness import (OTHER_TOKEN, TOKEN, bearer, control_conf
                                         target)
 
 DEMO_TOKEN = "demo-api-token-change-me-0123456789"     # examples/demo.toml
+OPERATOR = "top-operator-token-0123456789abcdef0123"
 sp = pb.sessions_pb2
 
 
@@ -51,7 +52,7 @@ def test_top_once_shows_the_live_call():
         rows = [line for line in r.stdout.splitlines() if re.match(r"S[0-9a-f]{14} ", line)]
         assert len(rows) == 1, r.stdout
         fields = rows[0].split()
-        assert fields[1] == "1000" and "baton.hold" in fields and "basic" in fields
+        assert fields[1:3] == ["demo", "1000"] and "baton.hold" in fields and "basic" in fields
         assert re.search(r" 0:00:\d\d ", rows[0])            # the duration
         # The running cost, or "-" while the accountant cannot say.
         assert re.search(r"( \d+\.\d+ USD| -)$", rows[0]), rows[0]
@@ -131,3 +132,37 @@ def test_render_limits_rows_and_shows_cps():
                     for i in range(3)])
     text = render(f, "engine x", max_rows=2)
     assert "CPS 2.5" in text and "0:01:01" in text and "… and 1 more" in text
+    head = next(line for line in text.splitlines() if line.startswith("SESSION"))
+    assert head.split()[:3] == ["SESSION", "ACCOUNT", "NUMBER"]
+    # Rows line up under the header whatever the account's length.
+    f.rows[0].account, f.rows[1].account = "a-very-long-account-name", "b"
+    lines = render(f, "engine x").splitlines()
+    at = head.index("NUMBER")
+    assert [line[at:at + 4] for line in lines if line.startswith("S0a1b2c")] == ["1000"] * 3
+
+
+async def test_an_operator_token_shows_every_account_with_its_column():
+    """An operator token (`[engine] operator_tokens`) lists every account's
+    calls; the ACCOUNT column tells them apart."""
+    raw = control_config()
+    raw["engine"]["operator_tokens"] = [OPERATOR]
+    async with running_engine(raw) as eng:
+        mine, theirs = Caller(eng, "1000"), Caller(eng, "4999")
+        await mine.dial()
+        await theirs.dial()
+        out = {}
+        for name, token in (("operator", OPERATOR), ("demo", TOKEN)):
+            proc = await asyncio.create_subprocess_exec(
+                BATON, "top", "--once", "--no-cost", "--engine", target(eng), "--token", token,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            stdout, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err.decode()
+            out[name] = stdout.decode()
+        rows = {name: sorted(tuple(line.split()[1:3]) for line in text.splitlines()
+                             if re.match(r"S[0-9a-f]{14} ", line))
+                for name, text in out.items()}
+        assert rows["operator"] == [("demo", "1000"), ("other", "4999")], out["operator"]
+        assert "calls: 2 live   2 started" in out["operator"]
+        assert rows["demo"] == [("demo", "1000")], out["demo"]
+        await mine.bye()
+        await theirs.bye()

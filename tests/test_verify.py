@@ -118,6 +118,108 @@ def test_a_check_off_the_loop_raises_its_event_on_the_loop(tmp_path):
         loop.close()
 
 
+class _ThreadsSeen:
+    """A sqlite3 connection that notes the thread of every statement."""
+
+    def __init__(self, db):
+        self.db = db
+        self.threads: list[str] = []
+
+    def execute(self, *args):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        return self.db.execute(*args)
+
+    def close(self):
+        self.db.close()
+
+
+def test_the_api_keeps_sqlite_off_the_loop_in_order(tmp_path):
+    """Create, Check and Get (and the expiry) run their SQLite statements on the
+    store's one thread, in the order asked, with the same answers as before."""
+    import threading
+    import types
+
+    from control import pb
+    from control.auth import AuthError
+    from control.services_api import VerifyService as VerifyApi
+    from engine.modules.services import verify as verify_mod
+
+    loop = asyncio.new_event_loop()
+    seen = []
+    eng = types.SimpleNamespace(
+        cfg=types.SimpleNamespace(data_dir=str(tmp_path), accounts={"demo": None, "other": None}),
+        loop=loop, listeners=[object()], sessions={},
+        notify=lambda s, event, d: seen.append(
+            (d["status"], threading.current_thread() is threading.main_thread())))
+
+    class Authority:
+        def account(self, metadata):
+            return dict(metadata)["account"]
+
+        def scope(self, metadata):
+            return dict(metadata).get("account")          # none: an operator
+
+    class Context:
+        def __init__(self, account=None):
+            self.md = (("account", account),) if account else ()
+
+        def invocation_metadata(self):
+            return self.md
+
+        async def abort(self, code, message):
+            raise AuthError(code, message)
+
+    async def scenario():
+        svc = verify_mod.service_for(eng)      # opened on the loop's thread, as the engine does
+        db = svc._db = _ThreadsSeen(svc._db)
+        api = VerifyApi(eng, Authority(), sessions=None)
+        sv = pb.services_pb2
+        demo = Context("demo")
+        # Many at once: each Check still sees the code its Create wrote.
+        made = await asyncio.gather(*(api.Create(sv.VerifyCreateRequest(
+            to=f"+1555{i}", channel="none", code="4821"), demo) for i in range(8)))
+        checked = await asyncio.gather(*(api.Check(sv.VerifyCheckRequest(
+            verification_id=v.verification_id, code="4821" if i % 2 else "1111"), demo)
+            for i, v in enumerate(made)))
+        assert [c.valid for c in checked] == [bool(i % 2) for i in range(8)]
+        assert [c.verification.attempts for c in checked] == [1] * 8
+        # By address, and by an operator (no account: every account's).
+        by_to = await api.Check(sv.VerifyCheckRequest(to="tel:+15550", code="4821"), demo)
+        assert by_to.valid and by_to.verification.verification_id == made[0].verification_id
+        got = await api.Get(sv.VerifyGetRequest(verification_id=made[1].verification_id),
+                            Context())
+        assert got.status == "verified" and got.account == "demo"
+        for ctx in (Context("other"), Context()):
+            with pytest.raises(AuthError) as err:
+                await api.Get(sv.VerifyGetRequest(verification_id="VEnothing"), ctx)
+            assert err.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(AuthError) as err:
+            await api.Create(sv.VerifyCreateRequest(to="1555", channel="none", code="12"), demo)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.message.startswith("code:")
+        # An expiry: armed from the store's thread, checked there, announced on the loop.
+        short = await api.Create(sv.VerifyCreateRequest(to="+1666", channel="none",
+                                                        ttl_seconds=1), demo)
+        for _ in range(100):
+            if ("expired", True) in seen:
+                break
+            await asyncio.sleep(0.05)
+        got = await api.Get(sv.VerifyGetRequest(verification_id=short.verification_id), demo)
+        assert got.status == "expired"
+        return db.threads
+
+    try:
+        threads = loop.run_until_complete(scenario())
+        assert threads and all(t.startswith("baton-verify") for t in threads), set(threads)
+        assert seen.count(("verified", True)) == 5 and ("expired", True) in seen, seen
+        assert all(on_loop for _, on_loop in seen), seen
+    finally:
+        eng.verify_service.close()
+        loop.close()
+
+
 def test_callers_are_matched_by_user_or_number():
     assert user_of("sip:+15551234@example.com;user=phone") == "15551234"
     assert user_of("<sip:pjsip@127.0.0.1:5062>") == "pjsip"

@@ -136,7 +136,7 @@ class Dialog:
             self.ok_gen += 1
             self.ok_interval = T1
             self.ok_elapsed = 0.0
-            self.core.timers.arm(T1, self._retransmit_ok, self.ok_gen)
+            self.core.timers.arm_method(T1, Dialog._retransmit_ok, self, self.ok_gen)
         else:
             self.ok_gen += 1
             self.core.timers.arm(TIMER_64T1, self._ack_timeout, self.ok_gen)
@@ -161,7 +161,7 @@ class Dialog:
             return
         self.flow.send(self.ok_data)
         self.ok_interval = min(self.ok_interval * 2, T2)
-        self.core.timers.arm(self.ok_interval, self._retransmit_ok, gen)
+        self.core.timers.arm_method(self.ok_interval, Dialog._retransmit_ok, self, gen)
 
     def _ack_timeout(self, gen: int) -> None:
         if gen != self.ok_gen or self.ok_data is None or self.state != CONFIRMED:

@@ -190,6 +190,10 @@ def parse_via(value: str):
     return transport.upper(), host, port, params
 
 
+# A hostname or IPv4 address: ASCII letters and digits, '-' and '.'.
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
+
+
 def parse_hostport(text: str):
     """host[:port] with IPv6 references in brackets -> (host, port) or (None, 0)."""
     if text.startswith("["):
@@ -208,9 +212,8 @@ def parse_hostport(text: str):
         rest = "" if colon < 0 else text[colon:]
         if not host:
             return None, 0
-        for ch in host:
-            if not (ch.isalnum() and ch.isascii()) and ch not in "-.":
-                return None, 0
+        if not _HOST_CHARS.issuperset(host):
+            return None, 0
     port = 0
     if rest:
         if rest[0] != ":" or not _is_digits(rest[1:].strip(" \t")):

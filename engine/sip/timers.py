@@ -19,6 +19,7 @@ T2 = 4.0
 T4 = 5.0
 TIMER_64T1 = 64 * T1
 TICK = 0.02
+_PLAIN = object()   # marks an entry armed with arm(): the callback takes only the arg
 
 
 class TimerQueues:
@@ -44,7 +45,18 @@ class TimerQueues:
         q = self._queues.get(duration)
         if q is None:
             q = self._queues[duration] = deque()
-        q.append((self.clock() + duration, callback, arg))
+        q.append((self.clock() + duration, callback, _PLAIN, arg))
+
+    def arm_method(self, duration: float, function, obj, arg) -> None:
+        """Call `function(obj, arg)` once `duration` seconds have passed.
+
+        The same as arm(duration, obj.method, arg) without a bound method per
+        timer: one allocation less, and one object less for the garbage
+        collector to walk while the timer waits (up to 64*T1)."""
+        q = self._queues.get(duration)
+        if q is None:
+            q = self._queues[duration] = deque()
+        q.append((self.clock() + duration, function, obj, arg))
 
     def pending(self) -> int:
         return sum(len(q) for q in self._queues.values())
@@ -53,9 +65,12 @@ class TimerQueues:
         now = self.clock()
         for q in list(self._queues.values()):
             while q and q[0][0] <= now:
-                _, callback, arg = q.popleft()
+                _, callback, obj, arg = q.popleft()
                 try:
-                    callback(arg)
+                    if obj is _PLAIN:
+                        callback(arg)
+                    else:
+                        callback(obj, arg)
                 except Exception:  # one bad timer must not stop the others
                     loop = self._loop
                     if loop is not None:

@@ -133,20 +133,26 @@ class ServerTransaction:
         if self.is_invite:
             if status < 300:
                 # RFC 6026 7.1: Accepted, Timer L = 64*T1; the TU retransmits the 2xx.
+                # Accepted only absorbs retransmitted INVITEs: the TU, its callbacks
+                # and the 2xx are let go now rather than kept alive for Timer L (at
+                # high call rates they would keep every recent call in memory and
+                # make each full garbage collection walk them all).
                 self.state = ACCEPTED
-                timers.arm(TIMER_64T1, self._timer_l, self.gen)
+                self.last = None
+                self.on_ack = self.on_timeout = self.tu = None
+                timers.arm_method(TIMER_64T1, ServerTransaction._timer_i, self, self.gen)
             else:
                 self.state = COMPLETED
                 if not reliable:
                     self.interval = T1
-                    timers.arm(T1, self._timer_g, self.gen)
-                timers.arm(TIMER_64T1, self._timer_h, self.gen)
+                    timers.arm_method(T1, ServerTransaction._timer_g, self, self.gen)
+                timers.arm_method(TIMER_64T1, ServerTransaction._timer_h, self, self.gen)
         else:
             self.state = COMPLETED
             if reliable:
                 self._terminate()  # Timer J = 0 on reliable transports
             else:
-                timers.arm(TIMER_64T1, self._timer_j, self.gen)
+                timers.arm_method(TIMER_64T1, ServerTransaction._timer_i, self, self.gen)
 
     def on_request(self, msg) -> None:
         """A retransmission of the request (or the ACK of an IST)."""
@@ -160,7 +166,7 @@ class ServerTransaction:
                 if self.flow.reliable:
                     self._terminate()
                 else:
-                    self.layer.timers.arm(T4, self._timer_i, self.gen)
+                    self.layer.timers.arm_method(T4, ServerTransaction._timer_i, self, self.gen)
             return
         # RFC 3261 17.2.1 / 17.2.2: absorb, and re-send the last response.
         if self.last is not None and self.state in (PROCEEDING, COMPLETED):
@@ -172,7 +178,7 @@ class ServerTransaction:
             return
         self.flow.send(self.last)
         self.interval = min(self.interval * 2, T2)
-        self.layer.timers.arm(self.interval, self._timer_g, gen)
+        self.layer.timers.arm_method(self.interval, ServerTransaction._timer_g, self, gen)
 
     def _timer_h(self, gen: int) -> None:
         if gen != self.gen or self.state != COMPLETED:

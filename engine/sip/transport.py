@@ -19,6 +19,7 @@ log = logging.getLogger("baton.sip.transport")
 
 MAX_CONNECTIONS = 4096
 TCP_IDLE_TIMEOUT = 600.0
+FLOW_CACHE = 4096          # UDP peer addresses whose Flow is kept for reuse
 
 
 def parse_hostport(text: str, default_port: int = 5060) -> tuple[str, int]:
@@ -56,6 +57,7 @@ class UdpTransport(asyncio.DatagramProtocol):
         self.sock = sock
         self.transport: asyncio.DatagramTransport | None = None
         self.local = ("", 0)
+        self._flows: dict = {}
 
     def connection_made(self, transport):
         self.transport = transport
@@ -68,7 +70,15 @@ class UdpTransport(asyncio.DatagramProtocol):
         self.local = transport.get_extra_info("sockname")[:2]
 
     def datagram_received(self, data, addr):
-        self.core.on_message(data, Flow(self, addr[:2]), False)
+        # One Flow per peer address, shared by its messages and transactions: a Flow is
+        # never changed, and a busy peer would otherwise get a new one per datagram.
+        flow = self._flows.get(addr)
+        if flow is None:
+            flows = self._flows
+            if len(flows) >= FLOW_CACHE:
+                flows.clear()
+            flow = flows[addr] = Flow(self, addr[:2])
+        self.core.on_message(data, flow, False)
 
     def error_received(self, exc):
         # ICMP port unreachable and friends: the transaction timers handle the loss.

@@ -30,7 +30,17 @@ new balance, read from a snapshot that covers the call just made (waiting
 up to `balance_wait` seconds for the accountant), and "press 1 to make
 another call"; any other key or no key: `goodbye_text` and the `done` outlet.
 
-Outlets: `done`, `failed` (wrong PINs), `denied` (the card has no funds).
+Wrong PINs are also counted across calls (`LockoutBook`, a SQLite file in
+`DATA_DIR/services/calling_card.db` written on its own thread): `lockout_after`
+wrong PINs from one caller (the From user) within `lockout_window` seconds
+lock that caller out for `lockout_seconds`, even with the right PIN: the
+caller hears `lockout_text` and the node's `locked` outlet is followed. A
+wrong PIN names no card, so a card is locked when a locked-out caller enters
+its PIN (it was probably guessed); a locked card's PIN is then refused exactly
+like a wrong one, so the answer never tells that a guess was right.
+
+Outlets: `done`, `failed` (wrong PINs), `locked` (locked out), `denied` (the
+card has no funds).
 Each step is a `calling_card.step` session event (Watch) with `step` in its detail.
 """
 from __future__ import annotations
@@ -39,11 +49,17 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import re
+import sqlite3
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from ...apps import Node
 from .prompting import (PromptingModule, check_bool, check_common, check_keys, check_number,
                         check_text)
+from .verify import user_of
 
 log = logging.getLogger("baton.services.calling_card")
 
@@ -53,6 +69,7 @@ TEXTS = {
     "pin_prompt": "Please enter your PIN, then press hash.",
     "pin_invalid_text": "That PIN is not valid.",
     "locked_text": "Too many wrong PINs. Goodbye.",
+    "lockout_text": "Too many wrong PINs. Please try again later. Goodbye.",
     "balance_text": "Your balance is {balance}.",
     "time_text": "That is enough for {time} of calling.",
     "destination_prompt": "Please enter the number you want to call, then press hash.",
@@ -66,11 +83,16 @@ TEXTS = {
     "goodbye_text": "Thank you for calling. Goodbye.",
 }
 PARAM_KEYS = tuple(TEXTS) + (
-    "pins", "pin_key", "pin_min", "pin_max", "max_attempts", "dial", "trunk", "ring_timeout",
+    "pins", "pin_key", "pin_min", "pin_max", "max_attempts", "lockout_after",
+    "lockout_window", "lockout_seconds", "dial", "trunk", "ring_timeout",
     "min_digits", "max_digits", "min_call_seconds", "balance_wait", "announce_time",
     "warn_before", "warning_text", "warning_voice", "voice", "language", "timeout", "retries")
 PIN = re.compile(r"^[0-9]{1,32}$")
 DIGITS = re.compile(r"^[0-9*]+$")
+# Lockout defaults and bounds (seconds).
+LOCKOUT_AFTER, LOCKOUT_WINDOW, LOCKOUT_SECONDS = 6, 3600, 900
+MAX_LOCKOUT_AFTER, MAX_LOCKOUT_WINDOW, MAX_LOCKOUT_SECONDS = 100, 86400, 7 * 86400
+MAX_CALLER = 128          # characters of a caller key (From users are the caller's own)
 _UNITS = {"USD": ("dollar", "dollars", "cent", "cents"),
           "EUR": ("euro", "euros", "cent", "cents"),
           "GBP": ("pound", "pounds", "penny", "pence")}
@@ -108,10 +130,143 @@ def _digest(pin: str) -> bytes:
     return hashlib.sha256(pin.encode()).digest()
 
 
+def caller_key(from_uri: str | None) -> str:
+    """The key a caller's wrong PINs are counted under: the From URI's user
+    (the calling number), or the whole URI when it has none."""
+    uri = (from_uri or "").strip()
+    if "<" in uri:
+        uri = uri[uri.find("<") + 1:].split(">", 1)[0]
+    user = user_of(uri).lower() if uri else ""
+    return "caller:" + (user or uri.lower() or "anonymous")[:MAX_CALLER]
+
+
+_LOCKOUT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS failures (key TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS failures_key ON failures (key, at);
+CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, until REAL NOT NULL);
+"""
+
+
+class LockoutBook:
+    """Wrong PINs and lockouts across calls, by key (`caller:15551234`,
+    `card:card-1001`), in SQLite so that they outlive a restart.
+
+    Times are wall-clock seconds, passed in (`now`), so a lockout survives a
+    restart and tests choose the clock. The methods are blocking: the module
+    runs them through `submit`, on the book's one thread, in the order asked
+    (a failure is counted before the next call's check reads it). The file
+    stays bounded: failures older than the longest window and ended locks are
+    deleted as new ones are written, and past `max_rows` the oldest go."""
+
+    PRUNE_EVERY = 64
+
+    def __init__(self, path: str, max_rows: int = 100_000):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.path = path
+        self.max_rows = max_rows
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_LOCKOUT_SCHEMA)
+        self._writes = 0
+        self._worker: ThreadPoolExecutor | None = None
+        self.closed = False
+
+    def submit(self, fn, *args) -> Future:
+        """Run `fn(*args)` on the book's thread, after everything submitted before
+        (a failure is logged, and left in the Future)."""
+        if self.closed:
+            fut: Future = Future()
+            fut.set_exception(RuntimeError("the lockout book is closed"))
+            return fut
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-card")
+        fut = self._worker.submit(fn, *args)
+        fut.add_done_callback(_log_failure)
+        return fut
+
+    def locked(self, keys, now: float) -> dict[str, float]:
+        """The keys locked at `now`: key -> seconds left."""
+        keys = list(keys)
+        if not keys:
+            return {}
+        marks = ",".join("?" * len(keys))
+        with self._lock:
+            rows = self._db.execute(f"SELECT key, until FROM locks WHERE key IN ({marks}) "
+                                    "AND until > ?", (*keys, now)).fetchall()
+        return {k: until - now for k, until in rows}
+
+    def fail(self, key: str, now: float, after: int, window: float, lock_for: float) -> float:
+        """Count one wrong PIN under `key`; when that makes `after` within the
+        last `window` seconds, lock `key` for `lock_for` seconds (its count
+        starts again) and return the lock's seconds, else 0."""
+        with self._lock:
+            self._db.execute("INSERT INTO failures (key, at) VALUES (?, ?)", (key, now))
+            n = self._db.execute("SELECT COUNT(*) FROM failures WHERE key = ? AND at > ?",
+                                 (key, now - window)).fetchone()[0]
+            locked = n >= after
+            if locked:
+                self._lock_key(key, now + lock_for)
+                self._db.execute("DELETE FROM failures WHERE key = ?", (key,))
+            self._wrote(now)
+        return float(lock_for) if locked else 0.0
+
+    def lock(self, key: str, now: float, lock_for: float) -> None:
+        """Lock `key` until `now + lock_for` (a longer lock already there stays)."""
+        with self._lock:
+            self._lock_key(key, now + lock_for)
+            self._wrote(now)
+
+    def clear(self, key: str) -> None:
+        """Forget `key`'s wrong PINs (not a lock): after the right PIN."""
+        with self._lock:
+            self._db.execute("DELETE FROM failures WHERE key = ?", (key,))
+
+    def _lock_key(self, key: str, until: float) -> None:
+        self._db.execute("INSERT INTO locks (key, until) VALUES (?, ?) ON CONFLICT (key) "
+                         "DO UPDATE SET until = MAX(until, excluded.until)", (key, until))
+
+    def _wrote(self, now: float) -> None:
+        self._writes += 1
+        if self._writes % self.PRUNE_EVERY:
+            return
+        db = self._db
+        db.execute("DELETE FROM failures WHERE at <= ?", (now - MAX_LOCKOUT_WINDOW,))
+        db.execute("DELETE FROM locks WHERE until <= ?", (now,))
+        for table, col in (("failures", "at"), ("locks", "until")):
+            extra = db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] - self.max_rows
+            if extra > 0:
+                db.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
+                           f"ORDER BY {col} LIMIT ?)", (extra,))
+
+    def close(self) -> None:
+        self.closed = True
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)      # what was asked so far lands first
+            self._worker = None
+        with self._lock:
+            self._db.close()
+
+
+def _log_failure(fut: Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("calling card lockout book: %s", fut.exception())
+
+
+def book_for(engine) -> LockoutBook:
+    """The engine's lockout book (opened on first use)."""
+    book = getattr(engine, "calling_card_lockouts", None)
+    if book is None:
+        book = LockoutBook(os.path.join(engine.cfg.data_dir, "services", "calling_card.db"))
+        engine.calling_card_lockouts = book
+    return book
+
+
 class CallingCardModule(PromptingModule):
     code = "baton.calling_card"
     level = "service"
-    outlets = ("done", "failed", "denied")
+    outlets = ("done", "failed", "locked", "denied")
 
     # -- config -------------------------------------------------------------------
     @classmethod
@@ -137,6 +292,9 @@ class CallingCardModule(PromptingModule):
         if params.get("pin_min", 1) > params.get("pin_max", 32):
             raise ValueError("pin_min: more than pin_max")
         check_number(params, "max_attempts", 1, 10, integer=True)
+        check_number(params, "lockout_after", 0, MAX_LOCKOUT_AFTER, integer=True)
+        check_number(params, "lockout_window", 1, MAX_LOCKOUT_WINDOW)
+        check_number(params, "lockout_seconds", 1, MAX_LOCKOUT_SECONDS)
         check_number(params, "min_digits", 1, 32, integer=True)
         check_number(params, "max_digits", 1, 32, integer=True)
         if params.get("min_digits", 1) > params.get("max_digits", 20):
@@ -218,8 +376,70 @@ class CallingCardModule(PromptingModule):
         return found if len(digits) >= lo else None
 
     def _pin_entered(self, ctl, digits: str, why: str) -> None:
-        saved = ctl.session.saved[KEY]
         account = self.verify(ctl, digits) if digits else None
+        if int(ctl.params.get("lockout_after", LOCKOUT_AFTER)) <= 0:
+            self._pin_checked(ctl, account)
+            return
+        # The lockout book is SQLite: asked on its own thread, the call waits.
+        ctl.state.task = ctl.engine.loop.create_task(self._lockout_check(ctl, account))
+
+    async def _lockout_check(self, ctl, account: str | None) -> None:
+        p = ctl.params
+        caller = caller_key(ctl.session.from_uri)
+        card = f"card:{account}" if account is not None else None
+        now = time.time()
+        try:
+            book = book_for(ctl.engine)
+            locked = await asyncio.wrap_future(
+                book.submit(book.locked, [caller] + ([card] if card else []), now))
+        except Exception:
+            # The book cannot be read: the per-call limit still holds.
+            log.exception("session %s: calling card lockout book failed", ctl.session.id)
+            if ctl.active:
+                self._pin_checked(ctl, account)
+            return
+        if not ctl.active:
+            return
+        lock_for = float(p.get("lockout_seconds", LOCKOUT_SECONDS))
+        if caller in locked:
+            if card is not None:
+                # A locked-out caller found a PIN: most likely guessed, so the
+                # card is locked too (and its PIN refused like a wrong one).
+                book.submit(book.lock, card, now, lock_for)
+                log.warning("session %s: card %s locked: its PIN came from locked-out %s",
+                            ctl.session.id, account, caller)
+                self._event(ctl, "card-locked", account=account, seconds_left=lock_for)
+            self._locked_out(ctl, locked[caller])
+            return
+        if card in locked:
+            log.info("session %s: the PIN of locked card %s refused", ctl.session.id, account)
+            account = None
+        if account is not None:
+            book.submit(book.clear, caller)
+            self._pin_checked(ctl, account)
+            return
+        try:
+            seconds = await asyncio.wrap_future(book.submit(
+                book.fail, caller, now, int(p.get("lockout_after", LOCKOUT_AFTER)),
+                float(p.get("lockout_window", LOCKOUT_WINDOW)), lock_for))
+        except Exception:
+            log.exception("session %s: calling card lockout book failed", ctl.session.id)
+            seconds = 0.0
+        if not ctl.active:
+            return
+        if seconds:
+            ctl.session.saved[KEY]["attempts"] += 1
+            self._event(ctl, "pin-invalid", attempts=ctl.session.saved[KEY]["attempts"])
+            self._locked_out(ctl, seconds)
+            return
+        self._pin_checked(ctl, None)
+
+    def _locked_out(self, ctl, seconds_left: float) -> None:
+        self._event(ctl, "lockout", seconds_left=round(seconds_left, 3))
+        self._say(ctl, [self._p(ctl, "lockout_text")], lambda: ctl.release("locked"))
+
+    def _pin_checked(self, ctl, account: str | None) -> None:
+        saved = ctl.session.saved[KEY]
         if account is None:
             saved["attempts"] += 1
             self._event(ctl, "pin-invalid", attempts=saved["attempts"])
@@ -360,4 +580,5 @@ class CallingCardModule(PromptingModule):
         self._say(ctl, [self._p(ctl, "no_funds_text")], lambda: ctl.release("denied"))
 
 
-__all__ = ["CallingCardModule", "spoken_money", "spoken_time"]
+__all__ = ["CallingCardModule", "LockoutBook", "book_for", "caller_key", "spoken_money",
+           "spoken_time"]

@@ -39,6 +39,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .prompting import (Prompter, PromptingModule, check_common, check_keys, check_number,
@@ -146,7 +147,12 @@ def spoken(code: str) -> str:
 
 
 class VerifyService:
-    """The engine's verifications: store, keys, expiry timers and the events."""
+    """The engine's verifications: store, keys, expiry timers and the events.
+
+    The store is SQLite, and its methods block: the engine calls them through
+    `run` (or `submit`), on the service's one thread, in the order asked, so
+    the event loop never waits on the file and a Check sent after a Create
+    sees the code Create wrote."""
 
     def __init__(self, engine, path: str | None = None):
         self.engine = engine
@@ -164,8 +170,34 @@ class VerifyService:
         self.to_speak: dict[str, str] = {}
         self.closed = False
         # The engine's loop runs in this thread: events raised from another
-        # (the module's lookups run off the loop) are handed to it.
+        # (the store's own thread) are handed to it.
         self._loop_thread = threading.get_ident()
+        self._worker: ThreadPoolExecutor | None = None
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        """Run `fn(*args, **kwargs)` on the store's thread, after everything
+        submitted before."""
+        if self.closed:
+            fut: Future = Future()
+            fut.set_exception(RuntimeError("the verification store is closed"))
+            return fut
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-verify")
+        return self._worker.submit(fn, *args, **kwargs)
+
+    async def run(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` on the store's thread, awaited from the loop."""
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    def _on_loop(self, fn, *args) -> None:
+        """Call `fn(*args)` on the engine's loop, from whichever thread."""
+        loop = self.engine.loop
+        if loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            loop.call_soon_threadsafe(fn, *args)
 
     def _hash(self, salt: bytes, code: str) -> str:
         return hmac.new(self.key, salt + b":" + code.encode(), hashlib.sha256).hexdigest()
@@ -216,10 +248,11 @@ class VerifyService:
         for old in replaced:
             # A canceled code is never spoken: drop it from memory now.
             self.to_speak.pop(old, None)
-        loop = self.engine.loop
-        if loop is not None:
-            loop.call_later(ttl + 0.05, self._expire_due, vid)
+        self._on_loop(self._arm_expiry, ttl + 0.05, vid)
         return self.get(account, vid), code
+
+    def _arm_expiry(self, delay: float, vid: str) -> None:
+        self.engine.loop.call_later(delay, self._expire_due, vid)
 
     # -- read -------------------------------------------------------------------------
     def _row(self, sql: str, args) -> Verification | None:
@@ -277,9 +310,13 @@ class VerifyService:
 
     # -- expiry and events ------------------------------------------------------------
     def _expire_due(self, vid: str) -> None:
-        # Whatever became of it (spoken, verified, canceled), its code is due
-        # out of memory now.
+        # On the loop, at the code's expiry. Whatever became of it (spoken,
+        # verified, canceled), its code is due out of memory now.
         self.to_speak.pop(vid, None)
+        if not self.closed:
+            self.submit(self._expire_if_due, vid)
+
+    def _expire_if_due(self, vid: str) -> None:
         if self.closed:
             return
         v = self._row("id = ?", (vid,))
@@ -324,8 +361,11 @@ class VerifyService:
                                  (outcome, vid))
 
     def close(self) -> None:
+        self.closed = True
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)      # what was asked so far lands first
+            self._worker = None
         with self._lock:
-            self.closed = True
             self.to_speak.clear()
             self._db.close()
 
@@ -401,7 +441,7 @@ class VerifyModule(PromptingModule):
         state = self.begin(ctl, VerifyState)
         if state is None:
             return
-        # The store is SQLite: its reads and writes run off the event loop.
+        # The store is SQLite: its reads and writes run on the store's thread.
         state.lookup = ctl.engine.loop.create_task(self._guard(ctl, self._start(ctl)))
 
     async def _guard(self, ctl, work) -> None:
@@ -422,10 +462,10 @@ class VerifyModule(PromptingModule):
             await self._speak(ctl, svc, vid)
             return
         if vid:
-            v = await asyncio.to_thread(svc.get, session.account, str(vid))
+            v = await svc.run(svc.get, session.account, str(vid))
         else:
             # The caller proves the number they call from.
-            v = await asyncio.to_thread(svc.pending_for, session.account, session.from_uri or "")
+            v = await svc.run(svc.pending_for, session.account, session.from_uri or "")
         if not ctl.active:
             return
         state.verification = v
@@ -444,14 +484,14 @@ class VerifyModule(PromptingModule):
     async def _attach(ctl, svc: VerifyService, v: Verification) -> bool:
         """Record this call on `v` (off the loop); False when control left meanwhile."""
         ctl.session.params["VerificationId"] = v.id
-        await asyncio.to_thread(svc.attach_call, v.id, session_id=ctl.session.id)
+        await svc.run(svc.attach_call, v.id, session_id=ctl.session.id)
         return ctl.active
 
     # -- speak (a call placed by Create) -------------------------------------------------
     async def _speak(self, ctl, svc: VerifyService, vid) -> None:
         session = ctl.session
         code = svc.to_speak.pop(str(vid), None) if vid else None
-        v = await asyncio.to_thread(svc.get, session.account, str(vid)) if vid else None
+        v = await svc.run(svc.get, session.account, str(vid)) if vid else None
         if not ctl.active:
             return
         if code is None or v is None or v.status != "pending":
@@ -495,7 +535,7 @@ class VerifyModule(PromptingModule):
     async def _check(self, ctl, digits: str) -> None:
         state = ctl.state
         svc = service_for(ctl.engine)
-        v, ok = await asyncio.to_thread(svc.check, ctl.session.account, state.verification.id,
+        v, ok = await svc.run(svc.check, ctl.session.account, state.verification.id,
                                         digits, session=ctl.session)
         if not ctl.active:
             return
