@@ -339,3 +339,14 @@ def test_billing_config_errors_name_the_key(patch, key):
     with pytest.raises(BillingConfigError) as exc:
         BillingConfig.from_dict(raw)
     assert exc.value.key == key, str(exc.value)
+
+
+def test_unpriced_actions_are_counted_as_actions_not_minutes():
+    # 86 characters of speech with no action plan: free, and 86 of them on the
+    # invoice, not 86 seconds shown as 1.43 minutes.
+    b = BillingConfig.from_dict({"plans": {"p": {"price": "0.01", "unit": "minute"}},
+                                 "billing": {"default_plan": "p"}})
+    plan = b.plan_for("a", "baton.menu", "service", action="tts_characters")
+    assert plan.unit == "action" and plan.price == 0 and not plan.is_time
+    assert plan.rate(86).amount == 0
+    assert b.plan_for("a", "baton.menu", "service").name == "p"

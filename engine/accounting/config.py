@@ -14,7 +14,7 @@ from fractions import Fraction
 from typing import Any
 
 from .money import MoneyError, check_currency, parse_money, parse_ratio
-from .plans import FREE, PlanError, SubscriptionPlan, UsagePlan, parse_plans
+from .plans import FREE, FREE_ACTION, PlanError, SubscriptionPlan, UsagePlan, parse_plans
 
 __all__ = ["BillingConfig", "BillingConfigError", "AccountBilling", "Vendor", "PeriodClock",
            "ACTIONS", "LEVELS"]
@@ -335,7 +335,7 @@ class BillingConfig:
         if name is None:
             name = self.action_plans.get(action) if action else \
                 (self.level_plans.get(level) or self.default_plan)
-        plan = self.plans[name] if name is not None else FREE
+        plan = self.plans[name] if name is not None else (FREE_ACTION if action else FREE)
         self._plan_cache[ck] = plan
         return plan
 

@@ -36,7 +36,7 @@ from .money import MoneyError, check_currency, parse_money, round_half_up
 
 __all__ = [
     "PlanError", "UsagePlan", "PerUnitPlan", "GraduatedPlan", "VolumePlan", "SubscriptionPlan",
-    "Tier", "Increment", "parse_plan", "parse_plans", "UNIT_SECONDS", "DEN", "FREE",
+    "Tier", "Increment", "parse_plan", "parse_plans", "UNIT_SECONDS", "DEN", "FREE", "FREE_ACTION",
 ]
 
 UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "action": 1}
@@ -262,6 +262,9 @@ class SubscriptionPlan(UsagePlan):
 
 
 FREE = PerUnitPlan(name="free", kind="per_unit", price=0, description="usage with no plan")
+# Counted actions with no plan: free, and counted as what they are (not as minutes).
+FREE_ACTION = PerUnitPlan(name="free", kind="per_unit", price=0, unit="action",
+                          description="actions with no plan")
 
 
 # -- parsing -----------------------------------------------------------------
