@@ -69,8 +69,10 @@ def _serve(args) -> int:
         if engine.control is not None:
             from control.server import grpc_target
 
-            print(f"  live view:     baton top --engine {grpc_target(engine)} --token TOKEN",
-                  file=sys.stderr, flush=True)
+            where = next((f"accounts.{a}.api_tokens" for a, acc in cfg.accounts.items()
+                          if getattr(acc, "api_tokens", None)), "an account's api_tokens")
+            print(f"  live view:     baton top --engine {grpc_target(engine)} --token TOKEN"
+                  f"   (TOKEN: one of {where} in the config)", file=sys.stderr, flush=True)
         await stop.wait()
         logging.getLogger("baton").info("stopping: ending %d calls", len(engine.sessions))
         await engine.stop()

@@ -408,7 +408,7 @@ def test_wrong_pins_across_calls_lock_the_caller_out_even_after_a_restart():
     assert "Traceback" not in eng.output(), eng.output()
 
     # The same data directory after a restart: still locked, even with the right PIN.
-    again = EngineProcess(config, extra=["--data-dir", eng.data_dir])
+    again = EngineProcess(config, extra=["--data-dir", eng.data_dir, "--log-level", "debug"])
     with again:
         op, card = Watcher(again.grpc_port, OP_TOKEN), Watcher(again.grpc_port, CARD_TOKEN)
         c, i, out, _ = _card_call(again.port, tmp, 3, "4321", op,
