@@ -50,6 +50,7 @@ class Engine:
         self.ringback = None
         self.store = None
         self.finished: list = []       # recently ended sessions (for the API and tests)
+        self._route_nodes: dict = {}   # id(route) -> (route, its Node), see node_for
         self.control = None            # the gRPC control server (control/server.py)
         self.http = None               # the HTTP server for RecordingUrl (engine/http.py)
         self.listeners: list = []      # callables(session, event: str, detail: dict) for Watch
@@ -131,12 +132,20 @@ class Engine:
         if route.kind == "app":
             app = self.cfg.apps[route.target]
             return app.nodes[app.start]
+        # A number route's node is the same for every call: made once per route object.
+        cached = self._route_nodes.get(id(route))
+        if cached is not None and cached[0] is route:
+            return cached[1]
         params = dict(route.params)
         if route.kind == "endpoint":
             params.setdefault("to", route.target)
         elif route.kind == "instructions":
             params.setdefault("url", route.target)
-        return Node(name=f"number:{route.number}", module=route.module, params=params)
+        node = Node(name=f"number:{route.number}", module=route.module, params=params)
+        if len(self._route_nodes) >= 4096:
+            self._route_nodes.clear()
+        self._route_nodes[id(route)] = (route, node)
+        return node
 
     def on_invite(self, dialog) -> None:
         msg = dialog.invite

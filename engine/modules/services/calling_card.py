@@ -161,17 +161,26 @@ class LockoutBook:
     PRUNE_EVERY = 64
 
     def __init__(self, path: str, max_rows: int = 100_000):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.path = path
         self.max_rows = max_rows
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_LOCKOUT_SCHEMA)
+        # Opened by the first method that needs it: on the book's thread, not the loop.
+        self._db: sqlite3.Connection | None = None
         self._writes = 0
         self._worker: ThreadPoolExecutor | None = None
         self.closed = False
+
+    def _open(self) -> sqlite3.Connection:
+        if self._db is None:
+            if self.closed:
+                raise RuntimeError("the lockout book is closed")
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_LOCKOUT_SCHEMA)
+            self._db = db
+        return self._db
 
     def submit(self, fn, *args) -> Future:
         """Run `fn(*args)` on the book's thread, after everything submitted before
@@ -193,7 +202,7 @@ class LockoutBook:
             return {}
         marks = ",".join("?" * len(keys))
         with self._lock:
-            rows = self._db.execute(f"SELECT key, until FROM locks WHERE key IN ({marks}) "
+            rows = self._open().execute(f"SELECT key, until FROM locks WHERE key IN ({marks}) "
                                     "AND until > ?", (*keys, now)).fetchall()
         return {k: until - now for k, until in rows}
 
@@ -202,7 +211,7 @@ class LockoutBook:
         last `window` seconds, lock `key` for `lock_for` seconds (its count
         starts again) and return the lock's seconds, else 0."""
         with self._lock:
-            self._db.execute("INSERT INTO failures (key, at) VALUES (?, ?)", (key, now))
+            self._open().execute("INSERT INTO failures (key, at) VALUES (?, ?)", (key, now))
             n = self._db.execute("SELECT COUNT(*) FROM failures WHERE key = ? AND at > ?",
                                  (key, now - window)).fetchone()[0]
             locked = n >= after
@@ -215,13 +224,14 @@ class LockoutBook:
     def lock(self, key: str, now: float, lock_for: float) -> None:
         """Lock `key` until `now + lock_for` (a longer lock already there stays)."""
         with self._lock:
+            self._open()
             self._lock_key(key, now + lock_for)
             self._wrote(now)
 
     def clear(self, key: str) -> None:
         """Forget `key`'s wrong PINs (not a lock): after the right PIN."""
         with self._lock:
-            self._db.execute("DELETE FROM failures WHERE key = ?", (key,))
+            self._open().execute("DELETE FROM failures WHERE key = ?", (key,))
 
     def _lock_key(self, key: str, until: float) -> None:
         self._db.execute("INSERT INTO locks (key, until) VALUES (?, ?) ON CONFLICT (key) "
@@ -246,7 +256,9 @@ class LockoutBook:
             self._worker.shutdown(wait=True)      # what was asked so far lands first
             self._worker = None
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
 
 def _log_failure(fut: Future) -> None:
