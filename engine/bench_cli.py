@@ -150,6 +150,19 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                 "transitions/s", "meter_rate_only_records_per_s", "meter+rate only")),
         quick=("--transitions", "20000", "--live", "200", "--stores", "sqlite"),
         minutes="1"),
+    Scenario(
+        "accountant-lag", "accountant_lag.py",
+        "lag from a stamp to its committed ledger row (SQLite) p50/p99 with SIPp calling "
+        "`baton serve` at 1,000 calls/s (calls of 1 s); accountant CPU share",
+        "the same engine and ledger at an idle 10 calls/s, just before, in the same run",
+        (Figure("p50", "lag_p50_ms", "stamp-to-ledger lag p50", "ms", "idle_lag_p50_ms",
+                "idle 10 CPS", higher_is_better=False),
+         Figure("p99", "lag_p99_ms", "stamp-to-ledger lag p99", "ms", "idle_lag_p99_ms",
+                "idle 10 CPS", higher_is_better=False),
+         Figure("accountant_cpu", "accountant_cpu_pct", "accountant CPU", "% of a core",
+                higher_is_better=False)),
+        quick=("--quick",),
+        minutes="0.6"),
 )}
 
 # Drivers that take a results directory get a scratch one: this command writes the files.

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import subprocess
 import zlib
 from pathlib import Path
+
+import pytest
 
 from engine import bench_cli
 from tests.helpers import BATON
@@ -65,6 +68,24 @@ def test_ring_quick_writes_json_and_png(tmp_path):
     # Not a terminal: plain progress lines, and the summary on stdout.
     assert "bench ring: 100%" in r.stderr and "\x1b[" not in r.stderr
     assert "records/s written and drained" in r.stdout and record["json"] in r.stdout
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp is not installed")
+def test_accountant_lag_quick_measures_every_call(tmp_path):
+    r = bench("accountant-lag", "--quick", "--results-dir", str(tmp_path), timeout=180)
+    record = result_of(r, tmp_path)
+    run = record["runs"][0]["result"]
+    # Every call of both phases became one ledger transaction, and none lagged below 0
+    # (the closing stamp's wall time is derived right).
+    for phase in ("idle", "load"):
+        calls = run[phase]
+        assert calls["failed"] == 0 and calls["transactions"] == calls["successful"] > 0
+        assert 0 <= calls["lag_min_ms"] <= calls["lag_p50_ms"] <= calls["lag_p99_ms"]
+    p99 = record["figures"]["p99"]
+    assert p99["median"] > 0 and p99["baseline"]["label"] == "idle 10 CPS"
+    assert p99["baseline"]["median"] > 0
+    assert record["figures"]["accountant_cpu"]["median"] > 0
 
 
 def test_repeat_reports_median_min_max(tmp_path):
