@@ -281,10 +281,7 @@ def plot(path: Path, result: dict[str, Any]) -> bool:
     ax_time.grid(True, alpha=0.3)
     mode = "pipeline" if result.get("pipeline") else "serial"
     fig.suptitle(f"Accountant lag (SQLite, {mode}), stamp to committed ledger row")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return common.save_figure(plt, fig, path)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -311,10 +308,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="seconds the engine gets to answer OPTIONS (default: %(default)s)")
     p.add_argument("--baton", type=Path, default=common.REPO_DIR / ".venv" / "bin" / "baton",
                    help="baton executable (default: .venv/bin/baton)")
-    p.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR,
-                   help="where the JSON and PNG go (default: bench/results)")
-    p.add_argument("--no-files", action="store_true",
-                   help="print the JSON line only, write no result files")
+    common.add_result_file_args(p)
     args = p.parse_args(argv)
     if args.quick:
         args.rate, args.seconds, args.idle_seconds, args.hold_ms = 200.0, 3.0, 2.0, 200

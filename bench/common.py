@@ -737,6 +737,22 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(plt: Any, fig: Any, path: Path) -> bool:
+    """Lay FIG out, write it to PATH as a PNG and free it; True (a plot was written)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def add_result_file_args(p: Any) -> None:
+    """--results-dir and --no-files, for a benchmark that writes its JSON and PNG."""
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                   help="where the JSON and PNG go (default: bench/results)")
+    p.add_argument("--no-files", action="store_true",
+                   help="print the JSON line only, write no result files")
+
+
 def summarize(values: Sequence[float]) -> dict[str, float] | None:
     """median/min/max of a few repeated measurements."""
     if not values:
@@ -889,7 +905,4 @@ def summary_plot(path: Path, title: str, panels: Sequence[dict[str, Any]]) -> bo
     for ax in [a for row in axes for a in row][len(panels):]:
         ax.set_visible(False)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, path)

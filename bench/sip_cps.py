@@ -305,10 +305,7 @@ def plot(steps: Sequence[dict[str, Any]], path: Path, title: str,
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return common.save_figure(plt, fig, path)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -353,10 +350,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="seconds a started server gets to answer OPTIONS (default: %(default)s)")
     p.add_argument("--settle", type=float, default=1.0,
                    help="pause between runs, seconds (default: %(default)s)")
-    p.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR,
-                   help="where the JSON and PNG go (default: bench/results)")
-    p.add_argument("--no-files", action="store_true",
-                   help="print the JSON line only, write no result files")
+    common.add_result_file_args(p)
     args = p.parse_args(argv)
     try:
         rates = {float(r) for r in args.rates.split(",") if r.strip()}

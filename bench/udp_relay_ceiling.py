@@ -44,10 +44,7 @@ def plot(runs: Sequence[dict[str, Any]], path: Path) -> bool:
     ax.set_title(f"UDP relay ceiling ({runs[0]['relay']}, {runs[0]['size']}-byte packets)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return common.save_figure(plt, fig, path)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -63,10 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(default: %(default)s)")
     p.add_argument("--repeat", type=int, default=1,
                    help="measurements per rate; medians are reported (default: %(default)s)")
-    p.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR,
-                   help="where the JSON and PNG go (default: bench/results)")
-    p.add_argument("--no-files", action="store_true",
-                   help="print the JSON line only, write no result files")
+    common.add_result_file_args(p)
     args = p.parse_args(argv)
     try:
         args.rate_list = [int(float(r)) for r in args.rates.split(",") if r.strip()]

@@ -169,7 +169,7 @@ class _LogWriter(pj.LogWriter if pj else object):
         return "".join(self.entries)
 
 
-class _Endpoint(pj.Endpoint if pj else object):
+class MediaEndpoint(pj.Endpoint if pj else object):
     """Media on the SIP ioqueue (no media thread), no VAD (silence is sent as
     audio, so the far end's timeline has no holes) and no echo canceller."""
 
@@ -180,6 +180,78 @@ class _Endpoint(pj.Endpoint if pj else object):
         med.noVad = True
         med.ecTailLen = 0
         return super().libInit(cfg)
+
+
+def loopback_ep_config(max_calls: int, user_agent: str, log_writer, log_level: int = 4):
+    """The `pj.EpConfig` of a user agent polled from one thread: UPnP off, the
+    bridge at the G.711 rate, and everything up to LOG_LEVEL (at least 4, which
+    has the SIP messages) sent to LOG_WRITER, not the terminal. The endpoint
+    deletes its writer in libDestroy(), so the writer is handed over here."""
+    cfg = pj.EpConfig()
+    ua = cfg.uaConfig
+    ua.threadCnt = 0
+    ua.mainThreadOnly = True
+    ua.maxCalls = max_calls
+    ua.userAgent = user_agent
+    ua.enableUpnp = False
+    med = cfg.medConfig
+    # The conference bridge, player and recorder at the G.711 rate (default 16 kHz).
+    med.clockRate = 8000
+    med.sndClockRate = 8000
+    log = cfg.logConfig
+    log.level = log.consoleLevel = max(log_level, 4)
+    log.msgLogging = 1
+    log.writer = log_writer.__disown__()
+    return cfg
+
+
+def loopback_transport(ep, kind, host: str, port: int) -> int:
+    """Create a SIP transport of KIND bound to and advertising HOST:PORT; its id."""
+    tc = pj.TransportConfig()
+    tc.port = port
+    tc.boundAddress = host
+    tc.publicAddress = host
+    return ep.transportCreate(kind, tc)
+
+
+def prefer_g711(ep, tune: bool = False) -> None:
+    """G.711 only in offers (every other codec at priority 0), so the offer is
+    what the engine answers; with TUNE, also no VAD and PLC on for G.711."""
+    for ci in ep.codecEnum2():
+        cid = ci.codecId
+        g711 = cid.startswith(("PCMU/", "PCMA/"))
+        ep.codecSetPriority(cid, 255 if g711 else 0)
+        if tune and g711:
+            prm = ep.codecGetParam(cid)
+            prm.setting.vad = False
+            prm.setting.plc = True
+            ep.codecSetParam(cid, prm)
+
+
+def loopback_account_config(id_uri: str, host: str):
+    """The `pj.AccountConfig` of a registration-less account at ID_URI with no
+    NAT traversal (no STUN, ICE, TURN, outbound, keep-alives or header
+    rewriting) and RTP bound to and advertising HOST, from an even free port."""
+    acfg = pj.AccountConfig()
+    acfg.idUri = id_uri
+    acfg.regConfig.registrarUri = ""
+    acfg.regConfig.registerOnAdd = False
+    nat = acfg.natConfig
+    nat.sipStunUse = pj.PJSUA_STUN_USE_DISABLED
+    nat.mediaStunUse = pj.PJSUA_STUN_USE_DISABLED
+    nat.iceEnabled = False
+    nat.turnEnabled = False
+    nat.sdpNatRewriteUse = 0
+    nat.contactRewriteUse = 0
+    nat.viaRewriteUse = 0
+    nat.sipOutboundUse = 0
+    nat.udpKaIntervalSec = 0
+    mtc = acfg.mediaConfig.transportConfig
+    mtc.port = free_port(host, even=True)
+    mtc.portRange = 40
+    mtc.boundAddress = host
+    mtc.publicAddress = host
+    return acfg
 
 
 def _guarded(callback):
@@ -326,7 +398,7 @@ class Phone:
         self.callback_error: BaseException | None = None
 
     def __enter__(self) -> "Phone":
-        self.ep = _Endpoint()
+        self.ep = MediaEndpoint()
         _without_stdout(self.ep.libCreate)
         try:
             self._start()
@@ -340,46 +412,19 @@ class Phone:
 
     def _start(self) -> None:
         ep = self.ep
-        cfg = pj.EpConfig()
-        ua = cfg.uaConfig
-        ua.threadCnt = 0
-        ua.mainThreadOnly = True
-        ua.maxCalls = self.max_calls
-        ua.userAgent = "baton-call"
-        ua.enableUpnp = False
-        med = cfg.medConfig
-        # The conference bridge, player and recorder at the G.711 rate (default 16 kHz).
-        med.clockRate = 8000
-        med.sndClockRate = 8000
+        self.log = _LogWriter(self.log_file)
+        cfg = loopback_ep_config(self.max_calls, "baton-call", self.log)
         # The null sound device clocks the bridge (players, recorders, DTMF sending): by
         # default it closes when idle for a second and would stay closed for the next call.
-        med.sndAutoCloseTime = -1
-        log = cfg.logConfig
-        # Level 4 has the SIP messages; everything goes to the writer, not the terminal.
-        log.level = log.consoleLevel = 4
-        log.msgLogging = 1
-        self.log = _LogWriter(self.log_file)
-        log.writer = self.log.__disown__()   # libDestroy() deletes it
+        cfg.medConfig.sndAutoCloseTime = -1
         ep.libInit(cfg)
 
         self.sip_port = free_port(self.bind)
         for kind in (pj.PJSIP_TRANSPORT_UDP, pj.PJSIP_TRANSPORT_TCP):
-            tc = pj.TransportConfig()
-            tc.port = self.sip_port
-            tc.boundAddress = self.bind
-            tc.publicAddress = self.bind
-            ep.transportCreate(kind, tc)
+            loopback_transport(ep, kind, self.bind, self.sip_port)
         ep.libStart()
         ep.audDevManager().setNullDev()     # no sound card: the bridge runs on a null device
-        # G.711 only, so the offer is what the engine answers.
-        for ci in ep.codecEnum2():
-            cid = ci.codecId
-            ep.codecSetPriority(cid, 255 if cid.startswith(("PCMU/", "PCMA/")) else 0)
-            if cid.startswith(("PCMU/", "PCMA/")):
-                prm = ep.codecGetParam(cid)
-                prm.setting.vad = False
-                prm.setting.plc = True
-                ep.codecSetParam(cid, prm)
+        prefer_g711(ep, tune=True)
 
         self.acc = self.account(self.from_user)
 
@@ -389,28 +434,10 @@ class Phone:
         acc = self.accounts.get(from_user)
         if acc is not None:
             return acc
-        acfg = pj.AccountConfig()
-        acfg.idUri = f"sip:{from_user}@{self.bind}:{self.sip_port}"
-        acfg.regConfig.registrarUri = ""
-        acfg.regConfig.registerOnAdd = False
+        acfg = loopback_account_config(f"sip:{from_user}@{self.bind}:{self.sip_port}", self.bind)
         if self.user:
             acfg.sipConfig.authCreds.append(
                 pj.AuthCredInfo("digest", "*", self.user, 0, self.password or ""))
-        nat = acfg.natConfig
-        nat.sipStunUse = pj.PJSUA_STUN_USE_DISABLED
-        nat.mediaStunUse = pj.PJSUA_STUN_USE_DISABLED
-        nat.iceEnabled = False
-        nat.turnEnabled = False
-        nat.sdpNatRewriteUse = 0
-        nat.contactRewriteUse = 0
-        nat.viaRewriteUse = 0
-        nat.sipOutboundUse = 0
-        nat.udpKaIntervalSec = 0
-        mtc = acfg.mediaConfig.transportConfig
-        mtc.port = free_port(self.bind, even=True)
-        mtc.portRange = 40
-        mtc.boundAddress = self.bind
-        mtc.publicAddress = self.bind
         acc = pj.Account()
         acc.create(acfg)
         self.accounts[from_user] = acc

@@ -88,6 +88,17 @@ def _serve(args) -> int:
     return _run(main())
 
 
+def print_session_history(row: dict) -> None:
+    """One session and its history of control, as `baton sessions history` prints it."""
+    print(f"session {row['id']}  account {row['account']}  from {row['from_uri']}  "
+          f"to {row['to_uri']}  {'live' if row['live'] else 'ended: ' + str(row['end_reason'])}")
+    print(f"{'#':<3} {'MODULE':<22} {'LEVEL':<12} {'REASON':<26} {'SECONDS':>9}")
+    for i, h in enumerate(row["history"], 1):
+        end = h["end_mono_ns"]
+        secs = f"{(end - h['start_mono_ns']) / 1e9:.3f}" if end is not None else "…"
+        print(f"{i:<3} {h['module']:<22} {h['level']:<12} {h['reason']:<26} {secs:>9}")
+
+
 def _sessions(args) -> int:
     import json
     import time
@@ -120,13 +131,7 @@ def _sessions(args) -> int:
     if args.format == "json":
         print(json.dumps(row, indent=2))
         return 0
-    print(f"session {row['id']}  account {row['account']}  from {row['from_uri']}  "
-          f"to {row['to_uri']}  {'live' if row['live'] else 'ended: ' + str(row['end_reason'])}")
-    print(f"{'#':<3} {'MODULE':<22} {'LEVEL':<12} {'REASON':<26} {'SECONDS':>9}")
-    for i, h in enumerate(row["history"], 1):
-        end = h["end_mono_ns"]
-        secs = f"{(end - h['start_mono_ns']) / 1e9:.3f}" if end is not None else "…"
-        print(f"{i:<3} {h['module']:<22} {h['level']:<12} {h['reason']:<26} {secs:>9}")
+    print_session_history(row)
     return 0
 
 

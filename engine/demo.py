@@ -32,6 +32,7 @@ import tomllib
 
 from . import store
 from .caller import CallerError, CallRun, Phone, free_port
+from .cli import print_session_history
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "examples", "demo.toml")
@@ -306,7 +307,7 @@ class Tour:
         self.heading("each session's module history (baton sessions history)")
         rows = store.list_sessions(self.data_dir, limit=100)
         for row in sorted(rows, key=lambda r: r["started_wall_ns"]):
-            print_history(row)
+            print_session_history(row)
             print()
         period = time.strftime("%Y-%m", time.gmtime())
         common = ["--period", period, "--data-dir", self.data_dir, "--config", self.config]
@@ -329,17 +330,6 @@ class Tour:
               f"--data-dir {self.data_dir} --config {rel}\n"
               f"  baton bill payouts --period {period} --data-dir {self.data_dir} "
               f"--config {rel}", flush=True)
-
-
-def print_history(row: dict) -> None:
-    """One session and its history of control, as `baton sessions history` prints it."""
-    print(f"session {row['id']}  account {row['account']}  from {row['from_uri']}  "
-          f"to {row['to_uri']}  {'live' if row['live'] else 'ended: ' + str(row['end_reason'])}")
-    print(f"{'#':<3} {'MODULE':<22} {'LEVEL':<12} {'REASON':<26} {'SECONDS':>9}")
-    for i, h in enumerate(row["history"], 1):
-        end = h["end_mono_ns"]
-        secs = f"{(end - h['start_mono_ns']) / 1e9:.3f}" if end is not None else "…"
-        print(f"{i:<3} {h['module']:<22} {h['level']:<12} {h['reason']:<26} {secs:>9}")
 
 
 def _survey_runs(data_dir: str, account: str) -> list[dict]:

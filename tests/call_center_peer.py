@@ -36,7 +36,7 @@ import pjsua2 as pj
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests.helpers import free_port  # noqa: E402
+from engine.caller import loopback_account_config  # noqa: E402
 from tests.pjsip_media import MediaPeer  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -100,27 +100,11 @@ class CenterPeer(MediaPeer):
         self.agents: dict[str, AgentAccount] = {}
 
     def add_agent(self, name: str, password: str, registrar: str, mode: str) -> None:
-        acfg = pj.AccountConfig()
-        acfg.idUri = f"sip:{name}@{HOST}"
+        acfg = loopback_account_config(f"sip:{name}@{HOST}", HOST)
         acfg.regConfig.registrarUri = f"sip:{registrar}"
         acfg.regConfig.registerOnAdd = True
         acfg.regConfig.timeoutSec = 300
         acfg.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "*", name, 0, password))
-        nat = acfg.natConfig
-        nat.sipStunUse = pj.PJSUA_STUN_USE_DISABLED
-        nat.mediaStunUse = pj.PJSUA_STUN_USE_DISABLED
-        nat.iceEnabled = False
-        nat.turnEnabled = False
-        nat.sdpNatRewriteUse = 0
-        nat.contactRewriteUse = 0
-        nat.viaRewriteUse = 0
-        nat.sipOutboundUse = 0
-        nat.udpKaIntervalSec = 0
-        mtc = acfg.mediaConfig.transportConfig
-        mtc.port = free_port(host=HOST, even=True)
-        mtc.portRange = 40
-        mtc.boundAddress = HOST
-        mtc.publicAddress = HOST
         acc = AgentAccount(self, name, mode)
         acc.create(acfg)
         self.agents[name] = acc

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import re
 import sys
 import time
-import traceback
 
 import pjsua2 as pj
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests import pjsip_peer  # noqa: E402
-from tests.pjsip_media import MediaPeer, _stats  # noqa: E402
+from tests.pjsip_media import MediaPeer, _stats, run_scenario  # noqa: E402
 from tests.pjsip_peer import PeerCall  # noqa: E402
 
 _PEER: "MediaPeer | None" = None
@@ -168,21 +166,8 @@ def main(argv=None) -> int:
         ap.error("the engine must be on 127.0.0.1")
     # PjsipPeer creates a plain pj.Account; this process needs one that answers.
     pjsip_peer.pj.Account = _AnsweringAccount
-    result: dict = {"scenario": args.scenario}
-    code = 0
-    peer = MediaPeer(("udp",), log_file=args.log)
-    _PEER = peer
-    try:
-        with peer:
-            result["local_port"] = peer.sip_port
-            result.update(SCENARIOS[args.scenario](peer, args))
-    except Exception as exc:
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        result["traceback"] = traceback.format_exc()
-        code = 1
-    result["addresses"] = peer.addresses()
-    print("RESULT " + json.dumps(result), flush=True)
-    return code
+    _PEER = MediaPeer(("udp",), log_file=args.log)
+    return run_scenario(_PEER, SCENARIOS[args.scenario], args)
 
 
 if __name__ == "__main__":

@@ -39,38 +39,16 @@ import pjsua2 as pj
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from engine.caller import MediaEndpoint, prefer_g711  # noqa: E402
 from tests.pjsip_peer import PjsipPeer, PeerCall  # noqa: E402
 
 
-class _MediaEndpoint(pj.Endpoint):
-    """An Endpoint whose media settings are adjusted on their way into libInit."""
-
-    def libInit(self, cfg):
-        med = cfg.medConfig
-        med.hasIoqueue = False
-        med.threadCnt = 0
-        med.noVad = True
-        med.ecTailLen = 0
-        return super().libInit(cfg)
-
-
 class MediaPeer(PjsipPeer):
+    endpoint_class = MediaEndpoint
+
     def __enter__(self) -> "MediaPeer":
-        # PjsipPeer creates a plain Endpoint here; the rest of its setup is kept.
-        self.ep = _MediaEndpoint()
-        self.ep.libCreate()
-        try:
-            self._start()
-        except BaseException:
-            self.ep.libDestroy()
-            self.ep = None
-            raise
-        for ci in self.ep.codecEnum2():
-            if ci.codecId.startswith(("PCMU/", "PCMA/")):
-                prm = self.ep.codecGetParam(ci.codecId)
-                prm.setting.vad = False
-                prm.setting.plc = True
-                self.ep.codecSetParam(ci.codecId, prm)
+        super().__enter__()
+        prefer_g711(self.ep, tune=True)
         return self
 
 
@@ -171,6 +149,24 @@ def scenario_dtmf(peer: MediaPeer, args) -> dict:
 SCENARIOS = {"echo": scenario_echo, "dtmf": scenario_dtmf}
 
 
+def run_scenario(peer: MediaPeer, scenario, args) -> int:
+    """Run SCENARIO(peer, args) inside PEER and print the `RESULT {json}`
+    line (with the error and its traceback if it failed); the exit code."""
+    result: dict = {"scenario": args.scenario}
+    code = 0
+    try:
+        with peer:
+            result["local_port"] = peer.sip_port
+            result.update(scenario(peer, args))
+    except Exception as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["traceback"] = traceback.format_exc()
+        code = 1
+    result["addresses"] = peer.addresses()
+    print("RESULT " + json.dumps(result), flush=True)
+    return code
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("scenario", choices=sorted(SCENARIOS))
@@ -187,20 +183,7 @@ def main(argv=None) -> int:
         ap.error("the engine must be on 127.0.0.1")
     if args.scenario == "echo" and not (args.play and args.record):
         ap.error("echo needs --play and --record")
-    result: dict = {"scenario": args.scenario}
-    code = 0
-    peer = MediaPeer(("udp",), log_file=args.log)
-    try:
-        with peer:
-            result["local_port"] = peer.sip_port
-            result.update(SCENARIOS[args.scenario](peer, args))
-    except Exception as exc:
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        result["traceback"] = traceback.format_exc()
-        code = 1
-    result["addresses"] = peer.addresses()
-    print("RESULT " + json.dumps(result), flush=True)
-    return code
+    return run_scenario(MediaPeer(("udp",), log_file=args.log), SCENARIOS[args.scenario], args)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ import pjsua2 as pj
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from engine.caller import (  # noqa: E402
+    loopback_account_config, loopback_ep_config, loopback_transport, prefer_g711)
 from tests.helpers import free_port  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -134,6 +136,8 @@ class PjsipPeer:
     registration-less account. A context manager: leaving it always calls
     libDestroy()."""
 
+    endpoint_class = pj.Endpoint   # subclasses may adjust settings on their way into libInit
+
     def __init__(self, transports=("udp",), max_calls: int = 4, log_file: str | None = None,
                  log_level: int = 4):
         self.transports = tuple(transports)
@@ -153,7 +157,7 @@ class PjsipPeer:
         self.log: _LogWriter | None = None
 
     def __enter__(self) -> "PjsipPeer":
-        self.ep = pj.Endpoint()
+        self.ep = self.endpoint_class()
         self.ep.libCreate()
         try:
             self._start()
@@ -165,65 +169,26 @@ class PjsipPeer:
 
     def _start(self) -> None:
         ep = self.ep
-        cfg = pj.EpConfig()
-        ua = cfg.uaConfig
-        ua.threadCnt = 0
-        ua.mainThreadOnly = True
-        ua.maxCalls = self.max_calls
-        ua.userAgent = "pjsua2-interop"
-        ua.enableUpnp = False
+        # Entries up to the log level go to the writer instead of stdout,
+        # which carries the RESULT line.
+        self.log = _LogWriter(self.log_file)
+        cfg = loopback_ep_config(self.max_calls, "pjsua2-interop", self.log, self.log_level)
         med = cfg.medConfig
-        med.clockRate = 8000
-        med.sndClockRate = 8000
         med.threadCnt = 0  # media polled from libHandleEvents as well
         med.hasIoqueue = True
-        log = cfg.logConfig
-        # Level 4 has the SIP messages. Entries up to consoleLevel go to the
-        # writer instead of stdout, which carries the RESULT line.
-        log.level = log.consoleLevel = max(self.log_level, 4)
-        log.msgLogging = 1
-        self.log = _LogWriter(self.log_file)
-        # The endpoint deletes its writer in libDestroy(): hand it over.
-        log.writer = self.log.__disown__()
         ep.libInit(cfg)
 
         # One port for every SIP transport, like the engine does.
         self.sip_port = free_port(host=HOST)
         kinds = {"udp": pj.PJSIP_TRANSPORT_UDP, "tcp": pj.PJSIP_TRANSPORT_TCP}
         for name in self.transports:
-            tc = pj.TransportConfig()
-            tc.port = self.sip_port
-            tc.boundAddress = HOST
-            tc.publicAddress = HOST
-            self.transport_ids[name] = ep.transportCreate(kinds[name], tc)
+            self.transport_ids[name] = loopback_transport(ep, kinds[name], HOST, self.sip_port)
         ep.libStart()
         # No sound card on a test host: the conference bridge runs on a null device.
         ep.audDevManager().setNullDev()
-        # The engine offers/answers only G.711: keep the offer small and G.711 first.
-        for ci in ep.codecEnum2():
-            cid = ci.codecId
-            prio = 255 if cid.startswith(("PCMU/", "PCMA/")) else 0
-            ep.codecSetPriority(cid, prio)
+        prefer_g711(ep)
 
-        acfg = pj.AccountConfig()
-        acfg.idUri = f"sip:pjsip@{HOST}:{self.sip_port}"
-        acfg.regConfig.registrarUri = ""
-        acfg.regConfig.registerOnAdd = False
-        nat = acfg.natConfig
-        nat.sipStunUse = pj.PJSUA_STUN_USE_DISABLED
-        nat.mediaStunUse = pj.PJSUA_STUN_USE_DISABLED
-        nat.iceEnabled = False
-        nat.turnEnabled = False
-        nat.sdpNatRewriteUse = 0
-        nat.contactRewriteUse = 0
-        nat.viaRewriteUse = 0
-        nat.sipOutboundUse = 0
-        nat.udpKaIntervalSec = 0
-        mtc = acfg.mediaConfig.transportConfig
-        mtc.port = free_port(host=HOST, even=True)
-        mtc.portRange = 40
-        mtc.boundAddress = HOST
-        mtc.publicAddress = HOST
+        acfg = loopback_account_config(f"sip:pjsip@{HOST}:{self.sip_port}", HOST)
         self.acc = pj.Account()
         self.acc.create(acfg)
 
