@@ -268,6 +268,23 @@ def _guarded(callback):
     return wrapper
 
 
+
+def pump(ep, seconds: float) -> None:
+    """Run PJSIP's events on this thread for `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ep.libHandleEvents(10)
+
+
+def settle(ep, cond, timeout: float) -> bool:
+    """Run PJSIP's events until `cond()` holds or `timeout` passes; whether it held."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        ep.libHandleEvents(10)
+    return True
+
 class PhoneCall(pj.Call if pj else object):
     """One call and what happened to it; `report` receives progress lines."""
 
@@ -481,18 +498,11 @@ class Phone:
             raise exc
 
     def pump(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self.ep.libHandleEvents(10)
+        pump(self.ep, seconds)
 
     def settle(self, cond, timeout: float) -> bool:
         """Pump until `cond()` holds or `timeout` passes; returns whether it held."""
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                return False
-            self.ep.libHandleEvents(10)
-        return True
+        return settle(self.ep, cond, timeout)
 
     def call(self, uri: str, report=None, from_user: str | None = None) -> PhoneCall:
         """Dial `uri` (from `from_user`, default the phone's own From)."""

@@ -38,7 +38,7 @@ import pjsua2 as pj
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine.caller import (  # noqa: E402
-    loopback_account_config, loopback_ep_config, loopback_transport, prefer_g711)
+    loopback_account_config, loopback_ep_config, loopback_transport, prefer_g711, pump, settle)
 from tests.helpers import free_port  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -224,25 +224,15 @@ class PjsipPeer:
 
     # -- driving ----------------------------------------------------------------
     def pump(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self.ep.libHandleEvents(10)
+        pump(self.ep, seconds)
 
     def settle(self, cond, timeout: float) -> bool:
         """Pump until `cond()` holds or `timeout` passes; returns whether it held."""
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                return False
-            self.ep.libHandleEvents(10)
-        return True
+        return settle(self.ep, cond, timeout)
 
     def wait_for(self, cond, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-            self.ep.libHandleEvents(10)
+        if not settle(self.ep, cond, timeout):
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
     def log_text(self) -> str:
         return self.log.text() if self.log is not None else ""

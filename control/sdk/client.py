@@ -23,6 +23,7 @@ import itertools
 import logging
 import os
 import random
+import signal
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -361,6 +362,25 @@ class VendorClient:
             delay = min(self.backoff_max, self.backoff_initial * (2 ** failures))
             failures += 1
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def run_until_signalled(self, signals=(signal.SIGTERM, signal.SIGINT)) -> None:
+        """`run()` until one of `signals` arrives (then `close()`), for a vendor
+        program's main; a refused registration is raised as by `run()`."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in signals:
+            loop.add_signal_handler(sig, stop.set)
+        runner = loop.create_task(self.run())
+        stopper = loop.create_task(stop.wait())
+        try:
+            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            await self.close()
+        if runner.done() and not runner.cancelled() and runner.exception() is not None:
+            raise runner.exception()
 
     async def close(self) -> None:
         """Close the stream (sessions held follow their fallback on the engine)."""

@@ -12,18 +12,15 @@ leaves through `done`.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import grpc  # noqa: E402
-
-from control.sdk import ControlLost, Offer, Say, VendorClient  # noqa: E402
+from control.sdk import ControlLost, Offer, Say  # noqa: E402
+from control.sdk.cli import client_from_args, vendor_argument_parser  # noqa: E402
 
 log = logging.getLogger("lookup")
 
@@ -67,38 +64,18 @@ async def lookup(offer: Offer, timeout: float) -> None:
 
 
 async def main(args) -> None:
-    creds = None
-    if args.tls_ca:
-        with open(args.tls_ca, "rb") as f:
-            creds = grpc.ssl_channel_credentials(f.read())
-    client = VendorClient(args.engine, args.code, args.secret, credentials=creds,
-                          instance=args.instance or "")
+    client = client_from_args(args)
 
     @client.on_offer
     async def on_offer(offer: Offer) -> None:
         await lookup(offer, args.timeout)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    runner = loop.create_task(client.run())
-    stopper = loop.create_task(stop.wait())
-    await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    await client.close()
-    if runner.done() and not runner.cancelled() and runner.exception() is not None:
-        raise runner.exception()
+    await client.run_until_signalled()
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--engine", default="127.0.0.1:50051", help="the engine's gRPC address")
-    ap.add_argument("--code", default="acme.lookup", help="the module code to serve")
-    ap.add_argument("--secret", default=os.environ.get("BATON_VENDOR_SECRET", ""),
-                    help="the vendor secret (default $BATON_VENDOR_SECRET)")
+    ap = vendor_argument_parser(__doc__.splitlines()[0], "acme.lookup")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a key")
-    ap.add_argument("--tls-ca", default="", help="CA certificate: connect with TLS")
-    ap.add_argument("--instance", default="", help="a name for this process in the engine's logs")
     return ap.parse_args(argv)
 
 
