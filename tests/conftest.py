@@ -62,3 +62,21 @@ def pytest_pyfunc_call(pyfuncitem):
         msgs = "; ".join(f"{c.get('message')}: {c.get('exception')!r}" for c in errors)
         pytest.fail(f"exceptions reached the event loop's handler: {msgs}")
     return True
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """A test that runs a command in-process (`cli.main`) points the root logger at
+    the stderr pytest captured for that test; put the handlers back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)

@@ -88,7 +88,9 @@ async def test_watch_get_history_transition_and_cost():
                                   metadata=bearer())
             m = await caller.c.recv(timeout=2)
             assert m.is_request and m.method == "BYE"
-            await wait_until(lambda: only_end and len(one) == 1)
+            # Each Watch stream is its own gRPC call: wait for the end on all of them.
+            await wait_until(lambda: only_end and len(one) == 1 and
+                             any(e[0] == sid and e[1] == "ended" for e in everything))
             # (the notification kinds, session.started/ended, are test_webhooks.py's)
             everything = [e for e in everything if "." not in e[1]]
             kinds = [(k, mod) for s, k, mod, d in everything if s == sid]

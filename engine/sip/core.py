@@ -72,30 +72,36 @@ class SipCore:
             self.timers.start(loop)
         tries = 20 if port == 0 else 1
         for attempt in range(tries):
-            udp = None
+            usock = tcp = None
             try:
+                # UDP is bound first (to learn the port) but only starts reading once
+                # TCP listens too: nothing is answered until every transport is up.
                 if "udp" in transports:
-                    udp = await self._listen_udp(loop, host, port)
-                    port = udp.local[1]
+                    usock = self._bind_udp(host, port)
+                    port = usock.getsockname()[1]
                 if "tcp" in transports:
-                    t = TcpTransport(self)
-                    await t.listen(host, port)
-                    self.tcp.append(t)
-                    port = t.local[1]
+                    tcp = TcpTransport(self)
+                    await tcp.listen(host, port)
+                    port = tcp.local[1]
             except OSError:
                 # The UDP port picked for us may be taken for TCP: try another pair.
-                if udp is not None:
-                    udp.close()
+                if usock is not None:
+                    usock.close()
                 if attempt + 1 >= tries:
                     raise
                 port = 0
                 continue
-            if udp is not None:
+            if tcp is not None:
+                self.tcp.append(tcp)
+            if usock is not None:
+                _, udp = await loop.create_datagram_endpoint(lambda: UdpTransport(self, usock),
+                                                             sock=usock)
                 self.udp.append(udp)
             return port
         raise OSError("no free port")
 
-    async def _listen_udp(self, loop, host: str, port: int) -> UdpTransport:
+    @staticmethod
+    def _bind_udp(host: str, port: int) -> socket.socket:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -104,8 +110,7 @@ class SipCore:
             sock.close()
             raise
         sock.setblocking(False)
-        _, proto = await loop.create_datagram_endpoint(lambda: UdpTransport(self, sock), sock=sock)
-        return proto
+        return sock
 
     def close(self) -> None:
         self.timers.stop()
