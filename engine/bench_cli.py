@@ -406,6 +406,9 @@ def render_summary(record: dict[str, Any]) -> str:
             line += (f"   {base['label']}: {_fmt(base['median'])}, ratio "
                      f"{_fmt(ratio.get('median'))}")
         rows.append(line)
+    if record["quick"]:
+        rows.append("  (--quick: a smoke run of a few seconds, start-up included; its figures "
+                    "are not the ones to compare with the targets)")
     for err in record["errors"]:
         rows.append(f"  error: {err.splitlines()[0] if err else err}")
     if record.get("json"):

@@ -305,6 +305,18 @@ class PhoneCall(pj.Call if pj else object):
         # (status, reason) of the INVITE's final response.
         self.invite_final: tuple[int, str] | None = None
         self.received_dtmf: list[str] = []
+        # RTP counted by PJSIP's stream: the last sample, taken before the stream goes.
+        self.media_stats: dict | None = None
+
+    def sample_media(self) -> None:
+        """Keep the audio stream's RTP counters (packets each way, loss, jitter)."""
+        try:
+            rtcp = self.getStreamStat(0).rtcp
+        except pj.Error:
+            return
+        rx, tx = rtcp.rxStat, rtcp.txStat
+        self.media_stats = {"rtp_sent": tx.pkt, "rtp_received": rx.pkt, "rtp_lost": rx.loss,
+                            "jitter_ms": round(rx.jitterUsec.mean / 1000, 1) if rx.pkt else None}
 
     # -- callbacks (inside libHandleEvents, in the pumping thread) ----------------
     @_guarded
@@ -343,6 +355,10 @@ class PhoneCall(pj.Call if pj else object):
         if tsx.role == pj.PJSIP_ROLE_UAC and tsx.method == "INVITE" and tsx.statusCode >= 200 \
                 and ts.type == pj.PJSIP_EVENT_RX_MSG and self.invite_final is None:
             self.invite_final = (tsx.statusCode, tsx.statusText)
+
+    @_guarded
+    def onStreamDestroyed(self, prm):
+        self.sample_media()
 
     @_guarded
     def onDtmfDigit(self, prm):
@@ -538,6 +554,7 @@ class CallResult:
     played: str | None = None
     recorded: str | None = None
     bye_status: int | None = None
+    media: dict | None = None       # rtp_sent, rtp_received, rtp_lost, jitter_ms
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -650,6 +667,7 @@ class CallRun:
             call.hung_up_by = "us"
         self._why = why
         self._byes_before = len(self.phone.rx_responses("BYE"))
+        call.sample_media()
         try:
             call.hangup(pj.CallOpParam(True))
         except pj.Error as exc:
@@ -675,6 +693,7 @@ class CallRun:
         res.duration = round(call.elapsed(), 3)
         res.hung_up_by = call.hung_up_by
         res.dtmf_received = "".join(call.received_dtmf)
+        res.media = call.media_stats
         if res.answered:
             who = call.hung_up_by or "?"
             why = f" ({self._why})" if who == "us" and self._why else ""
@@ -683,6 +702,11 @@ class CallRun:
             self.say(f"hung up by {who}{why} after {res.duration:.1f} s")
             if res.dtmf_received:
                 self.say(f"DTMF received: {res.dtmf_received}")
+            m = res.media
+            if m is not None:
+                jitter = f", jitter {m['jitter_ms']:g} ms" if m["jitter_ms"] is not None else ""
+                self.say(f"media: {m['rtp_sent']} RTP packets sent, {m['rtp_received']} "
+                         f"received, {m['rtp_lost']} lost{jitter}")
             self.say(f"call ended: INVITE {res.status} {res.reason}, duration "
                      f"{res.duration:.1f} s{bye}")
         else:

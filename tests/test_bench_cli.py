@@ -68,6 +68,7 @@ def test_ring_quick_writes_json_and_png(tmp_path):
     # Not a terminal: plain progress lines, and the summary on stdout.
     assert "bench ring: 100%" in r.stderr and "\x1b[" not in r.stderr
     assert "records/s written and drained" in r.stdout and record["json"] in r.stdout
+    assert "--quick: a smoke run" in r.stdout
 
 
 @pytest.mark.interop

@@ -133,8 +133,12 @@ def test_echo_returns_what_was_played(engine, tmp_path):
     assert r["answered"] and r["status"] == 200, report
     assert r["hung_up_by"] == "us" and r["bye_status"] == 200, report
     assert r["duration"] >= 3.0, report
+    # RTP counted by PJSIP's stream: 20 ms packets both ways for 3 s, the echo's back.
+    m = r["media"]
+    assert m["rtp_sent"] >= 140 and m["rtp_received"] >= 0.9 * m["rtp_sent"], m
+    assert m["rtp_lost"] <= 0.05 * m["rtp_sent"], m
     for line in ("answered (200 OK)", "playing ", "recording what comes back",
-                 "hung up by us", "call ended: INVITE 200 OK"):
+                 "hung up by us", "media: ", "call ended: INVITE 200 OK"):
         assert line in p.stdout, report
     # PJSIP never advertised nor used any address but loopback.
     assert addresses(log) == {"127.0.0.1"}, addresses(log)

@@ -44,6 +44,9 @@ def test_demo_tour_end_to_end(tmp_path):
     assert "attached acme.lookup over gRPC" in out, report
     assert "DTMF sent: 1 (RFC 4733)" in out, report
     assert "hung up by the far end" in out, report
+    # The stream's counters are kept when the far end's BYE takes the stream away.
+    m = re.search(r"media: (\d+) RTP packets sent, (\d+) received", out)
+    assert m and int(m[1]) > 50 and int(m[2]) > 50, report
     assert re.search(r"engine stopped \(exit 0\)", out), report
 
     # Each session's module history: the tour's whole chain, and the echo leg.
