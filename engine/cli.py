@@ -39,6 +39,7 @@ def _serve(args) -> int:
         except OSError as exc:
             where = getattr(exc, "config_key", None) or f"{cfg.sip_host}:{cfg.sip_port}"
             print(f"baton: cannot listen on {where}: {exc}", file=sys.stderr)
+            await engine.stop(timeout=0)   # let go of what did start
             return 1
         # Everything loaded at start-up lives as long as the engine: keep it out of the
         # collector's way, so full collections stay short under load.

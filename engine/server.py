@@ -17,6 +17,7 @@ from .policy import AllowAll, Rules, Snapshot
 from .registry import Registry
 from .session import Leg, Session
 from .sip.core import SipCore
+from .sip.message import valid_text
 from .sip.registrar import Registrar
 from .sip.uri import parse_uri
 from .stamper import Stamper
@@ -165,8 +166,9 @@ class Engine:
             return
         h = msg.headers
         app = self.cfg.apps.get(route.target) if route.kind == "app" else None
-        session = Session(self, route.account, user, h["from"][0], h["to"][0], app=app)
-        session.params["CallerName"] = _display_name(h["from"][0])
+        from_uri = valid_text(h["from"][0])
+        session = Session(self, route.account, user, from_uri, valid_text(h["to"][0]), app=app)
+        session.params["CallerName"] = _display_name(from_uri)
         self.sessions[session.id] = session
         Leg(session, dialog)
         session.start(node)

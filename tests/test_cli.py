@@ -106,6 +106,8 @@ def test_port_in_use_is_reported():
     r = run("serve", "--sip-addr", f"127.0.0.1:{port}", "--data-dir", tempfile.mkdtemp())
     busy.close()
     assert r.returncode == 1 and "cannot listen" in r.stderr
+    # What did start is let go of in order (no "Unclosed client session" and the like).
+    assert "ERROR" not in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_sessions_list_and_history_live_and_finished():

@@ -199,3 +199,4 @@ def test_a_taken_metrics_port_is_named():
                            capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert f"cannot listen on engine.metrics_addr 127.0.0.1:{port}" in r.stderr
+    assert "ERROR" not in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -9,6 +9,7 @@ import pytest
 from engine.sip import sdp
 from engine.sip.digest import authorize
 from engine.sip.parser_py import parse_message
+from engine.store import list_sessions
 from tests.helpers import SDP_OFFER, Call, UdpClient, engine_config, running_engine
 
 
@@ -455,4 +456,71 @@ async def test_ipv6_call():
         call.cseq = 2
         c.send(call.request("BYE"))
         await c.expect(200)
+        c.close()
+
+
+async def test_offer_naming_a_host_for_media_gets_488():
+    # RFC 8866 allows a domain name in c=; media is never sent to a name the engine
+    # would have to resolve, so such an offer is refused and nothing is left behind.
+    async with running_engine() as eng:
+        c = client_for(eng)
+        call = Call(c)
+        c.send(call.request("INVITE", offer(addr="media.example.com")))
+        await c.expect(488)
+        await asyncio.sleep(0.05)
+        assert eng.sessions == {} and eng.ports.in_use == 0
+        # In a re-INVITE the call goes on with the media it had.
+        call, _ = await establish(c)
+        call.cseq = 2
+        c.send(call.request("INVITE", offer(addr="12750.0.1")))
+        await c.expect(488)
+        leg = next(iter(eng.sessions.values())).legs[0]
+        assert leg.negotiated.remote_addr == "127.0.0.1"
+        call.cseq = 3
+        c.send(call.request("BYE"))
+        await c.expect(200)
+        c.close()
+
+
+async def test_bridge_refuses_an_unusable_offer_before_dialling():
+    cfg = engine_config()
+    cfg["accounts"]["demo"]["numbers"]["1002"] = {"endpoint": "sip:1000@{self}"}
+    async with running_engine(cfg) as eng:
+        c = client_for(eng)
+        call = Call(c, "1002")
+        video_only = ("v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+                      "m=video 40002 RTP/AVP 31\r\n")
+        c.send(call.request("INVITE", video_only))
+        await c.expect(488)
+        await asyncio.sleep(0.2)
+        # Nobody was rung: no call to 1000 was ever made, and nothing is left.
+        assert eng.stamper.started == 1
+        assert eng.sessions == {} and eng.ports.in_use == 0
+        c.close()
+
+
+async def test_header_octets_that_are_not_utf8_are_journaled_mended():
+    async with running_engine() as eng:
+        c = client_for(eng)
+        call = Call(c)
+        raw = call.request("INVITE", offer()).replace(b'From: "Test"', b'From: "T\xffst"')
+        c.send(raw)
+        ok = await c.expect(200)
+        call.to_tag = ok.to_tag
+        c.send(call.request("ACK", cseq=1))
+        session = next(iter(eng.sessions.values()))
+        assert session.from_uri.startswith('"T\ufffdst"')
+        call.cseq = 2
+        c.send(call.request("BYE"))
+        await c.expect(200)
+        # The journal's writer thread took the row (before, it died on it).
+        rows = []
+        for _ in range(100):
+            eng.store.flush()
+            rows = list_sessions(eng.cfg.data_dir, live=False)
+            if rows:
+                break
+            await asyncio.sleep(0.05)
+        assert [r["from_uri"][:6] for r in rows] == ['"T\ufffdst"'], rows
+        assert eng.store.thread.is_alive()
         c.close()

@@ -82,6 +82,15 @@ class BridgeModule(Module):
             log.info("session %s: bridge: %s", session.id, exc)
             self._outcome(ctl, None, "failed", 404)
             return
+        if not caller.answered and caller.dialog is not None and caller.dialog.remote_sdp:
+            # The caller's offer is answered only once the far end answers: an offer
+            # that could never be answered is refused now, before anyone is rung.
+            try:
+                sdp.negotiate(sdp.parse(caller.dialog.remote_sdp))
+            except SdpError as exc:
+                log.info("session %s: unusable SDP offer: %s", session.id, exc)
+                caller.dialog.reject(488, why="sdp")
+                return
         state = BridgeState(ctl, self)
         ctl.state = state
         leg = Leg(session, role="dialled")
@@ -213,7 +222,8 @@ class BridgeModule(Module):
                 answer = answer_media(self.engine, caller, caller.dialog.remote_sdp)
             except (SdpError, PortsExhausted):
                 leg.hangup("sdp")
-                caller.dialog.reject(488, why="sdp")
+                if caller.dialog is not None:
+                    caller.dialog.reject(488, why="sdp")
                 return
             caller.dialog.answer(answer)
             caller.answered = True

@@ -121,3 +121,14 @@ class SipMessage:
         if self.is_request:
             return f"<SipMessage {self.method} {self.uri} call-id={self.call_id}>"
         return f"<SipMessage {self.status} {self.reason} call-id={self.call_id}>"
+
+
+def valid_text(s: str) -> str:
+    """Header text as valid Unicode for what leaves the SIP layer (journal, gRPC, JSON,
+    HTTP): octets that were not UTF-8, kept by the parser as surrogate escapes so that
+    messages are relayed byte for byte, become U+FFFD."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

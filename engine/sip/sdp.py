@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import socket
 import time
 
 from .errors import SdpError
@@ -127,6 +128,17 @@ class Negotiated:
         self.ptime = 20
 
 
+def _check_address(addr) -> None:
+    """The audio stream's c= address must be an IP literal: RFC 8866 allows a domain
+    name there, but media is never sent to a name the engine would have to resolve."""
+    if addr is None:
+        raise SdpError("no c= line for the audio stream")
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
+    except (OSError, ValueError):
+        raise SdpError(f"c= address {addr!r} is not an IP address") from None
+
+
 def negotiate(offer: SessionDescription, prefer=SUPPORTED):
     """Pick the audio stream and codec. Returns (Negotiated, index of the audio m-line).
 
@@ -152,6 +164,7 @@ def negotiate(offer: SessionDescription, prefer=SUPPORTED):
             continue
         n = Negotiated()
         n.remote_addr = m.address or offer.address
+        _check_address(n.remote_addr)
         n.remote_port = m.port
         n.payload_type, n.codec = chosen
         n.dtmf_pt = dtmf
