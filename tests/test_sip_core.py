@@ -336,6 +336,38 @@ async def test_registrar_with_digest():
         c.close()
 
 
+async def test_open_registrar_still_guards_configured_users():
+    raw = engine_config()
+    raw["registrar"] = {"mode": "open", "realm": "baton.test"}
+    raw["users"] = {"agent1": {"password": "agent1-secret"}, "alice": {"password": "wonderland"}}
+    async with running_engine(raw) as eng:
+        c = client_for(eng)
+        uri = f"sip:127.0.0.1:{eng.sip_port}"
+        # Anyone may register an address nobody configured...
+        c.send(Call(c, "visitor").request("REGISTER", uri=uri, extra="Expires: 600\r\n"))
+        await c.expect(200)
+        assert eng.sip.registrar.lookup("sip:visitor@127.0.0.1")
+        # ...but agent1's address needs agent1's password: no credentials, forged
+        # ones, or another user's right ones do not take it over.
+        call = Call(c, "agent1")
+        c.send(call.request("REGISTER", uri=uri, extra="Expires: 600\r\n"))
+        challenge = (await c.expect(401)).get_all("www-authenticate")[0]
+        forged = ('Digest username="agent1", realm="baton.test", nonce="1", '
+                  f'uri="{uri}", response="00000000000000000000000000000000"')
+        for user, password, header, status in (
+                (None, None, forged, 401),
+                ("alice", "wonderland", None, 403),
+                ("agent1", "guess", None, 401),
+                ("agent1", "agent1-secret", None, 200)):
+            call.cseq += 1
+            auth = header or authorize(challenge, "REGISTER", uri, user, password, nc=call.cseq)
+            c.send(call.request("REGISTER", uri=uri,
+                                extra=f"Expires: 600\r\nAuthorization: {auth}\r\n"))
+            await c.expect(status)
+            assert bool(eng.sip.registrar.lookup("sip:agent1@127.0.0.1")) == (status == 200), user
+        c.close()
+
+
 async def test_register_unknown_scheme_gets_challenge():
     async with running_engine() as eng:
         c = client_for(eng)

@@ -1,7 +1,9 @@
 """A registrar (RFC 3261 10.3): bindings of an address-of-record to contacts.
 
-Modes: `open` accepts any registration, `auth` requires digest credentials
-of a configured user (RFC 3261 22, RFC 8760), `off` answers 405.
+Modes: `open` accepts registrations for any address-of-record except those
+of a configured user, which need that user's digest credentials; `auth` requires
+digest credentials of a configured user for every registration, and only for
+the user's own address (RFC 3261 10.3, 22, RFC 8760); `off` answers 405.
 """
 from __future__ import annotations
 
@@ -62,23 +64,6 @@ class Registrar:
         return self.users.get(username)
 
     def on_register(self, core, msg, st) -> None:
-        auth = msg.get("authorization")
-        if self.mode == "auth" or (auth is not None and not auth.lower().startswith("digest")):
-            # RFC 4475 3.3.7: an unknown scheme gets a fresh challenge.
-            if auth is None:
-                self._challenge(core, msg, st)
-                return
-            result = self.digest.verify("REGISTER", auth, self._password)
-            if result.ok and result.uri is not None and result.uri != msg.uri:
-                # RFC 3261 22.4: the credentials must be for this Request-URI.
-                core.respond(st, msg, 400, reason="Authorization URI mismatch")
-                return
-            if not result.ok:
-                if result.reason in ("unknown user",) and self.mode == "auth":
-                    core.respond(st, msg, 403)
-                    return
-                self._challenge(core, msg, st, stale=result.stale)
-                return
         to = msg.get("to", "")
         na = parse_name_addr(to)
         try:
@@ -88,6 +73,31 @@ class Registrar:
         if aor_uri is None:
             core.respond(st, msg, 400, reason="Bad To header")
             return
+        auth = msg.get("authorization")
+        # `auth` mode authenticates every registration; `open` mode still does for an
+        # address-of-record whose user has a password here (the config's users are
+        # never open to anyone); RFC 4475 3.3.7: an unknown scheme gets a fresh challenge.
+        owned = aor_uri.user is not None and aor_uri.user in self.users
+        if self.mode == "auth" or owned or \
+                (auth is not None and not auth.lower().startswith("digest")):
+            if auth is None:
+                self._challenge(core, msg, st)
+                return
+            result = self.digest.verify("REGISTER", auth, self._password)
+            if result.ok and result.uri is not None and result.uri != msg.uri:
+                # RFC 3261 22.4: the credentials must be for this Request-URI.
+                core.respond(st, msg, 400, reason="Authorization URI mismatch")
+                return
+            if not result.ok:
+                if result.reason in ("unknown user",) and (self.mode == "auth" or owned):
+                    core.respond(st, msg, 403)
+                    return
+                self._challenge(core, msg, st, stale=result.stale)
+                return
+            if result.username != aor_uri.user:
+                # A user registers their own address only (RFC 3261 10.3 step 3).
+                core.respond(st, msg, 403, reason="Credentials Not For This Address")
+                return
         aor = f"{aor_uri.scheme}:{aor_uri.user}@{aor_uri.host}" if aor_uri.user else aor_uri.raw
         contacts = msg.headers.get("contact", [])
         expires_hdr = msg.get("expires")
