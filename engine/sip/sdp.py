@@ -16,6 +16,11 @@ _ANSWER_DIRECTION = {"sendrecv": "sendrecv", "sendonly": "recvonly",
 _session_ids = itertools.count(int(time.time()))
 
 
+def _digits(s: str) -> bool:
+    """ASCII digits only (str.isdigit also takes '²' and other digits int() refuses)."""
+    return s.isascii() and s.isdigit()
+
+
 class MediaDescription:
     __slots__ = ("media", "port", "proto", "formats", "rtpmap", "fmtp", "direction",
                  "address", "ptime")
@@ -46,10 +51,9 @@ class SessionDescription:
 
 def parse(body: bytes) -> SessionDescription:
     """Parse an SDP body; raises SdpError (answered with 400/488) when unusable."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SdpError("SDP is not UTF-8") from exc
+    # Every field read here is ASCII; free text (s=, i=, a=tool...) may come in another
+    # charset (RFC 8866 6.10) from older equipment and is carried, not refused.
+    text = body.decode("utf-8", "surrogateescape")
     sd = SessionDescription()
     current = None
     saw_version = False
@@ -72,22 +76,22 @@ def parse(body: bytes) -> SessionDescription:
                 continue
             elif name == "rtpmap":
                 pt, _, enc = arg.partition(" ")
-                if pt.isdigit():
+                if _digits(pt):
                     bits = enc.split("/")
-                    rate = int(bits[1]) if len(bits) > 1 and bits[1].isdigit() else 8000
+                    rate = int(bits[1]) if len(bits) > 1 and _digits(bits[1]) else 8000
                     current.rtpmap[int(pt)] = (bits[0], rate)
             elif name == "fmtp":
                 pt, _, params = arg.partition(" ")
-                if pt.isdigit():
+                if _digits(pt):
                     current.fmtp[int(pt)] = params
-            elif name == "ptime" and arg.isdigit():
-                current.ptime = int(arg)
+            elif name == "ptime" and _digits(arg) and 10 <= int(arg) <= 120:
+                current.ptime = int(arg)   # others: the default 20 ms
         elif kind == "m":
             parts = line[2:].split()
             if len(parts) < 4:
                 raise SdpError("malformed m= line")
             port = parts[1].split("/")[0]
-            if not port.isdigit() or int(port) > 65535:
+            if not _digits(port) or int(port) > 65535:
                 raise SdpError("bad media port")
             current = MediaDescription(parts[0], int(port), parts[2], parts[3:])
             sd.media.append(current)
@@ -149,7 +153,7 @@ def negotiate(offer: SessionDescription, prefer=SUPPORTED):
         chosen = None
         dtmf = None
         for fmt in m.formats:
-            if not fmt.isdigit():
+            if not _digits(fmt):
                 continue
             pt = int(fmt)
             enc = m.rtpmap.get(pt) or STATIC.get(pt)
