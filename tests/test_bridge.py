@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -190,5 +191,35 @@ async def test_time_limit_and_dialled_hangup_event():
             assert session.history[-1].reason == "event:time-limit"
             await caller.bye()
             caller.close()
+    finally:
+        transport.close()
+
+
+async def test_caller_gone_from_tcp_before_the_answer(caplog):
+    # The caller's TCP connection closes while the far end rings; when the far end
+    # answers, the 200 for the caller has nowhere to go. It is lost like a datagram
+    # would be (RFC 3261 17.2.4): nothing fails, and the answered leg is ACKed.
+    from tests.test_sip_core import TcpPeer, offer
+    from tests.helpers import Call
+
+    caplog.set_level(logging.INFO, logger="baton.sip")
+    transport, far = await far_end(delay=0.3)
+    raw = engine_config()
+    raw["accounts"]["demo"]["numbers"]["1002"] = {"endpoint": f"sip:bob@127.0.0.1:{far.port}"}
+    try:
+        async with running_engine(raw) as eng:
+            p = TcpPeer("127.0.0.1", eng.sip_port)
+            call = Call(p, "1002", transport="TCP")
+            p.send(call.request("INVITE", offer()))
+            await p.recv()                                  # 100 Trying
+            p.sock.close()
+            for _ in range(100):
+                if "ACK" in far.seen and any("dropped" in r.getMessage() for r in caplog.records):
+                    break
+                await asyncio.sleep(0.02)
+            assert "ACK" in far.seen, far.seen
+            errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+            assert errors == [], [r.getMessage() for r in errors]
+            assert any("dropped" in r.getMessage() for r in caplog.records)
     finally:
         transport.close()

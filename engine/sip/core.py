@@ -205,7 +205,7 @@ class SipCore:
         # that would land inside its broken quoting (RFC 4475 3.1.2.6).
         to = msg.get("to")
         tag = None if to is not None and parse_name_addr(to) is None else build.new_tag()
-        rflow.send(build.response(msg, status, flow.addr, tag, reason=reason,
+        rflow.send_or_drop(build.response(msg, status, flow.addr, tag, reason=reason,
                                   headers=headers, server=self.user_agent))
 
     def respond(self, st, msg, status: int, reason=None, headers=(), body=b"",

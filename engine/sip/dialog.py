@@ -159,7 +159,7 @@ class Dialog:
         if self.ok_elapsed >= TIMER_64T1:
             self._ack_timeout(gen)
             return
-        self.flow.send(self.ok_data)
+        self.flow.send_or_drop(self.ok_data)
         self.ok_interval = min(self.ok_interval * 2, T2)
         self.core.timers.arm_method(self.ok_interval, Dialog._retransmit_ok, self, gen)
 

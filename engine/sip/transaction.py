@@ -7,8 +7,11 @@ transports and time out. State and timer names follow the RFC.
 from __future__ import annotations
 
 import enum
+import logging
 
 from .timers import T1, T2, T4, TIMER_64T1, TimerQueues
+
+log = logging.getLogger("baton.sip")
 
 MAGIC_COOKIE = "z9hG4bK"
 
@@ -72,6 +75,16 @@ class Flow:
     def send(self, data: bytes) -> None:
         self.transport.send(data, self.addr)
 
+    def send_or_drop(self, data: bytes) -> None:
+        """Send where a failure is a lost message, as a lost datagram would be: a
+        response or ACK over a TCP connection the peer closed. The transaction and
+        dialog timers deal with the loss (RFC 3261 17.2.4: a transport error ends
+        the exchange; the peer opens a new connection for what it still needs)."""
+        try:
+            self.transport.send(data, self.addr)
+        except OSError as exc:
+            log.info("message to %s dropped: %s", self.addr, exc)
+
 
 class TransactionLayer:
     """Tables of live transactions and the timers that drive them."""
@@ -123,7 +136,7 @@ class ServerTransaction:
         if state >= COMPLETED or state == ACCEPTED:
             return  # RFC 3261 17.2.1: a final response was already sent
         self.last = data
-        self.flow.send(data)
+        self.flow.send_or_drop(data)
         if status < 200:
             self.state = PROCEEDING
             return
@@ -170,13 +183,13 @@ class ServerTransaction:
             return
         # RFC 3261 17.2.1 / 17.2.2: absorb, and re-send the last response.
         if self.last is not None and self.state in (PROCEEDING, COMPLETED):
-            self.flow.send(self.last)
+            self.flow.send_or_drop(self.last)
 
     # -- timers ---------------------------------------------------------------
     def _timer_g(self, gen: int) -> None:
         if gen != self.gen or self.state != COMPLETED:
             return
-        self.flow.send(self.last)
+        self.flow.send_or_drop(self.last)
         self.interval = min(self.interval * 2, T2)
         self.layer.timers.arm_method(self.interval, ServerTransaction._timer_g, self, gen)
 
@@ -246,7 +259,7 @@ class ClientTransaction:
         state = self.state
         if state in (COMPLETED, TERMINATED):
             if self.is_invite and status >= 300 and self.ack is not None:
-                self.flow.send(self.ack)  # RFC 3261 17.1.1.2: re-ACK retransmitted finals
+                self.flow.send_or_drop(self.ack)  # RFC 3261 17.1.1.2: re-ACK retransmitted finals
             return
         if state == ACCEPTED:
             if 200 <= status < 300:
@@ -273,7 +286,7 @@ class ClientTransaction:
                 self.state = COMPLETED
                 if self.make_ack is not None:
                     self.ack = self.make_ack(msg)
-                    self.flow.send(self.ack)
+                    self.flow.send_or_drop(self.ack)
                 if reliable:
                     self._terminate()
                 else:

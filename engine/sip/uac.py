@@ -243,7 +243,7 @@ class OutgoingCall:
         h += [("from", f"{self.from_uri};tag={self.local_tag}"),
               ("to", f"{d.remote_uri}" if ";tag=" in d.remote_uri else f"{d.remote_uri};tag={d.remote_tag}"),
               ("call-id", self.call_id), ("cseq", f"{self.cseq} ACK")]
-        self.flow.send(build.request("ACK", d.remote_target or self.target, h))
+        self.flow.send_or_drop(build.request("ACK", d.remote_target or self.target, h))
 
     # -- ending -----------------------------------------------------------------
     def cancel(self) -> None:
