@@ -26,6 +26,7 @@ import weakref
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urljoin, urlsplit
 
+from ...sip.message import valid_text
 from ..base import answer_caller
 from .conference import Room, RoomFull, Rooms
 from .fetch import Fetcher, FetchError
@@ -185,7 +186,7 @@ class Runner:
         if dialog is not None and dialog.invite is not None:
             div = dialog.invite.get("diversion")
             if div:
-                self.session.params.setdefault("ForwardedFrom", _party(div))
+                self.session.params.setdefault("ForwardedFrom", _party(valid_text(div)))
         if not leg.answered and dialog is not None:
             dialog.provisional(180)
         return Fetch(str(url), str(self.params.get("method", "POST")).upper(), {})
