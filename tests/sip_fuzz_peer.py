@@ -7,8 +7,8 @@ Valid requests (INVITE with SDP, OPTIONS, BYE, REGISTER, ACK, CANCEL, INFO, to
 every demo number) are mutated: octets deleted, replaced and inserted (CRLFs,
 NULs, octets that are not UTF-8, huge numbers, header fragments), and sent as
 datagrams or, over TCP, cut into random segments on connections that are
-opened and torn down at random. Every 200 messages an OPTIONS must still be
-answered 200. Prints one JSON line; exits 1 when the engine stopped answering.
+opened and torn down at random. It starts once OPTIONS over UDP and TCP are
+answered, and every 200 messages they must still be. Prints one JSON line; exits 1 when the engine stopped answering.
 It imports nothing from the engine.
 """
 from __future__ import annotations
@@ -143,6 +143,17 @@ def main() -> int:
     mode, hostport, seed, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     port = int(hostport.rsplit(":", 1)[1])
     rng = random.Random(seed)
+    deadline = time.monotonic() + 20     # the engine is up when both transports answer
+    while True:
+        try:
+            if alive(port, "start"):
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            print(json.dumps({"error": "the engine never answered OPTIONS"}))
+            return 1
+        time.sleep(0.2)
     result = (run_udp if mode == "udp" else run_tcp)(rng, port, count)
     if "dead_after" not in result:
         time.sleep(0.5)
