@@ -196,6 +196,29 @@ def test_running_cost_and_policy_snapshot(tmp_path):
     eng.close()
 
 
+def test_running_cost_after_a_payer_change_is_the_new_payers(tmp_path):
+    # A calling card: the number's owner pays for the service until the PIN, the card
+    # after it. The live cost is the card's, as an ended session's cost is its last
+    # payer's; what the owner was charged stays the owner's (in the owner's currency).
+    eng = Engine(tmp_path)
+    eng.start("P", 0, "post")
+    eng.go("P", "", "baton.menu", "application", 0, "post")
+    eng.go("P", "baton.menu", "baton.bridge", "basic", 60 * S, "pre")     # the card pays
+    with Accountant(str(tmp_path), CONFIG) as acct:
+        acct.drain()
+        owner = [t for t in acct.ledger.transactions(session="P") if t["account"] == "post"]
+        assert [t["amount"] for t in owner] == [20000]        # 60 s at 0.02/min
+        # 61 s into the bridge: its connect fee and one 60 s increment, the card's alone
+        assert acct.running_cost("P", MONO0 + 121 * S) == 5000 + 10000
+        snap = acct.policy_snapshot(now_mono_ns=MONO0 + 121 * S, now_wall_ns=WALL0 + 121 * S)
+        assert snap["accounts"]["pre"]["balance_micro"] == 1_000_000 - 15000
+    # The split by payer survives the accountant's restart (its state is reloaded).
+    with Accountant(str(tmp_path), CONFIG) as acct:
+        acct.drain()
+        assert acct.running_cost("P", MONO0 + 121 * S) == 5000 + 10000
+    eng.close()
+
+
 def test_subscriptions(tmp_path):
     eng = Engine(tmp_path)
     month2 = 30 * 86400 * S            # into 2026-12, which is paid outside

@@ -492,12 +492,15 @@ class Accountant:
 
     # -- live views ----------------------------------------------------------
     def running_cost(self, session_id: str, now_mono_ns: int | None = None) -> int | None:
-        """Micro-units a live session has cost so far, to the last completed
-        billing increment of its current module; None if it is not open."""
+        """Micro-units a live session has cost its current payer so far, to the
+        last completed billing increment of its current module (what an earlier
+        payer was charged, maybe in another currency, is that payer's); None if
+        it is not open."""
         o = self.meter.find(session_id)
         if o is None:
             return None
-        return self.rater.running_cost(o, time.monotonic_ns() if now_mono_ns is None else now_mono_ns)
+        return self.rater.running_cost(o, time.monotonic_ns() if now_mono_ns is None else now_mono_ns,
+                                       payer_only=True)
 
     def policy_snapshot(self, now_mono_ns: int | None = None,
                         now_wall_ns: int | None = None) -> dict[str, Any]:

@@ -140,7 +140,7 @@ class OpenSession:
 
     __slots__ = ("node", "session", "account", "start_mono", "start_wall", "module", "level",
                  "seg_mono", "seg_wall", "last_mono", "last_wall", "charged", "usage",
-                 "metered")
+                 "metered", "charged_by")
 
     def __init__(self, node: str, session: str, account: str) -> None:
         self.node = node
@@ -157,20 +157,30 @@ class OpenSession:
         self.charged = 0
         self.usage: dict[str, int] = {}
         self.metered = 0
+        # `charged` split by paying account (a payer can change mid-session).
+        self.charged_by: dict[str, int] = {}
+
+    def charge(self, account: str, amount: int) -> None:
+        """Micro-units posted for this session, to `account`."""
+        self.charged += amount
+        self.charged_by[account] = self.charged_by.get(account, 0) + amount
 
     def dump(self) -> list[Any]:
         """The state as a list of plain values (msgpack-able)."""
         return [self.node, self.session, self.account, self.start_mono, self.start_wall,
                 self.module, self.level, self.seg_mono, self.seg_wall, self.last_mono,
-                self.last_wall, self.charged, self.usage, self.metered]
+                self.last_wall, self.charged, self.usage, self.metered, self.charged_by]
 
     @classmethod
     def load(cls, data: list[Any]) -> OpenSession:
         """Rebuild an OpenSession from `dump()`."""
         o = cls(data[0], data[1], data[2])
         (o.start_mono, o.start_wall, o.module, o.level, o.seg_mono, o.seg_wall, o.last_mono,
-         o.last_wall, o.charged, usage, o.metered) = data[3:]
+         o.last_wall, o.charged, usage, o.metered) = data[3:14]
         o.usage = dict(usage)
+        # A state saved before the split by payer: all of it is the payer's it names.
+        o.charged_by = dict(data[14]) if len(data) > 14 else \
+            ({o.account: o.charged} if o.charged else {})
         return o
 
 

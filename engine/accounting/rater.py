@@ -122,7 +122,7 @@ class Rater:
                 u = o.usage
                 sk = account + SK + module
                 u[sk] = u.get(sk, 0) + q
-                o.charged += amount
+                o.charge(account, amount)
             sn = ctx[3]
             append(_new(Line, (f"{node}:{seq}", "usage", node, seq, session, account, module,
                                "time", level, period, wall, ns, q, unit, name, price, amount,
@@ -197,7 +197,7 @@ class Rater:
             u = o.usage
             sk = account + SK + module
             u[sk] = u.get(sk, 0) + q
-            o.charged += amount
+            o.charge(account, amount)
         sn, sd = ctx[3], ctx[4]
         out.append(_new(Line, (f"{node}:{seq}" if seq is not None else seg.key, "usage",
                                node, seq, session, account, module, "time", level,
@@ -228,7 +228,7 @@ class Rater:
         amount = ch.amount
         if o is not None:
             o.usage[sk] = prior_s + q
-            o.charged += amount
+            o.charge(account, amount)
         vendor, share = book.vendor_of(module)
         out.append(Line(seg.key, "usage", seg.node, seg.seq, seg.session, account, module,
                         "time", seg.level, period, seg.start_wall, ns, q, plan.unit, plan.name,
@@ -274,7 +274,7 @@ class Rater:
             self.last_plan[(account, target)] = plan
         if o is not None:
             o.usage[sk] = prior_s + q
-            o.charged += ch.amount
+            o.charge(account, ch.amount)
         vendor, share = book.vendor_of(module)
         out.append(Line(act.key, "action", act.node, act.seq, act.session, account, module,
                         act.action, "", period, wall, act.count, q, plan.unit, plan.name,
@@ -291,7 +291,7 @@ class Rater:
         self.dirty.add(uk)
         amount = act.price * act.count
         if act.owner is not None:
-            act.owner.charged += amount
+            act.owner.charge(account, amount)
         vendor, share = self.book.vendor_of(module)
         out.append(Line(act.key, "fee", act.node, act.seq, act.session, account, module,
                         act.action, "", period, wall, act.count, act.count, "action",
@@ -300,12 +300,13 @@ class Rater:
                         split_share(amount, share) if share else 0, None, ""))
 
     # -- live sessions -------------------------------------------------------------
-    def running_cost(self, o: OpenSession, now_mono_ns: int) -> int:
+    def running_cost(self, o: OpenSession, now_mono_ns: int, payer_only: bool = False) -> int:
         """Micro-units a live session has cost so far: its posted lines plus
         its current segment rated up to the last completed billing increment
         (with the connect fee, the minimum, and a subscription fee the segment
-        would trigger). Changes nothing."""
-        total = o.charged
+        would trigger). `payer_only`: only what its current payer was charged
+        (the posted lines of earlier payers left out). Changes nothing."""
+        total = o.charged_by.get(o.account, 0) if payer_only else o.charged
         if not o.module:
             return total
         plan = self.book.plan_for(o.account, o.module, o.level)
