@@ -13,8 +13,6 @@ import queue
 import sqlite3
 import threading
 
-from .sip.message import valid_text
-
 log = logging.getLogger("baton.store")
 
 SCHEMA = """
@@ -120,25 +118,15 @@ class SessionStore:
             fields.append(dumps([dict(zip(_SPAN_KEYS, h)) for h in history]))
             rows.append(fields)
         try:
-            try:
-                self._insert(conn, rows)
-            except UnicodeEncodeError:
-                # Text that is not valid Unicode (header octets that were not UTF-8):
-                # the row is written with them mended rather than lost.
-                rows = [[valid_text(f) if isinstance(f, str) else f for f in r] for r in rows]
-                self._insert(conn, rows)
+            with conn:
+                conn.executemany(
+                    "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE "
+                    "SET module=excluded.module, level=excluded.level, "
+                    "ended_wall_ns=excluded.ended_wall_ns, end_reason=excluded.end_reason, "
+                    "history=excluded.history", rows)
             self.written += len(rows)
         except sqlite3.Error:
             log.exception("session journal write failed (%d rows)", len(rows))
-
-    @staticmethod
-    def _insert(conn, rows) -> None:
-        with conn:
-            conn.executemany(
-                "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE "
-                "SET module=excluded.module, level=excluded.level, "
-                "ended_wall_ns=excluded.ended_wall_ns, end_reason=excluded.end_reason, "
-                "history=excluded.history", rows)
 
 
 _SPAN_KEYS = ("module", "level", "node", "reason", "start_mono_ns", "end_mono_ns",

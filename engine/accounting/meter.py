@@ -139,8 +139,8 @@ class OpenSession:
     counted within a session)."""
 
     __slots__ = ("node", "session", "account", "start_mono", "start_wall", "module", "level",
-                 "seg_mono", "seg_wall", "last_mono", "last_wall", "charged", "usage",
-                 "metered", "charged_by")
+                 "seg_mono", "seg_wall", "last_mono", "last_wall", "charged_by", "usage",
+                 "metered")
 
     def __init__(self, node: str, session: str, account: str) -> None:
         self.node = node
@@ -154,15 +154,18 @@ class OpenSession:
         self.seg_wall = 0
         self.last_mono = 0
         self.last_wall = 0
-        self.charged = 0
+        # Micro-units posted so far, per paying account (a payer can change mid-session).
+        self.charged_by: dict[str, int] = {}
         self.usage: dict[str, int] = {}
         self.metered = 0
-        # `charged` split by paying account (a payer can change mid-session).
-        self.charged_by: dict[str, int] = {}
+
+    @property
+    def charged(self) -> int:
+        """Micro-units posted so far, to every payer."""
+        return sum(self.charged_by.values())
 
     def charge(self, account: str, amount: int) -> None:
         """Micro-units posted for this session, to `account`."""
-        self.charged += amount
         self.charged_by[account] = self.charged_by.get(account, 0) + amount
 
     def dump(self) -> list[Any]:
@@ -176,11 +179,11 @@ class OpenSession:
         """Rebuild an OpenSession from `dump()`."""
         o = cls(data[0], data[1], data[2])
         (o.start_mono, o.start_wall, o.module, o.level, o.seg_mono, o.seg_wall, o.last_mono,
-         o.last_wall, o.charged, usage, o.metered) = data[3:14]
+         o.last_wall, charged, usage, o.metered) = data[3:14]
         o.usage = dict(usage)
         # A state saved before the split by payer: all of it is the payer's it names.
         o.charged_by = dict(data[14]) if len(data) > 14 else \
-            ({o.account: o.charged} if o.charged else {})
+            ({o.account: charged} if charged else {})
         return o
 
 

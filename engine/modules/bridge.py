@@ -82,15 +82,17 @@ class BridgeModule(Module):
             log.info("session %s: bridge: %s", session.id, exc)
             self._outcome(ctl, None, "failed", 404)
             return
-        if not caller.answered and caller.dialog is not None and caller.dialog.remote_sdp:
-            # The caller's offer is answered only once the far end answers: an offer
-            # that could never be answered is refused now, before anyone is rung.
+        neg = caller.negotiated
+        if neg is None and caller.dialog is not None and caller.dialog.remote_sdp:
             try:
-                sdp.negotiate(sdp.parse(caller.dialog.remote_sdp))
+                neg, _ = sdp.negotiate(sdp.parse(caller.dialog.remote_sdp))
             except SdpError as exc:
-                log.info("session %s: unusable SDP offer: %s", session.id, exc)
-                caller.dialog.reject(488, why="sdp")
-                return
+                if not caller.answered:
+                    # The offer is answered only once the far end answers: one that
+                    # could never be answered is refused now, before anyone is rung.
+                    log.info("session %s: unusable SDP offer: %s", session.id, exc)
+                    caller.dialog.reject(488, why="sdp")
+                    return
         state = BridgeState(ctl, self)
         ctl.state = state
         leg = Leg(session, role="dialled")
@@ -100,7 +102,7 @@ class BridgeModule(Module):
         except PortsExhausted:
             self._outcome(ctl, state, "failed", 503)
             return
-        offer = self._offer(caller, leg)
+        offer = self._offer(neg, leg)
         from_uri = ctl.params.get("caller_id")
         from_uri = f"<sip:{from_uri}@{domain}>" if from_uri else session.from_uri.split(";tag=")[0]
         mf = 70
@@ -164,15 +166,10 @@ class BridgeModule(Module):
             raise ValueError(f"cannot dial {to!r} without a trunk")
         return to, None, None, None, self.engine.cfg.advertise
 
-    def _offer(self, caller, leg) -> bytes:
-        """Offer the dialled party what the caller uses, so the relay never transcodes."""
-        neg = caller.negotiated
+    def _offer(self, neg, leg) -> bytes:
+        """Offer the dialled party what the caller uses (`neg`, None when the caller
+        made no offer), so the relay never transcodes."""
         addr = self.engine.media_address
-        if neg is None and caller.dialog is not None and caller.dialog.remote_sdp:
-            try:
-                neg, _ = sdp.negotiate(sdp.parse(caller.dialog.remote_sdp))
-            except SdpError:
-                neg = None
         leg.sdp_version += 1
         if neg is None:
             return sdp.build(addr, leg.ports.port, None, leg.sdp_id, leg.sdp_version)
@@ -221,9 +218,10 @@ class BridgeModule(Module):
             try:
                 answer = answer_media(self.engine, caller, caller.dialog.remote_sdp)
             except (SdpError, PortsExhausted):
+                # The caller first: ending the dialled leg first would end the session
+                # and take the caller's dialog with it.
+                caller.dialog.reject(488, why="sdp")
                 leg.hangup("sdp")
-                if caller.dialog is not None:
-                    caller.dialog.reject(488, why="sdp")
                 return
             caller.dialog.answer(answer)
             caller.answered = True
