@@ -46,6 +46,7 @@ from typing import Any
 from engine.accounting.config import PeriodClock
 from engine.accounting.money import MoneyError, format_money, parse_money
 from engine.accounting.plans import PlanError, parse_plan
+from engine.common import clock
 
 log = logging.getLogger("baton.control.metering")
 
@@ -238,7 +239,7 @@ class ApiMeter:
     # -- counting -------------------------------------------------------------------
     def period(self, key: ApiKey, wall_ns: int | None = None) -> str:
         """The key's current quota period ("2026-11", or "2026-11-26")."""
-        return self._clocks[key.period].of(time.time_ns() if wall_ns is None else wall_ns)
+        return self._clocks[key.period].of(clock.wall_ns() if wall_ns is None else wall_ns)
 
     def limit(self, key: ApiKey, period: str) -> int:
         """The calls the key may make in `period`: its quota plus its top-ups so far."""
@@ -252,7 +253,7 @@ class ApiMeter:
     def admit(self, key: ApiKey, method: str = "") -> str | None:
         """Count one call of `key`; None when it may proceed, else the refusal
         (a message naming the key and its quota)."""
-        wall = time.time_ns()
+        wall = clock.wall_ns()
         period = self.period(key, wall)
         u = self.usage.get((key.id, period))
         if u is None:
@@ -303,7 +304,7 @@ class ApiMeter:
             period = self.period(key)
             top_ups = self.usage.get((key.id, period), (0, 0))[1]
             if top_ups and key.top_up is not None:
-                self._stamp_top_up(key, period, top_ups, time.time_ns())
+                self._stamp_top_up(key, period, top_ups, clock.wall_ns())
                 n += 1
         return n
 

@@ -25,6 +25,7 @@ from engine.sip.uri import parse_uri
 
 from . import pb
 from .auth import AuthError, Authority, in_scope
+from engine.common import clock
 
 log = logging.getLogger("baton.control.sessions")
 
@@ -315,7 +316,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         leg.attach_dialog(call.dialog)
         leg.answered = True
         leg.apply_media(neg)
-        session.started_mono, session.started_wall = time.monotonic_ns(), time.time_ns()
+        session.started_mono, session.started_wall = time.monotonic_ns(), clock.wall_ns()
         engine.sessions[session.id] = session
         if app is not None:
             node = apps_mod.resolve(app, app.start, params)
@@ -348,7 +349,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
             info.ClearField("params")
             infos.append(info)
         started = self.engine.stamper.started_by_account
-        return sp.ListResponse(sessions=infos, live=len(mine), now_wall_ns=time.time_ns(),
+        return sp.ListResponse(sessions=infos, live=len(mine), now_wall_ns=clock.wall_ns(),
                                started_total=sum(started.values()) if account is None
                                else started[account])
 

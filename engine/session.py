@@ -20,6 +20,7 @@ from . import apps as apps_mod
 from .logs import SESSION as _LOG_SESSION
 from .sip import sdp
 from .sip.dialog import DialogOwner
+from .common import clock
 
 log = logging.getLogger("baton.session")
 
@@ -46,7 +47,7 @@ class ControlSpan:
         self.node = node
         self.reason = reason
         self.start_mono = time.monotonic_ns()
-        self.start_wall = time.time_ns()
+        self.start_wall = clock.wall_ns()
         self.end_mono = None
         self.end_wall = None
         self.end_reason = None
@@ -170,7 +171,7 @@ class Session:
         self.control: Control | None = None
         self.vars = dict(app.vars) if app is not None else {}
         self.started_mono = time.monotonic_ns()
-        self.started_wall = time.time_ns()
+        self.started_wall = clock.wall_ns()
         self.ended_mono = None
         self.ended_wall = None
         self.transitions = 0
@@ -382,7 +383,7 @@ class Session:
         return decision
 
     def _record(self, code, level, reason, node, closed=False) -> ControlSpan:
-        mono, wall = time.monotonic_ns(), time.time_ns()
+        mono, wall = time.monotonic_ns(), clock.wall_ns()
         if self.history and self.history[-1].end_mono is None and not closed:
             self.history[-1].close(reason, mono, wall)
         span = ControlSpan(code, level, reason, getattr(node, "name", ""))
@@ -431,7 +432,7 @@ class Session:
             return
         self.ended = True
         self.end_reason = reason
-        self.ended_mono, self.ended_wall = time.monotonic_ns(), time.time_ns()
+        self.ended_mono, self.ended_wall = time.monotonic_ns(), clock.wall_ns()
         ctl = self.control
         if self.history and self.history[-1].end_mono is None:
             self.history[-1].close(reason, self.ended_mono, self.ended_wall)

@@ -9,6 +9,7 @@ import collections
 import logging
 import os
 import time
+from .common import clock
 
 log = logging.getLogger("baton.stamper")
 
@@ -31,7 +32,7 @@ class Stamper:
             # Tells the accountant this node (re)started: sessions it still had
             # open from a previous run are closed at the last moment seen.
             self.writer.append_record({"type": "node", "kind": "start",
-                                       "mono_ns": time.monotonic_ns(), "wall_ns": time.time_ns()})
+                                       "mono_ns": time.monotonic_ns(), "wall_ns": clock.wall_ns()})
 
     def session_start(self, session) -> None:
         self.stamps += 1
@@ -80,4 +81,4 @@ class Stamper:
 
 
 def now_ns() -> tuple[int, int]:
-    return time.monotonic_ns(), time.time_ns()
+    return time.monotonic_ns(), clock.wall_ns()

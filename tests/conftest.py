@@ -21,6 +21,13 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# No test depends on today's date: every process the suite starts (and this
+# one) reads billing's wall clock (engine/common/clock.py) as if the suite had
+# started at SUITE_START, far from any period's edge. Set before the engine is
+# imported, and inherited by every child.
+SUITE_START_S = 1_925_640_000                     # 2031-01-08T12:00:00Z (not a leap year)
+os.environ["BATON_CLOCK_SHIFT_NS"] = str(SUITE_START_S * 1_000_000_000 - __import__("time").time_ns())
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running (talk-off corpus, soak)")
@@ -80,3 +87,26 @@ def _restore_root_logging():
         if h not in root.handlers:
             root.addHandler(h)
     root.setLevel(level)
+
+
+@pytest.fixture
+def billing_time():
+    """Travel billing's wall clock to an instant (ns since the epoch, UTC) with
+    time-machine: `billing_time(at_ns, tick=False)`; the clock reads `at_ns`."""
+    import time_machine
+
+    from engine.common import clock
+
+    travellers = []
+
+    def travel(at_ns: int, tick: bool = False):
+        if travellers:
+            travellers.pop().stop()
+        t = time_machine.travel((at_ns - clock.SHIFT_NS) / 1e9, tick=tick)
+        t.start()
+        travellers.append(t)
+        return t
+
+    yield travel
+    for t in travellers:
+        t.stop()

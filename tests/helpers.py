@@ -273,3 +273,11 @@ class BlockingPeer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def period_now() -> str:
+    """The billing period that billing's clock reads now: fixed for the whole
+    run by tests/conftest.py, whatever today's date."""
+    from engine.accounting.config import PeriodClock
+
+    return PeriodClock().now()

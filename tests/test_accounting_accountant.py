@@ -15,6 +15,7 @@ from engine import ring
 from engine.accounting.accountant import Accountant, bill_main, main
 from engine.accounting.invoices import invoice, payouts
 from engine.accounting.ledger import SqliteLedger
+from engine.common import clock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = 1_000_000_000
@@ -293,7 +294,9 @@ def test_standalone_process_and_sigterm(tmp_path):
     cfg.write_text(SEED_TOML)
     data = tmp_path / "data"
     eng = Engine(data)
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    # The accountant's clock reads mid-November 2026, the period of the stamps.
+    env = {**os.environ, "PYTHONPATH": ROOT,
+           clock.SHIFT_ENV: str(clock.shift_to(WALL0 + 14 * 86400 * S))}
     proc = subprocess.Popen([sys.executable, "-m", "engine.accounting.accountant", "--data-dir",
                              str(data), "--config", str(cfg), "--log-level", "warning"],
                             cwd=ROOT, env=env)

@@ -16,7 +16,7 @@ from control.metering import load_api_keys  # noqa: E402
 from engine.accounting.accountant import Accountant  # noqa: E402
 from engine.accounting.invoices import invoice  # noqa: E402
 from engine.config import ConfigError, from_dict  # noqa: E402
-from tests.helpers import engine_config, running_engine  # noqa: E402
+from tests.helpers import engine_config, period_now, running_engine  # noqa: E402
 
 sp = pb.sessions_pb2
 
@@ -91,7 +91,7 @@ async def test_quota_top_up_restart_and_invoice():
             assert await calls(stub, TOPPED, 1) == [OK]           # the 6th: no new top-up
             assert eng.control.metering.used(eng.cfg.api_keys["topped"]) == 6
     # The accountant rates the api_call actions per key, by the key's plan.
-    period = time.strftime("%Y-%m", time.gmtime())
+    period = period_now()
     with Accountant(data_dir, raw) as acct:
         acct.drain()
         assert not acct.ledger.check()

@@ -24,7 +24,7 @@ import grpc  # noqa: E402
 from control import pb  # noqa: E402
 from control.sdk import VendorClient  # noqa: E402
 from engine.accounting.service import billing_address  # noqa: E402
-from tests.helpers import BATON, ROOT, running_engine  # noqa: E402
+from tests.helpers import BATON, ROOT, period_now, running_engine  # noqa: E402
 from tests.test_sessions import Caller  # noqa: E402
 from tests.test_webhooks import SECRET, Receiver, toml_text  # noqa: E402
 from tests.vendor_procs.harness import (OTHER_TOKEN, SECRET_A, SECRET_B, TOKEN,  # noqa: E402
@@ -128,7 +128,7 @@ async def test_billing_api_against_a_real_accountant(tmp_path):
     path = tmp_path / "baton.toml"
     path.write_text(toml_text(raw))
     raw = tomllib.loads(path.read_text())      # exactly what the accountant reads
-    period = time.strftime("%Y-%m", time.gmtime())
+    period = period_now()
     acct = None
     try:
         async with running_engine(raw) as eng:

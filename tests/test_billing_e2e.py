@@ -6,7 +6,7 @@ import os
 import subprocess
 import time
 
-from tests.helpers import BATON, DEMO, BlockingPeer, EngineProcess
+from tests.helpers import BATON, BlockingPeer, DEMO, EngineProcess, period_now
 
 
 def run(*args, timeout=60):
@@ -30,7 +30,7 @@ def test_calls_end_up_on_one_invoice():
     assert "Traceback" not in eng.output()
     log = os.path.join(eng.data_dir, "accountant.log")
     assert os.path.exists(log), "serve starts the accountant"
-    period = time.strftime("%Y-%m", time.gmtime())
+    period = period_now()
     r = run("bill", "invoice", "--account", "demo", "--period", period, "--format", "json",
             "--data-dir", eng.data_dir, "--config", DEMO)
     assert r.returncode == 0, r.stderr + open(log).read()

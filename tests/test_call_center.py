@@ -19,7 +19,7 @@ import time
 import pytest
 
 from engine.config import ConfigError, from_dict
-from tests.helpers import BATON, ROOT, EngineProcess, engine_config, free_port
+from tests.helpers import BATON, EngineProcess, ROOT, engine_config, free_port, period_now
 
 grpc = pytest.importorskip("grpc")
 
@@ -421,7 +421,7 @@ def test_agents_longest_idle_no_answer_wrap_up_and_post_call(center):
     assert (q.agents.available, q.agents.offline) == (1, 1) and q.average_handle_seconds > 0
     # One invoice: the wait in the queue at the service plan, the bridged talk at the basic one.
     assert engine.stop(timeout=20) == 0
-    period = time.strftime("%Y-%m", time.gmtime())
+    period = period_now()
     r = subprocess.run([BATON, "bill", "invoice", "--account", "demo", "--period", period,
                         "--format", "json", "--data-dir", engine.data_dir, "--config",
                         engine.config], capture_output=True, text=True, timeout=60)

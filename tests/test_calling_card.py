@@ -224,7 +224,7 @@ def step(name):
 @needs_peers
 def test_calling_card_end_to_end():
     pytest.importorskip("pjsua2")
-    from tests.helpers import EngineProcess
+    from tests.helpers import EngineProcess, period_now
 
     tmp = tempfile.mkdtemp(prefix="baton-card-")
     config = os.path.join(tmp, "card.toml")
@@ -277,7 +277,7 @@ def test_calling_card_end_to_end():
     assert spoken > 300 and spoken > 10 * (quiet + 1), (quiet, spoken)
 
     drain(eng.data_dir, config)
-    period = time.strftime("%Y-%m", time.gmtime())
+    period = period_now()
 
     def invoice(account):
         r = run_bill("invoice", "--account", account, "--period", period, "--format", "json",

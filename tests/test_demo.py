@@ -13,7 +13,7 @@ import time
 import pytest
 
 from engine import caller
-from tests.helpers import BATON, ROOT
+from tests.helpers import BATON, ROOT, period_now
 
 pytestmark = [
     pytest.mark.interop,
@@ -82,7 +82,7 @@ def test_demo_tour_end_to_end(tmp_path):
         assert "Traceback" not in text, f"{log}:\n{text[-4000:]}"
 
     # The same from the ledger it left behind, as `baton bill` reads it.
-    period = time.strftime("%Y-%m", time.gmtime())
+    period = period_now()
     config = os.path.join(ROOT, "examples", "demo.toml")
     b = subprocess.run([BATON, "bill", "payouts", "--period", period, "--vendor", "acme",
                         "--format", "json", "--data-dir", str(data), "--config", config],

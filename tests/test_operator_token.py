@@ -21,7 +21,7 @@ from control import pb  # noqa: E402
 from control.sdk import VendorClient  # noqa: E402
 from engine import config as config_mod  # noqa: E402
 from engine.top import Frame, from_engine  # noqa: E402
-from tests.helpers import running_engine  # noqa: E402
+from tests.helpers import period_now, running_engine  # noqa: E402
 from tests.test_billing_api import Accountant, code_of  # noqa: E402
 from tests.test_sessions import Caller  # noqa: E402
 from tests.test_webhooks import toml_text  # noqa: E402
@@ -78,7 +78,7 @@ async def test_operator_sees_every_account_and_vendor(tmp_path):
     path = tmp_path / "baton.toml"
     path.write_text(toml_text(raw))
     raw = tomllib.loads(path.read_text())      # exactly what the accountant reads
-    period = time.strftime("%Y-%m", time.gmtime())
+    period = period_now()
     acct = None
     try:
         async with running_engine(raw) as eng:

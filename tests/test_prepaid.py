@@ -27,7 +27,7 @@ import pytest
 from engine.accounting.plans import parse_plan
 from engine.policy import (GUARD, Decision, Snapshot, affordable, limit_seconds,
                            segment_cost)
-from tests.helpers import BATON, ROOT, EngineProcess
+from tests.helpers import BATON, EngineProcess, ROOT, period_now
 
 M = 1_000_000
 
@@ -422,7 +422,7 @@ def test_prepaid_call_is_warned_then_cut_off_at_the_balance():
     spoken = loudness(record, warned_at - t0, warned_at - t0 + 3.0)
     assert spoken > 300 and spoken > 10 * (quiet + 1), (quiet, spoken)
     drain(eng.data_dir, config)
-    period = time.strftime("%Y-%m", time.gmtime())
+    period = period_now()
     r = run_bill("invoice", "--account", "pre", "--period", period, "--format", "json",
                  "--data-dir", eng.data_dir, "--config", config)
     assert r.returncode == 0, r.stderr

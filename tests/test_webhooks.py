@@ -13,7 +13,7 @@ from aiohttp import web
 from engine.config import ConfigError, from_dict
 from engine.webhooks import (HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, SyncWebhooks,
                              WebhookSettings, Webhooks, sign, verify)
-from tests.helpers import engine_config
+from tests.helpers import engine_config, period_now
 from tests.vendor_procs.harness import wait_until
 
 SECRET = "whsec-0123456789abcdef"
@@ -258,9 +258,10 @@ NOTIFY_CONFIG = {
 def stamp_call(data_dir, sid: str, account: str, seconds: int, messages: int) -> None:
     """A finished call stamped into the ring as the engine does, at the current time."""
     from engine import ring
+    from engine.common import clock
 
     w = ring.RingWriter(str(data_dir / "ring" / "ring.dat"), slots=1024, node_id="n1")
-    mono, wall = time.monotonic_ns() - seconds * 10**9, time.time_ns() - seconds * 10**9
+    mono, wall = time.monotonic_ns() - seconds * 10**9, clock.wall_ns() - seconds * 10**9
     w.stamp_session("start", sid, account, mono, wall)
     w.stamp_transition(sid, account, "", "baton.bridge", "basic", "initial", mono, wall)
     for _ in range(messages):
@@ -335,7 +336,7 @@ async def test_bill_invoice_notify(tmp_path):
         acct.drain()
     path = tmp_path / "baton.toml"
     path.write_text(toml_text(raw))
-    period = time.strftime("%Y-%m", time.gmtime())
+    period = period_now()
     try:
         r = await asyncio.to_thread(subprocess.run, [
             BATON, "bill", "invoice", "--account", "demo", "--period", period, "--format",

@@ -43,6 +43,7 @@ from .ledger import Ledger, LedgerError, Line, PostgresLedger, open_ledger
 from .meter import Meter, OpenSession
 from .money import format_money
 from .rater import Rater
+from ..common import clock
 
 __all__ = ["Accountant", "main", "bill_main", "ring_path", "policy_path", "tune_gc"]
 
@@ -304,7 +305,7 @@ class Accountant:
         marks, wall = self._marks, None
         while marks and marks[0][0] <= batch.position[1]:
             wall = marks.popleft()[1]
-        self.last_commit = time.time()
+        self.last_commit = clock.wall()
         if wall is not None:
             self.lag_seconds = max(0.0, self.last_commit - wall / 1e9)
         charges = self.charges
@@ -507,13 +508,19 @@ class Accountant:
         """What the engine's policy needs, per account: balance and funds left
         (with live sessions' running costs), period paid, banned, caps."""
         now_mono = time.monotonic_ns() if now_mono_ns is None else now_mono_ns
-        wall = time.time_ns() if now_wall_ns is None else now_wall_ns
+        wall = clock.wall_ns() if now_wall_ns is None else now_wall_ns
         period = self.rater.clock.of(wall)
         live: dict[str, int] = {}
         limited = {a for a, acc in self.book.accounts.items()
                    if acc.prepaid_balance is not None or acc.credit_limit is not None}
+        of = self.rater.clock.of
         for o in self.meter:
             if o.account in limited:
+                # A postpaid balance is this period's invoice so far: a live segment
+                # belongs to the period it began in (docs/billing.md), as its line will.
+                acc = self.book.account(o.account)
+                if acc.prepaid_balance is None and of(o.seg_wall or wall) != period:
+                    continue
                 live[o.account] = live.get(o.account, 0) + \
                     self.rater.running_cost(o, now_mono) - o.charged
         caps = self.rater.caps(period)

@@ -15,6 +15,7 @@ from typing import Any
 
 from .money import MoneyError, check_currency, parse_money, parse_ratio
 from .plans import FREE, FREE_ACTION, PlanError, SubscriptionPlan, UsagePlan, parse_plans
+from ..common import clock
 
 __all__ = ["BillingConfig", "BillingConfigError", "AccountBilling", "Vendor", "PeriodClock",
            "ACTIONS", "LEVELS"]
@@ -105,7 +106,7 @@ class PeriodClock:
 
     def now(self) -> str:
         """The current period."""
-        return self.of(time.time_ns())
+        return self.of(clock.wall_ns())
 
 
 def _table(raw: dict, key: str, where: str) -> dict:

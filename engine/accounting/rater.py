@@ -10,7 +10,6 @@ time its segment began (or of its action).
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 import msgpack
@@ -19,6 +18,7 @@ from .config import BillingConfig, PeriodClock
 from .ledger import Line, split_share
 from .meter import Action, OpenSession, Segment
 from .plans import DEN, NS, PerUnitPlan, SubscriptionPlan, UsagePlan, _SCALE
+from ..common import clock
 
 __all__ = ["Rater", "usage_key"]
 
@@ -255,7 +255,7 @@ class Rater:
         if plan is None:
             plan = book.plan_for(account, module, "", act.action)
         target = f"{module}:{act.action}"
-        wall = act.wall_ns or time.time_ns()
+        wall = act.wall_ns or clock.wall_ns()
         period = self.clock.of(wall)
         uk = (account, target, period)
         prior = self.usage.get(uk, 0)
@@ -283,7 +283,7 @@ class Rater:
 
     def _rate_fee_action(self, act: Action, out: list[Line]) -> None:
         account, module = act.account, act.module
-        wall = act.wall_ns or time.time_ns()
+        wall = act.wall_ns or clock.wall_ns()
         period = self.clock.of(wall)
         target = f"{module}:{act.action}"
         uk = (account, target, period)
@@ -312,7 +312,7 @@ class Rater:
         plan = self.book.plan_for(o.account, o.module, o.level)
         elapsed = max(0, now_mono_ns - o.seg_mono)
         q = plan.increment.completed(elapsed) if plan.is_time else 1
-        period = self.clock.of(o.seg_wall or time.time_ns())
+        period = self.clock.of(o.seg_wall or clock.wall_ns())
         prior = self.usage.get((o.account, o.module, period), 0)
         paid = True
         if isinstance(plan, SubscriptionPlan):
