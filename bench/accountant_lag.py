@@ -48,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import BenchError, Progress  # noqa: E402
 
+from engine.common import clock  # noqa: E402
+
 CONFIG = """\
 [engine]
 sip_addr = "127.0.0.1:{sip_port}"
@@ -207,7 +209,7 @@ def run_phase(engine: Engine, name: str, rate: float, seconds: float,
     acct = common.CpuMeter(engine.accountant_pids).start()
     eng = common.CpuMeter(engine.engine_pids).start()
     t0 = time.monotonic()
-    wall0 = time.time_ns()
+    wall0 = clock.wall_ns()
     hold_s = args.hold_ms / 1000
     result = common.run_sipp(
         engine.address, rate, seconds, work / name, service="1000",

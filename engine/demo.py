@@ -31,6 +31,7 @@ import time
 import tomllib
 
 from . import store
+from .common import clock
 from .caller import CallerError, CallRun, Phone, free_port
 from .cli import print_session_history
 
@@ -194,7 +195,7 @@ class Tour:
         who = tc.caller
         run = CallRun(phone, uri, report=lambda line: self.say(f"{who}: {line}"),
                       ring_timeout=15, from_user=who)
-        started_wall = time.time_ns()
+        started_wall = clock.wall_ns()
         run.start()
         session_id = None
         seen = 0               # history spans already reported

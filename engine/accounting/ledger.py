@@ -35,7 +35,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from fractions import Fraction
@@ -44,6 +43,7 @@ from typing import Any
 
 import msgpack
 
+from ..common import clock
 from .money import round_half_up
 
 __all__ = ["Line", "Ledger", "SqliteLedger", "PostgresLedger", "LedgerError", "open_ledger",
@@ -443,9 +443,9 @@ class Ledger:
         if n or position is not None:
             node, seq = position if position is not None else (None, None)
             self._exec(_INSERT_BATCH, (next_id if n else None, next_id + n - 1 if n else None,
-                                       node, seq, time.time_ns()))
+                                       node, seq, clock.wall_ns()))
         if position is not None:
-            self._exec(_UPSERT_POSITION, (position[0], position[1], time.time_ns()))
+            self._exec(_UPSERT_POSITION, (position[0], position[1], clock.wall_ns()))
         if state:
             self._write_state(state)
         return n
