@@ -162,3 +162,18 @@ def test_billing_worked_examples_are_what_the_accountant_computes(tmp_path):
     assert inv["total"] == "0.042"
     for value in ("**0.005**", "**0.022**", "**0.042**"):
         assert value in section
+
+
+def test_vendor_guide_documents_the_sdk_clients_state_and_methods():
+    """What a vendor needs from `VendorClient` beyond its constructor (how to know it
+    has registered, its process id, the calls it holds...) is in docs/vendors.md."""
+    import inspect
+
+    from control.sdk import VendorClient
+
+    client = VendorClient("127.0.0.1:1", "acme.survey", "s" * 16)
+    ctor = set(inspect.signature(VendorClient).parameters)
+    public = [n for n in dir(client) if not n.startswith("_") and n not in ctor]
+    guide = (ROOT / "docs" / "vendors.md").read_text()
+    assert "registered" in public
+    assert [n for n in public if f"client.{n}" not in guide] == []
