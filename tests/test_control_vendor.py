@@ -390,20 +390,22 @@ async def test_transfer_to_a_module_code_leaves_through_the_calling_nodes_outlet
 
         @a.on_offer
         async def on_a(offer):
-            call = await offer.take()
-            await call.answer()
-            await call.transfer("globex.desk", {"topic": "billing"})
+            await (await offer.take()).transfer("globex.desk", {"topic": "billing"})
 
         await a.start()
         b = await RawVendor(eng, "globex.desk", SECRET_B).start()
         caller = Caller(eng, "4300")
-        await caller.dial()
+        dial = asyncio.ensure_future(caller.dial())
         offer = await b.expect("offer")
         assert (offer.reason, list(offer.outlets)) == ("transfer", ["done", "fallback"])
         assert pb.from_struct(offer.module_params)["topic"] == "billing"
         sid = offer.session_id
         b.send(mh.VendorMessage(take=mh.Take(offer_id=offer.offer_id, session_id=sid)))
         assert (await b.expect("ack")).code == 0
+        b.send(mh.VendorMessage(command=mh.Command(command_id="a1", session_id=sid,
+                                                   answer=mh.Answer())))
+        assert (await b.expect("ack")).code == 0
+        await dial
         b.send(mh.VendorMessage(command=mh.Command(command_id="r1", session_id=sid,
                                                    release=mh.Release(outlet="done"))))
         ack = await b.expect("ack")
