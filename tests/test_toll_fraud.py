@@ -201,6 +201,51 @@ async def test_vendor_dial_and_transfer_params_and_api_params_are_refused():
         transport.close()
 
 
+async def test_spend_per_hour_cap_reads_the_accountants_snapshot():
+    """Once the accountant's snapshot shows the hour's spend at the cap, Originate is
+    refused; below it, the call is placed."""
+    import json
+    import os
+
+    raw = control_config()
+    raw["accounts"]["demo"]["outbound"] = {"max_spend_per_hour": "0.50"}
+    async with running_engine(raw) as eng:
+        path = os.path.join(eng.cfg.data_dir, "policy.json")
+
+        def spent(micro):
+            with open(path, "w") as f:
+                json.dump({"accounts": {"demo": {"spend_last_hour_micro": micro}}}, f)
+            os.utime(path, ns=(micro + 1, micro + 1))
+            eng.policy.refresh()
+
+        async with grpc.aio.insecure_channel(target(eng)) as ch:
+            stub = pb.sessions_pb2_grpc.SessionsStub(ch)
+            spent(500_000)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Originate(sp.OriginateRequest(
+                    to=f"sip:1000@127.0.0.1:{eng.sip_port}", target="baton.echo"),
+                    metadata=bearer(TOKEN))
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "max_spend_per_hour" in err.value.details()
+            assert denials(eng, "demo", "spend") == 1
+            spent(499_999)
+            r = await stub.Originate(sp.OriginateRequest(
+                to=f"sip:1000@127.0.0.1:{eng.sip_port}", target="baton.echo"),
+                metadata=bearer(TOKEN))
+            assert r.outcome == "answered"
+            eng.sessions[r.session.session_id].end("api")
+
+
+def test_the_accountant_counts_the_last_hours_spend(tmp_path):
+    from engine.accounting.accountant import Accountant
+
+    acct = Accountant(str(tmp_path), {"accounts": {"demo": {}}})
+    now = 1_000_000.0
+    acct.recent = {"demo": __import__("collections").deque([(now - 4000, 7), (now - 10, 5)])}
+    snap = acct.policy_snapshot(now_wall_ns=int(now * 1e9))
+    assert snap["accounts"]["demo"]["spend_last_hour_micro"] == 5
+
+
 def test_the_permission_rules():
     perm = parse({"trunks": ["pstn"], "allow": ["+1", "+44"], "deny": ["+1268"],
                   "sip_hosts": ["sbc.example.net:5080", ".partner.example"]}, "x")

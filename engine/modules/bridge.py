@@ -1,13 +1,15 @@
 """`baton.bridge`: the basic level. A B2BUA leg to a dialled endpoint, media relayed in C.
 
 Params: `to` (SIP URI, or a number with `trunk`; `{self}` stands for this
-engine's own address), `trunk`, `timeout` (ring
+engine's own address), `trunk` (the operator's only), `timeout` (ring
 seconds, default 30), `time_limit` (seconds once answered), `caller_id`.
 Outlets: `busy`, `no-answer`, `failed` (the call was not answered) and
 `done` (the dialled party hung up). The event `dialled-hangup` can map the
 dialled party's hang-up elsewhere, e.g. to a post-call survey. A module
 that placed the call and got the answer itself (the call centre's agent leg)
 gives the leg to the next bridge with `hand_over` instead of dialling.
+Every dial is first checked against the account's outbound permissions
+(`dialing.permit`): a refused one takes the `failed` outlet.
 
 Nothing runs per packet while bridged: both RTP streams relay to each other
 inside the Cython hub, rewritten onto each far end's own SSRC and timeline.
