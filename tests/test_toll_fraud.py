@@ -8,6 +8,7 @@ trunk anyway; the trunk must receive nothing from them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import urllib.parse
 
 import pytest
@@ -17,14 +18,13 @@ pytest.importorskip("ext.rtp", reason="ext.rtp is not built (make build)")
 import grpc  # noqa: E402
 
 from control import pb  # noqa: E402
-from control.sdk import VendorClient  # noqa: E402
 from control.sdk.errors import PermissionDenied  # noqa: E402
 from engine.modules.dialing import Outbound, OutboundDenied, check, parse  # noqa: E402
 from tests.helpers import SDP_OFFER, engine_config, running_engine  # noqa: E402
 from tests.test_bridge import far_end  # noqa: E402
 from tests.test_sessions import Caller  # noqa: E402
 from tests.twiml_apps import AppServer, instructions_engine  # noqa: E402
-from tests.vendor_procs.harness import (SECRET_A, TOKEN, bearer, control_config,  # noqa: E402
+from tests.vendor_procs.harness import (TOKEN, bearer, control_config, taken_call,  # noqa: E402
                                         target, wait_until)
 
 sp = pb.sessions_pb2
@@ -53,24 +53,30 @@ def denials(eng, account: str, kind: str) -> int:
     return eng.outbound_denials[(account, kind)]
 
 
-async def serve(docs: dict) -> AppServer:
+@contextlib.asynccontextmanager
+async def trunk_and_apps(docs: dict):
+    """The fake trunk (answering after a digest challenge) and the tenants' documents."""
+    transport, far = await far_end(secret="s3cret", delay=0.05)
     app = AppServer()
     for path, doc in docs.items():
         app.twiml(path, doc)
-    return await app.start()
+    await app.start()
+    try:
+        yield far, app
+    finally:
+        transport.close()
+        await app.stop()
 
 
 async def test_a_document_cannot_reach_a_trunk_its_account_may_not_use():
     """The probe: a tenant without a trunk names another tenant's trunk in a
     Redirect to the bridge, and dials through a trunk its account may not use."""
-    transport, far = await far_end(secret="s3cret")
     to = urllib.parse.quote("+19005550100")
-    app = await serve({
+    async with trunk_and_apps({
         "/mallory": f"<Response><Redirect>module:baton.bridge?to={to}&amp;trunk=pstn"
                     f"&amp;outlet=failed</Redirect>"
                     f"<Dial action=\"/mallory-dialled\">+15551234</Dial></Response>",
-        "/mallory-dialled": "<Response><Hangup/></Response>"})
-    try:
+        "/mallory-dialled": "<Response><Hangup/></Response>"}) as (far, app):
         async with instructions_engine(two_tenants(_base(), far.port, app.url)) as eng:
             caller = Caller(eng, "6001")
             caller.c.send(caller.call.request(
@@ -82,18 +88,13 @@ async def test_a_document_cannot_reach_a_trunk_its_account_may_not_use():
             assert denials(eng, "mallory", "trunk") == 1
             assert eng.outbound_calls["mallory"] == 0
             caller.close()
-    finally:
-        transport.close()
-        await app.stop()
 
 
 async def test_premium_denied_where_the_country_is_allowed_and_allowed_number_goes_out():
-    transport, far = await far_end(secret="s3cret", delay=0.05)
-    app = await serve({
+    async with trunk_and_apps({
         "/acme": "<Response><Dial action=\"/premium\">+19005550100</Dial></Response>",
         "/premium": "<Response><Dial action=\"/allowed\">+15551234</Dial></Response>",
-        "/allowed": "<Response><Hangup/></Response>"})
-    try:
+        "/allowed": "<Response><Hangup/></Response>"}) as (far, app):
         async with instructions_engine(two_tenants(_base(), far.port, app.url)) as eng:
             caller = Caller(eng, "5001")
             caller.c.send(caller.call.request("INVITE", _offer(caller)))
@@ -106,18 +107,14 @@ async def test_premium_denied_where_the_country_is_allowed_and_allowed_number_go
             assert inv.get("authorization", "").startswith("Digest ")
             assert all("900555" not in i.uri for i in far.invites)
             caller.close()
-    finally:
-        transport.close()
-        await app.stop()
 
 
 async def test_concurrent_outbound_calls_are_capped_per_account():
     """acme's max_concurrent = 1: a second call is refused while the first is up,
     and a call is possible again once it has ended."""
-    transport, far = await far_end(secret="s3cret", delay=0.05)
-    app = await serve({"/acme": "<Response><Dial action=\"/after\">+15551234</Dial></Response>",
-                       "/after": "<Response><Hangup/></Response>"})
-    try:
+    async with trunk_and_apps({
+            "/acme": "<Response><Dial action=\"/after\">+15551234</Dial></Response>",
+            "/after": "<Response><Hangup/></Response>"}) as (far, app):
         async with instructions_engine(two_tenants(_base(), far.port, app.url)) as eng:
             first = Caller(eng, "5001")
             await first.dial()
@@ -136,9 +133,6 @@ async def test_concurrent_outbound_calls_are_capped_per_account():
             await third.bye()
             for c in (first, second, third):
                 c.close()
-    finally:
-        transport.close()
-        await app.stop()
 
 
 async def test_vendor_dial_and_transfer_params_and_api_params_are_refused():
@@ -149,20 +143,7 @@ async def test_vendor_dial_and_transfer_params_and_api_params_are_refused():
     raw["accounts"]["demo"]["outbound"] = {"trunks": ["pstn"], "allow": ["+1"]}
     try:
         async with running_engine(raw) as eng:
-            v = VendorClient(target(eng), "acme.survey", SECRET_A)
-            calls = []
-
-            @v.on_offer
-            async def on(offer):
-                calls.append(await offer.take())
-
-            await v.start()
-            caller = Caller(eng, "4000")
-            dial = asyncio.ensure_future(caller.dial())
-            await wait_until(lambda: calls)
-            call = calls[0]
-            await call.answer()
-            await dial
+            v, call, caller = await taken_call(eng)
             with pytest.raises(PermissionDenied) as err:
                 await call.dial("+15551234", trunk="pstn")
             assert "+15551234" in err.value.message and "trunk 'pstn'" in err.value.message
