@@ -110,6 +110,13 @@ class EngineCollector:
         yield _counter("baton_policy_denials", "Transitions the policy engine refused, by the "
                                                "module that was refused",
                        labels=["module"], rows=sorted(((k,), v) for k, v in e.denials.items()))
+        yield _counter("baton_outbound_denied", "Outbound calls the account's or vendor's "
+                                                "outbound permissions refused, by the reason",
+                       labels=["account", "reason"],
+                       rows=sorted(e.outbound_denials.items()))
+        yield _gauge("baton_outbound_calls", "Outbound calls up, by the account",
+                     labels=["account"],
+                     rows=sorted(((k,), v) for k, v in e.outbound_calls.items()))
         yield _counter("baton_stamps", "Records stamped for the accountant", st.stamps)
 
     @staticmethod

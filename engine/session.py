@@ -463,7 +463,7 @@ class Leg(DialogOwner):
 
     __slots__ = ("session", "dialog", "ports", "negotiated", "sdp_id", "sdp_version",
                  "stream", "channel", "on_hold", "role", "call", "answered", "ended",
-                 "rtcp_report")
+                 "rtcp_report", "outbound")
 
     def __init__(self, session: Session, dialog=None, role: str = "caller"):
         self.session = session
@@ -480,6 +480,7 @@ class Leg(DialogOwner):
         self.answered = False
         self.ended = False
         self.rtcp_report = None    # the far end's last RTCP reception report
+        self.outbound = None       # modules.dialing.Grant: counted while the leg is up
         if dialog is not None:
             dialog.owner = self
             dialog.session = session
@@ -544,6 +545,9 @@ class Leg(DialogOwner):
 
     def release(self) -> None:
         media = self.session.engine.media
+        if self.outbound is not None:
+            self.outbound.release()
+            self.outbound = None
         self.close_channel()
         if self.stream is not None:
             media.release(self.stream)

@@ -221,6 +221,9 @@ class Accountant:
             per = self.charges.setdefault(r["account"], {}).setdefault(r["currency"], [0, {}])
             per[0] += int(r["amount"])
             per[1][r["period"]] = per[1].get(r["period"], 0) + int(r["amount"])
+        # account -> (commit wall seconds, micro-units) of the last hour's charges, for
+        # the engine's `max_spend_per_hour` (counted from this process's start).
+        self.recent: dict[str, collections.deque] = {}
 
     def _state_delta(self) -> dict[tuple[str, str], bytes | None]:
         delta: dict[tuple[str, str], bytes | None] = {}
@@ -318,6 +321,9 @@ class Accountant:
                 cur = per[currency] = [0, {}]
             cur[0] += amount
             cur[1][period] = cur[1].get(period, 0) + amount
+            if amount and currency == self.book.account(account).currency:
+                self.recent.setdefault(account, collections.deque()).append(
+                    (self.last_commit, amount))
 
     def _reap(self, block: bool) -> None:
         """Take the committer's results: release what is committed; on a
@@ -514,15 +520,21 @@ class Accountant:
         limited = {a for a, acc in self.book.accounts.items()
                    if acc.prepaid_balance is not None or acc.credit_limit is not None}
         of = self.rater.clock.of
+        unposted: dict[str, int] = {}
         for o in self.meter:
+            cost = self.rater.running_cost(o, now_mono) - o.charged
+            unposted[o.account] = unposted.get(o.account, 0) + cost
             if o.account in limited:
                 # A postpaid balance is this period's invoice so far: a live segment
                 # belongs to the period it began in (docs/billing.md), as its line will.
                 acc = self.book.account(o.account)
                 if acc.prepaid_balance is None and of(o.seg_wall or wall) != period:
                     continue
-                live[o.account] = live.get(o.account, 0) + \
-                    self.rater.running_cost(o, now_mono) - o.charged
+                live[o.account] = live.get(o.account, 0) + cost
+        hour_ago = wall / 1e9 - 3600
+        for recent in self.recent.values():
+            while recent and recent[0][0] < hour_ago:
+                recent.popleft()
         caps = self.rater.caps(period)
         accounts: dict[str, Any] = {}
         for acc_id in sorted(set(self.book.accounts) | set(self.charges)):
@@ -558,6 +570,10 @@ class Accountant:
                 "caps_reached": sorted(t for t, c in acc_caps.items() if c["reached"]),
                 "deny": deny,
                 "live_sessions_cost_micro": running,
+                # What the last hour cost: charges committed since, and live sessions'
+                # unposted costs (the engine's max_spend_per_hour).
+                "spend_last_hour_micro": sum(a for _, a in self.recent.get(acc_id, ())) +
+                unposted.get(acc_id, 0),
             }
         return {"generated_wall_ns": wall, "period": period, "node": self.node,
                 "position": self.reader.position if self.reader is not None else None,
