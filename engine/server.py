@@ -57,6 +57,7 @@ class Engine:
         self.listeners: list = []      # callables(session, event: str, detail: dict) for Watch
         self.denials = collections.Counter()  # module code -> policy denials (for /metrics)
         self.metrics = None            # the /metrics server (engine/metrics.py)
+        self.accountant = None         # baton serve's AccountantSupervisor (engine/supervisor.py)
         from .webhooks import EngineHooks, WebhookSettings, Webhooks
 
         self.webhooks = Webhooks(WebhookSettings.from_raw(cfg.raw, cfg.path), cfg.data_dir)
