@@ -365,7 +365,11 @@ def test_serve_killed_and_restarted_bills_every_stamp_once(tmp_path, delay, bill
 
 
 def _metric(port: int, name: str) -> float | None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+    try:
+        r = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    except OSError:            # not listening yet
+        return None
+    with r:
         for line in r.read().decode().splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])
