@@ -79,6 +79,8 @@ class EngineCollector:
         if e.media is not None:
             yield from self._media(e.media)
         yield from self._ring(e.stamper)
+        if getattr(e, "accountant", None) is not None:
+            yield from self._accountant(e.accountant)
 
     # -- the families -------------------------------------------------------------
     @staticmethod
@@ -210,6 +212,18 @@ class EngineCollector:
         yield _gauge("baton_ring_slots", "Capacity of the ring, in records", slots)
         yield _gauge("baton_ring_overflow_pending_bytes", "Overflow file bytes not yet released",
                      st["overflow_pending"])
+
+
+    @staticmethod
+    def _accountant(sup):
+        yield _gauge("baton_accountant_up", "1 while the accountant child runs and holds the "
+                                            "ring's accountant lock, else 0", int(sup.up))
+        yield _counter("baton_accountant_restarts", "Times `baton serve` restarted a dead "
+                                                    "accountant", sup.restarts)
+        yield _gauge("baton_accountant_lag_seconds", "Stamp-to-ledger lag: how long the oldest "
+                                                     "record not yet committed to the ledger has "
+                                                     "been in the ring (0: none)",
+                     round(sup.lag_seconds, 3))
 
 
 def _base_registry() -> CollectorRegistry:

@@ -60,6 +60,7 @@ class Engine:
         # account -> outbound calls up; (account, reason) -> refused dials (modules/dialing.py)
         self.outbound_calls, self.outbound_denials = dialing.new_counters()
         self.metrics = None            # the /metrics server (engine/metrics.py)
+        self.accountant = None         # baton serve's AccountantSupervisor (engine/supervisor.py)
         from .webhooks import EngineHooks, WebhookSettings, Webhooks
 
         self.webhooks = Webhooks(WebhookSettings.from_raw(cfg.raw, cfg.path), cfg.data_dir)
