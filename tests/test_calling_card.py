@@ -405,6 +405,16 @@ def _card_call(port: int, tmp: str, n: int, pin: str, op, until, user: str = "pj
     return caller, i, detail, wall
 
 
+def _lockout_config(prefix: str, budget: int) -> tuple[str, str]:
+    """A temporary directory and the LOCKOUT_TOML config written in it."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    config = os.path.join(tmp, "card.toml")
+    with open(config, "w") as f:
+        f.write(media_config() + LOCKOUT_TOML.format(op=OP_TOKEN, card=CARD_TOKEN,
+                                                     lock=LOCK_SECONDS, budget=budget))
+    return tmp, config
+
+
 @needs_peers
 def test_wrong_pins_across_calls_lock_the_caller_out_even_after_a_restart():
     """Two calls with a wrong PIN lock the caller (From user) out: the third,
@@ -413,11 +423,7 @@ def test_wrong_pins_across_calls_lock_the_caller_out_even_after_a_restart():
     pytest.importorskip("pjsua2")
     from tests.helpers import EngineProcess
 
-    tmp = tempfile.mkdtemp(prefix="baton-card-lock-")
-    config = os.path.join(tmp, "card.toml")
-    with open(config, "w") as f:
-        f.write(media_config() + LOCKOUT_TOML.format(op=OP_TOKEN, card=CARD_TOKEN,
-                                                     lock=LOCK_SECONDS, budget=10))
+    tmp, config = _lockout_config("baton-card-lock-", budget=10)
     # No accountant: nothing here is billed, and the restart is quicker (the
     # third call must come within LOCK_SECONDS of the second).
     eng = EngineProcess(config, extra=["--no-accountant"])
@@ -475,11 +481,7 @@ def test_guesses_from_many_callers_back_off_the_card_but_not_its_owner():
     pytest.importorskip("pjsua2")
     from tests.helpers import EngineProcess
 
-    tmp = tempfile.mkdtemp(prefix="baton-card-guess-")
-    config = os.path.join(tmp, "card.toml")
-    with open(config, "w") as f:
-        f.write(media_config() + LOCKOUT_TOML.format(op=OP_TOKEN, card=CARD_TOKEN,
-                                                     lock=LOCK_SECONDS, budget=3))
+    tmp, config = _lockout_config("baton-card-guess-", budget=3)
     eng = EngineProcess(config, extra=["--no-accountant"])
     with eng:
         op = Watcher(eng.grpc_port, OP_TOKEN)
