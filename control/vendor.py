@@ -206,6 +206,7 @@ class VendorModule(Module):
 
     level = "service"
     outlets = ("any the node wires", "fallback")
+    metered_from_take = True      # docs/vendors.md: billed "from the moment you Take"
 
     def __init__(self, hub: "ControlHub", code: str, level: str = "service"):
         super().__init__(hub.engine, {})
@@ -319,6 +320,7 @@ class VendorModule(Module):
         self.stats["taken"] += 1
         waited_ms = (state.taken_ns - state.offered_ns) // 1_000_000
         self.engine.stamper.action(ctl.session, self.code, "vendor_offer_wait_ms", int(waited_ms))
+        ctl.session.taken(ctl)
         self._notify(ctl.session, "taken", proc, take.offer_id)
         return {"session_id": ctl.session.id, "answered": ctl.caller.answered}
 
