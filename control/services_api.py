@@ -15,6 +15,7 @@ import logging
 import grpc
 
 from engine.modules.services import survey as survey_mod
+from engine.modules.dialing import OutboundDenied, permit
 from engine.modules.services import verify as verify_mod
 from engine.sip.uri import parse_uri
 
@@ -162,6 +163,10 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
                 app = engine.cfg.apps.get(request.app)
                 if app is None:
                     await context.abort(bad, f"app: no app {request.app!r}")
+            try:
+                permit(engine, account, to, count=False)
+            except OutboundDenied as exc:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"to: {to}: {exc}")
         elif request.app or request.ring_timeout or getattr(request, "from"):
             field = "app" if request.app else "ring_timeout" if request.ring_timeout else "from"
             await context.abort(bad, f"{field}: only for channel \"call\"")
@@ -194,9 +199,16 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
         params = {"mode": "speak", "verification_id": v.id}
         target = app.name if app is not None else "baton.verify"
         try:
-            resp = await self.sessions._originate(_Background(), account, to, user, target, app,
-                                                  from_uri, params, ring)
-            outcome, sid = resp.outcome, resp.session.session_id
+            grant = permit(self.engine, account, to)
+        except OutboundDenied as exc:
+            log.warning("verification %s: the call to %s is not allowed: %s", v.id, to, exc)
+            grant = None
+            outcome, sid = "failed", ""
+        try:
+            if grant is not None:
+                resp = await self.sessions._originate(grant, _Background(), account, to, user,
+                                                      target, app, from_uri, params, ring)
+                outcome, sid = resp.outcome, resp.session.session_id
         except Exception as exc:
             log.warning("verification %s: the call to %s failed: %s", v.id, to, exc)
             outcome, sid = "failed", ""

@@ -20,17 +20,22 @@ DEMO = os.path.join(ROOT, "examples", "demo.toml")
 
 
 def free_port(kind=socket.SOCK_DGRAM, host="127.0.0.1", even=False) -> int:
-    """A port free for both UDP and TCP."""
+    """A port free for both UDP and TCP. `even`: an even port whose next three are
+    free for UDP too, for a media base port (SIPp binds audio RTP/RTCP at -mp and
+    video at -mp + 2)."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(200):
-        with socket.socket(fam, socket.SOCK_DGRAM) as u:
+        with contextlib.ExitStack() as held:
+            u = held.enter_context(socket.socket(fam, socket.SOCK_DGRAM))
             u.bind((host, 0))
             port = u.getsockname()[1]
-            if even and port % 2:
+            if even and (port % 2 or port > 65531):
                 continue
             try:
-                with socket.socket(fam, socket.SOCK_STREAM) as t:
-                    t.bind((host, port))
+                t = held.enter_context(socket.socket(fam, socket.SOCK_STREAM))
+                t.bind((host, port))
+                for nxt in range(port + 1, port + 4) if even else ():
+                    held.enter_context(socket.socket(fam, socket.SOCK_DGRAM)).bind((host, nxt))
             except OSError:
                 continue
             return port
