@@ -17,7 +17,7 @@ import grpc
 from engine.modules.services import survey as survey_mod
 from engine.modules.dialing import OutboundDenied, permit
 from engine.modules.services import verify as verify_mod
-from engine.sip.uri import parse_uri
+from engine.sip.uri import from_address, sip_uri
 
 from . import pb
 from .auth import AuthError, Authority
@@ -141,20 +141,18 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
                 await context.abort(bad, f"{name}: longer than {most} characters")
         if channel == "call":
             try:
-                uri = parse_uri(to)
-                if uri.scheme not in ("sip", "sips") or not uri.host:
-                    raise ValueError("not a sip: or sips: URI")
+                uri = sip_uri(to, "to")
             except ValueError as exc:
-                await context.abort(bad, f"to: {to!r} is not a SIP URI to call ({exc})")
+                await context.abort(bad, f"to: {to[:60]!r} is not a SIP URI to call ({exc})")
             ring = request.ring_timeout or 30.0
             if not 0 < ring <= 300:
                 await context.abort(bad, "ring_timeout: seconds between 0 and 300")
             from_uri = getattr(request, "from").strip()
             if from_uri:
-                bare = from_uri.strip("<>")
-                if not bare.lower().startswith(("sip:", "sips:")):
-                    await context.abort(bad, f"from: {from_uri!r} is not a SIP URI")
-                from_uri = f"<{bare}>"
+                try:
+                    from_uri = from_address(from_uri)
+                except ValueError as exc:
+                    await context.abort(bad, f"from: {from_uri[:60]!r} is not a SIP URI ({exc})")
             else:
                 from engine.sip.transport import format_hostport
 

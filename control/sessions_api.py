@@ -22,7 +22,7 @@ from engine.modules.dialing import OutboundDenied, operator_params, permit
 from engine.sip import sdp
 from engine.sip.errors import SdpError
 from engine.sip.uac import OutgoingCall, UacOwner
-from engine.sip.uri import parse_uri
+from engine.sip.uri import from_address, sip_uri
 
 from . import pb
 from .auth import AuthError, Authority, in_scope
@@ -246,11 +246,9 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
                         f"account: the token belongs to account {account!r}")
         to = request.to.strip()
         try:
-            uri = parse_uri(to)
-            if uri.scheme not in ("sip", "sips") or not uri.host:
-                raise ValueError("not a sip: or sips: URI")
+            uri = sip_uri(to, "to")
         except ValueError as exc:
-            await abort(bad, f"to: {to!r} is not a SIP URI ({exc})")
+            await abort(bad, f"to: {to[:60]!r} is not a SIP URI ({exc})")
         target = request.target.strip()
         if not target:
             await abort(bad, "target: an app name or module code is required")
@@ -266,10 +264,10 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
             await abort(bad, "ring_timeout: seconds between 0 and 300")
         from_uri = getattr(request, "from").strip()
         if from_uri:
-            bare = from_uri.strip("<>")
-            if not bare.lower().startswith(("sip:", "sips:")):
-                await abort(bad, f"from: {from_uri!r} is not a SIP URI")
-            from_uri = f"<{bare}>"
+            try:
+                from_uri = from_address(from_uri)
+            except ValueError as exc:
+                await abort(bad, f"from: {from_uri[:60]!r} is not a SIP URI ({exc})")
         else:
             from engine.sip.transport import format_hostport
 

@@ -37,6 +37,7 @@ from engine import apps as apps_mod
 from engine.apps import Node
 from engine.modules.base import Module, answer_caller
 from engine.modules.dialing import OutboundDenied, operator_params, permit
+from engine.sip.uri import check_user_part, sip_uri
 
 from . import pb
 
@@ -899,6 +900,16 @@ class VendorModule(Module):
             raise invalid("dial.trunk", f"no trunk {d.trunk!r} in the engine's config")
         if not d.trunk and not to.lower().startswith(("sip:", "sips:")):
             raise invalid("dial.to", "must be a sip: or sips: URI unless a trunk is given")
+        try:
+            if d.trunk:
+                check_user_part(to[4:] if to.startswith("tel:") else to, "dial.to")
+            else:
+                sip_uri(to, "dial.to")
+            if d.caller_id:
+                check_user_part(d.caller_id, "dial.caller_id")
+        except ValueError as exc:
+            field, _, why = str(exc).partition(": ")
+            raise invalid(field, why) from None
         if d.timeout < 0 or d.timeout > 600:
             raise invalid("dial.timeout", "seconds between 0 and 600")
         if d.time_limit < 0:

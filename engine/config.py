@@ -84,6 +84,8 @@ class Config:
     rtp_hold_timeout: float = 7200.0
     registrar_mode: str = "open"
     realm: str = "baton"
+    registrar_limits: dict = field(default_factory=dict)  # [registrar] bounds (RegistrarLimits)
+    tcp_limits: dict = field(default_factory=dict)        # [sip] TCP bounds (transport.TcpLimits)
     users: dict = field(default_factory=dict)      # username -> password
     accounts: dict = field(default_factory=dict)   # id -> Account
     numbers: dict = field(default_factory=dict)    # number -> NumberRoute (all accounts)
@@ -128,9 +130,22 @@ SCHEMA = {
         "rtp_timeout": ((int, float), "seconds without RTP before a call is ended"),
         "rtp_hold_timeout": ((int, float), "the same while the call is on hold"),
     },
+    "sip": {
+        "tcp_idle_timeout": ((int, float), "seconds a SIP/TCP connection may go without a "
+                                           "complete message or keep-alive (default 120)"),
+        "tcp_max_connections": (int, "SIP/TCP connections in all (default 4096)"),
+        "tcp_max_per_source": (int, "SIP/TCP connections per source IP address (default 64)"),
+    },
     "registrar": {
         "mode": (str, "open, auth or off"),
         "realm": (str, "digest realm"),
+        "max_bindings": (int, "bindings in the whole table (default 10000)"),
+        "max_contacts": (int, "bindings per address-of-record (default 10)"),
+        "rate": ((int, float), "REGISTERs per second per source IP, sustained (default 5)"),
+        "burst": (int, "REGISTERs per source IP in a burst (default 50)"),
+        "max_auth_failures": (int, "failed digest responses per source IP before a lockout "
+                                   "(default 10)"),
+        "auth_lockout": ((int, float), "seconds a source IP is refused after that (default 300)"),
     },
     "webhooks": {
         "url": (str, "where signed notifications are POSTed (http:// or https://)"),
@@ -392,6 +407,18 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
     if cfg.registrar_mode not in ("open", "auth", "off"):
         raise ConfigError(path, "registrar.mode", f"must be open, auth or off, not {cfg.registrar_mode!r}")
     cfg.realm = reg.get("realm", "baton")
+    for key in ("max_bindings", "max_contacts", "rate", "burst", "max_auth_failures",
+                "auth_lockout"):
+        if key in reg:
+            if reg[key] <= 0:
+                raise ConfigError(path, f"registrar.{key}", "must be positive")
+            cfg.registrar_limits[key] = reg[key]
+    sip = raw.get("sip", {})
+    for key in ("tcp_idle_timeout", "tcp_max_connections", "tcp_max_per_source"):
+        if key in sip:
+            if sip[key] <= 0:
+                raise ConfigError(path, f"sip.{key}", "must be positive")
+            cfg.tcp_limits[key.removeprefix("tcp_")] = sip[key]
 
     users = raw.get("users", {})
     if not isinstance(users, dict):

@@ -42,10 +42,11 @@ CALL_CENTER_AGENT_KEYS = {
 }
 
 # The order sections appear in; anything else the schema gains follows.
-ORDER = ("engine", "media", "registrar", "users.NAME", "accounts.ID",
+ORDER = ("engine", "media", "sip", "registrar", "users.NAME", "accounts.ID",
          "accounts.ID.numbers.NUMBER", "accounts.ID.billing", "accounts.ID.outbound",
-         "apps.NAME", "apps.NAME.nodes.NODE", "modules.CODE", "trunks.NAME", "policy", "policy.accounts.ID",
-         "vendors.ID", "vendors.ID.outbound", "plans.NAME", "billing", "api_keys.ID", "webhooks",
+         "apps.NAME", "apps.NAME.nodes.NODE", "modules.CODE", "trunks.NAME", "policy",
+         "policy.accounts.ID", "vendors.ID", "vendors.ID.outbound", "plans.NAME", "billing",
+         "api_keys.ID", "webhooks",
          "call_center.agents.NAME", "call_center.queues.NAME")
 
 
@@ -63,7 +64,8 @@ def sections() -> dict[str, tuple[str, dict[str, tuple[str, str]]]]:
     out: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {}
     summaries = {"engine": "the engine process: addresses, data, logs, the control API",
                  "media": "RTP: the address, the port range, inactivity timeouts",
-                 "registrar": "SIP REGISTER handling",
+                 "sip": "SIP transport limits (docs/security.md)",
+                 "registrar": "SIP REGISTER handling and its limits (docs/security.md)",
                  "webhooks": "signed HTTP notifications of billing events (docs/billing.md)"}
     for name, keys in SCHEMA.items():
         out[name] = (summaries.get(name, ""),

@@ -148,6 +148,16 @@ class EngineCollector:
                        "SIP requests that failed inside the engine (answered 500)",
                        stats.get("internal_errors", 0))
         yield _gauge("baton_sip_dialogs", "SIP dialogs held", len(sip.dialogs))
+        reg = sip.registrar
+        yield _gauge("baton_sip_registrar_bindings", "Registrar bindings held (expired ones "
+                                                     "are purged)", reg.count if reg else 0)
+        yield _gauge("baton_sip_tcp_connections", "SIP/TCP connections open",
+                     sum(len(t.connections) for t in sip.tcp))
+        yield _counter("baton_sip_tcp_refused", "SIP/TCP connections refused at a limit "
+                                                "(in all or per source)",
+                       stats.get("tcp_refused", 0))
+        yield _counter("baton_sip_tcp_idle_closed", "SIP/TCP connections closed as idle",
+                       stats.get("tcp_idle_closed", 0))
         tl = sip.transactions
         yield _gauge("baton_sip_transactions", "SIP transactions held, by side",
                      labels=["side"], rows=[(("server",), len(tl.server)),

@@ -19,7 +19,8 @@ from .registry import Registry
 from .session import Leg, Session
 from .sip.core import SipCore
 from .sip.message import valid_text
-from .sip.registrar import Registrar
+from .sip.transport import TcpLimits
+from .sip.registrar import Registrar, RegistrarLimits
 from .sip.uri import parse_uri
 from .stamper import Stamper
 
@@ -36,10 +37,11 @@ class Engine:
         self.ports = PortPool(cfg.media_address, cfg.rtp_port_min, cfg.rtp_port_max)
         registrar = None
         if cfg.registrar_mode != "off":
-            registrar = Registrar(cfg.registrar_mode, cfg.realm, cfg.users)
+            registrar = Registrar(cfg.registrar_mode, cfg.realm, cfg.users,
+                                  limits=RegistrarLimits(**cfg.registrar_limits))
         self.sip = SipCore(self, advertise=cfg.advertise,
                            user_agent=cfg.user_agent or f"Baton/{__version__}",
-                           registrar=registrar)
+                           registrar=registrar, tcp_limits=TcpLimits(**cfg.tcp_limits))
         self.sessions: dict[str, Session] = {}
         self.sip_port = 0
         self.grpc_port = 0

@@ -325,7 +325,8 @@ async def test_registrar_with_digest():
         ch = await c.expect(401)
         challenges = ch.get_all("www-authenticate")
         assert any("SHA-256" in v for v in challenges) and any("MD5" in v for v in challenges)
-        for password, status in (("wrong", 401), ("wonderland", 200)):
+        # A wrong password is refused (403, as for an unknown user), not re-challenged.
+        for password, status in (("wrong", 403), ("wonderland", 200)):
             call.cseq += 1
             auth = authorize(challenges[0], "REGISTER", uri, "alice", password, nc=call.cseq)
             c.send(call.request("REGISTER", uri=uri,
@@ -357,7 +358,7 @@ async def test_open_registrar_still_guards_configured_users():
         for user, password, header, status in (
                 (None, None, forged, 401),
                 ("alice", "wonderland", None, 403),
-                ("agent1", "guess", None, 401),
+                ("agent1", "guess", None, 403),
                 ("agent1", "agent1-secret", None, 200)):
             call.cseq += 1
             auth = header or authorize(challenge, "REGISTER", uri, user, password, nc=call.cseq)

@@ -22,6 +22,7 @@ from ..media.ports import PortsExhausted
 from ..sip import sdp
 from ..sip.errors import SdpError
 from ..sip.uac import OutgoingCall, UacOwner
+from ..sip.uri import check_user_part, sip_uri
 from .base import Module, answer_media
 from .dialing import OutboundDenied, permit
 
@@ -81,6 +82,10 @@ class BridgeModule(Module):
             return
         try:
             target, destination, transport, credentials, domain, to = self._target(ctl)
+            caller_id = ctl.params.get("caller_id")
+            if caller_id:
+                # It becomes the From's user part: nothing that could end the header.
+                check_user_part(str(caller_id), "caller_id")
             grant = permit(engine, session.account, to, ctl.params.get("trunk"))
         except ValueError as exc:
             log.info("session %s: bridge: %s", session.id, exc)
@@ -170,12 +175,14 @@ class BridgeModule(Module):
             if trunk.prefix and number.startswith("+"):
                 number = number[1:]  # the prefix (e.g. "00") stands for the "+"
             number = trunk.prefix + number
+            check_user_part(number, "to")
             target = f"sip:{number}@{trunk.domain}"
             creds = (trunk.username, trunk.password) if trunk.username else None
             return (target, (trunk.host, trunk.port), trunk.transport.upper(), creds,
                     trunk.domain, to)
         if not to.startswith(("sip:", "sips:")):
-            raise ValueError(f"cannot dial {to!r} without a trunk")
+            raise ValueError(f"cannot dial {to[:60]!r} without a trunk")
+        sip_uri(to, "to")
         return to, None, None, None, self.engine.cfg.advertise, to
 
     def _offer(self, neg, leg) -> bytes:

@@ -2,9 +2,30 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 
+from .errors import HeaderInjectionError
 from .message import pretty
+
+# RFC 3261 25.1: no control characters but HTAB in a header line; CR or LF would
+# end the header and let the value add others (header injection).
+_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_UNSAFE_NAME = re.compile(r"[\x00-\x20\x7f:]")
+
+
+def check_header(name: str, value: str) -> None:
+    """Raise HeaderInjectionError unless `name: value` is one header line."""
+    if _UNSAFE_NAME.search(name) or not name:
+        raise HeaderInjectionError(f"header name {name[:40]!r}", name)
+    if _UNSAFE.search(value):
+        raise HeaderInjectionError(f"{pretty(name)} header", value)
+
+
+def check_text(what: str, value: str) -> None:
+    """Raise HeaderInjectionError if `value` (headed for a SIP header) has CTLs."""
+    if _UNSAFE.search(value):
+        raise HeaderInjectionError(what, value)
 
 REASONS = {
     100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
@@ -96,6 +117,8 @@ def response(msg, status: int, source, to_tag: str | None = None, reason: str | 
              headers: list | tuple = (), body: bytes = b"", server: str = "") -> bytes:
     """A response to request `msg` received from `source` (RFC 3261 8.2.6.2)."""
     h = msg.headers
+    if reason is not None:
+        check_text("reason phrase", reason)
     out = [_status_line(status, reason)]
     append = out.append
     vias = h.get("via")
@@ -126,6 +149,7 @@ def response(msg, status: int, source, to_tag: str | None = None, reason: str | 
     if server:
         append("Server: " + server)
     for name, value in headers:
+        check_header(name, value)
         append(f"{pretty(name)}: {value}")
     append(f"Content-Length: {len(body)}\r\n\r\n")
     data = "\r\n".join(out).encode("utf-8", "surrogateescape")
@@ -133,9 +157,15 @@ def response(msg, status: int, source, to_tag: str | None = None, reason: str | 
 
 
 def request(method: str, uri: str, headers: list, body: bytes = b"") -> bytes:
-    """A request; `headers` is an ordered list of (name, value), Via first."""
+    """A request; `headers` is an ordered list of (name, value), Via first.
+
+    Raises HeaderInjectionError for a control character in the method, the URI or
+    any header, whoever supplied it."""
+    if _UNSAFE_NAME.search(method) or _UNSAFE.search(uri) or " " in uri:
+        raise HeaderInjectionError("request line", f"{method} {uri}")
     out = [f"{method} {uri} SIP/2.0"]
     for name, value in headers:
+        check_header(name, value)
         out.append(f"{pretty(name)}: {value}")
     out.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body

@@ -19,7 +19,7 @@ from .parser_py import parse_name_addr
 from .timers import TimerQueues
 from .transaction import (ACCEPTED, PROCEEDING, Flow, TransactionLayer, client_key,
                           server_key)
-from .transport import TcpTransport, UdpTransport, format_hostport
+from .transport import TcpLimits, TcpTransport, UdpTransport, format_hostport
 from .uri import SUPPORTED_SCHEMES
 
 log = logging.getLogger("baton.sip")
@@ -32,6 +32,7 @@ IMPLEMENTED = frozenset(("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER"
                          "INFO", "UPDATE"))
 SUPPORTED_OPTIONS: frozenset = frozenset()  # every Require tag gets 420 (RFC 3261 8.2.2.3)
 SDP_TYPES = ("application/sdp",)
+HOUSEKEEPING = 10.0     # seconds between sweeps of idle connections and expired bindings
 ACCEPT_OK = ("application/sdp", "application/*", "*/*")
 
 
@@ -46,8 +47,10 @@ class SipCore:
     """One SIP user agent core over any number of UDP/TCP listeners."""
 
     def __init__(self, app, *, advertise: str | None = None, user_agent: str = "Baton",
-                 registrar=None):
+                 registrar=None, tcp_limits: TcpLimits | None = None):
         self.app = app
+        self.tcp_limits = tcp_limits or TcpLimits()
+        self._housekeeping = None
         self.advertise = advertise
         self.user_agent = user_agent
         self.registrar = registrar
@@ -70,6 +73,8 @@ class SipCore:
         loop = asyncio.get_running_loop()
         if not self.timers._handle:
             self.timers.start(loop)
+        if self._housekeeping is None:
+            self._housekeeping = loop.call_later(self._housekeeping_interval(), self._tidy)
         tries = 20 if port == 0 else 1
         for attempt in range(tries):
             usock = tcp = None
@@ -80,7 +85,7 @@ class SipCore:
                     usock = self._bind_udp(host, port)
                     port = usock.getsockname()[1]
                 if "tcp" in transports:
-                    tcp = TcpTransport(self)
+                    tcp = TcpTransport(self, self.tcp_limits)
                     await tcp.listen(host, port)
                     port = tcp.local[1]
             except OSError:
@@ -112,8 +117,26 @@ class SipCore:
         sock.setblocking(False)
         return sock
 
+    def _housekeeping_interval(self) -> float:
+        # Often enough that an idle connection outlives its timeout by a quarter at most.
+        return min(HOUSEKEEPING, self.tcp_limits.idle_timeout / 4)
+
+    def _tidy(self) -> None:
+        """Close idle TCP connections and purge expired registrations, on a timer."""
+        loop = asyncio.get_running_loop()
+        try:
+            for t in self.tcp:
+                self.stats["tcp_idle_closed"] += t.close_idle(loop.time())
+            if self.registrar is not None:
+                self.registrar.purge()
+        finally:
+            self._housekeeping = loop.call_later(self._housekeeping_interval(), self._tidy)
+
     def close(self) -> None:
         self.timers.stop()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            self._housekeeping = None
         for t in self.udp:
             t.close()
         for t in self.tcp:

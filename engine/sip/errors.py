@@ -19,3 +19,14 @@ class InternalError(SipError):
 
     def __init__(self, where: str, invariant: str):
         super().__init__(f"{where}: invariant violated: {invariant}")
+
+
+class HeaderInjectionError(SipError, ValueError):
+    """A header name or value (or a Request-URI, a reason phrase) holding CR, LF or
+    another control character: written out, it would end the header and start
+    another (RFC 3261 25.1: header values are TEXT-UTF8, no CTLs but HTAB)."""
+
+    def __init__(self, what: str, value: str):
+        super().__init__(f"{what}: control characters are not allowed in a SIP header "
+                         f"({value[:40]!r})")
+        self.what = what

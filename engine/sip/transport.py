@@ -8,8 +8,10 @@ responses and for requests towards the same peer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
+from dataclasses import dataclass
 
 from . import parser
 from .message import MAX_MESSAGE, SipParseError
@@ -18,8 +20,18 @@ from .transaction import Flow
 log = logging.getLogger("baton.sip.transport")
 
 MAX_CONNECTIONS = 4096
-TCP_IDLE_TIMEOUT = 600.0
+TCP_IDLE_TIMEOUT = 120.0
+MAX_PER_SOURCE = 64
 FLOW_CACHE = 4096          # UDP peer addresses whose Flow is kept for reuse
+
+
+@dataclass
+class TcpLimits:
+    """Bounds on SIP/TCP connections (`[sip]` in the config, docs/security.md)."""
+
+    idle_timeout: float = TCP_IDLE_TIMEOUT   # seconds without a complete message or keep-alive
+    max_connections: int = MAX_CONNECTIONS   # in all
+    max_per_source: int = MAX_PER_SOURCE     # per source IP address
 
 
 def parse_hostport(text: str, default_port: int = 5060) -> tuple[str, int]:
@@ -122,16 +134,25 @@ class TcpConnection(asyncio.Protocol):
         self.transport = transport
         self.peer = transport.get_extra_info("peername")[:2]
         self.last_activity = asyncio.get_running_loop().time()
-        if len(self.listener.connections) >= MAX_CONNECTIONS:
-            transport.close()
+        listener = self.listener
+        limits = listener.limits
+        if len(listener.connections) >= limits.max_connections or \
+                listener.per_source[self.peer[0]] >= limits.max_per_source:
+            # A full table, or one source holding its share: refuse rather than let
+            # idle connections lock everyone else out.
+            self.core.stats["tcp_refused"] += 1
+            self.closed = True
+            transport.abort()
             return
-        self.listener.connections[self.peer] = self
+        listener.connections[self.peer] = self
+        listener.per_source[self.peer[0]] += 1
         for data in self.pending:
             transport.write(data)
         self.pending.clear()
 
     def data_received(self, data):
-        self.last_activity = asyncio.get_running_loop().time()
+        if self.closed:
+            return
         buf = self.buf
         buf += data
         while buf:
@@ -139,6 +160,7 @@ class TcpConnection(asyncio.Protocol):
             if buf[:1] in (b"\r", b"\n"):
                 if buf[:4] == b"\r\n\r\n":
                     self.transport.write(b"\r\n")  # pong
+                    self.last_activity = asyncio.get_running_loop().time()
                     del buf[:4]
                     continue
                 if len(buf) < 4 and b"\r\n\r\n".startswith(bytes(buf)):
@@ -161,12 +183,21 @@ class TcpConnection(asyncio.Protocol):
                 return
             msg = bytes(buf[:n])
             del buf[:n]
+            # Only a complete message counts as activity: a trickle of bytes
+            # does not keep a connection open.
+            self.last_activity = asyncio.get_running_loop().time()
             self.core.on_message(msg, Flow(self, self.peer), True)
 
     def connection_lost(self, exc):
         self.closed = True
-        if self.listener.connections.get(self.peer) is self:
-            del self.listener.connections[self.peer]
+        listener = self.listener
+        if listener.connections.get(self.peer) is self:
+            del listener.connections[self.peer]
+            left = listener.per_source[self.peer[0]] - 1
+            if left > 0:
+                listener.per_source[self.peer[0]] = left
+            else:
+                del listener.per_source[self.peer[0]]
 
     def send(self, data: bytes, addr=None) -> None:
         if self.closed:
@@ -187,10 +218,12 @@ class TcpTransport:
     name = "TCP"
     reliable = True
 
-    def __init__(self, core):
+    def __init__(self, core, limits: TcpLimits | None = None):
         self.core = core
+        self.limits = limits or TcpLimits()
         self.server: asyncio.base_events.Server | None = None
         self.connections: dict[tuple, TcpConnection] = {}
+        self.per_source: collections.Counter = collections.Counter()  # IP -> connections
         self.local = ("", 0)
 
     async def listen(self, host: str, port: int):
@@ -222,10 +255,13 @@ class TcpTransport:
         conn = self.connections.get(tuple(addr))
         return Flow(conn if conn is not None else self, tuple(addr))
 
-    def close_idle(self, now: float) -> None:
-        for conn in list(self.connections.values()):
-            if now - conn.last_activity > TCP_IDLE_TIMEOUT:
-                conn.close()
+    def close_idle(self, now: float) -> int:
+        """Close connections idle for longer than the limit; returns how many."""
+        timeout = self.limits.idle_timeout
+        idle = [c for c in self.connections.values() if now - c.last_activity > timeout]
+        for conn in idle:
+            conn.close()
+        return len(idle)
 
     def close(self):
         if self.server is not None:

@@ -1,6 +1,7 @@
 """SIP and tel URIs (RFC 3261 19.1, RFC 3966), enough for routing and dialogs."""
 from __future__ import annotations
 
+import re
 from urllib.parse import unquote
 
 from .parser_py import parse_hostport
@@ -30,6 +31,46 @@ class Uri:
 
     def __repr__(self):
         return f"<Uri {self.raw}>"
+
+
+# Characters a URI headed for a SIP header may never hold: controls (CR/LF would end
+# the header, RFC 3261 25.1), spaces, and the `<>"` that delimit a name-addr.
+_UNSAFE_URI = re.compile(r'[\x00-\x20\x7f<>"]')
+# RFC 3261 25.1 user: unreserved / escaped / user-unreserved.
+_USER_PART = re.compile(r"[A-Za-z0-9\-_.!~*'()%&=+$,;?/]+")
+
+
+def check_uri_text(text: str, what: str = "URI") -> None:
+    """ValueError unless `text` can stand as a URI in a SIP header."""
+    bad = _UNSAFE_URI.search(text)
+    if bad:
+        raise ValueError(f"{what}: {bad.group()!r} is not allowed in a SIP URI")
+
+
+def check_user_part(text: str, what: str = "user") -> None:
+    """ValueError unless `text` is a URI user part (RFC 3261 25.1), e.g. a caller id."""
+    if not _USER_PART.fullmatch(text):
+        raise ValueError(f"{what}: {text[:40]!r} is not a SIP user part (letters, digits "
+                         f"and -_.!~*'()%&=+$,;?/ only)")
+
+
+def sip_uri(text: str, what: str = "URI") -> "Uri":
+    """A sip:/sips: URI with a host, checked for header use; ValueError otherwise."""
+    check_uri_text(text, what)
+    try:
+        uri = parse_uri(text)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    if uri.scheme not in ("sip", "sips") or not uri.host:
+        raise ValueError(f"{what}: not a sip: or sips: URI")
+    return uri
+
+
+def from_address(text: str, what: str = "from") -> str:
+    """A caller-supplied From address (`sip:…` or `<sip:…>`) as a name-addr `<sip:…>`."""
+    bare = text[1:-1] if text.startswith("<") and text.endswith(">") else text
+    sip_uri(bare, what)
+    return f"<{bare}>"
 
 
 def scheme_of(uri: str) -> str:

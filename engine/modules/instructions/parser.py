@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from xml.parsers import expat
 
+from ...sip.uri import check_user_part
+
 __all__ = ["DocumentError", "Document", "Verb", "parse", "MAX_BYTES", "MAX_DEPTH", "MAX_ELEMENTS"]
 
 MAX_BYTES = 256 * 1024
@@ -272,6 +274,14 @@ def _text(v: str) -> str:
 
 _S = _text  # accepted, not acted on (documented by Twilio)
 
+
+def _caller_id(v: str) -> str:
+    # It becomes the user part of the dialled leg's From: nothing that could end
+    # the header or the URI (CR/LF injection).
+    v = v.strip()
+    check_user_part(v, "callerId")
+    return v
+
 _RECORD_DIAL = _enum("do-not-record", "record-from-answer", "record-from-ringing",
                      "record-from-answer-dual", "record-from-ringing-dual", "true", "false")
 
@@ -298,7 +308,7 @@ SCHEMA: dict[str, tuple[dict, tuple, str]] = {
                 "storageUrlMethod": _S, "transcribe": _bool, "transcribeCallback": _S},
                (), "none"),
     "Dial": ({"action": _text, "method": _method, "timeout": _int_range(1, 600),
-              "callerId": _text, "timeLimit": _int_range(1, 14400),
+              "callerId": _caller_id, "timeLimit": _int_range(1, 14400),
               "hangupOnStar": _bool, "record": _RECORD_DIAL, "answerOnBridge": _bool,
               "ringTone": _S, "recordingStatusCallback": _S,
               "recordingStatusCallbackMethod": _S, "recordingStatusCallbackEvent": _S,

@@ -373,17 +373,16 @@ class CallCenter:
 
     # -- agents ---------------------------------------------------------------------
     def _bindings(self, users) -> dict:
-        """Live registrar bindings of the given user names, oldest first."""
+        """Live registrar bindings of the given user names, oldest first: the
+        registrar's per-user index of authenticated bindings, never a scan."""
         reg = self.engine.sip.registrar
         found: dict[str, list] = {}
         if reg is None or not users:
             return found
-        for aor in list(reg.bindings):
-            user = aor.split(":", 1)[-1].split("@", 1)[0]
-            if user in users:
-                found.setdefault(user, []).extend(reg.lookup(aor))
-        for b in found.values():
-            b.sort(key=lambda b: b.expires_at)
+        for user in users:
+            live = reg.bindings_of(user)
+            if live:
+                found[user] = live
         return found
 
     def refresh(self) -> None:
