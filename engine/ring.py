@@ -4,10 +4,10 @@ file format, so either side of a ring may be either implementation."""
 from . import ring_py
 from .extensions import load
 from .ring_py import (RingBusyError, RingCorruptionError, RingError, RingFormatError,
-                      ring_info, ring_paths)
+                      retained, ring_info, ring_paths)
 
 __all__ = ["RingWriter", "RingReader", "RingError", "RingFormatError", "RingBusyError",
-           "RingCorruptionError", "ring_info", "ring_paths", "IMPLEMENTATION"]
+           "RingCorruptionError", "ring_info", "ring_paths", "retained", "IMPLEMENTATION"]
 
 IMPLEMENTATION = "py"
 RingWriter = ring_py.RingWriter

@@ -11,6 +11,7 @@ from .apps import Node
 from .config import Config
 from .media.engine import MediaEngine
 from .media.ports import PortPool
+from .modules import dialing
 from .modules.catalog import builtin_modules
 from .modules.instructions import shutdown as instructions_shutdown
 from .policy import AllowAll, Rules, Snapshot
@@ -56,7 +57,10 @@ class Engine:
         self.http = None               # the HTTP server for RecordingUrl (engine/http.py)
         self.listeners: list = []      # callables(session, event: str, detail: dict) for Watch
         self.denials = collections.Counter()  # module code -> policy denials (for /metrics)
+        # account -> outbound calls up; (account, reason) -> refused dials (modules/dialing.py)
+        self.outbound_calls, self.outbound_denials = dialing.new_counters()
         self.metrics = None            # the /metrics server (engine/metrics.py)
+        self.accountant = None         # baton serve's AccountantSupervisor (engine/supervisor.py)
         from .webhooks import EngineHooks, WebhookSettings, Webhooks
 
         self.webhooks = Webhooks(WebhookSettings.from_raw(cfg.raw, cfg.path), cfg.data_dir)
@@ -76,7 +80,8 @@ class Engine:
         self.ringback = ringback()
         from .store import SessionStore
 
-        self.store = SessionStore(os.path.join(self.cfg.data_dir, "sessions.db"))
+        self.store = SessionStore(os.path.join(self.cfg.data_dir, "sessions.db"),
+                                  self.stamper.retained())
         self.media = MediaEngine(self.loop, self.cfg.rtp_timeout, self.cfg.rtp_hold_timeout)
         self.media.start()
         await self.webhooks.start()
