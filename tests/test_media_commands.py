@@ -11,14 +11,15 @@ import pytest
 
 pytest.importorskip("ext.rtp", reason="ext.rtp is not built (make build)")
 
-from control.sdk import Say, VendorClient  # noqa: E402
+from control.sdk import Say  # noqa: E402
 from engine.media.commands import gather as gathering  # noqa: E402
 from engine.media.commands.digits import tones  # noqa: E402
 from engine.media.commands.urlaudio import PcmCache  # noqa: E402
 from engine.media.dtmf import DtmfDetector  # noqa: E402
-from tests.test_sessions import Caller, drain  # noqa: E402
+from tests.test_control_media import vendor_with_calls  # noqa: E402
+from tests.test_sessions import Caller  # noqa: E402
 from tests.twiml_apps import AppServer, instructions_engine  # noqa: E402
-from tests.vendor_procs.harness import SECRET_A, control_config, target, wait_until  # noqa: E402
+from tests.vendor_procs.harness import control_config, wait_until  # noqa: E402
 
 PROMPT = "Enter your code."
 DIGITS = "1#"
@@ -136,14 +137,7 @@ async def test_same_gather_and_digits_through_twiml_vendor_and_service(gathers):
         caller.close()
 
         # 2. A vendor over gRPC.
-        v = VendorClient(target(eng), "acme.survey", SECRET_A)
-        calls: list = []
-
-        @v.on_offer
-        async def on(offer):
-            calls.append(await offer.take())
-
-        await v.start()
+        v, calls = await vendor_with_calls(eng)
         caller = Caller(eng, "4000")
         dial = asyncio.ensure_future(caller.dial())
         assert await wait_until(lambda: calls)
@@ -212,12 +206,11 @@ def test_inband_tones_are_the_q23_pairs_the_detector_hears():
 def test_pcm_cache_is_lru_bounded_by_bytes():
     import numpy as np
 
-    c = PcmCache(max_bytes=3000)
-    for k in "abc":
-        c.put(k, np.zeros(500, np.int16))        # 1000 bytes each
+    c = PcmCache(max_bytes=8000)
+    for k in "abcd":
+        c.put(k, np.zeros(1000, np.int16))       # 2000 bytes each: the cache is full
     assert c.get("a") is not None                # a is now the most recent
-    c.put("d", np.zeros(500, np.int16))
-    assert c.get("b") is None and c.get("a") is not None and len(c) == 3
-    assert c.bytes == 3000
-    c.put("huge", np.zeros(2000, np.int16))      # larger than the whole cache: not kept
-    assert c.get("huge") is None and c.bytes == 3000
+    c.put("e", np.zeros(1000, np.int16))
+    assert c.get("b") is None and c.get("a") is not None and len(c) == 4
+    c.put("big", np.zeros(1001, np.int16))       # over a quarter of the budget: not kept
+    assert c.get("big") is None and len(c) == 4

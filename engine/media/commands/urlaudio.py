@@ -9,42 +9,22 @@ out, bounded by the bytes it holds.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+
+from .. import audio
+from ..audio import _LRU
 
 MAX_CACHE_BYTES = 64 << 20     # decoded PCM kept, all URLs together
 MAX_WAV_BYTES = 16 << 20       # one WAV as fetched
 FETCH_TIMEOUT = 15.0
 
 
-class PcmCache:
-    """Decoded audio by key, least recently used dropped first once over `max_bytes`."""
+class PcmCache(_LRU):
+    """Decoded audio by key: least recently used out first, bounded by the bytes held
+    (an array over a quarter of the budget is not kept)."""
 
-    def __init__(self, max_bytes: int = MAX_CACHE_BYTES):
-        self.max_bytes = max_bytes
-        self.data: OrderedDict = OrderedDict()
-        self.bytes = 0
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def get(self, key):
-        pcm = self.data.get(key)
-        if pcm is not None:
-            self.data.move_to_end(key)
-        return pcm
-
-    def put(self, key, pcm) -> None:
-        if pcm.nbytes > self.max_bytes:
-            return
-        old = self.data.pop(key, None)
-        if old is not None:
-            self.bytes -= old.nbytes
-        self.data[key] = pcm
-        self.bytes += pcm.nbytes
-        while self.bytes > self.max_bytes:
-            _, dropped = self.data.popitem(last=False)
-            self.bytes -= dropped.nbytes
+    def __init__(self, max_bytes: int = MAX_CACHE_BYTES, max_items: int = 4096):
+        super().__init__(max_items, max_bytes)
 
 
 class UrlAudio:
@@ -82,10 +62,8 @@ class UrlAudio:
             task.exception()
 
     async def _load(self, url: str, timeout: float, max_bytes: int):
-        from ..audio import read_wav
-
         body = await self.get(url, timeout, max_bytes)
-        pcm = await asyncio.get_running_loop().run_in_executor(None, read_wav, body)
+        pcm = await asyncio.get_running_loop().run_in_executor(None, audio.read_wav, body)
         pcm.setflags(write=False)
         self.cache.put(url, pcm)
         return pcm
