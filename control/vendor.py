@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import time
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +34,10 @@ from google.protobuf import unknown_fields
 from engine import __version__
 from engine import apps as apps_mod
 from engine.apps import Node
+from engine.media.commands import digits as dtmf_out
+from engine.media.commands import gather as gathering
+from engine.media.commands.digits import EVENTS as DTMF_KEYS
+from engine.media.commands.urlaudio import PcmCache
 from engine.modules.base import Module, answer_caller
 from engine.modules.dialing import OutboundDenied, operator_params, permit
 from engine.sip.uri import check_user_part, sip_uri
@@ -53,12 +56,10 @@ FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
 UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED.value[0]
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 
-DTMF_KEYS = "0123456789*#ABCD"
 DIAL_OUTLETS = (("done", "completed"), ("busy", "busy"), ("no-answer", "no-answer"),
                 ("failed", "failed"))
 ACK_CACHE = 50_000          # command ids remembered per module code (idempotent retries)
 LOST_MEMORY = 10_000        # sessions a process remembers having lost (for clearer errors)
-MAX_URL_BYTES = 20 << 20
 MAX_OUTBOX = 100_000        # messages queued for a process that does not read them
 URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")   # RFC 3986 3.1
 
@@ -154,21 +155,6 @@ class VendorProcess:
         return f"{self.id}({self.instance or self.peer})"
 
 
-class Gather:
-    """A gather in progress on one session."""
-
-    __slots__ = ("command_id", "num_digits", "timeout", "finish", "digits", "timer", "armed")
-
-    def __init__(self, command_id: str, num_digits: int, timeout: float, finish: str):
-        self.command_id = command_id
-        self.num_digits = num_digits
-        self.timeout = timeout
-        self.finish = finish
-        self.digits = ""
-        self.timer = None
-        self.armed = False
-
-
 class VendorState:
     """What the vendor module keeps per Control (one offer / one period of control)."""
 
@@ -188,7 +174,7 @@ class VendorState:
         self.player = None
         self.player_cmd = ""
         self.player_kind = ""
-        self.gather: Gather | None = None
+        self.gather: gathering.Gather | None = None
         self.recording = None
         self.recording_cmd = ""
         self.conference = None
@@ -413,11 +399,10 @@ class VendorModule(Module):
         for t in list(state.tasks):
             t.cancel()
         state.tasks.clear()
-        g = state.gather
+        g, state.gather = state.gather, None
         if g is not None:
-            if g.timer is not None:
-                g.timer.cancel()
-            state.gather = None
+            g.on_done = None
+            g.stop()
         rec = state.recording
         if rec is not None and not rec.finished:
             rec.on_done = None
@@ -460,7 +445,7 @@ class VendorModule(Module):
                 cmd, what = state.player_cmd, state.player_kind
                 state.player = None
                 if what == "gather" and state.gather is not None:
-                    self._arm_gather(ctl, state)
+                    state.gather.arm()
                 elif what == "play":
                     proc.send(_event(sid, state.offer_id, playback_finished=mh.PlaybackFinished(
                         command_id=cmd)))
@@ -630,7 +615,7 @@ class VendorModule(Module):
     def _pcm_now(self, url: str):
         """(pcm, None) when `url` is a file whose audio is cached, else (None, awaitable)."""
         if url.lower().startswith(("http://", "https://")):
-            pcm = self.hub.pcm_get(url)
+            pcm = self.hub.url_audio().cached(url)
             return (pcm, None) if pcm is not None else (None, self._fetch_url(url))
         scheme = URL_SCHEME.match(url)
         if scheme is not None:
@@ -663,25 +648,13 @@ class VendorModule(Module):
     async def _fetch_url(self, url: str):
         from engine.media import audio
 
-        def fetch() -> bytes:
-            with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 (http/https only)
-                data = r.read(MAX_URL_BYTES + 1)
-            if len(data) > MAX_URL_BYTES:
-                raise ValueError(f"larger than {MAX_URL_BYTES >> 20} MB")
-            return data
-
-        loop = self.engine.loop
         try:
-            data = await loop.run_in_executor(None, fetch)
-            pcm = await loop.run_in_executor(None, audio.read_wav, data)
+            return await self.hub.url_audio().load(url)
         except audio.AudioError as exc:
             raise invalid("play.url", f"not a playable WAV: {exc}") from None
         except Exception as exc:
             raise CommandError(FAILED_PRECONDITION, f"play.url: cannot fetch {url}: {exc}",
                                "play.url") from None
-        pcm.flags.writeable = False
-        self.hub.pcm_put(url, pcm)
-        return pcm
 
     async def _speech(self, ctl, text: str, voice: str, field: str):
         from engine.media import audio
@@ -740,7 +713,7 @@ class VendorModule(Module):
         self._interrupt_player(ctl, state, proc, ch)
         g = state.gather
         if g is not None:
-            self._gather_done(ctl, state, "stopped")
+            g.stop()
         rec = state.recording
         if rec is not None and not rec.finished:
             rec.stop("stopped")
@@ -764,12 +737,15 @@ class VendorModule(Module):
             raise invalid("gather.play.url", "a file path or http(s) URL is required")
         self._channel(ctl, state, proc)
         if state.gather is not None:
-            self._gather_done(ctl, state, "stopped")
-        gather = Gather(cmd.command_id, int(g.num_digits), g.timeout or 5.0, finish)
+            state.gather.stop()
+        cid = cmd.command_id
+        gather = gathering.Gather(ctl.later, num_digits=int(g.num_digits),
+                                  finish_on_key=finish, timeout=g.timeout or 5.0,
+                                  on_done=lambda done: self._gather_done(ctl, state, done, cid))
         state.gather = gather
         if which is None:
             # No prompt: whatever plays now goes on while digits are collected.
-            self._arm_gather(ctl, state)
+            gather.arm()
             return {"armed": True}
         if which == "say":
             pcm, pending = None, self._speech(ctl, g.say.text, g.say.voice, "gather.say")
@@ -791,46 +767,22 @@ class VendorModule(Module):
                         state.gather = None
                     raise
                 if r.get("superseded") and state.gather is gather:
-                    self._arm_gather(ctl, state)
+                    gather.arm()
                 return {"armed": True}
             return armed()
         return {"armed": True}
 
-    def _arm_gather(self, ctl, state: VendorState) -> None:
-        g = state.gather
-        if g is None:
-            return
-        g.armed = True
-        if g.timer is not None:
-            g.timer.cancel()
-        g.timer = ctl.later(g.timeout, self._gather_timeout, ctl, g)
-
-    def _gather_timeout(self, ctl, g: Gather) -> None:
-        state = ctl.state
-        if state.gather is g:
-            self._gather_done(ctl, state, "timeout")
-
     def _gather_digit(self, ctl, state: VendorState, digit: str) -> None:
-        g = state.gather
         ch = ctl.caller.channel
         if state.player is not None and state.player_kind == "gather" and ch is not None \
                 and ch.player is state.player:
             ch.silence()   # barge-in
             state.player = None
-        if g.finish and digit in g.finish:
-            self._gather_done(ctl, state, "finish-key")
-            return
-        g.digits += digit
-        if g.num_digits and len(g.digits) >= g.num_digits:
-            self._gather_done(ctl, state, "num-digits")
-            return
-        self._arm_gather(ctl, state)
+        state.gather.key(digit)
 
-    def _gather_done(self, ctl, state: VendorState, reason: str) -> None:
-        g = state.gather
-        state.gather = None
-        if g.timer is not None:
-            g.timer.cancel()
+    def _gather_done(self, ctl, state: VendorState, g: gathering.Gather, cid: str) -> None:
+        if state.gather is g:
+            state.gather = None
         ch = ctl.caller.channel
         if state.player is not None and state.player_kind == "gather" and ch is not None \
                 and ch.player is state.player:
@@ -839,7 +791,7 @@ class VendorModule(Module):
         ctl.session.params["Digits"] = g.digits
         if state.holder is not None:
             state.holder.send(_event(ctl.session.id, state.offer_id, gather_result=mh.GatherResult(
-                command_id=g.command_id, digits=g.digits, reason=reason)))
+                command_id=cid, digits=g.digits, reason=g.reason)))
 
     def _cmd_record(self, ctl, state, proc, cmd):
         from engine.media.recording import Recording
@@ -969,7 +921,7 @@ class VendorModule(Module):
     def _cmd_send_digits(self, ctl, state, proc, cmd):
         s = cmd.send_digits
         digits = s.digits.upper()
-        if not digits or any(c not in DTMF_KEYS + "W" for c in digits):
+        if not dtmf_out.valid(digits):
             raise invalid("send_digits.digits", f"digits among {DTMF_KEYS} and w (pause)")
         duration = s.duration_ms or 100
         if not 40 <= duration <= 2000:
@@ -980,10 +932,9 @@ class VendorModule(Module):
         ch = self._channel(ctl, state, proc)
         if state.dtmf_out is not None and not state.dtmf_out.done():
             raise CommandError(FAILED_PRECONDITION, "digits are still being sent on this session")
-        stream = ch.stream
-        if stream.dtmf_pt < 0:
+        if not dtmf_out.rfc4733(ch):
             # No telephone-event negotiated: in-band tones through the player.
-            pcm = dtmf_tones(digits, duration, gap)
+            pcm = dtmf_out.tones(digits, duration, gap)
             self._start_player(ctl, state, proc, pcm, 1, cmd.command_id, "digits")
             return {"method": "inband", "digits": digits}
         task = self._send_rfc4733(ch, digits, duration, gap)
@@ -991,32 +942,7 @@ class VendorModule(Module):
         return task
 
     async def _send_rfc4733(self, ch, digits: str, duration_ms: int, gap_ms: int) -> dict:
-        stream = ch.stream
-        saved_source = ch.source
-        # The media clock must not interleave audio while an event holds the timeline.
-        ch.source = 3  # rtp.SOURCE_NONE: the player (if any) is paused, not dropped
-        try:
-            for c in digits:
-                if c == "W":
-                    await asyncio.sleep(0.5)
-                    continue
-                code = DTMF_KEYS.index(c)
-                total = duration_ms * 8
-                dur = 160
-                stream.send_event(code, dur, False, True)
-                while dur < total:
-                    await asyncio.sleep(0.02)
-                    dur = min(total, dur + 160)
-                    stream.send_event(code, dur, False, False)
-                for _ in range(3):   # RFC 4733 2.5.1.4: the end packet, sent three times
-                    await asyncio.sleep(0.02 if _ == 0 else 0.0)
-                    stream.send_event(code, total, True, False)
-                await asyncio.sleep(gap_ms / 1000)
-        finally:
-            if ch.source == 3:
-                ch.source = saved_source
-            if stream.mode == 2:  # still terminated here (not relayed by a bridge since)
-                stream.terminate()   # the next audio packet starts a talkspurt (marker bit)
+        await dtmf_out.send_events(ch, digits, duration_ms, gap_ms)
         return {"method": "rfc4733", "digits": digits}
 
     def _cmd_set_value(self, ctl, state, proc, cmd):
@@ -1104,26 +1030,6 @@ def _ack(cid: str, sid: str, code: int, message: str = "", field: str = "",
     return mh.EngineMessage(ack=ack)
 
 
-def dtmf_tones(digits: str, duration_ms: int, gap_ms: int):
-    """In-band DTMF (Q.23 pairs at -10 dBm0 per tone) as 8 kHz PCM; "W" is a 500 ms pause."""
-    import numpy as np
-
-    from engine.media.dtmf import COLS, DBM0_AMPLITUDE, KEYS, ROWS
-
-    amp = DBM0_AMPLITUDE * 10 ** (-10 / 20)
-    t = np.arange(duration_ms * 8) / 8000.0
-    parts = []
-    for c in digits:
-        if c == "W":
-            parts.append(np.zeros(4000))
-            continue
-        i = KEYS.index(c)
-        parts.append(amp * (np.sin(2 * np.pi * ROWS[i // 4] * t) +
-                            np.sin(2 * np.pi * COLS[i % 4] * t)))
-        parts.append(np.zeros(gap_ms * 8))
-    return np.concatenate(parts).astype(np.int16)
-
-
 class ControlHub:
     """Every vendor module code of the engine, conferences, and shared caches."""
 
@@ -1136,7 +1042,7 @@ class ControlHub:
         self.resume: dict[str, tuple] = {}            # session id -> (code, process id, dict)
         self._offer_ids = itertools.count(1)
         self._prefix = os.urandom(2).hex()
-        self._pcm: collections.OrderedDict = collections.OrderedDict()
+        self._pcm = PcmCache()      # WAV files played by path
         self.stopping = False
         # A benchmark hook: trace(what, session_id, command_id, monotonic_ns) when media starts.
         self.trace: Callable[[str, str, str, int], None] | None = None
@@ -1205,15 +1111,17 @@ class ControlHub:
 
     # -- cached audio ---------------------------------------------------------------
     def pcm_get(self, key):
-        pcm = self._pcm.get(key)
-        if pcm is not None:
-            self._pcm.move_to_end(key)
-        return pcm
+        return self._pcm.get(key)
 
     def pcm_put(self, key, pcm) -> None:
-        self._pcm[key] = pcm
-        while len(self._pcm) > 64:
-            self._pcm.popitem(last=False)
+        self._pcm.put(key, pcm)
+
+    def url_audio(self):
+        """The engine's one URL audio fetcher and cache (engine/media/commands/urlaudio.py),
+        held by the instructions module's HTTP client, so its checks apply to vendors too."""
+        from engine.modules.instructions import shared_for
+
+        return shared_for(self.engine).fetcher.audio
 
     # -- conferences ----------------------------------------------------------------
     def join_conference(self, sid: str, ch, key: tuple, muted: bool, listen_only: bool) -> int:

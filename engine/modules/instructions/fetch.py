@@ -25,9 +25,11 @@ import hashlib
 import hmac
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from ...media.commands.urlaudio import UrlAudio
 
 log = logging.getLogger("baton.instructions.fetch")
 
@@ -116,34 +118,6 @@ def with_query(url: str, params: dict) -> str:
 
 # -- the client ------------------------------------------------------------------
 
-class _AudioCache:
-    """Decoded audio by URL (LRU by count and bytes)."""
-
-    def __init__(self, items: int = 32, max_bytes: int = 64 << 20):
-        self.items = items
-        self.max_bytes = max_bytes
-        self.data: OrderedDict = OrderedDict()
-        self.bytes = 0
-
-    def get(self, key):
-        pcm = self.data.get(key)
-        if pcm is not None:
-            self.data.move_to_end(key)
-        return pcm
-
-    def put(self, key, pcm) -> None:
-        if pcm.nbytes > self.max_bytes:
-            return
-        old = self.data.pop(key, None)
-        if old is not None:
-            self.bytes -= old.nbytes
-        self.data[key] = pcm
-        self.bytes += pcm.nbytes
-        while len(self.data) > self.items or self.bytes > self.max_bytes:
-            _, dropped = self.data.popitem(last=False)
-            self.bytes -= dropped.nbytes
-
-
 class Fetcher:
     """The engine's HTTP client for instruction apps: one pooled session, signed requests."""
 
@@ -151,8 +125,7 @@ class Fetcher:
         self.pool = pool
         self.per_host = per_host
         self._session = None
-        self.audio = _AudioCache()
-        self._audio_loads: dict[str, asyncio.Task] = {}
+        self.audio = UrlAudio(self._get)
         self.background: set[asyncio.Task] = set()
         # Counters and the last fetch latencies, for the benchmark and the API.
         self.requests = 0
@@ -251,35 +224,12 @@ class Fetcher:
         self.latencies.append(seconds)
         self.latency_count += 1
 
-    async def audio_url(self, url: str, *, timeout: float = 15.0,
-                        max_bytes: int = 16 << 20):
-        """8 kHz PCM of a WAV at `url` (decoded off the loop, cached, shared while loading)."""
-        pcm = self.audio.get(url)
-        if pcm is not None:
-            return pcm
-        task = self._audio_loads.get(url)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._load_audio(url, timeout, max_bytes))
-            self._audio_loads[url] = task
-            task.add_done_callback(lambda t, u=url: self._loaded(u, t))
-        # shield: one caller giving up (its call ended) must not cancel the others' load.
-        return await asyncio.shield(task)
+    async def _get(self, url: str, timeout: float, max_bytes: int) -> bytes:
+        return (await self.request(url, "GET", timeout=timeout, max_bytes=max_bytes)).body
 
-    def _loaded(self, url: str, task: asyncio.Task) -> None:
-        self._audio_loads.pop(url, None)
-        # Every waiter may have given up: the failure is theirs to report, not the loop's.
-        if not task.cancelled():
-            task.exception()
-
-    async def _load_audio(self, url: str, timeout: float, max_bytes: int):
-        from ...media.audio import read_wav
-
-        resp = await self.request(url, "GET", timeout=timeout, max_bytes=max_bytes)
-        loop = asyncio.get_running_loop()
-        pcm = await loop.run_in_executor(None, read_wav, resp.body)
-        pcm.setflags(write=False)
-        self.audio.put(url, pcm)
-        return pcm
+    async def audio_url(self, url: str):
+        """8 kHz PCM of a WAV at `url` (engine/media/commands/urlaudio.py)."""
+        return await self.audio.load(url)
 
     def fire(self, coro) -> None:
         """Run a request whose answer nobody waits for (status callbacks), kept until done."""
@@ -289,11 +239,11 @@ class Fetcher:
 
     async def close(self) -> None:
         """Cancel background requests and close the connection pool."""
-        for t in list(self.background) + list(self._audio_loads.values()):
+        for t in list(self.background):
             t.cancel()
-        pending = list(self.background) + list(self._audio_loads.values())
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        if self.background:
+            await asyncio.gather(*self.background, return_exceptions=True)
+        await self.audio.close()
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None

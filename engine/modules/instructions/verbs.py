@@ -26,6 +26,7 @@ import weakref
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urljoin, urlsplit
 
+from ...media.commands.gather import Gather
 from ...sip.message import valid_text
 from ..base import answer_caller
 from .conference import Room, RoomFull, Rooms
@@ -42,11 +43,6 @@ APOLOGY = "We are sorry, an application error has occurred. Goodbye."
 INTERNAL_PARAMS = {"url", "method", "fallback_url", "fallback_method", "timeout",
                    "connect_timeout", "trunk", "voice", "sounds_dir"}
 MAX_IDLE_DOCUMENTS = 25     # documents in a row with nothing heard: a Redirect loop
-DTMF_CODES = "0123456789*#ABCD"
-DTMF_FREQS = {"1": (697, 1209), "2": (697, 1336), "3": (697, 1477), "A": (697, 1633),
-              "4": (770, 1209), "5": (770, 1336), "6": (770, 1477), "B": (770, 1633),
-              "7": (852, 1209), "8": (852, 1336), "9": (852, 1477), "C": (852, 1633),
-              "*": (941, 1209), "0": (941, 1336), "#": (941, 1477), "D": (941, 1633)}
 _RECORDING_RE = re.compile(r"RE[0-9a-f]{32}")
 
 
@@ -537,41 +533,17 @@ class Runner:
 
     async def send_digits(self, digits: str) -> None:
         """DTMF to the caller: RFC 4733 events when negotiated, else in-band tones."""
-        from ...media import tones
+        from ...media.commands import digits as dtmf_out
 
         leg = self.ctl.caller
         ch = leg.open_channel()
-        stream = leg.stream
-        if ch is None or stream is None:
+        if ch is None or leg.stream is None:
             return
         self.heard = True
-        for d in digits:
-            if not self.active:
-                return
-            if d in "wW":
-                await asyncio.sleep(0.5)
-                continue
-            d = d.upper()
-            if stream.dtmf_pt >= 0:
-                code = DTMF_CODES.index(d)
-                # No audio frames while the event is on: RFC 4733 2.5.1.
-                ch.mute_output()
-                stream.send_event(code, 160, False, True)
-                for n in range(2, 6):
-                    await asyncio.sleep(0.02)
-                    if not self.active:
-                        return
-                    stream.send_event(code, 160 * n, False, False)
-                for _ in range(3):
-                    stream.send_event(code, 800, True, False)
-                ch.silence()
-                await asyncio.sleep(0.06)
-            else:
-                import numpy as np
-
-                f1, f2 = DTMF_FREQS[d]
-                pcm = np.concatenate([tones.dual(f1, f2, 0.1, 0.3), np.zeros(480, np.int16)])
-                await self.play_pcm(pcm)
+        if dtmf_out.rfc4733(ch):
+            await dtmf_out.send_events(ch, digits, active=lambda: self.active)
+        else:
+            await self.play_pcm(dtmf_out.tones(digits))
 
     async def verb_pause(self, verb: Verb, interrupt: bool = False):
         length = verb.get("length", 1)
@@ -601,24 +573,22 @@ class Runner:
             if isinstance(got, str):
                 pending = got
                 break
-        digits = ""
-        finished = ""
-        while self.active:
-            if pending is None:
-                ev = await self.next_event(timeout)
-                if ev is None:
-                    break
-                if ev[0] != "dtmf":
-                    continue
-                key = ev[1]
-            else:
-                key, pending = pending, None
-            if finish and key == finish:
-                finished = key
-                break
-            digits += key
-            if num and len(digits) >= num:
-                break
+
+        def timed_out(g: Gather) -> None:
+            w = self.waiter
+            if w is not None and not w.done():
+                w.set_result(("gather", g))
+
+        gather = Gather(self.ctl.later, num_digits=num or 0, finish_on_key=finish or "",
+                        timeout=timeout, on_done=timed_out)
+        if pending is not None:
+            gather.key(pending)
+        gather.arm()
+        while self.active and not gather.done:
+            ev = await self.next_event(None)
+            if ev[0] == "dtmf":
+                gather.key(ev[1])
+        digits, finished = gather.digits, gather.finished_on
         if not self.active:
             return STOP
         self.heard = True

@@ -15,15 +15,19 @@ import logging
 import math
 import os
 
+from ...media.commands import gather as gathering
+from ...media.commands.digits import EVENTS as KEYS
 from ..base import Module, answer_caller
 from ..menu import PromptState, render, start_player
 
 log = logging.getLogger("baton.modules.services")
 
-KEYS = "0123456789*#ABCD"
 MAX_TEXT = 2000           # characters of one spoken prompt
 MAX_TIMEOUT = 120.0       # seconds waiting for a key
 MAX_RETRIES = 10
+# The layer's reasons as the services name them to their callbacks.
+REASONS = {gathering.NUM_DIGITS: "complete", gathering.FINISH_KEY: "finish",
+           gathering.TIMEOUT: "timeout", gathering.STOPPED: "stopped"}
 
 
 class Prompter(PromptState):
@@ -32,10 +36,7 @@ class Prompter(PromptState):
     def __init__(self, ctl):
         super().__init__()
         self.ctl = ctl
-        self.collecting = False
-        self.max_digits = 1
-        self.finish_on_key = ""
-        self.timeout = 5.0
+        self.gather: gathering.Gather | None = None   # while collecting keys
         self.callback = None
         self.serial = 0
 
@@ -46,17 +47,15 @@ class Prompter(PromptState):
         `callback(digits, reason)` with reason `complete` (max_digits reached),
         `finish` (the finish key, not included in digits) or `timeout`."""
         self._reset()
-        self.collecting = True
-        self.max_digits = max_digits
-        self.finish_on_key = finish_on_key
-        self.timeout = timeout
         self.callback = callback
+        self.gather = gathering.Gather(self.ctl.later, num_digits=max_digits,
+                                       finish_on_key=finish_on_key, timeout=timeout,
+                                       on_done=self._gathered, leading_finish=False)
         self._start(parts, voice, language)
 
     def say(self, parts, callback, *, voice: str = "en", language: str | None = None) -> None:
         """Play `parts`, then `callback("", "played")`; keys are ignored meanwhile."""
         self._reset()
-        self.collecting = False
         self.callback = callback
         self._start(parts, voice, language)
 
@@ -65,9 +64,10 @@ class Prompter(PromptState):
         self.serial += 1
         self.player = None
         self.digits = ""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        g, self.gather = self.gather, None
+        if g is not None:
+            g.on_done = None
+            g.stop()
 
     def _start(self, parts, voice, language) -> None:
         ctl = self.ctl
@@ -87,36 +87,28 @@ class Prompter(PromptState):
                 log.warning("session %s: prompt failed: %s", self.ctl.session.id, exc)
         if not self.ctl.active or serial != self.serial:
             return
-        if pcm and not self.digits:
+        if pcm and not (self.gather is not None and self.gather.digits):
             audio = pcm[0] if len(pcm) == 1 else np.concatenate(pcm)
             self.player = start_player(self.ctl, audio)
         if self.player is None:
             self._prompt_over()
 
     def _prompt_over(self) -> None:
-        if self.collecting:
-            self._arm()
+        if self.gather is not None:
+            self.gather.arm()
         else:
             self._finish("", "played")
 
-    def _arm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        serial = self.serial
-        self.timer = self.ctl.later(self.timeout, self._timed_out, serial)
-
-    def _timed_out(self, serial: int) -> None:
-        if serial == self.serial and self.collecting:
-            self._finish(self.digits, "timeout")
+    def _gathered(self, g: gathering.Gather) -> None:
+        if g is self.gather:
+            self.gather = None
+            self.digits = g.digits
+            self._finish(g.digits, REASONS[g.reason])
 
     def _finish(self, digits: str, reason: str) -> None:
         log.debug("session %s: keys %r (%s)", self.ctl.session.id, digits, reason)
         cb = self.callback
-        self.collecting = False
         self.callback = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if cb is not None and self.ctl.active:
             cb(digits, reason)
 
@@ -128,24 +120,16 @@ class Prompter(PromptState):
         if kind == "play-done" and self.player is not None:
             self.player = None
             self._prompt_over()
-        elif kind == "dtmf" and self.collecting:
+        elif kind == "dtmf" and self.gather is not None:
             self._key(str(detail))
 
     def _key(self, key: str) -> None:
         if self.player is not None or (self.task is not None and not self.task.done()):
             self.stop(self.ctl)      # barge-in
             self.player = None
-        if key and key in self.finish_on_key:
-            # A finish key before any digit is the tail of the last entry (e.g. "11#"
-            # where two digits were already enough): nothing to finish yet.
-            if self.digits:
-                self._finish(self.digits, "finish")
-            return
-        self.digits += key
-        if len(self.digits) >= self.max_digits:
-            self._finish(self.digits, "complete")
-            return
-        self._arm()   # the timeout runs again from each key
+        # A finish key before any digit is the tail of the last entry (e.g. "11#"
+        # where two digits were already enough): the gather ignores it.
+        self.gather.key(key)
 
     def listen(self) -> None:
         """Detect DTMF tones in the audio when the caller's SDP has no RFC 4733."""
@@ -159,7 +143,10 @@ class Prompter(PromptState):
         """Control has left the module: stop the prompt and any in-band detector."""
         self.serial += 1
         self.callback = None
-        self.collecting = False
+        g, self.gather = self.gather, None
+        if g is not None:
+            g.on_done = None
+            g.stop()
         self.stop(self.ctl)
         ch = self.ctl.caller.channel
         if ch is not None and ch.detecting:
