@@ -27,8 +27,8 @@ import grpc
 
 from engine.accounting.service import check_account, check_period, money_pb
 
-from . import pb
-from .auth import AuthError, Authority, in_scope, metadata_value
+from control import pb
+from control.auth import AuthError, Authority, in_scope, metadata_value
 
 log = logging.getLogger("baton.control.billing")
 

@@ -18,8 +18,8 @@ from engine.modules.services import survey as survey_mod
 from engine.modules.services import verify as verify_mod
 from engine.sip.uri import parse_uri
 
-from . import pb
-from .auth import AuthError, Authority
+from control import pb
+from control.auth import AuthError, Authority
 
 log = logging.getLogger("baton.control.services")
 

@@ -23,8 +23,8 @@ from engine.sip.errors import SdpError
 from engine.sip.uac import OutgoingCall, UacOwner
 from engine.sip.uri import parse_uri
 
-from . import pb
-from .auth import AuthError, Authority, in_scope
+from control import pb
+from control.auth import AuthError, Authority, in_scope
 from engine.common import clock
 
 log = logging.getLogger("baton.control.sessions")
@@ -208,7 +208,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
             row = await self._journal(request.session_id)
             if row is None or not in_scope(account, row["account"]):
                 await self._not_found(context, request.session_id)
-        from .billing import session_cost
+        from control.billing import session_cost
 
         # The accountant prices sessions (control/billing.py); money stays integral.
         cost = await session_cost(self.engine, context, request.session_id,

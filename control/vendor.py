@@ -34,7 +34,7 @@ from engine import apps as apps_mod
 from engine.apps import Node
 from engine.modules.base import Module, answer_caller
 
-from . import pb
+from control import pb
 
 log = logging.getLogger("baton.control.vendor")
 

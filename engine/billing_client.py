@@ -34,7 +34,7 @@ class BillingClient:
     """The engine's client of the accountant's Billing service (on the engine's loop)."""
 
     def __init__(self, engine, address: str | None = None) -> None:
-        from .accounting.service import billing_address
+        from engine.accounting.service import billing_address
 
         self.engine = engine
         self.address = address or billing_address(engine.cfg.data_dir)
@@ -95,7 +95,7 @@ class BillingClient:
 
         from control import pb
 
-        from .webhooks import AccountEvent
+        from engine.webhooks import AccountEvent
 
         engine = self.engine
         while True:
@@ -163,7 +163,7 @@ def cost_main(args) -> int:
 
     from control import pb
 
-    from .accounting.service import billing_address
+    from engine.accounting.service import billing_address
 
     sid = args.session_id
     token = args.token or os.environ.get("BATON_TOKEN")

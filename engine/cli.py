@@ -8,12 +8,12 @@ import os
 import signal
 import sys
 
-from . import __version__
+from engine import __version__
 
 
 def _serve(args) -> int:
-    from .config import ConfigError, load
-    from .server import Engine
+    from engine.config import ConfigError, load
+    from engine.server import Engine
 
     overrides = {"sip_addr": args.sip_addr, "grpc_addr": args.grpc_addr,
                  "data_dir": args.data_dir, "metrics_addr": args.metrics_addr,
@@ -23,7 +23,7 @@ def _serve(args) -> int:
     except ConfigError as exc:
         print(f"baton: bad config: {exc}", file=sys.stderr)
         return 2
-    from .logs import setup as setup_logs
+    from engine.logs import setup as setup_logs
 
     setup_logs(args.log_level or cfg.log_level, cfg.log_format)
 
@@ -104,7 +104,7 @@ def _sessions(args) -> int:
     import json
     import time
 
-    from . import store
+    from engine import store
 
     try:
         if args.sessions_command == "list":
@@ -208,13 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the engine's data directory (default: .baton)")
         p_.add_argument("--format", choices=("table", "json"), default="table")
     ss.set_defaults(func=_sessions)
-    from .billing_client import add_cost_parser
+    from engine.billing_client import add_cost_parser
 
     add_cost_parser(ssub)
-    from .queues_cli import add_parser as add_queues_parser
+    from engine.queues_cli import add_parser as add_queues_parser
 
     add_queues_parser(sub)
-    from .top import add_parser as add_top_parser
+    from engine.top import add_parser as add_top_parser
 
     add_top_parser(sub)
     v = sub.add_parser("version", help="print the version")
@@ -225,19 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("accountant", "bill"):
-        from .accounting import accountant
+        from engine.accounting import accountant
 
         return (accountant.main if argv[0] == "accountant" else accountant.bill_main)(argv[1:])
     if argv and argv[0] in ("bench", "config"):
-        from . import bench_cli, config_doc
+        from engine import bench_cli, config_doc
 
         return (bench_cli.main if argv[0] == "bench" else config_doc.main)(argv[1:])
     if argv and argv[0] == "call":
-        from . import caller
+        from engine import caller
 
         return caller.main(argv[1:])
     if argv and argv[0] == "demo":
-        from . import demo
+        from engine import demo
 
         return demo.main(argv[1:])
     parser = build_parser()

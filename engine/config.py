@@ -10,7 +10,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 
-from .sip.transport import parse_hostport
+from engine.sip.transport import parse_hostport
 
 TARGET_KINDS = ("app", "module", "instructions", "endpoint")
 
@@ -392,7 +392,7 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
     _load_apps(cfg, raw, path)
     _load_policy(cfg, raw, path)
     _check_vendors(raw, path)
-    from .webhooks import check_config as _check_webhooks
+    from engine.webhooks import check_config as _check_webhooks
 
     _check_webhooks(raw, path)
     accounts = raw.get("accounts", {})
@@ -442,7 +442,7 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
 
 def _load_call_center(cfg: Config, raw: dict, path: str) -> None:
     """`[call_center]` agents and queues, and the nodes and numbers that name them."""
-    from .modules.services.call_center import check_routes, load_config
+    from engine.modules.services.call_center import check_routes, load_config
 
     try:
         base = os.path.dirname(os.path.abspath(path)) if os.path.exists(path) else ""
@@ -460,7 +460,7 @@ def _load_call_center(cfg: Config, raw: dict, path: str) -> None:
 
 
 def _known_code(cfg: Config, code: str) -> bool:
-    from .modules.catalog import builtin_codes
+    from engine.modules.catalog import builtin_codes
 
     return code in builtin_codes() or code in cfg.modules
 
@@ -503,7 +503,7 @@ def _load_trunks(cfg: Config, raw: dict, path: str) -> None:
 
 
 def _check_target(cfg: Config, path: str, key: str, target, app_nodes) -> None:
-    from .apps import HANGUP, adhoc_node
+    from engine.apps import HANGUP, adhoc_node
 
     if not isinstance(target, str) or not target:
         raise ConfigError(path, key, "a target is a node name, module code, URI or 'hangup'")
@@ -517,8 +517,8 @@ def _check_target(cfg: Config, path: str, key: str, target, app_nodes) -> None:
 
 
 def _load_apps(cfg: Config, raw: dict, path: str) -> None:
-    from .apps import App, Node
-    from .modules.catalog import builtin_modules
+    from engine.apps import App, Node
+    from engine.modules.catalog import builtin_modules
 
     apps = raw.get("apps", {})
     if not isinstance(apps, dict):
@@ -575,7 +575,7 @@ def _check_params(path: str, nkey: str, code: str, params: dict, sub: str = ".pa
     """A built-in module's own check of a node's params (Module.check_params);
     `sub` is where the params stand under `nkey` ("" for a number's route,
     whose params are the route table's other keys)."""
-    from .modules.catalog import builtin_modules
+    from engine.modules.catalog import builtin_modules
 
     cls = builtin_modules().get(code)
     if cls is None:
@@ -638,7 +638,7 @@ def _number_route(cfg: Config, path: str, key: str, account: str, number: str, t
         raise ConfigError(path, f"{key}.{kind}", "must be a non-empty string")
     params = {k: v for k, v in target.items() if k != kind}
     if kind == "module" and not _known_code(cfg, value):
-        from .modules.catalog import builtin_codes
+        from engine.modules.catalog import builtin_codes
 
         known = ", ".join(sorted(set(builtin_codes()) | set(cfg.modules)))
         raise ConfigError(path, f"{key}.module", f"unknown module {value!r} (known: {known})")

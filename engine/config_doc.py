@@ -57,8 +57,8 @@ def _type_name(typ) -> str:
 
 def sections() -> dict[str, tuple[str, dict[str, tuple[str, str]]]]:
     """Every section of the config: name -> (what it is, {key: (type, meaning)})."""
-    from .accounting.config import _BILLING_KEYS
-    from .config import SCHEMA, TABLES
+    from engine.accounting.config import _BILLING_KEYS
+    from engine.config import SCHEMA, TABLES
 
     out: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {}
     summaries = {"engine": "the engine process: addresses, data, logs, the control API",
@@ -74,7 +74,7 @@ def sections() -> dict[str, tuple[str, dict[str, tuple[str, str]]]]:
                       "(docs/billing.md)",
                       {k: (BILLING_TYPES.get(k, "?"), desc) for k, desc in _BILLING_KEYS.items()})
     try:
-        from .modules.services.call_center import QUEUE_KEYS
+        from engine.modules.services.call_center import QUEUE_KEYS
     except ImportError:
         QUEUE_KEYS = None
     if QUEUE_KEYS is not None:
@@ -92,7 +92,7 @@ def _cell(text: str) -> str:
 
 
 def _builtin_modules() -> list[tuple[str, str, str]]:
-    from .modules.catalog import builtin_modules
+    from engine.modules.catalog import builtin_modules
 
     rows = []
     for code, cls in sorted(builtin_modules().items()):
@@ -146,9 +146,9 @@ def generated_part(document: str) -> str:
 
 def consistency_problems() -> list[str]:
     """Keys a validator accepts that the schema does not describe, or the other way round."""
-    from .accounting import config as billing
-    from .accounting import plans
-    from .config import SCHEMA, TABLES, ConfigError, from_dict
+    from engine.accounting import config as billing
+    from engine.accounting import plans
+    from engine.config import SCHEMA, TABLES, ConfigError, from_dict
 
     problems = []
 
@@ -187,8 +187,8 @@ def check(path: str) -> tuple[bool, str]:
     """Load PATH as `baton serve` and the accountant would; (ok, message)."""
     import tomllib
 
-    from .accounting.config import BillingConfig, BillingConfigError
-    from .config import ConfigError, load
+    from engine.accounting.config import BillingConfig, BillingConfigError
+    from engine.config import ConfigError, load
 
     try:
         cfg = load(path)

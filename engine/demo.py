@@ -30,10 +30,10 @@ import tempfile
 import time
 import tomllib
 
-from . import store
-from .common import clock
-from .caller import CallerError, CallRun, Phone, free_port
-from .cli import print_session_history
+from engine import store
+from engine.common import clock
+from engine.caller import CallerError, CallRun, Phone, free_port
+from engine.cli import print_session_history
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "examples", "demo.toml")
@@ -104,7 +104,7 @@ class Tour:
 
     # -- set-up ------------------------------------------------------------------------
     def check(self) -> dict:
-        from . import caller
+        from engine import caller
 
         if caller.pj is None:
             raise DemoError("PJSIP's Python binding is missing: .venv/bin/pip install "
@@ -293,7 +293,7 @@ class Tour:
         self.engine = None
 
     def report(self) -> None:
-        from .accounting.accountant import bill_main
+        from engine.accounting.accountant import bill_main
 
         self.heading("what the modules collected")
         for run in reversed(_survey_runs(self.data_dir, self.account)):
@@ -339,7 +339,7 @@ def _survey_runs(data_dir: str, account: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     try:
-        from .modules.services.survey import SurveyStore
+        from engine.modules.services.survey import SurveyStore
 
         db = SurveyStore(path)
         try:

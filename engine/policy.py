@@ -93,7 +93,7 @@ def segment_cost(plan, q: int, prior_period: int = 0) -> int:
     to the engine: tiers whose price never rises are priced from their first
     unit (the dearest), other tiered and volume plans at their dearest price
     for every unit plus every flat amount."""
-    from .accounting.plans import DEN, _SCALE, GraduatedPlan, PerUnitPlan, VolumePlan
+    from engine.accounting.plans import DEN, _SCALE, GraduatedPlan, PerUnitPlan, VolumePlan
 
     if q <= 0:
         return 0
@@ -119,7 +119,7 @@ def affordable(plan, funds: int, prior_period: int = 0, horizon: int = HORIZON) 
     whose segment cost stays within `funds` micro-units: 0 when not even the
     first increment (or the connect fee) is paid for, None when the funds
     last beyond `horizon` seconds (or time costs nothing)."""
-    from .accounting.plans import SubscriptionPlan
+    from engine.accounting.plans import SubscriptionPlan
 
     if isinstance(plan, SubscriptionPlan) or not plan.is_time:
         # Time is free within a paid subscription period; a per-action plan
@@ -246,7 +246,7 @@ class Snapshot:
         """The billing config (plans) of the engine's TOML, parsed once per config."""
         cfg = engine.cfg
         if self._book_of is not cfg:
-            from .accounting.config import BillingConfig
+            from engine.accounting.config import BillingConfig
 
             self._book_of = cfg
             try:
@@ -452,7 +452,7 @@ async def speak_over(ctl, text: str, voice: str = "en") -> bool:
 
     from ext import rtp
 
-    from .modules.menu import render
+    from engine.modules.menu import render
 
     try:
         pcm = await render(ctl, text, None, voice)

@@ -1,9 +1,9 @@
 """The one place that chooses the call-control ring: Cython (`ext.ring`) unless
 BATON_NO_EXTENSIONS=1 is set or the extension is not built. Both share one
 file format, so either side of a ring may be either implementation."""
-from . import ring_py
-from .extensions import load
-from .ring_py import (RingBusyError, RingCorruptionError, RingError, RingFormatError,
+from engine import ring_py
+from engine.extensions import load
+from engine.ring_py import (RingBusyError, RingCorruptionError, RingError, RingFormatError,
                       ring_info, ring_paths)
 
 __all__ = ["RingWriter", "RingReader", "RingError", "RingFormatError", "RingBusyError",

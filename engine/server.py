@@ -6,21 +6,21 @@ import collections
 import logging
 import os
 
-from . import __version__
-from .apps import Node
-from .config import Config
-from .media.engine import MediaEngine
-from .media.ports import PortPool
-from .modules.catalog import builtin_modules
-from .modules.instructions import shutdown as instructions_shutdown
-from .policy import AllowAll, Rules, Snapshot
-from .registry import Registry
-from .session import Leg, Session
-from .sip.core import SipCore
-from .sip.message import valid_text
-from .sip.registrar import Registrar
-from .sip.uri import parse_uri
-from .stamper import Stamper
+from engine import __version__
+from engine.apps import Node
+from engine.config import Config
+from engine.media.engine import MediaEngine
+from engine.media.ports import PortPool
+from engine.modules.catalog import builtin_modules
+from engine.modules.instructions import shutdown as instructions_shutdown
+from engine.policy import AllowAll, Rules, Snapshot
+from engine.registry import Registry
+from engine.session import Leg, Session
+from engine.sip.core import SipCore
+from engine.sip.message import valid_text
+from engine.sip.registrar import Registrar
+from engine.sip.uri import parse_uri
+from engine.stamper import Stamper
 
 log = logging.getLogger("baton.engine")
 
@@ -57,7 +57,7 @@ class Engine:
         self.listeners: list = []      # callables(session, event: str, detail: dict) for Watch
         self.denials = collections.Counter()  # module code -> policy denials (for /metrics)
         self.metrics = None            # the /metrics server (engine/metrics.py)
-        from .webhooks import EngineHooks, WebhookSettings, Webhooks
+        from engine.webhooks import EngineHooks, WebhookSettings, Webhooks
 
         self.webhooks = Webhooks(WebhookSettings.from_raw(cfg.raw, cfg.path), cfg.data_dir)
         self.listeners.append(EngineHooks(self, self.webhooks))
@@ -68,13 +68,13 @@ class Engine:
         _raise_fd_limit()
         self.stamper = Stamper(os.path.join(self.cfg.data_dir, "ring", "ring.dat"), self.cfg.node_id) \
             if _ring_available() else self.stamper
-        from .media.audio import SpeechCache
+        from engine.media.audio import SpeechCache
 
-        from .media.tones import ringback
+        from engine.media.tones import ringback
 
         self.speech = SpeechCache(os.path.join(self.cfg.data_dir, "tts"))
         self.ringback = ringback()
-        from .store import SessionStore
+        from engine.store import SessionStore
 
         self.store = SessionStore(os.path.join(self.cfg.data_dir, "sessions.db"))
         self.media = MediaEngine(self.loop, self.cfg.rtp_timeout, self.cfg.rtp_hold_timeout)
@@ -85,11 +85,11 @@ class Engine:
         log.info("listening for SIP on %s port %d (%s)", self.cfg.sip_host, self.sip_port,
                  "+".join(t.upper() for t in self.cfg.transports))
         if self.cfg.raw.get("engine", {}).get("http_addr"):
-            from .http import start_http
+            from engine.http import start_http
 
             self.http = await start_http(self)
         if self.cfg.metrics_addr:
-            from .metrics import start_metrics
+            from engine.metrics import start_metrics
 
             self.metrics = await start_metrics(self, self.cfg.metrics_addr)
         if self.cfg.raw.get("engine", {}).get("grpc", True) and self.cfg.grpc_addr:
@@ -226,7 +226,7 @@ def _display_name(addr: str) -> str:
 
 def _ring_available() -> bool:
     try:
-        from . import ring  # noqa: F401
+        from engine import ring  # noqa: F401
     except ImportError:
         return False
     return True

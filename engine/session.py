@@ -16,11 +16,11 @@ import logging
 import os
 import time
 
-from . import apps as apps_mod
-from .logs import SESSION as _LOG_SESSION
-from .sip import sdp
-from .sip.dialog import DialogOwner
-from .common import clock
+from engine import apps as apps_mod
+from engine.logs import SESSION as _LOG_SESSION
+from engine.sip import sdp
+from engine.sip.dialog import DialogOwner
+from engine.common import clock
 
 log = logging.getLogger("baton.session")
 
@@ -345,7 +345,7 @@ class Session:
         timers = [ctl.later(decision.limit, self._limit_reached, ctl)]
         warn_before = getattr(decision, "warn_before", 0)
         if warn_before and warn_before > 0:
-            from .policy import warn
+            from engine.policy import warn
 
             timers.append(ctl.later(max(0.0, decision.limit - warn_before), warn, ctl, decision))
         ctl.limit_timers = tuple(timers)
@@ -357,7 +357,7 @@ class Session:
         a transition, so the accountant bills the time before to the old
         account and the time after to the new one. The policy is asked again
         for the new account: returns its Decision, and arms its limit."""
-        from .policy import ALLOW
+        from engine.policy import ALLOW
 
         if self.ended or account == self.account or self.module is None:
             return ALLOW
@@ -581,7 +581,7 @@ class Leg(DialogOwner):
             ctl.module.leg_ended(ctl, self, reason)
 
     def dialog_reoffer(self, dialog, body: bytes) -> bytes:
-        from .modules.base import answer_media
+        from engine.modules.base import answer_media
 
         ctl = self.session.control
         if ctl is not None and ctl.active:

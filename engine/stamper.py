@@ -9,7 +9,7 @@ import collections
 import logging
 import os
 import time
-from .common import clock
+from engine.common import clock
 
 log = logging.getLogger("baton.stamper")
 
@@ -25,7 +25,7 @@ class Stamper:
         self.started_by_account: collections.Counter = collections.Counter()
         self.transitions: collections.Counter = collections.Counter()  # (to module, level)
         if ring_path is not None:
-            from . import ring
+            from engine import ring
 
             os.makedirs(os.path.dirname(ring_path), exist_ok=True)
             self.writer = ring.RingWriter(ring_path, node_id=node_id)

@@ -83,7 +83,7 @@ def _caller(from_uri: str) -> str:
 async def _cost(stub, sp, sid: str, metadata, state: dict) -> str:
     import grpc
 
-    from .accounting.money import format_money
+    from engine.accounting.money import format_money
 
     if state.get("off"):
         return "-"
@@ -366,7 +366,7 @@ def main_args(args) -> int:
     if problem:
         print(f"baton top: {problem}", file=sys.stderr)
         return 2
-    from .cli import _run
+    from engine.cli import _run
 
     try:
         return _run(run(args))

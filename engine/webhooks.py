@@ -175,7 +175,7 @@ def _amount_str(v) -> str | None:
 
 def check_config(raw: dict, path: str) -> None:
     """Check `[webhooks]` and the accounts' webhook keys (called by engine.config)."""
-    from .config import ConfigError
+    from engine.config import ConfigError
 
     w = raw.get("webhooks", {})
     if not isinstance(w, dict):
@@ -230,7 +230,7 @@ def check_config(raw: dict, path: str) -> None:
 def _check_url(path, key, url) -> None:
     from urllib.parse import urlsplit
 
-    from .config import ConfigError
+    from engine.config import ConfigError
 
     if not isinstance(url, str) or not url.startswith(("http://", "https://")) \
             or not urlsplit(url).hostname:
@@ -238,15 +238,15 @@ def _check_url(path, key, url) -> None:
 
 
 def _check_secret(path, key, secret) -> None:
-    from .config import ConfigError
+    from engine.config import ConfigError
 
     if not isinstance(secret, str) or len(secret) < MIN_SECRET:
         raise ConfigError(path, key, f"a string of at least {MIN_SECRET} characters")
 
 
 def _check_amount(path, key, value) -> None:
-    from .accounting.money import MoneyError, parse_money
-    from .config import ConfigError
+    from engine.accounting.money import MoneyError, parse_money
+    from engine.config import ConfigError
 
     try:
         parse_money(value, key)

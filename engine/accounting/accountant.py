@@ -37,13 +37,13 @@ from typing import Any
 
 import msgpack
 
-from .config import BillingConfig, BillingConfigError
-from .invoices import FORMATS, invoice, payouts, render
-from .ledger import Ledger, LedgerError, Line, PostgresLedger, open_ledger
-from .meter import Meter, OpenSession
-from .money import format_money
-from .rater import Rater
-from ..common import clock
+from engine.accounting.config import BillingConfig, BillingConfigError
+from engine.accounting.invoices import FORMATS, invoice, payouts, render
+from engine.accounting.ledger import Ledger, LedgerError, Line, PostgresLedger, open_ledger
+from engine.accounting.meter import Meter, OpenSession
+from engine.accounting.money import format_money
+from engine.accounting.rater import Rater
+from engine.common import clock
 
 __all__ = ["Accountant", "main", "bill_main", "ring_path", "policy_path", "tune_gc"]
 
@@ -665,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
             acct.drain()
             acct.write_policy()
         else:
-            from .service import BackgroundService
+            from engine.accounting.service import BackgroundService
 
             service = BackgroundService(acct, raw)      # Billing API and notifications
             log.info("accountant running on %s", acct.data_dir)
@@ -723,7 +723,7 @@ def bill_main(argv: list[str] | None = None) -> int:
         ledger.close()
     sys.stdout.write(render(doc, args.format))
     if getattr(args, "notify", False):
-        from .service import notify_invoice_now
+        from engine.accounting.service import notify_invoice_now
 
         return notify_invoice_now(raw, data_dir, doc)
     return 0

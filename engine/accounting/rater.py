@@ -14,11 +14,11 @@ from collections.abc import Iterable
 
 import msgpack
 
-from .config import BillingConfig, PeriodClock
-from .ledger import Line, split_share
-from .meter import Action, OpenSession, Segment
-from .plans import DEN, NS, PerUnitPlan, SubscriptionPlan, UsagePlan, _SCALE
-from ..common import clock
+from engine.accounting.config import BillingConfig, PeriodClock
+from engine.accounting.ledger import Line, split_share
+from engine.accounting.meter import Action, OpenSession, Segment
+from engine.accounting.plans import DEN, NS, PerUnitPlan, SubscriptionPlan, UsagePlan, _SCALE
+from engine.common import clock
 
 __all__ = ["Rater", "usage_key"]
 

@@ -77,7 +77,7 @@ def money_pb(micros: int, currency: str):
     """A `baton.v1.Money`."""
     from control import pb
 
-    from .money import format_money
+    from engine.accounting.money import format_money
 
     return pb.billing_pb2.Money(micros=int(micros), amount=format_money(int(micros)),
                                 currency=currency or "")
@@ -145,7 +145,7 @@ class _Reader:
         self._ledger = None
 
     def __call__(self, fn: Callable[[Any], Any]) -> Any:
-        from .ledger import open_ledger
+        from engine.accounting.ledger import open_ledger
 
         with self.lock:
             if self._ledger is None:
@@ -358,7 +358,7 @@ class _Servicer:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
     def Invoice(self, request, context):
-        from .invoices import invoice
+        from engine.accounting.invoices import invoice
 
         for problem in (check_account(request.account), check_period(request.period)):
             if problem:
@@ -368,7 +368,7 @@ class _Servicer:
         return invoice_pb(doc)
 
     def Payouts(self, request, context):
-        from .invoices import payouts
+        from engine.accounting.invoices import payouts
 
         problem = check_period(request.period)
         if problem:
@@ -479,7 +479,7 @@ class Notifier:
     def threshold(self, account: str) -> int | None:
         """The account's low-balance threshold in micro-units, or None."""
         if account not in self._thresholds:
-            from .money import parse_money
+            from engine.accounting.money import parse_money
 
             value = self.webhooks.settings.low_balance_of(account)
             self._thresholds[account] = parse_money(value) if value is not None else None
@@ -516,7 +516,7 @@ class Notifier:
                 self._invoices_ready(closed)
 
     def _invoices_ready(self, period: str) -> None:
-        from .invoices import invoice
+        from engine.accounting.invoices import invoice
 
         book = self.acct.book
         try:

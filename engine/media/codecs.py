@@ -5,9 +5,9 @@
 and "mixed" otherwise; `G711_IMPLEMENTATION` and `DTMF_IMPLEMENTATION` say
 which one each part uses.
 """
-from ..extensions import load
-from . import dtmf as _dtmf_py
-from . import g711 as _g711_py
+from engine.extensions import load
+from engine.media import dtmf as _dtmf_py
+from engine.media import g711 as _g711_py
 
 G711_IMPLEMENTATION = "py"
 DTMF_IMPLEMENTATION = "py"

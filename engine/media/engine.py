@@ -91,7 +91,7 @@ class MediaEngine:
 
     def _rtcp(self) -> None:
         """RFC 3550 6.4: a sender report per stream, and read what the far ends reported."""
-        from . import rtcp
+        from engine.media import rtcp
 
         self._rtcp_handle = self.loop.call_later(self.rtcp_interval, self._rtcp)
         for entry in list(self.rtcp.values()):

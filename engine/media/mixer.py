@@ -1,7 +1,7 @@
 """The one place that chooses the conference mixer: Cython (`ext.mix`) unless
 BATON_NO_EXTENSIONS=1 is set or the extension is not built."""
-from ..extensions import load
-from . import mix as _py
+from engine.extensions import load
+from engine.media import mix as _py
 
 __all__ = ["Conference", "mix_minus", "LAWS", "MAX_PARTICIPANTS_LIMIT", "IMPLEMENTATION"]
 

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from . import audio
+from engine.media import audio
 
 log = logging.getLogger("baton.media.recording")
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import logging
 
-from ..media.ports import PortsExhausted
-from ..sip import sdp
-from ..sip.errors import SdpError
-from ..sip.uac import OutgoingCall, UacOwner
-from .base import Module, answer_media
+from engine.media.ports import PortsExhausted
+from engine.sip import sdp
+from engine.sip.errors import SdpError
+from engine.sip.uac import OutgoingCall, UacOwner
+from engine.modules.base import Module, answer_media
 
 log = logging.getLogger("baton.modules.bridge")
 
@@ -67,7 +67,7 @@ class BridgeModule(Module):
     outlets = ("busy", "no-answer", "failed", "done")
 
     def take(self, ctl) -> None:
-        from ..session import Leg
+        from engine.session import Leg
 
         engine = self.engine
         session = ctl.session
@@ -144,7 +144,7 @@ class BridgeModule(Module):
         to = str(ctl.params.get("to", "")).strip()
         if "{self}" in to:
             # This engine's own address, so a config can dial back into itself.
-            from ..sip.transport import format_hostport
+            from engine.sip.transport import format_hostport
 
             to = to.replace("{self}", format_hostport(self.engine.cfg.advertise, self.engine.sip_port))
         if not to:

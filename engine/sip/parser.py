@@ -1,7 +1,7 @@
 """The one place that chooses the SIP parser: Cython (`ext.sip`) unless
 BATON_NO_EXTENSIONS=1 is set or the extension is not built."""
-from ..extensions import load
-from . import parser_py
+from engine.extensions import load
+from engine.sip import parser_py
 
 IMPLEMENTATION = "py"
 parse_message = parser_py.parse_message

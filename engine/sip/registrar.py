@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 
-from .digest import DigestServer
-from .parser_py import parse_name_addr
-from .uri import parse_uri, strip_brackets
+from engine.sip.digest import DigestServer
+from engine.sip.parser_py import parse_name_addr
+from engine.sip.uri import parse_uri, strip_brackets
 
 DEFAULT_EXPIRES = 3600
 MIN_EXPIRES = 60

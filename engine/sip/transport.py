@@ -11,9 +11,9 @@ import asyncio
 import logging
 import socket
 
-from . import parser
-from .message import MAX_MESSAGE, SipParseError
-from .transaction import Flow
+from engine.sip import parser
+from engine.sip.message import MAX_MESSAGE, SipParseError
+from engine.sip.transaction import Flow
 
 log = logging.getLogger("baton.sip.transport")
 

@@ -96,7 +96,7 @@ class Room:
 
     def beep_pcm(self):
         if self._beep is None:
-            from ...media import audio
+            from engine.media import audio
 
             self._beep = audio.beep()
         return self._beep

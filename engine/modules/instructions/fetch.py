@@ -272,7 +272,7 @@ class Fetcher:
             task.exception()
 
     async def _load_audio(self, url: str, timeout: float, max_bytes: int):
-        from ...media.audio import read_wav
+        from engine.media.audio import read_wav
 
         resp = await self.request(url, "GET", timeout=timeout, max_bytes=max_bytes)
         loop = asyncio.get_running_loop()

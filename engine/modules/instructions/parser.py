@@ -247,7 +247,7 @@ def _beep(v: str) -> str:
 
 
 def _voice(v: str) -> str:
-    from ...media.audio import AudioError, espeak_voice
+    from engine.media.audio import AudioError, espeak_voice
 
     try:
         espeak_voice(v)
@@ -257,7 +257,7 @@ def _voice(v: str) -> str:
 
 
 def _language(v: str) -> str:
-    from ...media.audio import AudioError, espeak_voice
+    from engine.media.audio import AudioError, espeak_voice
 
     try:
         espeak_voice("en", v)

@@ -26,12 +26,12 @@ import weakref
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urljoin, urlsplit
 
-from ...sip.message import valid_text
-from ..base import answer_caller
-from .conference import Room, RoomFull, Rooms
-from .fetch import Fetcher, FetchError
-from .parser import Document, DocumentError, Verb, parse
-from .queues import QueueFull, Queues
+from engine.sip.message import valid_text
+from engine.modules.base import answer_caller
+from engine.modules.instructions.conference import Room, RoomFull, Rooms
+from engine.modules.instructions.fetch import Fetcher, FetchError
+from engine.modules.instructions.parser import Document, DocumentError, Verb, parse
+from engine.modules.instructions.queues import QueueFull, Queues
 
 log = logging.getLogger("baton.instructions")
 
@@ -442,7 +442,7 @@ class Runner:
         self.note("fallback", {"default": "apology"})
         if self.answer():
             try:
-                from ..menu import render
+                from engine.modules.menu import render
 
                 pcm = await render(self.ctl, APOLOGY, None, "en")
                 await self.play_pcm(pcm)
@@ -463,7 +463,7 @@ class Runner:
     async def verb_say(self, verb: Verb, interrupt: bool = False):
         if not self.answer():
             return STOP
-        from ..menu import render
+        from engine.modules.menu import render
 
         voice = verb.get("voice") or self.params.get("voice") or "en"
         try:
@@ -503,7 +503,7 @@ class Runner:
     async def audio(self, ref: str):
         """PCM of a Play target: an http(s) URL (cached), a recording of this engine, or
         a `file:` path inside the engine's sounds or recordings directory."""
-        from ...media.audio import AudioError, load_wav
+        from engine.media.audio import AudioError, load_wav
 
         url = self.resolve(ref)
         parts = urlsplit(url)
@@ -524,7 +524,7 @@ class Runner:
         raise AudioError(f"cannot play {parts.scheme}: URLs")
 
     def _local_recording(self, url: str) -> str | None:
-        from ... import http as http_mod
+        from engine import http as http_mod
 
         base = http_mod.http_url(self.engine)
         if not base or not url.startswith(base + "/recordings/"):
@@ -537,7 +537,7 @@ class Runner:
 
     async def send_digits(self, digits: str) -> None:
         """DTMF to the caller: RFC 4733 events when negotiated, else in-band tones."""
-        from ...media import tones
+        from engine.media import tones
 
         leg = self.ctl.caller
         ch = leg.open_channel()
@@ -630,7 +630,7 @@ class Runner:
                      {"Digits": digits, "FinishedOnKey": finished})
 
     async def verb_record(self, verb: Verb):
-        from ...media.recording import Recording
+        from engine.media.recording import Recording
 
         if not self.answer():
             return STOP
@@ -680,7 +680,7 @@ class Runner:
             self.ctl.later(0.5, self._quiet_check, rec, silence)
 
     def _recorded(self, verb: Verb, sid: str, result: dict) -> dict:
-        from ... import http as http_mod
+        from engine import http as http_mod
 
         base = http_mod.http_url(self.engine)
         url = f"{base}/recordings/{sid}" if base else "file://" + result["path"]
@@ -726,7 +726,7 @@ class Runner:
 
     def _redirect_module(self, verb: Verb, target: str):
         """`module:CODE?k=v&outlet=NAME&outlet.NAME=TARGET` or `outlet:NAME?k=v`."""
-        from ...apps import Node
+        from engine.apps import Node
 
         ref, _, query = target.partition("?")
         kind, _, name = ref.partition(":")
@@ -772,7 +772,7 @@ class Runner:
 
     def _return_node(self, kind: str, info: dict):
         """Save the document and position; a node that brings control back to them."""
-        from ...apps import Node
+        from engine.apps import Node
 
         token = secrets.token_hex(6)
         self.session.saved[SAVED_KEY] = {
@@ -872,7 +872,7 @@ class Runner:
 
     def _demote(self, verb: Verb, to: str, trunk: str | None):
         """Hand the call to an ad-hoc `baton.bridge` node whose every way out comes back."""
-        from ...apps import Node
+        from engine.apps import Node
 
         action = verb.get("action")
         info = {"action": self.resolve(action) if action else None,

@@ -15,8 +15,8 @@ import logging
 import math
 import os
 
-from ..base import Module, answer_caller
-from ..menu import PromptState, render, start_player
+from engine.modules.base import Module, answer_caller
+from engine.modules.menu import PromptState, render, start_player
 
 log = logging.getLogger("baton.modules.services")
 

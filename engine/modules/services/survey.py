@@ -44,7 +44,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from .prompting import (KEYS, Prompter, PromptingModule, check_bool, check_common,
+from engine.modules.services.prompting import (KEYS, Prompter, PromptingModule, check_bool, check_common,
                         check_key_set, check_keys, check_number, check_prompt)
 
 log = logging.getLogger("baton.modules.survey")
