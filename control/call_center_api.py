@@ -12,7 +12,7 @@ import grpc
 
 from engine.modules.services.call_center import CallCenter
 
-from control import pb
+from proto import pb
 from control.auth import AuthError, Authority, in_scope
 
 ccp = pb.call_center_pb2

@@ -100,7 +100,7 @@ class ApiKey:
 
 def load_api_keys(raw: dict, path: str = "<dict>") -> dict[str, ApiKey]:
     """Parse and check `[api_keys.ID]` tables of a config dict; ConfigError names the key."""
-    from engine.config import ConfigError
+    from engine.config.load import ConfigError
 
     tables = raw.get("api_keys", {})
     if not isinstance(tables, dict):

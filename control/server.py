@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection  # noqa: E402
 
 from engine import __version__  # noqa: E402
 
-from control import pb  # noqa: E402
+from proto import pb  # noqa: E402
 from control.auth import AuthError, Authority, metadata_value, server_credentials  # noqa: E402
 from control.metering import ApiMeter, metering_interceptor  # noqa: E402
 from control.billing import BillingService  # noqa: E402
@@ -144,7 +144,7 @@ class ControlServer:
         self.sessions = SessionsService(engine, self.authority, self.hub)
         self.billing = BillingService(engine, self.authority, self.sessions)
         if getattr(engine, "accountant_client", None) is None:
-            from engine.billing_client import BillingClient
+            from engine.accounting.client import BillingClient
 
             engine.accountant_client = BillingClient(engine)
         self.started = time.monotonic()

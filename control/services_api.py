@@ -18,7 +18,7 @@ from engine.modules.services import survey as survey_mod
 from engine.modules.services import verify as verify_mod
 from engine.sip.uri import parse_uri
 
-from control import pb
+from proto import pb
 from control.auth import AuthError, Authority
 
 log = logging.getLogger("baton.control.services")

@@ -15,15 +15,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from engine import apps as apps_mod
-from engine.apps import Node
+from engine.sessions import apps as apps_mod
+from engine.sessions.apps import Node
 from engine.media.ports import PortsExhausted
 from engine.sip import sdp
 from engine.sip.errors import SdpError
 from engine.sip.uac import OutgoingCall, UacOwner
 from engine.sip.uri import parse_uri
 
-from control import pb
+from proto import pb
 from control.auth import AuthError, Authority, in_scope
 from engine.common import clock
 
@@ -33,7 +33,7 @@ sp = pb.sessions_pb2
 cp = pb.common_pb2
 
 WATCH_KINDS = ("transition", "ended", "offered", "taken", "declined", "control-lost",
-               # the notifications also sent as webhooks (engine/webhooks.py)
+               # the notifications also sent as webhooks (engine/common/webhooks.py)
                "session.started", "session.ended", "balance.low", "cap.reached", "invoice.ready",
                # the service modules' events (docs/services/)
                "phone_tree.menu", "survey.result", "verify.result", "calling_card.step",
@@ -134,7 +134,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         return s
 
     async def _journal(self, sid: str) -> dict | None:
-        from engine import store
+        from engine.sessions import journal as store
 
         journal = self.engine.store
         busy = False
@@ -269,7 +269,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
 
     async def _originate(self, context, account, to, user, target, app, from_uri, params,
                          ring) -> sp.OriginateResponse:
-        from engine.session import Leg, Session
+        from engine.sessions.session import Leg, Session
 
         engine = self.engine
         session = Session(engine, account, user, from_uri, f"<{to}>", direction="outbound",

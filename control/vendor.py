@@ -30,11 +30,11 @@ from typing import Any
 
 import grpc
 
-from engine import apps as apps_mod
-from engine.apps import Node
+from engine.sessions import apps as apps_mod
+from engine.sessions.apps import Node
 from engine.modules.base import Module, answer_caller
 
-from control import pb
+from proto import pb
 
 log = logging.getLogger("baton.control.vendor")
 
@@ -571,7 +571,7 @@ class VendorModule(Module):
 
     def _start_player(self, ctl, state: VendorState, proc: VendorProcess, pcm, loops: int,
                       cmd_id: str, kind: str) -> None:
-        from ext import rtp
+        from ext.kernels import rtp
 
         ch = self._channel(ctl, state, proc)
         self._interrupt_player(ctl, state, proc, ch)
@@ -1049,7 +1049,7 @@ def dtmf_tones(digits: str, duration_ms: int, gap_ms: int):
     """In-band DTMF (Q.23 pairs at -10 dBm0 per tone) as 8 kHz PCM; "W" is a 500 ms pause."""
     import numpy as np
 
-    from engine.media.dtmf import COLS, DBM0_AMPLITUDE, KEYS, ROWS
+    from ext.dtmf_py import COLS, DBM0_AMPLITUDE, KEYS, ROWS
 
     amp = DBM0_AMPLITUDE * 10 ** (-10 / 20)
     t = np.arange(duration_ms * 8) / 8000.0
@@ -1158,7 +1158,8 @@ class ControlHub:
 
     # -- conferences ----------------------------------------------------------------
     def join_conference(self, sid: str, ch, key: tuple, muted: bool, listen_only: bool) -> int:
-        from ext.mix import Conference
+        from ext.kernels import rtp
+        Conference = rtp.Conference
 
         entry = self.conferences.get(key)
         if entry is None:

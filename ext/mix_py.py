@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.media import g711
+from ext import g711_py as g711
 
 __all__ = ["Conference", "mix_minus", "LAWS", "MAX_PARTICIPANTS_LIMIT"]
 

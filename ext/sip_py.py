@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from engine.sip.message import (COMPACT, LIST_HEADERS, MAX_CSEQ, MAX_EXPIRES, MAX_HEADERS,
+from ext.sip_message import (COMPACT, LIST_HEADERS, MAX_CSEQ, MAX_EXPIRES, MAX_HEADERS,
                       MAX_LINE, MAX_MESSAGE, SINGLE_HEADERS, SipMessage, SipParseError)
 
 _TOKEN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")

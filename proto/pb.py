@@ -1,6 +1,6 @@
 """The generated protobuf and gRPC code of `proto/baton/v1`, generated on first use.
 
-`make build` runs protoc into `control/_gen/` (never committed). When that
+`make build` runs protoc into `proto/_gen/` (never committed). When that
 is missing or older than the .proto files (a fresh checkout, an edited
 proto), this module runs grpc_tools' protoc itself, under a file lock so
 concurrent processes (a test starting vendor processes) generate it once.
@@ -40,7 +40,7 @@ def _fresh() -> bool:
 
 
 def generate(force: bool = False) -> None:
-    """Run protoc on proto/baton/v1/*.proto into control/_gen (if stale or forced)."""
+    """Run protoc on proto/baton/v1/*.proto into proto/_gen (if stale or forced)."""
     if not force and _fresh():
         return
     os.makedirs(GEN_DIR, exist_ok=True)

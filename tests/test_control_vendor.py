@@ -17,7 +17,7 @@ from tests.vendor_procs.harness import (SECRET_A, SECRET_B, bearer, control_conf
 
 import grpc  # noqa: E402
 
-from control import pb  # noqa: E402
+from proto import pb  # noqa: E402
 from control.sdk import (FailedPrecondition, InvalidArgument, PermissionDenied,  # noqa: E402
                          VendorClient)
 from tests.helpers import running_engine  # noqa: E402

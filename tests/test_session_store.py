@@ -1,11 +1,11 @@
-"""The session journal (engine/store.py): batched snapshots, latest state wins."""
+"""The session journal (engine/sessions/journal.py): batched snapshots, latest state wins."""
 from __future__ import annotations
 
 import asyncio
 from types import SimpleNamespace
 
-from engine import store
-from engine.session import ControlSpan
+from engine.sessions import journal as store
+from engine.sessions.session import ControlSpan
 
 
 def _session(sid: str) -> SimpleNamespace:

@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from control import pb
+from proto import pb
 from control.sdk.errors import ControlLost, Disconnected, RegistrationError, error_for
 from control.sdk.types import (Ack, ControlRevoked, Event, GatherResult, OfferInfo, Play,
                     PlaybackFinished, Prompt, RecordingReady, Say, event_from_pb)

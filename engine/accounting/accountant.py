@@ -75,7 +75,7 @@ def tune_gc() -> None:
 
 
 def _ring_module():
-    from engine import ring
+    from ext.kernels import ring
     return ring
 
 
@@ -184,7 +184,7 @@ class Accountant:
         self.posted = 0
         self.batches = 0
         self.bad_records = 0
-        # For /metrics (engine/metrics.py): (ring seq, stamp wall ns) of the last record
+        # For /metrics (engine/common/metrics.py): (ring seq, stamp wall ns) of the last record
         # of each chunk read, and the stamp-to-ledger lag of the last commit.
         self._marks: collections.deque = collections.deque()
         self.lag_seconds = 0.0
@@ -637,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-addr", metavar="HOST:PORT",
                    help="serve Prometheus /metrics here (default: engine.accountant_metrics_addr)")
     args = p.parse_args(argv)
-    from engine.logs import setup as setup_logs
+    from engine.common.logs import setup as setup_logs
 
     setup_logs(args.log_level, args.log_format or "text")
     try:
@@ -652,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics_addr = args.metrics_addr or raw.get("engine", {}).get("accountant_metrics_addr")
     stop_metrics = None
     if metrics_addr and not args.once:
-        from engine.metrics import serve_accountant_metrics
+        from engine.common.metrics import serve_accountant_metrics
 
         try:
             _url, stop_metrics = serve_accountant_metrics(acct, metrics_addr)

@@ -52,7 +52,7 @@ class BillingClient:
         if self._stub is None:
             import grpc
 
-            from control import pb
+            from proto import pb
 
             self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
             self._stub = pb.billing_pb2_grpc.BillingStub(self._channel)
@@ -67,7 +67,7 @@ class BillingClient:
         """The session's `SessionCost`, or None when the accountant has not metered it."""
         import grpc
 
-        from control import pb
+        from proto import pb
 
         try:
             return await self.call("Cost", pb.billing_pb2.SessionCostRequest(session_id=session_id))
@@ -93,9 +93,9 @@ class BillingClient:
     async def _follow(self) -> None:
         import grpc
 
-        from control import pb
+        from proto import pb
 
-        from engine.webhooks import AccountEvent
+        from engine.common.webhooks import AccountEvent
 
         engine = self.engine
         while True:
@@ -161,7 +161,7 @@ def cost_main(args) -> int:
 
     import grpc
 
-    from control import pb
+    from proto import pb
 
     from engine.accounting.service import billing_address
 

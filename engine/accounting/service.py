@@ -17,7 +17,7 @@ through a connection of their own.
 notifications: `balance.low` once each time an account's funds left fall
 below its threshold, `cap.reached` once per capped target and period, and
 `invoice.ready` once per account and period after the period has closed.
-Each is a signed webhook (engine/webhooks.py, the accountant's own outbox)
+Each is a signed webhook (engine/common/webhooks.py, the accountant's own outbox)
 and a `Billing.Events` message, which the engine turns into `Sessions.Watch`
 events.
 """
@@ -75,7 +75,7 @@ def check_account(account: str) -> str | None:
 
 def money_pb(micros: int, currency: str):
     """A `baton.v1.Money`."""
-    from control import pb
+    from proto import pb
 
     from engine.accounting.money import format_money
 
@@ -85,7 +85,7 @@ def money_pb(micros: int, currency: str):
 
 def invoice_pb(doc: dict):
     """An invoice dict (invoices.invoice) as an `AccountInvoice`."""
-    from control import pb
+    from proto import pb
 
     bp = pb.billing_pb2
     out = bp.AccountInvoice(account=doc["account"], period=doc["period"],
@@ -108,7 +108,7 @@ def invoice_pb(doc: dict):
 
 def payouts_pb(doc: dict):
     """A payouts report dict (invoices.payouts) as a `PayoutsReport`."""
-    from control import pb
+    from proto import pb
 
     bp = pb.billing_pb2
     out = bp.PayoutsReport(period=doc["period"], vendor=doc["vendor"] or "")
@@ -176,7 +176,7 @@ class BillingServer:
     """The gRPC server of one accountant; `stop()` ends it."""
 
     def __init__(self, acct, raw: dict | None = None, address: str | None = None) -> None:
-        from engine.webhooks import SyncWebhooks, WebhookSettings
+        from engine.common.webhooks import SyncWebhooks, WebhookSettings
 
         self.acct = acct
         self.address = address or billing_address(acct.data_dir)
@@ -251,7 +251,7 @@ class BillingServer:
     def start(self) -> BillingServer:
         import grpc
 
-        from control import pb
+        from proto import pb
 
         server = grpc.server(concurrent.futures.ThreadPoolExecutor(
             max_workers=8, thread_name_prefix="billing-api"),
@@ -380,7 +380,7 @@ class _Servicer:
     def Cost(self, request, context):
         import grpc
 
-        from control import pb
+        from proto import pb
 
         sid = request.session_id
         if not sid:
@@ -415,7 +415,7 @@ class _Servicer:
                                           cost=money_pb(total, currency))
 
     def Balance(self, request, context):
-        from control import pb
+        from proto import pb
 
         problem = check_account(request.account)
         if problem:
@@ -442,7 +442,7 @@ class _Servicer:
         return out
 
     def Events(self, request, context):
-        from control import pb
+        from proto import pb
 
         q = self.srv.subscribe()
         try:
@@ -559,8 +559,8 @@ def notify_invoice_now(raw: dict, data_dir: str, doc: dict, timeout: float = 10.
     running accountant keeps retrying."""
     import sys
 
-    from engine.config import ConfigError
-    from engine.webhooks import SyncWebhooks, WebhookSettings
+    from engine.config.load import ConfigError
+    from engine.common.webhooks import SyncWebhooks, WebhookSettings
 
     try:
         settings = WebhookSettings.from_raw(raw)

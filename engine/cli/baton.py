@@ -12,8 +12,8 @@ from engine import __version__
 
 
 def _serve(args) -> int:
-    from engine.config import ConfigError, load
-    from engine.server import Engine
+    from engine.config.load import ConfigError, load
+    from engine.runtime.server import Engine
 
     overrides = {"sip_addr": args.sip_addr, "grpc_addr": args.grpc_addr,
                  "data_dir": args.data_dir, "metrics_addr": args.metrics_addr,
@@ -23,7 +23,7 @@ def _serve(args) -> int:
     except ConfigError as exc:
         print(f"baton: bad config: {exc}", file=sys.stderr)
         return 2
-    from engine.logs import setup as setup_logs
+    from engine.common.logs import setup as setup_logs
 
     setup_logs(args.log_level or cfg.log_level, cfg.log_format)
 
@@ -104,7 +104,7 @@ def _sessions(args) -> int:
     import json
     import time
 
-    from engine import store
+    from engine.sessions import journal as store
 
     try:
         if args.sessions_command == "list":
@@ -208,13 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the engine's data directory (default: .baton)")
         p_.add_argument("--format", choices=("table", "json"), default="table")
     ss.set_defaults(func=_sessions)
-    from engine.billing_client import add_cost_parser
+    from engine.accounting.client import add_cost_parser
 
     add_cost_parser(ssub)
-    from engine.queues_cli import add_parser as add_queues_parser
+    from engine.cli.queues import add_parser as add_queues_parser
 
     add_queues_parser(sub)
-    from engine.top import add_parser as add_top_parser
+    from engine.cli.top import add_parser as add_top_parser
 
     add_top_parser(sub)
     v = sub.add_parser("version", help="print the version")
@@ -229,15 +229,16 @@ def main(argv=None) -> int:
 
         return (accountant.main if argv[0] == "accountant" else accountant.bill_main)(argv[1:])
     if argv and argv[0] in ("bench", "config"):
-        from engine import bench_cli, config_doc
+        from engine.cli import bench as bench_cli
+        from engine.config import doc as config_doc
 
         return (bench_cli.main if argv[0] == "bench" else config_doc.main)(argv[1:])
     if argv and argv[0] == "call":
-        from engine import caller
+        from engine.cli import call as caller
 
         return caller.main(argv[1:])
     if argv and argv[0] == "demo":
-        from engine import demo
+        from engine.cli import demo
 
         return demo.main(argv[1:])
     parser = build_parser()

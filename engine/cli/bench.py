@@ -109,7 +109,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         "dtmf", "dtmf_density.py",
         "real-time in-band DTMF channels per core (20 ms frames) and G.711 encode/decode "
         "throughput of the C kernels",
-        "the numpy twins (engine/media/dtmf.py, g711.py), run in the same command",
+        "the numpy twins (ext/dtmf_py.py, g711.py), run in the same command",
         (Figure("channels", "dtmf_channels_per_core", "DTMF channels per core", "channels",
                 "reference.dtmf_channels_per_core", "numpy twin"),
          Figure("ulaw_encode", "g711_ulaw_encode_MBps", "μ-law encode", "MB/s",
@@ -123,7 +123,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         "mixer", "mixer_density.py",
         "conference participants one core mixes in real time (decode, mix-minus, encode; "
         "every participant talking)",
-        "the numpy twin (engine/media/mix.py), run in the same command on a tenth of the ticks",
+        "the numpy twin (ext/mix_py.py), run in the same command on a tenth of the ticks",
         (Figure("participants", "participants_per_core", "participants per core",
                 "participants", "reference.participants_per_core", "numpy twin"),),
         quick=("--conferences", "10", "--ticks", "50"),
@@ -132,7 +132,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario(
         "ring", "ring_bench.py",
         "ring records per second stamped by one process and drained by another",
-        "the pure-Python twin of the ring (engine/ring_py.py), in the same run",
+        "the pure-Python twin of the ring (ext/ring_py.py), in the same run",
         (Figure("end_to_end", "results.c.end_to_end_rate", "records/s written and drained",
                 "records/s", "results.py.end_to_end_rate", "Python twin"),
          Figure("write", "results.c.write_rate", "records/s written", "records/s",

@@ -30,10 +30,10 @@ import tempfile
 import time
 import tomllib
 
-from engine import store
+from engine.sessions import journal as store
 from engine.common import clock
-from engine.caller import CallerError, CallRun, Phone, free_port
-from engine.cli import print_session_history
+from engine.cli.call import CallerError, CallRun, Phone, free_port
+from engine.cli.baton import print_session_history
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "examples", "demo.toml")
@@ -104,7 +104,7 @@ class Tour:
 
     # -- set-up ------------------------------------------------------------------------
     def check(self) -> dict:
-        from engine import caller
+        from engine.cli import call as caller
 
         if caller.pj is None:
             raise DemoError("PJSIP's Python binding is missing: .venv/bin/pip install "

@@ -42,7 +42,7 @@ def run(args) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from control import pb
+    from proto import pb
 
     token = args.token or os.environ.get(TOKEN_ENV, "")
     if not token:

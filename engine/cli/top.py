@@ -102,7 +102,7 @@ async def from_engine(stub, token: str, limit: int, costs: bool, frame: Frame) -
     """Fill `frame` from the control API (Sessions.List, then Sessions.Cost per row)."""
     import grpc
 
-    from control import pb
+    from proto import pb
 
     sp = pb.sessions_pb2
     metadata = (("authorization", f"Bearer {token}"),)
@@ -280,7 +280,7 @@ async def run(args, out=None) -> int:
                                     args.metrics or "") if x)
     channel = stub = None
     if args.engine:
-        from control import pb
+        from proto import pb
 
         channel = _channel(args)
         stub = pb.sessions_pb2_grpc.SessionsStub(channel)
@@ -366,7 +366,7 @@ def main_args(args) -> int:
     if problem:
         print(f"baton top: {problem}", file=sys.stderr)
         return 2
-    from engine.cli import _run
+    from engine.cli.baton import _run
 
     try:
         return _run(run(args))

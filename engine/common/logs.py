@@ -40,7 +40,7 @@ FORMATS = ("text", "json")
 
 SESSION: contextvars.ContextVar = contextvars.ContextVar("baton_session", default=None)
 
-# engine/session.py: "S" + 6 hex of the process prefix + 8 hex of a counter.
+# engine/sessions/session.py: "S" + 6 hex of the process prefix + 8 hex of a counter.
 _SID = re.compile(r"\bS[0-9a-f]{14}\b")
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 # Attributes every LogRecord has; anything else on a record came from `extra`.

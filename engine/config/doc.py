@@ -1,7 +1,7 @@
 """`baton config`: check a config file; print the config reference.
 
 The reference is generated from the schema the loader validates against:
-engine.config.SCHEMA (sections of plain keys), engine.config.TABLES (sections of named
+engine.config.load.SCHEMA (sections of plain keys), engine.config.load.TABLES (sections of named
 entries), the billing keys of engine.accounting.config and the plan keys of
 engine.accounting.plans, and the call-center keys of the service that reads them.
 docs/operators-guide.md carries it between two markers; `baton config reference
@@ -58,7 +58,7 @@ def _type_name(typ) -> str:
 def sections() -> dict[str, tuple[str, dict[str, tuple[str, str]]]]:
     """Every section of the config: name -> (what it is, {key: (type, meaning)})."""
     from engine.accounting.config import _BILLING_KEYS
-    from engine.config import SCHEMA, TABLES
+    from engine.config.load import SCHEMA, TABLES
 
     out: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {}
     summaries = {"engine": "the engine process: addresses, data, logs, the control API",
@@ -148,7 +148,7 @@ def consistency_problems() -> list[str]:
     """Keys a validator accepts that the schema does not describe, or the other way round."""
     from engine.accounting import config as billing
     from engine.accounting import plans
-    from engine.config import SCHEMA, TABLES, ConfigError, from_dict
+    from engine.config.load import SCHEMA, TABLES, ConfigError, from_dict
 
     problems = []
 
@@ -188,7 +188,7 @@ def check(path: str) -> tuple[bool, str]:
     import tomllib
 
     from engine.accounting.config import BillingConfig, BillingConfigError
-    from engine.config import ConfigError, load
+    from engine.config.load import ConfigError, load
 
     try:
         cfg = load(path)

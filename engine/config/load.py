@@ -144,7 +144,7 @@ SCHEMA = {
 
 # The sections made of named entries, as data: table -> (what it is, {key: (type,
 # meaning)}); NAME, ID, CODE, NUMBER and NODE stand for any name.  The validators below
-# accept exactly these keys, and `baton config reference` (engine/config_doc.py) prints
+# accept exactly these keys, and `baton config reference` (engine/config/doc.py) prints
 # them with SCHEMA and the billing keys (engine/accounting/config.py).
 TABLES = {
     "users.NAME": ("a SIP user the registrar accepts in `auth` mode", {
@@ -392,7 +392,7 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
     _load_apps(cfg, raw, path)
     _load_policy(cfg, raw, path)
     _check_vendors(raw, path)
-    from engine.webhooks import check_config as _check_webhooks
+    from engine.common.webhooks import check_config as _check_webhooks
 
     _check_webhooks(raw, path)
     accounts = raw.get("accounts", {})
@@ -503,7 +503,7 @@ def _load_trunks(cfg: Config, raw: dict, path: str) -> None:
 
 
 def _check_target(cfg: Config, path: str, key: str, target, app_nodes) -> None:
-    from engine.apps import HANGUP, adhoc_node
+    from engine.sessions.apps import HANGUP, adhoc_node
 
     if not isinstance(target, str) or not target:
         raise ConfigError(path, key, "a target is a node name, module code, URI or 'hangup'")
@@ -517,7 +517,7 @@ def _check_target(cfg: Config, path: str, key: str, target, app_nodes) -> None:
 
 
 def _load_apps(cfg: Config, raw: dict, path: str) -> None:
-    from engine.apps import App, Node
+    from engine.sessions.apps import App, Node
     from engine.modules.catalog import builtin_modules
 
     apps = raw.get("apps", {})

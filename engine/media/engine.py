@@ -12,7 +12,7 @@ import itertools
 import logging
 import time
 
-from ext import rtp
+from ext.kernels import rtp
 
 log = logging.getLogger("baton.media")
 

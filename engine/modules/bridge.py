@@ -67,7 +67,7 @@ class BridgeModule(Module):
     outlets = ("busy", "no-answer", "failed", "done")
 
     def take(self, ctl) -> None:
-        from engine.session import Leg
+        from engine.sessions.session import Leg
 
         engine = self.engine
         session = ctl.session
@@ -181,7 +181,7 @@ class BridgeModule(Module):
     def _ringback(self, ctl, state) -> None:
         ch = ctl.caller.open_channel()
         if ch is not None and self.engine.ringback is not None:
-            from ext import rtp
+            from ext.kernels import rtp
 
             state.player = rtp.Player(self.engine.ringback, 0)
             ch.play(state.player)

@@ -37,7 +37,7 @@ async def render(ctl, text: str | None = None, file: str | None = None, voice: s
 
 
 def start_player(ctl, pcm, loops: int = 1):
-    from ext import rtp
+    from ext.kernels import rtp
 
     ch = ctl.caller.open_channel()
     if ch is None:

@@ -7,20 +7,20 @@ import logging
 import os
 
 from engine import __version__
-from engine.apps import Node
-from engine.config import Config
+from engine.sessions.apps import Node
+from engine.config.load import Config
 from engine.media.engine import MediaEngine
 from engine.media.ports import PortPool
 from engine.modules.catalog import builtin_modules
 from engine.modules.instructions import shutdown as instructions_shutdown
-from engine.policy import AllowAll, Rules, Snapshot
-from engine.registry import Registry
-from engine.session import Leg, Session
+from engine.sessions.policy import AllowAll, Rules, Snapshot
+from engine.sessions.dispatcher import Registry
+from engine.sessions.session import Leg, Session
 from engine.sip.core import SipCore
-from engine.sip.message import valid_text
+from ext.sip_message import valid_text
 from engine.sip.registrar import Registrar
 from engine.sip.uri import parse_uri
-from engine.stamper import Stamper
+from engine.sessions.stamper import Stamper
 
 log = logging.getLogger("baton.engine")
 
@@ -53,11 +53,11 @@ class Engine:
         self.finished: list = []       # recently ended sessions (for the API and tests)
         self._route_nodes: dict = {}   # id(route) -> (route, its Node), see node_for
         self.control = None            # the gRPC control server (control/server.py)
-        self.http = None               # the HTTP server for RecordingUrl (engine/http.py)
+        self.http = None               # the HTTP server for RecordingUrl (engine/runtime/http.py)
         self.listeners: list = []      # callables(session, event: str, detail: dict) for Watch
         self.denials = collections.Counter()  # module code -> policy denials (for /metrics)
-        self.metrics = None            # the /metrics server (engine/metrics.py)
-        from engine.webhooks import EngineHooks, WebhookSettings, Webhooks
+        self.metrics = None            # the /metrics server (engine/common/metrics.py)
+        from engine.common.webhooks import EngineHooks, WebhookSettings, Webhooks
 
         self.webhooks = Webhooks(WebhookSettings.from_raw(cfg.raw, cfg.path), cfg.data_dir)
         self.listeners.append(EngineHooks(self, self.webhooks))
@@ -74,7 +74,7 @@ class Engine:
 
         self.speech = SpeechCache(os.path.join(self.cfg.data_dir, "tts"))
         self.ringback = ringback()
-        from engine.store import SessionStore
+        from engine.sessions.journal import SessionStore
 
         self.store = SessionStore(os.path.join(self.cfg.data_dir, "sessions.db"))
         self.media = MediaEngine(self.loop, self.cfg.rtp_timeout, self.cfg.rtp_hold_timeout)
@@ -85,11 +85,11 @@ class Engine:
         log.info("listening for SIP on %s port %d (%s)", self.cfg.sip_host, self.sip_port,
                  "+".join(t.upper() for t in self.cfg.transports))
         if self.cfg.raw.get("engine", {}).get("http_addr"):
-            from engine.http import start_http
+            from engine.runtime.http import start_http
 
             self.http = await start_http(self)
         if self.cfg.metrics_addr:
-            from engine.metrics import start_metrics
+            from engine.common.metrics import start_metrics
 
             self.metrics = await start_metrics(self, self.cfg.metrics_addr)
         if self.cfg.raw.get("engine", {}).get("grpc", True) and self.cfg.grpc_addr:
@@ -226,7 +226,7 @@ def _display_name(addr: str) -> str:
 
 def _ring_available() -> bool:
     try:
-        from engine import ring  # noqa: F401
+        from ext.kernels import ring  # noqa: F401
     except ImportError:
         return False
     return True

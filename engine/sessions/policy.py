@@ -9,7 +9,7 @@ Prepaid balances and credit limits: when an account's snapshot entry has
 seconds) that the funds allow in the target module, priced by the account's
 usage plan for it (`BillingConfig.plan_for`, with its increment, minimum and
 connect fee), and a warning time before the limit (`Decision.warn_before`).
-The session cuts control off at the limit and warns before it (engine/session.py,
+The session cuts control off at the limit and warns before it (engine/sessions/session.py,
 `warn` below). How the funds are counted is conservative on purpose; see
 `Snapshot.available` and docs/billing.md ("Prepaid balances and limits").
 """
@@ -450,7 +450,7 @@ async def speak_over(ctl, text: str, voice: str = "en") -> bool:
     for the prompt to end. True when it was played."""
     import asyncio
 
-    from ext import rtp
+    from ext.kernels import rtp
 
     from engine.modules.menu import render
 
@@ -489,7 +489,7 @@ async def speak_over(ctl, text: str, voice: str = "en") -> bool:
 
 
 def _resume_relay(ctl, caller, far, player) -> None:
-    from ext import rtp
+    from ext.kernels import rtp
 
     ch = caller.channel
     if caller.stream is None or ch is None or ch.player not in (player, None):
@@ -503,7 +503,7 @@ def _resume_relay(ctl, caller, far, player) -> None:
 
 
 def _resume_echo(ch, player) -> None:
-    from ext import rtp
+    from ext.kernels import rtp
 
     if ch.player is player or (ch.player is None and ch.source == rtp.SOURCE_SILENCE):
         ch.echo()

@@ -16,8 +16,8 @@ import logging
 import os
 import time
 
-from engine import apps as apps_mod
-from engine.logs import SESSION as _LOG_SESSION
+from engine.sessions import apps as apps_mod
+from engine.common.logs import SESSION as _LOG_SESSION
 from engine.sip import sdp
 from engine.sip.dialog import DialogOwner
 from engine.common import clock
@@ -345,7 +345,7 @@ class Session:
         timers = [ctl.later(decision.limit, self._limit_reached, ctl)]
         warn_before = getattr(decision, "warn_before", 0)
         if warn_before and warn_before > 0:
-            from engine.policy import warn
+            from engine.sessions.policy import warn
 
             timers.append(ctl.later(max(0.0, decision.limit - warn_before), warn, ctl, decision))
         ctl.limit_timers = tuple(timers)
@@ -357,7 +357,7 @@ class Session:
         a transition, so the accountant bills the time before to the old
         account and the time after to the new one. The policy is asked again
         for the new account: returns its Decision, and arms its limit."""
-        from engine.policy import ALLOW
+        from engine.sessions.policy import ALLOW
 
         if self.ended or account == self.account or self.module is None:
             return ALLOW
@@ -412,7 +412,7 @@ class Session:
         self.engine.loop.create_task(self._apologise())
 
     async def _apologise(self) -> None:
-        from ext import rtp
+        from ext.kernels import rtp
 
         caller = self.legs[0]
         try:

@@ -19,13 +19,13 @@ class Stamper:
         self.node_id = node_id
         self.writer = None
         self.stamps = 0
-        # Plain counters read by /metrics at scrape time (engine/metrics.py).
+        # Plain counters read by /metrics at scrape time (engine/common/metrics.py).
         self.started = 0
         self.ended = 0
         self.started_by_account: collections.Counter = collections.Counter()
         self.transitions: collections.Counter = collections.Counter()  # (to module, level)
         if ring_path is not None:
-            from engine import ring
+            from ext.kernels import ring
 
             os.makedirs(os.path.dirname(ring_path), exist_ok=True)
             self.writer = ring.RingWriter(ring_path, node_id=node_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import secrets
 
-from engine.sip.message import pretty
+from ext.sip_message import pretty
 
 REASONS = {
     100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",

@@ -13,9 +13,9 @@ import logging
 
 from engine.sip import build
 from engine.sip.dialog import CONFIRMED, EARLY, Dialog
-from engine.sip.message import SipParseError
-from engine.sip.parser import parse_message
-from engine.sip.parser_py import parse_name_addr
+from ext.sip_message import SipParseError
+from ext.kernels import sip as _sip_kernel
+from ext.sip_py import parse_name_addr
 from engine.sip.timers import TimerQueues
 from engine.sip.transaction import (ACCEPTED, PROCEEDING, Flow, TransactionLayer, client_key,
                           server_key)
@@ -178,7 +178,7 @@ class SipCore:
     # -- input ----------------------------------------------------------------
     def on_message(self, data: bytes, flow: Flow, stream: bool) -> None:
         try:
-            msg = parse_message(data, stream)
+            msg = _sip_kernel.parse_message(data, stream)
         except SipParseError as exc:
             # RFC 4475 3.1.2: nothing goes back to an unparseable message's sender.
             self.stats["parse_errors"] += 1

@@ -1,5 +1,5 @@
 """Errors raised by the SIP stack, shared by the Cython and the Python paths."""
-from engine.sip.message import SipParseError  # noqa: F401  (re-exported: one place to import from)
+from ext.sip_message import SipParseError  # noqa: F401  (re-exported: one place to import from)
 
 
 class SipError(Exception):

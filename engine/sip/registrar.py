@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from engine.sip.digest import DigestServer
-from engine.sip.parser_py import parse_name_addr
+from ext.sip_py import parse_name_addr
 from engine.sip.uri import parse_uri, strip_brackets
 
 DEFAULT_EXPIRES = 3600

@@ -11,8 +11,8 @@ import asyncio
 import logging
 import socket
 
-from engine.sip import parser
-from engine.sip.message import MAX_MESSAGE, SipParseError
+from ext.kernels import sip as parser
+from ext.sip_message import MAX_MESSAGE, SipParseError
 from engine.sip.transaction import Flow
 
 log = logging.getLogger("baton.sip.transport")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
-from engine.sip.parser_py import parse_hostport
+from ext.sip_py import parse_hostport
 
 SUPPORTED_SCHEMES = ("sip", "sips", "tel")
 

@@ -26,7 +26,7 @@ import weakref
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urljoin, urlsplit
 
-from engine.sip.message import valid_text
+from ext.sip_message import valid_text
 from engine.modules.base import answer_caller
 from engine.modules.instructions.conference import Room, RoomFull, Rooms
 from engine.modules.instructions.fetch import Fetcher, FetchError
@@ -294,7 +294,7 @@ class Runner:
 
     async def play_pcm(self, pcm, loops: int = 1, interrupt: bool = False) -> str | None:
         """Play PCM to the caller; with `interrupt`, a key stops it and is returned."""
-        from ext import rtp
+        from ext.kernels import rtp
 
         ch = self.ctl.caller.open_channel()
         if ch is None or not self.active:
@@ -524,7 +524,7 @@ class Runner:
         raise AudioError(f"cannot play {parts.scheme}: URLs")
 
     def _local_recording(self, url: str) -> str | None:
-        from engine import http as http_mod
+        from engine.runtime import http as http_mod
 
         base = http_mod.http_url(self.engine)
         if not base or not url.startswith(base + "/recordings/"):
@@ -680,7 +680,7 @@ class Runner:
             self.ctl.later(0.5, self._quiet_check, rec, silence)
 
     def _recorded(self, verb: Verb, sid: str, result: dict) -> dict:
-        from engine import http as http_mod
+        from engine.runtime import http as http_mod
 
         base = http_mod.http_url(self.engine)
         url = f"{base}/recordings/{sid}" if base else "file://" + result["path"]
@@ -726,7 +726,7 @@ class Runner:
 
     def _redirect_module(self, verb: Verb, target: str):
         """`module:CODE?k=v&outlet=NAME&outlet.NAME=TARGET` or `outlet:NAME?k=v`."""
-        from engine.apps import Node
+        from engine.sessions.apps import Node
 
         ref, _, query = target.partition("?")
         kind, _, name = ref.partition(":")
@@ -772,7 +772,7 @@ class Runner:
 
     def _return_node(self, kind: str, info: dict):
         """Save the document and position; a node that brings control back to them."""
-        from engine.apps import Node
+        from engine.sessions.apps import Node
 
         token = secrets.token_hex(6)
         self.session.saved[SAVED_KEY] = {
@@ -872,7 +872,7 @@ class Runner:
 
     def _demote(self, verb: Verb, to: str, trunk: str | None):
         """Hand the call to an ad-hoc `baton.bridge` node whose every way out comes back."""
-        from engine.apps import Node
+        from engine.sessions.apps import Node
 
         action = verb.get("action")
         info = {"action": self.resolve(action) if action else None,

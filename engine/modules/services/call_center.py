@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.media.ports import PortsExhausted
-from engine.session import Leg
+from engine.sessions.session import Leg
 from engine.sip import sdp
 from engine.sip.errors import SdpError
 from engine.sip.uac import OutgoingCall, UacOwner
@@ -704,7 +704,7 @@ def _offer_sdp(engine, caller, leg) -> bytes:
 def _bridge_node(node):
     """The node the answered call continues in: `baton.bridge` with this
     node's post-call wiring (`done`, `dialled-hangup`)."""
-    from engine.apps import Node
+    from engine.sessions.apps import Node
 
     outlets = {k: v for k, v in node.outlets.items() if k in ("done", "fallback")}
     return Node(name=node.name, module="baton.bridge", params={}, outlets=outlets,

@@ -56,7 +56,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from engine.apps import Node
+from engine.sessions.apps import Node
 from engine.modules.services.prompting import (PromptingModule, check_bool, check_common, check_keys, check_number,
                         check_text)
 from engine.modules.services.verify import user_of
@@ -483,7 +483,7 @@ class CallingCardModule(PromptingModule):
         if ctl.params.get("announce_time", True):
             billed, _funds, _plan = policy.limit_for(ctl.session, BRIDGE, "basic")
             if billed is not None:
-                from engine.policy import limit_seconds
+                from engine.sessions.policy import limit_seconds
 
                 out.append(self._p(ctl, "time_text").replace(
                     "{time}", spoken_time(int(limit_seconds(billed) or 0))))

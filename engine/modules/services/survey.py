@@ -29,7 +29,7 @@ is skipped, a required one ends the survey as `incomplete`. `timeout`, `retries`
 Results are stored per session in `DATA_DIR/services/survey.db` (readable with
 the `Survey.Results` RPC), set in the session's params (`SurveyAnswers`,
 `SurveyStatus`) and posted as a signed `survey.result` webhook (Baton's usual
-signature, engine/webhooks.py) to `webhook_url`, else to the account's webhook.
+signature, engine/common/webhooks.py) to `webhook_url`, else to the account's webhook.
 The status is `completed` (then `outro` and the `done` outlet), `incomplete`
 (the `incomplete` outlet) or `abandoned` (the caller hung up or control moved
 away mid-survey).

@@ -345,7 +345,7 @@ class VerifyService:
             if live is not None:
                 session = live
             else:
-                from engine.webhooks import AccountEvent
+                from engine.common.webhooks import AccountEvent
 
                 session = AccountEvent(v.account)
         engine.notify(session, EVENT, v.as_dict())
