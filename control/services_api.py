@@ -155,7 +155,7 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
                     await context.abort(bad, f"from: {from_uri!r} is not a SIP URI")
                 from_uri = f"<{bare}>"
             else:
-                from engine.sip.transport import format_hostport
+                from engine.common.net import format_hostport
 
                 from_uri = f"<sip:{account}@{format_hostport(engine.cfg.advertise, engine.sip_port)}>"
             if request.app:

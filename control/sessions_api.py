@@ -260,7 +260,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
                 await abort(bad, f"from: {from_uri!r} is not a SIP URI")
             from_uri = f"<{bare}>"
         else:
-            from engine.sip.transport import format_hostport
+            from engine.common.net import format_hostport
 
             from_uri = f"<sip:{account}@{format_hostport(engine.cfg.advertise, engine.sip_port)}>"
         params = pb.from_struct(request.params)

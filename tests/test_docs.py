@@ -8,7 +8,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from engine.config.load import doc as config_doc, ring
+from engine.config import doc as config_doc
+from ext.kernels import ring
 from engine.accounting.accountant import Accountant
 from engine.accounting.invoices import invoice, payouts
 from tests.helpers import BATON

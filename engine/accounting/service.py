@@ -559,7 +559,7 @@ def notify_invoice_now(raw: dict, data_dir: str, doc: dict, timeout: float = 10.
     running accountant keeps retrying."""
     import sys
 
-    from engine.config.load import ConfigError
+    from engine.common.errors import ConfigError
     from engine.common.webhooks import SyncWebhooks, WebhookSettings
 
     try:

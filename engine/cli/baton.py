@@ -9,6 +9,7 @@ import signal
 import sys
 
 from engine import __version__
+from engine.cli.common import print_session_history, run_loop
 
 
 def _serve(args) -> int:
@@ -86,18 +87,7 @@ def _serve(args) -> int:
                 accountant.kill()
         return 0
 
-    return _run(main())
-
-
-def print_session_history(row: dict) -> None:
-    """One session and its history of control, as `baton sessions history` prints it."""
-    print(f"session {row['id']}  account {row['account']}  from {row['from_uri']}  "
-          f"to {row['to_uri']}  {'live' if row['live'] else 'ended: ' + str(row['end_reason'])}")
-    print(f"{'#':<3} {'MODULE':<22} {'LEVEL':<12} {'REASON':<26} {'SECONDS':>9}")
-    for i, h in enumerate(row["history"], 1):
-        end = h["end_mono_ns"]
-        secs = f"{(end - h['start_mono_ns']) / 1e9:.3f}" if end is not None else "…"
-        print(f"{i:<3} {h['module']:<22} {h['level']:<12} {h['reason']:<26} {secs:>9}")
+    return run_loop(main())
 
 
 def _sessions(args) -> int:
@@ -152,14 +142,6 @@ def _start_accountant(cfg, config_path):
     out.close()
     logging.getLogger("baton").info("accountant started (pid %d, log %s)", proc.pid, log_path)
     return proc
-
-
-def _run(coro):
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def build_parser() -> argparse.ArgumentParser:

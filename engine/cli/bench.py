@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.engine_pids and not args.engine:
             raise BenchUsage("--engine-pids goes with --engine")
         if args.engine:
-            from engine.sip.transport import parse_hostport
+            from engine.common.net import parse_hostport
 
             try:
                 parse_hostport(args.engine)

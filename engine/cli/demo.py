@@ -33,7 +33,7 @@ import tomllib
 from engine.sessions import journal as store
 from engine.common import clock
 from engine.cli.call import CallerError, CallRun, Phone, free_port
-from engine.cli.baton import print_session_history
+from engine.cli.common import print_session_history
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "examples", "demo.toml")

@@ -366,10 +366,10 @@ def main_args(args) -> int:
     if problem:
         print(f"baton top: {problem}", file=sys.stderr)
         return 2
-    from engine.cli.baton import _run
+    from engine.cli.common import run_loop
 
     try:
-        return _run(run(args))
+        return run_loop(run(args))
     except KeyboardInterrupt:
         return 0
 

@@ -35,7 +35,7 @@ RTP_CLOCK = 8000.0   # G.711 timestamp units per second (jitter is kept in them)
 
 def parse_addr(addr: str, default_port: int = 9090) -> tuple[str, int]:
     """`HOST:PORT` (or `[v6]:PORT`) as (host, port); ValueError says what is wrong."""
-    from engine.sip.transport import parse_hostport
+    from engine.common.net import parse_hostport
 
     return parse_hostport(addr, default_port)
 

@@ -175,7 +175,7 @@ def _amount_str(v) -> str | None:
 
 def check_config(raw: dict, path: str) -> None:
     """Check `[webhooks]` and the accounts' webhook keys (called by engine.config.load)."""
-    from engine.config.load import ConfigError
+    from engine.common.errors import ConfigError
 
     w = raw.get("webhooks", {})
     if not isinstance(w, dict):
@@ -230,7 +230,7 @@ def check_config(raw: dict, path: str) -> None:
 def _check_url(path, key, url) -> None:
     from urllib.parse import urlsplit
 
-    from engine.config.load import ConfigError
+    from engine.common.errors import ConfigError
 
     if not isinstance(url, str) or not url.startswith(("http://", "https://")) \
             or not urlsplit(url).hostname:
@@ -238,7 +238,7 @@ def _check_url(path, key, url) -> None:
 
 
 def _check_secret(path, key, secret) -> None:
-    from engine.config.load import ConfigError
+    from engine.common.errors import ConfigError
 
     if not isinstance(secret, str) or len(secret) < MIN_SECRET:
         raise ConfigError(path, key, f"a string of at least {MIN_SECRET} characters")
@@ -246,7 +246,7 @@ def _check_secret(path, key, secret) -> None:
 
 def _check_amount(path, key, value) -> None:
     from engine.accounting.money import MoneyError, parse_money
-    from engine.config.load import ConfigError
+    from engine.common.errors import ConfigError
 
     try:
         parse_money(value, key)

@@ -163,12 +163,10 @@ def consistency_problems() -> list[str]:
     compare("vendors.ID", TABLES["vendors.ID"][1], billing._VENDOR_KEYS)
     compare("plans.NAME", TABLES["plans.NAME"][1], set().union(*plans._ALLOWED.values()))
     compare("billing", BILLING_TYPES, billing._BILLING_KEYS)
-    try:
-        from control import metering
-    except ImportError:
-        metering = None
-    if metering is not None and "api_keys.ID" in TABLES:
-        compare("api_keys.ID", TABLES["api_keys.ID"][1], metering._KEYS)
+    if "api_keys.ID" in TABLES:
+        from engine.config import api_keys
+
+        compare("api_keys.ID", TABLES["api_keys.ID"][1], api_keys._KEYS)
     try:
         from_dict({"no-such-section": {}})
     except ConfigError as exc:

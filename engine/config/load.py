@@ -10,17 +10,11 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 
-from engine.sip.transport import parse_hostport
+from engine.common.errors import ConfigError  # noqa: F401  (raised by load(): importable from here too)
+from engine.common.net import parse_hostport
 
 TARGET_KINDS = ("app", "module", "instructions", "endpoint")
 
-
-class ConfigError(Exception):
-    def __init__(self, path: str, key: str, problem: str):
-        super().__init__(f"{path}: {key}: {problem}")
-        self.path = path
-        self.key = key
-        self.problem = problem
 
 
 @dataclass
@@ -91,7 +85,7 @@ class Config:
     policy: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
     call_center: object = None                     # services.call_center.CenterConfig
-    api_keys: dict = field(default_factory=dict)   # id -> control.metering.ApiKey
+    api_keys: dict = field(default_factory=dict)   # id -> engine.config.api_keys.ApiKey
     operator_tokens: list = field(default_factory=list)  # platform-wide bearer tokens
 
 
@@ -430,7 +424,7 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             cfg.numbers[number] = route
         cfg.accounts[acc_id] = a
     _load_call_center(cfg, raw, path)
-    from control.metering import load_api_keys
+    from engine.config.api_keys import load_api_keys
 
     cfg.api_keys = load_api_keys(raw, path)
     cfg.operator_tokens = _operator_tokens(cfg, eng.get("operator_tokens", []), path)
@@ -695,7 +689,7 @@ def _operator_tokens(cfg: Config, tokens: list, path: str) -> list:
             if t in acc.api_tokens:
                 raise ConfigError(path, f"{key}[{i}]",
                                   f"is also an api_tokens entry of account {acc.id!r}")
-        from control.metering import token_digest
+        from engine.config.api_keys import token_digest
 
         digest = token_digest(t)
         for k in cfg.api_keys.values():

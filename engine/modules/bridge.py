@@ -144,7 +144,7 @@ class BridgeModule(Module):
         to = str(ctl.params.get("to", "")).strip()
         if "{self}" in to:
             # This engine's own address, so a config can dial back into itself.
-            from engine.sip.transport import format_hostport
+            from engine.common.net import format_hostport
 
             to = to.replace("{self}", format_hostport(self.engine.cfg.advertise, self.engine.sip_port))
         if not to:

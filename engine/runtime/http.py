@@ -50,7 +50,7 @@ class HttpServer:
 
 
 def _addr(engine, addr: str | None) -> tuple[str, int]:
-    from engine.sip.transport import parse_hostport
+    from engine.common.net import parse_hostport
 
     if addr is None:
         addr = engine.cfg.raw.get("engine", {}).get("http_addr") or "127.0.0.1:0"

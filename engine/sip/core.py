@@ -19,7 +19,8 @@ from ext.sip_py import parse_name_addr
 from engine.sip.timers import TimerQueues
 from engine.sip.transaction import (ACCEPTED, PROCEEDING, Flow, TransactionLayer, client_key,
                           server_key)
-from engine.sip.transport import TcpTransport, UdpTransport, format_hostport
+from engine.common.net import format_hostport
+from engine.sip.transport import TcpTransport, UdpTransport
 from engine.sip.uri import SUPPORTED_SCHEMES
 
 log = logging.getLogger("baton.sip")
