@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 
@@ -133,7 +134,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
                                 f"session {sid} has ended ({s.end_reason})")
         return s
 
-    async def _journal(self, sid: str) -> dict | None:
+    async def _journal(self, context, sid: str) -> dict | None:
         from engine.sessions import journal as store
 
         journal = self.engine.store
@@ -147,8 +148,12 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
             try:
                 row = await loop.run_in_executor(None, store.get_session,
                                                  self.engine.cfg.data_dir, sid)
-            except Exception:
+            except FileNotFoundError:  # no journal yet: the engine has not written one
                 row = None
+            except sqlite3.Error:
+                # A journal that cannot be read is our fault, not an unknown session.
+                log.exception("session %s: the session journal could not be read", sid)
+                await context.abort(grpc.StatusCode.INTERNAL, "the session journal could not be read")
             if row is not None:
                 return row
             if attempt < 9 and busy:
@@ -166,7 +171,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         s = await self._find(context, account, request.session_id)
         if s is not None:
             return session_info(s)
-        row = await self._journal(request.session_id)
+        row = await self._journal(context, request.session_id)
         if row is None or not in_scope(account, row["account"]):
             await self._not_found(context, request.session_id)
         return _row_info(row)
@@ -178,7 +183,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
             return sp.HistoryResponse(session_id=s.id, live=not s.ended,
                                       end_reason=s.end_reason or "",
                                       spans=[span_message(h) for h in s.history])
-        row = await self._journal(request.session_id)
+        row = await self._journal(context, request.session_id)
         if row is None or not in_scope(account, row["account"]):
             await self._not_found(context, request.session_id)
         return sp.HistoryResponse(session_id=row["id"], live=row["live"],
@@ -205,7 +210,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         account = await self._account(context)
         s = await self._find(context, account, request.session_id)
         if s is None:
-            row = await self._journal(request.session_id)
+            row = await self._journal(context, request.session_id)
             if row is None or not in_scope(account, row["account"]):
                 await self._not_found(context, request.session_id)
         from control.billing import session_cost

@@ -19,6 +19,7 @@ import time
 from engine.sessions import apps as apps_mod
 from engine.common.logs import SESSION as _LOG_SESSION
 from engine.sip import sdp
+from engine.sip.errors import SdpError
 from engine.sip.dialog import DialogOwner
 from engine.common import clock
 
@@ -593,7 +594,9 @@ class Leg(DialogOwner):
         if self.negotiated is None and dialog.remote_sdp:
             try:
                 neg, _ = sdp.negotiate(sdp.parse(dialog.remote_sdp))
-            except Exception:
+            except SdpError as exc:
+                log.info("session %s: the SDP answer in the ACK is unusable (%s): ending the call",
+                         self.session.id, exc)
                 self.session.end("sdp")
                 return
             self.apply_media(neg)

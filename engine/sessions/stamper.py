@@ -78,7 +78,3 @@ class Stamper:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-def now_ns() -> tuple[int, int]:
-    return time.monotonic_ns(), clock.wall_ns()

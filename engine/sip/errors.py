@@ -8,14 +8,3 @@ class SipError(Exception):
 
 class SdpError(SipError):
     """An SDP body that cannot be used (answered 488, or 400 when malformed)."""
-
-
-class TransportError(SipError):
-    """A message could not be sent (no route, connection gone)."""
-
-
-class InternalError(SipError):
-    """An impossible state: names the function and the invariant that broke."""
-
-    def __init__(self, where: str, invariant: str):
-        super().__init__(f"{where}: invariant violated: {invariant}")

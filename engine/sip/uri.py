@@ -32,10 +32,6 @@ class Uri:
         return f"<Uri {self.raw}>"
 
 
-def scheme_of(uri: str) -> str:
-    return uri.partition(":")[0].lower()
-
-
 def parse_uri(text: str) -> Uri:
     """Parse a sip:/sips:/tel: URI; raises ValueError on anything else."""
     scheme, colon, rest = text.partition(":")
