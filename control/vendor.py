@@ -23,13 +23,16 @@ import inspect
 import itertools
 import logging
 import os
+import re
 import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf import unknown_fields
 
+from engine import __version__
 from engine.sessions import apps as apps_mod
 from engine.sessions.apps import Node
 from engine.modules.base import Module, answer_caller
@@ -55,6 +58,7 @@ ACK_CACHE = 50_000          # command ids remembered per module code (idempotent
 LOST_MEMORY = 10_000        # sessions a process remembers having lost (for clearer errors)
 MAX_URL_BYTES = 20 << 20
 MAX_OUTBOX = 100_000        # messages queued for a process that does not read them
+URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")   # RFC 3986 3.1
 
 _process_ids = itertools.count(1)
 
@@ -543,6 +547,12 @@ class VendorModule(Module):
         ctl = self._held(proc, cmd.session_id)
         action = cmd.WhichOneof("action")
         if action is None:
+            unknown = sorted({f.field_number for f in unknown_fields.UnknownFieldSet(cmd)})
+            if unknown:
+                # A newer proto's action: the engine lacks it, the command is not malformed.
+                raise CommandError(UNIMPLEMENTED, f"action: field {unknown[0]} of Command is "
+                                   f"not an action this engine knows (engine {__version__})",
+                                   "action")
             raise invalid("action", "a command needs one action (answer, play, say, ...)")
         handler = getattr(self, "_cmd_" + action)
         return handler(ctl, ctl.state, proc, cmd)
@@ -599,6 +609,10 @@ class VendorModule(Module):
         if url.lower().startswith(("http://", "https://")):
             pcm = self.hub.pcm_get(url)
             return (pcm, None) if pcm is not None else (None, self._fetch_url(url))
+        scheme = URL_SCHEME.match(url)
+        if scheme is not None:
+            raise invalid("play.url", f"{scheme.group(1)}: URLs are not played; a file path "
+                                      "or an http(s) URL is required")
         path = os.path.abspath(url)
         try:
             st = os.stat(path)
@@ -989,11 +1003,19 @@ class VendorModule(Module):
         if not target:
             raise invalid("transfer.target", "a module code, node, URI or 'hangup' is required")
         params = pb.from_struct(t.params)
-        if apps_mod.resolve(ctl.session.app, target, params) is None:
+        node = apps_mod.resolve(ctl.session.app, target, params)
+        if node is None:
             raise invalid("transfer.target", f"{target!r} is neither a node of the app nor a "
                                              "module code or URI")
+        app = ctl.session.app
+        if isinstance(node, Node) and (app is None or target not in app.nodes) \
+                and node.module == target.removeprefix("module:"):
+            # A bare module code has no outlets of its own: it leaves through the calling
+            # node's, so its release("done") goes on with the app as this node's would.
+            node = Node(name=node.name, module=node.module, params=node.params,
+                        outlets=ctl.node.outlets, events=ctl.node.events, app=node.app)
         self._hand_over(ctl, state, proc, cmd,
-                        lambda: ctl.session.transition(target, "transfer", params))
+                        lambda: ctl.session.transition(node, "transfer"))
         return _HANDED_OVER
 
     def _cmd_release(self, ctl, state, proc, cmd):

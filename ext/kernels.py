@@ -52,7 +52,7 @@ def _ring():
     from ext import ring_py
     return _select("ring", ring_py, ("RingWriter", "RingReader"),
                    ("RingError", "RingFormatError", "RingBusyError", "RingCorruptionError",
-                    "ring_info", "ring_paths"))
+                    "ring_info", "ring_paths", "retained"))
 
 
 def _g711():

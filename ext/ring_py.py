@@ -34,7 +34,7 @@ import msgpack
 
 __all__ = [
     "RingWriter", "RingReader", "RingError", "RingFormatError", "RingBusyError",
-    "RingCorruptionError", "ring_paths", "ring_info", "MAGIC", "VERSION",
+    "RingCorruptionError", "ring_paths", "ring_info", "retained", "MAGIC", "VERSION",
 ]
 
 MAGIC = b"BATNRING"
@@ -353,6 +353,60 @@ def ring_info(path: str) -> dict[str, Any]:
             "overflow_base": u64(OVF_BASE_OFF), "overflow_consumed": consumed,
             "written": cursor - 1, "spilled": u64(SPILLED_OFF), "fill": cursor - released,
             "overflow_pending": written - consumed}
+
+
+def retained(path: str) -> list[tuple[int, bytes]]:
+    """The published records the ring still holds, as (seq, payload) in seq
+    order, read without taking either side's lock and without moving the
+    reader's position (the accountant's).
+
+    Released records stay in their slots until the writer laps the ring, and
+    in the overflow file until it is emptied: this is that window, up to the
+    last `slots - 1` records of the slots and what the overflow file still
+    has. Call it while no writer appends (before the writer opens): it reads
+    the slots without the acquire/release protocol. A slot
+    that holds another seq, and spilled records whose bytes are gone, are
+    simply not part of the window.
+    """
+    ring, ovf, _, _ = ring_paths(path)
+    fd = os.open(ring, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        slot_size, slots, _node = _read_static(fd, ring)
+        head = os.pread(fd, HEADER_SIZE, 0)
+        cursor, written, base = (struct.unpack_from("<Q", head, off)[0]
+                                 for off in (CURSOR_OFF, OVF_WRITTEN_OFF, OVF_BASE_OFF))
+        # Seq cursor - slots shares its slot with the unpublished seq `cursor`.
+        first = max(1, cursor - slots + 1)
+        spilled: dict[int, bytes] = {}
+        try:
+            ofd = os.open(ovf, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            ofd = -1
+        if ofd >= 0:
+            try:
+                for seq, payload, _end in _scan(ofd, base, written, base):
+                    if seq >= cursor:
+                        break
+                    spilled[seq] = payload
+            finally:
+                os.close(ofd)
+        out = [(s, p) for s, p in spilled.items() if s < first]
+        cap = slot_size - SLOT_HEADER
+        mask = slots - 1
+        with mmap.mmap(fd, HEADER_SIZE + slots * slot_size, prot=mmap.PROT_READ) as mm:
+            for s in range(first, cursor):
+                payload = spilled.get(s)
+                if payload is None:
+                    off = HEADER_SIZE + (s & mask) * slot_size
+                    seq, n = _SLOT.unpack_from(mm, off)
+                    if seq != s or n > cap:
+                        continue
+                    payload = mm[off + SLOT_HEADER:off + SLOT_HEADER + n]
+                out.append((s, payload))
+        out.sort(key=operator.itemgetter(0))
+        return out
+    finally:
+        os.close(fd)
 
 
 class _OverflowQueue:

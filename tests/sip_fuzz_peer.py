@@ -23,18 +23,21 @@ NUMBERS = ("1000", "1001", "1002", "2000", "3000", "4000", "5100", "5200", "5300
            "7100", "agent1", "9999")
 METHODS = ("INVITE", "INVITE", "OPTIONS", "BYE", "REGISTER", "ACK", "CANCEL", "INFO")
 SDP = (b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-       b"m=audio 40000 RTP/AVP 0 8 101\r\na=rtpmap:101 telephone-event/8000\r\n"
+       b"m=audio %d RTP/AVP 0 8 101\r\na=rtpmap:101 telephone-event/8000\r\n"
        b"a=fmtp:101 0-16\r\n")
+# Media ports at and past the edges (65535 leaves no RTCP port), as well as ordinary ones.
+PORTS = (40000, 40000, 40000, 40000, 65535, 65534, 0, 1, 65536, 99999)
 TOKENS = (b"\x00", b"\r\n", b"\r\n\r\n", b" ", b";", b":", b"<", b">", b"\"", b"%", b"@", b",",
           b"=", b"\t", b"99999999999", b"-1", b"0", b"SIP/2.0", b"z9hG4bK", b"\xff\xfe",
           b"\xc3\x28", b"\xed\xa0\x80", b"\xc2\xb2", b"a" * 3000, b"[::1]", b"IN IP6 ::1",
-          b"Content-Length: 5000\r\n", b"l: 7\r\n", b"c=IN IP4 media.example.com\r\n")
+          b"Content-Length: 5000\r\n", b"l: 7\r\n", b"c=IN IP4 media.example.com\r\n",
+          b"a=rtcp:65536\r\n", b"a=rtcp:0\r\n", b"65535")
 
 
 def request(rng, k: int, port: int, me: int, transport: str) -> bytes:
     method = rng.choice(METHODS)
     number = rng.choice(NUMBERS)
-    body = SDP if method == "INVITE" else b""
+    body = SDP % rng.choice(PORTS) if method == "INVITE" else b""
     head = (f"{method} sip:{number}@127.0.0.1:{port} SIP/2.0\r\n"
             f"Via: SIP/2.0/{transport} 127.0.0.1:{me};branch=z9hG4bKfz{k};rport\r\n"
             f"Max-Forwards: 70\r\nFrom: \"Fuzz\" <sip:fz@127.0.0.1>;tag=f{k}\r\n"

@@ -269,6 +269,14 @@ def test_payouts_sum_over_accounts_minus_platform_share(ledger):
     assert acme["gross_micro"] == 3501 and acme["platform_share_micro"] == 3501 - 2451
     survey = [ln for ln in acme["lines"] if ln["module"] == "acme.survey"][0]
     assert survey["accounts"] == 2 and survey["transactions"] == 2
+    # Each line in integer micro-units too: gross = platform share + payout.
+    assert (survey["gross_micro"], survey["platform_share_micro"], survey["payout_micro"]) == \
+        (3001, 3001 - 2101, 2101)
+    assert (survey["gross"], survey["platform_share"], survey["payout"]) == \
+        ("0.003001", "0.0009", "0.002101")
+    for key in ("gross_micro", "platform_share_micro", "payout_micro"):
+        total = "total_micro" if key == "payout_micro" else key
+        assert sum(ln[key] for ln in acme["lines"]) == acme[total]
     assert by_vendor["zeta"]["total_micro"] == 450
     assert rep["total_micro"] == 2451 + 450 and rep["total"] == "0.002901"
     only = payouts(ledger, "2026-11", "zeta")
@@ -277,6 +285,7 @@ def test_payouts_sum_over_accounts_minus_platform_share(ledger):
     assert "Payout  vendor acme  period 2026-11  currency USD" in table
     doc = json.loads(render(rep, "json"))
     assert doc["total"] == "0.002901" and doc["statements"][0]["total"] == "0.002451"
+    assert doc["statements"][0]["lines"] == acme["lines"]
     rows = list(csv.DictReader(io.StringIO(render(rep, "csv"))))
     assert [r for r in rows if r["vendor"] == "acme" and r["module"] == "TOTAL"][0]["payout"] \
         == "0.002451"

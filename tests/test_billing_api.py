@@ -227,11 +227,13 @@ async def test_billing_api_against_a_real_accountant(tmp_path):
                 cli = json.loads(out)
                 assert pay.total.micros == cli["total_micro"] > 0
                 assert [(st.vendor, st.currency, st.gross.micros, st.platform_share.micros,
-                         st.total.micros, [(ln.module, ln.payout.micros) for ln in st.lines])
+                         st.total.micros, [(ln.module, ln.gross.micros, ln.platform_share.micros,
+                                            ln.payout.micros) for ln in st.lines])
                         for st in pay.statements] == \
                     [(st["vendor"], st["currency"], st["gross_micro"],
                       st["platform_share_micro"], st["total_micro"],
-                      [(ln["module"], ln["payout_micro"]) for ln in st["lines"]])
+                      [(ln["module"], ln["gross_micro"], ln["platform_share_micro"],
+                        ln["payout_micro"]) for ln in st["lines"]])
                      for st in cli["statements"]]
                 assert pay.statements[0].gross.micros == vfinal.cost.micros
                 # The other account's invoice is its own.

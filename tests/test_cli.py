@@ -38,6 +38,8 @@ def test_version_and_help():
     ('[accounts.a.numbers]\n"1" = "baton.hold"\n[accounts.b.numbers]\n"1" = "baton.hold"\n',
      "accounts.b.numbers.1", "already belongs"),
     ('[users.bob]\npassword = ""\n', "users.bob.password", "non-empty"),
+    ('[modules."acme.survey"]\nvendor = "acme"\nlevel = "premium"\n',
+     "modules.acme.survey.level", "basic, application or service"),
     ('[nonsense]\n', "nonsense", "unknown section"),
     ('this is = not toml =\n', "-", "invalid TOML"),
 ])

@@ -12,15 +12,15 @@ import pytest
 
 pytest.importorskip("ext.rtp", reason="ext.rtp is not built (make build)")
 
-from tests.vendor_procs.harness import (SECRET_A, SECRET_B, bearer, control_config,  # noqa: E402
-                                        target, wait_until, with_app)
+from tests.vendor_procs.harness import (SECRET_A, SECRET_B, RawVendor, bearer,  # noqa: E402
+                                        control_config, target, wait_until, with_app)
 
 import grpc  # noqa: E402
 
 from proto import pb  # noqa: E402
 from control.sdk import (FailedPrecondition, InvalidArgument, PermissionDenied,  # noqa: E402
-                         VendorClient)
-from tests.helpers import running_engine  # noqa: E402
+                         Play, VendorClient)
+from tests.helpers import ROOT, running_engine  # noqa: E402
 from tests.test_sessions import Caller, drain, headers  # noqa: E402
 
 mh = pb.module_host_pb2
@@ -225,6 +225,9 @@ async def test_invalid_arguments_name_the_field():
         await dial
         cases = [
             (call.play(""), "play.url"),
+            (call.play("ftp://127.0.0.1/hello.wav"), "play.url"),
+            (call.play("file:///tmp/hello.wav"), "play.url"),
+            (call.gather(prompt=Play("ftp://127.0.0.1/menu.wav")), "gather.play.url"),
             (call.say("  "), "say.text"),
             (call.gather(finish_on_key="x"), "gather.finish_on_key"),
             (call.gather(timeout=-1), "gather.timeout"),
@@ -369,3 +372,111 @@ async def test_round_robin_spreads_offers():
         assert counts == {"p1": 2, "p2": 2, "p3": 2}
         for c in clients:
             await c.close()
+
+
+def handoff_config() -> dict:
+    return with_app(control_config(), "handoff", "4300", {
+        "a": {"module": "acme.survey", "outlets": {"done": "after", "fallback": "hold"}},
+        "after": {"module": "baton.echo"},
+        "hold": {"module": "baton.hold"}}, "a")
+
+
+async def test_transfer_to_a_module_code_leaves_through_the_calling_nodes_outlets():
+    """Two chained vendor processes, one on the SDK and one on the raw stubs: A transfers
+    to the module code globex.desk (not a node of the app), whose `release("done")` goes
+    on with the app at A's `done` target instead of ending the call."""
+    async with running_engine(handoff_config()) as eng:
+        a = VendorClient(target(eng), "acme.survey", SECRET_A)
+
+        @a.on_offer
+        async def on_a(offer):
+            await (await offer.take()).transfer("globex.desk", {"topic": "billing"})
+
+        await a.start()
+        b = await RawVendor(eng, "globex.desk", SECRET_B).start()
+        caller = Caller(eng, "4300")
+        dial = asyncio.ensure_future(caller.dial())
+        offer = await b.expect("offer")
+        assert (offer.reason, list(offer.outlets)) == ("transfer", ["done", "fallback"])
+        assert pb.from_struct(offer.module_params)["topic"] == "billing"
+        sid = offer.session_id
+        b.send(mh.VendorMessage(take=mh.Take(offer_id=offer.offer_id, session_id=sid)))
+        assert (await b.expect("ack")).code == 0
+        b.send(mh.VendorMessage(command=mh.Command(command_id="a1", session_id=sid,
+                                                   answer=mh.Answer())))
+        assert (await b.expect("ack")).code == 0
+        await dial
+        b.send(mh.VendorMessage(command=mh.Command(command_id="r1", session_id=sid,
+                                                   release=mh.Release(outlet="done"))))
+        ack = await b.expect("ack")
+        assert (ack.command_id, ack.code) == ("r1", 0)
+        revoked = (await b.expect("event")).control_revoked
+        assert (revoked.reason, revoked.next_module) == ("outlet:done", "baton.echo")
+        session = eng.sessions[sid]
+        assert [(h.module, h.reason) for h in session.history] == [
+            ("acme.survey", "initial"), ("globex.desk", "transfer"), ("baton.echo", "outlet:done")]
+        assert not session.ended
+        await caller.bye()
+        caller.close()
+        await b.close()
+        await a.close()
+
+
+async def test_unknown_action_is_unimplemented_and_an_empty_one_invalid():
+    """A vendor built on a newer proto sends an action this engine does not know: the
+    answer is UNIMPLEMENTED (the engine lacks it), not the INVALID_ARGUMENT of a command
+    with no action at all; the session stays the vendor's."""
+    async with running_engine(control_config()) as eng:
+        v = await RawVendor(eng, "acme.survey", SECRET_A).start()
+        caller = Caller(eng, "4000")
+        dial = asyncio.ensure_future(caller.dial())
+        offer = await v.expect("offer")
+        sid = offer.session_id
+        v.send(mh.VendorMessage(take=mh.Take(offer_id=offer.offer_id, session_id=sid)))
+        assert (await v.expect("ack")).code == 0
+        # Field 40 of Command: an action of a later proto (wire type 2, empty message).
+        newer = mh.Command.FromString(
+            mh.Command(command_id="n1", session_id=sid).SerializeToString() + b"\xc2\x02\x00")
+        v.send(mh.VendorMessage(command=newer))
+        ack = await v.expect("ack")
+        assert (ack.command_id, ack.code, ack.field) == \
+            ("n1", grpc.StatusCode.UNIMPLEMENTED.value[0], "action")
+        assert ack.message.startswith("action: field 40"), ack.message
+        v.send(mh.VendorMessage(command=mh.Command(command_id="e1", session_id=sid)))
+        ack = await v.expect("ack")
+        assert (ack.command_id, ack.code, ack.field) == \
+            ("e1", grpc.StatusCode.INVALID_ARGUMENT.value[0], "action")
+        v.send(mh.VendorMessage(command=mh.Command(command_id="a1", session_id=sid,
+                                                   answer=mh.Answer())))
+        assert (await v.expect("ack")).code == 0
+        await dial
+        await caller.bye()
+        caller.close()
+        await v.close()
+
+
+async def test_offer_withdrawn_when_it_expires_as_the_docs_say():
+    """An offer left unanswered past its deadline is withdrawn with reason "expired"
+    (the proto and the guide say so); taking it then is FAILED_PRECONDITION."""
+    async with running_engine(fallback_config()) as eng:
+        v = await RawVendor(eng, "acme.survey", SECRET_A).start()
+        caller = Caller(eng, "4200")
+        dial = asyncio.ensure_future(caller.dial())
+        offer = await v.expect("offer")
+        gone = await v.expect("offer_withdrawn")
+        assert (gone.offer_id, gone.session_id, gone.reason) == \
+            (offer.offer_id, offer.session_id, "expired")
+        v.send(mh.VendorMessage(take=mh.Take(offer_id=offer.offer_id,
+                                             session_id=offer.session_id)))
+        ack = await v.expect("ack")
+        assert ack.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        assert "expired" in ack.message
+        await dial          # the session followed fallback to baton.hold
+        await caller.bye()
+        caller.close()
+        await v.close()
+    proto = open(f"{ROOT}/proto/baton/v1/module_host.proto").read()
+    comment = proto.split("message OfferWithdrawn")[0].rsplit("}", 1)[1]
+    assert "expire" in comment, comment
+    guide = open(f"{ROOT}/docs/vendors.md").read().split("\n\n")
+    assert any("expire" in p for p in guide if "OfferWithdrawn" in p)

@@ -163,3 +163,44 @@ def test_billing_worked_examples_are_what_the_accountant_computes(tmp_path):
     assert inv["total"] == "0.042"
     for value in ("**0.005**", "**0.022**", "**0.042**"):
         assert value in section
+
+
+def test_vendor_guide_documents_the_sdk_clients_state_and_methods():
+    """What a vendor needs from `VendorClient` beyond its constructor (how to know it
+    has registered, its process id, the calls it holds...) is in docs/vendors.md."""
+    import inspect
+
+    from control.sdk import VendorClient
+
+    client = VendorClient("127.0.0.1:1", "acme.survey", "s" * 16)
+    ctor = set(inspect.signature(VendorClient).parameters)
+    public = [n for n in dir(client) if not n.startswith("_") and n not in ctor]
+    guide = (ROOT / "docs" / "vendors.md").read_text()
+    assert "registered" in public
+    assert [n for n in public if f"client.{n}" not in guide] == []
+
+
+def test_vendor_config_keys_are_gathered_in_the_vendor_guide():
+    """Every config key a vendor module depends on is in one section of docs/vendors.md,
+    and the other documents link there instead of repeating the keys."""
+    guide = (ROOT / "docs" / "vendors.md").read_text()
+    assert "\n## 1. Configuration keys\n" in guide     # anchor #1-configuration-keys
+    section = guide.split("\n## 1. Configuration keys\n")[1].split("\n## ")[0]
+    sections = config_doc.sections()
+    wanted = {"vendors.ID": set(sections["vendors.ID"][1]),
+              "modules.CODE": set(sections["modules.CODE"][1]) - {"uri", "alias"},
+              "apps.NAME.nodes.NODE": {"module", "params", "outlets", "events"},
+              "accounts.ID.numbers.NUMBER": {"module"},
+              "engine": {"grpc", "grpc_addr", "grpc_tls_cert", "grpc_tls_key",
+                         "grpc_tls_client_ca", "operator_tokens"},
+              "billing": {"default_revenue_share", "listings"},
+              "policy": {"allow_modules", "deny_modules", "limits"}}
+    missing = []
+    for name, keys in wanted.items():
+        assert keys <= set(sections[name][1]), (name, keys - set(sections[name][1]))
+        missing += [f"{name}.{k}" for k in sorted(keys) if f"`{k}`" not in section]
+    assert missing == []
+    for doc in ("configuration.md", "billing.md"):
+        text = (ROOT / "docs" / doc).read_text()
+        assert "vendors.md#1-configuration-keys" in text, doc
+        assert "offer_timeout" not in text and "[vendors.acme.plans]" not in text, doc

@@ -647,3 +647,22 @@ def test_kill9_reader_reads_each_record_once(tmp_path, path, impl):
     assert _db_rows(db) == (n, 1, n, n)
     info = ring_py.ring_info(path)
     assert (info["fill"], info["overflow_pending"]) == (0, 0)
+
+
+@pytest.mark.parametrize("mod", IMPLS)
+def test_retained_reads_the_window_beside_the_reader(mod, path):
+    """What the engine repairs its journal from: the published records the ring
+    still holds, released or not, without taking or moving the reader's side."""
+    w = mod.RingWriter(path, slots=8, slot_size=64)
+    payloads = [b"r%02d" % i for i in range(1, 13)]
+    for p in payloads:
+        w.append(p)                        # 1..8 fill the slots, 9..12 spill
+    with ring_py.RingReader(path) as r:    # the reader side is held meanwhile
+        want = [(s, payloads[s - 1]) for s in range(6, 13)]   # the last slots - 1
+        assert [(s, bytes(p)) for s, p in ring_py.retained(path)] == want
+        assert r.position == 0
+        assert len(drain(r)) == 12
+    w.close()
+    # Released and its overflow emptied by the writer's recovery: the slots remain.
+    mod.RingWriter(path, slots=8, slot_size=64).close()
+    assert [(s, bytes(p)) for s, p in ring_py.retained(path)] == want[:3]

@@ -79,7 +79,8 @@ def payouts(ledger: Ledger, period: str, vendor: str | None = None) -> dict[str,
         st["lines"].append({"module": r["module"], "transactions": int(r["n"]),
                             "accounts": int(r["accounts"]), "gross": format_money(gross),
                             "platform_share": format_money(gross - paid),
-                            "payout": format_money(paid), "payout_micro": paid})
+                            "payout": format_money(paid), "gross_micro": gross,
+                            "platform_share_micro": gross - paid, "payout_micro": paid})
         st["gross_micro"] += gross
         st["platform_share_micro"] += gross - paid
         st["total_micro"] += paid

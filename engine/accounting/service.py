@@ -119,12 +119,11 @@ def payouts_pb(doc: dict):
                                platform_share=money_pb(st["platform_share_micro"], cur),
                                total=money_pb(st["total_micro"], cur))
         for ln in st["lines"]:
-            paid = ln["payout_micro"]
-            gross = int(Decimal(ln["gross"]) * 1_000_000)
             s.lines.append(bp.PayoutLine(module=ln["module"], transactions=ln["transactions"],
-                                         accounts=ln["accounts"], gross=money_pb(gross, cur),
-                                         platform_share=money_pb(gross - paid, cur),
-                                         payout=money_pb(paid, cur)))
+                                         accounts=ln["accounts"],
+                                         gross=money_pb(ln["gross_micro"], cur),
+                                         platform_share=money_pb(ln["platform_share_micro"], cur),
+                                         payout=money_pb(ln["payout_micro"], cur)))
         out.statements.append(s)
     if doc["total_micro"] is not None and doc["currency"]:
         out.total.CopyFrom(money_pb(doc["total_micro"], doc["currency"]))

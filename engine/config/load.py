@@ -178,8 +178,10 @@ TABLES = {
         "outlets": ("table", "outlet -> target: a node, module code, URI or hangup"),
         "events": ("table", "event -> target, e.g. dialled-hangup"),
     }),
-    "modules.CODE": ("where a module code lives; exactly one key", {
+    "modules.CODE": ("where a module code lives: exactly one of vendor, uri or alias", {
         "vendor": ("string", "served by this vendor's processes over gRPC"),
+        "level": ("string", "with vendor: the level its time is metered at, basic, "
+                            "application or service (default service)"),
         "uri": ("string", "an http(s):// instruction document"),
         "alias": ("string", "another module code this one stands for"),
     }),
@@ -471,6 +473,8 @@ def _load_modules(cfg: Config, raw: dict, path: str) -> None:
             raise ConfigError(path, key, "needs exactly one of alias, uri or vendor")
         if "uri" in entry and not str(entry["uri"]).startswith(("http://", "https://")):
             raise ConfigError(path, f"{key}.uri", "must be an http:// or https:// URI")
+        if entry.get("level", "service") not in ("basic", "application", "service"):
+            raise ConfigError(path, f"{key}.level", "basic, application or service")
         cfg.modules[code] = dict(entry)
 
 

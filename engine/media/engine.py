@@ -39,6 +39,7 @@ class MediaEngine:
         self.rtcp: dict[int, list] = {}             # id(stream) -> [stream, rtcp socket, owner, last SR]
         self.rtcp_interval = 5.0
         self._rtcp_handle = None
+        self._faulted: set = set()                  # sessions (or streams) whose fault was logged
         self.streams: dict[int, object] = {}        # id(stream) -> live stream (for /metrics)
         # Counters of released streams, so totals never go back when a call ends.
         self.retired = {"rx_packets": 0, "tx_packets": 0, "rx_bytes": 0, "tx_bytes": 0,
@@ -94,31 +95,56 @@ class MediaEngine:
         from engine.media import rtcp
 
         self._rtcp_handle = self.loop.call_later(self.rtcp_interval, self._rtcp)
-        for entry in list(self.rtcp.values()):
-            stream, sock, owner, last_sr = entry
+        for key, entry in list(self.rtcp.items()):
             try:
-                while True:
-                    data = sock.recv(2048)
-                    report = rtcp.parse(data)
-                    if report["sr_ntp_mid"] is not None:
-                        entry[3] = (report["sr_ntp_mid"], time.monotonic())
-                    if report["reports"] and owner is not None:
-                        owner.rtcp_report = report["reports"][0]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                continue
-            remote = stream.remote_addr
-            if remote is None:
-                continue
-            stats = stream.stats()
-            if stats["tx_packets"] == 0:
-                continue
-            try:
-                sock.sendto(rtcp.sender_report(stats, stats["rx_ssrc"], entry[3]),
-                            (remote[0], remote[1] + 1))
-            except OSError:
-                pass
+                self._rtcp_stream(rtcp, entry)
+            except Exception:
+                # One stream's fault stays its own: the others keep their reports.
+                self._fault(key, entry[2], "RTCP")
+
+    def _rtcp_stream(self, rtcp, entry: list) -> None:
+        stream, sock, owner, _last_sr = entry
+        try:
+            while True:
+                data = sock.recv(2048)
+                report = rtcp.parse(data)
+                if report["sr_ntp_mid"] is not None:
+                    entry[3] = (report["sr_ntp_mid"], time.monotonic())
+                if report["reports"] and owner is not None:
+                    owner.rtcp_report = report["reports"][0]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            return
+        remote = stream.remote_addr
+        # RFC 3550 11: RTCP on the next port up; a far end latched at 65535 has none.
+        if remote is None or not 0 < remote[1] < 65535:
+            return
+        stats = stream.stats()
+        if stats["tx_packets"] == 0:
+            return
+        try:
+            sock.sendto(rtcp.sender_report(stats, stats["rx_ssrc"], entry[3]),
+                        (remote[0], remote[1] + 1))
+        except OSError:
+            pass
+
+    def _fault(self, key: int, owner, what: str) -> None:
+        """A media callback raised: log it once per session (with its id), never
+        into the loop, and keep the clock and every other stream running."""
+        session = getattr(owner, "session", None)
+        sid = getattr(session, "id", None)
+        mark = sid if sid is not None else key
+        if mark in self._faulted:
+            return
+        if len(self._faulted) >= 4096:
+            self._faulted.clear()
+        self._faulted.add(mark)
+        if sid is None:
+            log.error("%s failed (logged once)", what, exc_info=True)
+        else:
+            log.error("session %s: %s handler failed (logged once per session)", sid, what,
+                      exc_info=True)
 
     def channel(self, stream, owner) -> "rtp.Channel":
         ch = rtp.Channel(next(self._ids), stream)
@@ -147,7 +173,11 @@ class MediaEngine:
             self._n += missed
             deadline = self._start + (self._n + 1) * PTIME
         self._handle = self.loop.call_at(deadline, self._tick)
-        events = self.clock.tick()
+        try:
+            events = self.clock.tick()
+        except Exception:
+            self._fault(-1, None, "media clock")
+            return
         if events:
             for ch_id, kind, detail in events:
                 owner = self.channels.get(ch_id)
@@ -155,7 +185,7 @@ class MediaEngine:
                     try:
                         owner.media_event(ch_id, kind, detail)
                     except Exception:
-                        log.exception("media event handler failed for channel %d", ch_id)
+                        self._fault(ch_id, owner, f"media event ({kind})")
 
     def _check_inactivity(self) -> None:
         self._inactivity_handle = self.loop.call_later(1.0, self._check_inactivity)
@@ -168,4 +198,4 @@ class MediaEngine:
                 try:
                     owner.media_inactive(stream)
                 except Exception:
-                    log.exception("inactivity handler failed")
+                    self._fault(key, owner, "RTP inactivity")

@@ -76,7 +76,8 @@ class Engine:
         self.ringback = ringback()
         from engine.sessions.journal import SessionStore
 
-        self.store = SessionStore(os.path.join(self.cfg.data_dir, "sessions.db"))
+        self.store = SessionStore(os.path.join(self.cfg.data_dir, "sessions.db"),
+                                  self.stamper.retained())
         self.media = MediaEngine(self.loop, self.cfg.rtp_timeout, self.cfg.rtp_hold_timeout)
         self.media.start()
         await self.webhooks.start()

@@ -38,7 +38,9 @@ BATCH_SECONDS = 0.1
 
 
 class SessionStore:
-    def __init__(self, path: str):
+    def __init__(self, path: str, stamps=()):
+        """`stamps`: the ring records still retained from earlier runs (decoded
+        maps, in seq order); the journal is repaired from them (`repair`)."""
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -53,11 +55,10 @@ class SessionStore:
             self.loop = None
         conn = _connect(path)
         conn.executescript(SCHEMA)
-        # Sessions that were live when a previous engine died are finished now.
-        conn.execute("UPDATE sessions SET end_reason = 'engine-restart', ended_wall_ns = "
-                     "started_wall_ns WHERE ended_wall_ns IS NULL")
-        conn.commit()
-        conn.close()
+        try:
+            self.repaired = repair(conn, stamps)
+        finally:
+            conn.close()
         self.thread = threading.Thread(target=self._run, name="baton-session-store", daemon=True)
         self.thread.start()
 
@@ -142,6 +143,113 @@ def _snapshot(session) -> tuple:
         session.started_wall, session.ended_wall, session.end_reason,
         [(s.module, s.level, s.node, s.reason, s.start_mono, s.end_mono, s.start_wall,
           s.end_wall, s.end_reason) for s in session.history])
+
+
+# -- repair after a crash ---------------------------------------------------------------
+ENGINE_STOPPED = "engine-stopped"
+
+
+def repair(conn: sqlite3.Connection, stamps) -> int:
+    """Finish the journal of an engine that stopped without ending its sessions.
+
+    The journal is written in batches, so a `kill -9` loses its last moments;
+    the ring (which billing reads) does not. From the ring's retained stamps
+    (`stamps`: decoded records of type "session" and "transition", in seq
+    order), every session they name gets its row, its history of control and
+    its end: the end stamp's reason and time when the engine stamped one,
+    else `engine-stopped` at the session's last stamp. Rows still live that
+    no stamp names end `engine-stopped` at their last known moment (the
+    start of their last span). Returns the number of rows written; running it
+    again changes nothing."""
+    found: dict[str, dict] = {}
+    for rec in stamps:
+        typ = rec.get("type")
+        if typ != "session" and typ != "transition":
+            continue
+        sid = rec.get("session")
+        if not sid:
+            continue
+        st = found.get(sid)
+        if st is None:
+            st = found[sid] = {"account": rec.get("account", ""), "start": None, "end": None,
+                               "spans": [], "last": None}
+        mono, wall = rec.get("mono_ns", 0), rec.get("wall_ns", 0)
+        st["last"] = (mono, wall)
+        if typ == "transition":
+            st["spans"].append({"module": rec.get("to", ""), "level": rec.get("level", ""),
+                                "node": "", "reason": rec.get("reason", ""),
+                                "start_mono_ns": mono, "end_mono_ns": None,
+                                "start_wall_ns": wall, "end_wall_ns": None,
+                                "end_reason": None})
+        elif rec.get("kind") == "start":
+            st["start"] = (mono, wall)
+        else:
+            st["end"] = (mono, wall, rec.get("reason") or "hangup")
+    rows = []
+    with conn:
+        for sid, st in found.items():
+            row = conn.execute("SELECT ended_wall_ns, history FROM sessions WHERE id = ?",
+                               (sid,)).fetchone()
+            if row is not None and row[0] is not None:
+                continue                # its end reached the journal: nothing was lost
+            history = json.loads(row[1]) if row is not None else []
+            # The journal's spans know their app node; the ring's, anything newer.
+            latest = history[-1]["start_mono_ns"] if history else None
+            if st["start"] is not None or latest is None:
+                by_start = {(h["module"], h["start_mono_ns"]): h for h in history}
+                history = [by_start.get((sp["module"], sp["start_mono_ns"]), sp)
+                           for sp in st["spans"]] or history
+            else:
+                history += [sp for sp in st["spans"] if sp["start_mono_ns"] > latest]
+            if st["end"] is not None:
+                end_mono, end_wall, reason = st["end"]
+            else:
+                (end_mono, end_wall), reason = st["last"], ENGINE_STOPPED
+            _close_history(history, end_mono, end_wall, reason)
+            module = history[-1]["module"] if history else None
+            level = history[-1]["level"] if history else None
+            if row is None:
+                started = st["start"][1] if st["start"] is not None else (
+                    history[0]["start_wall_ns"] if history else end_wall)
+                conn.execute("INSERT INTO sessions (id, account, started_wall_ns, module, level,"
+                             " ended_wall_ns, end_reason, history) VALUES (?,?,?,?,?,?,?,?)",
+                             (sid, st["account"], started, module, level, end_wall, reason,
+                              json.dumps(history)))
+            else:
+                conn.execute("UPDATE sessions SET module = ?, level = ?, ended_wall_ns = ?, "
+                             "end_reason = ?, history = ? WHERE id = ?",
+                             (module, level, end_wall, reason, json.dumps(history), sid))
+            rows.append(sid)
+        # Live rows the ring no longer covers: ended at the last moment the journal saw.
+        for sid, started, raw in conn.execute(
+                "SELECT id, started_wall_ns, history FROM sessions WHERE ended_wall_ns IS NULL"
+                ).fetchall():
+            history = json.loads(raw)
+            mono, wall = ((history[-1]["start_mono_ns"], history[-1]["start_wall_ns"])
+                          if history else (None, started))
+            _close_history(history, mono, wall, ENGINE_STOPPED)
+            conn.execute("UPDATE sessions SET ended_wall_ns = ?, end_reason = ?, history = ? "
+                         "WHERE id = ?", (wall, ENGINE_STOPPED, json.dumps(history), sid))
+            rows.append(sid)
+    if rows:
+        log.info("session journal repaired from the ring: %d sessions the engine did not end",
+                 len(rows))
+    return len(rows)
+
+
+def _close_history(history: list, mono, wall, reason: str) -> None:
+    """Chain the spans (each ends where the next begins, with the next's reason)
+    and end the last one at (mono, wall) with `reason`."""
+    for h, nxt in zip(history, history[1:]):
+        if h["end_mono_ns"] is None:
+            h["end_mono_ns"], h["end_wall_ns"] = nxt["start_mono_ns"], nxt["start_wall_ns"]
+            h["end_reason"] = nxt["reason"]
+    if history and history[-1]["end_mono_ns"] is None:
+        last = history[-1]
+        last["end_mono_ns"] = max(mono, last["start_mono_ns"]) if mono is not None \
+            else last["start_mono_ns"]
+        last["end_wall_ns"] = max(wall, last["start_wall_ns"])
+        last["end_reason"] = reason
 
 
 def _connect(path: str) -> sqlite3.Connection:

@@ -24,15 +24,27 @@ class Stamper:
         self.ended = 0
         self.started_by_account: collections.Counter = collections.Counter()
         self.transitions: collections.Counter = collections.Counter()  # (to module, level)
+        self._retained: list[dict] = []
         if ring_path is not None:
             from ext.kernels import ring
 
             os.makedirs(os.path.dirname(ring_path), exist_ok=True)
+            # Read before the writer opens: its recovery empties an overflow
+            # file the accountant has released, which still holds stamps.
+            self._retained = _retained(ring_path)
             self.writer = ring.RingWriter(ring_path, node_id=node_id)
             # Tells the accountant this node (re)started: sessions it still had
             # open from a previous run are closed at the last moment seen.
             self.writer.append_record({"type": "node", "kind": "start",
                                        "mono_ns": time.monotonic_ns(), "wall_ns": clock.wall_ns()})
+
+    def retained(self) -> list[dict]:
+        """The session and transition stamps the ring held from earlier runs when
+        this stamper opened it (read beside the accountant, never moving its
+        position), decoded, in seq order: what the session journal is repaired
+        from. Handed over once."""
+        out, self._retained = self._retained, []
+        return out
 
     def session_start(self, session) -> None:
         self.stamps += 1
@@ -78,3 +90,27 @@ class Stamper:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _retained(ring_path: str) -> list[dict]:
+    """The session and transition records of the ring at `ring_path`, if any."""
+    import msgpack
+
+    from ext.kernels import ring
+
+    if not os.path.exists(ring_path):
+        return []
+    try:
+        records = ring.retained(ring_path)
+    except (OSError, ring.RingError) as exc:
+        log.warning("the ring's retained stamps could not be read: %s", exc)
+        return []
+    out = []
+    for _seq, payload in records:
+        try:
+            rec = msgpack.unpackb(payload)
+        except Exception:               # not a record the engine wrote as a map
+            continue
+        if isinstance(rec, dict) and rec.get("type") in ("session", "transition"):
+            out.append(rec)
+    return out

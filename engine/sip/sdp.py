@@ -23,11 +23,12 @@ def _digits(s: str) -> bool:
 
 class MediaDescription:
     __slots__ = ("media", "port", "proto", "formats", "rtpmap", "fmtp", "direction",
-                 "address", "ptime")
+                 "address", "ptime", "rtcp_port")
 
     def __init__(self, media, port, proto, formats):
         self.media = media
         self.port = port
+        self.rtcp_port = None       # a=rtcp (RFC 3605), else port + 1 (RFC 3550 11)
         self.proto = proto
         self.formats = formats
         self.rtpmap = {}
@@ -84,6 +85,11 @@ def parse(body: bytes) -> SessionDescription:
                 pt, _, params = arg.partition(" ")
                 if _digits(pt):
                     current.fmtp[int(pt)] = params
+            elif name == "rtcp":
+                port = arg.split(" ", 1)[0]
+                if not _digits(port) or not 1 <= int(port) <= 65535:
+                    raise SdpError("bad RTCP port")
+                current.rtcp_port = int(port)
             elif name == "ptime" and _digits(arg) and 10 <= int(arg) <= 120:
                 current.ptime = int(arg)   # others: the default 20 ms
         elif kind == "m":
@@ -169,6 +175,10 @@ def negotiate(offer: SessionDescription, prefer=SUPPORTED):
         n = Negotiated()
         n.remote_addr = m.address or offer.address
         _check_address(n.remote_addr)
+        # RFC 3550 11: RTCP goes to the next port up; an RTP port of 65535 leaves
+        # none, and media is never sent to a port that does not exist.
+        if (m.rtcp_port or m.port + 1) > 65535:
+            raise SdpError("RTCP port out of range")
         n.remote_port = m.port
         n.payload_type, n.codec = chosen
         n.dtmf_pt = dtmf

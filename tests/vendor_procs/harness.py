@@ -99,3 +99,60 @@ def stop(proc: subprocess.Popen) -> str:
             proc.kill()
             proc.wait()
     return proc.stdout.read() if proc.stdout else ""
+
+
+class RawVendor:
+    """A vendor process written against the generated stubs alone, as a vendor in
+    another language would (no SDK): one Attach stream, messages in and out."""
+
+    def __init__(self, eng, code: str, secret: str):
+        self.addr = target(eng)
+        self.code = code
+        self.secret = secret
+        self.seen: list = []          # every EngineMessage, in order
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._out: asyncio.Queue = asyncio.Queue()
+
+    async def start(self):
+        import grpc
+
+        from control import pb
+
+        mh = pb.module_host_pb2
+        self.channel = grpc.aio.insecure_channel(self.addr)
+        stub = pb.module_host_pb2_grpc.ModuleHostStub(self.channel)
+
+        async def requests():
+            while (msg := await self._out.get()) is not None:
+                yield msg
+
+        self.stream = stub.Attach(requests())
+        self.send(mh.VendorMessage(register=mh.Register(module_code=self.code,
+                                                        secret=self.secret)))
+        self.registered = (await self.stream.read()).registered
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        import grpc
+
+        while (msg := await self.stream.read()) is not grpc.aio.EOF:
+            self.seen.append(msg)
+            self._inbox.put_nowait(msg)
+
+    def send(self, msg) -> None:
+        self._out.put_nowait(msg)
+
+    async def expect(self, kind: str, timeout: float = 5.0):
+        """The next EngineMessage of `kind` (offer, ack, event...), skipping others."""
+        async def read():
+            while True:
+                msg = await self._inbox.get()
+                if msg.WhichOneof("kind") == kind:
+                    return getattr(msg, kind)
+        return await asyncio.wait_for(read(), timeout)
+
+    async def close(self) -> None:
+        self._out.put_nowait(None)
+        self._reader.cancel()
+        await self.channel.close()
