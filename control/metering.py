@@ -22,15 +22,7 @@ services; vendors' `ModuleHost` streams are not metered) is
 
 Account tokens (`accounts.ID.api_tokens`) are not metered.
 
-Config (checked by `engine.config.api_keys.load_api_keys`, errors name the key):
-
-    [api_keys.partner1]
-    account = "demo"
-    token_sha256 = "9f86d0...e08"      # or token = "..." (16 characters at least)
-    plan = "api-calls"                # [plans.NAME] pricing each call (optional)
-    quota = 1000                      # calls per period
-    period = "month"                  # month or day (UTC); default billing.period
-    auto_top_up = { calls = 500, price = "5.00" }   # optional
+The keys' config (`[api_keys.ID]`) is parsed and checked in `engine/config/api_keys.py`.
 """
 from __future__ import annotations
 
