@@ -35,7 +35,7 @@ from engine.common import clock
 from engine.cli.call import CallerError, CallRun, Phone, free_port
 from engine.cli.common import print_session_history
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_CONFIG = os.path.join(ROOT, "examples", "demo.toml")
 VENDOR_DIR = os.path.join(ROOT, "examples", "vendors")
 TOUR_NUMBER = "4000"
