@@ -19,6 +19,7 @@ import grpc
 from engine.sessions import apps as apps_mod
 from engine.sessions.apps import Node
 from engine.media.ports import PortsExhausted
+from engine.modules.dialing import OutboundDenied, operator_params, permit
 from engine.sip import sdp
 from engine.sip.errors import SdpError
 from engine.sip.uac import OutgoingCall, UacOwner
@@ -43,6 +44,16 @@ WATCH_KINDS = ("transition", "ended", "offered", "taken", "declined", "control-l
 WATCH_QUEUE = 10_000
 BUSY = (486, 600, 603)
 NO_ANSWER = (408, 480, 487)
+
+
+async def _caller_params(context, params: dict) -> dict:
+    """Params an API caller passes on: never the operator's own (a trunk, a
+    sounds directory, timeouts), refused with PERMISSION_DENIED naming them."""
+    bad = operator_params(params)
+    if bad:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                            f"params: operator-only parameters: {', '.join(bad)}")
+    return params
 
 
 def session_info(session) -> cp.SessionInfo:
@@ -198,7 +209,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         s = await self._find(context, account, request.session_id, live_only=True)
         if s is None:
             await self._not_found(context, request.session_id)
-        params = pb.from_struct(request.params)
+        params = await _caller_params(context, pb.from_struct(request.params))
         if apps_mod.resolve(s.app, target, params) is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"target: {target!r} is neither a node of the session's app nor "
@@ -268,11 +279,15 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
             from engine.common.net import format_hostport
 
             from_uri = f"<sip:{account}@{format_hostport(engine.cfg.advertise, engine.sip_port)}>"
-        params = pb.from_struct(request.params)
-        return await self._originate(context, account, to, uri.user or "", target, app,
+        params = await _caller_params(context, pb.from_struct(request.params))
+        try:
+            grant = permit(engine, account, to)
+        except OutboundDenied as exc:
+            await abort(grpc.StatusCode.PERMISSION_DENIED, f"to: {to}: {exc}")
+        return await self._originate(grant, context, account, to, uri.user or "", target, app,
                                      from_uri, params, ring)
 
-    async def _originate(self, context, account, to, user, target, app, from_uri, params,
+    async def _originate(self, grant, context, account, to, user, target, app, from_uri, params,
                          ring) -> sp.OriginateResponse:
         from engine.sessions.session import Leg, Session
 
@@ -280,9 +295,11 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         session = Session(engine, account, user, from_uri, f"<{to}>", direction="outbound",
                           app=app)
         leg = Leg(session, role="caller")
+        leg.outbound = grant
         try:
             leg.ports = engine.ports.allocate()
         except PortsExhausted:
+            leg.release()
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no RTP ports left")
         leg.sdp_version = 1
         offer = sdp.build(engine.media_address, leg.ports.port, None, leg.sdp_id, 1)

@@ -36,6 +36,7 @@ from engine import __version__
 from engine.sessions import apps as apps_mod
 from engine.sessions.apps import Node
 from engine.modules.base import Module, answer_caller
+from engine.modules.dialing import OutboundDenied, operator_params, permit
 
 from proto import pb
 
@@ -80,6 +81,25 @@ def invalid(field: str, why: str) -> CommandError:
 def _event(session_id: str, offer_id: str, **kind) -> mh.EngineMessage:
     return mh.EngineMessage(event=mh.Event(session_id=session_id, offer_id=offer_id,
                                            time_ns=time.time_ns(), **kind))
+
+
+def _caller_params(params: dict, field: str) -> dict:
+    """Params a vendor passes on: never the operator's own (a trunk, a sounds
+    directory, timeouts), refused with PERMISSION_DENIED naming them."""
+    bad = operator_params(params)
+    if bad:
+        raise CommandError(PERMISSION_DENIED, f"{field}: operator-only parameters: "
+                                              f"{', '.join(bad)}", field)
+    return params
+
+
+def _permit(engine, session, to: str, trunk: str | None, vendor: str) -> None:
+    """A dial the vendor and the session's account may both place, else
+    PERMISSION_DENIED naming the destination."""
+    try:
+        permit(engine, session.account, to, trunk, vendor=vendor, count=False)
+    except OutboundDenied as exc:
+        raise CommandError(PERMISSION_DENIED, f"dial {to}: {exc}", "dial.to") from None
 
 
 class VendorProcess:
@@ -186,6 +206,7 @@ class VendorModule(Module):
 
     level = "service"
     outlets = ("any the node wires", "fallback")
+    metered_from_take = True      # docs/vendors.md: billed "from the moment you Take"
 
     def __init__(self, hub: "ControlHub", code: str, level: str = "service"):
         super().__init__(hub.engine, {})
@@ -299,6 +320,7 @@ class VendorModule(Module):
         self.stats["taken"] += 1
         waited_ms = (state.taken_ns - state.offered_ns) // 1_000_000
         self.engine.stamper.action(ctl.session, self.code, "vendor_offer_wait_ms", int(waited_ms))
+        ctl.session.taken(ctl)
         self._notify(ctl.session, "taken", proc, take.offer_id)
         return {"session_id": ctl.session.id, "answered": ctl.caller.answered}
 
@@ -883,6 +905,7 @@ class VendorModule(Module):
             raise invalid("dial.time_limit", "seconds, 0 for no limit")
         node = ctl.node
         session = ctl.session
+        _permit(self.engine, session, to, d.trunk or None, proc.vendor)
         back: dict = {}
         for outlet, status in DIAL_OUTLETS:
             # Each outcome comes back to this module code as the same node, so the
@@ -1002,7 +1025,7 @@ class VendorModule(Module):
         target = t.target.strip()
         if not target:
             raise invalid("transfer.target", "a module code, node, URI or 'hangup' is required")
-        params = pb.from_struct(t.params)
+        params = _caller_params(pb.from_struct(t.params), "transfer.params")
         node = apps_mod.resolve(ctl.session.app, target, params)
         if node is None:
             raise invalid("transfer.target", f"{target!r} is neither a node of the app nor a "
@@ -1014,6 +1037,9 @@ class VendorModule(Module):
             # node's, so its release("done") goes on with the app as this node's would.
             node = Node(name=node.name, module=node.module, params=node.params,
                         outlets=ctl.node.outlets, events=ctl.node.events, app=node.app)
+        if isinstance(node, Node) and node.module == "baton.bridge" and node.params.get("to"):
+            _permit(self.engine, ctl.session, str(node.params["to"]),
+                    node.params.get("trunk"), proc.vendor)
         self._hand_over(ctl, state, proc, cmd,
                         lambda: ctl.session.transition(node, "transfer"))
         return _HANDED_OVER
@@ -1023,7 +1049,7 @@ class VendorModule(Module):
         outlet = r.outlet.strip()
         if not outlet:
             raise invalid("release.outlet", "an outlet name is required (e.g. done)")
-        params = pb.from_struct(r.params)
+        params = _caller_params(pb.from_struct(r.params), "release.params")
         self._hand_over(ctl, state, proc, cmd,
                         lambda: ctl.session.follow(outlet, params, reason=f"outlet:{outlet}"))
         return _HANDED_OVER

@@ -2,7 +2,7 @@
 must react to what the engine does (prompts, transitions) rather than sleep.
 
     python tests/pjsip_caller.py --engine 127.0.0.1:5060 --number 7100 \\
-        --record heard.wav [--max 60] [--log FILE]
+        --record heard.wav [--max 60] [--log FILE] [--user FROM_USER]
 
 Calls the number, records everything the far end sends into `--record`
 (8 kHz, from the moment the audio is up) and sends silence. Commands on
@@ -85,12 +85,13 @@ def main(argv=None) -> int:
     ap.add_argument("--record", required=True)
     ap.add_argument("--max", type=float, default=60.0)
     ap.add_argument("--log")
+    ap.add_argument("--user", default="pjsip", help="the user part of our From URI")
     args = ap.parse_args(argv)
     if not args.engine.startswith("127.0.0.1:"):
         ap.error("the engine must be on 127.0.0.1")
     result: dict = {}
     code = 0
-    peer = MediaPeer(("udp",), log_file=args.log)
+    peer = MediaPeer(("udp",), log_file=args.log, user=args.user)
     try:
         with peer:
             result.update(run(peer, args))

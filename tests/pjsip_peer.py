@@ -139,8 +139,9 @@ class PjsipPeer:
     endpoint_class = pj.Endpoint   # subclasses may adjust settings on their way into libInit
 
     def __init__(self, transports=("udp",), max_calls: int = 4, log_file: str | None = None,
-                 log_level: int = 4):
+                 log_level: int = 4, user: str = "pjsip"):
         self.transports = tuple(transports)
+        self.user = user          # the user part of the account's URI (our From)
         self.max_calls = max_calls
         # Always logged (with SIP messages): the log is how responses that
         # arrive after a call's end, like the 200 to our BYE, are seen.
@@ -188,7 +189,7 @@ class PjsipPeer:
         ep.audDevManager().setNullDev()
         prefer_g711(ep)
 
-        acfg = loopback_account_config(f"sip:pjsip@{HOST}:{self.sip_port}", HOST)
+        acfg = loopback_account_config(f"sip:{self.user}@{HOST}:{self.sip_port}", HOST)
         self.acc = pj.Account()
         self.acc.create(acfg)
 

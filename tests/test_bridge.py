@@ -86,6 +86,7 @@ async def test_trunk_with_digest_ringback_and_bridge():
     raw["trunks"] = {"pstn": {"proxy": f"127.0.0.1:{far.port}", "username": "acme",
                               "password": "s3cret", "prefix": "00", "domain": "trunk.test"}}
     raw["accounts"]["demo"]["numbers"]["1003"] = {"endpoint": "+15551234", "trunk": "pstn"}
+    raw["accounts"]["demo"]["outbound"] = {"trunks": ["pstn"], "allow": ["+1"]}
     try:
         async with running_engine(raw) as eng:
             caller = Caller(eng, "1003")

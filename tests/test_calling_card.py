@@ -18,8 +18,8 @@ import time
 import pytest
 
 from engine.config.load import ConfigError, from_dict
-from engine.modules.services.calling_card import (CallingCardModule, LockoutBook, caller_key,
-                                                  spoken_money, spoken_time)
+from engine.modules.services.calling_card import (CallingCardModule, LockoutBook, backoff,
+                                                  caller_key, spoken_money, spoken_time)
 from tests.test_prepaid import (Caller, Watcher, drain, loudness, media_config, needs_peers,
                                 run_bill, wait_for_policy)
 
@@ -107,6 +107,11 @@ def card_app(**params) -> dict:
     ({"lockout_window": 0}, "params.lockout_window"),
     ({"lockout_seconds": "10"}, "params.lockout_seconds"),
     ({"lockout_text": ""}, "params.lockout_text"),
+    ({"pins": {"123": "card-1"}}, "params.pins.123"),           # pin_min is 4 by default
+    ({"pins": {"12345": "card-1"}, "pin_min": 6}, "params.pins.12345"),
+    ({"guess_budget": -1}, "params.guess_budget"),
+    ({"backoff_seconds": 0}, "params.backoff_seconds"),
+    ({"backoff_seconds": 30, "backoff_max": 10}, "params.backoff_seconds"),
     ({"colour": "red"}, "params.colour"),
 ])
 def test_params_are_checked_at_load(params, key):
@@ -120,6 +125,8 @@ def test_good_params_load_and_a_trunk_takes_bare_digits():
                        warning_text="Soon.", max_attempts=2))
     from_dict(card_app(lockout_after=0))                  # no lockout across calls
     from_dict(card_app(lockout_after=4, lockout_window=600, lockout_seconds=1800))
+    from_dict(card_app(pins={"123": "card-1"}, pin_min=3, guess_budget=50, backoff_seconds=1,
+                       backoff_max=120))
     CallingCardModule.check_params({})
 
 
@@ -150,7 +157,7 @@ def test_callers_are_counted_by_the_from_user():
 def test_wrong_pins_lock_a_caller_within_a_sliding_window(tmp_path):
     path = str(tmp_path / "services" / "calling_card.db")
     book = LockoutBook(path)
-    bob, card = "caller:1555", "card:card-1"
+    bob, card = "caller:1555", "caller:1666"
     try:
         # Two wrong PINs 70 s apart with a 60 s window: never two in the window.
         assert book.fail(bob, 1000.0, 2, 60, 30) == 0
@@ -160,16 +167,12 @@ def test_wrong_pins_lock_a_caller_within_a_sliding_window(tmp_path):
         assert book.fail(bob, 1100.0, 2, 60, 30) == 30
         assert book.locked([bob, card], 1110.0) == {bob: 20.0}
         assert book.locked(["caller:other"], 1110.0) == {}
-        # A card lock, and a shorter one later does not shorten it.
-        book.lock(card, 1110.0, 30)
-        book.lock(card, 1115.0, 5)
+        # Another caller's lock is its own.
+        assert book.fail(card, 1110.0, 1, 60, 30) == 30
         assert book.locked([bob, card], 1125.0) == {bob: 5.0, card: 15.0}
         # The lock ends; the count started again at the lock, so one wrong PIN is not enough.
         assert book.locked([bob, card], 1141.0) == {}
         assert book.fail(bob, 1141.0, 2, 60, 30) == 0
-        # The right PIN forgets the wrong ones before it.
-        book.clear(bob)
-        assert book.fail(bob, 1142.0, 2, 60, 30) == 0
         assert book.fail(bob, 1143.0, 2, 60, 30) == 30
     finally:
         book.close()
@@ -182,20 +185,43 @@ def test_wrong_pins_lock_a_caller_within_a_sliding_window(tmp_path):
         book.close()
 
 
+def test_wrong_pins_at_a_node_back_off_every_caller_past_the_budget(tmp_path):
+    # No wait within the budget, then the first back-off doubled per wrong PIN, capped.
+    assert [backoff(n, 3, 2, 60) for n in range(2, 10)] == [0, 2, 4, 8, 16, 32, 60, 60]
+    assert backoff(10 ** 6, 3, 2, 60) == 60
+    assert backoff(100, 0, 2, 60) == 0                       # guess_budget = 0: none
+    book = LockoutBook(str(tmp_path / "c.db"))
+    pool = "cards:card/card"
+    try:
+        # Wrong PINs from many callers all count against the node's cards; none
+        # of those callers is locked (one wrong PIN each).
+        for i in range(4):
+            assert book.guess(f"caller:{i}", pool, 1000.0 + i, 2, 60, 30) == 0
+        assert book.check("caller:new", pool, 1004.0, 60) == ({}, 4)
+        # The window slides; a note counts for the node only.
+        book.note(pool, 1005.0)
+        assert book.check("caller:0", pool, 1061.5, 60) == ({}, 3)
+        # The second wrong PIN from one caller locks that caller (not the node).
+        assert book.guess("caller:3", pool, 1062.0, 2, 60, 30) == 30
+        assert book.check("caller:3", pool, 1062.0, 60) == ({"caller:3": 30.0}, 3)
+    finally:
+        book.close()
+
+
 def test_the_lockout_book_stays_bounded(tmp_path):
     book = LockoutBook(str(tmp_path / "c.db"), max_rows=50)
     try:
         for i in range(LockoutBook.PRUNE_EVERY * 4):
             book.fail(f"caller:{i}", 1000.0 + i, 100, 60, 30)
-            book.lock(f"card:{i}", 1000.0 + i, 1)
+            book.fail(f"caller:x{i}", 1000.0 + i, 1, 60, 1)
         db = book._db
         # Failures older than the longest window and ended locks go, and never
         # more than max_rows of either are kept.
         kept = db.execute("SELECT COUNT(*) FROM failures").fetchone()[0]
         assert kept <= 50 + 2 * book.PRUNE_EVERY
+        newest = db.execute("SELECT MAX(at) FROM failures").fetchone()[0]
         assert db.execute("SELECT COUNT(*) FROM locks").fetchone()[0] <= 2
         # What is kept is the newest.
-        newest = db.execute("SELECT MAX(at) FROM failures").fetchone()[0]
         assert newest == 1000.0 + LockoutBook.PRUNE_EVERY * 4 - 1
     finally:
         book.close()
@@ -351,6 +377,9 @@ max_attempts = 1
 lockout_after = 2
 lockout_window = 600
 lockout_seconds = {lock}
+guess_budget = {budget}
+backoff_seconds = 1
+backoff_max = 2
 timeout = 10
 
 [accounts.op]
@@ -364,11 +393,11 @@ api_tokens = ["{card}"]
 LOCK_SECONDS = 15
 
 
-def _card_call(port: int, tmp: str, n: int, pin: str, op, until) -> tuple:
-    """One call to the card: the PIN keyed after its prompt, then the step
-    `until` accepts; (the watcher's index, detail, wall time)."""
+def _card_call(port: int, tmp: str, n: int, pin: str, op, until, user: str = "pjsip") -> tuple:
+    """One call to the card from `user` (the From user): the PIN keyed after its
+    prompt, then the step `until` accepts; (the watcher's index, detail, wall time)."""
     start = len(op.events)
-    caller = Caller(port, "7100", os.path.join(tmp, f"call{n}.wav"), max_seconds=40)
+    caller = Caller(port, "7100", os.path.join(tmp, f"call{n}.wav"), max_seconds=40, user=user)
     caller.wait("confirmed")
     i, *_ = op.wait(step("pin"), after=start)
     caller.send(f"dtmf {pin}#")
@@ -376,19 +405,25 @@ def _card_call(port: int, tmp: str, n: int, pin: str, op, until) -> tuple:
     return caller, i, detail, wall
 
 
-@needs_peers
-def test_wrong_pins_across_calls_lock_the_caller_out_even_after_a_restart():
-    """Two calls with a wrong PIN lock the caller (From user) out: the third,
-    after an engine restart, is refused with the right PIN, which locks the
-    card too; once the lockout is over the right PIN works again."""
-    pytest.importorskip("pjsua2")
-    from tests.helpers import EngineProcess
-
-    tmp = tempfile.mkdtemp(prefix="baton-card-lock-")
+def _lockout_config(prefix: str, budget: int) -> tuple[str, str]:
+    """A temporary directory and the LOCKOUT_TOML config written in it."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
     config = os.path.join(tmp, "card.toml")
     with open(config, "w") as f:
         f.write(media_config() + LOCKOUT_TOML.format(op=OP_TOKEN, card=CARD_TOKEN,
-                                                     lock=LOCK_SECONDS))
+                                                     lock=LOCK_SECONDS, budget=budget))
+    return tmp, config
+
+
+@needs_peers
+def test_wrong_pins_across_calls_lock_the_caller_out_even_after_a_restart():
+    """Two calls with a wrong PIN lock the caller (From user) out: the third,
+    after an engine restart, is refused with the right PIN; the card is not
+    locked, so its owner (another From) enters the right PIN and is in."""
+    pytest.importorskip("pjsua2")
+    from tests.helpers import EngineProcess
+
+    tmp, config = _lockout_config("baton-card-lock-", budget=10)
     # No accountant: nothing here is billed, and the restart is quicker (the
     # third call must come within LOCK_SECONDS of the second).
     eng = EngineProcess(config, extra=["--no-accountant"])
@@ -417,18 +452,17 @@ def test_wrong_pins_across_calls_lock_the_caller_out_even_after_a_restart():
         c, i, out, _ = _card_call(again.port, tmp, 3, "4321", op,
                                   lambda i: op.wait(step("lockout"), after=i))
         assert 0 < out["seconds_left"] < LOCK_SECONDS
-        # A locked-out caller found a PIN: its card is locked too.
-        _, _, locked, locked_at = op.wait(step("card-locked"))
-        assert locked["account"] == "card-1001"
         c.wait("disconnected")
         c.finish()
         # The call left through `locked` (unwired: ended) and never became the card's.
         op.wait(lambda k, d: k == "ended" and d.get("reason") == "outlet:locked", after=i)
+        # The guesser's right PIN locked no card: its owner, calling now, is in.
+        assert not [e for e in op.events if e[1].get("step") == "card-locked"]
         card = Watcher(again.grpc_port, CARD_TOKEN)
-        # After the lockout (the card's, the later one) the right PIN works again.
-        time.sleep(max(0.0, locked_at + LOCK_SECONDS + 0.5 - time.time()))
-        c, i, _, _ = _card_call(again.port, tmp, 4, "4321", op,
-                                lambda i: card.wait(step("authenticated")))
+        c, i, auth, _ = _card_call(again.port, tmp, 4, "4321", op,
+                                   lambda i: card.wait(step("authenticated")), user="owner")
+        assert auth["account"] == "card-1001"
+        assert not [e for e in op.events if e[1].get("step") == "backoff"]
         c.send("hangup")
         c.wait("disconnected")
         c.finish()
@@ -436,3 +470,53 @@ def test_wrong_pins_across_calls_lock_the_caller_out_even_after_a_restart():
         card.close()
         assert again.stop(timeout=20) == 0
     assert "Traceback" not in again.output(), again.output()
+
+
+@needs_peers
+def test_guesses_from_many_callers_back_off_the_card_but_not_its_owner():
+    """Wrong PINs from three callers (one each, none locked out) use up the
+    node's budget of 3: the next caller, a From never seen, waits before its PIN
+    is checked and its wrong PIN ends the call; the card's owner (a new From
+    too) waits longer, and its right PIN is accepted."""
+    pytest.importorskip("pjsua2")
+    from tests.helpers import EngineProcess
+
+    tmp, config = _lockout_config("baton-card-guess-", budget=3)
+    eng = EngineProcess(config, extra=["--no-accountant"])
+    with eng:
+        op = Watcher(eng.grpc_port, OP_TOKEN)
+        card = Watcher(eng.grpc_port, CARD_TOKEN)
+
+        def steps(after):
+            return [e[1]["step"] for e in op.events[after:] if e[0] == "calling_card.step"]
+
+        for n, user in enumerate(("1001", "1002", "1003"), 1):
+            start = len(op.events)
+            c, i, _, _ = _card_call(eng.port, tmp, n, f"{n}{n}{n}{n}", op,
+                                    lambda i: op.wait(step("locked"), after=i), user=user)
+            c.wait("disconnected")
+            c.finish()
+            assert steps(start) == ["pin", "pin-invalid", "locked"], steps(start)
+        # The budget is spent: a fresh From backs off (1 s), then its wrong PIN ends the call.
+        start = len(op.events)
+        c, i, back, _ = _card_call(eng.port, tmp, 4, "5555", op,
+                                   lambda i: op.wait(step("backoff"), after=i), user="1004")
+        assert back == {"step": "backoff", "seconds": 1.0, "guesses": 3}
+        op.wait(step("locked"), after=i)
+        c.wait("disconnected")
+        c.finish()
+        assert steps(start) == ["pin", "backoff", "pin-invalid", "locked"], steps(start)
+        # The owner: a longer back-off (one more guess), then the right PIN is accepted.
+        start = len(op.events)
+        c, i, back, _ = _card_call(eng.port, tmp, 5, "4321", op,
+                                   lambda i: op.wait(step("backoff"), after=i), user="owner")
+        assert back == {"step": "backoff", "seconds": 2.0, "guesses": 4}
+        _, _, auth, _ = card.wait(step("authenticated"))
+        assert auth["account"] == "card-1001"
+        c.send("hangup")
+        c.wait("disconnected")
+        c.finish()
+        op.close()
+        card.close()
+        assert eng.stop(timeout=20) == 0
+    assert "Traceback" not in eng.output(), eng.output()

@@ -13,7 +13,8 @@ import pytest
 pytest.importorskip("ext.rtp", reason="ext.rtp is not built (make build)")
 
 from tests.vendor_procs.harness import (SECRET_A, SECRET_B, RawVendor, bearer,  # noqa: E402
-                                        control_config, target, wait_until, with_app)
+                                        control_config, taken_call, target, wait_until,
+                                        with_app)
 
 import grpc  # noqa: E402
 
@@ -209,20 +210,7 @@ async def test_command_ids_are_idempotent():
 
 async def test_invalid_arguments_name_the_field():
     async with running_engine(control_config()) as eng:
-        v = VendorClient(target(eng), "acme.survey", SECRET_A)
-        calls = []
-
-        @v.on_offer
-        async def on(offer):
-            calls.append(await offer.take())
-
-        await v.start()
-        caller = Caller(eng, "4000")
-        dial = asyncio.ensure_future(caller.dial())
-        await wait_until(lambda: calls)
-        call = calls[0]
-        await call.answer()
-        await dial
+        v, call, caller = await taken_call(eng)
         cases = [
             (call.play(""), "play.url"),
             (call.play("ftp://127.0.0.1/hello.wav"), "play.url"),

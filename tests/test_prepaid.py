@@ -203,12 +203,13 @@ def drain(data_dir: str, config: str) -> None:
 class Caller:
     """tests/pjsip_caller.py in a child process: commands in, EVENT lines out."""
 
-    def __init__(self, port: int, number: str, record: str, max_seconds: float = 60):
+    def __init__(self, port: int, number: str, record: str, max_seconds: float = 60,
+                 user: str = "pjsip"):
         self.record = record
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "tests", "pjsip_caller.py"), "--engine",
              f"127.0.0.1:{port}", "--number", number, "--record", record,
-             "--max", str(max_seconds)],
+             "--max", str(max_seconds), "--user", user],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             cwd=ROOT)
         self.events: queue.Queue = queue.Queue()

@@ -11,6 +11,15 @@ committed state, so every record is accounted exactly once. With
 `billing.pipeline = true` a second thread commits each batch while the next
 one is rated; the ring is still released only after each commit.
 
+One accountant at a time: before it loads any state, the accountant takes
+the lock `DATA/ring/accountant.lock` (engine/accounting/lock.py), waiting
+for it if another accountant holds it, and then takes the ledger over with a
+fencing token (`Ledger.acquire_fence`) that every one of its posts carries:
+a post from an accountant that was taken over is refused, and that
+accountant stops. Started by `baton serve` (`--parent-pid`), it stops
+within a few tens of milliseconds of its engine's death (even by kill -9),
+leaving the ring to the next engine's accountant.
+
 It also writes `DATA/policy.json` (atomically, every `billing.policy_interval`
 seconds) for the engine's policy hook: per account the balance and funds
 left, whether subscription periods are paid, bans and caps reached.
@@ -39,13 +48,15 @@ import msgpack
 
 from engine.accounting.config import BillingConfig, BillingConfigError
 from engine.accounting.invoices import FORMATS, invoice, payouts, render
-from engine.accounting.ledger import Ledger, LedgerError, Line, PostgresLedger, open_ledger
+from engine.accounting.ledger import Ledger, LedgerError, LedgerFenced, Line, PostgresLedger, open_ledger
+from engine.accounting.lock import AccountantLock, lock_holder, lock_path
 from engine.accounting.meter import Meter, OpenSession
 from engine.accounting.money import format_money
 from engine.accounting.rater import Rater
 from engine.common import clock
 
-__all__ = ["Accountant", "main", "bill_main", "ring_path", "policy_path", "tune_gc"]
+__all__ = ["Accountant", "AccountantBusy", "main", "bill_main", "ring_path", "policy_path",
+           "tune_gc"]
 
 log = logging.getLogger("baton.accountant")
 
@@ -53,6 +64,11 @@ _SEP = "\x1f"
 
 
 STOP_DRAIN_SECONDS = 10.0   # at most this long draining the ring when asked to stop
+PR_SET_PDEATHSIG = 1
+
+
+class AccountantBusy(LedgerError):
+    """Another accountant holds the ring's accountant lock."""
 
 
 def ring_path(data_dir: str) -> str:
@@ -63,6 +79,18 @@ def ring_path(data_dir: str) -> str:
 def policy_path(data_dir: str) -> str:
     """Where the accountant writes the policy snapshot."""
     return os.path.join(data_dir, "policy.json")
+
+
+def _on_parent_death(handler) -> None:
+    """Have the kernel send SIGUSR1 to this process when its parent dies, and
+    call `handler` for it (Linux; elsewhere the getppid() checks remain)."""
+    signal.signal(signal.SIGUSR1, handler)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR1))
+    except (OSError, AttributeError):
+        pass
 
 
 def tune_gc() -> None:
@@ -102,7 +130,8 @@ class _Committer:
     failed one.
     """
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, fence: int | None = None) -> None:
+        self.fence = fence
         # SQLite posts through a writer process (ledger.LedgerWriter): the thread
         # then only waits for it, and binding and writing run on another core.
         self.ledger = ledger.poster()
@@ -131,7 +160,7 @@ class _Committer:
                 continue
             try:
                 item.posted = self.ledger.post(item.lines, position=item.position,
-                                               state=item.state, checked=True)
+                                               state=item.state, checked=True, fence=self.fence)
                 self.results.put(("ok", item, None))
             except BaseException as exc:  # handed to the main thread, which re-raises
                 failed = True
@@ -164,18 +193,38 @@ class Accountant:
     engine's whole TOML config as a dict (only its billing sections are read);
     `store_url` defaults to `billing.store`, else SQLite at
     `DATA/accounting/ledger.db`.
+
+    It first takes the ring's accountant lock, waiting at most `lock_wait`
+    seconds (None: until `give_up()` says so) and raising AccountantBusy
+    without it; only then does it open the ledger, take its fencing token
+    (`self.fence`) and load the committed state.
     """
 
     def __init__(self, data_dir: str, config: dict[str, Any] | None = None,
                  store_url: str | None = None, *, ring: str | None = None,
-                 pipeline: bool | None = None) -> None:
+                 pipeline: bool | None = None, lock_wait: float | None = 0.0,
+                 give_up=None) -> None:
         self.data_dir = os.path.abspath(data_dir)
         self.book = BillingConfig.from_dict(config or {})
         self.ring_path = ring or ring_path(self.data_dir)
-        self.ledger: Ledger = open_ledger(store_url or self.book.store, self.data_dir)
+        self.lock = AccountantLock(lock_path(self.ring_path))
+        if not self.lock.try_acquire():
+            log.info("waiting for the accountant lock %s (held by pid %s)", self.lock.path,
+                     lock_holder(self.lock.path))
+            if not self.lock.acquire(lock_wait, give_up):
+                self.lock.close()
+                raise AccountantBusy(f"another accountant (pid {lock_holder(self.lock.path)}) "
+                                     f"drains this ring (lock {self.lock.path})")
+        try:
+            self.ledger: Ledger = open_ledger(store_url or self.book.store, self.data_dir)
+        except BaseException:
+            self.lock.close()
+            raise
         if isinstance(self.ledger, PostgresLedger) and not self.ledger.try_lock_writer():
             self.ledger.close()
+            self.lock.close()
             raise LedgerError("another accountant is writing to this PostgreSQL ledger")
+        self.fence = self.ledger.acquire_fence()
         self.batch_records = self.book.batch_records
         self.batch_seconds = self.book.batch_ms / 1000.0
         self.reader = None
@@ -192,6 +241,8 @@ class Accountant:
         self._stop = threading.Event()
         self._signalled = False
         self.parent_pid: int | None = None  # stop when this process is no longer our parent
+        self.gone = False                   # the engine died: stop without draining
+        self.fenced = False                 # another accountant took the ledger over
         self._last_policy = 0.0
         self.calls: queue.SimpleQueue = queue.SimpleQueue()  # work other threads hand the loop
         self.looping = False             # run_forever runs `calls` between batches
@@ -199,7 +250,7 @@ class Accountant:
         self._restore()
         if pipeline is None:
             pipeline = self.book.pipeline
-        self._committer = _Committer(self.ledger) if pipeline else None
+        self._committer = _Committer(self.ledger, self.fence) if pipeline else None
 
     # -- state ---------------------------------------------------------------
     def _restore(self) -> None:
@@ -221,6 +272,9 @@ class Accountant:
             per = self.charges.setdefault(r["account"], {}).setdefault(r["currency"], [0, {}])
             per[0] += int(r["amount"])
             per[1][r["period"]] = per[1].get(r["period"], 0) + int(r["amount"])
+        # account -> (commit wall seconds, micro-units) of the last hour's charges, for
+        # the engine's `max_spend_per_hour` (counted from this process's start).
+        self.recent: dict[str, collections.deque] = {}
 
     def _state_delta(self) -> dict[tuple[str, str], bytes | None]:
         delta: dict[tuple[str, str], bytes | None] = {}
@@ -287,7 +341,7 @@ class Accountant:
         if self._committer is None:
             try:
                 batch.posted = self.ledger.post(lines, position=batch.position, state=batch.state,
-                                                checked=True)
+                                                checked=True, fence=self.fence)
             except Exception:
                 self._reset()
                 raise
@@ -318,6 +372,9 @@ class Accountant:
                 cur = per[currency] = [0, {}]
             cur[0] += amount
             cur[1][period] = cur[1].get(period, 0) + amount
+            if amount and currency == self.book.account(account).currency:
+                self.recent.setdefault(account, collections.deque()).append(
+                    (self.last_commit, amount))
 
     def _reap(self, block: bool) -> None:
         """Take the committer's results: release what is committed; on a
@@ -403,7 +460,7 @@ class Accountant:
         events = self.meter.close_stale(node, at_mono_ns)
         lines: list[Line] = []
         self.rater.rate(events, lines)
-        self.ledger.post(lines, state=self._state_delta())
+        self.ledger.post(lines, state=self._state_delta(), fence=self.fence)
         return sum(1 for e in events if e.__class__.__name__ == "SessionEnd")
 
     def stop(self) -> None:
@@ -413,11 +470,32 @@ class Accountant:
     def _on_signal(self, *_args) -> None:
         self._signalled = True
 
+    def _on_engine_death(self, *_args) -> None:
+        self.gone = True
+
+    def engine_gone(self) -> bool:
+        """Whether the engine that started this accountant (`parent_pid`) has died
+        (its death signal arrived, or this process was handed to another parent)."""
+        if not self.gone and self.parent_pid is not None and os.getppid() != self.parent_pid:
+            self.gone = True
+        return self.gone
+
+    def watch_parent(self, pid: int | None) -> None:
+        """Stop when process `pid`, this one's parent, dies: the kernel sends
+        SIGUSR1 at its death (Linux PR_SET_PDEATHSIG) and the loop also compares
+        getppid() with it at every turn; both end the loop within a batch."""
+        self.parent_pid = pid
+        if pid is None:
+            return
+        if threading.current_thread() is threading.main_thread():
+            _on_parent_death(self._on_engine_death)
+        self.engine_gone()          # it may have died before the signal was armed
+
     def _pause(self, seconds: float) -> None:
-        """Sleep, waking early for stop() or a signal (time.sleep, not Event.wait:
-        see run_forever)."""
+        """Sleep, waking early for stop(), a signal or the engine's death
+        (time.sleep, not Event.wait: see run_forever)."""
         end = time.monotonic() + seconds
-        while not self._signalled and not self._stop.is_set():
+        while not self._signalled and not self._stop.is_set() and not self.engine_gone():
             self.run_calls()
             left = end - time.monotonic()
             if left <= 0:
@@ -437,10 +515,18 @@ class Accountant:
         backoff = 0.0
         self.looping = True
         while not self._stop.is_set() and not self._signalled:
+            if self.engine_gone():
+                # The engine that started us is gone (even by kill -9): stop after
+                # the committed batches; the next engine's accountant drains the rest.
+                log.info("engine %d is gone: stopping", self.parent_pid)
+                break
             self.run_calls()
             try:
                 n = self.step()
                 backoff = 0.0
+            except LedgerFenced as exc:
+                self._fenced_off(exc)
+                break
             except Exception:
                 log.exception("accounting batch failed; retrying from the committed position")
                 backoff = min(5.0, backoff * 2 or 0.1)
@@ -449,11 +535,6 @@ class Accountant:
             now = time.monotonic()
             if now - self._last_policy >= self.book.policy_interval:
                 self._last_policy = now
-                if self.parent_pid is not None and os.getppid() != self.parent_pid:
-                    # The engine that started us is gone (even by kill -9): stop after
-                    # this committed batch; the ring keeps whatever is still unread.
-                    log.info("engine %d is gone: stopping", self.parent_pid)
-                    self._stop.set()
                 try:
                     self.write_policy()
                 except OSError:
@@ -461,10 +542,18 @@ class Accountant:
             if not n:
                 try:
                     self._settle()
+                except LedgerFenced as exc:
+                    self._fenced_off(exc)
+                    break
                 except Exception:
                     log.exception("accounting batch failed; retrying from the committed position")
                 self._pause(idle_sleep)
         self.looping = False
+        if self.fenced or self.gone:
+            # Nothing more of ours may reach the ledger or the policy file: another
+            # accountant owns them (or will, once the engine is back).
+            self._settle(raise_errors=False)
+            return
         try:
             # A stop first drains what the ring holds now: `baton serve` asks only after
             # the engine's last stamp, so its invoices are whole when it has exited. The
@@ -480,6 +569,11 @@ class Accountant:
             self._settle()
         finally:
             self.write_policy()
+
+    def _fenced_off(self, exc: LedgerFenced) -> None:
+        # The refused batches stay in the ring, for the accountant that owns it now.
+        log.error("stopping: %s", exc)
+        self.fenced = True
 
     def run_calls(self) -> None:
         """Run what other threads handed to this loop (the Billing service,
@@ -514,15 +608,21 @@ class Accountant:
         limited = {a for a, acc in self.book.accounts.items()
                    if acc.prepaid_balance is not None or acc.credit_limit is not None}
         of = self.rater.clock.of
+        unposted: dict[str, int] = {}
         for o in self.meter:
+            cost = self.rater.running_cost(o, now_mono) - o.charged
+            unposted[o.account] = unposted.get(o.account, 0) + cost
             if o.account in limited:
                 # A postpaid balance is this period's invoice so far: a live segment
                 # belongs to the period it began in (docs/billing.md), as its line will.
                 acc = self.book.account(o.account)
                 if acc.prepaid_balance is None and of(o.seg_wall or wall) != period:
                     continue
-                live[o.account] = live.get(o.account, 0) + \
-                    self.rater.running_cost(o, now_mono) - o.charged
+                live[o.account] = live.get(o.account, 0) + cost
+        hour_ago = wall / 1e9 - 3600
+        for recent in self.recent.values():
+            while recent and recent[0][0] < hour_ago:
+                recent.popleft()
         caps = self.rater.caps(period)
         accounts: dict[str, Any] = {}
         for acc_id in sorted(set(self.book.accounts) | set(self.charges)):
@@ -558,6 +658,10 @@ class Accountant:
                 "caps_reached": sorted(t for t, c in acc_caps.items() if c["reached"]),
                 "deny": deny,
                 "live_sessions_cost_micro": running,
+                # What the last hour cost: charges committed since, and live sessions'
+                # unposted costs (the engine's max_spend_per_hour).
+                "spend_last_hour_micro": sum(a for _, a in self.recent.get(acc_id, ())) +
+                unposted.get(acc_id, 0),
             }
         return {"generated_wall_ns": wall, "period": period, "node": self.node,
                 "position": self.reader.position if self.reader is not None else None,
@@ -588,7 +692,7 @@ class Accountant:
     def close(self) -> None:
         """Commit what is in flight, then close the ring reader and the ledger."""
         try:
-            self._settle()
+            self._settle(raise_errors=not (self.fenced or self.gone))
         finally:
             if self._committer is not None:
                 self._committer.stop()
@@ -597,6 +701,7 @@ class Accountant:
             self.reader.close()
             self.reader = None
         self.ledger.close()
+        self.lock.close()
 
     def __enter__(self) -> Accountant:
         return self
@@ -640,14 +745,41 @@ def main(argv: list[str] | None = None) -> int:
     from engine.common.logs import setup as setup_logs
 
     setup_logs(args.log_level, args.log_format or "text")
+    # While it waits for the accountant lock, a stop or the engine's death ends the wait.
+    stopping: list[int] = []
+
+    def stop_waiting(signum, _frame) -> None:
+        stopping.append(signum)
+
+    if not args.once:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stop_waiting)
+    parent = args.parent_pid
+    if parent is not None:
+        _on_parent_death(stop_waiting)
+
+    def give_up() -> bool:
+        return bool(stopping) or (parent is not None and os.getppid() != parent)
+
     try:
         raw = _load_config(args.config)
-        acct = Accountant(_data_dir(args, raw), raw, args.store)
+        # --once never waits: it is for when no other accountant runs.
+        acct = Accountant(_data_dir(args, raw), raw, args.store,
+                          lock_wait=0.0 if args.once else None, give_up=give_up)
+    except AccountantBusy as exc:
+        if give_up():
+            log.info("stopped while waiting for the accountant lock")
+            return 0
+        print(f"baton accountant: {exc}", file=sys.stderr)
+        return 2
     except (OSError, tomllib.TOMLDecodeError, BillingConfigError, LedgerError) as exc:
         print(f"baton accountant: {exc}", file=sys.stderr)
         return 2
+    log.info("holding the accountant lock %s, fencing token %d", acct.lock.path, acct.fence)
     tune_gc()
-    acct.parent_pid = args.parent_pid
+    acct.watch_parent(parent)
+    if any(sig != signal.SIGUSR1 for sig in stopping):
+        acct.stop()                    # asked to stop while it was starting
     service = None
     metrics_addr = args.metrics_addr or raw.get("engine", {}).get("accountant_metrics_addr")
     stop_metrics = None
@@ -671,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("accountant running on %s", acct.data_dir)
             acct.run_forever()
         log.info("accountant stopped: %s", json.dumps(acct.stats()))
+        if acct.fenced:
+            return 3
     finally:
         if service is not None:
             service.stop()

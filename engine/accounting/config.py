@@ -16,12 +16,12 @@ from typing import Any
 from engine.accounting.money import MoneyError, check_currency, parse_money, parse_ratio
 from engine.accounting.plans import FREE, FREE_ACTION, PlanError, SubscriptionPlan, UsagePlan, parse_plans
 from engine.common import clock
+from engine.common.levels import LEVELS
 
 __all__ = ["BillingConfig", "BillingConfigError", "AccountBilling", "Vendor", "PeriodClock",
            "ACTIONS", "LEVELS"]
 
 ACTIONS = ("api_call", "message", "tts_characters", "recording_seconds")
-LEVELS = ("basic", "application", "service")
 PLATFORM = ""   # the vendor name of the platform's own (baton.*) modules
 
 _BILLING_KEYS = {
@@ -40,7 +40,7 @@ _BILLING_KEYS = {
 }
 _ACCOUNT_KEYS = ("plans", "prepaid_balance", "credit_limit", "paid_periods", "banned")
 _VENDOR_KEYS = ("name", "revenue_share", "modules", "plans",
-                "secret", "offer_timeout")  # the last two are the control API's
+                "secret", "offer_timeout", "outbound")  # the last three are the engine's
 
 
 class BillingConfigError(ValueError):

@@ -46,8 +46,8 @@ import msgpack
 from engine.common import clock
 from engine.accounting.money import round_half_up
 
-__all__ = ["Line", "Ledger", "SqliteLedger", "PostgresLedger", "LedgerError", "open_ledger",
-           "TXN_COLUMNS", "ENTRY_COLUMNS", "split_share"]
+__all__ = ["Line", "Ledger", "SqliteLedger", "PostgresLedger", "LedgerError", "LedgerFenced",
+           "open_ledger", "TXN_COLUMNS", "ENTRY_COLUMNS", "split_share"]
 
 TXN_COLUMNS = ("id", "key", "kind", "node", "seq", "session", "account", "module", "item", "level",
                "period", "wall_ns", "usage", "quantity", "unit", "plan", "unit_price", "amount",
@@ -63,6 +63,11 @@ _PG_LOCK = 0x6261746f6e   # advisory lock id serialising ledger writers ("baton"
 
 class LedgerError(Exception):
     """A ledger operation that cannot be done (bad correction, broken invariant...)."""
+
+
+class LedgerFenced(LedgerError):
+    """A post from a writer whose fencing token is no longer the ledger's: another
+    accountant took the ledger over since (see `Ledger.acquire_fence`)."""
 
 
 def split_share(amount: int, share: Fraction) -> int:
@@ -176,6 +181,7 @@ NO_PRICE = -1    # unit_price of a class whose lines have none (a key column is 
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS fence (name TEXT PRIMARY KEY, generation BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS classes (
     id {id_type} PRIMARY KEY,
     node TEXT NOT NULL,
@@ -332,6 +338,8 @@ _CLASS_CACHE_MAX = 100_000
 # A Line's class (the CLASS_COLUMNS) and its txns row but the class id.
 _class_key = operator.itemgetter(2, 5, 9, 17, 18, 6, 7, 14, 13, 15, 8)
 _row_body = operator.itemgetter(0, 1, 3, 4, 10, 11, 12, 16, 19, 20, 21)
+FENCE = "accountant"      # the fence row of the accountant writing the ledger
+_CHECK_FENCE = "SELECT generation FROM fence WHERE name = ?"
 _UPSERT_POSITION = ("INSERT INTO positions (node, seq, updated_ns) VALUES (?, ?, ?) "
                     "ON CONFLICT (node) DO UPDATE SET seq = excluded.seq, "
                     "updated_ns = excluded.updated_ns")
@@ -341,6 +349,7 @@ class Ledger:
     """The interface both backends implement (same SQL, different drivers)."""
 
     url: str
+    _FOR_UPDATE = ""     # PostgreSQL locks the fence row it reads
 
     # -- driver hooks ---------------------------------------------------------
     def _tx(self) -> contextlib.AbstractContextManager:
@@ -382,13 +391,16 @@ class Ledger:
     # -- writing --------------------------------------------------------------
     def post(self, lines: Iterable[Line], *, position: tuple[str, int] | None = None,
              state: Mapping[tuple[str, str], bytes | None] | None = None,
-             checked: bool = False) -> int:
+             checked: bool = False, fence: int | None = None) -> int:
         """Post lines as transactions, with the reader's ring position and the
         caller's working state (None values delete), in one database
         transaction. Lines whose key is already in the ledger are skipped.
         `checked=True` skips re-validating lines the rater built (amounts
-        within bounds, keys unique within the batch). Returns the number of
-        transactions posted."""
+        within bounds, keys unique within the batch). With `fence` (a token
+        from `acquire_fence`), the same transaction first checks that the
+        token is still the ledger's, and raises LedgerFenced (posting
+        nothing) if another writer has taken the ledger since. Returns the
+        number of transactions posted."""
         if checked:
             todo = lines if isinstance(lines, list) else list(lines)
         else:
@@ -401,6 +413,7 @@ class Ledger:
         with self._lock:
             try:
                 with self._tx():
+                    self._check_fence(fence)
                     return self._post(todo, position, state, False)
             except Exception as exc:
                 self._classes.clear()          # it may hold classes of the rolled-back batch
@@ -410,10 +423,39 @@ class Ledger:
             # post the rest with the same position and state.
             try:
                 with self._tx():
+                    self._check_fence(fence)
                     return self._post(todo, position, state, True)
             except Exception:
                 self._classes.clear()
                 raise
+
+    # -- fencing ------------------------------------------------------------------
+    def acquire_fence(self) -> int:
+        """Take the ledger over as its one writing accountant: increment the fence's
+        generation and return it, the token to `post(..., fence=token)` with. Every
+        writer that took a smaller token is refused from now on."""
+        with self._lock:
+            with self._tx():
+                self._exec("INSERT INTO fence (name, generation) VALUES (?, 0) "
+                           "ON CONFLICT (name) DO NOTHING", (FENCE,))
+                self._exec("UPDATE fence SET generation = generation + 1 WHERE name = ?", (FENCE,))
+                return self._query(_CHECK_FENCE, (FENCE,))[0]["generation"]
+
+    def fence_generation(self) -> int:
+        """The token of the accountant that took the ledger last (0: none yet)."""
+        rows = self._query(_CHECK_FENCE, (FENCE,))
+        return rows[0]["generation"] if rows else 0
+
+    def _check_fence(self, fence: int | None) -> None:
+        # In the posting transaction: a writer fenced off between the check and the
+        # commit cannot happen (SQLite: BEGIN IMMEDIATE; PostgreSQL: FOR UPDATE).
+        if fence is None:
+            return
+        rows = self._query(_CHECK_FENCE + self._FOR_UPDATE, (FENCE,))
+        current = rows[0]["generation"] if rows else 0
+        if current != fence:
+            raise LedgerFenced(f"this accountant's fencing token {fence} is stale: the ledger "
+                               f"belongs to the accountant with token {current}")
 
     def _post(self, lines: list[Line], position, state, filter_known: bool) -> int:
         if filter_known and lines:
@@ -827,6 +869,8 @@ def _pg_conninfo(url: str) -> tuple[str, str | None]:
 class PostgresLedger(Ledger):
     """The ledger in PostgreSQL through psycopg 3; rows are loaded with COPY."""
 
+    _FOR_UPDATE = " FOR UPDATE"
+
     def __init__(self, url: str) -> None:
         try:
             import psycopg
@@ -926,13 +970,13 @@ class LedgerWriter:
 
     def post(self, lines: Iterable[Line], *, position: tuple[str, int] | None = None,
              state: Mapping[tuple[str, str], bytes | None] | None = None,
-             checked: bool = False) -> int:
+             checked: bool = False, fence: int | None = None) -> int:
         """As `Ledger.post`, in the writer process."""
         flat: list[Any] = []
         for (kind, key), value in (state or {}).items():
             flat.extend((kind, key, value))
         frame = msgpack.packb([list(position) if position is not None else None, flat,
-                               lines if isinstance(lines, list) else list(lines), checked])
+                               lines if isinstance(lines, list) else list(lines), checked, fence])
         with self._lock:
             proc = self._start()
             problem = "it closed its output"
@@ -946,7 +990,7 @@ class LedgerWriter:
                 raise LedgerError(f"the ledger writer process stopped: {problem}")
         ok, value = msgpack.unpackb(reply)
         if not ok:
-            raise LedgerError(value)
+            raise (LedgerFenced if value.startswith("LedgerFenced:") else LedgerError)(value)
         return value
 
     def _kill(self) -> None:
@@ -1013,12 +1057,12 @@ def _writer_main(path: str, parent: int) -> int:
             frame = _read_frame(stdin)
             if frame is None:
                 return 0
-            position, flat, rows, checked = msgpack.unpackb(frame, use_list=False)
+            position, flat, rows, checked, fence = msgpack.unpackb(frame, use_list=False)
             state = {(flat[i], flat[i + 1]): flat[i + 2] for i in range(0, len(flat), 3)}
             try:
                 n = ledger.post([new(Line, r) for r in rows],
                                 position=tuple(position) if position is not None else None,
-                                state=state, checked=checked)
+                                state=state, checked=checked, fence=fence)
                 reply = msgpack.packb([True, n])
             except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
                 reply = msgpack.packb([False, f"{type(exc).__name__}: {exc}"])

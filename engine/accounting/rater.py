@@ -16,6 +16,7 @@ import msgpack
 
 from engine.accounting.config import BillingConfig, PeriodClock
 from engine.accounting.ledger import Line, split_share
+from engine.common.levels import OFFER
 from engine.accounting.meter import Action, OpenSession, Segment
 from engine.accounting.plans import DEN, NS, PerUnitPlan, SubscriptionPlan, UsagePlan, _SCALE
 from engine.common import clock
@@ -98,6 +99,8 @@ class Rater:
                     self.rate_action(ev, out)       # type: ignore[arg-type]
                 continue
             node, seq, session, account, module, level, start, end, wall, _ew, o = ev
+            if level == OFFER:
+                continue                            # an offer not taken (yet) costs nothing
             ctx = ctxs.get((account, module, level)) or self._context(account, module, level)
             fast = ctx[5]
             if fast is None or seq is None:
@@ -170,6 +173,8 @@ class Rater:
     def rate_segment(self, seg: Segment, out: list[Line]) -> None:
         """Rate one segment of time in control."""
         node, seq, session, account, module, level, start, end, wall, _end_wall, o = seg
+        if level == OFFER:
+            return
         ctx = self._ctx.get((account, module, level)) or self._context(account, module, level)
         fast = ctx[5]
         if fast is None:
@@ -307,7 +312,7 @@ class Rater:
         would trigger). `payer_only`: only what its current payer was charged
         (the posted lines of earlier payers left out). Changes nothing."""
         total = o.charged_by.get(o.account, 0) if payer_only else o.charged
-        if not o.module:
+        if not o.module or o.level == OFFER:
             return total
         plan = self.book.plan_for(o.account, o.module, o.level)
         elapsed = max(0, now_mono_ns - o.seg_mono)

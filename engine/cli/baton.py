@@ -50,7 +50,7 @@ def _serve(args) -> int:
         gc.freeze()
         accountant = None
         if not args.no_accountant:
-            accountant = _start_accountant(cfg, args.config)
+            accountant = await _supervise_accountant(engine, cfg, args.config)
         print(f"baton {__version__} serving SIP on {cfg.sip_host}:{engine.sip_port} "
               f"(config {cfg.path}, data {cfg.data_dir}); numbers: "
               f"{', '.join(sorted(cfg.numbers)) or 'none'}", file=sys.stderr, flush=True)
@@ -80,11 +80,7 @@ def _serve(args) -> int:
         await engine.stop()
         if accountant is not None:
             # After the engine's last stamps: the accountant drains them, then stops.
-            accountant.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.to_thread(accountant.wait), 20)
-            except asyncio.TimeoutError:
-                accountant.kill()
+            await accountant.stop()
         return 0
 
     return run_loop(main())
@@ -142,6 +138,32 @@ def _start_accountant(cfg, config_path):
     out.close()
     logging.getLogger("baton").info("accountant started (pid %d, log %s)", proc.pid, log_path)
     return proc
+
+
+async def _supervise_accountant(engine, cfg, config_path):
+    """Start the accountant and keep it running (engine/runtime/supervisor.py); the
+    gRPC health of Billing follows whether it is up."""
+    from engine.accounting.accountant import ring_path
+    from engine.accounting.lock import lock_path
+    from engine.runtime.supervisor import AccountantSupervisor
+
+    async def billing_health(up: bool) -> None:
+        control = engine.control
+        if control is None:
+            return
+        from proto import pb
+        from grpc_health.v1 import health_pb2
+
+        status = health_pb2.HealthCheckResponse.SERVING if up else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        await control.health.set(pb.SERVICE_BILLING, status)
+
+    sup = AccountantSupervisor(lambda: _start_accountant(cfg, config_path),
+                               lock_path(ring_path(cfg.data_dir)), engine.stamper, billing_health)
+    engine.accountant = sup
+    await billing_health(False)      # until the accountant holds its lock
+    sup.start()
+    return sup
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ import time
 import tomllib
 
 from engine.sessions import journal as store
+from engine.accounting.config import PeriodClock
 from engine.common import clock
 from engine.cli.call import CallerError, CallRun, Phone, free_port
 from engine.cli.common import print_session_history
@@ -310,7 +311,8 @@ class Tour:
         for row in sorted(rows, key=lambda r: r["started_wall_ns"]):
             print_session_history(row)
             print()
-        period = time.strftime("%Y-%m", time.gmtime())
+        # The tour's calls, on billing's clock (engine/common/clock.py).
+        period = PeriodClock().of(clock.wall_ns())
         common = ["--period", period, "--data-dir", self.data_dir, "--config", self.config]
         self.heading(f"the consolidated invoice (baton bill invoice --account {self.account})")
         sys.stdout.flush()

@@ -208,6 +208,11 @@ def render(frame: Frame, source: str, max_rows: int | None = None) -> str:
             f"ring: {_num(_m(m, 'baton_ring_fill'))}/{_num(_m(m, 'baton_ring_slots'))} filled, "
             f"{_num(_m(m, 'baton_ring_spilled_total') or 0)} spilled   "
             f"policy: {_num(_m(m, 'baton_policy_denials_total') or 0)} denials")
+        up = _m(m, "baton_accountant_up")
+        if up is not None:
+            lag = _m(m, "baton_accountant_lag_seconds") or 0.0
+            lines.append(f"accountant: {'up' if up else 'DOWN'}   lag {lag:.3f} s   "
+                         f"{_num(_m(m, 'baton_accountant_restarts_total') or 0)} restarts")
     lines.extend(frame.notes)
     lines.append("")
     if frame.live is not None:

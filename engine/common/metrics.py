@@ -79,6 +79,8 @@ class EngineCollector:
         if e.media is not None:
             yield from self._media(e.media)
         yield from self._ring(e.stamper)
+        if getattr(e, "accountant", None) is not None:
+            yield from self._accountant(e.accountant)
 
     # -- the families -------------------------------------------------------------
     @staticmethod
@@ -110,6 +112,13 @@ class EngineCollector:
         yield _counter("baton_policy_denials", "Transitions the policy engine refused, by the "
                                                "module that was refused",
                        labels=["module"], rows=sorted(((k,), v) for k, v in e.denials.items()))
+        yield _counter("baton_outbound_denied", "Outbound calls the account's or vendor's "
+                                                "outbound permissions refused, by the reason",
+                       labels=["account", "reason"],
+                       rows=sorted(e.outbound_denials.items()))
+        yield _gauge("baton_outbound_calls", "Outbound calls up, by the account",
+                     labels=["account"],
+                     rows=sorted(((k,), v) for k, v in e.outbound_calls.items()))
         yield _counter("baton_stamps", "Records stamped for the accountant", st.stamps)
 
     @staticmethod
@@ -203,6 +212,18 @@ class EngineCollector:
         yield _gauge("baton_ring_slots", "Capacity of the ring, in records", slots)
         yield _gauge("baton_ring_overflow_pending_bytes", "Overflow file bytes not yet released",
                      st["overflow_pending"])
+
+
+    @staticmethod
+    def _accountant(sup):
+        yield _gauge("baton_accountant_up", "1 while the accountant child runs and holds the "
+                                            "ring's accountant lock, else 0", int(sup.up))
+        yield _counter("baton_accountant_restarts", "Times `baton serve` restarted a dead "
+                                                    "accountant", sup.restarts)
+        yield _gauge("baton_accountant_lag_seconds", "Stamp-to-ledger lag: how long the oldest "
+                                                     "record not yet committed to the ledger has "
+                                                     "been in the ring (0: none)",
+                     round(sup.lag_seconds, 3))
 
 
 def _base_registry() -> CollectorRegistry:

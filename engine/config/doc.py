@@ -43,9 +43,9 @@ CALL_CENTER_AGENT_KEYS = {
 
 # The order sections appear in; anything else the schema gains follows.
 ORDER = ("engine", "media", "registrar", "users.NAME", "accounts.ID",
-         "accounts.ID.numbers.NUMBER", "accounts.ID.billing", "apps.NAME",
-         "apps.NAME.nodes.NODE", "modules.CODE", "trunks.NAME", "policy", "policy.accounts.ID",
-         "vendors.ID", "plans.NAME", "billing", "api_keys.ID", "webhooks",
+         "accounts.ID.numbers.NUMBER", "accounts.ID.billing", "accounts.ID.outbound",
+         "apps.NAME", "apps.NAME.nodes.NODE", "modules.CODE", "trunks.NAME", "policy", "policy.accounts.ID",
+         "vendors.ID", "vendors.ID.outbound", "plans.NAME", "billing", "api_keys.ID", "webhooks",
          "call_center.agents.NAME", "call_center.queues.NAME")
 
 

@@ -10,6 +10,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 
+from engine.modules import dialing
 from engine.common.errors import ConfigError  # noqa: F401  (raised by load(): importable from here too)
 from engine.common.net import parse_hostport
 
@@ -52,6 +53,7 @@ class Account:
     numbers: dict = field(default_factory=dict)   # number -> NumberRoute
     kv: dict = field(default_factory=dict)        # the account's key/value store
     api_tokens: list = field(default_factory=list)  # bearer tokens for the control API
+    outbound: object = None   # modules.dialing.Outbound: what it may dial (None: deny all)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Config:
     call_center: object = None                     # services.call_center.CenterConfig
     api_keys: dict = field(default_factory=dict)   # id -> engine.config.api_keys.ApiKey
     operator_tokens: list = field(default_factory=list)  # platform-wide bearer tokens
+    vendor_outbound: dict = field(default_factory=dict)  # vendor -> modules.dialing.Outbound
 
 
 # The schema: section -> key -> (type, description). Unknown keys are errors,
@@ -156,6 +159,8 @@ TABLES = {
         "webhook_url": ("string", "this account's notifications go here instead of webhooks.url"),
         "webhook_secret": ("string", "key signing them (default: webhooks.secret)"),
         "low_balance": ("string", "funds left below which balance.low is sent for this account"),
+        "outbound": ("table", "trunks, destinations and caps of its outbound calls: see "
+                              "accounts.ID.outbound (default: deny all but this engine)"),
     }),
     "accounts.ID.numbers.NUMBER": ("a dialled number (the Request-URI's user part) and what it "
                                    "starts; exactly one of app, module, endpoint, instructions; "
@@ -217,6 +222,8 @@ TABLES = {
         "offer_timeout": ("number", "seconds a process has to take an offered call (0.05..60, default 2)"),
         "revenue_share": ("number or string", "its share of what its modules earn: 0.7, \"0.7\" or \"70%\""),
         "plans": ("table", "listing default plans of its modules: \"MODULE[:ACTION]\" -> plan"),
+        "outbound": ("table", "trunks and destinations its dial commands may reach: see "
+                              "vendors.ID.outbound (default: deny all but this engine)"),
     }),
     "plans.NAME": ("a usage plan: what time in control or an action costs (docs/billing.md)", {
         "kind": ("string", "per_unit (default), graduated, volume or subscription"),
@@ -242,6 +249,11 @@ TABLES = {
         "paid_periods": ("list of strings", "subscription periods paid outside the ledger"),
         "banned": ("bool", "reported to the engine's policy: new calls are refused"),
     }),
+    "accounts.ID.outbound": ("what the account's calls may dial (docs/security.md, \"Toll "
+                             "fraud\"): deny by default", dict(dialing.KEYS)),
+    "vendors.ID.outbound": ("what a vendor's dial commands may reach, on top of the account's",
+                            {k: v for k, v in dialing.KEYS.items()
+                             if k not in ("max_concurrent", "max_spend_per_hour")}),
     "api_keys.ID": ("a metered key a third-party application calls the control API with", {
         "account": ("string", "the account the key acts for (required)"),
         "token": ("string", "the bearer token (16+ characters); or token_sha256"),
@@ -387,7 +399,7 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
     _load_trunks(cfg, raw, path)
     _load_apps(cfg, raw, path)
     _load_policy(cfg, raw, path)
-    _check_vendors(raw, path)
+    _check_vendors(cfg, raw, path)
     from engine.common.webhooks import check_config as _check_webhooks
 
     _check_webhooks(raw, path)
@@ -410,6 +422,7 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
         if not isinstance(tokens, list) or not all(isinstance(t, str) and len(t) >= 16 for t in tokens):
             raise ConfigError(path, f"{key}.api_tokens", "a list of tokens of at least 16 characters")
         a.api_tokens = list(tokens)
+        a.outbound = _outbound(cfg, acc.get("outbound", {}), path, f"{key}.outbound")
         kv = acc.get("kv", {})
         if not isinstance(kv, dict):
             raise ConfigError(path, f"{key}.kv", "expected a table of values")
@@ -655,7 +668,7 @@ def _number_route(cfg: Config, path: str, key: str, account: str, number: str, t
     return NumberRoute(number=number, account=account, kind=kind, target=value, params=params)
 
 
-def _check_vendors(raw: dict, path: str) -> None:
+def _check_vendors(cfg: Config, raw: dict, path: str) -> None:
     """The parts of `[vendors.ID]` the control API relies on (billing reads the rest)."""
     vendors = raw.get("vendors", {})
     if not isinstance(vendors, dict):
@@ -672,6 +685,21 @@ def _check_vendors(raw: dict, path: str) -> None:
         t = v.get("offer_timeout", 2.0)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.05 <= t <= 60:
             raise ConfigError(path, f"{key}.offer_timeout", "seconds between 0.05 and 60")
+        cfg.vendor_outbound[vid] = _outbound(cfg, v.get("outbound", {}), path,
+                                             f"{key}.outbound", account=False)
+
+
+def _outbound(cfg: Config, table, path: str, where: str, account: bool = True):
+    """An `outbound` table (modules/dialing.py); its trunks must exist."""
+    try:
+        perm = dialing.parse(table, where, account)
+    except ValueError as exc:
+        key, _, problem = str(exc).partition(": ")
+        raise ConfigError(path, key, problem) from None
+    for name in sorted(perm.trunks):
+        if name not in cfg.trunks:
+            raise ConfigError(path, f"{where}.trunks", f"no trunk {name!r}")
+    return perm
 
 
 MIN_OPERATOR_TOKEN = 32

@@ -22,6 +22,9 @@ class Module:
     level = "basic"
     forwards = False          # True for modules that place calls onward (Max-Forwards)
     outlets: tuple = ()       # the outlets this module may leave through (documentation)
+    # True when the module is offered a session and must accept it first: its
+    # time is metered from `Session.taken()`, the wait before is priced at nothing.
+    metered_from_take = False
 
     def __init__(self, engine, params: dict | None = None):
         self.engine = engine

@@ -1,13 +1,15 @@
 """`baton.bridge`: the basic level. A B2BUA leg to a dialled endpoint, media relayed in C.
 
 Params: `to` (SIP URI, or a number with `trunk`; `{self}` stands for this
-engine's own address), `trunk`, `timeout` (ring
+engine's own address), `trunk` (the operator's only), `timeout` (ring
 seconds, default 30), `time_limit` (seconds once answered), `caller_id`.
 Outlets: `busy`, `no-answer`, `failed` (the call was not answered) and
 `done` (the dialled party hung up). The event `dialled-hangup` can map the
 dialled party's hang-up elsewhere, e.g. to a post-call survey. A module
 that placed the call and got the answer itself (the call centre's agent leg)
 gives the leg to the next bridge with `hand_over` instead of dialling.
+Every dial is first checked against the account's outbound permissions
+(`dialing.permit`): a refused one takes the `failed` outlet.
 
 Nothing runs per packet while bridged: both RTP streams relay to each other
 inside the Cython hub, rewritten onto each far end's own SSRC and timeline.
@@ -21,6 +23,7 @@ from engine.sip import sdp
 from engine.sip.errors import SdpError
 from engine.sip.uac import OutgoingCall, UacOwner
 from engine.modules.base import Module, answer_media
+from engine.modules.dialing import OutboundDenied, permit
 
 log = logging.getLogger("baton.modules.bridge")
 
@@ -77,10 +80,16 @@ class BridgeModule(Module):
             self._adopt(ctl, adopted)
             return
         try:
-            target, destination, transport, credentials, domain = self._target(ctl)
+            target, destination, transport, credentials, domain, to = self._target(ctl)
+            grant = permit(engine, session.account, to, ctl.params.get("trunk"))
         except ValueError as exc:
             log.info("session %s: bridge: %s", session.id, exc)
             self._outcome(ctl, None, "failed", 404)
+            return
+        except OutboundDenied:
+            # The account may not dial this: the node's failed outlet (a <Dial>'s
+            # DialCallStatus=failed), or 403 to a caller not yet answered.
+            self._outcome(ctl, None, "failed", 403)
             return
         neg = caller.negotiated
         if neg is None and caller.dialog is not None and caller.dialog.remote_sdp:
@@ -96,10 +105,12 @@ class BridgeModule(Module):
         state = BridgeState(ctl, self)
         ctl.state = state
         leg = Leg(session, role="dialled")
+        leg.outbound = grant
         state.leg = leg
         try:
             leg.ports = engine.ports.allocate()
         except PortsExhausted:
+            leg.release()
             self._outcome(ctl, state, "failed", 503)
             return
         offer = self._offer(neg, leg)
@@ -161,10 +172,11 @@ class BridgeModule(Module):
             number = trunk.prefix + number
             target = f"sip:{number}@{trunk.domain}"
             creds = (trunk.username, trunk.password) if trunk.username else None
-            return target, (trunk.host, trunk.port), trunk.transport.upper(), creds, trunk.domain
+            return (target, (trunk.host, trunk.port), trunk.transport.upper(), creds,
+                    trunk.domain, to)
         if not to.startswith(("sip:", "sips:")):
             raise ValueError(f"cannot dial {to!r} without a trunk")
-        return to, None, None, None, self.engine.cfg.advertise
+        return to, None, None, None, self.engine.cfg.advertise, to
 
     def _offer(self, neg, leg) -> bytes:
         """Offer the dialled party what the caller uses (`neg`, None when the caller

@@ -11,6 +11,7 @@ from engine.sessions.apps import Node
 from engine.config.load import Config
 from engine.media.engine import MediaEngine
 from engine.media.ports import PortPool
+from engine.modules import dialing
 from engine.modules.catalog import builtin_modules
 from engine.modules.instructions import shutdown as instructions_shutdown
 from engine.sessions.policy import AllowAll, Rules, Snapshot
@@ -56,7 +57,10 @@ class Engine:
         self.http = None               # the HTTP server for RecordingUrl (engine/runtime/http.py)
         self.listeners: list = []      # callables(session, event: str, detail: dict) for Watch
         self.denials = collections.Counter()  # module code -> policy denials (for /metrics)
+        # account -> outbound calls up; (account, reason) -> refused dials (modules/dialing.py)
+        self.outbound_calls, self.outbound_denials = dialing.new_counters()
         self.metrics = None            # the /metrics server (engine/common/metrics.py)
+        self.accountant = None         # baton serve's AccountantSupervisor (engine/runtime/supervisor.py)
         from engine.common.webhooks import EngineHooks, WebhookSettings, Webhooks
 
         self.webhooks = Webhooks(WebhookSettings.from_raw(cfg.raw, cfg.path), cfg.data_dir)

@@ -22,13 +22,13 @@ from engine.sip import sdp
 from engine.sip.errors import SdpError
 from engine.sip.dialog import DialogOwner
 from engine.common import clock
+from engine.common.levels import OFFER
 
 log = logging.getLogger("baton.session")
 
 _counter = itertools.count(1)
 _prefix = os.urandom(3).hex()
 
-LEVELS = ("basic", "application", "service")
 APOLOGY = "We are sorry, this call cannot be completed. Goodbye."
 
 
@@ -300,7 +300,10 @@ class Session:
         prev_module = self.module.code if self.module is not None else ""
         self.module = module
         ctl.span = self._record(module.code, module.level, reason, node)
-        engine.stamper.transition(self, prev_module, module.code, module.level, reason)
+        # A module that must accept the session first (a vendor's: Offer, then
+        # Take) is metered from its `taken()`; until then its time is the offer's.
+        level = OFFER if module.metered_from_take else module.level
+        engine.stamper.transition(self, prev_module, module.code, level, reason)
         engine.journal(self)
         if engine.listeners:
             engine.notify(self, "transition", {"from": prev_module, "to": module.code,
@@ -350,6 +353,16 @@ class Session:
 
             timers.append(ctl.later(max(0.0, decision.limit - warn_before), warn, ctl, decision))
         ctl.limit_timers = tuple(timers)
+
+    def taken(self, ctl: Control, reason: str = "take") -> None:
+        """`ctl`'s module (one `metered_from_take`) accepted the session: its
+        metered time starts now. Stamped as a transition from the offer to the
+        module at its level; the history keeps one span, from the offer."""
+        if self.ended or not ctl.active or ctl is not self.control:
+            return
+        module = ctl.module
+        self.engine.stamper.transition(self, module.code, module.code, module.level, reason,
+                                       at=(time.monotonic_ns(), clock.wall_ns()))
 
     def set_account(self, account: str, reason: str = "account"):
         """Bill the rest of the session to `account` (e.g. a calling card's,
@@ -464,7 +477,7 @@ class Leg(DialogOwner):
 
     __slots__ = ("session", "dialog", "ports", "negotiated", "sdp_id", "sdp_version",
                  "stream", "channel", "on_hold", "role", "call", "answered", "ended",
-                 "rtcp_report")
+                 "rtcp_report", "outbound")
 
     def __init__(self, session: Session, dialog=None, role: str = "caller"):
         self.session = session
@@ -481,6 +494,7 @@ class Leg(DialogOwner):
         self.answered = False
         self.ended = False
         self.rtcp_report = None    # the far end's last RTCP reception report
+        self.outbound = None       # modules.dialing.Grant: counted while the leg is up
         if dialog is not None:
             dialog.owner = self
             dialog.session = session
@@ -545,6 +559,9 @@ class Leg(DialogOwner):
 
     def release(self) -> None:
         media = self.session.engine.media
+        if self.outbound is not None:
+            self.outbound.release()
+            self.outbound = None
         self.close_channel()
         if self.stream is not None:
             media.release(self.stream)

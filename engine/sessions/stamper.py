@@ -63,13 +63,17 @@ class Stamper:
                                       session.end_reason or "")
 
     def transition(self, session, from_module: str, to_module: str, level: str,
-                   reason: str) -> None:
+                   reason: str, at: tuple[int, int] | None = None) -> None:
+        """Stamp a change of control at the start of the session's last span,
+        or at `at` (monotonic, wall ns)."""
         self.stamps += 1
         self.transitions[to_module, level] += 1
         if self.writer is not None:
-            span = session.history[-1]
+            if at is None:
+                span = session.history[-1]
+                at = (span.start_mono, span.start_wall)
             self.writer.stamp_transition(session.id, session.account, from_module, to_module,
-                                         level, reason, span.start_mono, span.start_wall)
+                                         level, reason, at[0], at[1])
 
     def action(self, session, module: str, action: str, count: int) -> None:
         self.stamps += 1

@@ -1,7 +1,9 @@
 """A vendor process for tests: takes every offer and then, by --mode,
 - hold: answers and says something in a loop until control ends;
 - say-release: answers, says a greeting to its end, releases through `done`;
-- silent: never answers an offer.
+- silent: never answers an offer;
+- decline: declines every offer;
+and with --take-after S waits S seconds before it takes.
 It prints one line per event it cares about (`TAKEN sid`, `RELEASED sid`) and,
 on SIGTERM, `STATS {json}`."""
 from __future__ import annotations
@@ -24,7 +26,9 @@ def main() -> int:
     ap.add_argument("--engine", required=True)
     ap.add_argument("--code", required=True)
     ap.add_argument("--secret", required=True)
-    ap.add_argument("--mode", default="hold", choices=("hold", "say-release", "silent"))
+    ap.add_argument("--mode", default="hold", choices=("hold", "say-release", "silent",
+                                                        "decline"))
+    ap.add_argument("--take-after", type=float, default=0.0)
     ap.add_argument("--text", default="Please hold, a vendor module has your call.")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -38,6 +42,11 @@ def main() -> int:
             stats["offers"] += 1
             if args.mode == "silent":
                 return
+            if args.mode == "decline":
+                await offer.decline("not today")
+                return
+            if args.take_after:
+                await asyncio.sleep(args.take_after)
             call = await offer.take()
             stats["taken"] += 1
             print("TAKEN", call.session_id, flush=True)

@@ -116,7 +116,7 @@ class RawVendor:
     async def start(self):
         import grpc
 
-        from control import pb
+        from proto import pb
 
         mh = pb.module_host_pb2
         self.channel = grpc.aio.insecure_channel(self.addr)
@@ -156,3 +156,26 @@ class RawVendor:
         self._out.put_nowait(None)
         self._reader.cancel()
         await self.channel.close()
+
+async def taken_call(eng, number: str = "4000", code: str = "acme.survey",
+                     secret: str = SECRET_A):
+    """A vendor client that took and answered a call from a raw SIP caller to
+    `number`: (client, its call, the caller)."""
+    from control.sdk import VendorClient
+    from tests.test_sessions import Caller
+
+    v = VendorClient(target(eng), code, secret)
+    calls = []
+
+    @v.on_offer
+    async def on(offer):
+        calls.append(await offer.take())
+
+    await v.start()
+    caller = Caller(eng, number)
+    dial = asyncio.ensure_future(caller.dial())
+    await wait_until(lambda: calls)
+    await calls[0].answer()
+    await dial
+    return v, calls[0], caller
+

@@ -735,6 +735,7 @@ class Runner:
             self.error({"code": 12200, "reason": f"<Redirect> {target!r} names nothing",
                         "line": verb.line, "verb": "Redirect"})
             return None
+        q = self._strip_operator_params(verb, target, q)
         if kind == "outlet":
             self.ctl.release(name, **dict(q))
             return STOP
@@ -759,6 +760,20 @@ class Runner:
                     events={}, app=self.ctl.node.app)
         self.ctl.transfer(node, reason="instruction:Redirect")
         return STOP
+
+    def _strip_operator_params(self, verb: Verb, target: str, q: list) -> list:
+        """A document may not set the operator's parameters (a trunk, a sounds
+        directory, timeouts): they are dropped, with an error event saying so."""
+        from engine.modules.dialing import OPERATOR_PARAMS, operator_params
+
+        dropped = operator_params(dict(q))
+        if not dropped:
+            return q
+        self.error({"code": 12200, "reason": f"<Redirect> {target.partition('?')[0]!r}: "
+                                             f"operator-only parameters ignored: "
+                                             f"{', '.join(dropped)}",
+                    "line": verb.line, "verb": "Redirect"})
+        return [(k, v) for k, v in q if k not in OPERATOR_PARAMS]
 
     def _outlet_target(self, v: str) -> str:
         """An `outlet.NAME=` target: a node of the app, hangup, a module code or a

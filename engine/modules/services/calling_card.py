@@ -31,13 +31,18 @@ up to `balance_wait` seconds for the accountant), and "press 1 to make
 another call"; any other key or no key: `goodbye_text` and the `done` outlet.
 
 Wrong PINs are also counted across calls (`LockoutBook`, a SQLite file in
-`DATA_DIR/services/calling_card.db` written on its own thread): `lockout_after`
-wrong PINs from one caller (the From user) within `lockout_window` seconds
-lock that caller out for `lockout_seconds`, even with the right PIN: the
-caller hears `lockout_text` and the node's `locked` outlet is followed. A
-wrong PIN names no card, so a card is locked when a locked-out caller enters
-its PIN (it was probably guessed); a locked card's PIN is then refused exactly
-like a wrong one, so the answer never tells that a guess was right.
+`DATA_DIR/services/calling_card.db` written on its own thread), twice:
+- per source (the From user): `lockout_after` wrong PINs within
+  `lockout_window` seconds lock that caller out for `lockout_seconds`, even
+  with the right PIN (`lockout_text`, the `locked` outlet). It never locks a
+  card: its owner, calling from elsewhere, is not locked out.
+- per card: a wrong PIN names no card, so it is a guess at every card the
+  node accepts, and counts against the node's `guess_budget`, from every
+  caller (a From made up per call does not reset it). Past the budget every
+  PIN is checked only after a back-off (`backoff_seconds`, doubled for each
+  further wrong PIN in the window, at most `backoff_max`), and a wrong PIN
+  ends the call: guessing slows down for everyone, but the right PIN from a
+  caller who is not locked out is still accepted, only later.
 
 Outlets: `done`, `failed` (wrong PINs), `locked` (locked out), `denied` (the
 card has no funds).
@@ -84,7 +89,7 @@ TEXTS = {
 }
 PARAM_KEYS = tuple(TEXTS) + (
     "pins", "pin_key", "pin_min", "pin_max", "max_attempts", "lockout_after",
-    "lockout_window", "lockout_seconds", "dial", "trunk", "ring_timeout",
+    "lockout_window", "lockout_seconds", "guess_budget", "backoff_seconds", "backoff_max", "dial", "trunk", "ring_timeout",
     "min_digits", "max_digits", "min_call_seconds", "balance_wait", "announce_time",
     "warn_before", "warning_text", "warning_voice", "voice", "language", "timeout", "retries")
 PIN = re.compile(r"^[0-9]{1,32}$")
@@ -92,6 +97,9 @@ DIGITS = re.compile(r"^[0-9*]+$")
 # Lockout defaults and bounds (seconds).
 LOCKOUT_AFTER, LOCKOUT_WINDOW, LOCKOUT_SECONDS = 6, 3600, 900
 MAX_LOCKOUT_AFTER, MAX_LOCKOUT_WINDOW, MAX_LOCKOUT_SECONDS = 100, 86400, 7 * 86400
+# Wrong PINs at a node (every caller) before its PINs are checked only after a back-off.
+GUESS_BUDGET, BACKOFF_SECONDS, BACKOFF_MAX = 20, 2, 60
+PIN_MIN = 4               # shorter PINs are too easy to guess
 MAX_CALLER = 128          # characters of a caller key (From users are the caller's own)
 _UNITS = {"USD": ("dollar", "dollars", "cent", "cents"),
           "EUR": ("euro", "euros", "cent", "cents"),
@@ -147,9 +155,18 @@ CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, until REAL NOT NULL);
 """
 
 
+def backoff(guesses: int, budget: int, first: float, most: float) -> float:
+    """Seconds a PIN waits before it is checked, after `guesses` wrong PINs at
+    a node within the window: none within the budget, then `first`, doubled
+    for each further wrong PIN, at most `most`."""
+    if budget <= 0 or guesses < budget:
+        return 0.0
+    return float(min(most, first * 2 ** min(guesses - budget, 32)))
+
+
 class LockoutBook:
     """Wrong PINs and lockouts across calls, by key (`caller:15551234`,
-    `card:card-1001`), in SQLite so that they outlive a restart.
+    `cards:card/card`), in SQLite so that they outlive a restart.
 
     Times are wall-clock seconds, passed in (`now`), so a lockout survives a
     restart and tests choose the clock. The methods are blocking: the module
@@ -195,6 +212,27 @@ class LockoutBook:
         fut.add_done_callback(_log_failure)
         return fut
 
+    def check(self, caller: str, pool: str, now: float, window: float) -> tuple[dict, int]:
+        """(`locked([caller], now)`, wrong PINs counted under `pool` within the
+        last `window` seconds)."""
+        locked = self.locked([caller], now)
+        with self._lock:
+            n = self._open().execute("SELECT COUNT(*) FROM failures WHERE key = ? AND at > ?",
+                                     (pool, now - window)).fetchone()[0]
+        return locked, n
+
+    def note(self, key: str, now: float) -> None:
+        """Count one wrong PIN under `key`, which is never locked (a node's cards)."""
+        with self._lock:
+            self._open().execute("INSERT INTO failures (key, at) VALUES (?, ?)", (key, now))
+            self._wrote(now)
+
+    def guess(self, caller: str, pool: str, now: float, after: int, window: float,
+              lock_for: float) -> float:
+        """A wrong PIN: `note(pool)` and `fail(caller, ...)`, whose result it returns."""
+        self.note(pool, now)
+        return self.fail(caller, now, after, window, lock_for)
+
     def locked(self, keys, now: float) -> dict[str, float]:
         """The keys locked at `now`: key -> seconds left."""
         keys = list(keys)
@@ -220,18 +258,6 @@ class LockoutBook:
                 self._db.execute("DELETE FROM failures WHERE key = ?", (key,))
             self._wrote(now)
         return float(lock_for) if locked else 0.0
-
-    def lock(self, key: str, now: float, lock_for: float) -> None:
-        """Lock `key` until `now + lock_for` (a longer lock already there stays)."""
-        with self._lock:
-            self._open()
-            self._lock_key(key, now + lock_for)
-            self._wrote(now)
-
-    def clear(self, key: str) -> None:
-        """Forget `key`'s wrong PINs (not a lock): after the right PIN."""
-        with self._lock:
-            self._open().execute("DELETE FROM failures WHERE key = ?", (key,))
 
     def _lock_key(self, key: str, until: float) -> None:
         self._db.execute("INSERT INTO locks (key, until) VALUES (?, ?) ON CONFLICT (key) "
@@ -301,12 +327,21 @@ class CallingCardModule(PromptingModule):
             raise ValueError("pin_key: the key/value store key holding an account's PIN")
         check_number(params, "pin_min", 1, 32, integer=True)
         check_number(params, "pin_max", 1, 32, integer=True)
-        if params.get("pin_min", 1) > params.get("pin_max", 32):
+        pin_min = params.get("pin_min", PIN_MIN)
+        if pin_min > params.get("pin_max", 32):
             raise ValueError("pin_min: more than pin_max")
+        for pin in pins:
+            if len(pin) < pin_min:
+                raise ValueError(f"pins.{pin}: shorter than pin_min ({pin_min} digits)")
         check_number(params, "max_attempts", 1, 10, integer=True)
         check_number(params, "lockout_after", 0, MAX_LOCKOUT_AFTER, integer=True)
         check_number(params, "lockout_window", 1, MAX_LOCKOUT_WINDOW)
         check_number(params, "lockout_seconds", 1, MAX_LOCKOUT_SECONDS)
+        check_number(params, "guess_budget", 0, 100_000, integer=True)
+        check_number(params, "backoff_seconds", 0.1, 3600)
+        check_number(params, "backoff_max", 0.1, 3600)
+        if params.get("backoff_seconds", BACKOFF_SECONDS) > params.get("backoff_max", BACKOFF_MAX):
+            raise ValueError("backoff_seconds: more than backoff_max")
         check_number(params, "min_digits", 1, 32, integer=True)
         check_number(params, "max_digits", 1, 32, integer=True)
         if params.get("min_digits", 1) > params.get("max_digits", 20):
@@ -384,7 +419,7 @@ class CallingCardModule(PromptingModule):
         for digest, account in self._candidates(ctl):
             if hmac.compare_digest(digest, entered) and found is None:
                 found = account
-        lo = int(ctl.params.get("pin_min", 1))
+        lo = int(ctl.params.get("pin_min", PIN_MIN))
         return found if len(digits) >= lo else None
 
     def _pin_entered(self, ctl, digits: str, why: str) -> None:
@@ -398,12 +433,14 @@ class CallingCardModule(PromptingModule):
     async def _lockout_check(self, ctl, account: str | None) -> None:
         p = ctl.params
         caller = caller_key(ctl.session.from_uri)
-        card = f"card:{account}" if account is not None else None
+        node = ctl.node
+        pool = f"cards:{node.app.name if node.app is not None else ''}/{node.name}"
+        window = float(p.get("lockout_window", LOCKOUT_WINDOW))
         now = time.time()
         try:
             book = book_for(ctl.engine)
-            locked = await asyncio.wrap_future(
-                book.submit(book.locked, [caller] + ([card] if card else []), now))
+            locked, guesses = await asyncio.wrap_future(
+                book.submit(book.check, caller, pool, now, window))
         except Exception:
             # The book cannot be read: the per-call limit still holds.
             log.exception("session %s: calling card lockout book failed", ctl.session.id)
@@ -412,37 +449,45 @@ class CallingCardModule(PromptingModule):
             return
         if not ctl.active:
             return
-        lock_for = float(p.get("lockout_seconds", LOCKOUT_SECONDS))
+        # Past the node's budget of wrong PINs (every caller's), a PIN waits
+        # before it is checked, the right one too: slower, never refused.
+        delay = backoff(guesses, int(p.get("guess_budget", GUESS_BUDGET)),
+                        float(p.get("backoff_seconds", BACKOFF_SECONDS)),
+                        float(p.get("backoff_max", BACKOFF_MAX)))
+        if delay:
+            self._event(ctl, "backoff", seconds=delay, guesses=guesses)
+            await asyncio.sleep(delay)
+            if not ctl.active:
+                return
+            now = time.time()
         if caller in locked:
-            if card is not None:
-                # A locked-out caller found a PIN: most likely guessed, so the
-                # card is locked too (and its PIN refused like a wrong one).
-                book.submit(book.lock, card, now, lock_for)
-                log.warning("session %s: card %s locked: its PIN came from locked-out %s",
-                            ctl.session.id, account, caller)
-                self._event(ctl, "card-locked", account=account, seconds_left=lock_for)
+            # The per-source limit: refused, the right PIN too, so the answer never
+            # tells a guesser it was right; the card stays open to its owner.
+            if account is None:
+                book.submit(book.note, pool, now)
             self._locked_out(ctl, locked[caller])
             return
-        if card in locked:
-            log.info("session %s: the PIN of locked card %s refused", ctl.session.id, account)
-            account = None
         if account is not None:
-            book.submit(book.clear, caller)
             self._pin_checked(ctl, account)
             return
+        lock_for = float(p.get("lockout_seconds", LOCKOUT_SECONDS))
         try:
             seconds = await asyncio.wrap_future(book.submit(
-                book.fail, caller, now, int(p.get("lockout_after", LOCKOUT_AFTER)),
-                float(p.get("lockout_window", LOCKOUT_WINDOW)), lock_for))
+                book.guess, caller, pool, now, int(p.get("lockout_after", LOCKOUT_AFTER)),
+                window, lock_for))
         except Exception:
             log.exception("session %s: calling card lockout book failed", ctl.session.id)
             seconds = 0.0
         if not ctl.active:
             return
-        if seconds:
+        if seconds or delay:
             ctl.session.saved[KEY]["attempts"] += 1
             self._event(ctl, "pin-invalid", attempts=ctl.session.saved[KEY]["attempts"])
-            self._locked_out(ctl, seconds)
+            if seconds:
+                self._locked_out(ctl, seconds)
+            else:
+                # Under back-off one wrong PIN per call: guessing costs a call each time.
+                self._failed(ctl)
             return
         self._pin_checked(ctl, None)
 
@@ -450,14 +495,17 @@ class CallingCardModule(PromptingModule):
         self._event(ctl, "lockout", seconds_left=round(seconds_left, 3))
         self._say(ctl, [self._p(ctl, "lockout_text")], lambda: ctl.release("locked"))
 
+    def _failed(self, ctl) -> None:
+        self._event(ctl, "locked")
+        self._say(ctl, [self._p(ctl, "locked_text")], lambda: ctl.release("failed"))
+
     def _pin_checked(self, ctl, account: str | None) -> None:
         saved = ctl.session.saved[KEY]
         if account is None:
             saved["attempts"] += 1
             self._event(ctl, "pin-invalid", attempts=saved["attempts"])
             if saved["attempts"] >= int(ctl.params.get("max_attempts", 3)):
-                self._event(ctl, "locked")
-                self._say(ctl, [self._p(ctl, "locked_text")], lambda: ctl.release("failed"))
+                self._failed(ctl)
                 return
             self._ask_pin(ctl, self._p(ctl, "pin_invalid_text"))
             return
@@ -592,5 +640,5 @@ class CallingCardModule(PromptingModule):
         self._say(ctl, [self._p(ctl, "no_funds_text")], lambda: ctl.release("denied"))
 
 
-__all__ = ["CallingCardModule", "LockoutBook", "book_for", "caller_key", "spoken_money",
+__all__ = ["CallingCardModule", "LockoutBook", "backoff", "book_for", "caller_key", "spoken_money",
            "spoken_time"]
