@@ -31,9 +31,9 @@ venv: .venv/.stamp
 build: venv
 	$(PY) setup.py -q build_ext --inplace -j 2
 	@if ls proto/baton/v1/*.proto >/dev/null 2>&1; then \
-	  mkdir -p control/_gen && \
-	  $(PY) -m grpc_tools.protoc -Iproto --python_out=control/_gen --grpc_python_out=control/_gen \
-	    --pyi_out=control/_gen proto/baton/v1/*.proto; fi
+	  mkdir -p proto/_gen && \
+	  $(PY) -m grpc_tools.protoc -Iproto --python_out=proto/_gen --grpc_python_out=proto/_gen \
+	    --pyi_out=proto/_gen proto/baton/v1/*.proto; fi
 
 debug: venv
 	BATON_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force -j 2

@@ -1,7 +1,10 @@
 """Build the Cython extensions in ext/ (one per subsystem).
 
-BATON_DEBUG=1 builds with bounds checks, assertions and annotation HTML
-(`make debug`); the default build is the release build, warnings as errors.
+BATON_DEBUG=1 (`make debug`) builds with Cython's bounds, wraparound and
+initialisation checks, the kernels' `assert` statements and annotation HTML,
+at -O0 -g. The default build is the release build (warnings as errors), where
+Cython's bounds, wraparound and initialisation checks are off. BATON_DEBUG is an
+environment switch of this build only: no kernel reads a macro of that name.
 """
 import glob
 import os
@@ -26,7 +29,6 @@ def extensions():
     macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
     if DEBUG:
         cflags = ["-O0", "-g", "-Werror", "-Wno-unused-function"]
-        macros.append(("BATON_DEBUG", "1"))
     mods = []
     only = os.environ.get("BATON_EXT")  # e.g. BATON_EXT=sip builds ext/sip.pyx alone
     for pyx in sorted(glob.glob("ext/*.pyx")):

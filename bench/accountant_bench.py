@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import msgpack  # noqa: E402
 
-from engine import ring  # noqa: E402
+from ext.kernels import ring  # noqa: E402
 from engine.accounting.accountant import Accountant, tune_gc  # noqa: E402
 from engine.accounting.config import BillingConfig  # noqa: E402
 from engine.accounting.meter import Meter  # noqa: E402

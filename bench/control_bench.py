@@ -150,8 +150,8 @@ def engine_config(data: str, sip_port: int) -> dict:
 
 
 async def run_main(args) -> dict:
-    from engine.config import from_dict
-    from engine.server import Engine
+    from engine.config.load import from_dict
+    from engine.runtime.server import Engine
 
     sip_port = common.free_port()
     data = tempfile.mkdtemp(prefix="baton-bench-")

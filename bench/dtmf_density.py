@@ -58,7 +58,7 @@ def _modules(impl: str):
     if impl == "c":
         from ext import dtmf, g711
     else:
-        from engine.media import dtmf, g711
+        from ext import dtmf_py as dtmf, g711
     return dtmf, g711
 
 

@@ -136,10 +136,10 @@ async def step(eng, fetcher, sip_port: int, calls: int, seconds: float, work: Pa
 
 
 async def run(args) -> dict:
-    from engine.config import from_dict
+    from engine.config.load import from_dict
     from engine.modules.instructions import InstructionsModule, shutdown
     from engine.modules.instructions.verbs import shared_for
-    from engine.server import Engine
+    from engine.runtime.server import Engine
 
     app_port = common.free_port()
     app_log = Path(tempfile.mkdtemp(prefix="baton-bench-app-")) / "app.log"

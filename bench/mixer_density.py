@@ -35,7 +35,7 @@ TARGET_PER_CORE = 2000
 
 def speech_like_frames(count: int, seed: int = 1) -> list[bytes]:
     """μ-law frames of noisy tones at speech levels, one per participant."""
-    from engine.media import g711
+    from ext import g711_py as g711
 
     rng = np.random.default_rng(seed)
     t = np.arange(FRAME)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ext.mix is not built ({exc}); build it or use --impl py", file=sys.stderr)
             return 2
     else:
-        from engine.media import mix as module
+        from ext import mix_py as module
 
     progress = common.Progress(total=args.ticks)
     cpu = run(module, args.conferences, args.participants, args.ticks, progress)

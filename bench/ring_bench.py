@@ -41,7 +41,7 @@ def _module(impl: str):
     if impl == "c":
         from ext import ring
         return ring
-    from engine import ring_py
+    from ext import ring_py
     return ring_py
 
 

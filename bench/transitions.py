@@ -35,8 +35,8 @@ def pct(values, q):
 
 
 async def run(args) -> dict:
-    from engine.config import from_dict
-    from engine.server import Engine
+    from engine.config.load import from_dict
+    from engine.runtime.server import Engine
 
     port = common.free_port()
     data = tempfile.mkdtemp(prefix="baton-bench-")

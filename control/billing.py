@@ -3,7 +3,7 @@
 The accountant owns the ledger and the live meter and serves Billing on a
 unix socket (engine/accounting/service.py); this service checks who calls,
 scopes the request to what they may see, and forwards it through the
-engine's `BillingClient` (engine/billing_client.py).
+engine's `BillingClient` (engine/accounting/client.py).
 
 - Invoice, Balance, Cost, Events: an account API token (`authorization:
   Bearer TOKEN`); `account` defaults to the token's, another existing
@@ -27,8 +27,8 @@ import grpc
 
 from engine.accounting.service import check_account, check_period, money_pb
 
-from . import pb
-from .auth import AuthError, Authority, in_scope, metadata_value
+from proto import pb
+from control.auth import AuthError, Authority, in_scope, metadata_value
 
 log = logging.getLogger("baton.control.billing")
 

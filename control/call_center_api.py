@@ -12,8 +12,8 @@ import grpc
 
 from engine.modules.services.call_center import CallCenter
 
-from . import pb
-from .auth import AuthError, Authority, in_scope
+from proto import pb
+from control.auth import AuthError, Authority, in_scope
 
 ccp = pb.call_center_pb2
 MAX_NAME = 128      # queue and agent names: longer ones are refused, not looked up

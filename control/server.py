@@ -28,14 +28,14 @@ from grpc_reflection.v1alpha import reflection  # noqa: E402
 
 from engine import __version__  # noqa: E402
 
-from . import pb  # noqa: E402
-from .auth import AuthError, Authority, metadata_value, server_credentials  # noqa: E402
-from .metering import ApiMeter, metering_interceptor  # noqa: E402
-from .billing import BillingService  # noqa: E402
-from .sessions_api import SessionsService  # noqa: E402
-from .call_center_api import CallCenterService  # noqa: E402
-from .services_api import SurveyService, VerifyService  # noqa: E402
-from .vendor import ControlHub, VendorProcess  # noqa: E402
+from proto import pb  # noqa: E402
+from control.auth import AuthError, Authority, metadata_value, server_credentials  # noqa: E402
+from control.metering import ApiMeter, metering_interceptor  # noqa: E402
+from control.billing import BillingService  # noqa: E402
+from control.sessions_api import SessionsService  # noqa: E402
+from control.call_center_api import CallCenterService  # noqa: E402
+from control.services_api import SurveyService, VerifyService  # noqa: E402
+from control.vendor import ControlHub, VendorProcess  # noqa: E402
 
 log = logging.getLogger("baton.control")
 
@@ -144,7 +144,7 @@ class ControlServer:
         self.sessions = SessionsService(engine, self.authority, self.hub)
         self.billing = BillingService(engine, self.authority, self.sessions)
         if getattr(engine, "accountant_client", None) is None:
-            from engine.billing_client import BillingClient
+            from engine.accounting.client import BillingClient
 
             engine.accountant_client = BillingClient(engine)
         self.started = time.monotonic()

@@ -19,8 +19,8 @@ from engine.modules.dialing import OutboundDenied, permit
 from engine.modules.services import verify as verify_mod
 from engine.sip.uri import from_address, sip_uri
 
-from . import pb
-from .auth import AuthError, Authority
+from proto import pb
+from control.auth import AuthError, Authority
 
 log = logging.getLogger("baton.control.services")
 
@@ -154,7 +154,7 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
                 except ValueError as exc:
                     await context.abort(bad, f"from: {from_uri[:60]!r} is not a SIP URI ({exc})")
             else:
-                from engine.sip.transport import format_hostport
+                from engine.common.net import format_hostport
 
                 from_uri = f"<sip:{account}@{format_hostport(engine.cfg.advertise, engine.sip_port)}>"
             if request.app:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 
 import grpc
 
-from engine import apps as apps_mod
-from engine.apps import Node
+from engine.sessions import apps as apps_mod
+from engine.sessions.apps import Node
 from engine.media.ports import PortsExhausted
 from engine.modules.dialing import OutboundDenied, operator_params, permit
 from engine.sip import sdp
@@ -24,8 +25,8 @@ from engine.sip.errors import SdpError
 from engine.sip.uac import OutgoingCall, UacOwner
 from engine.sip.uri import from_address, sip_uri
 
-from . import pb
-from .auth import AuthError, Authority, in_scope
+from proto import pb
+from control.auth import AuthError, Authority, in_scope
 from engine.common import clock
 
 log = logging.getLogger("baton.control.sessions")
@@ -34,7 +35,7 @@ sp = pb.sessions_pb2
 cp = pb.common_pb2
 
 WATCH_KINDS = ("transition", "ended", "offered", "taken", "declined", "control-lost",
-               # the notifications also sent as webhooks (engine/webhooks.py)
+               # the notifications also sent as webhooks (engine/common/webhooks.py)
                "session.started", "session.ended", "balance.low", "cap.reached", "invoice.ready",
                # the service modules' events (docs/services/)
                "phone_tree.menu", "survey.result", "verify.result", "calling_card.step",
@@ -144,8 +145,8 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
                                 f"session {sid} has ended ({s.end_reason})")
         return s
 
-    async def _journal(self, sid: str) -> dict | None:
-        from engine import store
+    async def _journal(self, context, sid: str) -> dict | None:
+        from engine.sessions import journal as store
 
         journal = self.engine.store
         busy = False
@@ -158,8 +159,12 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
             try:
                 row = await loop.run_in_executor(None, store.get_session,
                                                  self.engine.cfg.data_dir, sid)
-            except Exception:
+            except FileNotFoundError:  # no journal yet: the engine has not written one
                 row = None
+            except sqlite3.Error:
+                # A journal that cannot be read is our fault, not an unknown session.
+                log.exception("session %s: the session journal could not be read", sid)
+                await context.abort(grpc.StatusCode.INTERNAL, "the session journal could not be read")
             if row is not None:
                 return row
             if attempt < 9 and busy:
@@ -177,7 +182,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         s = await self._find(context, account, request.session_id)
         if s is not None:
             return session_info(s)
-        row = await self._journal(request.session_id)
+        row = await self._journal(context, request.session_id)
         if row is None or not in_scope(account, row["account"]):
             await self._not_found(context, request.session_id)
         return _row_info(row)
@@ -189,7 +194,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
             return sp.HistoryResponse(session_id=s.id, live=not s.ended,
                                       end_reason=s.end_reason or "",
                                       spans=[span_message(h) for h in s.history])
-        row = await self._journal(request.session_id)
+        row = await self._journal(context, request.session_id)
         if row is None or not in_scope(account, row["account"]):
             await self._not_found(context, request.session_id)
         return sp.HistoryResponse(session_id=row["id"], live=row["live"],
@@ -216,10 +221,10 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         account = await self._account(context)
         s = await self._find(context, account, request.session_id)
         if s is None:
-            row = await self._journal(request.session_id)
+            row = await self._journal(context, request.session_id)
             if row is None or not in_scope(account, row["account"]):
                 await self._not_found(context, request.session_id)
-        from .billing import session_cost
+        from control.billing import session_cost
 
         # The accountant prices sessions (control/billing.py); money stays integral.
         cost = await session_cost(self.engine, context, request.session_id,
@@ -269,7 +274,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
             except ValueError as exc:
                 await abort(bad, f"from: {from_uri[:60]!r} is not a SIP URI ({exc})")
         else:
-            from engine.sip.transport import format_hostport
+            from engine.common.net import format_hostport
 
             from_uri = f"<sip:{account}@{format_hostport(engine.cfg.advertise, engine.sip_port)}>"
         params = await _caller_params(context, pb.from_struct(request.params))
@@ -282,7 +287,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
 
     async def _originate(self, grant, context, account, to, user, target, app, from_uri, params,
                          ring) -> sp.OriginateResponse:
-        from engine.session import Leg, Session
+        from engine.sessions.session import Leg, Session
 
         engine = self.engine
         session = Session(engine, account, user, from_uri, f"<{to}>", direction="outbound",

@@ -32,8 +32,8 @@ import grpc
 from google.protobuf import unknown_fields
 
 from engine import __version__
-from engine import apps as apps_mod
-from engine.apps import Node
+from engine.sessions import apps as apps_mod
+from engine.sessions.apps import Node
 from engine.media.commands import digits as dtmf_out
 from engine.media.commands import gather as gathering
 from engine.media.commands.digits import EVENTS as DTMF_KEYS
@@ -42,7 +42,7 @@ from engine.modules.base import Module, answer_caller
 from engine.modules.dialing import OutboundDenied, operator_params, permit
 from engine.sip.uri import check_user_part, sip_uri
 
-from . import pb
+from proto import pb
 
 log = logging.getLogger("baton.control.vendor")
 
@@ -589,7 +589,7 @@ class VendorModule(Module):
 
     def _start_player(self, ctl, state: VendorState, proc: VendorProcess, pcm, loops: int,
                       cmd_id: str, kind: str) -> None:
-        from ext import rtp
+        from ext.kernels import rtp
 
         ch = self._channel(ctl, state, proc)
         self._interrupt_player(ctl, state, proc, ch)
@@ -1125,7 +1125,8 @@ class ControlHub:
 
     # -- conferences ----------------------------------------------------------------
     def join_conference(self, sid: str, ch, key: tuple, muted: bool, listen_only: bool) -> int:
-        from ext.mix import Conference
+        from ext.kernels import rtp
+        Conference = rtp.Conference
 
         entry = self.conferences.get(key)
         if entry is None:

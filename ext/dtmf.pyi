@@ -1,4 +1,4 @@
-"""In-band DTMF detector (ITU-T Q.24); twin of engine.media.dtmf."""
+"""In-band DTMF detector (ITU-T Q.24); twin of ext.dtmf_py."""
 from typing import Union
 
 import numpy as np

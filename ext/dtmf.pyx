@@ -1,6 +1,6 @@
 """In-band DTMF detector (ITU-T Q.23 / Q.24): C hot path.
 
-Twin of `engine/media/dtmf.py`, which documents the algorithm and its
+Twin of `ext/dtmf_py.py`, which documents the algorithm and its
 thresholds; both report the same digits at the same onsets. Per 5 ms hop the
 windowed DFT at the eight DTMF frequencies is one pass over the 20 ms window
 with sixteen independent accumulators; second harmonics are computed only for
@@ -20,7 +20,7 @@ cdef const char* _KEYS = b"123A456B789C*0#D"
 cdef double[4] _ROWS = [697.0, 770.0, 852.0, 941.0]
 cdef double[4] _COLS = [1209.0, 1336.0, 1477.0, 1633.0]
 
-# Thresholds: see engine/media/dtmf.py for where each comes from in Q.24.
+# Thresholds: see ext/dtmf_py.py for where each comes from in Q.24.
 cdef double FREQ_TOL = 0.025
 cdef double TWIST_NORMAL_DB = 9.0
 cdef double TWIST_REVERSE_DB = 5.0

@@ -1,4 +1,4 @@
-"""G.711 μ-law and A-law codec (ITU-T G.711), table driven; twin of engine.media.g711."""
+"""G.711 μ-law and A-law codec (ITU-T G.711), table driven; twin of ext.g711_py."""
 from typing import Union
 
 import numpy as np

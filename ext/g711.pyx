@@ -1,6 +1,6 @@
 """G.711 μ-law and A-law codec (ITU-T G.711), table driven.
 
-Bit-exact twin of `engine/media/g711.py`. Encoding indexes a 16384-entry
+Bit-exact twin of `ext/g711_py.py`. Encoding indexes a 16384-entry
 (μ-law) or 8192-entry (A-law) table by the top bits of the sample, decoding
 a 256-entry table; the tables are built once at import from the same
 segment algorithm as the reference.

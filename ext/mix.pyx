@@ -1,6 +1,6 @@
 """N-1 ("mix-minus") conference mixer.
 
-Bit-exact twin of `engine/media/mix.py`.  Once per media tick every
+Bit-exact twin of `ext/mix_py.py`.  Once per media tick every
 participant hears the sum of all other talkers, saturated to int16 and
 encoded in its own law.  The full sum is accumulated once in int32 and each
 talker's own frame is subtracted from it, so a tick costs O(N) frames, not

@@ -63,7 +63,7 @@ cdef class RingReader:
     cdef size_t _cap
     cdef bint _broken
     cdef object _files
-    cdef object _ovf             # engine.ring_py._OverflowQueue
+    cdef object _ovf             # ext.ring_py._OverflowQueue
     cdef object __weakref__
 
     cdef int _check(self) except -1

@@ -1,9 +1,9 @@
-"""Call-control ring, the hot-path twin of engine.ring_py (see docs/ring.md)."""
+"""Call-control ring, the hot-path twin of ext.ring_py (see docs/ring.md)."""
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from engine.ring_py import (RingBusyError as RingBusyError,
+from ext.ring_py import (RingBusyError as RingBusyError,
                             RingCorruptionError as RingCorruptionError,
                             RingError as RingError, RingFormatError as RingFormatError)
 

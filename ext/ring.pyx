@@ -1,4 +1,4 @@
-"""Call-control ring, the hot-path twin of engine/ring_py.py (see docs/ring.md).
+"""Call-control ring, the hot-path twin of ext/ring_py.py (see docs/ring.md).
 
 Same file format and API as the reference. Opening, locking, validation, crash
 recovery and overflow parsing are the reference's own functions; this module
@@ -27,8 +27,8 @@ from collections.abc import Mapping
 
 import msgpack
 
-from engine import ring_py as _py
-from engine.ring_py import RingBusyError, RingCorruptionError, RingError, RingFormatError
+from ext import ring_py as _py
+from ext.ring_py import RingBusyError, RingCorruptionError, RingError, RingFormatError
 
 __all__ = ["RingWriter", "RingReader", "RingError", "RingFormatError", "RingBusyError",
            "RingCorruptionError"]
@@ -50,7 +50,7 @@ if (HEADER_SIZE, SLOT_HEADER, OVF_HEADER, CURSOR_OFF, RELEASED_OFF, OVF_WRITTEN_
         SPILLED_OFF, OVF_CONSUMED_OFF) != (
         _py.HEADER_SIZE, _py.SLOT_HEADER, _py.OVF_HEADER, _py.CURSOR_OFF, _py.RELEASED_OFF,
         _py.OVF_WRITTEN_OFF, _py.OVF_BASE_OFF, _py.SPILLED_OFF, _py.OVF_CONSUMED_OFF):
-    raise ImportError("ext.ring is out of step with engine.ring_py: rebuild it")
+    raise ImportError("ext.ring is out of step with ext.ring_py: rebuild it")
 
 # ---------------------------------------------------------------- CRC-32 (zlib's)
 

@@ -1,4 +1,4 @@
-"""SIP message parser, the hot-path twin of engine/sip/parser_py.py.
+"""SIP message parser, the hot-path twin of ext/sip_py.py.
 
 The reference parser is the specification: for every input this module
 returns a `SipMessage` with the same `as_dict()` or raises `SipParseError`
@@ -19,8 +19,8 @@ from cpython.object cimport PyObject, PyTypeObject
 from cpython.unicode cimport Py_UCS1, PyUnicode_1BYTE_DATA, PyUnicode_DecodeLatin1, PyUnicode_DecodeUTF8, PyUnicode_New
 from libc.string cimport memchr, memcmp, memcpy
 
-from engine.sip import message as _message
-from engine.sip.message import SipMessage, SipParseError
+from ext import sip_message as _message
+from ext.sip_message import SipMessage, SipParseError
 
 # The slots of SipMessage (__slots__) are member descriptors; writing through
 # their offsets fills a fresh instance without 22 setattr calls.

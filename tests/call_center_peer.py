@@ -36,7 +36,7 @@ import pjsua2 as pj
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine.caller import loopback_account_config  # noqa: E402
+from engine.cli.call import loopback_account_config  # noqa: E402
 from tests.pjsip_media import MediaPeer  # noqa: E402
 
 HOST = "127.0.0.1"

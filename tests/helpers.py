@@ -60,8 +60,8 @@ def engine_config(**engine) -> dict:
 @contextlib.asynccontextmanager
 async def running_engine(raw: dict | None = None, **engine_kw):
     """An Engine in this process and loop; yields it once listening."""
-    from engine.config import from_dict
-    from engine.server import Engine
+    from engine.config.load import from_dict
+    from engine.runtime.server import Engine
 
     cfg = from_dict(raw or engine_config(**engine_kw), "<test>")
     eng = Engine(cfg)
@@ -209,7 +209,7 @@ class UdpClient:
         self.sock.sendto(data, (self.host, self.port))
 
     async def recv(self, timeout: float = 2.0):
-        from engine.sip.parser_py import parse_message
+        from ext.sip_py import parse_message
 
         loop = asyncio.get_running_loop()
         data = await asyncio.wait_for(loop.sock_recv(self.sock, 65535), timeout)
@@ -250,7 +250,7 @@ class BlockingPeer:
         self.sock.sendto(data, (self.host, self.port))
 
     def recv(self):
-        from engine.sip.parser_py import parse_message
+        from ext.sip_py import parse_message
 
         return parse_message(self.sock.recv(65535))
 

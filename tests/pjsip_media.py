@@ -39,7 +39,7 @@ import pjsua2 as pj
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine.caller import MediaEndpoint, prefer_g711  # noqa: E402
+from engine.cli.call import MediaEndpoint, prefer_g711  # noqa: E402
 from tests.pjsip_peer import PjsipPeer, PeerCall  # noqa: E402
 
 

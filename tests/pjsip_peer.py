@@ -37,7 +37,7 @@ import pjsua2 as pj
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine.caller import (  # noqa: E402
+from engine.cli.call import (  # noqa: E402
     loopback_account_config, loopback_ep_config, loopback_transport, prefer_g711, pump, settle)
 from tests.helpers import free_port  # noqa: E402
 

@@ -45,7 +45,7 @@ def _impl(name: str):
     if name == "c":
         from ext import ring
         return ring
-    from engine import ring_py
+    from ext import ring_py
     return ring_py
 
 

@@ -122,7 +122,7 @@ class Watcher:
     """Every session event of the account, collected while the test runs."""
 
     def __init__(self, channel):
-        from control import pb
+        from proto import pb
 
         self.stub = pb.sessions_pb2_grpc.SessionsStub(channel)
         self.pb = pb

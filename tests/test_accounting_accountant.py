@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from engine import ring
+from ext.kernels import ring
 from engine.accounting.accountant import Accountant, bill_main, main
 from engine.accounting.invoices import invoice, payouts
 from engine.accounting.ledger import SqliteLedger

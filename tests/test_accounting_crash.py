@@ -16,7 +16,7 @@ from math import ceil, floor
 
 import pytest
 
-from engine import ring
+from ext.kernels import ring
 from engine.accounting.ledger import SqliteLedger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -26,11 +26,11 @@ import uuid
 
 import pytest
 
-from engine import ring
+from ext.kernels import ring
 from engine.accounting.accountant import Accountant, AccountantBusy
 from engine.accounting.ledger import LedgerFenced, Line, PostgresLedger, SqliteLedger
 from engine.accounting.lock import AccountantLock, lock_holder, lock_path
-from engine.ring_py import RELEASED_OFF
+from ext.ring_py import RELEASED_OFF
 from tests.helpers import BATON, BlockingPeer, EngineProcess, free_port
 from tests.test_accounting_crash import CONFIG, WALL0, expected_ledger, generate
 from tests.test_accounting_ledger import PG_URL, _drop_schema, _pg_unreachable

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import calendar
 
-from engine import ring
+from ext.kernels import ring
 from engine.accounting.accountant import Accountant
 from engine.accounting.config import PeriodClock
 from engine.accounting.invoices import invoice

@@ -11,11 +11,11 @@ pytest.importorskip("ext.rtp", reason="ext.rtp is not built (make build)")
 
 import grpc  # noqa: E402
 
-from control import pb  # noqa: E402
-from control.metering import load_api_keys  # noqa: E402
+from proto import pb  # noqa: E402
+from engine.config.api_keys import load_api_keys  # noqa: E402
 from engine.accounting.accountant import Accountant  # noqa: E402
 from engine.accounting.invoices import invoice  # noqa: E402
-from engine.config import ConfigError, from_dict  # noqa: E402
+from engine.config.load import ConfigError, from_dict  # noqa: E402
 from tests.helpers import engine_config, period_now, running_engine  # noqa: E402
 
 sp = pb.sessions_pb2

@@ -12,7 +12,8 @@ import wave
 import numpy as np
 import pytest
 
-from engine.media import audio, g711
+from engine.media import audio
+from ext import g711_py as g711
 from engine.media.audio import AudioError, SpeechCache, espeak_voice
 
 ESPEAK = shutil.which("espeak-ng")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import bench_cli
+from engine.cli import bench as bench_cli
 from tests.helpers import BATON
 
 FIGURE_FIELDS = {"label", "unit", "median", "min", "max", "values", "higher_is_better"}

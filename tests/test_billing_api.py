@@ -21,7 +21,7 @@ pytest.importorskip("ext.rtp", reason="ext.rtp is not built (make build)")
 
 import grpc  # noqa: E402
 
-from control import pb  # noqa: E402
+from proto import pb  # noqa: E402
 from control.sdk import VendorClient  # noqa: E402
 from engine.accounting.service import billing_address  # noqa: E402
 from tests.helpers import BATON, ROOT, period_now, running_engine  # noqa: E402
@@ -343,7 +343,7 @@ async def test_billing_event_watchers_share_one_stream_to_the_accountant():
     import types
 
     from control.billing import BillingService
-    from engine.billing_client import BillingClient
+    from engine.accounting.client import BillingClient
 
     def no_stream(*a, **kw):
         raise AssertionError("a watcher opened its own stream to the accountant")

@@ -10,7 +10,7 @@ pytest.importorskip("ext.rtp", reason="ext.rtp is not built (make build)")
 
 from engine.sip import build  # noqa: E402
 from engine.sip.digest import DigestServer  # noqa: E402
-from engine.sip.parser_py import parse_message  # noqa: E402
+from ext.sip_py import parse_message  # noqa: E402
 from tests.helpers import SDP_OFFER, engine_config, running_engine  # noqa: E402
 from tests.test_sessions import Caller  # noqa: E402
 

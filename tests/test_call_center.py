@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from engine.config import ConfigError, from_dict
+from engine.config.load import ConfigError, from_dict
 from tests.helpers import BATON, EngineProcess, ROOT, engine_config, free_port, period_now
 
 grpc = pytest.importorskip("grpc")
@@ -215,7 +215,7 @@ def center(tmp_path_factory):
 
 
 def stub(channel):
-    from control import pb
+    from proto import pb
 
     return pb.call_center_pb2_grpc.CallCenterStub(channel)
 
@@ -225,14 +225,14 @@ def md(token=TOKEN):
 
 
 def stats(channel, name: str):
-    from control import pb
+    from proto import pb
 
     r = stub(channel).QueueStats(pb.call_center_pb2.QueueStatsRequest(queue=name), metadata=md())
     return r.queues[0]
 
 
 def agents(channel) -> dict:
-    from control import pb
+    from proto import pb
 
     r = stub(channel).ListAgents(pb.call_center_pb2.ListAgentsRequest(), metadata=md())
     return {a.name: a for a in r.agents}
@@ -302,7 +302,7 @@ def test_positions_full_abandoned_timeout(center):
 
 @pytest.mark.interop
 def test_api_errors(center):
-    from control import pb
+    from proto import pb
 
     engine, peer, channel = center
     ccp = pb.call_center_pb2
@@ -337,7 +337,7 @@ def test_api_errors(center):
 
 
 def history(engine, channel, sid: str) -> list:
-    from control import pb
+    from proto import pb
 
     sp = pb.sessions_pb2
     h = pb.sessions_pb2_grpc.SessionsStub(channel).History(sp.HistoryRequest(session_id=sid),
@@ -406,7 +406,7 @@ def test_agents_longest_idle_no_answer_wrap_up_and_post_call(center):
     peer.send(op="hangup", id="bob-2")
     peer.state("s3", "DISCONNECTED", 20)
     # Sign-out through the API, and an unregistered agent is offline.
-    from control import pb
+    from proto import pb
 
     ccp = pb.call_center_pb2
     a = stub(channel).SetAgentState(ccp.SetAgentStateRequest(agent="alice", state="offline"),

@@ -20,8 +20,8 @@ import wave
 import numpy as np
 import pytest
 
-from engine import caller
-from engine.caller import DtmfStep, parse_dtmf, target_uri
+from engine.cli import call as caller
+from engine.cli.call import DtmfStep, parse_dtmf, target_uri
 from tests.helpers import BATON, ROOT, EngineProcess, free_port
 
 RATE = 8000

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from engine.config import ConfigError, from_dict
+from engine.config.load import ConfigError, from_dict
 from engine.modules.services.calling_card import (CallingCardModule, LockoutBook, backoff,
                                                   caller_key, spoken_money, spoken_time)
 from tests.test_prepaid import (Caller, Watcher, drain, loudness, media_config, needs_peers,

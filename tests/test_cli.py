@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from engine.config import ConfigError, from_dict, load
+from engine.config.load import ConfigError, from_dict, load
 from tests.helpers import BATON, BlockingPeer, EngineProcess, free_port
 
 

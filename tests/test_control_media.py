@@ -17,8 +17,8 @@ from tests.vendor_procs.harness import (SECRET_A, control_config, target, wait_u
 
 from control.sdk import (CostWarning, Dtmf, LegAnswered, Money, NotFound, Say,  # noqa: E402
                          Unimplemented, VendorClient)
-from engine.media.dtmf import DtmfDetector  # noqa: E402
-from engine.media.g711 import ulaw_decode, ulaw_encode  # noqa: E402
+from ext.dtmf_py import DtmfDetector  # noqa: E402
+from ext.g711_py import ulaw_decode, ulaw_encode  # noqa: E402
 from tests.helpers import running_engine  # noqa: E402
 from tests.test_sessions import Caller, callee_config, drain  # noqa: E402
 

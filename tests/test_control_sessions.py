@@ -16,7 +16,7 @@ from tests.vendor_procs.harness import (OTHER_TOKEN, SECRET_A, bearer, control_c
 
 import grpc  # noqa: E402
 
-from control import pb  # noqa: E402
+from proto import pb  # noqa: E402
 from control.sdk import VendorClient  # noqa: E402
 from tests.helpers import free_port, running_engine  # noqa: E402
 from tests.test_sessions import Caller, callee_config  # noqa: E402

@@ -18,7 +18,7 @@ from tests.vendor_procs.harness import (SECRET_A, SECRET_B, RawVendor, bearer,  
 
 import grpc  # noqa: E402
 
-from control import pb  # noqa: E402
+from proto import pb  # noqa: E402
 from control.sdk import (FailedPrecondition, InvalidArgument, PermissionDenied,  # noqa: E402
                          Play, VendorClient)
 from tests.helpers import ROOT, running_engine  # noqa: E402

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from engine import caller
+from engine.cli import call as caller
 from tests.helpers import BATON, ROOT, period_now
 
 pytestmark = [

@@ -8,7 +8,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from engine import config_doc, ring
+from engine.config import doc as config_doc
+from ext.kernels import ring
 from engine.accounting.accountant import Accountant
 from engine.accounting.invoices import invoice, payouts
 from tests.helpers import BATON
@@ -34,8 +35,8 @@ def test_generated_config_reference_is_current():
 
 def test_schema_describes_every_accepted_key():
     problems = config_doc.consistency_problems()
-    assert problems == [], ("describe these in engine/config.py TABLES/SCHEMA (or "
-                            "engine/config_doc.py BILLING_TYPES): " + "; ".join(problems))
+    assert problems == [], ("describe these in engine/config/load.py TABLES/SCHEMA (or "
+                            "engine/config/doc.py BILLING_TYPES): " + "; ".join(problems))
 
 
 def test_reference_covers_the_sections():

@@ -21,8 +21,8 @@ import tempfile
 import numpy as np
 import pytest
 
-from engine.media import dtmf as dtmf_py
-from engine.media import g711
+from ext import dtmf_py as dtmf_py
+from ext import g711_py as g711
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FS = 8000
@@ -305,17 +305,17 @@ def test_twins_agree():
 
 def test_codecs_selection():
     base = {k: v for k, v in os.environ.items() if k != "BATON_NO_EXTENSIONS"}
-    code = "from engine.media import codecs as m; print(m.DTMF_IMPLEMENTATION, m.DtmfDetector.__module__)"
+    code = "from ext.kernels import dtmf as m; print(m.IMPLEMENTATION, m.DtmfDetector.__module__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={**base, "BATON_NO_EXTENSIONS": "1"}, check=True).stdout.split()
-    assert out == ["py", "engine.media.dtmf"]
+    assert out == ["py", "ext.dtmf_py"]
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env=base, check=True).stdout.split()
     try:
         import ext.dtmf  # noqa: F401
         assert out == ["c", "ext.dtmf"]
     except ImportError:
-        assert out == ["py", "engine.media.dtmf"]
+        assert out == ["py", "ext.dtmf_py"]
 
 
 # --- Talk-off: synthesised speech must never produce a digit ----------------

@@ -202,7 +202,7 @@ def run_sipp(engine: EngineProcess, tmp_path, name: str, *args, timeout: float =
 
 def tone_frames(seconds: float, freq: float = 440.0) -> list[bytes]:
     """PCMU payloads of a steady tone, 20 ms each."""
-    from engine.media.g711 import ulaw_encode
+    from ext.g711_py import ulaw_encode
 
     n = int(seconds * 50)
     t = np.arange(n * 160) / 8000.0

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from engine.media import g711 as g711_py
+from ext import g711_py as g711_py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_PCM = np.arange(-32768, 32768, dtype=np.int32)
@@ -302,7 +302,7 @@ def test_codecs_selection(env, expect):
     base = {k: v for k, v in os.environ.items() if k != "BATON_NO_EXTENSIONS"}
     out = subprocess.run(
         [sys.executable, "-c",
-         "from engine.media import codecs as m; print(m.G711_IMPLEMENTATION, m.ulaw_encode.__module__)"],
+         "from ext.kernels import g711 as m; print(m.IMPLEMENTATION, m.ulaw_encode.__module__)"],
         cwd=ROOT, env={**base, **env}, capture_output=True, text=True, check=True).stdout.split()
     if expect is None:
         try:
@@ -311,4 +311,4 @@ def test_codecs_selection(env, expect):
         except ImportError:
             expect = "py"
     assert out[0] == expect
-    assert out[1] == ("ext.g711" if expect == "c" else "engine.media.g711")
+    assert out[1] == ("ext.g711" if expect == "c" else "ext.g711_py")

@@ -15,8 +15,8 @@ import time
 import msgpack
 import pytest
 
-from engine.ring_py import retained, ring_info
-from engine.store import ENGINE_STOPPED, list_sessions
+from ext.ring_py import retained, ring_info
+from engine.sessions.journal import ENGINE_STOPPED, list_sessions
 from tests.helpers import BATON, DEMO, EngineProcess, free_port
 
 pytestmark = pytest.mark.interop

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from engine import logs
-from engine.config import ConfigError, from_dict
+from engine.common import logs
+from engine.config.load import ConfigError, from_dict
 from tests.helpers import BlockingPeer, EngineProcess
 
 SID = "S0a1b2c00000001"

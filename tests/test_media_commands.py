@@ -15,7 +15,7 @@ from control.sdk import Say  # noqa: E402
 from engine.media.commands import gather as gathering  # noqa: E402
 from engine.media.commands.digits import tones  # noqa: E402
 from engine.media.commands.urlaudio import PcmCache  # noqa: E402
-from engine.media.dtmf import DtmfDetector  # noqa: E402
+from ext.dtmf_py import DtmfDetector  # noqa: E402
 from tests.test_control_media import vendor_with_calls  # noqa: E402
 from tests.test_sessions import Caller  # noqa: E402
 from tests.twiml_apps import AppServer, instructions_engine  # noqa: E402

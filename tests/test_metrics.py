@@ -18,7 +18,7 @@ pytest.importorskip("ext.rtp", reason="ext.rtp is not built (make build)")
 import aiohttp  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from engine.config import ConfigError, from_dict  # noqa: E402
+from engine.config.load import ConfigError, from_dict  # noqa: E402
 from tests.helpers import BATON, DEMO, EngineProcess, engine_config, running_engine  # noqa: E402
 from tests.test_sessions import rtp_packet  # noqa: E402
 from tests.test_sessions import Caller  # noqa: E402

@@ -1,4 +1,4 @@
-"""N-1 conference mixer: ext/mix.pyx ("c") and its numpy twin engine/media/mix.py ("py").
+"""N-1 conference mixer: ext/mix.pyx ("c") and its numpy twin ext/mix_py.py ("py").
 
 Every behavioural test runs against both; the property tests check that the
 two agree bit for bit on random frames, laws and flags.
@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from engine.media import g711
-from engine.media import mix as py_mix
+from ext import g711_py as g711
+from ext import mix_py as py_mix
 
 FRAME = 160
 
@@ -510,7 +510,7 @@ def test_c_and_py_mix_minus_agree(data, n, f):
 
 
 def test_selection():
-    from engine.media import mixer
+    from ext.kernels import mix as mixer
 
     expected = "c" if C_MIX is not None else "py"
     assert mixer.IMPLEMENTATION == expected

@@ -17,10 +17,10 @@ pytest.importorskip("ext.rtp", reason="ext.rtp is not built (make build)")
 
 import grpc  # noqa: E402
 
-from control import pb  # noqa: E402
+from proto import pb  # noqa: E402
 from control.sdk import VendorClient  # noqa: E402
-from engine import config as config_mod  # noqa: E402
-from engine.top import Frame, from_engine  # noqa: E402
+from engine.config.load import load as config_mod  # noqa: E402
+from engine.cli.top import Frame, from_engine  # noqa: E402
 from tests.helpers import period_now, running_engine  # noqa: E402
 from tests.test_billing_api import Accountant, code_of  # noqa: E402
 from tests.test_sessions import Caller  # noqa: E402

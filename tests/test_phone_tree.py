@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from engine.config import ConfigError, from_dict
+from engine.config.load import ConfigError, from_dict
 from tests.helpers import BATON, engine_config
 from tests.services_helpers import (Watcher, control, correlation, engine_process, heard_clearly, finish,
                                     metadata, peer, prerender, read_wav, write_config)
@@ -121,7 +121,7 @@ def test_the_engine_refuses_to_start_with_a_bad_tree(tmp_path):
 # -- calls --------------------------------------------------------------------------
 
 async def _session(ch, watcher: Watcher):
-    from control import pb
+    from proto import pb
 
     stub = pb.sessions_pb2_grpc.SessionsStub(ch)
     sids = {e.session_id for e in watcher.of("phone_tree.menu")}
@@ -191,7 +191,7 @@ async def test_no_key_repeats_then_leaves_through_timeout(tmp_path):
 async def test_demo_tree_bridges_to_the_echo_desk(tmp_path):
     """examples/demo.toml's 5100: 1 leaves through `desk`, a bridge to 1001 (the echo)."""
     pytest.importorskip("pjsua2")
-    from control import pb
+    from proto import pb
 
     from tests.helpers import DEMO, EngineProcess
 

@@ -25,7 +25,7 @@ import wave
 import pytest
 
 from engine.accounting.plans import parse_plan
-from engine.policy import (GUARD, Decision, Snapshot, affordable, limit_seconds,
+from engine.sessions.policy import (GUARD, Decision, Snapshot, affordable, limit_seconds,
                            segment_cost)
 from tests.helpers import BATON, EngineProcess, ROOT, period_now
 
@@ -170,7 +170,7 @@ def test_snapshot_denies_without_funds_and_leaves_other_accounts_alone(tmp_path)
 
 
 def test_policy_warning_keys_are_checked_at_load():
-    from engine.config import ConfigError, from_dict
+    from engine.config.load import ConfigError, from_dict
 
     for pol, key in [({"warn_before": -1}, "policy.warn_before"),
                      ({"warn_before": "30"}, "policy.warn_before"),
@@ -264,7 +264,7 @@ class Watcher:
     def __init__(self, grpc_port: int, token: str):
         import grpc
 
-        from control import pb
+        from proto import pb
 
         self.pb = pb
         self.channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
@@ -499,7 +499,7 @@ def test_free_time_needs_no_funds_even_when_others_reserved_them():
 def _live_session(policy_decision):
     import asyncio
 
-    from engine.session import Control, Session
+    from engine.sessions.session import Control, Session
 
     loop = asyncio.new_event_loop()
     noop = lambda *a, **k: None  # noqa: E731

@@ -1,4 +1,4 @@
-"""The call-control ring (ext/ring.pyx and its twin engine/ring_py.py).
+"""The call-control ring (ext/ring.pyx and its twin ext/ring_py.py).
 
 Billing reads this ring: every test here comes down to "each published record
 is read exactly once, in order, and nothing else is". Unit tests cover the
@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import ring_py
+from ext import ring_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -421,11 +421,11 @@ def test_append_record(mod, path):
 
 
 def test_implementation_chooser():
-    code = "from engine import ring; print(ring.IMPLEMENTATION, ring.RingWriter.__module__)"
+    code = "from ext.kernels import ring; print(ring.IMPLEMENTATION, ring.RingWriter.__module__)"
     env = dict(os.environ, BATON_NO_EXTENSIONS="1")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, check=True).stdout.split()
-    assert out == ["py", "engine.ring_py"]
+    assert out == ["py", "ext.ring_py"]
     if c_ring is not None:
         env.pop("BATON_NO_EXTENSIONS")
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,

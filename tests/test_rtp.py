@@ -156,7 +156,7 @@ def test_terminated_audio_reaches_the_recorder():
     for _ in range(6):
         events += clock.tick() or []
     assert events == [(1, "record-full", 800)]
-    from engine.media.g711 import ulaw_decode
+    from ext.g711_py import ulaw_decode
 
     expect = np.frombuffer(ulaw_decode(ramp), dtype=np.int16)
     assert (np.asarray(ch.recorder.samples())[:160] == expect).all()
@@ -239,7 +239,7 @@ async def test_rtp_inactivity_ends_the_call_with_bye():
 def test_conference_on_the_media_clock_mixes_minus_self():
     import numpy as np
 
-    from engine.media.g711 import ulaw_encode
+    from ext.g711_py import ulaw_encode
     from ext import mix
 
     hub = rtp.RtpHub()
@@ -265,7 +265,7 @@ def test_conference_on_the_media_clock_mixes_minus_self():
     settle(hub)
     for _ in range(3):
         clock.tick()
-    from engine.media.g711 import ulaw_decode
+    from ext.g711_py import ulaw_decode
 
     def energy(far):
         frames = [np.frombuffer(ulaw_decode(p[12:]), dtype=np.int16) for p in drain(far)]
@@ -281,7 +281,7 @@ def test_conference_on_the_media_clock_mixes_minus_self():
 def test_inband_dtmf_detected_on_the_clock():
     import numpy as np
 
-    from engine.media.g711 import ulaw_encode
+    from ext.g711_py import ulaw_encode
 
     hub = rtp.RtpHub()
     clock = rtp.MediaClock()

@@ -40,7 +40,7 @@ def register(c, user: str | None, host: str, *, contact: str | None = None,
 def test_register_without_user_part_cannot_take_over_an_agent():
     import grpc
 
-    from control import pb
+    from proto import pb
 
     with EngineProcess(DEMO) as eng:
         attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -48,7 +48,7 @@ def test_register_without_user_part_cannot_take_over_an_agent():
         attacker.settimeout(3)
         c = UdpClient("127.0.0.1", eng.port)
         c.local_port = attacker.getsockname()[1]
-        from engine.sip.parser_py import parse_message
+        from ext.sip_py import parse_message
 
         # `sip:agent1` names no user: refused (RFC 3261 10.3), nothing bound.
         attacker.sendto(register(c, None, "agent1",
@@ -208,7 +208,7 @@ async def test_unknown_and_known_users_get_the_same_answers_and_guessing_is_thro
 def test_the_message_builder_refuses_control_characters():
     from engine.sip import build
     from engine.sip.errors import HeaderInjectionError
-    from engine.sip.parser_py import parse_message
+    from ext.sip_py import parse_message
 
     via = ("via", "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK1")
     for headers in ([via, ("from", "<sip:1234\r\nP-Asserted-Identity: <sip:x@y>>")],
@@ -241,7 +241,7 @@ class Trunk(asyncio.DatagramProtocol):
 
     def datagram_received(self, data, addr):
         from engine.sip import build
-        from engine.sip.parser_py import parse_message
+        from ext.sip_py import parse_message
 
         self.received.append(data)
         msg = parse_message(data)
@@ -298,7 +298,7 @@ async def test_caller_id_injection_never_reaches_the_trunk():
 async def test_originate_and_verify_refuse_crlf_in_from():
     import grpc
 
-    from control import pb
+    from proto import pb
     from tests.vendor_procs.harness import bearer, control_config, target
 
     async with running_engine(control_config()) as eng:

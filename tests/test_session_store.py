@@ -1,12 +1,12 @@
-"""The session journal (engine/store.py): batched snapshots, latest state wins."""
+"""The session journal (engine/sessions/journal.py): batched snapshots, latest state wins."""
 from __future__ import annotations
 
 import asyncio
 import json
 from types import SimpleNamespace
 
-from engine import store
-from engine.session import ControlSpan
+from engine.sessions import journal as store
+from engine.sessions.session import ControlSpan
 
 
 def _session(sid: str) -> SimpleNamespace:
@@ -59,8 +59,8 @@ def _stamps(w, sid: str, *steps, account: str = "acme") -> None:
 
 
 def test_the_journal_is_repaired_from_the_stamps_the_ring_retains(tmp_path):
-    from engine import ring
-    from engine.stamper import Stamper
+    from ext.kernels import ring
+    from engine.sessions.stamper import Stamper
 
     path = str(tmp_path / "ring" / "ring.dat")
     w = ring.RingWriter(path, node_id="n1")

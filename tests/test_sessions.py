@@ -296,7 +296,7 @@ async def test_record_module_finishes_and_writes_wav(how, expect_reason):
 
     import numpy as np
 
-    from engine.media.g711 import ulaw_encode
+    from ext.g711_py import ulaw_encode
 
     params = {"max_length": 1.0} if how == "length" else {}
     async with running_engine(record_config(**params)) as eng:
@@ -332,7 +332,7 @@ async def test_every_change_of_control_is_stamped_into_the_ring():
 
     import msgpack
 
-    from engine import ring
+    from ext.kernels import ring
 
     raw = engine_config()
     async with running_engine(raw) as eng:

@@ -8,8 +8,8 @@ import pytest
 
 from engine.sip import sdp
 from engine.sip.digest import authorize
-from engine.sip.parser_py import parse_message
-from engine.store import list_sessions
+from ext.sip_py import parse_message
+from engine.sessions.journal import list_sessions
 from tests.helpers import SDP_OFFER, Call, UdpClient, engine_config, running_engine
 
 
@@ -257,7 +257,7 @@ async def test_version_malformed_and_garbage():
 
 
 async def test_max_forwards_zero_where_forwarding(monkeypatch):
-    from engine import server
+    from engine.runtime import server
     from engine.modules.hold import HoldModule
 
     class Forwarding(HoldModule):
@@ -392,7 +392,7 @@ class TcpPeer:
         self.buf = b""
 
     async def recv(self, timeout=2.0):
-        from engine.sip.parser_py import frame_length
+        from ext.sip_py import frame_length
 
         loop = asyncio.get_running_loop()
         while True:

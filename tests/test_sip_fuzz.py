@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from engine.store import list_sessions
+from engine.sessions.journal import list_sessions
 from tests.helpers import DEMO, EngineProcess
 from tests.netns import Netns, NetnsUnavailable
 

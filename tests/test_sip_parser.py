@@ -1,6 +1,6 @@
 """SIP parser tests, run against both implementations (ids `c` and `py`).
 
-`engine/sip/parser_py.py` is the specification; `ext/sip.pyx` must give the
+`ext/sip_py.py` is the specification; `ext/sip.pyx` must give the
 same `as_dict()` for every input, raise `SipParseError` for exactly the same
 inputs and nothing else ever. The differential tests at the end check that
 on generated, mutated and random input.
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.sip import parser_py
-from engine.sip.message import (COMPACT, FIELDS, MAX_HEADERS, MAX_LINE, MAX_MESSAGE,
+from ext import sip_py as parser_py
+from ext.sip_message import (COMPACT, FIELDS, MAX_HEADERS, MAX_LINE, MAX_MESSAGE,
                                 SipMessage, SipParseError)
 
 try:
@@ -482,7 +482,7 @@ def test_only_sp_and_htab_are_lws(impl):
 
 
 def test_parser_selection():
-    from engine.sip import parser
+    from ext.kernels import sip as parser
     if os.environ.get("BATON_NO_EXTENSIONS"):
         assert parser.IMPLEMENTATION == "py" and parser.parse_message is parser_py.parse_message
     elif sip_c is not None:

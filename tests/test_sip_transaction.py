@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.sip.parser_py import parse_message
+from ext.sip_py import parse_message
 from engine.sip.timers import T1, T2, T4, TimerQueues
 from engine.sip.transaction import (ACCEPTED, CALLING, COMPLETED, CONFIRMED, PROCEEDING,
                                     TERMINATED, TRYING, Flow, TransactionLayer, client_key,

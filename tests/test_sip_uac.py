@@ -5,7 +5,7 @@ import asyncio
 
 from engine.sip import build
 from engine.sip.digest import DigestServer
-from engine.sip.parser_py import parse_message
+from ext.sip_py import parse_message
 from engine.sip.uac import CallState, OutgoingCall, UacOwner
 from tests.helpers import SDP_OFFER, engine_config, running_engine
 

@@ -10,9 +10,9 @@ import grpc
 import pytest
 from aiohttp import web
 
-from engine.config import ConfigError, from_dict
+from engine.config.load import ConfigError, from_dict
 from engine.modules.services.survey import SurveyModule
-from engine.webhooks import verify as verify_signature
+from engine.common.webhooks import verify as verify_signature
 from tests.helpers import engine_config
 from tests.services_helpers import (OTHER_TOKEN, Watcher, control, engine_process, finish,
                                     metadata, peer, prerender, write_config)
@@ -187,7 +187,7 @@ class Receiver:
 @pytest.mark.interop
 async def test_callers_answer_and_results_are_stored_posted_and_readable(tmp_path):
     pytest.importorskip("pjsua2")
-    from control import pb
+    from proto import pb
 
     rx = await Receiver().start()
     try:

@@ -17,7 +17,7 @@ pytest.importorskip("ext.rtp", reason="ext.rtp is not built (make build)")
 
 import grpc  # noqa: E402
 
-from control import pb  # noqa: E402
+from proto import pb  # noqa: E402
 from control.sdk.errors import PermissionDenied  # noqa: E402
 from engine.modules.dialing import Outbound, OutboundDenied, check, parse  # noqa: E402
 from tests.helpers import SDP_OFFER, engine_config, running_engine  # noqa: E402

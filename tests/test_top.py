@@ -13,8 +13,8 @@ pytest.importorskip("ext.rtp", reason="ext.rtp is not built (make build)")
 
 import grpc  # noqa: E402
 
-from control import pb  # noqa: E402
-from engine.top import Frame, Row, render  # noqa: E402
+from proto import pb  # noqa: E402
+from engine.cli.top import Frame, Row, render  # noqa: E402
 from tests.helpers import BATON, BlockingPeer, EngineProcess, running_engine  # noqa: E402
 from tests.test_sessions import Caller  # noqa: E402
 from tests.vendor_procs.harness import (OTHER_TOKEN, TOKEN, bearer, control_config,  # noqa: E402

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from engine.config import ConfigError, from_dict
+from engine.config.load import ConfigError, from_dict
 from engine.modules.services.verify import user_of
 from tests.helpers import engine_config
 from tests.services_helpers import (OTHER_TOKEN, Watcher, control, correlation, engine_process, heard_clearly,
@@ -47,7 +47,7 @@ def _config(tmp_path) -> str:
 
 
 def _stubs(ch):
-    from control import pb
+    from proto import pb
 
     return (pb, pb.services_pb2_grpc.VerifyStub(ch), pb.sessions_pb2_grpc.SessionsStub(ch))
 
@@ -142,7 +142,7 @@ def test_the_api_keeps_sqlite_off_the_loop_in_order(tmp_path):
     import threading
     import types
 
-    from control import pb
+    from proto import pb
     from control.auth import AuthError
     from control.services_api import VerifyService as VerifyApi
     from engine.modules.services import verify as verify_mod

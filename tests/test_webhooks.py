@@ -10,8 +10,8 @@ import time
 import pytest
 from aiohttp import web
 
-from engine.config import ConfigError, from_dict
-from engine.webhooks import (HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, SyncWebhooks,
+from engine.config.load import ConfigError, from_dict
+from engine.common.webhooks import (HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, SyncWebhooks,
                              WebhookSettings, Webhooks, sign, verify)
 from tests.helpers import engine_config, period_now
 from tests.vendor_procs.harness import wait_until
@@ -257,7 +257,7 @@ NOTIFY_CONFIG = {
 
 def stamp_call(data_dir, sid: str, account: str, seconds: int, messages: int) -> None:
     """A finished call stamped into the ring as the engine does, at the current time."""
-    from engine import ring
+    from ext.kernels import ring
     from engine.common import clock
 
     w = ring.RingWriter(str(data_dir / "ring" / "ring.dat"), slots=1024, node_id="n1")

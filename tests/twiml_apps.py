@@ -164,7 +164,7 @@ async def instructions_engine(raw: dict | None = None, *, secret: str | None = N
                               twilio: bool = False, http: bool = True):
     """An in-process engine with `baton.instructions` registered and the recordings
     server running; the account `demo` gets `secret`/`twilio_signature`."""
-    from engine import http as http_mod
+    from engine.runtime import http as http_mod
     from engine.modules.instructions import InstructionsModule, shutdown
 
     raw = fixed_sip_port(raw or engine_config())
@@ -223,7 +223,7 @@ def tone_payload(freq: float, n: int, level: float = 6000.0) -> bytes:
     """One 20 ms μ-law frame of a sine, frame number `n` (continuous phase)."""
     import numpy as np
 
-    from engine.media.g711 import ulaw_encode
+    from ext.g711_py import ulaw_encode
 
     t = (np.arange(160) + 160 * n) / 8000.0
     return ulaw_encode((level * np.sin(2 * math.pi * freq * t)).astype(np.int16))
@@ -233,7 +233,7 @@ def pcm_of(packets: list, pt: int = 0):
     """The received audio (PT 0 packets) as one int16 array."""
     import numpy as np
 
-    from engine.media.g711 import ulaw_decode
+    from ext.g711_py import ulaw_decode
 
     frames = [p[12:] for p in packets if len(p) > 12 and (p[1] & 0x7F) == pt]
     if not frames:

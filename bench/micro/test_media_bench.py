@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from engine.media import dtmf as py_dtmf  # noqa: E402
-from engine.media import g711 as py_g711  # noqa: E402
+from ext import dtmf_py as py_dtmf  # noqa: E402
+from ext import g711_py as py_g711  # noqa: E402
 
 try:
     from ext import g711 as c_g711

@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from engine.media import g711  # noqa: E402
-from engine.media import mix as py_mix  # noqa: E402
+from ext import g711_py as g711  # noqa: E402
+from ext import mix_py as py_mix  # noqa: E402
 
 try:
     from ext import mix as c_mix

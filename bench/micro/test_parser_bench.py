@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from engine.sip import parser_py  # noqa: E402
+from ext import sip_py as parser_py  # noqa: E402
 
 try:
     from ext import sip as c_sip

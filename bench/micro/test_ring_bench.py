@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from engine import ring_py  # noqa: E402
+from ext import ring_py  # noqa: E402
 
 try:
     from ext import ring as c_ring

@@ -18,11 +18,11 @@ takes them, and drives them with awaitable commands::
 
 See docs/vendors.md for the protocol, the lifecycle and billing.
 """
-from .client import Call, Offer, VendorClient
-from .errors import (ControlError, ControlLost, Disconnected, FailedPrecondition, Internal,
+from control.sdk.client import Call, Offer, VendorClient
+from control.sdk.errors import (ControlError, ControlLost, Disconnected, FailedPrecondition, Internal,
                      InvalidArgument, NotFound, PermissionDenied, RegistrationError,
                      Unauthenticated, Unimplemented)
-from .types import (Ack, ControlRevoked, CostWarning, Dtmf, Event, GatherResult, LegAnswered,
+from control.sdk.types import (Ack, ControlRevoked, CostWarning, Dtmf, Event, GatherResult, LegAnswered,
                     LegEnded, Money, OfferInfo, Play, PlaybackFinished, Prompt, RecordingReady,
                     Say)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .client import VendorClient
+from control.sdk.client import VendorClient
 
 
 def vendor_argument_parser(description: str, code: str) -> argparse.ArgumentParser:

@@ -30,9 +30,9 @@ from typing import Any
 
 import grpc
 
-from .. import pb
-from .errors import ControlLost, Disconnected, RegistrationError, error_for
-from .types import (Ack, ControlRevoked, Event, GatherResult, OfferInfo, Play,
+from proto import pb
+from control.sdk.errors import ControlLost, Disconnected, RegistrationError, error_for
+from control.sdk.types import (Ack, ControlRevoked, Event, GatherResult, OfferInfo, Play,
                     PlaybackFinished, Prompt, RecordingReady, Say, event_from_pb)
 
 log = logging.getLogger("baton.sdk")

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Union
 
-from .. import pb
+from proto import pb
 
 mh = pb.module_host_pb2
 

@@ -9,12 +9,12 @@ sums the ledger into invoices and vendor payouts. Money is integer micro-units
 """
 from __future__ import annotations
 
-from .config import BillingConfig, BillingConfigError
-from .ledger import Ledger, LedgerError, Line, PostgresLedger, SqliteLedger, open_ledger
-from .meter import Action, Meter, Segment, SessionEnd
-from .money import MICRO, MoneyError, format_money, parse_money, round_half_up
-from .plans import PlanError, UsagePlan, parse_plan
-from .rater import Rater
+from engine.accounting.config import BillingConfig, BillingConfigError
+from engine.accounting.ledger import Ledger, LedgerError, Line, PostgresLedger, SqliteLedger, open_ledger
+from engine.accounting.meter import Action, Meter, Segment, SessionEnd
+from engine.accounting.money import MICRO, MoneyError, format_money, parse_money, round_half_up
+from engine.accounting.plans import PlanError, UsagePlan, parse_plan
+from engine.accounting.rater import Rater
 
 __all__ = [
     "BillingConfig", "BillingConfigError", "Ledger", "LedgerError", "Line", "PostgresLedger",

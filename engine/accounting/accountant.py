@@ -46,14 +46,14 @@ from typing import Any
 
 import msgpack
 
-from .config import BillingConfig, BillingConfigError
-from .invoices import FORMATS, invoice, payouts, render
-from .ledger import Ledger, LedgerError, LedgerFenced, Line, PostgresLedger, open_ledger
-from .lock import AccountantLock, lock_holder, lock_path
-from .meter import Meter, OpenSession
-from .money import format_money
-from .rater import Rater
-from ..common import clock
+from engine.accounting.config import BillingConfig, BillingConfigError
+from engine.accounting.invoices import FORMATS, invoice, payouts, render
+from engine.accounting.ledger import Ledger, LedgerError, LedgerFenced, Line, PostgresLedger, open_ledger
+from engine.accounting.lock import AccountantLock, lock_holder, lock_path
+from engine.accounting.meter import Meter, OpenSession
+from engine.accounting.money import format_money
+from engine.accounting.rater import Rater
+from engine.common import clock
 
 __all__ = ["Accountant", "AccountantBusy", "main", "bill_main", "ring_path", "policy_path",
            "tune_gc"]
@@ -103,7 +103,7 @@ def tune_gc() -> None:
 
 
 def _ring_module():
-    from engine import ring
+    from ext.kernels import ring
     return ring
 
 
@@ -233,7 +233,7 @@ class Accountant:
         self.posted = 0
         self.batches = 0
         self.bad_records = 0
-        # For /metrics (engine/metrics.py): (ring seq, stamp wall ns) of the last record
+        # For /metrics (engine/common/metrics.py): (ring seq, stamp wall ns) of the last record
         # of each chunk read, and the stamp-to-ledger lag of the last commit.
         self._marks: collections.deque = collections.deque()
         self.lag_seconds = 0.0
@@ -742,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-addr", metavar="HOST:PORT",
                    help="serve Prometheus /metrics here (default: engine.accountant_metrics_addr)")
     args = p.parse_args(argv)
-    from engine.logs import setup as setup_logs
+    from engine.common.logs import setup as setup_logs
 
     setup_logs(args.log_level, args.log_format or "text")
     # While it waits for the accountant lock, a stop or the engine's death ends the wait.
@@ -784,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics_addr = args.metrics_addr or raw.get("engine", {}).get("accountant_metrics_addr")
     stop_metrics = None
     if metrics_addr and not args.once:
-        from engine.metrics import serve_accountant_metrics
+        from engine.common.metrics import serve_accountant_metrics
 
         try:
             _url, stop_metrics = serve_accountant_metrics(acct, metrics_addr)
@@ -797,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
             acct.drain()
             acct.write_policy()
         else:
-            from .service import BackgroundService
+            from engine.accounting.service import BackgroundService
 
             service = BackgroundService(acct, raw)      # Billing API and notifications
             log.info("accountant running on %s", acct.data_dir)
@@ -857,7 +857,7 @@ def bill_main(argv: list[str] | None = None) -> int:
         ledger.close()
     sys.stdout.write(render(doc, args.format))
     if getattr(args, "notify", False):
-        from .service import notify_invoice_now
+        from engine.accounting.service import notify_invoice_now
 
         return notify_invoice_now(raw, data_dir, doc)
     return 0

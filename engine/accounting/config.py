@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from .money import MoneyError, check_currency, parse_money, parse_ratio
-from .plans import FREE, FREE_ACTION, PlanError, SubscriptionPlan, UsagePlan, parse_plans
-from ..common import clock
-from ..common.levels import LEVELS
+from engine.accounting.money import MoneyError, check_currency, parse_money, parse_ratio
+from engine.accounting.plans import FREE, FREE_ACTION, PlanError, SubscriptionPlan, UsagePlan, parse_plans
+from engine.common import clock
+from engine.common.levels import LEVELS
 
 __all__ = ["BillingConfig", "BillingConfigError", "AccountBilling", "Vendor", "PeriodClock",
            "ACTIONS", "LEVELS"]

@@ -17,9 +17,9 @@ import json
 from fractions import Fraction
 from typing import Any
 
-from .ledger import Ledger
-from .money import format_money, format_quantity
-from .plans import UNIT_SECONDS
+from engine.accounting.ledger import Ledger
+from engine.accounting.money import format_money, format_quantity
+from engine.accounting.plans import UNIT_SECONDS
 
 __all__ = ["invoice", "payouts", "render", "FORMATS"]
 

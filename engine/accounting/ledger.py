@@ -43,8 +43,8 @@ from typing import Any
 
 import msgpack
 
-from ..common import clock
-from .money import round_half_up
+from engine.common import clock
+from engine.accounting.money import round_half_up
 
 __all__ = ["Line", "Ledger", "SqliteLedger", "PostgresLedger", "LedgerError", "LedgerFenced",
            "open_ledger", "TXN_COLUMNS", "ENTRY_COLUMNS", "split_share"]

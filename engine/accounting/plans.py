@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .money import MoneyError, check_currency, parse_money, round_half_up
+from engine.accounting.money import MoneyError, check_currency, parse_money, round_half_up
 
 __all__ = [
     "PlanError", "UsagePlan", "PerUnitPlan", "GraduatedPlan", "VolumePlan", "SubscriptionPlan",

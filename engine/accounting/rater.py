@@ -14,12 +14,12 @@ from collections.abc import Iterable
 
 import msgpack
 
-from .config import BillingConfig, PeriodClock
-from .ledger import Line, split_share
-from ..common.levels import OFFER
-from .meter import Action, OpenSession, Segment
-from .plans import DEN, NS, PerUnitPlan, SubscriptionPlan, UsagePlan, _SCALE
-from ..common import clock
+from engine.accounting.config import BillingConfig, PeriodClock
+from engine.accounting.ledger import Line, split_share
+from engine.common.levels import OFFER
+from engine.accounting.meter import Action, OpenSession, Segment
+from engine.accounting.plans import DEN, NS, PerUnitPlan, SubscriptionPlan, UsagePlan, _SCALE
+from engine.common import clock
 
 __all__ = ["Rater", "usage_key"]
 

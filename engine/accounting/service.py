@@ -17,7 +17,7 @@ through a connection of their own.
 notifications: `balance.low` once each time an account's funds left fall
 below its threshold, `cap.reached` once per capped target and period, and
 `invoice.ready` once per account and period after the period has closed.
-Each is a signed webhook (engine/webhooks.py, the accountant's own outbox)
+Each is a signed webhook (engine/common/webhooks.py, the accountant's own outbox)
 and a `Billing.Events` message, which the engine turns into `Sessions.Watch`
 events.
 """
@@ -75,9 +75,9 @@ def check_account(account: str) -> str | None:
 
 def money_pb(micros: int, currency: str):
     """A `baton.v1.Money`."""
-    from control import pb
+    from proto import pb
 
-    from .money import format_money
+    from engine.accounting.money import format_money
 
     return pb.billing_pb2.Money(micros=int(micros), amount=format_money(int(micros)),
                                 currency=currency or "")
@@ -85,7 +85,7 @@ def money_pb(micros: int, currency: str):
 
 def invoice_pb(doc: dict):
     """An invoice dict (invoices.invoice) as an `AccountInvoice`."""
-    from control import pb
+    from proto import pb
 
     bp = pb.billing_pb2
     out = bp.AccountInvoice(account=doc["account"], period=doc["period"],
@@ -108,7 +108,7 @@ def invoice_pb(doc: dict):
 
 def payouts_pb(doc: dict):
     """A payouts report dict (invoices.payouts) as a `PayoutsReport`."""
-    from control import pb
+    from proto import pb
 
     bp = pb.billing_pb2
     out = bp.PayoutsReport(period=doc["period"], vendor=doc["vendor"] or "")
@@ -144,7 +144,7 @@ class _Reader:
         self._ledger = None
 
     def __call__(self, fn: Callable[[Any], Any]) -> Any:
-        from .ledger import open_ledger
+        from engine.accounting.ledger import open_ledger
 
         with self.lock:
             if self._ledger is None:
@@ -175,7 +175,7 @@ class BillingServer:
     """The gRPC server of one accountant; `stop()` ends it."""
 
     def __init__(self, acct, raw: dict | None = None, address: str | None = None) -> None:
-        from engine.webhooks import SyncWebhooks, WebhookSettings
+        from engine.common.webhooks import SyncWebhooks, WebhookSettings
 
         self.acct = acct
         self.address = address or billing_address(acct.data_dir)
@@ -250,7 +250,7 @@ class BillingServer:
     def start(self) -> BillingServer:
         import grpc
 
-        from control import pb
+        from proto import pb
 
         server = grpc.server(concurrent.futures.ThreadPoolExecutor(
             max_workers=8, thread_name_prefix="billing-api"),
@@ -357,7 +357,7 @@ class _Servicer:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
     def Invoice(self, request, context):
-        from .invoices import invoice
+        from engine.accounting.invoices import invoice
 
         for problem in (check_account(request.account), check_period(request.period)):
             if problem:
@@ -367,7 +367,7 @@ class _Servicer:
         return invoice_pb(doc)
 
     def Payouts(self, request, context):
-        from .invoices import payouts
+        from engine.accounting.invoices import payouts
 
         problem = check_period(request.period)
         if problem:
@@ -379,7 +379,7 @@ class _Servicer:
     def Cost(self, request, context):
         import grpc
 
-        from control import pb
+        from proto import pb
 
         sid = request.session_id
         if not sid:
@@ -414,7 +414,7 @@ class _Servicer:
                                           cost=money_pb(total, currency))
 
     def Balance(self, request, context):
-        from control import pb
+        from proto import pb
 
         problem = check_account(request.account)
         if problem:
@@ -441,7 +441,7 @@ class _Servicer:
         return out
 
     def Events(self, request, context):
-        from control import pb
+        from proto import pb
 
         q = self.srv.subscribe()
         try:
@@ -478,7 +478,7 @@ class Notifier:
     def threshold(self, account: str) -> int | None:
         """The account's low-balance threshold in micro-units, or None."""
         if account not in self._thresholds:
-            from .money import parse_money
+            from engine.accounting.money import parse_money
 
             value = self.webhooks.settings.low_balance_of(account)
             self._thresholds[account] = parse_money(value) if value is not None else None
@@ -515,7 +515,7 @@ class Notifier:
                 self._invoices_ready(closed)
 
     def _invoices_ready(self, period: str) -> None:
-        from .invoices import invoice
+        from engine.accounting.invoices import invoice
 
         book = self.acct.book
         try:
@@ -558,8 +558,8 @@ def notify_invoice_now(raw: dict, data_dir: str, doc: dict, timeout: float = 10.
     running accountant keeps retrying."""
     import sys
 
-    from engine.config import ConfigError
-    from engine.webhooks import SyncWebhooks, WebhookSettings
+    from engine.common.errors import ConfigError
+    from engine.common.webhooks import SyncWebhooks, WebhookSettings
 
     try:
         settings = WebhookSettings.from_raw(raw)

@@ -193,13 +193,9 @@ class _WavInfo:
 
 
 def _g711(name: str) -> Callable[[bytes], object]:
-    try:
-        from engine.media import codecs as mod  # the production codec module, when present
-        fn = getattr(mod, name)
-    except (ImportError, AttributeError):
-        from engine.media import g711 as mod
-        fn = getattr(mod, name)
-    return fn
+    from ext.kernels import g711
+
+    return getattr(g711, name)
 
 
 def _g711_to_float(raw: bytes, tag: int) -> np.ndarray:

@@ -12,7 +12,7 @@ import itertools
 import logging
 import time
 
-from ext import rtp
+from ext.kernels import rtp
 
 log = logging.getLogger("baton.media")
 
@@ -92,7 +92,7 @@ class MediaEngine:
 
     def _rtcp(self) -> None:
         """RFC 3550 6.4: a sender report per stream, and read what the far ends reported."""
-        from . import rtcp
+        from engine.media import rtcp
 
         self._rtcp_handle = self.loop.call_later(self.rtcp_interval, self._rtcp)
         for key, entry in list(self.rtcp.items()):

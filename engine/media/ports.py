@@ -90,7 +90,8 @@ class PortPool:
 
 def _drain(sock) -> None:
     try:
-        from ext.rtp import drain_socket
+        from ext.kernels import rtp
+        drain_socket = rtp.drain_socket
     except ImportError:
         try:
             while True:

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from . import audio
+from engine.media import audio
 
 log = logging.getLogger("baton.media.recording")
 
@@ -40,7 +40,7 @@ class Recording:
         self.started_at = None
 
     def start(self) -> None:
-        from ext import rtp
+        from ext.kernels import rtp
 
         ch = self.leg.open_channel()
         if ch is None:
@@ -53,7 +53,7 @@ class Recording:
             self._record()
 
     def _record(self) -> None:
-        from ext import rtp
+        from ext.kernels import rtp
 
         ch = self.leg.channel
         if ch is None:

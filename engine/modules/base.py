@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import logging
 
-from ..media.ports import PortsExhausted
-from ..sip import sdp
-from ..sip.errors import SdpError
+from engine.media.ports import PortsExhausted
+from engine.sip import sdp
+from engine.sip.errors import SdpError
 
 log = logging.getLogger("baton.modules")
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 
-from ..media.ports import PortsExhausted
-from ..sip import sdp
-from ..sip.errors import SdpError
-from ..sip.uac import OutgoingCall, UacOwner
-from ..sip.uri import check_user_part, sip_uri
-from .base import Module, answer_media
-from .dialing import OutboundDenied, permit
+from engine.media.ports import PortsExhausted
+from engine.sip import sdp
+from engine.sip.errors import SdpError
+from engine.sip.uac import OutgoingCall, UacOwner
+from engine.sip.uri import check_user_part, sip_uri
+from engine.modules.base import Module, answer_media
+from engine.modules.dialing import OutboundDenied, permit
 
 log = logging.getLogger("baton.modules.bridge")
 
@@ -71,7 +71,7 @@ class BridgeModule(Module):
     outlets = ("busy", "no-answer", "failed", "done")
 
     def take(self, ctl) -> None:
-        from ..session import Leg
+        from engine.sessions.session import Leg
 
         engine = self.engine
         session = ctl.session
@@ -160,7 +160,7 @@ class BridgeModule(Module):
         to = str(ctl.params.get("to", "")).strip()
         if "{self}" in to:
             # This engine's own address, so a config can dial back into itself.
-            from ..sip.transport import format_hostport
+            from engine.common.net import format_hostport
 
             to = to.replace("{self}", format_hostport(self.engine.cfg.advertise, self.engine.sip_port))
         if not to:
@@ -200,7 +200,7 @@ class BridgeModule(Module):
     def _ringback(self, ctl, state) -> None:
         ch = ctl.caller.open_channel()
         if ch is not None and self.engine.ringback is not None:
-            from ext import rtp
+            from ext.kernels import rtp
 
             state.player = rtp.Player(self.engine.ringback, 0)
             ch.play(state.player)

@@ -7,13 +7,13 @@ import functools
 
 @functools.cache
 def builtin_modules() -> dict[str, type]:
-    from .bridge import BridgeModule
-    from .echo import EchoModule
-    from .hold import HoldModule
-    from .instructions import InstructionsModule
-    from .menu import MenuModule, PlayModule
-    from .record import RecordModule
-    from .services import SERVICE_MODULES
+    from engine.modules.bridge import BridgeModule
+    from engine.modules.echo import EchoModule
+    from engine.modules.hold import HoldModule
+    from engine.modules.instructions import InstructionsModule
+    from engine.modules.menu import MenuModule, PlayModule
+    from engine.modules.record import RecordModule
+    from engine.modules.services import SERVICE_MODULES
 
     classes = (HoldModule, EchoModule, BridgeModule, MenuModule, PlayModule, RecordModule,
                InstructionsModule, *SERVICE_MODULES)

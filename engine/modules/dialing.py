@@ -160,7 +160,7 @@ def check(perm: Outbound, to: str, trunk: str | None, own: tuple) -> None:
                     and not any(a.startswith(p) for a in allowed):
                 raise OutboundDenied("premium", f"{number} is a premium-rate destination")
         return
-    from ..sip.uri import parse_uri
+    from engine.sip.uri import parse_uri
 
     try:
         uri = parse_uri(to.strip().strip("<>"))

@@ -1,7 +1,7 @@
 """`baton.echo`: answer and send back what the caller sends (a media loop test)."""
 from __future__ import annotations
 
-from .hold import HoldModule
+from engine.modules.hold import HoldModule
 
 
 class EchoModule(HoldModule):

@@ -1,7 +1,7 @@
 """`baton.hold`: answer the call and hold it (media answered, silence) until the caller hangs up."""
 from __future__ import annotations
 
-from .base import Module, answer_caller
+from engine.modules.base import Module, answer_caller
 
 
 class HoldModule(Module):

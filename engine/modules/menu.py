@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from .base import Module, answer_caller
+from engine.modules.base import Module, answer_caller
 
 log = logging.getLogger("baton.modules.menu")
 
@@ -25,7 +25,7 @@ async def render(ctl, text: str | None = None, file: str | None = None, voice: s
     """PCM for a prompt: spoken text (cached) or a WAV file."""
     engine = ctl.engine
     if file:
-        from ..media.audio import load_wav
+        from engine.media.audio import load_wav
 
         return await load_wav(file)
     kwargs = {"voice": voice}
@@ -37,7 +37,7 @@ async def render(ctl, text: str | None = None, file: str | None = None, voice: s
 
 
 def start_player(ctl, pcm, loops: int = 1):
-    from ext import rtp
+    from ext.kernels import rtp
 
     ch = ctl.caller.open_channel()
     if ch is None:

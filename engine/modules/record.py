@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import os
 
-from ..media.recording import Recording
-from .base import Module, answer_caller
-from .menu import PromptState, render, start_player
+from engine.media.recording import Recording
+from engine.modules.base import Module, answer_caller
+from engine.modules.menu import PromptState, render, start_player
 
 log = logging.getLogger("baton.modules.record")
 

@@ -5,8 +5,8 @@ import os
 import re
 import secrets
 
-from .errors import HeaderInjectionError
-from .message import pretty
+from engine.sip.errors import HeaderInjectionError
+from ext.sip_message import pretty
 
 # RFC 3261 25.1: no control characters but HTAB in a header line; CR or LF would
 # end the header and let the value add others (header injection).

@@ -11,16 +11,17 @@ import collections
 import socket
 import logging
 
-from . import build
-from .dialog import CONFIRMED, EARLY, Dialog
-from .message import SipParseError
-from .parser import parse_message
-from .parser_py import parse_name_addr
-from .timers import TimerQueues
-from .transaction import (ACCEPTED, PROCEEDING, Flow, TransactionLayer, client_key,
+from engine.sip import build
+from engine.sip.dialog import CONFIRMED, EARLY, Dialog
+from ext.sip_message import SipParseError
+from ext.kernels import sip as _sip_kernel
+from ext.sip_py import parse_name_addr
+from engine.sip.timers import TimerQueues
+from engine.sip.transaction import (ACCEPTED, PROCEEDING, Flow, TransactionLayer, client_key,
                           server_key)
-from .transport import TcpLimits, TcpTransport, UdpTransport, format_hostport
-from .uri import SUPPORTED_SCHEMES
+from engine.common.net import format_hostport
+from engine.sip.transport import TcpLimits, TcpTransport, UdpTransport
+from engine.sip.uri import SUPPORTED_SCHEMES
 
 log = logging.getLogger("baton.sip")
 
@@ -201,7 +202,7 @@ class SipCore:
     # -- input ----------------------------------------------------------------
     def on_message(self, data: bytes, flow: Flow, stream: bool) -> None:
         try:
-            msg = parse_message(data, stream)
+            msg = _sip_kernel.parse_message(data, stream)
         except SipParseError as exc:
             # RFC 4475 3.1.2: nothing goes back to an unparseable message's sender.
             self.stats["parse_errors"] += 1
@@ -376,7 +377,7 @@ class SipCore:
             self.respond(st, msg, status, to_tag=d.local_tag)
 
     def on_reoffer(self, d: Dialog, msg, st) -> None:
-        from .errors import SdpError
+        from engine.sip.errors import SdpError
 
         if d.state != CONFIRMED or (msg.method == "INVITE" and d.ok_data is not None):
             # RFC 3261 14.2: a re-INVITE before the ACK of the last 2xx.

@@ -4,10 +4,10 @@ from __future__ import annotations
 import enum
 import logging
 
-from . import build
-from .timers import T1, T2, TIMER_64T1
-from .transaction import Flow, client_key
-from .uri import strip_brackets
+from engine.sip import build
+from engine.sip.timers import T1, T2, TIMER_64T1
+from engine.sip.transaction import Flow, client_key
+from engine.sip.uri import strip_brackets
 
 log = logging.getLogger("baton.sip.dialog")
 

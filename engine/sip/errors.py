@@ -1,5 +1,5 @@
 """Errors raised by the SIP stack, shared by the Cython and the Python paths."""
-from .message import SipParseError  # noqa: F401  (re-exported: one place to import from)
+from ext.sip_message import SipParseError  # noqa: F401  (re-exported: one place to import from)
 
 
 class SipError(Exception):
@@ -8,17 +8,6 @@ class SipError(Exception):
 
 class SdpError(SipError):
     """An SDP body that cannot be used (answered 488, or 400 when malformed)."""
-
-
-class TransportError(SipError):
-    """A message could not be sent (no route, connection gone)."""
-
-
-class InternalError(SipError):
-    """An impossible state: names the function and the invariant that broke."""
-
-    def __init__(self, where: str, invariant: str):
-        super().__init__(f"{where}: invariant violated: {invariant}")
 
 
 class HeaderInjectionError(SipError, ValueError):

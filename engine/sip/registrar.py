@@ -18,9 +18,9 @@ import math
 import time
 from dataclasses import dataclass
 
-from .digest import DigestServer
-from .parser_py import parse_name_addr
-from .uri import parse_uri, strip_brackets
+from engine.sip.digest import DigestServer
+from ext.sip_py import parse_name_addr
+from engine.sip.uri import parse_uri, strip_brackets
 
 DEFAULT_EXPIRES = 3600
 MIN_EXPIRES = 60

@@ -5,7 +5,7 @@ import itertools
 import socket
 import time
 
-from .errors import SdpError
+from engine.sip.errors import SdpError
 
 # Static payload types we can carry (RFC 3551 table 4).
 STATIC = {0: ("PCMU", 8000), 8: ("PCMA", 8000)}

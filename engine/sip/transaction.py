@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import logging
 
-from .timers import T1, T2, T4, TIMER_64T1, TimerQueues
+from engine.sip.timers import T1, T2, T4, TIMER_64T1, TimerQueues
 
 log = logging.getLogger("baton.sip")
 

@@ -13,10 +13,10 @@ import ipaddress
 import logging
 import secrets
 
-from . import build, digest
-from .dialog import CONFIRMED, Dialog
-from .transaction import Flow, client_key
-from .uri import parse_uri, strip_brackets
+from engine.sip import build, digest
+from engine.sip.dialog import CONFIRMED, Dialog
+from engine.sip.transaction import Flow, client_key
+from engine.sip.uri import parse_uri, strip_brackets
 
 log = logging.getLogger("baton.sip.uac")
 

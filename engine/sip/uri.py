@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-from .parser_py import parse_hostport
+from ext.sip_py import parse_hostport
 
 SUPPORTED_SCHEMES = ("sip", "sips", "tel")
 
@@ -71,10 +71,6 @@ def from_address(text: str, what: str = "from") -> str:
     bare = text[1:-1] if text.startswith("<") and text.endswith(">") else text
     sip_uri(bare, what)
     return f"<{bare}>"
-
-
-def scheme_of(uri: str) -> str:
-    return uri.partition(":")[0].lower()
 
 
 def parse_uri(text: str) -> Uri:

@@ -116,7 +116,7 @@ class RawVendor:
     async def start(self):
         import grpc
 
-        from control import pb
+        from proto import pb
 
         mh = pb.module_host_pb2
         self.channel = grpc.aio.insecure_channel(self.addr)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from ext import rtp
 
-from ..dtmf import COLS, DBM0_AMPLITUDE, KEYS, ROWS
+from ext.dtmf_py import COLS, DBM0_AMPLITUDE, KEYS, ROWS
 
 EVENTS = "0123456789*#ABCD"    # RFC 4733 3.2: the event code is the index here
 PAUSE = "W"                    # a pause of PAUSE_MS, as in dial strings

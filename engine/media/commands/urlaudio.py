@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from .. import audio
-from ..audio import _LRU
+from engine.media import audio
+from engine.media.audio import _LRU
 
 MAX_CACHE_BYTES = 64 << 20     # decoded PCM kept, all URLs together
 MAX_WAV_BYTES = 16 << 20       # one WAV as fetched

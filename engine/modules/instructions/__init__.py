@@ -15,11 +15,11 @@ names. The verb reference is docs/instructions.md.
 """
 from __future__ import annotations
 
-from ..base import Module
-from .fetch import Fetcher, FetchError, baton_signature, twilio_signature, verify_baton_signature
-from .parser import Document, DocumentError, Verb, parse
-from .queues import Queues
-from .verbs import SAVED_KEY, Runner, shared_for, shutdown
+from engine.modules.base import Module
+from engine.modules.instructions.fetch import Fetcher, FetchError, baton_signature, twilio_signature, verify_baton_signature
+from engine.modules.instructions.parser import Document, DocumentError, Verb, parse
+from engine.modules.instructions.queues import Queues
+from engine.modules.instructions.verbs import SAVED_KEY, Runner, shared_for, shutdown
 
 __all__ = ["InstructionsModule", "shutdown", "parse", "Document", "DocumentError", "Verb",
            "Fetcher", "FetchError", "Queues", "baton_signature", "twilio_signature",

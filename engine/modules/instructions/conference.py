@@ -50,7 +50,7 @@ class Participant:
 
     def play_beep(self, pcm) -> None:
         """Play a beep to this participant; it hears the mix again after it (`beep_done`)."""
-        from ext import rtp
+        from ext.kernels import rtp
 
         if self.channel is None or not self.mixing:
             return
@@ -77,7 +77,8 @@ class Room:
 
     def __init__(self, rooms: "Rooms | None", clock, key, max_participants: int = 250,
                  on_event: Callable[[str, dict], None] | None = None):
-        from ext.mix import Conference
+        from ext.kernels import rtp
+        Conference = rtp.Conference
 
         self.rooms = rooms
         self.clock = clock
@@ -96,7 +97,7 @@ class Room:
 
     def beep_pcm(self):
         if self._beep is None:
-            from ...media import audio
+            from engine.media import audio
 
             self._beep = audio.beep()
         return self._beep

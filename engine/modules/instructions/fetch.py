@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ...media.commands.urlaudio import UrlAudio
+from engine.media.commands.urlaudio import UrlAudio
 
 log = logging.getLogger("baton.instructions.fetch")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from xml.parsers import expat
 
-from ...sip.uri import check_user_part
+from engine.sip.uri import check_user_part
 
 __all__ = ["DocumentError", "Document", "Verb", "parse", "MAX_BYTES", "MAX_DEPTH", "MAX_ELEMENTS"]
 
@@ -249,7 +249,7 @@ def _beep(v: str) -> str:
 
 
 def _voice(v: str) -> str:
-    from ...media.audio import AudioError, espeak_voice
+    from engine.media.audio import AudioError, espeak_voice
 
     try:
         espeak_voice(v)
@@ -259,7 +259,7 @@ def _voice(v: str) -> str:
 
 
 def _language(v: str) -> str:
-    from ...media.audio import AudioError, espeak_voice
+    from engine.media.audio import AudioError, espeak_voice
 
     try:
         espeak_voice("en", v)

@@ -26,13 +26,13 @@ import weakref
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urljoin, urlsplit
 
-from ...media.commands.gather import Gather
-from ...sip.message import valid_text
-from ..base import answer_caller
-from .conference import Room, RoomFull, Rooms
-from .fetch import Fetcher, FetchError
-from .parser import Document, DocumentError, Verb, parse
-from .queues import QueueFull, Queues
+from engine.media.commands.gather import Gather
+from ext.sip_message import valid_text
+from engine.modules.base import answer_caller
+from engine.modules.instructions.conference import Room, RoomFull, Rooms
+from engine.modules.instructions.fetch import Fetcher, FetchError
+from engine.modules.instructions.parser import Document, DocumentError, Verb, parse
+from engine.modules.instructions.queues import QueueFull, Queues
 
 log = logging.getLogger("baton.instructions")
 
@@ -290,7 +290,7 @@ class Runner:
 
     async def play_pcm(self, pcm, loops: int = 1, interrupt: bool = False) -> str | None:
         """Play PCM to the caller; with `interrupt`, a key stops it and is returned."""
-        from ext import rtp
+        from ext.kernels import rtp
 
         ch = self.ctl.caller.open_channel()
         if ch is None or not self.active:
@@ -438,7 +438,7 @@ class Runner:
         self.note("fallback", {"default": "apology"})
         if self.answer():
             try:
-                from ..menu import render
+                from engine.modules.menu import render
 
                 pcm = await render(self.ctl, APOLOGY, None, "en")
                 await self.play_pcm(pcm)
@@ -459,7 +459,7 @@ class Runner:
     async def verb_say(self, verb: Verb, interrupt: bool = False):
         if not self.answer():
             return STOP
-        from ..menu import render
+        from engine.modules.menu import render
 
         voice = verb.get("voice") or self.params.get("voice") or "en"
         try:
@@ -499,7 +499,7 @@ class Runner:
     async def audio(self, ref: str):
         """PCM of a Play target: an http(s) URL (cached), a recording of this engine, or
         a `file:` path inside the engine's sounds or recordings directory."""
-        from ...media.audio import AudioError, load_wav
+        from engine.media.audio import AudioError, load_wav
 
         url = self.resolve(ref)
         parts = urlsplit(url)
@@ -520,7 +520,7 @@ class Runner:
         raise AudioError(f"cannot play {parts.scheme}: URLs")
 
     def _local_recording(self, url: str) -> str | None:
-        from ... import http as http_mod
+        from engine.runtime import http as http_mod
 
         base = http_mod.http_url(self.engine)
         if not base or not url.startswith(base + "/recordings/"):
@@ -533,7 +533,7 @@ class Runner:
 
     async def send_digits(self, digits: str) -> None:
         """DTMF to the caller: RFC 4733 events when negotiated, else in-band tones."""
-        from ...media.commands import digits as dtmf_out
+        from engine.media.commands import digits as dtmf_out
 
         leg = self.ctl.caller
         ch = leg.open_channel()
@@ -600,7 +600,7 @@ class Runner:
                      {"Digits": digits, "FinishedOnKey": finished})
 
     async def verb_record(self, verb: Verb):
-        from ...media.recording import Recording
+        from engine.media.recording import Recording
 
         if not self.answer():
             return STOP
@@ -650,7 +650,7 @@ class Runner:
             self.ctl.later(0.5, self._quiet_check, rec, silence)
 
     def _recorded(self, verb: Verb, sid: str, result: dict) -> dict:
-        from ... import http as http_mod
+        from engine.runtime import http as http_mod
 
         base = http_mod.http_url(self.engine)
         url = f"{base}/recordings/{sid}" if base else "file://" + result["path"]
@@ -696,7 +696,7 @@ class Runner:
 
     def _redirect_module(self, verb: Verb, target: str):
         """`module:CODE?k=v&outlet=NAME&outlet.NAME=TARGET` or `outlet:NAME?k=v`."""
-        from ...apps import Node
+        from engine.sessions.apps import Node
 
         ref, _, query = target.partition("?")
         kind, _, name = ref.partition(":")
@@ -734,7 +734,7 @@ class Runner:
     def _strip_operator_params(self, verb: Verb, target: str, q: list) -> list:
         """A document may not set the operator's parameters (a trunk, a sounds
         directory, timeouts): they are dropped, with an error event saying so."""
-        from ..dialing import OPERATOR_PARAMS, operator_params
+        from engine.modules.dialing import OPERATOR_PARAMS, operator_params
 
         dropped = operator_params(dict(q))
         if not dropped:
@@ -757,7 +757,7 @@ class Runner:
 
     def _return_node(self, kind: str, info: dict):
         """Save the document and position; a node that brings control back to them."""
-        from ...apps import Node
+        from engine.sessions.apps import Node
 
         token = secrets.token_hex(6)
         self.session.saved[SAVED_KEY] = {
@@ -857,7 +857,7 @@ class Runner:
 
     def _demote(self, verb: Verb, to: str, trunk: str | None):
         """Hand the call to an ad-hoc `baton.bridge` node whose every way out comes back."""
-        from ...apps import Node
+        from engine.sessions.apps import Node
 
         action = verb.get("action")
         info = {"action": self.resolve(action) if action else None,

@@ -6,10 +6,10 @@ them next to the basic and application modules (engine/modules/catalog.py).
 """
 from __future__ import annotations
 
-from .call_center import CallCenterModule
-from .calling_card import CallingCardModule
-from .phone_tree import PhoneTreeModule
-from .survey import SurveyModule
-from .verify import VerifyModule
+from engine.modules.services.call_center import CallCenterModule
+from engine.modules.services.calling_card import CallingCardModule
+from engine.modules.services.phone_tree import PhoneTreeModule
+from engine.modules.services.survey import SurveyModule
+from engine.modules.services.verify import VerifyModule
 
 SERVICE_MODULES: tuple = (CallCenterModule, CallingCardModule, PhoneTreeModule, SurveyModule, VerifyModule,)

@@ -39,14 +39,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...media.ports import PortsExhausted
-from ...session import Leg
-from ...sip import sdp
-from ...sip.errors import SdpError
-from ...sip.uac import OutgoingCall, UacOwner
-from ..base import Module, answer_caller
-from ..instructions.queues import Queues, QueueFull
-from ..menu import render, start_player
+from engine.media.ports import PortsExhausted
+from engine.sessions.session import Leg
+from engine.sip import sdp
+from engine.sip.errors import SdpError
+from engine.sip.uac import OutgoingCall, UacOwner
+from engine.modules.base import Module, answer_caller
+from engine.modules.instructions.queues import Queues, QueueFull
+from engine.modules.menu import render, start_player
 
 log = logging.getLogger("baton.services.call_center")
 
@@ -570,7 +570,7 @@ class CallCenter:
             self._agent_free(offer.agent)
 
     def agent_answered(self, offer: Offer, msg) -> None:
-        from ..bridge import hand_over
+        from engine.modules.bridge import hand_over
 
         w, agent, leg, call = offer.waiting, offer.agent, offer.leg, offer.call
         ctl = w.ctl
@@ -703,7 +703,7 @@ def _offer_sdp(engine, caller, leg) -> bytes:
 def _bridge_node(node):
     """The node the answered call continues in: `baton.bridge` with this
     node's post-call wiring (`done`, `dialled-hangup`)."""
-    from ...apps import Node
+    from engine.sessions.apps import Node
 
     outlets = {k: v for k, v in node.outlets.items() if k in ("done", "fallback")}
     return Node(name=node.name, module="baton.bridge", params={}, outlets=outlets,
@@ -795,7 +795,7 @@ class CallCenterModule(Module):
             if qc.hold_music == "tones":
                 music = hold_tones()
             else:
-                from ...media.audio import load_wav
+                from engine.media.audio import load_wav
 
                 try:
                     music = await load_wav(qc.hold_music)
@@ -844,7 +844,7 @@ class CallCenterModule(Module):
         ctl.release("timeout")
 
     def revoke(self, ctl, reason: str) -> None:
-        from ..bridge import ADOPT_KEY
+        from engine.modules.bridge import ADOPT_KEY
 
         w = ctl.state
         if w is None:

@@ -61,10 +61,10 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ...apps import Node
-from .prompting import (PromptingModule, check_bool, check_common, check_keys, check_number,
+from engine.sessions.apps import Node
+from engine.modules.services.prompting import (PromptingModule, check_bool, check_common, check_keys, check_number,
                         check_text)
-from .verify import user_of
+from engine.modules.services.verify import user_of
 
 log = logging.getLogger("baton.services.calling_card")
 
@@ -531,7 +531,7 @@ class CallingCardModule(PromptingModule):
         if ctl.params.get("announce_time", True):
             billed, _funds, _plan = policy.limit_for(ctl.session, BRIDGE, "basic")
             if billed is not None:
-                from ...policy import limit_seconds
+                from engine.sessions.policy import limit_seconds
 
                 out.append(self._p(ctl, "time_text").replace(
                     "{time}", spoken_time(int(limit_seconds(billed) or 0))))

@@ -38,8 +38,8 @@ from __future__ import annotations
 import logging
 import re
 
-from ...apps import HANGUP, adhoc_node
-from .prompting import KEYS, Prompter, PromptingModule, check_common, check_keys, check_prompt
+from engine.sessions.apps import HANGUP, adhoc_node
+from engine.modules.services.prompting import KEYS, Prompter, PromptingModule, check_common, check_keys, check_prompt
 
 log = logging.getLogger("baton.modules.phone_tree")
 

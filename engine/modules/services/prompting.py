@@ -15,10 +15,10 @@ import logging
 import math
 import os
 
-from ...media.commands import gather as gathering
-from ...media.commands.digits import EVENTS as KEYS
-from ..base import Module, answer_caller
-from ..menu import PromptState, render, start_player
+from engine.media.commands import gather as gathering
+from engine.media.commands.digits import EVENTS as KEYS
+from engine.modules.base import Module, answer_caller
+from engine.modules.menu import PromptState, render, start_player
 
 log = logging.getLogger("baton.modules.services")
 

@@ -29,7 +29,7 @@ is skipped, a required one ends the survey as `incomplete`. `timeout`, `retries`
 Results are stored per session in `DATA_DIR/services/survey.db` (readable with
 the `Survey.Results` RPC), set in the session's params (`SurveyAnswers`,
 `SurveyStatus`) and posted as a signed `survey.result` webhook (Baton's usual
-signature, engine/webhooks.py) to `webhook_url`, else to the account's webhook.
+signature, engine/common/webhooks.py) to `webhook_url`, else to the account's webhook.
 The status is `completed` (then `outro` and the `done` outlet), `incomplete`
 (the `incomplete` outlet) or `abandoned` (the caller hung up or control moved
 away mid-survey).
@@ -44,7 +44,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from .prompting import (KEYS, Prompter, PromptingModule, check_bool, check_common,
+from engine.modules.services.prompting import (KEYS, Prompter, PromptingModule, check_bool, check_common,
                         check_key_set, check_keys, check_number, check_prompt)
 
 log = logging.getLogger("baton.modules.survey")

@@ -42,7 +42,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .prompting import (Prompter, PromptingModule, check_common, check_keys, check_number,
+from engine.modules.services.prompting import (Prompter, PromptingModule, check_common, check_keys, check_number,
                         check_text)
 
 log = logging.getLogger("baton.modules.verify")
@@ -345,7 +345,7 @@ class VerifyService:
             if live is not None:
                 session = live
             else:
-                from ...webhooks import AccountEvent
+                from engine.common.webhooks import AccountEvent
 
                 session = AccountEvent(v.account)
         engine.notify(session, EVENT, v.as_dict())

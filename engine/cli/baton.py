@@ -1,0 +1,257 @@
+"""The `baton` command."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from engine import __version__
+from engine.cli.common import print_session_history, run_loop
+
+
+def _serve(args) -> int:
+    from engine.config.load import ConfigError, load
+    from engine.runtime.server import Engine
+
+    overrides = {"sip_addr": args.sip_addr, "grpc_addr": args.grpc_addr,
+                 "data_dir": args.data_dir, "metrics_addr": args.metrics_addr,
+                 "log_format": args.log_format}
+    try:
+        cfg = load(args.config, overrides)
+    except ConfigError as exc:
+        print(f"baton: bad config: {exc}", file=sys.stderr)
+        return 2
+    from engine.common.logs import setup as setup_logs
+
+    setup_logs(args.log_level or cfg.log_level, cfg.log_format)
+
+    async def main() -> int:
+        engine = Engine(cfg)
+        # Handlers first: a SIGTERM that arrives while starting still stops gracefully.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await engine.start()
+        except OSError as exc:
+            where = getattr(exc, "config_key", None) or f"{cfg.sip_host}:{cfg.sip_port}"
+            print(f"baton: cannot listen on {where}: {exc}", file=sys.stderr)
+            await engine.stop(timeout=0)   # let go of what did start
+            return 1
+        # Everything loaded at start-up lives as long as the engine: keep it out of the
+        # collector's way, so full collections stay short under load.
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        accountant = None
+        if not args.no_accountant:
+            accountant = await _supervise_accountant(engine, cfg, args.config)
+        print(f"baton {__version__} serving SIP on {cfg.sip_host}:{engine.sip_port} "
+              f"(config {cfg.path}, data {cfg.data_dir}); numbers: "
+              f"{', '.join(sorted(cfg.numbers)) or 'none'}", file=sys.stderr, flush=True)
+        hostport = f"{cfg.sip_host}:{engine.sip_port}"
+        data = f" --data-dir {cfg.data_dir}"
+        first = min(cfg.numbers, default='1000')
+        print(f"  call it:       baton call {first} --engine {hostport} --hangup-after 5   "
+              f"(or sipp -sn uac {hostport} -s {first} -m 1 -d 2000, or any softphone: "
+              f"sip:NUMBER@{hostport})\n"
+              f"  the tour:      baton demo   (its own engine, vendors, calls, invoice)\n"
+              f"  see the calls: baton sessions list{data}\n"
+              f"  the invoice:   baton bill invoice --account {next(iter(cfg.accounts), 'ACCOUNT')} "
+              f"--period $(date -u +%Y-%m){data}"
+              f"{' --config ' + args.config if args.config else ''}\n"
+              f"  stop:          Ctrl-C (calls in progress get BYE)", file=sys.stderr, flush=True)
+        if engine.metrics is not None:
+            print(f"  metrics:       {engine.metrics.url}", file=sys.stderr, flush=True)
+        if engine.control is not None:
+            from control.server import grpc_target
+
+            where = next((f"accounts.{a}.api_tokens" for a, acc in cfg.accounts.items()
+                          if getattr(acc, "api_tokens", None)), "an account's api_tokens")
+            print(f"  live view:     baton top --engine {grpc_target(engine)} --token TOKEN"
+                  f"   (TOKEN: one of {where} in the config)", file=sys.stderr, flush=True)
+        await stop.wait()
+        logging.getLogger("baton").info("stopping: ending %d calls", len(engine.sessions))
+        await engine.stop()
+        if accountant is not None:
+            # After the engine's last stamps: the accountant drains them, then stops.
+            await accountant.stop()
+        return 0
+
+    return run_loop(main())
+
+
+def _sessions(args) -> int:
+    import json
+    import time
+
+    from engine.sessions import journal as store
+
+    try:
+        if args.sessions_command == "list":
+            live = True if args.live else False if args.finished else None
+            rows = store.list_sessions(args.data_dir, live=live, limit=args.limit,
+                                       account=args.account)
+            if args.format == "json":
+                print(json.dumps(rows, indent=2))
+                return 0
+            print(f"{'SESSION':<20} {'ACCOUNT':<10} {'NUMBER':<8} {'MODULE':<18} {'LEVEL':<12} "
+                  f"{'STARTED':<20} {'STATE'}")
+            for r in rows:
+                started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started_wall_ns"] / 1e9))
+                state = "live" if r["live"] else f"ended ({r['end_reason']})"
+                print(f"{r['id']:<20} {r['account']:<10} {r['number'] or '':<8} "
+                      f"{r['module'] or '':<18} {r['level'] or '':<12} {started:<20} {state}")
+            return 0
+        row = store.get_session(args.data_dir, args.session_id)
+    except FileNotFoundError as exc:
+        print(f"baton: {exc}", file=sys.stderr)
+        return 2
+    if row is None:
+        print(f"baton: no session {args.session_id!r} in {args.data_dir}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        print(json.dumps(row, indent=2))
+        return 0
+    print_session_history(row)
+    return 0
+
+
+def _start_accountant(cfg, config_path):
+    """The accountant as a child process on the same data directory."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "engine.accounting.accountant", "--data-dir", cfg.data_dir]
+    if config_path:
+        cmd += ["--config", config_path]
+    log_path = os.path.join(cfg.data_dir, "accountant.log")
+    out = open(log_path, "ab")
+    cmd += ["--parent-pid", str(os.getpid()), "--log-format", cfg.log_format]
+    if cfg.accountant_metrics_addr:
+        cmd += ["--metrics-addr", cfg.accountant_metrics_addr]
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    out.close()
+    logging.getLogger("baton").info("accountant started (pid %d, log %s)", proc.pid, log_path)
+    return proc
+
+
+async def _supervise_accountant(engine, cfg, config_path):
+    """Start the accountant and keep it running (engine/runtime/supervisor.py); the
+    gRPC health of Billing follows whether it is up."""
+    from engine.accounting.accountant import ring_path
+    from engine.accounting.lock import lock_path
+    from engine.runtime.supervisor import AccountantSupervisor
+
+    async def billing_health(up: bool) -> None:
+        control = engine.control
+        if control is None:
+            return
+        from proto import pb
+        from grpc_health.v1 import health_pb2
+
+        status = health_pb2.HealthCheckResponse.SERVING if up else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        await control.health.set(pb.SERVICE_BILLING, status)
+
+    sup = AccountantSupervisor(lambda: _start_accountant(cfg, config_path),
+                               lock_path(ring_path(cfg.data_dir)), engine.stamper, billing_health)
+    engine.accountant = sup
+    await billing_health(False)      # until the accountant holds its lock
+    sup.start()
+    return sup
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="baton", description="Baton programmable telephony engine")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    s = sub.add_parser("serve", help="run the engine in the foreground",
+                       description="Run the engine in the foreground; SIGTERM/SIGINT stop it "
+                                   "gracefully (new calls get 503, calls in progress get BYE).")
+    s.add_argument("--config", metavar="PATH", help="TOML config (default: built-in defaults)")
+    s.add_argument("--sip-addr", metavar="HOST:PORT", help="SIP listen address (overrides the config)")
+    s.add_argument("--grpc-addr", metavar="HOST:PORT", help="gRPC listen address (overrides the config)")
+    s.add_argument("--data-dir", metavar="DIR", help="data directory (overrides the config)")
+    s.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--log-format", choices=("text", "json"),
+                   help="text, or json: one JSON object per line with ts, level, logger, msg, "
+                        "session (overrides engine.log_format)")
+    s.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve Prometheus /metrics here (overrides engine.metrics_addr)")
+    s.add_argument("--no-accountant", action="store_true",
+                   help="do not start the accountant process (run `baton accountant` yourself)")
+    s.set_defaults(func=_serve)
+    sub.add_parser("accountant", add_help=False,
+                   help="drain the ring into the ledger (see `baton accountant --help`)")
+    sub.add_parser("bill", add_help=False,
+                   help="invoices and payouts (see `baton bill --help`)")
+    sub.add_parser("bench", add_help=False,
+                   help="run a benchmark next to the machine's baseline (see `baton bench --list`)")
+    sub.add_parser("config", add_help=False,
+                   help="check a config file, print the config reference (see `baton config --help`)")
+    sub.add_parser("call", add_help=False,
+                   help="place a test call with PJSIP: DTMF, play, record (see `baton call --help`)")
+    sub.add_parser("demo", add_help=False,
+                   help="a guided tour: engine, vendors, calls, history, invoice, payouts "
+                        "(see `baton demo --help`)")
+    ss = sub.add_parser("sessions", help="list sessions and their history of control")
+    ssub = ss.add_subparsers(dest="sessions_command", metavar="WHAT", required=True)
+    sl = ssub.add_parser("list", help="sessions, newest first")
+    sl.add_argument("--live", action="store_true", help="only calls in progress")
+    sl.add_argument("--finished", action="store_true", help="only ended calls")
+    sl.add_argument("--account", help="only this account")
+    sl.add_argument("--limit", type=int, default=50)
+    sh = ssub.add_parser("history", help="one session's modules, levels and reasons")
+    sh.add_argument("session_id", metavar="SESSION_ID")
+    for p_ in (sl, sh):
+        p_.add_argument("--data-dir", default=".baton", metavar="DIR",
+                        help="the engine's data directory (default: .baton)")
+        p_.add_argument("--format", choices=("table", "json"), default="table")
+    ss.set_defaults(func=_sessions)
+    from engine.accounting.client import add_cost_parser
+
+    add_cost_parser(ssub)
+    from engine.cli.queues import add_parser as add_queues_parser
+
+    add_queues_parser(sub)
+    from engine.cli.top import add_parser as add_top_parser
+
+    add_top_parser(sub)
+    v = sub.add_parser("version", help="print the version")
+    v.set_defaults(func=lambda a: print(f"baton {__version__}") or 0)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("accountant", "bill"):
+        from engine.accounting import accountant
+
+        return (accountant.main if argv[0] == "accountant" else accountant.bill_main)(argv[1:])
+    if argv and argv[0] in ("bench", "config"):
+        from engine.cli import bench as bench_cli
+        from engine.config import doc as config_doc
+
+        return (bench_cli.main if argv[0] == "bench" else config_doc.main)(argv[1:])
+    if argv and argv[0] == "call":
+        from engine.cli import call as caller
+
+        return caller.main(argv[1:])
+    if argv and argv[0] == "demo":
+        from engine.cli import demo
+
+        return demo.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

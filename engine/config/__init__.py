@@ -1,0 +1,1 @@
+"""The engine configuration: loading and checking it (load), its documentation (doc), API keys."""

@@ -1,0 +1,1 @@
+"""Sessions and what they consult: the session, apps, the dispatcher, policy, the stamper, the journal."""

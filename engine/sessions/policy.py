@@ -1,0 +1,509 @@
+"""The policy hook asked before every transition.
+
+The real policy engine (funds, paid periods, bans, allow-lists, caps) lives
+with the accountant; the engine asks a local snapshot so the check costs no
+round trip. `AllowAll` is the hook until one is configured.
+
+Prepaid balances and credit limits: when an account's snapshot entry has
+`funds_left_micro`, `Snapshot.check` returns the longest time (`Decision.limit`,
+seconds) that the funds allow in the target module, priced by the account's
+usage plan for it (`BillingConfig.plan_for`, with its increment, minimum and
+connect fee), and a warning time before the limit (`Decision.warn_before`).
+The session cuts control off at the limit and warns before it (engine/sessions/session.py,
+`warn` below). How the funds are counted is conservative on purpose; see
+`Snapshot.available` and docs/billing.md ("Prepaid balances and limits").
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("baton.policy")
+
+# A limit ends this long before the boundary of the last increment the funds
+# pay for, so the segment is closed (and rounded up) within that increment.
+GUARD = 0.25
+# Funds that last longer than this are no limit at all.
+HORIZON = 7 * 86400
+DEFAULT_WARN_BEFORE = 30.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    allow: bool
+    reason: str = ""
+    limit: float | None = None   # seconds of use allowed, None for no limit
+    warn_before: float = 0.0     # warn this many seconds before the limit (0: never)
+    warning: str = ""            # spoken to the caller with the warning ("": nothing)
+    voice: str = "en"
+    cost: int = 0                # micro-units the limit may cost at most
+
+
+ALLOW = Decision(True)
+
+
+class AllowAll:
+    def check(self, session, node, module) -> Decision:
+        return ALLOW
+
+
+class Rules:
+    """A simple local policy: deny lists and per-account module allow-lists.
+
+    `deny_modules`: {account: [codes]}, `allow_modules`: {account: [codes]}
+    (when present for an account, only those codes), `banned_callers`: [substrings
+    of the From URI], `limits`: {code: seconds}. The prepaid warning settings
+    of `[policy]` (`warn_before`, `warning_text`, `warning_voice`, `accounts`)
+    are read by `Snapshot`, not here.
+    """
+
+    def __init__(self, deny_modules=None, allow_modules=None, banned_callers=(), limits=None,
+                 warn_before=None, warning_text=None, warning_voice=None, accounts=None):
+        self.deny_modules = {k: set(v) for k, v in (deny_modules or {}).items()}
+        self.allow_modules = {k: set(v) for k, v in (allow_modules or {}).items()}
+        self.banned_callers = tuple(banned_callers)
+        self.limits = dict(limits or {})
+
+    def check(self, session, node, module) -> Decision:
+        code = module.code
+        if any(b in session.from_uri for b in self.banned_callers):
+            return Decision(False, "caller banned")
+        if code in self.deny_modules.get(session.account, ()):
+            return Decision(False, f"module {code} denied for account {session.account}")
+        allowed = self.allow_modules.get(session.account)
+        if allowed is not None and code not in allowed:
+            return Decision(False, f"module {code} not in the allow-list of {session.account}")
+        limit = self.limits.get(code)
+        return Decision(True, limit=limit) if limit is not None else ALLOW
+
+
+# -- what a time in control costs at most ---------------------------------------------
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def segment_cost(plan, q: int, prior_period: int = 0) -> int:
+    """An upper bound (micro-units) of what one segment billed as `q` whole
+    seconds costs under `plan`, connect fee and minimum included.
+
+    Exact for per-unit plans (with the period's usage so far for a cap). For
+    tiered plans the usage already rated this period or session is not known
+    to the engine: tiers whose price never rises are priced from their first
+    unit (the dearest), other tiered and volume plans at their dearest price
+    for every unit plus every flat amount."""
+    from engine.accounting.plans import DEN, _SCALE, GraduatedPlan, PerUnitPlan, VolumePlan
+
+    if q <= 0:
+        return 0
+    if isinstance(plan, PerUnitPlan):
+        return plan.rate(q, prior_period=prior_period, segment=True).amount
+    if isinstance(plan, (GraduatedPlan, VolumePlan)):
+        tiers = plan.tiers
+        prices = [t.price * t.scale for t in tiers]
+        falling = all(a >= b for a, b in zip(prices, prices[1:])) and \
+            not any(t.flat for t in tiers[1:])
+        if isinstance(plan, GraduatedPlan) and falling and plan.cap is None:
+            return plan.rate(q, segment=True).amount
+        top = max(prices)
+        if plan.cap is not None and plan.at_cap == "overage":
+            top = max(top, plan.overage_price * _SCALE[plan.unit])
+        num = q * top + sum(t.flat for t in tiers) * DEN + plan.connect_fee * DEN
+        return max(_ceil_div(num, DEN), plan.minimum)
+    return plan.rate(q, prior_period=prior_period, segment=True).amount
+
+
+def affordable(plan, funds: int, prior_period: int = 0, horizon: int = HORIZON) -> int | None:
+    """The longest billed time (whole seconds, on the plan's increment grid)
+    whose segment cost stays within `funds` micro-units: 0 when not even the
+    first increment (or the connect fee) is paid for, None when the funds
+    last beyond `horizon` seconds (or time costs nothing)."""
+    from engine.accounting.plans import SubscriptionPlan
+
+    if isinstance(plan, SubscriptionPlan) or not plan.is_time:
+        # Time is free within a paid subscription period; a per-action plan
+        # prices a segment once, whatever its length.
+        if isinstance(plan, SubscriptionPlan):
+            return None
+        cost = plan.rate(1, prior_period=prior_period, segment=True).amount
+        return None if cost <= funds or cost == 0 else 0
+    inc = plan.increment
+    lo_k = 0 if inc.first > 0 else 1
+
+    def q(k: int) -> int:
+        return inc.first + k * inc.next
+
+    def ok(k: int) -> bool:
+        cost = segment_cost(plan, q(k), prior_period)
+        return cost <= funds or cost == 0       # free time needs no funds
+
+    if not ok(lo_k):
+        return 0
+    hi_k = max(lo_k, (horizon - inc.first) // inc.next)
+    if ok(hi_k):
+        return None
+    lo = lo_k
+    while hi_k - lo > 1:     # ok(lo), not ok(hi_k): the costs never fall as q grows
+        mid = (lo + hi_k) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi_k = mid
+    return q(lo)
+
+
+def limit_seconds(billed: int | None) -> float | None:
+    """The time limit for `billed` affordable seconds: a guard before the
+    boundary, so the segment is rounded up to `billed` at most."""
+    if billed is None:
+        return None
+    return max(billed - GUARD, billed * 0.5)
+
+
+# -- the snapshot ---------------------------------------------------------------------
+
+class _Hold:
+    """What the engine counts against an account beyond the snapshot for one
+    session: the cost of its granted limit, and costs already incurred that
+    the snapshot may not show yet, each with the ring seq that covers it."""
+
+    __slots__ = ("session", "reserved", "account", "pending", "split")
+
+    def __init__(self, session):
+        self.session = session
+        self.reserved = 0
+        self.account = session.account      # whose funds `reserved` holds
+        # (ring seq, micro-units, account): a session's payer may change.
+        self.pending: list[tuple[int, int, str]] = []
+        self.split = False                  # the payer just changed: no closing cost to add
+
+
+class Snapshot:
+    """The accountant's policy snapshot (DATA/policy.json), re-read when it changes
+    (checked at most every `interval` seconds), in front of the local rules."""
+
+    interval = 0.25
+
+    def __init__(self, path: str, rules=None, clock=None):
+        self.path = path
+        self.rules = rules or AllowAll()
+        self.clock = clock or time.monotonic
+        self.accounts: dict = {}
+        self.position: int | None = None    # the last ring seq the snapshot covers
+        self.node: str = ""
+        self.generated_wall_ns = 0
+        self._mtime = None
+        self._checked = -1e9
+        self._book = None
+        self._book_of = None
+        self._holds: dict[str, _Hold] = {}
+
+    # -- reading ----------------------------------------------------------------------
+    def _refresh(self, force: bool = False) -> None:
+        import json
+        import os
+
+        now = self.clock()
+        if not force and now - self._checked < self.interval:
+            return
+        self._checked = now
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+        except OSError:
+            return
+        if mtime == self._mtime:
+            return
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return  # a snapshot being replaced: keep the last good one
+        self._mtime = mtime
+        self.accounts = data.get("accounts", {})
+        self.position = data.get("position")
+        self.node = data.get("node") or ""
+        self.generated_wall_ns = data.get("generated_wall_ns") or 0
+
+    def refresh(self) -> None:
+        """Re-read the snapshot file now if it changed."""
+        self._refresh(force=True)
+
+    def covers(self, seq: int | None, node: str = "") -> bool:
+        """True when the snapshot was written after the accountant read ring
+        record `seq` (of `node`, when given), so its charges include it."""
+        if seq is None:
+            return True
+        if self.position is None or (node and self.node and node != self.node):
+            return False
+        return self.position >= seq
+
+    def account(self, account: str) -> dict | None:
+        """The snapshot's entry of an account (balance, funds left, ...), or None."""
+        return self.accounts.get(account)
+
+    def billing(self, engine):
+        """The billing config (plans) of the engine's TOML, parsed once per config."""
+        cfg = engine.cfg
+        if self._book_of is not cfg:
+            from engine.accounting.config import BillingConfig
+
+            self._book_of = cfg
+            try:
+                self._book = BillingConfig.from_dict(cfg.raw)
+            except ValueError as exc:
+                log.error("billing config unusable, prepaid limits are off: %s", exc)
+                self._book = None
+        return self._book
+
+    # -- funds ------------------------------------------------------------------------
+    def _ring_seq(self, engine) -> int | None:
+        writer = getattr(engine.stamper, "writer", None)
+        return writer.next_seq if writer is not None else None
+
+    def available(self, session, funds: int) -> int:
+        """Funds an account has for a new grant to `session`: the snapshot's
+        funds left (posted charges and the current segments of live sessions
+        already taken off), minus, for the same account,
+        - what every other live session's granted limit may still cost (its
+          reservation, counted whole even though the snapshot already took off
+          part of it),
+        - costs the engine knows of and the snapshot may not show yet (segments
+          closed, sessions ended since), until a snapshot that covers them,
+        - the closing cost of the session's own current segment, rated up to
+          now with its increment rounding (counted twice for the part the
+          snapshot shows).
+        So a session may get less time than the funds allow, never more."""
+        engine = session.engine
+        account = session.account
+        node = engine.stamper.node_id
+        seq_now = self._ring_seq(engine)
+        for sid, h in list(self._holds.items()):
+            s = h.session
+            if s.ended and h.reserved:
+                # Its final segments are rated by now or soon: keep counting the
+                # reservation (it bounds them) until a snapshot covers its end.
+                h.pending.append((seq_now - 1 if seq_now else 0, h.reserved, h.account))
+                h.reserved = 0
+            if h.pending:
+                h.pending = [p for p in h.pending if not self.covers(p[0], node)]
+            if s.ended and not h.pending:
+                del self._holds[sid]
+                continue
+            funds -= sum(p[1] for p in h.pending if p[2] == account)
+            if s is not session and h.account == account:
+                funds -= h.reserved
+        funds -= self._current_cost(session)
+        return funds
+
+    def _current_cost(self, session) -> int:
+        ctl = session.control
+        if ctl is None or not ctl.active or ctl.span is None or session.module is None:
+            return 0
+        book = self.billing(session.engine)
+        if book is None:
+            return 0
+        plan = book.plan_for(session.account, session.module.code, session.module.level)
+        if not plan.is_time:
+            return 0
+        q = plan.segment_quantity(max(0, time.monotonic_ns() - ctl.span.start_mono))
+        return segment_cost(plan, q)
+
+    def limit_for(self, session, code: str, level: str, funds: int | None = None):
+        """(billed seconds the account can afford in module `code` now or None
+        for no limit, the funds counted, the plan); `funds` defaults to what
+        `available` counts."""
+        acc = self.accounts.get(session.account)
+        book = self.billing(session.engine)
+        if acc is None or acc.get("funds_left_micro") is None or book is None:
+            return None, None, None
+        if funds is None:
+            funds = self.available(session, int(acc["funds_left_micro"]))
+        plan = book.plan_for(session.account, code, level)
+        prior = 0
+        cap = (acc.get("caps") or {}).get(code)
+        if cap:
+            prior = int(cap.get("used", 0))
+        return affordable(plan, funds, prior), funds, plan
+
+    def _grant(self, session, cost: int, split: bool = False) -> None:
+        """Remember the new grant of `session` and the closing cost of its
+        current segment, which the transition about to be stamped closes."""
+        h = self._holds.get(session.id)
+        # Just after a payer change the segment was closed for the previous
+        # payer (payer_changing); the new one has not run yet.
+        closing = 0 if split else self._current_cost(session)
+        if h is None:
+            if not cost and not closing:
+                return
+            h = self._holds[session.id] = _Hold(session)
+        h.reserved = cost
+        h.account = session.account
+        if closing:
+            seq = self._ring_seq(session.engine)
+            h.pending.append((seq if seq is not None else 0, closing, session.account))
+
+    def payer_changing(self, session) -> None:
+        """`session`'s payer is about to change (Session.set_account): the
+        current segment closes for the account paying now, which also no
+        longer holds the reservation of its grant."""
+        closing = self._current_cost(session)
+        h = self._holds.get(session.id)
+        if h is None:
+            if not closing:
+                return
+            h = self._holds[session.id] = _Hold(session)
+        if closing:
+            seq = self._ring_seq(session.engine)
+            h.pending.append((seq if seq is not None else 0, closing, session.account))
+        h.reserved = 0
+        h.split = True
+
+    # -- the check --------------------------------------------------------------------
+    def check(self, session, node, module) -> Decision:
+        self._refresh()
+        h = self._holds.get(session.id)
+        split = h is not None and h.split
+        if split:
+            h.split = False
+        acc = self.accounts.get(session.account)
+        if acc is not None:
+            if acc.get("banned"):
+                return Decision(False, f"account {session.account} is banned")
+            if acc.get("out_of_funds"):
+                return Decision(False, f"account {session.account} has no funds left")
+            if module.code in acc.get("deny", ()):
+                return Decision(False, f"{module.code}: cap reached or period not paid")
+        decision = self.rules.check(session, node, module)
+        if not decision.allow or acc is None or acc.get("funds_left_micro") is None:
+            return decision
+        try:
+            billed, funds, plan = self.limit_for(session, module.code, module.level)
+        except Exception:
+            # Never unlimited by accident: a limit that cannot be computed denies.
+            log.exception("session %s: no prepaid limit for %s", session.id, module.code)
+            return Decision(False, f"account {session.account}: limit unavailable")
+        if plan is None:
+            return decision
+        if billed == 0:
+            return Decision(False, f"account {session.account}: funds left do not pay for the "
+                                   f"first increment of {module.code}")
+        limit = limit_seconds(billed)
+        cost = segment_cost(plan, billed) if billed is not None else 0
+        self._grant(session, cost, split)
+        if decision.limit is not None and (limit is None or decision.limit < limit):
+            limit = decision.limit
+        if limit is None:
+            return decision
+        warn_before, text, voice = self.warning_settings(session, node)
+        return Decision(True, decision.reason, limit, warn_before, text, voice, cost)
+
+    def warning_settings(self, session, node) -> tuple[float, str, str]:
+        """(warn_before, warning text, voice): the node's params `warn_before` /
+        `warning_text`, else `[policy.accounts.ID]`, else `[policy]`."""
+        pol = session.engine.cfg.policy or {}
+        per = (pol.get("accounts") or {}).get(session.account) or {}
+        params = getattr(node, "params", None) or {}
+
+        def pick(key, default):
+            for src in (params, per, pol):
+                if key in src:
+                    return src[key]
+            return default
+
+        try:
+            warn_before = max(0.0, float(pick("warn_before", DEFAULT_WARN_BEFORE)))
+        except (TypeError, ValueError):     # a node param no module checked
+            warn_before = DEFAULT_WARN_BEFORE
+        return warn_before, str(pick("warning_text", "")), str(pick("warning_voice", "en"))
+
+
+# -- the warning ----------------------------------------------------------------------
+
+def warn(ctl, decision: Decision) -> None:
+    """The limit is `decision.warn_before` seconds away (or less): tell the
+    listeners (Watch: `limit-warning`), let the module handle it (a module's
+    `limit_warning(ctl, seconds_left)` returning True), else speak the
+    configured warning to the caller."""
+    if not ctl.active:
+        return
+    session = ctl.session
+    engine = session.engine
+    left = min(decision.warn_before, decision.limit or 0.0)
+    if engine.listeners:
+        engine.notify(session, "limit-warning", {"module": ctl.module.code,
+                                                 "seconds_left": round(left, 3),
+                                                 "limit": decision.limit})
+    hook = getattr(ctl.module, "limit_warning", None)
+    if hook is not None and hook(ctl, left):
+        return
+    if decision.warning and engine.speech is not None:
+        engine.loop.create_task(speak_over(ctl, decision.warning, decision.voice))
+
+
+async def speak_over(ctl, text: str, voice: str = "en") -> bool:
+    """Speak `text` to the caller whatever the module does with the media:
+    in a bridge (the caller's RTP relayed), the far end's audio to the caller
+    is paused while the caller hears the text, then the relay resumes (the
+    caller is heard by the far end all along); on a silent or echoing
+    channel it plays at once; while a module's own prompt plays, it waits
+    for the prompt to end. True when it was played."""
+    import asyncio
+
+    from ext.kernels import rtp
+
+    from engine.modules.menu import render
+
+    try:
+        pcm = await render(ctl, text, None, voice)
+    except Exception as exc:
+        log.warning("session %s: limit warning not spoken: %s", ctl.session.id, exc)
+        return False
+    caller = ctl.caller
+    while ctl.active and caller.stream is not None:
+        seconds = len(pcm) / 8000
+        if caller.stream.mode == rtp.MODE_RELAY:
+            far = [leg for leg in ctl.session.legs if leg is not caller and leg.stream is not None
+                   and leg.stream.mode == rtp.MODE_RELAY]
+            for leg in far:
+                leg.stream.idle()
+            ch = caller.open_channel()
+            if ch is None:
+                return False
+            player = rtp.Player(pcm, 1)
+            ch.play(player)
+            ctl.later(seconds + 0.1, _resume_relay, ctl, caller, far, player)
+            return True
+        ch = caller.open_channel()
+        if ch is None:
+            return False
+        if ch.source in (rtp.SOURCE_SILENCE, rtp.SOURCE_ECHO):
+            echo = ch.source == rtp.SOURCE_ECHO
+            player = rtp.Player(pcm, 1)
+            ch.play(player)
+            if echo:
+                ctl.later(seconds + 0.05, _resume_echo, ch, player)
+            return True
+        await asyncio.sleep(0.5)
+    return False
+
+
+def _resume_relay(ctl, caller, far, player) -> None:
+    from ext.kernels import rtp
+
+    ch = caller.channel
+    if caller.stream is None or ch is None or ch.player not in (player, None):
+        return
+    if ch.source not in (rtp.SOURCE_SILENCE, rtp.SOURCE_PLAYER):   # ours, or done
+        return
+    caller.close_channel()
+    for leg in far:
+        if leg.stream is not None and leg.stream.mode == rtp.MODE_IDLE and not leg.ended:
+            leg.stream.relay_to(caller.stream)
+
+
+def _resume_echo(ch, player) -> None:
+    from ext.kernels import rtp
+
+    if ch.player is player or (ch.player is None and ch.source == rtp.SOURCE_SILENCE):
+        ch.echo()
