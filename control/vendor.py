@@ -32,6 +32,7 @@ import grpc
 
 from engine import apps as apps_mod
 from engine.apps import Node
+from engine.media.files import NO_SUCH_FILE, confine, recording_path
 from engine.modules.base import Module, answer_caller
 
 from . import pb
@@ -594,19 +595,25 @@ class VendorModule(Module):
                                      command_id=state.player_cmd, interrupted=True)))
         state.player = None
 
-    def _pcm_now(self, url: str):
+    def _files_dir(self, vendor: str) -> str:
+        v = self.engine.cfg.raw.get("vendors", {}).get(vendor, {})
+        d = v.get("files_dir") if isinstance(v, dict) else None
+        return d or os.path.join(self.engine.cfg.data_dir, "vendors", vendor)
+
+    def _pcm_now(self, url: str, vendor: str):
         """(pcm, None) when `url` is a file whose audio is cached, else (None, awaitable)."""
         if url.lower().startswith(("http://", "https://")):
             pcm = self.hub.pcm_get(url)
             return (pcm, None) if pcm is not None else (None, self._fetch_url(url))
-        path = os.path.abspath(url)
+        # A vendor reads its own directory only; outside it, missing and unreadable are
+        # one answer, so a play cannot probe the machine's files.
+        path = confine(url, [self._files_dir(vendor)])
         try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise CommandError(NOT_FOUND, f"play.url: no such file {url!r}", "play.url") from None
-        except OSError as exc:
-            raise CommandError(FAILED_PRECONDITION, f"play.url: cannot read {url!r}: {exc}",
-                               "play.url") from None
+            st = os.stat(path) if path is not None else None
+        except OSError:
+            st = None
+        if st is None:
+            raise CommandError(NOT_FOUND, f"play.url: {NO_SUCH_FILE}", "play.url")
         key = (path, st.st_mtime_ns, st.st_size)
         pcm = self.hub.pcm_get(key)
         if pcm is not None:
@@ -686,7 +693,7 @@ class VendorModule(Module):
         if not p.url.strip():
             raise invalid("play.url", "a file path or http(s) URL is required")
         self._channel(ctl, state, proc)
-        pcm, pending = self._pcm_now(p.url.strip())
+        pcm, pending = self._pcm_now(p.url.strip(), proc.vendor)
         return self._media(ctl, state, proc, cmd.command_id, "play", _loops(p.loop), pcm, pending)
 
     def _cmd_say(self, ctl, state, proc, cmd):
@@ -739,7 +746,7 @@ class VendorModule(Module):
             loops = _loops(g.say.loop)
         else:
             try:
-                pcm, pending = self._pcm_now(g.play.url.strip())
+                pcm, pending = self._pcm_now(g.play.url.strip(), proc.vendor)
             except CommandError as exc:
                 state.gather = None
                 raise CommandError(exc.code, "gather." + exc.message, "gather.play.url") from None
@@ -826,9 +833,8 @@ class VendorModule(Module):
             state.recording.on_done = None
             state.recording.stop("stopped")
         session = ctl.session
-        n = self.stats["recordings"] = self.stats["recordings"] + 1
-        path = os.path.join(self.engine.cfg.data_dir, "recordings",
-                            f"{session.id}-{self.code}-{n}.wav")
+        self.stats["recordings"] += 1
+        path = recording_path(self.engine.cfg.data_dir, session.account)
         cid = cmd.command_id
 
         def done(result: dict) -> None:

@@ -10,6 +10,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 
+from . import guard as _guard
 from .sip.transport import parse_hostport
 
 TARGET_KINDS = ("app", "module", "instructions", "endpoint")
@@ -48,6 +49,7 @@ class Trunk:
     password: str = ""
     prefix: str = ""
     domain: str = ""
+    trusted: bool = False
 
 
 @dataclass
@@ -93,6 +95,7 @@ class Config:
     call_center: object = None                     # services.call_center.CenterConfig
     api_keys: dict = field(default_factory=dict)   # id -> control.metering.ApiKey
     operator_tokens: list = field(default_factory=list)  # platform-wide bearer tokens
+    guard: _guard.Guard = field(default_factory=_guard.Guard)  # the [security] limits
 
 
 # The schema: section -> key -> (type, description). Unknown keys are errors,
@@ -139,6 +142,7 @@ SCHEMA = {
         "timeout": ((int, float), "seconds one attempt may take"),
         "low_balance": (str, "funds left below which balance.low is sent, e.g. \"5.00\""),
     },
+    "security": _guard.SCHEMA,
 }
 
 
@@ -196,6 +200,8 @@ TABLES = {
         "password": ("string", "digest password"),
         "prefix": ("string", "put before dialled numbers"),
         "domain": ("string", "host part of the Request-URI (default: the proxy host)"),
+        "trusted": ("bool", "media is sent to its SDP address at once, before any RTP comes "
+                            "from there; no per-source setup limit (default false)"),
     }),
     "policy": ("the local policy hook, consulted on every hand-off of control", {
         "deny_modules": ("table", "account -> list of module codes it may not use"),
@@ -221,6 +227,8 @@ TABLES = {
         "offer_timeout": ("number", "seconds a process has to take an offered call (0.05..60, default 2)"),
         "revenue_share": ("number or string", "its share of what its modules earn: 0.7, \"0.7\" or \"70%\""),
         "plans": ("table", "listing default plans of its modules: \"MODULE[:ACTION]\" -> plan"),
+        "files_dir": ("string", "the only directory its play commands may read "
+                                "(default DATA/vendors/ID)"),
     }),
     "plans.NAME": ("a usage plan: what time in control or an action costs (docs/billing.md)", {
         "kind": ("string", "per_unit (default), graduated, volume or subscription"),
@@ -373,6 +381,11 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
     if cfg.rtp_port_max - cfg.rtp_port_min < 3:
         raise ConfigError(path, "media.rtp_port_max", "the range holds no RTP/RTCP pair")
 
+    try:
+        cfg.guard = _guard.load(raw)
+    except _guard.GuardError as exc:
+        raise ConfigError(path, exc.key, exc.message) from None
+
     reg = raw.get("registrar", {})
     cfg.registrar_mode = reg.get("mode", "open")
     if cfg.registrar_mode not in ("open", "auth", "off"):
@@ -499,7 +512,7 @@ def _load_trunks(cfg: Config, raw: dict, path: str) -> None:
             raise ConfigError(path, f"{key}.transport", "udp or tcp")
         cfg.trunks[name] = Trunk(name, host, port, transport, t.get("username", ""),
                                  t.get("password", ""), t.get("prefix", ""),
-                                 t.get("domain", "") or host)
+                                 t.get("domain", "") or host, t.get("trusted", False) is True)
 
 
 def _check_target(cfg: Config, path: str, key: str, target, app_nodes) -> None:
@@ -674,6 +687,8 @@ def _check_vendors(raw: dict, path: str) -> None:
         t = v.get("offer_timeout", 2.0)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.05 <= t <= 60:
             raise ConfigError(path, f"{key}.offer_timeout", "seconds between 0.05 and 60")
+        if "files_dir" in v and not (isinstance(v["files_dir"], str) and v["files_dir"].startswith("/")):
+            raise ConfigError(path, f"{key}.files_dir", "an absolute directory path")
 
 
 MIN_OPERATOR_TOKEN = 32

@@ -102,7 +102,9 @@ async def test_play_file_loop_stop_and_missing_file(tmp_path):
         w.setsampwidth(2)
         w.setframerate(8000)
         w.writeframes(pcm.tobytes())
-    async with running_engine(control_config()) as eng:
+    raw = control_config()
+    raw["vendors"]["acme"]["files_dir"] = str(tmp_path)   # the only files acme may play
+    async with running_engine(raw) as eng:
         v, calls = await vendor_with_calls(eng)
         caller = Caller(eng, "4000")
         dial = asyncio.ensure_future(caller.dial())

@@ -26,8 +26,9 @@ import weakref
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urljoin, urlsplit
 
+from ...media.files import NO_SUCH_FILE, account_roots, confine, find_recording, recording_path
 from ...sip.message import valid_text
-from ..base import answer_caller
+from ..base import answer_caller, operator_param
 from .conference import Room, RoomFull, Rooms
 from .fetch import Fetcher, FetchError
 from .parser import Document, DocumentError, Verb, parse
@@ -513,13 +514,15 @@ class Runner:
         if parts.scheme in ("http", "https"):
             return await self.shared.fetcher.audio_url(url)
         if parts.scheme in ("file", ""):
-            path = os.path.realpath(unquote(parts.path))
-            data = self.engine.cfg.data_dir
-            roots = [os.path.join(data, "sounds"), os.path.join(data, "recordings")]
-            if self.params.get("sounds_dir"):
-                roots.append(str(self.params["sounds_dir"]))
-            if not any(path.startswith(os.path.realpath(r) + os.sep) for r in roots):
-                raise AudioError(f"{path} is outside the sounds and recordings directories")
+            # Only the operator's configuration may widen the directories (a document's
+            # Redirect parameters never do); outside them and missing are one answer.
+            roots = account_roots(self.engine.cfg, self.session.account)
+            extra = operator_param(self.ctl, "sounds_dir")
+            if extra:
+                roots.append(str(extra))
+            path = confine(unquote(parts.path), roots)
+            if path is None:
+                raise AudioError(NO_SUCH_FILE)
             return await load_wav(path)
         raise AudioError(f"cannot play {parts.scheme}: URLs")
 
@@ -532,8 +535,7 @@ class Runner:
         name = url[len(base) + len("/recordings/"):].removesuffix(".wav")
         if not _RECORDING_RE.fullmatch(name):
             return None
-        path = os.path.join(self.engine.cfg.data_dir, "recordings", name + ".wav")
-        return path if os.path.exists(path) else None
+        return find_recording(self.engine.cfg.data_dir, name, self.session.account)
 
     async def send_digits(self, digits: str) -> None:
         """DTMF to the caller: RFC 4733 events when negotiated, else in-band tones."""
@@ -634,8 +636,8 @@ class Runner:
 
         if not self.answer():
             return STOP
-        sid = "RE" + secrets.token_hex(16)
-        path = os.path.join(self.engine.cfg.data_dir, "recordings", sid + ".wav")
+        path = recording_path(self.engine.cfg.data_dir, self.session.account)
+        sid = os.path.basename(path)[:-4]
         silence = verb.get("timeout", 5)
         done = self.loop.create_future()
 
