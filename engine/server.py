@@ -9,6 +9,7 @@ import os
 from . import __version__
 from .apps import Node
 from .config import Config
+from .guard import SetupLimiter, private_dir, trusted_source
 from .media.engine import MediaEngine
 from .media.ports import PortPool
 from .modules.catalog import builtin_modules
@@ -57,6 +58,8 @@ class Engine:
         self.listeners: list = []      # callables(session, event: str, detail: dict) for Watch
         self.denials = collections.Counter()  # module code -> policy denials (for /metrics)
         self.metrics = None            # the /metrics server (engine/metrics.py)
+        self.setup = SetupLimiter(cfg.guard.max_setup_per_source)
+        self.in_setup: dict[str, str] = {}  # session id -> source of an INVITE not yet answered
         from .webhooks import EngineHooks, WebhookSettings, Webhooks
 
         self.webhooks = Webhooks(WebhookSettings.from_raw(cfg.raw, cfg.path), cfg.data_dir)
@@ -64,7 +67,7 @@ class Engine:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        os.makedirs(self.cfg.data_dir, exist_ok=True)
+        private_dir(self.cfg.data_dir)
         _raise_fd_limit()
         self.stamper = Stamper(os.path.join(self.cfg.data_dir, "ring", "ring.dat"), self.cfg.node_id) \
             if _ring_available() else self.stamper
@@ -164,12 +167,20 @@ class Engine:
         if msg.max_forwards == 0 and getattr(module, "forwards", False):
             dialog.reject(483)  # RFC 3261 16.3 step 2 for what we would forward
             return
+        source = dialog.source[0] if dialog.source else ""
+        if not trusted_source(self.cfg, source) and not self.setup.enter(source):
+            # Calls in setup per source: an unanswered INVITE holds ports and is
+            # what a flood is made of.
+            dialog.reject(503, why="setup-limit")
+            return
         h = msg.headers
         app = self.cfg.apps.get(route.target) if route.kind == "app" else None
         from_uri = valid_text(h["from"][0])
         session = Session(self, route.account, user, from_uri, valid_text(h["to"][0]), app=app)
         session.params["CallerName"] = _display_name(from_uri)
         self.sessions[session.id] = session
+        if not trusted_source(self.cfg, source):
+            self.in_setup[session.id] = source
         Leg(session, dialog)
         session.start(node)
 
@@ -185,7 +196,14 @@ class Engine:
             except Exception:
                 log.exception("session event listener failed")
 
+    def setup_done(self, session_id: str) -> None:
+        """The caller's INVITE was answered and acknowledged, or the call ended."""
+        source = self.in_setup.pop(session_id, None)
+        if source is not None:
+            self.setup.leave(source)
+
     def session_ended(self, session: Session) -> None:
+        self.setup_done(session.id)
         self.sessions.pop(session.id, None)
         self.finished.append(session)
         if len(self.finished) > 1000:
