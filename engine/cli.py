@@ -13,7 +13,11 @@ from . import __version__
 
 def _serve(args) -> int:
     from .config import ConfigError, load
+    from .guard import PRIVATE_UMASK
     from .server import Engine
+
+    # Stored data (ledger, journal, keys, outbox, recordings) is the engine user's only.
+    os.umask(PRIVATE_UMASK)
 
     overrides = {"sip_addr": args.sip_addr, "grpc_addr": args.grpc_addr,
                  "data_dir": args.data_dir, "metrics_addr": args.metrics_addr,

@@ -19,6 +19,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import stat
 from dataclasses import dataclass, field
 
 SCHEMA = {
@@ -173,3 +175,17 @@ class SetupLimiter:
             self.counts[source] = n
         else:
             self.counts.pop(source, None)
+
+
+PRIVATE_UMASK = 0o077
+
+
+def private_dir(path: str) -> None:
+    """Create `path` 0700, or make sure it is this user's directory and close it to
+    others (stored data and sockets are private to the engine's user)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise OSError(f"{path} must be a directory owned by this user")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)

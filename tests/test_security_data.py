@@ -139,3 +139,101 @@ async def test_vendor_plays_only_its_directory_and_cannot_probe_files(tmp_path):
         await caller.bye()
         caller.close()
         await v.close()
+
+
+# -- stored data private to the engine's user ------------------------------------------
+
+ACCOUNT_KEY = "acct-whsec-0123456789abcdef"
+GLOBAL_KEY = "global-whsec-0123456789abcdef"
+
+
+class _Addr:
+    def __init__(self, port: int):
+        self.sip_port = port
+
+
+async def test_data_dir_is_private_and_outbox_keeps_no_secret(tmp_path):
+    import shutil
+    import stat
+
+    from tests.helpers import EngineProcess
+    from tests.test_webhooks import Receiver
+
+    rx = await Receiver(fail=1000, secret=ACCOUNT_KEY).start()   # keep rows in the outbox
+    d = tmp_path / "d"
+    cfg = tmp_path / "baton.toml"
+    cfg.write_text(f"""
+[engine]
+transports = ["udp"]
+[media]
+address = "127.0.0.1"
+[webhooks]
+url = "http://127.0.0.1:9/unused"
+secret = "{GLOBAL_KEY}"
+retry_base = 30
+[accounts.demo]
+webhook_url = "{rx.url}"
+webhook_secret = "{ACCOUNT_KEY}"
+[accounts.demo.numbers]
+"4200" = {{ module = "baton.record", beep = false, silence = 0, max_length = 1 }}
+""")
+    eng = EngineProcess(str(cfg))
+    data = eng.data_dir
+    try:
+        os.chmod(data, 0o755)           # a data directory an operator made by hand
+        eng.wait_ready()
+        caller = Caller(_Addr(eng.port), "4200")
+        await caller.dial()
+        await caller.talk(1.3, tone_payload(500, 0))
+        caller.close()
+        # Signed with the account's own key; failing, so the rows stay in the outbox.
+        await wait_until(lambda: len({a["id"] for a in rx.attempts if a["verified"]}) >= 2,
+                         timeout=15)
+        recs = os.path.join(data, "recordings", "demo")
+        await wait_until(lambda: os.path.isdir(recs) and os.listdir(recs), timeout=10)
+        await wait_until(lambda: os.path.exists(os.path.join(data, "accounting", "ledger.db")),
+                         timeout=15)
+        open_to_others = []
+        for root, dirs, files in os.walk(data):
+            for name in [root, *(os.path.join(root, f) for f in dirs + files)]:
+                mode = os.lstat(name).st_mode
+                if not stat.S_ISLNK(mode) and mode & 0o077:
+                    open_to_others.append((os.path.relpath(name, data), oct(mode & 0o777)))
+        assert open_to_others == [], open_to_others
+        outbox = [os.path.join(data, "webhooks", f) for f in os.listdir(
+            os.path.join(data, "webhooks")) if f.startswith("engine.db")]
+        assert any(f.endswith(".db") for f in outbox), outbox
+        for f in outbox:
+            blob = open(f, "rb").read()
+            assert ACCOUNT_KEY.encode() not in blob and GLOBAL_KEY.encode() not in blob, f
+        assert eng.stop(timeout=15) == 0
+    finally:
+        if eng.proc.poll() is None:
+            eng.proc.kill()
+            eng.proc.wait()
+        await rx.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_accountant_socket_is_never_abstract_and_its_directory_is_private(tmp_path):
+    from engine.accounting.service import billing_address
+    from engine.guard import private_dir
+
+    long_dir = tmp_path / ("d" * 120)
+    addr = billing_address(str(long_dir))
+    assert addr.startswith("unix:/") and "abstract" not in addr, addr
+    sock_dir = os.path.dirname(addr[len("unix:"):])
+    assert os.path.basename(sock_dir) == f"baton-{os.getuid()}"
+    assert len(addr) - len("unix:") <= 100
+    # A directory someone else made cannot be taken over; a too-open one is closed.
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    os.chmod(mine, 0o755)
+    private_dir(str(mine))
+    assert os.stat(mine).st_mode & 0o777 == 0o700
+    if os.getuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(OSError):
+            private_dir(str(theirs))
