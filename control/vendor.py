@@ -24,7 +24,6 @@ import itertools
 import logging
 import os
 import time
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -632,24 +631,21 @@ class VendorModule(Module):
 
     async def _fetch_url(self, url: str):
         from engine.media import audio
+        from engine.modules.instructions.fetch import FetchError
+        from engine.modules.instructions.verbs import shared_for
 
-        def fetch() -> bytes:
-            with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 (http/https only)
-                data = r.read(MAX_URL_BYTES + 1)
-            if len(data) > MAX_URL_BYTES:
-                raise ValueError(f"larger than {MAX_URL_BYTES >> 20} MB")
-            return data
-
-        loop = self.engine.loop
+        # The engine's guarded HTTP client: a vendor's URL reaches no loopback,
+        # link-local or engine port either, and no reply bytes come back in errors.
+        fetcher = shared_for(self.engine).fetcher
         try:
-            data = await loop.run_in_executor(None, fetch)
-            pcm = await loop.run_in_executor(None, audio.read_wav, data)
+            pcm = await fetcher.audio_url(
+                url, timeout=min(10.0, self.engine.cfg.guard.fetch_timeout_max),
+                max_bytes=MAX_URL_BYTES)
         except audio.AudioError as exc:
             raise invalid("play.url", f"not a playable WAV: {exc}") from None
-        except Exception as exc:
-            raise CommandError(FAILED_PRECONDITION, f"play.url: cannot fetch {url}: {exc}",
+        except FetchError as exc:
+            raise CommandError(FAILED_PRECONDITION, f"play.url: cannot fetch: {exc.reason}",
                                "play.url") from None
-        pcm.flags.writeable = False
         self.hub.pcm_put(url, pcm)
         return pcm
 

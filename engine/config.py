@@ -164,7 +164,7 @@ TABLES = {
         "secret": ("string", "signs requests to instruction apps, X-Baton-Signature (16+ characters)"),
         "twilio_signature": ("bool", "also send X-Twilio-Signature to instruction apps"),
         "webhook_url": ("string", "this account's notifications go here instead of webhooks.url"),
-        "webhook_secret": ("string", "key signing them (default: webhooks.secret)"),
+        "webhook_secret": ("string", "key signing them (required with webhook_url)"),
         "low_balance": ("string", "funds left below which balance.low is sent for this account"),
     }),
     "accounts.ID.numbers.NUMBER": ("a dialled number (the Request-URI's user part) and what it "
@@ -383,8 +383,8 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
 
     try:
         cfg.guard = _guard.load(raw)
-    except _guard.GuardError as exc:
-        raise ConfigError(path, exc.key, exc.message) from None
+    except ValueError as exc:
+        raise ConfigError(path, *exc.args) from None
 
     reg = raw.get("registrar", {})
     cfg.registrar_mode = reg.get("mode", "open")

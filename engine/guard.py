@@ -41,15 +41,6 @@ DEFAULT_DENY = ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.
                 "::/128", "224.0.0.0/4", "ff00::/8", "240.0.0.0/4", "::ffff:127.0.0.0/104")
 
 
-class GuardError(ValueError):
-    """A `[security]` value that cannot be used: `key`, `message`."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
-
-
 @dataclass
 class Rule:
     net: object            # an ip_network
@@ -79,11 +70,13 @@ class Guard:
             return True
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        if any(r.matches(ip, port) for r in self.fetch_allow):
+        allowed = [r for r in self.fetch_allow if r.matches(ip, port)]
+        if port in self.own_ports and (ip.is_private or ip.is_loopback or ip.is_link_local) \
+                and not any(r.port == port for r in allowed):
+            return True      # the engine's own listeners: only when allowed by port
+        if allowed:
             return False
         if any(r.matches(ip, port) for r in self.fetch_deny):
-            return True
-        if port in self.own_ports and ip.is_private:
             return True
         return any(ip in n for n in _DEFAULT_NETS if n.version == ip.version)
 
@@ -93,7 +86,7 @@ _DEFAULT_NETS = [ipaddress.ip_network(n) for n in DEFAULT_DENY]
 
 def _rule(key: str, text) -> Rule:
     if not isinstance(text, str) or not text:
-        raise GuardError(key, "a CIDR (10.0.0.0/8) or HOST:PORT (127.0.0.1:8080)")
+        raise ValueError(key, "a CIDR (10.0.0.0/8) or HOST:PORT (127.0.0.1:8080)")
     port = 0
     net = text
     if text.startswith("["):
@@ -107,26 +100,27 @@ def _rule(key: str, text) -> Rule:
     except ValueError:
         network = None
     if network is None or not 0 <= port <= 65535:
-        raise GuardError(key, f"{text!r} is not a CIDR or HOST:PORT")
+        raise ValueError(key, f"{text!r} is not a CIDR or HOST:PORT")
     return Rule(network, port)
 
 
 def load(raw: dict) -> Guard:
-    """The `[security]` table (types already checked against SCHEMA)."""
+    """The `[security]` table (types already checked against SCHEMA); a value that
+    cannot be used raises ValueError(key, problem)."""
     g = Guard()
     sec = raw.get("security", {}) or {}
     dirs = sec.get("sounds_dirs", [])
     if not all(isinstance(d, str) and d.startswith("/") for d in dirs):
-        raise GuardError("security.sounds_dirs", "a list of absolute directory paths")
+        raise ValueError("security.sounds_dirs", "a list of absolute directory paths")
     g.sounds_dirs = list(dirs)
     for key in ("max_setup_per_source", "tts_cache_bytes", "watch_streams_per_token"):
         if key in sec:
             if sec[key] < 0:
-                raise GuardError(f"security.{key}", "0 or more")
+                raise ValueError(f"security.{key}", "0 or more")
             setattr(g, key, sec[key])
     if "fetch_timeout_max" in sec:
         if not 0 < sec["fetch_timeout_max"] <= 600:
-            raise GuardError("security.fetch_timeout_max", "seconds between 0 and 600")
+            raise ValueError("security.fetch_timeout_max", "seconds between 0 and 600")
         g.fetch_timeout_max = float(sec["fetch_timeout_max"])
     for key in ("fetch_allow", "fetch_deny"):
         setattr(g, key, [_rule(f"security.{key}[{i}]", t)

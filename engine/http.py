@@ -92,6 +92,7 @@ async def start_http(engine, addr: str | None = None) -> HttpServer:
         break
     advertise = host if host not in ("0.0.0.0", "::", "") else engine.cfg.advertise
     server = HttpServer(engine, runner, host, bound, advertise)
+    engine.cfg.guard.own_ports.add(bound)   # documents may not fetch from it
     _urls[engine] = server.url
     log.info("serving recordings over HTTP at %s", server.url)
     return server

@@ -75,7 +75,8 @@ class Engine:
 
         from .media.tones import ringback
 
-        self.speech = SpeechCache(os.path.join(self.cfg.data_dir, "tts"))
+        self.speech = SpeechCache(os.path.join(self.cfg.data_dir, "tts"),
+                                  disk_bytes=self.cfg.guard.tts_cache_bytes)
         self.ringback = ringback()
         from .store import SessionStore
 
@@ -102,6 +103,11 @@ class Engine:
                 log.warning("gRPC control API not available: %s", exc)
             else:
                 self.control = await start_control(self)
+        # Documents' fetches never reach the engine's own listeners (docs/security.md).
+        own = self.cfg.guard.own_ports
+        own.update(p for p in (self.sip_port, self.grpc_port,
+                               getattr(self.http, "port", 0),
+                               getattr(self.metrics, "port", 0)) if p)
 
     async def stop(self, timeout: float = 3.0) -> None:
         """Graceful stop: new INVITEs get 503, calls in progress end with BYE."""

@@ -40,7 +40,7 @@ _BILLING_KEYS = {
 }
 _ACCOUNT_KEYS = ("plans", "prepaid_balance", "credit_limit", "paid_periods", "banned")
 _VENDOR_KEYS = ("name", "revenue_share", "modules", "plans",
-                "secret", "offer_timeout")  # the last two are the control API's
+                "secret", "offer_timeout", "files_dir")  # the last three are the control API's
 
 
 class BillingConfigError(ValueError):

@@ -73,7 +73,7 @@ class Shared:
 
     def __init__(self, engine):
         self.engine = engine
-        self.fetcher = Fetcher()
+        self.fetcher = Fetcher(guard=engine.cfg.guard)
         self.queues = Queues()
         self.rooms = Rooms(lambda: engine.media.clock)
         self.documents: dict = {}      # (url, body) -> Document, oldest first
@@ -362,9 +362,11 @@ class Runner:
     def _request_options(self) -> dict:
         secret, twilio = account_settings(self.engine, self.session.account)
         p = self.params
+        # A document's parameters may shorten the timeouts, never pass the operator's cap.
+        cap = self.engine.cfg.guard.fetch_timeout_max
         return {"secret": secret, "twilio": twilio,
-                "timeout": float(p.get("timeout", 10)),
-                "connect_timeout": float(p.get("connect_timeout", 3))}
+                "timeout": min(float(p.get("timeout", 10)), cap),
+                "connect_timeout": min(float(p.get("connect_timeout", 3)), cap)}
 
     async def fetch_doc(self, url: str, method: str, params: dict) -> Document:
         if urlsplit(url).scheme not in ("http", "https"):
