@@ -188,6 +188,7 @@ cdef class RtpStream:
     cdef readonly bint has_remote
     cdef readonly bint latched
     cdef public bint symmetric
+    cdef readonly bint wait_latch  # send nothing until the far end has sent to us
     cdef readonly int mode
     cdef RtpStream peer
     cdef RtpHub hub
@@ -250,14 +251,27 @@ cdef class RtpStream:
         self.events = []
 
     # -- configuration ---------------------------------------------------------
-    def set_remote(self, str host, int port):
-        """The address from SDP; symmetric RTP may later latch to the real source."""
+    def set_remote(self, str host, int port, bint wait=False):
+        """The address from SDP; symmetric RTP may later latch to the real source.
+
+        With `wait`, nothing is sent until a packet has come from the far end, and
+        then only to where it came from (RFC 4961): an SDP address alone cannot aim
+        this stream's media at a third party."""
+        self.wait_latch = wait
         if port == 0 or host in ("0.0.0.0", "::"):
             self.has_remote = False  # RFC 3264 8.4 hold: send nothing
             return
         to_sockaddr(host, port, &self.remote)
         self.has_remote = True
         self.latched = False
+
+    @property
+    def sending(self):
+        """True when this stream sends to its remote address now."""
+        return self.can_send()
+
+    cdef inline bint can_send(self) noexcept nogil:
+        return self.has_remote and (self.latched or not self.wait_latch)
 
     @property
     def remote_addr(self):
@@ -312,7 +326,12 @@ cdef class RtpStream:
             self.has_remote = True
             self.latched = True
             return True
-        return (not self.has_remote) or same_addr(src, &self.remote)
+        if not self.has_remote:
+            return True
+        if same_addr(src, &self.remote):
+            self.latched = True
+            return True
+        return False
 
     cdef inline void rx_stats(self, const uint8_t* p, int64_t now) noexcept nogil:
         cdef uint16_t seq = (p[2] << 8) | p[3]
@@ -378,7 +397,7 @@ cdef class RtpStream:
                 self.last_rx_ns = now
                 self.rx_stats(p, now)
                 if peer is not None:
-                    if peer.has_remote:
+                    if peer.can_send():
                         peer.rewrite(p, now)
                         tx_iov[out].iov_base = p
                         tx_iov[out].iov_len = plen
@@ -520,7 +539,7 @@ cdef class RtpStream:
         cdef uint8_t* p = tx_frame
         cdef int64_t elapsed
         cdef uint32_t step = FRAME
-        if not self.has_remote:
+        if not self.can_send():
             return 0
         if self.resync:
             if self.tx_last_ns:
@@ -549,7 +568,7 @@ cdef class RtpStream:
         """Send one RFC 4733 event packet (the caller paces and repeats the end)."""
         cdef uint8_t* p = tx_frame
         cdef int64_t now = now_ns()
-        if not self.has_remote or self.dtmf_pt < 0:
+        if not self.can_send() or self.dtmf_pt < 0:
             return False
         self.tx_seq = <uint16_t>(self.tx_seq + 1)
         if first:

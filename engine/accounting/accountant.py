@@ -742,7 +742,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-addr", metavar="HOST:PORT",
                    help="serve Prometheus /metrics here (default: engine.accountant_metrics_addr)")
     args = p.parse_args(argv)
+    from engine.common.guard import PRIVATE_UMASK
     from engine.common.logs import setup as setup_logs
+
+    os.umask(PRIVATE_UMASK)    # the ledger and its journal are the engine user's only
 
     setup_logs(args.log_level, args.log_format or "text")
     # While it waits for the accountant lock, a stop or the engine's death ends the wait.

@@ -40,7 +40,7 @@ _BILLING_KEYS = {
 }
 _ACCOUNT_KEYS = ("plans", "prepaid_balance", "credit_limit", "paid_periods", "banned")
 _VENDOR_KEYS = ("name", "revenue_share", "modules", "plans",
-                "secret", "offer_timeout", "outbound")  # the last three are the engine's
+                "secret", "offer_timeout", "outbound", "files_dir")  # the last four are the engine's
 
 
 class BillingConfigError(ValueError):

@@ -15,6 +15,10 @@ from engine.cli.common import print_session_history, run_loop
 def _serve(args) -> int:
     from engine.config.load import ConfigError, load
     from engine.runtime.server import Engine
+    from engine.common.guard import PRIVATE_UMASK
+
+    # Stored data (ledger, journal, keys, outbox, recordings) is the engine user's only.
+    os.umask(PRIVATE_UMASK)
 
     overrides = {"sip_addr": args.sip_addr, "grpc_addr": args.grpc_addr,
                  "data_dir": args.data_dir, "metrics_addr": args.metrics_addr,

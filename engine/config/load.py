@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from engine.modules import dialing
 from engine.common.errors import ConfigError  # noqa: F401  (raised by load(): importable from here too)
 from engine.common.net import parse_hostport
+from engine.common import guard as _guard
 
 TARGET_KINDS = ("app", "module", "instructions", "endpoint")
 
@@ -43,6 +44,7 @@ class Trunk:
     password: str = ""
     prefix: str = ""
     domain: str = ""
+    trusted: bool = False
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Config:
     api_keys: dict = field(default_factory=dict)   # id -> engine.config.api_keys.ApiKey
     operator_tokens: list = field(default_factory=list)  # platform-wide bearer tokens
     vendor_outbound: dict = field(default_factory=dict)  # vendor -> modules.dialing.Outbound
+    guard: _guard.Guard = field(default_factory=_guard.Guard)  # the [security] limits
 
 
 # The schema: section -> key -> (type, description). Unknown keys are errors,
@@ -151,6 +154,7 @@ SCHEMA = {
         "timeout": ((int, float), "seconds one attempt may take"),
         "low_balance": (str, "funds left below which balance.low is sent, e.g. \"5.00\""),
     },
+    "security": _guard.SCHEMA,
 }
 
 
@@ -172,7 +176,7 @@ TABLES = {
         "secret": ("string", "signs requests to instruction apps, X-Baton-Signature (16+ characters)"),
         "twilio_signature": ("bool", "also send X-Twilio-Signature to instruction apps"),
         "webhook_url": ("string", "this account's notifications go here instead of webhooks.url"),
-        "webhook_secret": ("string", "key signing them (default: webhooks.secret)"),
+        "webhook_secret": ("string", "key signing them (required with webhook_url)"),
         "low_balance": ("string", "funds left below which balance.low is sent for this account"),
         "outbound": ("table", "trunks, destinations and caps of its outbound calls: see "
                               "accounts.ID.outbound (default: deny all but this engine)"),
@@ -212,6 +216,8 @@ TABLES = {
         "password": ("string", "digest password"),
         "prefix": ("string", "put before dialled numbers"),
         "domain": ("string", "host part of the Request-URI (default: the proxy host)"),
+        "trusted": ("bool", "media is sent to its SDP address at once, before any RTP comes "
+                            "from there; no per-source setup limit (default false)"),
     }),
     "policy": ("the local policy hook, consulted on every hand-off of control", {
         "deny_modules": ("table", "account -> list of module codes it may not use"),
@@ -239,6 +245,8 @@ TABLES = {
         "plans": ("table", "listing default plans of its modules: \"MODULE[:ACTION]\" -> plan"),
         "outbound": ("table", "trunks and destinations its dial commands may reach: see "
                               "vendors.ID.outbound (default: deny all but this engine)"),
+        "files_dir": ("string", "the only directory its play commands may read "
+                                "(default DATA/vendors/ID)"),
     }),
     "plans.NAME": ("a usage plan: what time in control or an action costs (docs/billing.md)", {
         "kind": ("string", "per_unit (default), graduated, volume or subscription"),
@@ -396,6 +404,11 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
     if cfg.rtp_port_max - cfg.rtp_port_min < 3:
         raise ConfigError(path, "media.rtp_port_max", "the range holds no RTP/RTCP pair")
 
+    try:
+        cfg.guard = _guard.load(raw)
+    except ValueError as exc:
+        raise ConfigError(path, *exc.args) from None
+
     reg = raw.get("registrar", {})
     cfg.registrar_mode = reg.get("mode", "open")
     if cfg.registrar_mode not in ("open", "auth", "off"):
@@ -537,7 +550,7 @@ def _load_trunks(cfg: Config, raw: dict, path: str) -> None:
             raise ConfigError(path, f"{key}.transport", "udp or tcp")
         cfg.trunks[name] = Trunk(name, host, port, transport, t.get("username", ""),
                                  t.get("password", ""), t.get("prefix", ""),
-                                 t.get("domain", "") or host)
+                                 t.get("domain", "") or host, t.get("trusted", False) is True)
 
 
 def _check_target(cfg: Config, path: str, key: str, target, app_nodes) -> None:
@@ -712,6 +725,8 @@ def _check_vendors(cfg: Config, raw: dict, path: str) -> None:
         t = v.get("offer_timeout", 2.0)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.05 <= t <= 60:
             raise ConfigError(path, f"{key}.offer_timeout", "seconds between 0.05 and 60")
+        if "files_dir" in v and not (isinstance(v["files_dir"], str) and v["files_dir"].startswith("/")):
+            raise ConfigError(path, f"{key}.files_dir", "an absolute directory path")
         cfg.vendor_outbound[vid] = _outbound(cfg, v.get("outbound", {}), path,
                                              f"{key}.outbound", account=False)
 

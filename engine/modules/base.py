@@ -10,6 +10,23 @@ from engine.sip.errors import SdpError
 log = logging.getLogger("baton.modules")
 
 
+def operator_param(ctl, key: str):
+    """Module param `key` only as the operator's configuration set it: the module's own
+    config or a configured number or app node, never a node that a document, a vendor or
+    an API call made (their parameters must not reach internal settings)."""
+    node = ctl.node
+    if node is not None and key in node.params and _configured(ctl.engine, node):
+        return node.params[key]
+    return ctl.module.params.get(key)
+
+
+def _configured(engine, node) -> bool:
+    app = node.app
+    if app is not None and app.nodes.get(node.name) is node:
+        return True
+    return any(n is node for _, n in getattr(engine, "_route_nodes", {}).values())
+
+
 class Module:
     """A unit of application control, identified by its module code.
 

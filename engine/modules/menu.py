@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from engine.modules.base import Module, answer_caller
+from engine.modules.base import Module, _configured, answer_caller
 
 log = logging.getLogger("baton.modules.menu")
 
@@ -25,8 +25,14 @@ async def render(ctl, text: str | None = None, file: str | None = None, voice: s
     """PCM for a prompt: spoken text (cached) or a WAV file."""
     engine = ctl.engine
     if file:
-        from engine.media.audio import load_wav
+        from engine.media.audio import AudioError, load_wav
+        from engine.media.files import NO_SUCH_FILE, account_roots, confine
 
+        if ctl.node is None or not _configured(engine, ctl.node):
+            # A file named by a document or an API call: the account's own directories.
+            file = confine(file, account_roots(engine.cfg, ctl.session.account))
+            if file is None:
+                raise AudioError(NO_SUCH_FILE)
         return await load_wav(file)
     kwargs = {"voice": voice}
     if language:

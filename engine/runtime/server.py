@@ -23,6 +23,7 @@ from engine.sip.registrar import Registrar, RegistrarLimits
 from engine.sip.transport import TcpLimits
 from engine.sip.uri import parse_uri
 from engine.sessions.stamper import Stamper
+from engine.common.guard import SetupLimiter, private_dir, trusted_source
 
 log = logging.getLogger("baton.engine")
 
@@ -64,13 +65,15 @@ class Engine:
         self.metrics = None            # the /metrics server (engine/common/metrics.py)
         self.accountant = None         # baton serve's AccountantSupervisor (engine/runtime/supervisor.py)
         from engine.common.webhooks import EngineHooks, WebhookSettings, Webhooks
+        self.setup = SetupLimiter(cfg.guard.max_setup_per_source)
+        self.in_setup: dict[str, str] = {}  # session id -> source of an INVITE not yet answered
 
         self.webhooks = Webhooks(WebhookSettings.from_raw(cfg.raw, cfg.path), cfg.data_dir)
         self.listeners.append(EngineHooks(self, self.webhooks))
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        os.makedirs(self.cfg.data_dir, exist_ok=True)
+        private_dir(self.cfg.data_dir)
         _raise_fd_limit()
         self.stamper = Stamper(os.path.join(self.cfg.data_dir, "ring", "ring.dat"), self.cfg.node_id) \
             if _ring_available() else self.stamper
@@ -78,7 +81,8 @@ class Engine:
 
         from engine.media.tones import ringback
 
-        self.speech = SpeechCache(os.path.join(self.cfg.data_dir, "tts"))
+        self.speech = SpeechCache(os.path.join(self.cfg.data_dir, "tts"),
+                                  disk_bytes=self.cfg.guard.tts_cache_bytes)
         self.ringback = ringback()
         from engine.sessions.journal import SessionStore
 
@@ -106,6 +110,11 @@ class Engine:
                 log.warning("gRPC control API not available: %s", exc)
             else:
                 self.control = await start_control(self)
+        # Documents' fetches never reach the engine's own listeners (docs/security.md).
+        own = self.cfg.guard.own_ports
+        own.update(p for p in (self.sip_port, self.grpc_port,
+                               getattr(self.http, "port", 0),
+                               getattr(self.metrics, "port", 0)) if p)
 
     async def stop(self, timeout: float = 3.0) -> None:
         """Graceful stop: new INVITEs get 503, calls in progress end with BYE."""
@@ -171,12 +180,20 @@ class Engine:
         if msg.max_forwards == 0 and getattr(module, "forwards", False):
             dialog.reject(483)  # RFC 3261 16.3 step 2 for what we would forward
             return
+        source = dialog.source[0] if dialog.source else ""
+        if not trusted_source(self.cfg, source) and not self.setup.enter(source):
+            # Calls in setup per source: an unanswered INVITE holds ports and is
+            # what a flood is made of.
+            dialog.reject(503, why="setup-limit")
+            return
         h = msg.headers
         app = self.cfg.apps.get(route.target) if route.kind == "app" else None
         from_uri = valid_text(h["from"][0])
         session = Session(self, route.account, user, from_uri, valid_text(h["to"][0]), app=app)
         session.params["CallerName"] = _display_name(from_uri)
         self.sessions[session.id] = session
+        if not trusted_source(self.cfg, source):
+            self.in_setup[session.id] = source
         Leg(session, dialog)
         session.start(node)
 
@@ -192,7 +209,14 @@ class Engine:
             except Exception:
                 log.exception("session event listener failed")
 
+    def setup_done(self, session_id: str) -> None:
+        """The caller's INVITE was answered and acknowledged, or the call ended."""
+        source = self.in_setup.pop(session_id, None)
+        if source is not None:
+            self.setup.leave(source)
+
     def session_ended(self, session: Session) -> None:
+        self.setup_done(session.id)
         self.sessions.pop(session.id, None)
         self.finished.append(session)
         if len(self.finished) > 1000:

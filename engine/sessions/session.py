@@ -23,6 +23,7 @@ from engine.sip.errors import SdpError
 from engine.sip.dialog import DialogOwner
 from engine.common import clock
 from engine.common.levels import OFFER
+from engine.common.guard import media_trusted
 
 log = logging.getLogger("baton.session")
 
@@ -533,7 +534,13 @@ class Leg(DialogOwner):
         if neg.hold and neg.direction in ("inactive", "recvonly"):
             self.stream.set_remote("0.0.0.0", 0)
         else:
-            self.stream.set_remote(neg.remote_addr, neg.remote_port)
+            # An SDP address alone must not aim media at a third party: unless it is
+            # where the signalling came from (or a trusted trunk), wait for the far
+            # end's first packet and answer where it came from (RFC 4961 latching).
+            d = self.dialog
+            source = d.source[0] if d is not None and d.source else ""
+            wait = not media_trusted(self.session.engine.cfg, source, neg.remote_addr)
+            self.stream.set_remote(neg.remote_addr, neg.remote_port, wait)
 
     def media_stats(self) -> dict:
         """RTP counters of this leg, with loss and jitter as the far end reported them."""
@@ -607,6 +614,8 @@ class Leg(DialogOwner):
         return answer_media(self.session.engine, self, body)
 
     def dialog_confirmed(self, dialog) -> None:
+        if self.role == "caller":
+            self.session.engine.setup_done(self.session.id)
         # A late offer (INVITE without SDP): the caller's answer came in the ACK.
         if self.negotiated is None and dialog.remote_sdp:
             try:
