@@ -16,7 +16,7 @@ pytest.importorskip("ext.rtp", reason="ext.rtp is not built (make build)")
 import grpc  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from control import pb  # noqa: E402
+from proto import pb  # noqa: E402
 from tests.helpers import engine_config, running_engine  # noqa: E402
 from tests.test_sessions import Caller  # noqa: E402
 from tests.twiml_apps import AppServer, Events, instructions_engine  # noqa: E402
@@ -81,7 +81,7 @@ async def test_document_fetches_reach_no_loopback_engine_port_or_metadata_addres
         raw["accounts"]["demo"]["numbers"][number] = {"instructions": f"{app.url}/{number}"}
     engine_url: list = []
     async with instructions_engine(raw) as eng:
-        from engine import http as http_mod
+        from engine.runtime import http as http_mod
 
         engine_url.append(http_mod.http_url(eng))
         events = Events(eng)

@@ -62,7 +62,7 @@ async def start_http(engine, addr: str | None = None) -> HttpServer:
     loopback port)."""
     from aiohttp import web
 
-    from .media.files import find_recording
+    from engine.media.files import find_recording
 
     host, port = _addr(engine, addr)
 
