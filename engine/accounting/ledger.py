@@ -46,7 +46,7 @@ import msgpack
 from engine.common import clock
 from engine.accounting.money import round_half_up
 
-__all__ = ["Line", "Ledger", "SqliteLedger", "PostgresLedger", "LedgerError", "LedgerFenced",
+__all__ = ["DEFAULT_NODE", "Line", "Ledger", "SqliteLedger", "PostgresLedger", "LedgerError", "LedgerFenced",
            "open_ledger", "TXN_COLUMNS", "ENTRY_COLUMNS", "split_share"]
 
 TXN_COLUMNS = ("id", "key", "kind", "node", "seq", "session", "account", "module", "item", "level",
@@ -338,7 +338,7 @@ _CLASS_CACHE_MAX = 100_000
 # A Line's class (the CLASS_COLUMNS) and its txns row but the class id.
 _class_key = operator.itemgetter(2, 5, 9, 17, 18, 6, 7, 14, 13, 15, 8)
 _row_body = operator.itemgetter(0, 1, 3, 4, 10, 11, 12, 16, 19, 20, 21)
-FENCE = "accountant"      # the fence row of the accountant writing the ledger
+DEFAULT_NODE = "node1"    # engine.node_id's default: the fence row of a lone accountant
 _CHECK_FENCE = "SELECT generation FROM fence WHERE name = ?"
 _UPSERT_POSITION = ("INSERT INTO positions (node, seq, updated_ns) VALUES (?, ?, ?) "
                     "ON CONFLICT (node) DO UPDATE SET seq = excluded.seq, "
@@ -391,15 +391,16 @@ class Ledger:
     # -- writing --------------------------------------------------------------
     def post(self, lines: Iterable[Line], *, position: tuple[str, int] | None = None,
              state: Mapping[tuple[str, str], bytes | None] | None = None,
-             checked: bool = False, fence: int | None = None) -> int:
+             checked: bool = False, fence: int | None = None,
+             fence_node: str = DEFAULT_NODE) -> int:
         """Post lines as transactions, with the reader's ring position and the
         caller's working state (None values delete), in one database
         transaction. Lines whose key is already in the ledger are skipped.
         `checked=True` skips re-validating lines the rater built (amounts
         within bounds, keys unique within the batch). With `fence` (a token
         from `acquire_fence`), the same transaction first checks that the
-        token is still the ledger's, and raises LedgerFenced (posting
-        nothing) if another writer has taken the ledger since. Returns the
+        token is still `fence_node`'s, and raises LedgerFenced (posting
+        nothing) if another writer of that node has taken over since. Returns the
         number of transactions posted."""
         if checked:
             todo = lines if isinstance(lines, list) else list(lines)
@@ -413,7 +414,7 @@ class Ledger:
         with self._lock:
             try:
                 with self._tx():
-                    self._check_fence(fence)
+                    self._check_fence(fence, fence_node)
                     return self._post(todo, position, state, False)
             except Exception as exc:
                 self._classes.clear()          # it may hold classes of the rolled-back batch
@@ -423,39 +424,48 @@ class Ledger:
             # post the rest with the same position and state.
             try:
                 with self._tx():
-                    self._check_fence(fence)
+                    self._check_fence(fence, fence_node)
                     return self._post(todo, position, state, True)
             except Exception:
                 self._classes.clear()
                 raise
 
     # -- fencing ------------------------------------------------------------------
-    def acquire_fence(self) -> int:
-        """Take the ledger over as its one writing accountant: increment the fence's
-        generation and return it, the token to `post(..., fence=token)` with. Every
-        writer that took a smaller token is refused from now on."""
+    # One fence row per node: the accountants of several engine nodes post into one
+    # ledger side by side, and each fences off only the earlier accountants of its
+    # own node (a node restarted, or its ring taken over elsewhere).
+    def acquire_fence(self, node: str = DEFAULT_NODE) -> int:
+        """Take the ledger over as `node`'s one writing accountant: increment the
+        node's fence generation and return it, the token to
+        `post(..., fence=token, fence_node=node)` with. Every writer of that node
+        that took a smaller token is refused from now on; other nodes' writers
+        are not affected."""
         with self._lock:
             with self._tx():
                 self._exec("INSERT INTO fence (name, generation) VALUES (?, 0) "
-                           "ON CONFLICT (name) DO NOTHING", (FENCE,))
-                self._exec("UPDATE fence SET generation = generation + 1 WHERE name = ?", (FENCE,))
-                return self._query(_CHECK_FENCE, (FENCE,))[0]["generation"]
+                           "ON CONFLICT (name) DO NOTHING", (node,))
+                self._exec("UPDATE fence SET generation = generation + 1 WHERE name = ?", (node,))
+                return self._query(_CHECK_FENCE, (node,))[0]["generation"]
 
-    def fence_generation(self) -> int:
-        """The token of the accountant that took the ledger last (0: none yet)."""
-        rows = self._query(_CHECK_FENCE, (FENCE,))
+    def fence_generation(self, node: str = DEFAULT_NODE) -> int:
+        """The token of `node`'s accountant that took the ledger last (0: none yet)."""
+        rows = self._query(_CHECK_FENCE, (node,))
         return rows[0]["generation"] if rows else 0
 
-    def _check_fence(self, fence: int | None) -> None:
+    def fenced_nodes(self) -> set[str]:
+        """The nodes whose accountants hold (or held) a fence on this ledger."""
+        return {r["name"] for r in self._query("SELECT name FROM fence")}
+
+    def _check_fence(self, fence: int | None, node: str) -> None:
         # In the posting transaction: a writer fenced off between the check and the
         # commit cannot happen (SQLite: BEGIN IMMEDIATE; PostgreSQL: FOR UPDATE).
         if fence is None:
             return
-        rows = self._query(_CHECK_FENCE + self._FOR_UPDATE, (FENCE,))
+        rows = self._query(_CHECK_FENCE + self._FOR_UPDATE, (node,))
         current = rows[0]["generation"] if rows else 0
         if current != fence:
-            raise LedgerFenced(f"this accountant's fencing token {fence} is stale: the ledger "
-                               f"belongs to the accountant with token {current}")
+            raise LedgerFenced(f"this accountant's fencing token {fence} is stale: node {node}'s "
+                               f"ledger writer is the accountant with token {current}")
 
     def _post(self, lines: list[Line], position, state, filter_known: bool) -> int:
         if filter_known and lines:
@@ -926,11 +936,12 @@ class PostgresLedger(Ledger):
     def _is_conflict(self, exc: BaseException) -> bool:
         return isinstance(exc, self._psycopg.errors.UniqueViolation)
 
-    def try_lock_writer(self) -> bool:
-        """Take the session-level lock that makes this the only accountant
-        writing to the schema; False if another holds it."""
-        row = self._query("SELECT pg_try_advisory_lock(%s, hashtext(current_schema())) AS ok",
-                          (_PG_LOCK & 0x7FFFFFFF,))
+    def try_lock_writer(self, node: str = DEFAULT_NODE) -> bool:
+        """Take the session-level lock that makes this the only accountant of
+        `node` writing to the schema; False if another holds it. Accountants of
+        other nodes write beside it (their batches serialised per transaction)."""
+        row = self._query("SELECT pg_try_advisory_lock(hashtext(current_schema()), "
+                          "hashtext(%s)) AS ok", (node,))
         return bool(row[0]["ok"])
 
     def close(self) -> None:
@@ -970,13 +981,15 @@ class LedgerWriter:
 
     def post(self, lines: Iterable[Line], *, position: tuple[str, int] | None = None,
              state: Mapping[tuple[str, str], bytes | None] | None = None,
-             checked: bool = False, fence: int | None = None) -> int:
+             checked: bool = False, fence: int | None = None,
+             fence_node: str = DEFAULT_NODE) -> int:
         """As `Ledger.post`, in the writer process."""
         flat: list[Any] = []
         for (kind, key), value in (state or {}).items():
             flat.extend((kind, key, value))
         frame = msgpack.packb([list(position) if position is not None else None, flat,
-                               lines if isinstance(lines, list) else list(lines), checked, fence])
+                               lines if isinstance(lines, list) else list(lines), checked, fence,
+                               fence_node])
         with self._lock:
             proc = self._start()
             problem = "it closed its output"
@@ -1057,12 +1070,14 @@ def _writer_main(path: str, parent: int) -> int:
             frame = _read_frame(stdin)
             if frame is None:
                 return 0
-            position, flat, rows, checked, fence = msgpack.unpackb(frame, use_list=False)
+            position, flat, rows, checked, fence, fence_node = msgpack.unpackb(frame,
+                                                                               use_list=False)
             state = {(flat[i], flat[i + 1]): flat[i + 2] for i in range(0, len(flat), 3)}
             try:
                 n = ledger.post([new(Line, r) for r in rows],
                                 position=tuple(position) if position is not None else None,
-                                state=state, checked=checked, fence=fence)
+                                state=state, checked=checked, fence=fence,
+                                fence_node=fence_node)
                 reply = msgpack.packb([True, n])
             except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
                 reply = msgpack.packb([False, f"{type(exc).__name__}: {exc}"])

@@ -68,6 +68,7 @@ class Config:
     grpc_addr: str = "127.0.0.1:50051"
     data_dir: str = ".baton"
     node_id: str = "node1"
+    drain_timeout: float = 0.0
     user_agent: str = ""
     log_level: str = "info"
     log_format: str = "text"
@@ -108,6 +109,9 @@ SCHEMA = {
         "data_dir": (str, "directory for the ring, ledger and caches"),
         "node_id": (str, "this engine node's id (in ring records and ledger keys)"),
         "user_agent": (str, "Server/User-Agent header value"),
+        "drain_timeout": ((int, float), "seconds SIGTERM waits for calls in progress to end "
+                                        "(new calls and OPTIONS get 503) before ending them "
+                                        "with BYE (default 0: at once)"),
         "log_level": (str, "debug, info, warning or error"),
         "log_format": (str, "text (human) or json (one JSON object per line)"),
         "metrics_addr": (str, "HOST:PORT serving Prometheus /metrics of the engine (port 0: any)"),
@@ -368,6 +372,9 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
         raise ConfigError(path, "engine.grpc_addr", str(exc)) from None
     cfg.data_dir = eng.get("data_dir", cfg.data_dir)
     cfg.node_id = eng.get("node_id", cfg.node_id)
+    cfg.drain_timeout = float(eng.get("drain_timeout", 0))
+    if cfg.drain_timeout < 0:
+        raise ConfigError(path, "engine.drain_timeout", "must be 0 or more seconds")
     cfg.user_agent = eng.get("user_agent", "")
     cfg.log_level = eng.get("log_level", "info")
     if cfg.log_level not in ("debug", "info", "warning", "error"):
@@ -386,7 +393,7 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
         setattr(cfg, key, value)
 
     media = raw.get("media", {})
-    cfg.media_address = media.get("address", cfg.advertise)
+    cfg.media_address = (overrides or {}).get("media_address") or media.get("address", cfg.advertise)
     try:
         ipaddress.ip_address(cfg.media_address)
     except ValueError:

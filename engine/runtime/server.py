@@ -116,6 +116,17 @@ class Engine:
                                getattr(self.http, "port", 0),
                                getattr(self.metrics, "port", 0)) if p)
 
+    async def drain_calls(self, timeout: float | None) -> int:
+        """Refuse new calls and OPTIONS probes with 503 and wait for the calls in
+        progress to end by themselves, at most `timeout` seconds (None: however
+        long they last). Returns the number of calls still up."""
+        self.sip.draining = True
+        log.info("draining: %d calls in progress, new calls refused", len(self.sessions))
+        deadline = None if timeout is None else self.loop.time() + timeout
+        while self.sessions and (deadline is None or self.loop.time() < deadline):
+            await asyncio.sleep(0.1)
+        return len(self.sessions)
+
     async def stop(self, timeout: float = 3.0) -> None:
         """Graceful stop: new INVITEs get 503, calls in progress end with BYE."""
         if self.control is not None:

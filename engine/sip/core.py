@@ -307,7 +307,12 @@ class SipCore:
         if method == "INVITE":
             self.on_invite(msg, st)
         elif method == "OPTIONS":
-            self.respond(st, msg, 200, headers=self.capabilities())
+            if self.draining:
+                # A draining node tells a front door's OPTIONS probe (Kamailio's
+                # dispatcher) to send its new calls elsewhere.
+                self.respond(st, msg, 503, headers=[("retry-after", "30")])
+            else:
+                self.respond(st, msg, 200, headers=self.capabilities())
         elif method == "REGISTER":
             if self.registrar is None:
                 self.respond(st, msg, 405, headers=[("allow", build.ALLOW)])
