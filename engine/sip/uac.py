@@ -85,45 +85,13 @@ class OutgoingCall:
     async def start(self) -> None:
         """Resolve the next hop and send the INVITE."""
         try:
-            host, port, transport = await self._next_hop()
+            self.flow = await open_flow(self.core, self.target, self.destination, self.transport)
         except (OSError, ValueError) as exc:
             log.info("call to %s: no route: %s", self.target, exc)
             self._fail(503 if isinstance(exc, OSError) else 416, None)
             return
-        core = self.core
-        if transport == "TCP":
-            if not core.tcp:
-                self._fail(503, None)
-                return
-            self.flow = core.tcp[0].flow_to((host, port))
-        else:
-            if not core.udp:
-                self._fail(503, None)
-                return
-            self.flow = Flow(core.udp[0], (host, port))
-        self.contact = core.contact_for(self.flow)
+        self.contact = self.core.contact_for(self.flow)
         self._send_invite()
-
-    async def _next_hop(self):
-        if self.destination is not None:
-            host, port = self.destination
-            transport = (self.transport or "UDP").upper()
-        else:
-            uri = parse_uri(self.target)
-            if uri.scheme == "tel":
-                raise ValueError("a tel: URI needs a trunk to reach it")
-            host, port = uri.host.strip("[]"), uri.port or 5060
-            transport = (self.transport or uri.transport).upper()
-        if transport not in ("UDP", "TCP"):
-            raise ValueError(f"transport {transport} is not supported")
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            # RFC 3263 simplified: the host's address record, default port 5060.
-            loop = asyncio.get_running_loop()
-            infos = await loop.getaddrinfo(host, port, type=2)
-            host = infos[0][4][0]
-        return host, port, transport
 
     def _send_invite(self, authorization: tuple | None = None) -> None:
         core = self.core
@@ -278,6 +246,44 @@ class OutgoingCall:
         self.state = CallState.FAILED
         self.status = status
         self.owner.call_failed(self, status, msg)
+
+
+async def next_hop(target: str, destination: tuple | None = None,
+                   transport: str | None = None) -> tuple[str, int, str]:
+    """(host, port, UDP|TCP) a request to `target` goes to: `destination` when
+    given, else the URI's host and port (RFC 3263 simplified: its address
+    record, default port 5060). Raises ValueError for what cannot be reached."""
+    if destination is not None:
+        host, port = destination
+        transport = (transport or "UDP").upper()
+    else:
+        uri = parse_uri(target)
+        if uri.scheme == "tel":
+            raise ValueError("a tel: URI needs a trunk to reach it")
+        host, port = uri.host.strip("[]"), uri.port or 5060
+        transport = (transport or uri.transport).upper()
+    if transport not in ("UDP", "TCP"):
+        raise ValueError(f"transport {transport} is not supported")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=2)
+        host = infos[0][4][0]
+    return host, port, transport
+
+
+async def open_flow(core, target: str, destination: tuple | None = None,
+                    transport: str | None = None) -> Flow:
+    """The flow a new request to `target` leaves on (OSError: no transport for it)."""
+    host, port, transport = await next_hop(target, destination, transport)
+    if transport == "TCP":
+        if not core.tcp:
+            raise OSError("no TCP transport")
+        return core.tcp[0].flow_to((host, port))
+    if not core.udp:
+        raise OSError("no UDP transport")
+    return Flow(core.udp[0], (host, port))
 
 
 def _ignore(ct, msg) -> None:
