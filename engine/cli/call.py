@@ -430,6 +430,8 @@ class Phone:
         self.log: _LogWriter | None = None
         self.callback_error: BaseException | None = None
 
+    account_class = pj.Account if pj else object   # `baton text` takes texts on its own
+
     def __enter__(self) -> "Phone":
         self.ep = MediaEndpoint()
         _without_stdout(self.ep.libCreate)
@@ -471,7 +473,7 @@ class Phone:
         if self.user:
             acfg.sipConfig.authCreds.append(
                 pj.AuthCredInfo("digest", "*", self.user, 0, self.password or ""))
-        acc = pj.Account()
+        acc = self.account_class()
         acc.create(acfg)
         self.accounts[from_user] = acc
         return acc
