@@ -791,6 +791,14 @@ def _steps(text: str) -> list[DtmfStep]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def pjsip_present(command: str) -> bool:
+    """Whether pjsua2 is importable; says how to install it when not."""
+    if pj is None:
+        print(f"{command}: PJSIP's Python binding is missing; install it with "
+              "`.venv/bin/pip install pjsua2-python` (make setup does)", file=sys.stderr)
+    return pj is not None
+
+
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
@@ -807,9 +815,7 @@ def main(argv=None) -> int:
         socket.inet_aton(args.bind)
     except (ValueError, OSError) as exc:
         p.error(str(exc))
-    if pj is None:
-        print("baton call: PJSIP's Python binding is missing; install it with "
-              "`.venv/bin/pip install pjsua2-python` (make setup does)", file=sys.stderr)
+    if not pjsip_present("baton call"):
         return 2
 
     def say(line: str) -> None:

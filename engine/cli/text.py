@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 
-from engine.cli.call import DEFAULT_ENGINE, CallerError, Phone, pj, target_uri
+from engine.cli.call import DEFAULT_ENGINE, CallerError, Phone, pj, pjsip_present, target_uri
 
 
 class TextAccount(pj.Account if pj else object):
@@ -93,16 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if not args.body:
+        p.error("nothing to send: give a text")
     try:
         uri = target_uri(args.target, args.engine)
         socket.inet_aton(args.bind)
-        if not args.body:
-            raise ValueError("nothing to send: give a text")
     except (ValueError, OSError) as exc:
         p.error(str(exc))
-    if pj is None:
-        print("baton text: PJSIP's Python binding is missing; install it with "
-              "`.venv/bin/pip install pjsua2-python`", file=sys.stderr)
+    if not pjsip_present("baton text"):
         return 2
     t0 = time.monotonic()
     try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import logging
 import secrets
-import time
 from dataclasses import dataclass, field
 
 from engine.common import clock

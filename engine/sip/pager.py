@@ -16,9 +16,9 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from engine.sip import build, digest
+from engine.sip import build
 from engine.sip.transaction import client_key
-from engine.sip.uac import open_flow
+from engine.sip.uac import answer_challenge, open_flow
 
 log = logging.getLogger("baton.sip.pager")
 
@@ -139,19 +139,12 @@ class OutgoingMessage:
         if status < 200:
             return
         if status in (401, 407) and self.credentials and self.auth_tries == 0:
-            challenges = msg.get_all("www-authenticate" if status == 401 else "proxy-authenticate")
-            try:
-                challenge = digest.choose_challenge(challenges)
-                user, password = self.credentials
-                value = digest.authorize(challenge, "MESSAGE", self.target, user, password,
-                                         body=self.body)
-            except ValueError as exc:
-                log.info("MESSAGE to %s: cannot answer challenge: %s", self.target, exc)
-            else:
+            header = answer_challenge(msg, "MESSAGE", self.target, self.credentials, self.body)
+            if header is not None:
                 # RFC 3261 22.2: again with credentials, same Call-ID, CSeq + 1.
                 self.auth_tries += 1
                 self.cseq += 1
-                self._send(("authorization" if status == 401 else "proxy-authorization", value))
+                self._send(header)
                 return
         self._final(status, msg.reason or "")
 

@@ -142,20 +142,12 @@ class OutgoingCall:
         self.status = status
         if status in (401, 407) and self.credentials and self.auth_tries == 0 \
                 and not self.cancel_requested:
-            challenges = msg.get_all("www-authenticate" if status == 401 else "proxy-authenticate")
-            try:
-                challenge = digest.choose_challenge(challenges)
-                user, password = self.credentials
-                value = digest.authorize(challenge, "INVITE", self.target, user, password,
-                                         body=self.sdp)
-            except ValueError as exc:
-                log.info("call to %s: cannot answer challenge: %s", self.target, exc)
-            else:
+            header = answer_challenge(msg, "INVITE", self.target, self.credentials, self.sdp)
+            if header is not None:
                 # RFC 3261 22.2: retry with credentials, same Call-ID, CSeq + 1.
                 self.auth_tries += 1
                 self.cseq += 1
-                name = "authorization" if status == 401 else "proxy-authorization"
-                self._send_invite((name, value))
+                self._send_invite(header)
                 return
         if self.cancel_requested and status == 487:
             self.state = CallState.CANCELLED
@@ -246,6 +238,22 @@ class OutgoingCall:
         self.state = CallState.FAILED
         self.status = status
         self.owner.call_failed(self, status, msg)
+
+
+def answer_challenge(msg, method: str, target: str, credentials: tuple,
+                     body: bytes = b"") -> tuple[str, str] | None:
+    """The (Authorization or Proxy-Authorization, value) header answering the
+    digest challenge of a 401/407 `msg`, or None when it cannot be answered."""
+    status = msg.status
+    challenges = msg.get_all("www-authenticate" if status == 401 else "proxy-authenticate")
+    try:
+        challenge = digest.choose_challenge(challenges)
+        user, password = credentials
+        value = digest.authorize(challenge, method, target, user, password, body=body)
+    except ValueError as exc:
+        log.info("%s to %s: cannot answer challenge: %s", method, target, exc)
+        return None
+    return ("authorization" if status == 401 else "proxy-authorization", value)
 
 
 async def next_hop(target: str, destination: tuple | None = None,
