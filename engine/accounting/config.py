@@ -21,7 +21,9 @@ from engine.common.levels import LEVELS
 __all__ = ["BillingConfig", "BillingConfigError", "AccountBilling", "Vendor", "PeriodClock",
            "ACTIONS", "LEVELS"]
 
-ACTIONS = ("api_call", "message", "tts_characters", "recording_seconds")
+ACTIONS = ("api_call", "message", "tts_characters", "recording_seconds",
+           # texts (engine/sessions/conversations.py): per message and per carrier segment
+           "message_in", "message_out", "message_in_segments", "message_out_segments")
 PLATFORM = ""   # the vendor name of the platform's own (baton.*) modules
 
 _BILLING_KEYS = {

@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check a config file, print the config reference (see `baton config --help`)")
     sub.add_parser("call", add_help=False,
                    help="place a test call with PJSIP: DTMF, play, record (see `baton call --help`)")
+    sub.add_parser("text", add_help=False,
+                   help="send a text (SIP MESSAGE) with PJSIP and print the replies "
+                        "(see `baton text --help`)")
     sub.add_parser("demo", add_help=False,
                    help="a guided tour: engine, vendors, calls, history, invoice, payouts "
                         "(see `baton demo --help`)")
@@ -288,6 +291,10 @@ def main(argv=None) -> int:
         from engine.cli import call as caller
 
         return caller.main(argv[1:])
+    if argv and argv[0] == "text":
+        from engine.cli import text as texter
+
+        return texter.main(argv[1:])
     if argv and argv[0] == "demo":
         from engine.cli import demo
 

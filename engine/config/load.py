@@ -86,6 +86,8 @@ class Config:
     users: dict = field(default_factory=dict)      # username -> password
     accounts: dict = field(default_factory=dict)   # id -> Account
     numbers: dict = field(default_factory=dict)    # number -> NumberRoute (all accounts)
+    messaging_numbers: dict = field(default_factory=dict)  # number -> its messaging NumberRoute
+    messaging: dict = field(default_factory=dict)  # [messaging]: idle_timeout, max_bytes, auth
     apps: dict = field(default_factory=dict)       # name -> apps.App
     trunks: dict = field(default_factory=dict)     # name -> Trunk
     modules: dict = field(default_factory=dict)    # code -> {"alias"|"uri"|"vendor": ...}
@@ -136,6 +138,15 @@ SCHEMA = {
                                            "complete message or keep-alive (default 120)"),
         "tcp_max_connections": (int, "SIP/TCP connections in all (default 4096)"),
         "tcp_max_per_source": (int, "SIP/TCP connections per source IP address (default 64)"),
+    },
+    "messaging": {
+        "idle_timeout": ((int, float), "seconds without a message after which a conversation "
+                                       "ends; the next message starts a new session "
+                                       "(default 14400, 4 hours)"),
+        "max_bytes": (int, "largest MESSAGE body accepted, in bytes; larger ones get 413 "
+                           "(default 4096)"),
+        "auth": (bool, "challenge every MESSAGE for the digest credentials of a [users.NAME] "
+                       "(401; default false)"),
     },
     "registrar": {
         "mode": (str, "open, auth or off"),
@@ -193,6 +204,9 @@ TABLES = {
         "endpoint": ("string", "SIP/tel URI to bridge to, or a number with trunk"),
         "instructions": ("string", "http(s):// URI of an instruction document"),
         "trunk": ("string", "with endpoint: the [trunks.NAME] the number is dialled through"),
+        "messaging": ("string or table", "what a text (SIP MESSAGE) to the number starts: an "
+                                         "http(s):// instruction URI, an app name, a module "
+                                         "code, or { app | module | instructions = ... }"),
     }),
     "apps.NAME": ("an app: nodes (modules with their params) wired by outlets", {
         "start": ("string", "the node a call starts in (required)"),
@@ -427,6 +441,15 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             if reg[key] <= 0:
                 raise ConfigError(path, f"registrar.{key}", "must be positive")
             cfg.registrar_limits[key] = reg[key]
+    msg = raw.get("messaging", {})
+    cfg.messaging = {"idle_timeout": 14400.0, "max_bytes": 4096, "auth": False}
+    for key in ("idle_timeout", "max_bytes"):
+        if key in msg:
+            if isinstance(msg[key], bool) or msg[key] <= 0:
+                raise ConfigError(path, f"messaging.{key}", "must be positive")
+            cfg.messaging[key] = msg[key]
+    if "auth" in msg:
+        cfg.messaging["auth"] = msg["auth"]
     sip = raw.get("sip", {})
     for key in ("tcp_idle_timeout", "tcp_max_connections", "tcp_max_per_source"):
         if key in sip:
@@ -479,9 +502,18 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             raise ConfigError(path, f"{key}.numbers", "expected a table of number = { module = ... }")
         for number, target in numbers.items():
             nkey = f"{key}.numbers.{number}"
+            owner = cfg.numbers.get(number) or cfg.messaging_numbers.get(number)
+            if owner is not None:
+                raise ConfigError(path, nkey, f"number already belongs to account {owner.account!r}")
+            texting = None
+            if isinstance(target, dict) and "messaging" in target:
+                target = dict(target)
+                texting = _messaging_route(cfg, path, f"{nkey}.messaging", acc_id, number,
+                                           target.pop("messaging"))
+                cfg.messaging_numbers[number] = texting
+                if not any(k in target for k in TARGET_KINDS):
+                    continue        # a number for texts only
             route = _number_route(cfg, path, nkey, acc_id, number, target)
-            if number in cfg.numbers:
-                raise ConfigError(path, nkey, f"number already belongs to account {cfg.numbers[number].account!r}")
             a.numbers[number] = route
             cfg.numbers[number] = route
         cfg.accounts[acc_id] = a
@@ -713,6 +745,30 @@ def _number_route(cfg: Config, path: str, key: str, account: str, number: str, t
         if "trunk" in params and params["trunk"] not in cfg.trunks:
             raise ConfigError(path, f"{key}.trunk", f"no trunk {params['trunk']!r}")
     return NumberRoute(number=number, account=account, kind=kind, target=value, params=params)
+
+
+def _messaging_route(cfg: Config, path: str, key: str, account: str, number: str,
+                     target) -> NumberRoute:
+    """A number's `messaging` target: the kinds a call's target has, but an endpoint."""
+    if isinstance(target, str):
+        if target.startswith(("http://", "https://")):
+            target = {"instructions": target}
+        elif target in cfg.apps:
+            target = {"app": target}
+        else:
+            target = {"module": target}
+    if isinstance(target, dict) and "endpoint" in target:
+        raise ConfigError(path, f"{key}.endpoint", "texts start an app, a module or an "
+                                                   "instruction URI")
+    route = _number_route(cfg, path, key, account, number, target)
+    if route.kind == "module":
+        from engine.modules.catalog import builtin_modules
+
+        cls = builtin_modules().get(route.target)
+        if cls is not None and not getattr(cls, "texting", False):
+            raise ConfigError(path, f"{key}.module", f"module {route.target!r} does not take "
+                                                     f"text conversations")
+    return route
 
 
 def _check_vendors(cfg: Config, raw: dict, path: str) -> None:

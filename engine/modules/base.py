@@ -42,6 +42,7 @@ class Module:
     # True when the module is offered a session and must accept it first: its
     # time is metered from `Session.taken()`, the wait before is priced at nothing.
     metered_from_take = False
+    texting = False           # True for modules that take text conversations (on_text)
 
     def __init__(self, engine, params: dict | None = None):
         self.engine = engine
@@ -61,10 +62,16 @@ class Module:
         """Control has left this module (a transition or the end of the call):
         let go of what this module set up for the session. The next module's
         media is already attached when this runs."""
+        if not ctl.session.legs:
+            return      # a text conversation has no media
         channel = ctl.caller.channel
         if channel is not None and ctl.state is not None and \
                 getattr(ctl.state, "player", None) is not None and channel.player is ctl.state.player:
             channel.silence()
+
+    def on_text(self, ctl, message) -> None:
+        """A text (`engine.sessions.conversations.TextMessage`) arrived on the
+        session this module controls: a conversation's, or a MESSAGE inside a call."""
 
     def media_ready(self, ctl, leg) -> None:
         """The leg's RTP stream is known (after a late offer's ACK)."""

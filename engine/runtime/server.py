@@ -16,6 +16,7 @@ from engine.modules.catalog import builtin_modules
 from engine.modules.instructions import shutdown as instructions_shutdown
 from engine.sessions.policy import AllowAll, Rules, Snapshot
 from engine.sessions.dispatcher import Registry
+from engine.sessions.conversations import Messaging
 from engine.sessions.session import Leg, Session
 from engine.sip.core import SipCore
 from ext.sip_message import valid_text
@@ -44,6 +45,7 @@ class Engine:
                            user_agent=cfg.user_agent or f"Baton/{__version__}",
                            registrar=registrar, tcp_limits=TcpLimits(**cfg.tcp_limits))
         self.sessions: dict[str, Session] = {}
+        self.messaging = Messaging(self)   # text conversations (SIP MESSAGE)
         self.sip_port = 0
         self.grpc_port = 0
         self.registry = Registry(self, BUILTIN_MODULES, cfg.modules)
@@ -208,6 +210,12 @@ class Engine:
         Leg(session, dialog)
         session.start(node)
 
+    def on_text(self, msg, st) -> None:
+        self.messaging.on_text(msg, st)
+
+    def on_text_in_dialog(self, dialog, msg):
+        return self.messaging.on_text_in_dialog(dialog, msg)
+
     def journal(self, session: Session) -> None:
         if self.store is not None:
             self.store.record(session)
@@ -229,6 +237,8 @@ class Engine:
     def session_ended(self, session: Session) -> None:
         self.setup_done(session.id)
         self.sessions.pop(session.id, None)
+        if session.kind == "messaging":
+            self.messaging.ended(session)
         self.finished.append(session)
         if len(self.finished) > 1000:
             del self.finished[:500]

@@ -150,11 +150,18 @@ class Session:
     __slots__ = ("id", "account", "number", "from_uri", "to_uri", "direction", "params",
                  "legs", "module", "history", "ended", "end_reason", "engine", "app", "node",
                  "control", "vars", "started_mono", "started_wall", "ended_mono",
-                 "ended_wall", "transitions", "saved")
+                 "ended_wall", "transitions", "saved", "kind", "messages", "peer",
+                 "last_text")
 
     def __init__(self, engine, account: str, number: str, from_uri: str, to_uri: str,
-                 direction: str = "inbound", app=None):
+                 direction: str = "inbound", app=None, kind: str = "call"):
         self.id = new_session_id()
+        # "call", or "messaging" for a text conversation (no legs; its messages
+        # reach the module in control through `Module.on_text`).
+        self.kind = kind
+        self.messages: list = []       # the conversation's history (TextMessage sids)
+        self.peer = None               # where replies of a conversation go
+        self.last_text = 0.0           # loop time of the conversation's last message
         self.engine = engine
         self.account = account
         self.number = number
@@ -470,7 +477,8 @@ class Session:
                 "from": self.from_uri, "to": self.to_uri, "direction": self.direction,
                 "module": self.module.code if self.module else None, "level": self.level,
                 "started_wall_ns": self.started_wall, "ended_wall_ns": self.ended_wall,
-                "end_reason": self.end_reason, "history": [s.as_dict() for s in self.history]}
+                "end_reason": self.end_reason, "kind": self.kind,
+                "history": [s.as_dict() for s in self.history]}
 
 
 class Leg(DialogOwner):
