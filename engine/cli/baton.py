@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check a config file, print the config reference (see `baton config --help`)")
     sub.add_parser("call", add_help=False,
                    help="place a test call with PJSIP: DTMF, play, record (see `baton call --help`)")
+    sub.add_parser("load", add_help=False,
+                   help="place calls with media at a rate against a SIP target and measure them")
     sub.add_parser("demo", add_help=False,
                    help="a guided tour: engine, vendors, calls, history, invoice, payouts "
                         "(see `baton demo --help`)")
@@ -241,6 +243,10 @@ def main(argv=None) -> int:
         from engine.cli import call as caller
 
         return caller.main(argv[1:])
+    if argv and argv[0] == "load":
+        from engine.cli import load
+
+        return load.main(argv[1:])
     if argv and argv[0] == "demo":
         from engine.cli import demo
 
