@@ -114,6 +114,9 @@ class LoadCall(UacOwner):
 
     def call_failed(self, call, status, msg) -> None:
         self.rec.code = status
+        if msg is None:
+            # RFC 3261 8.1.3.1: a timeout (408) or a transport failure (503) of our own.
+            self.rec.error = "timeout" if status == 408 else f"no response ({status})"
         if not self.final.done():
             self.final.set_result(None)
 
