@@ -81,6 +81,9 @@ def summary(gen) -> dict:
         "echo": {"checked": sum(1 for r in answered if r.echo_correlation is not None),
                  "passed": sum(1 for r in answered if r.delay_ms is not None)},
         "outcomes": dict(collections.Counter(r.outcome for r in answered).most_common(10)),
+        # Ticks of the generator's own media clock it ran too late to send: when not 0,
+        # the generator (not the target) lost audio, and the media figures say so.
+        "generator_late_ticks": gen.media.late_ticks if gen.media is not None else None,
         "elapsed_s": round(gen.elapsed, 3),
     }
 
