@@ -55,7 +55,7 @@ def test_mutated_sip_is_answered_without_a_fault(netns, mode, seed, count):
                   if "Traceback" in ln or " ERROR " in ln or " CRITICAL " in ln
                   or "Exception in callback" in ln]
         assert faults == [], "\n".join(faults[:20]) + "\n" + log[-4000:]
-        assert eng.stop(timeout=15) == 0
+        assert eng.stop(timeout=15) == 0, eng.output()[-3000:]
         # The journal took the sessions the fuzz made (its writer did not die).
         if mode == "udp":
             assert list_sessions(eng.data_dir, limit=5)

@@ -14,6 +14,11 @@ _UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _UNSAFE_NAME = re.compile(r"[\x00-\x20\x7f:]")
 
 
+def has_control(value: str) -> bool:
+    """Whether `value` holds a character no header the engine writes may carry."""
+    return _UNSAFE.search(value) is not None
+
+
 def check_header(name: str, value: str) -> None:
     """Raise HeaderInjectionError unless `name: value` is one header line."""
     if _UNSAFE_NAME.search(name) or not name:

@@ -13,6 +13,7 @@ import logging
 
 from engine.sip import build
 from engine.sip.dialog import CONFIRMED, EARLY, Dialog
+from engine.sip.errors import SipError
 from ext.sip_message import SipParseError
 from ext.kernels import sip as _sip_kernel
 from ext.sip_py import parse_name_addr
@@ -21,7 +22,7 @@ from engine.sip.transaction import (ACCEPTED, PROCEEDING, Flow, TransactionLayer
                           server_key)
 from engine.common.net import format_hostport
 from engine.sip.transport import TcpLimits, TcpTransport, UdpTransport
-from engine.sip.uri import SUPPORTED_SCHEMES
+from engine.sip.uri import SUPPORTED_SCHEMES, check_uri_text, strip_brackets
 
 log = logging.getLogger("baton.sip")
 
@@ -149,10 +150,14 @@ class SipCore:
         wait for the BYE transactions to finish."""
         self.draining = True
         for d in list(self.dialogs.values()):
-            if d.state == EARLY:
-                d.reject(503, headers=[("retry-after", "30")], why="shutdown")
-            else:
-                d.bye(reason="shutdown")
+            try:
+                if d.state == EARLY:
+                    d.reject(503, headers=[("retry-after", "30")], why="shutdown")
+                else:
+                    d.bye(reason="shutdown")
+            except (SipError, OSError) as exc:
+                # One dialog that cannot be ended cleanly must not stop the others.
+                log.warning("drain: dialog %s not ended cleanly: %s", d.call_id, exc)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self.pending_requests() and loop.time() < deadline:
@@ -338,6 +343,22 @@ class SipCore:
         if self.draining:
             self.respond(st, msg, 503, headers=[("retry-after", "30")])
             return
+        h = msg.headers
+        kept = [*h.get("contact", ())[:1], *h.get("from", ())[:1], *h.get("to", ())[:1],
+                *h.get("record-route", ()), msg.call_id or ""]
+        if any(build.has_control(v) for v in kept if isinstance(v, str)):
+            # The dialog would write these into every request it sends (a BYE, a
+            # re-INVITE): the message builder refuses control characters, so refuse
+            # them here, before there is a dialog (RFC 3261 25.1: no CTLs but HTAB).
+            self.respond(st, msg, 400, reason="Control Character in Header")
+            return
+        if h.get("contact"):
+            try:
+                check_uri_text(strip_brackets(h["contact"][0]), "Contact")
+            except ValueError:
+                # The remote target becomes every later request's Request-URI.
+                self.respond(st, msg, 400, reason="Bad Contact URI")
+                return
         d = Dialog.from_invite(self, msg, st.flow, st)
         self.dialogs[d.key] = d
         st.tu = d
