@@ -241,8 +241,8 @@ class Messaging:
         from engine.modules import dialing
 
         engine = self.engine
-        peer = session.peer if to is None or (session.peer and aor(to) == aor(session.peer.uri)) \
-            else None
+        party = session.peer or _call_party(session)
+        peer = party if to is None or (party and aor(to) == aor(party.uri)) else None
         target = to if to is not None else (peer.uri if peer else session.from_uri)
         number = frm or session.number
         m = self._keep(TextMessage(new_sid(), session.id, session.account, "outbound",
@@ -361,6 +361,18 @@ class Messaging:
         m.module = module
         self.engine.stamper.action(session, module, f"message_{way}", 1)
         self.engine.stamper.action(session, module, f"message_{way}_segments", m.segments)
+
+
+def _call_party(session: Session) -> Peer | None:
+    """A call's other party, the default recipient of a text the call's module
+    sends (`<Message>` in a voice document): the caller of an inbound call, the
+    called party of an outbound one, reached where they registered or else on
+    the flow their dialog runs on."""
+    if session.kind == "messaging" or not session.legs:
+        return None
+    dialog = session.caller.dialog
+    uri = session.from_uri if session.direction == "inbound" else session.to_uri
+    return Peer(uri, dialog.flow if dialog is not None else None)
 
 
 def _bare(addr: str) -> str:
