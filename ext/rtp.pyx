@@ -213,6 +213,8 @@ cdef class RtpStream:
     cdef readonly uint64_t rx_foreign
     cdef readonly uint64_t rx_invalid
     cdef readonly int64_t last_rx_ns
+    cdef readonly uint64_t rx_duplicate    # the highest sequence number seen again
+    cdef readonly uint64_t rx_reordered    # arrived after a later sequence number
     cdef readonly uint32_t rx_ssrc
     cdef bint seq_init
     cdef uint16_t max_seq
@@ -308,7 +310,8 @@ cdef class RtpStream:
         return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
                 "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
                 "rx_foreign": self.rx_foreign, "rx_invalid": self.rx_invalid,
-                "tx_dropped": self.tx_dropped,
+                "tx_dropped": self.tx_dropped, "duplicate": self.rx_duplicate,
+                "reordered": self.rx_reordered,
                 "expected": expected, "lost": max(lost, 0), "jitter_ms": self.jitter / 8.0,
                 "ext_seq": extended, "rx_ssrc": self.rx_ssrc if self.seq_init else None,
                 "ssrc": self.tx_ssrc, "seq": self.tx_seq, "ts": self.tx_ts}
@@ -347,10 +350,14 @@ cdef class RtpStream:
             self.max_seq = seq
             self.cycles = 0
             self.transit = 0
+        elif seq == self.max_seq:
+            self.rx_duplicate += 1
         elif <uint16_t>(seq - self.max_seq) < 0x8000:
             if seq < self.max_seq:
                 self.cycles += 0x10000  # RFC 3550 A.1: sequence number wrapped
             self.max_seq = seq
+        else:
+            self.rx_reordered += 1
         # RFC 3550 A.8 interarrival jitter, in timestamp units.
         arrival = (now // 125000)
         transit = arrival - ts

@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("text", add_help=False,
                    help="send a text (SIP MESSAGE) with PJSIP and print the replies "
                         "(see `baton text --help`)")
+
+    sub.add_parser("load", add_help=False,
+                   help="place calls with media at a rate against a SIP target and measure them")
     sub.add_parser("demo", add_help=False,
                    help="a guided tour: engine, vendors, calls, history, invoice, payouts "
                         "(see `baton demo --help`)")
@@ -295,6 +298,11 @@ def main(argv=None) -> int:
         from engine.cli import text as texter
 
         return texter.main(argv[1:])
+
+    if argv and argv[0] == "load":
+        from engine.cli import load
+
+        return load.main(argv[1:])
     if argv and argv[0] == "demo":
         from engine.cli import demo
 

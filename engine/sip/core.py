@@ -108,8 +108,9 @@ class SipCore:
 
     @staticmethod
     def _bind_udp(host: str, port: int) -> socket.socket:
+        # No SO_REUSEADDR: on UDP it would let a second engine bind the same port and
+        # share its datagrams (UDP has no TIME_WAIT to wait out).
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -33,6 +33,9 @@ class CallState(enum.IntEnum):
 class UacOwner:
     """What an outgoing call tells its owner. Every method is optional."""
 
+    def call_trying(self, call: "OutgoingCall", msg) -> None:
+        """The first 100 Trying (the next hop has the INVITE)."""
+
     def call_progress(self, call: "OutgoingCall", status: int, msg) -> None:
         """A provisional response (180 Ringing, 183 with early media SDP)."""
 
@@ -127,6 +130,10 @@ class OutgoingCall:
         status = msg.status
         if status < 200:
             if status == 100:
+                if not self.got_provisional:
+                    trying = getattr(self.owner, "call_trying", None)
+                    if trying is not None:
+                        trying(self, msg)
                 self.got_provisional = True
             else:
                 self.got_provisional = True
