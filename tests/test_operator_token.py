@@ -19,7 +19,7 @@ import grpc  # noqa: E402
 
 from proto import pb  # noqa: E402
 from control.sdk import VendorClient  # noqa: E402
-from engine.config.load import load as config_mod  # noqa: E402
+from engine.config import load as config_mod  # noqa: E402
 from engine.cli.top import Frame, from_engine  # noqa: E402
 from tests.helpers import period_now, running_engine  # noqa: E402
 from tests.test_billing_api import Accountant, code_of  # noqa: E402
