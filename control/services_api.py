@@ -139,11 +139,18 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
                                   ("code", request.code, verify_mod.MAX_LENGTH + 16)):
             if len(value) > most:
                 await context.abort(bad, f"{name}: longer than {most} characters")
-        if channel == "call":
+        if channel == "call" or channel in verify_mod.TEXT_CHANNELS:
+            # The engine reaches out: a SIP address the account's outbound rules allow.
             try:
                 uri = sip_uri(to, "to")
             except ValueError as exc:
-                await context.abort(bad, f"to: {to[:60]!r} is not a SIP URI to call ({exc})")
+                what = "call" if channel == "call" else "text"
+                await context.abort(bad, f"to: {to[:60]!r} is not a SIP URI to {what} ({exc})")
+            try:
+                permit(engine, account, to, count=False)
+            except OutboundDenied as exc:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"to: {to}: {exc}")
+        if channel == "call":
             ring = request.ring_timeout or 30.0
             if not 0 < ring <= 300:
                 await context.abort(bad, "ring_timeout: seconds between 0 and 300")
@@ -161,19 +168,6 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
                 app = engine.cfg.apps.get(request.app)
                 if app is None:
                     await context.abort(bad, f"app: no app {request.app!r}")
-            try:
-                permit(engine, account, to, count=False)
-            except OutboundDenied as exc:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"to: {to}: {exc}")
-        elif channel in verify_mod.TEXT_CHANNELS:
-            try:
-                sip_uri(to, "to")
-            except ValueError as exc:
-                await context.abort(bad, f"to: {to[:60]!r} is not a SIP URI to text ({exc})")
-            try:
-                permit(engine, account, to, count=False)
-            except OutboundDenied as exc:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"to: {to}: {exc}")
         if channel != "call" and (request.app or request.ring_timeout or getattr(request, "from")):
             field = "app" if request.app else "ring_timeout" if request.ring_timeout else "from"
             await context.abort(bad, f"{field}: only for channel \"call\"")

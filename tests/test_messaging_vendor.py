@@ -84,19 +84,12 @@ async def test_conversation_moves_from_bot_to_vendor_module_and_back():
 
 
 async def test_send_message_is_checked_like_a_dial():
-    from control.sdk import InvalidArgument, PermissionDenied, VendorClient
-    from tests.vendor_procs.harness import target
+    from control.sdk import InvalidArgument, PermissionDenied
+    from tests.vendor_procs.harness import taking_client
 
     raw = desk_config()
     async with running_engine(raw) as eng:
-        client = VendorClient(target(eng), "globex.desk", SECRET_B)
-        calls = []
-
-        @client.on_offer
-        async def on(offer):
-            calls.append(await offer.take())
-
-        await client.start()
+        client, calls = await taking_client(eng, "globex.desk", SECRET_B)
         try:
             c = UdpClient("127.0.0.1", eng.sip_port)
             await exchange(c, "hi")

@@ -4,26 +4,21 @@ the conversation through `back`. It prints `TAKEN sid`, `TEXT sid body`,
 `STATUS sid status` and `RELEASED sid`."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from control.sdk import ControlLost, Offer, TextReceived, VendorClient  # noqa: E402
+from control.sdk import ControlLost, Offer, TextReceived  # noqa: E402
+from control.sdk.cli import client_from_args, vendor_argument_parser  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--engine", required=True)
-    ap.add_argument("--code", required=True)
-    ap.add_argument("--secret", required=True)
-    args = ap.parse_args()
+    args = vendor_argument_parser("a text desk for tests", "globex.desk").parse_args()
 
     async def run() -> None:
-        client = VendorClient(args.engine, args.code, args.secret)
+        client = client_from_args(args)
 
         @client.on_offer
         async def on(offer: Offer) -> None:
@@ -44,12 +39,7 @@ def main() -> int:
             except ControlLost:
                 pass
 
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await client.start()
-        print("READY", client.process_id, flush=True)
-        await stop.wait()
-        await client.close()
+        await client.run_until_signalled()
 
     asyncio.run(run())
     return 0
