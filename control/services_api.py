@@ -139,11 +139,18 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
                                   ("code", request.code, verify_mod.MAX_LENGTH + 16)):
             if len(value) > most:
                 await context.abort(bad, f"{name}: longer than {most} characters")
-        if channel == "call":
+        if channel == "call" or channel in verify_mod.TEXT_CHANNELS:
+            # The engine reaches out: a SIP address the account's outbound rules allow.
             try:
                 uri = sip_uri(to, "to")
             except ValueError as exc:
-                await context.abort(bad, f"to: {to[:60]!r} is not a SIP URI to call ({exc})")
+                what = "call" if channel == "call" else "text"
+                await context.abort(bad, f"to: {to[:60]!r} is not a SIP URI to {what} ({exc})")
+            try:
+                permit(engine, account, to, count=False)
+            except OutboundDenied as exc:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"to: {to}: {exc}")
+        if channel == "call":
             ring = request.ring_timeout or 30.0
             if not 0 < ring <= 300:
                 await context.abort(bad, "ring_timeout: seconds between 0 and 300")
@@ -161,11 +168,7 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
                 app = engine.cfg.apps.get(request.app)
                 if app is None:
                     await context.abort(bad, f"app: no app {request.app!r}")
-            try:
-                permit(engine, account, to, count=False)
-            except OutboundDenied as exc:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"to: {to}: {exc}")
-        elif request.app or request.ring_timeout or getattr(request, "from"):
+        if channel != "call" and (request.app or request.ring_timeout or getattr(request, "from")):
             field = "app" if request.app else "ring_timeout" if request.ring_timeout else "from"
             await context.abort(bad, f"{field}: only for channel \"call\"")
         if request.code_length < 0 or request.ttl_seconds < 0 or request.max_attempts < 0:
@@ -181,6 +184,9 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
                 max_attempts=request.max_attempts or 5)
         except verify_mod.VerifyError as exc:
             await context.abort(bad, str(exc))
+        if channel in verify_mod.TEXT_CHANNELS:
+            self._text(account, v, to, code)
+            return verification_message(v)
         if channel != "call":
             return verification_message(v, code)
         svc.to_speak[v.id] = code
@@ -191,6 +197,16 @@ class VerifyService(pb.services_pb2_grpc.VerifyServicer):
         self.calls.add(task)
         task.add_done_callback(self.calls.discard)
         return verification_message(v)
+
+    def _text(self, account, v, to, code) -> None:
+        """Text the code; the text's final status goes on the verification."""
+        svc = self.service
+
+        def done(m) -> None:
+            svc.submit(svc.attach_call, v.id, outcome=m.status)
+        m = self.engine.messaging.notify(account, to, verify_mod.MESSAGE.format(code=code),
+                                         module="baton.verify", on_status=done)
+        v.call_outcome = m.status
 
     async def _call(self, account, v, to, user, app, from_uri, ring) -> None:
         """Place the call that speaks the code; its outcome goes on the verification."""

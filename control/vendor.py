@@ -43,6 +43,7 @@ from engine.modules.base import Module, answer_caller
 from engine.modules.dialing import OutboundDenied, operator_params, permit
 from engine.sip.uri import check_user_part, sip_uri
 
+from control import vendor_texts
 from proto import pb
 
 log = logging.getLogger("baton.control.vendor")
@@ -162,7 +163,7 @@ class VendorState:
     __slots__ = ("offer_id", "process", "holder", "tried", "offer_timer", "offered_ns",
                  "taken_ns", "player", "player_cmd", "player_kind", "gather", "recording",
                  "recording_cmd", "conference", "tasks", "by_vendor", "resume", "prefer",
-                 "media_seq", "detecting", "dtmf_out", "why")
+                 "media_seq", "detecting", "dtmf_out", "why", "texts")
 
     def __init__(self):
         self.offer_id = ""
@@ -187,6 +188,7 @@ class VendorState:
         self.detecting = False
         self.dtmf_out = None
         self.why = "no-vendor-process"   # why nobody holds it, if nobody takes it
+        self.texts = None                # texts that came before the Take (vendor_texts)
 
 
 class VendorModule(Module):
@@ -195,6 +197,7 @@ class VendorModule(Module):
     level = "service"
     outlets = ("any the node wires", "fallback")
     metered_from_take = True      # docs/vendors.md: billed "from the moment you Take"
+    texting = True                # texts reach the holder as TextReceived (vendor_texts)
 
     def __init__(self, hub: "ControlHub", code: str, level: str = "service"):
         super().__init__(hub.engine, {})
@@ -310,7 +313,10 @@ class VendorModule(Module):
         self.engine.stamper.action(ctl.session, self.code, "vendor_offer_wait_ms", int(waited_ms))
         ctl.session.taken(ctl)
         self._notify(ctl.session, "taken", proc, take.offer_id)
-        return {"session_id": ctl.session.id, "answered": ctl.caller.answered}
+        # After the Take's Ack: the texts that came while the offer was open.
+        self.engine.loop.call_soon(self._texts_to, ctl, vendor_texts.flush(state))
+        return {"session_id": ctl.session.id,
+                "answered": bool(ctl.session.legs and ctl.caller.answered)}
 
     def on_decline(self, proc: VendorProcess, decline) -> dict:
         ctl = self._offered(proc, decline.offer_id, decline.session_id, "decline")
@@ -421,6 +427,42 @@ class VendorModule(Module):
                 ch.detect_dtmf(False)
         state.player = None
         state.detecting = False
+
+    # -- texts ------------------------------------------------------------------------
+    def on_text(self, ctl, m) -> None:
+        state = ctl.state
+        if state is None:
+            return
+        if state.holder is None:
+            vendor_texts.keep(state, m)
+        else:
+            self._texts_to(ctl, [m])
+
+    def _texts_to(self, ctl, texts: list) -> None:
+        state = ctl.state
+        if not ctl.active or state is None or state.holder is None:
+            return
+        for m in texts:
+            ev = vendor_texts.received(m)
+            ev.session_id, ev.offer_id, ev.time_ns = ctl.session.id, state.offer_id, m.created_wall_ns
+            state.holder.send(mh.EngineMessage(event=ev))
+
+    def _cmd_send_message(self, ctl, state, proc, cmd):
+        body, to, frm = vendor_texts.check(self.engine, cmd, invalid)
+        offer_id, cid = state.offer_id, cmd.command_id
+        queued: list = []
+
+        def on_status(m):
+            if not queued:
+                return          # refused at once: the Ack says so
+            ev = vendor_texts.status_event(cid, m)
+            ev.session_id, ev.offer_id, ev.time_ns = ctl.session.id, offer_id, m.updated_wall_ns
+            proc.send(mh.EngineMessage(event=ev))
+        m = self.engine.messaging.send(ctl.session, body, to=to, frm=frm, on_status=on_status)
+        if m.status == "failed":
+            raise CommandError(PERMISSION_DENIED, f"send_message.to: {m.error}", "send_message.to")
+        queued.append(m)
+        return {"message_sid": m.sid, "status": m.status}
 
     # -- media events ---------------------------------------------------------------
     def media_event(self, ctl, leg, kind: str, detail) -> None:

@@ -152,7 +152,7 @@ def test_billing_worked_examples_are_what_the_accountant_computes(tmp_path):
     assert statement["vendor"] == "acme"
     text = repr(statement)
     assert "0.0105" in text and "0.0045" in text and "0.015" in text
-    assert "acme.survey     1         1  0.015          0.0045  0.0105" in section
+    assert "acme.survey  time     1         1  0.015          0.0045  0.0105" in section
 
     stepped = {**SEED, "plans": {
         "bridge-basic": {**SEED["plans"]["bridge-basic"], "increment": "60/60"},

@@ -310,7 +310,8 @@ async def test_bad_requests_name_the_field(tmp_path):
             cases = [
                 (verify.Create, sv.VerifyCreateRequest(to="", channel="call"), "to:"),
                 (verify.Create, sv.VerifyCreateRequest(to="1555", channel="call"), "to:"),
-                (verify.Create, sv.VerifyCreateRequest(to="1555", channel="sms"), "channel:"),
+                (verify.Create, sv.VerifyCreateRequest(to="1555", channel="fax"), "channel:"),
+                (verify.Create, sv.VerifyCreateRequest(to="1555", channel="sms"), "to:"),
                 (verify.Create, sv.VerifyCreateRequest(to="1555", channel="none", code_length=3),
                  "code_length:"),
                 (verify.Create, sv.VerifyCreateRequest(to="1555", channel="none", code="12ab"),

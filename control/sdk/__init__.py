@@ -23,13 +23,14 @@ from control.sdk.errors import (ControlError, ControlLost, Disconnected, FailedP
                      InvalidArgument, NotFound, PermissionDenied, RegistrationError,
                      Unauthenticated, Unimplemented)
 from control.sdk.types import (Ack, ControlRevoked, CostWarning, Dtmf, Event, GatherResult, LegAnswered,
-                    LegEnded, Money, OfferInfo, Play, PlaybackFinished, Prompt, RecordingReady,
-                    Say)
+                    LegEnded, MessageStatus, Money, OfferInfo, Play, PlaybackFinished, Prompt,
+                    RecordingReady, Say, TextReceived)
 
 __all__ = [
     "VendorClient", "Offer", "Call", "OfferInfo",
     "Ack", "Say", "Play", "Prompt", "Event", "Dtmf", "GatherResult", "PlaybackFinished",
     "RecordingReady", "LegAnswered", "LegEnded", "ControlRevoked", "CostWarning", "Money",
+    "TextReceived", "MessageStatus",
     "ControlError", "ControlLost", "Disconnected", "InvalidArgument", "NotFound",
     "PermissionDenied", "FailedPrecondition", "Unimplemented", "Unauthenticated", "Internal",
     "RegistrationError",

@@ -32,8 +32,8 @@ import grpc
 
 from proto import pb
 from control.sdk.errors import ControlLost, Disconnected, RegistrationError, error_for
-from control.sdk.types import (Ack, ControlRevoked, Event, GatherResult, OfferInfo, Play,
-                    PlaybackFinished, Prompt, RecordingReady, Say, event_from_pb)
+from control.sdk.types import (Ack, ControlRevoked, Event, GatherResult, MessageStatus, OfferInfo,
+                    Play, PlaybackFinished, Prompt, RecordingReady, Say, event_from_pb)
 
 log = logging.getLogger("baton.sdk")
 
@@ -193,6 +193,21 @@ class Call:
         return await self.command(command_id, set_value=mh.SetValue(key=key,
                                                                     value=pb.to_value(value)))
 
+    async def send_message(self, body: str, to: str = "", from_: str = "", wait: bool = False,
+                           command_id: str | None = None) -> Ack | MessageStatus:
+        """Text the session's other party (or `to`, which the account's outbound rules
+        must allow); with `wait`, return its final `MessageStatus`. Texts received on
+        the session arrive in `events` as `TextReceived`."""
+        cid = command_id or self.client._next_id()
+        fut = self._expect("message", cid) if wait else None
+        try:
+            ack = await self.command(cid, send_message=mh.SendMessage(
+                body=body, to=to, **{"from": from_}))
+        except BaseException:
+            _discard(self._waiters.pop(("message", cid), fut))
+            raise
+        return await fut if fut is not None else ack
+
     async def stop_media(self, command_id: str | None = None) -> Ack:
         return await self.command(command_id, stop_media=mh.StopMedia())
 
@@ -225,6 +240,8 @@ class Call:
             key = ("playback", ev.command_id)
         elif isinstance(ev, RecordingReady):
             key = ("recording", ev.command_id)
+        elif isinstance(ev, MessageStatus):
+            key = ("message", ev.command_id)
         if key is not None:
             fut = self._waiters.pop(key, None)
             if fut is not None and not fut.done():

@@ -87,6 +87,25 @@ class ControlRevoked:
     control_ms: int
 
 
+@dataclass(frozen=True)
+class TextReceived:
+    """A text on the session (docs/messaging.md): `frm` is the sender."""
+    message_sid: str
+    frm: str
+    to: str
+    body: str
+    segments: int
+
+
+@dataclass(frozen=True)
+class MessageStatus:
+    """The final status of a text sent with `Call.send_message`."""
+    command_id: str
+    message_sid: str
+    status: str     # sent, delivered, undelivered, failed
+    sip_code: int
+
+
 MICRO = 1_000_000
 
 
@@ -140,7 +159,7 @@ class CostWarning:
 
 
 Event = Union[Dtmf, GatherResult, PlaybackFinished, RecordingReady, LegAnswered, LegEnded,
-              ControlRevoked, CostWarning]
+              ControlRevoked, CostWarning, TextReceived, MessageStatus]
 
 
 def event_from_pb(ev: "mh.Event") -> Event | None:
@@ -164,6 +183,12 @@ def event_from_pb(ev: "mh.Event") -> Event | None:
     if kind == "control_revoked":
         c = ev.control_revoked
         return ControlRevoked(c.reason, c.next_module, c.by_vendor, c.control_ms)
+    if kind == "text_received":
+        t = ev.text_received
+        return TextReceived(t.message_sid, getattr(t, "from"), t.to, t.body, t.segments)
+    if kind == "message_status":
+        m = ev.message_status
+        return MessageStatus(m.command_id, m.message_sid, m.status, m.sip_code)
     if kind == "cost_warning":
         c = ev.cost_warning
         return CostWarning(Money.from_pb(c.cost, c.currency),

@@ -6,7 +6,8 @@ total. Amounts are summed from the ledger's lines, never re-rounded, so the
 total is exactly what the customer's ledger account was debited.
 
 A payout statement is one vendor's period in one currency, summed over all
-accounts: per module the gross amount customers paid, the platform's share
+accounts: per module and item (its time, each kind of counted action such
+as texts) the gross amount customers paid, the platform's share
 and the vendor's payout (gross minus the platform share).
 """
 from __future__ import annotations
@@ -76,7 +77,7 @@ def payouts(ledger: Ledger, period: str, vendor: str | None = None) -> dict[str,
                                     "currency": r["currency"], "lines": [], "gross_micro": 0,
                                     "platform_share_micro": 0, "total_micro": 0}
         gross, paid = int(r["amount"]), int(r["vendor_amount"])
-        st["lines"].append({"module": r["module"], "transactions": int(r["n"]),
+        st["lines"].append({"module": r["module"], "item": r["item"], "transactions": int(r["n"]),
                             "accounts": int(r["accounts"]), "gross": format_money(gross),
                             "platform_share": format_money(gross - paid),
                             "payout": format_money(paid), "gross_micro": gross,
@@ -138,11 +139,11 @@ def _render_table(doc: dict[str, Any]) -> str:
         return "\n".join(out) + "\n"
     for st in doc["statements"]:
         out.append(f"Payout  vendor {st['vendor']}  period {st['period']}  currency {st['currency']}")
-        rows = [[ln["module"], str(ln["transactions"]), str(ln["accounts"]), ln["gross"],
-                 ln["platform_share"], ln["payout"]] for ln in st["lines"]]
-        rows.append(["TOTAL", "", "", st["gross"], st["platform_share"], st["total"]])
-        out += _table(["MODULE", "TXNS", "ACCOUNTS", "GROSS", "PLATFORM SHARE", "PAYOUT"], rows,
-                      {1, 2, 3, 4, 5})
+        rows = [[ln["module"], ln["item"], str(ln["transactions"]), str(ln["accounts"]),
+                 ln["gross"], ln["platform_share"], ln["payout"]] for ln in st["lines"]]
+        rows.append(["TOTAL", "", "", "", st["gross"], st["platform_share"], st["total"]])
+        out += _table(["MODULE", "ITEM", "TXNS", "ACCOUNTS", "GROSS", "PLATFORM SHARE", "PAYOUT"],
+                      rows, {2, 3, 4, 5, 6})
         out.append("")
     if not doc["statements"]:
         out.append(f"No payouts for period {doc['period']}.")
@@ -162,14 +163,14 @@ def _render_csv(doc: dict[str, Any]) -> str:
         for cur, total in doc["totals"].items():
             w.writerow([doc["account"], doc["period"], "TOTAL", "", "", "", "", "", total, cur])
         return buf.getvalue()
-    w.writerow(["vendor", "period", "currency", "module", "transactions", "accounts", "gross",
-                "platform_share", "payout"])
+    w.writerow(["vendor", "period", "currency", "module", "item", "transactions", "accounts",
+                "gross", "platform_share", "payout"])
     for st in doc["statements"]:
         for ln in st["lines"]:
-            w.writerow([st["vendor"], st["period"], st["currency"], ln["module"],
+            w.writerow([st["vendor"], st["period"], st["currency"], ln["module"], ln["item"],
                         ln["transactions"], ln["accounts"], ln["gross"], ln["platform_share"],
                         ln["payout"]])
-        w.writerow([st["vendor"], st["period"], st["currency"], "TOTAL", "", "", st["gross"],
+        w.writerow([st["vendor"], st["period"], st["currency"], "TOTAL", "", "", "", st["gross"],
                     st["platform_share"], st["total"]])
     return buf.getvalue()
 

@@ -715,8 +715,10 @@ class Ledger:
         return rows
 
     def payout_rows(self, period: str, vendor: str | None = None) -> list[dict[str, Any]]:
-        """Per (vendor, currency, module) of a period: gross amount and vendor part."""
+        """Per (vendor, currency, module, item) of a period: gross amount and vendor
+        part, so a module's time and its counted actions (texts) are lines apart."""
         sql = ("SELECT c.vendor AS vendor, c.currency AS currency, c.module AS module, "
+               "c.item AS item, "
                "SUM(s.amount) AS amount, SUM(s.vendor_amount) AS vendor_amount, SUM(s.n) AS n, "
                "COUNT(DISTINCT c.account) AS accounts FROM summary s "
                "JOIN classes c ON c.id = s.class_id WHERE c.period = ? AND c.vendor <> ''")
@@ -724,8 +726,8 @@ class Ledger:
         if vendor is not None:
             sql += " AND c.vendor = ?"
             params.append(vendor)
-        return self._query(sql + " GROUP BY c.vendor, c.currency, c.module "
-                                 "ORDER BY c.vendor, c.currency, c.module", params)
+        return self._query(sql + " GROUP BY c.vendor, c.currency, c.module, c.item "
+                                 "ORDER BY c.vendor, c.currency, c.module, c.item", params)
 
     def accounts_in(self, period: str) -> list[str]:
         """Accounts with transactions in a period."""

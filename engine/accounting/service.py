@@ -126,7 +126,8 @@ def payouts_pb(doc: dict):
                                platform_share=money_pb(st["platform_share_micro"], cur),
                                total=money_pb(st["total_micro"], cur))
         for ln in st["lines"]:
-            s.lines.append(bp.PayoutLine(module=ln["module"], transactions=ln["transactions"],
+            s.lines.append(bp.PayoutLine(module=ln["module"], item=ln["item"],
+                                         transactions=ln["transactions"],
                                          accounts=ln["accounts"],
                                          gross=money_pb(ln["gross_micro"], cur),
                                          platform_share=money_pb(ln["platform_share_micro"], cur),

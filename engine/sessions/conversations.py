@@ -238,27 +238,42 @@ class Messaging:
         other party) from `frm` (default: the session's number). Returns the
         TextMessage at once; its status moves as the MESSAGE goes; `on_status(m)`
         is called at its final status."""
-        from engine.modules import dialing
-
         engine = self.engine
-        peer = session.peer if to is None or (session.peer and aor(to) == aor(session.peer.uri)) \
-            else None
+        party = session.peer or _call_party(session)
+        peer = party if to is None or (party and aor(to) == aor(party.uri)) else None
         target = to if to is not None else (peer.uri if peer else session.from_uri)
         number = frm or session.number
         m = self._keep(TextMessage(new_sid(), session.id, session.account, "outbound",
                                    number, _party(target), body, "queued",
                                    module=session.module.code if session.module else "",
                                    segments=segments(body), encoding=encoding(body)))
-        if peer is None:
-            # A text to anyone but who is talking to us passes the outbound check
-            # calls pass: no toll fraud by text.
-            try:
-                dialing.permit(engine, session.account, _dialable(target), trunk, count=False)
-            except dialing.OutboundDenied as exc:
-                self._final(m, "failed", 403, str(exc), on_status)
-                return m
-        engine.loop.create_task(self._send(session, m, target, peer, trunk, on_status))
+        # A text to anyone but who is talking to us passes the outbound check
+        # calls pass: no toll fraud by text.
+        if peer is not None or self._permitted(m, target, trunk, on_status):
+            engine.loop.create_task(self._send(session, m, target, peer, trunk, on_status))
         return m
+
+    def notify(self, account: str, to: str, body: str, *, module: str, frm: str = "",
+               trunk: str | None = None, on_status=None) -> TextMessage:
+        """A text of no conversation (a verification code, a notice to an agent): sent
+        for `account` by `module` (metered as its `message_out`) from `frm` (default:
+        the account id) to `to`, which the account's outbound rules must allow."""
+        m = self._keep(TextMessage(new_sid(), "", account, "outbound", frm or account,
+                                   _party(to), body, "queued", module=module,
+                                   segments=segments(body), encoding=encoding(body)))
+        if self._permitted(m, to, trunk, on_status):
+            self.engine.loop.create_task(self._send(None, m, to, None, trunk, on_status))
+        return m
+
+    def _permitted(self, m: TextMessage, target: str, trunk: str | None, on_status) -> bool:
+        from engine.modules import dialing
+
+        try:
+            dialing.permit(self.engine, m.account, _dialable(target), trunk, count=False)
+        except dialing.OutboundDenied as exc:
+            self._final(m, "failed", 403, str(exc), on_status)
+            return False
+        return True
 
     async def _send(self, session, m, target, peer, trunk, on_status) -> None:
         engine = self.engine
@@ -356,11 +371,28 @@ class Messaging:
         if s is not None and engine.listeners:
             engine.notify(s, "message", m.as_dict())
 
-    def _stamp(self, session: Session, m: TextMessage, way: str) -> None:
+    def _stamp(self, session: Session | None, m: TextMessage, way: str) -> None:
+        stamper = self.engine.stamper
+        if session is None:         # a text of no session (notify)
+            stamper.record_action(m.account, m.module, f"message_{way}", 1)
+            stamper.record_action(m.account, m.module, f"message_{way}_segments", m.segments)
+            return
         module = session.module.code if session.module is not None else ""
         m.module = module
-        self.engine.stamper.action(session, module, f"message_{way}", 1)
-        self.engine.stamper.action(session, module, f"message_{way}_segments", m.segments)
+        stamper.action(session, module, f"message_{way}", 1)
+        stamper.action(session, module, f"message_{way}_segments", m.segments)
+
+
+def _call_party(session: Session) -> Peer | None:
+    """A call's other party, the default recipient of a text the call's module
+    sends (`<Message>` in a voice document): the caller of an inbound call, the
+    called party of an outbound one, reached where they registered or else on
+    the flow their dialog runs on."""
+    if session.kind == "messaging" or not session.legs:
+        return None
+    dialog = session.caller.dialog
+    uri = session.from_uri if session.direction == "inbound" else session.to_uri
+    return Peer(uri, dialog.flow if dialog is not None else None)
 
 
 def _bare(addr: str) -> str:

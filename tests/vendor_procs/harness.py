@@ -157,21 +157,28 @@ class RawVendor:
         self._reader.cancel()
         await self.channel.close()
 
-async def taken_call(eng, number: str = "4000", code: str = "acme.survey",
-                     secret: str = SECRET_A):
-    """A vendor client that took and answered a call from a raw SIP caller to
-    `number`: (client, its call, the caller)."""
+async def taking_client(eng, code: str, secret: str):
+    """A started vendor client that takes every offer: (client, the calls it took)."""
     from control.sdk import VendorClient
-    from tests.test_sessions import Caller
 
     v = VendorClient(target(eng), code, secret)
-    calls = []
+    calls: list = []
 
     @v.on_offer
     async def on(offer):
         calls.append(await offer.take())
 
     await v.start()
+    return v, calls
+
+
+async def taken_call(eng, number: str = "4000", code: str = "acme.survey",
+                     secret: str = SECRET_A):
+    """A vendor client that took and answered a call from a raw SIP caller to
+    `number`: (client, its call, the caller)."""
+    from tests.test_sessions import Caller
+
+    v, calls = await taking_client(eng, code, secret)
     caller = Caller(eng, number)
     dial = asyncio.ensure_future(caller.dial())
     await wait_until(lambda: calls)

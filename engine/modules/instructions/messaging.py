@@ -20,7 +20,8 @@ from urllib.parse import urljoin, urlsplit
 
 from engine.modules.instructions.fetch import FetchError
 from engine.modules.instructions.parser import DocumentError, _xml_tree
-from engine.modules.instructions.verbs import API_VERSION, INTERNAL_PARAMS, account_settings
+from engine.modules.instructions.verbs import (API_VERSION, INTERNAL_PARAMS, account_settings,
+                                               message_status)
 
 log = logging.getLogger("baton.instructions.messaging")
 
@@ -95,9 +96,5 @@ async def run(shared, ctl, message) -> None:
 
 def _status_callback(shared, ctl, url: str, method: str, opts: dict):
     def fire(m) -> None:
-        params = {"MessageSid": m.sid, "SmsSid": m.sid, "MessageStatus": m.status,
-                  "SmsStatus": m.status, "AccountSid": m.account, "From": m.frm, "To": m.to,
-                  "ApiVersion": API_VERSION, "SessionSid": m.session,
-                  "ErrorCode": m.sip_code if m.status in ("failed", "undelivered") else ""}
-        shared.fetcher.fire(shared.fetcher.request(url, method, params, **opts))
+        shared.fetcher.fire(shared.fetcher.request(url, method, message_status(m), **opts))
     return fire

@@ -282,6 +282,21 @@ def _caller_id(v: str) -> str:
     check_user_part(v, "callerId")
     return v
 
+def _sender(v: str) -> str:
+    # The user part of the text's From: nothing that could end the header or the URI.
+    v = v.strip()
+    check_user_part(v, "from")
+    return v
+
+
+def _address(v: str) -> str:
+    # A number or a SIP URI; checked again by the outbound rules when sent.
+    v = v.strip()
+    if not v or any(ord(ch) < 0x21 or ch in "<>\"\x7f" for ch in v):
+        raise ValueError("not a number or SIP URI")
+    return v
+
+
 _RECORD_DIAL = _enum("do-not-record", "record-from-answer", "record-from-ringing",
                      "record-from-answer-dual", "record-from-ringing-dual", "true", "false")
 
@@ -343,13 +358,19 @@ SCHEMA: dict[str, tuple[dict, tuple, str]] = {
     "Hangup": ({}, (), "none"),
     "Redirect": ({"method": _method}, (), "required"),
     "Reject": ({"reason": _enum("rejected", "busy")}, (), "none"),
+    # A text sent during the call (to the caller unless `to` says otherwise).
+    "Message": ({"to": _address, "from": _sender, "action": _text, "method": _method,
+                 "statusCallback": _text}, ("Body",), "optional"),
+    "Sms": ({"to": _address, "from": _sender, "action": _text, "method": _method,
+             "statusCallback": _text}, (), "required"),
+    "Body": ({}, (), "required"),
 }
 
 TOP_LEVEL = ("Say", "Play", "Pause", "Gather", "Record", "Dial", "Enqueue", "Leave",
-             "Hangup", "Redirect", "Reject")
+             "Hangup", "Redirect", "Reject", "Message", "Sms")
 _SSML = SCHEMA["Say"][1]
 UNSUPPORTED = ("Connect", "Stream", "Start", "Stop", "Pay", "Prompt", "Refer", "Siprec",
-               "Echo", "Autopilot", "Sms", "Message")
+               "Echo", "Autopilot")
 
 
 def _flat_text(el: _Element) -> str:
@@ -427,6 +448,8 @@ def _check(v: Verb) -> None:
         if len(kinds & {"Conference", "Queue"}) and len(nouns) > 1:
             raise DocumentError("<Conference> and <Queue> must be the only noun of <Dial>",
                                 code=12200, line=v.line, verb="Dial")
+    if v.name == "Message" and not v.text and not any(c.name == "Body" for c in v.children):
+        raise DocumentError("<Message> has no text", code=12200, line=v.line, verb="Message")
     if v.name == "Enqueue" and not v.text and not v.get("workflowSid"):
         raise DocumentError("<Enqueue> needs a queue name", code=12200, line=v.line,
                             verb="Enqueue")

@@ -104,6 +104,14 @@ def account_settings(engine, account: str) -> tuple[str | None, bool]:
             bool(acc.get("twilio_signature", False)))
 
 
+def message_status(m) -> dict:
+    """Twilio's status-callback parameters of a text (`TextMessage`) at its status."""
+    return {"MessageSid": m.sid, "SmsSid": m.sid, "MessageStatus": m.status,
+            "SmsStatus": m.status, "AccountSid": m.account, "From": m.frm, "To": m.to,
+            "ApiVersion": API_VERSION, "SessionSid": m.session,
+            "ErrorCode": m.sip_code if m.status in ("failed", "undelivered") else ""}
+
+
 def _uri_of(addr: str) -> str:
     """The URI of a From/To header value, without display name, brackets or params."""
     a = addr.strip()
@@ -459,6 +467,30 @@ class Runner:
                                                              **self._request_options()))
 
     # -- verbs --------------------------------------------------------------------
+    async def verb_message(self, verb: Verb):
+        """`<Message>`/`<Sms>`: a text during the call, to the caller unless `to` names
+        someone else (who must pass the account's outbound rules). `statusCallback`
+        hears its final status; `action` is fetched at once with `SmsSid` and
+        `SmsStatus` and its document replaces the rest of this one (Twilio's `<Sms>`)."""
+        body = verb.text or " ".join(c.text for c in verb.children if c.name == "Body")
+        cb = verb.get("statusCallback")
+        on_status = None
+        if cb:
+            url, method = self.resolve(cb), verb.get("method", "POST")
+
+            def on_status(m, url=url, method=method):
+                self.fire(url, method, message_status(m))
+        m = self.engine.messaging.send(self.session, body, to=verb.get("to") or None,
+                                       frm=verb.get("from") or None, on_status=on_status)
+        self.note("message", {"sid": m.sid, "to": m.to, "status": m.status})
+        if verb.get("action"):
+            status = "invalid" if m.status == "failed" else "sending"
+            return Fetch(self.resolve(verb.get("action")), verb.get("method", "POST"),
+                         {"SmsSid": m.sid, "MessageSid": m.sid, "SmsStatus": status})
+        return None
+
+    verb_sms = verb_message
+
     async def verb_say(self, verb: Verb, interrupt: bool = False):
         if not self.answer():
             return STOP

@@ -9,7 +9,10 @@ address, and proven in one of three ways:
   person calls an app whose node runs this module (in `collect` mode, the
   default) from that number and keys the code in;
 - `channel = "none"`: Create returns the code, delivered some other way, and
-  `Verify.Check` proves it.
+  `Verify.Check` proves it;
+- `channel = "sms"` (or `"message"`): the engine texts the code to the address
+  (SIP MESSAGE, `message` param's wording), metered as `message_out` of this
+  module; the person types it into a web page, proven with `Verify.Check`.
 
 Codes are stored only as an HMAC-SHA256 (a per-engine key in
 `DATA_DIR/services/verify.key` and a salt per code) in
@@ -48,7 +51,8 @@ from engine.modules.services.prompting import (Prompter, PromptingModule, check_
 log = logging.getLogger("baton.modules.verify")
 
 EVENT = "verify.result"
-CHANNELS = ("call", "inbound", "none")
+CHANNELS = ("call", "inbound", "none", "sms", "message")
+TEXT_CHANNELS = ("sms", "message")
 FINAL = ("verified", "failed", "expired", "canceled")
 MIN_LENGTH, MAX_LENGTH = 4, 10
 MIN_TTL, MAX_TTL = 1, 86400

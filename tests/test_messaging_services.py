@@ -1,0 +1,93 @@
+"""Services that text: the verification code delivered by SIP MESSAGE to a raw UDP
+socket registered as the user, and proven with Verify.Check; conversations that
+outlive the idle timeout."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from engine.sip import digest
+from tests.helpers import Call, UdpClient, running_engine
+from tests.test_messaging import answer, message, next_request, text_config
+from tests.vendor_procs.harness import bearer, control_config, target
+
+
+async def register(c: UdpClient, port: int, user: str, password: str) -> None:
+    """REGISTER `user` from `c` (answering the digest challenge)."""
+    call = Call(c, user)
+    uri = f"sip:127.0.0.1:{port}"
+    c.send(call.request("REGISTER", uri=uri, extra="Expires: 300\r\n"))
+    ch = await c.expect(401)
+    call.cseq += 1
+    value = digest.authorize(ch.get("www-authenticate"), "REGISTER", uri, user, password)
+    c.send(call.request("REGISTER", uri=uri,
+                        extra=f"Expires: 300\r\nAuthorization: {value}\r\n"))
+    await c.expect(200)
+
+
+async def test_verification_code_is_texted_to_the_registered_user():
+    from proto import pb
+
+    sv = pb.services_pb2
+    raw = control_config()
+    raw["users"] = {"alice": {"password": "alice-secret-1"}}
+    async with running_engine(raw) as eng:
+        c = UdpClient("127.0.0.1", eng.sip_port)
+        await register(c, eng.sip_port, "alice", "alice-secret-1")
+        async with grpc.aio.insecure_channel(target(eng)) as ch:
+            verify = pb.services_pb2_grpc.VerifyStub(ch)
+            v = await verify.Create(sv.VerifyCreateRequest(
+                to="sip:alice@127.0.0.1", channel="sms"), metadata=bearer())
+            assert v.channel == "sms" and v.code == ""       # never in the answer
+            req = await next_request(c, timeout=5)
+            text = req.body.decode()
+            assert text.startswith("Your verification code is ") and req.get("from")
+            answer(c, req)
+            code = text.rsplit(" ", 1)[1].rstrip(".")
+            assert len(code) == 6 and code.isdigit()
+            # The text's status goes on the verification.
+            for _ in range(100):
+                got = await verify.Get(sv.VerifyGetRequest(verification_id=v.verification_id),
+                                       metadata=bearer())
+                if got.call_outcome == "delivered":
+                    break
+                await asyncio.sleep(0.02)
+            assert got.call_outcome == "delivered"
+            wrong = str((int(code[0]) + 1) % 10) + code[1:]
+            r = await verify.Check(sv.VerifyCheckRequest(
+                verification_id=v.verification_id, code=wrong), metadata=bearer())
+            assert not r.valid
+            r = await verify.Check(sv.VerifyCheckRequest(
+                verification_id=v.verification_id, code=code), metadata=bearer())
+            assert r.valid
+            # Metered as the verification module's text.
+            (m,) = [m for m in eng.messaging.messages.values() if m.direction == "outbound"]
+            assert (m.module, m.session, m.account) == ("baton.verify", "", "demo")
+            # Elsewhere than this engine's users: the account's outbound rules refuse it.
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await verify.Create(sv.VerifyCreateRequest(
+                    to="sip:mallory@203.0.113.7", channel="message"), metadata=bearer())
+            assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        c.close()
+
+
+async def test_texts_further_apart_than_the_idle_timeout_are_two_conversations():
+    async with running_engine(text_config(idle_timeout=0.3)) as eng:
+        c = UdpClient("127.0.0.1", eng.sip_port)
+        for text in ("one", "two"):
+            c.send(message(c, text.encode()))
+            await c.expect(202)
+            answer(c, await next_request(c))
+        await asyncio.sleep(0.6)
+        c.send(message(c, b"three"))
+        await c.expect(202)
+        answer(c, await next_request(c))
+        convs = sorted((s for s in list(eng.sessions.values()) + list(eng.finished)
+                        if s.kind == "messaging"), key=lambda s: s.started_mono)
+        assert len(convs) == 2
+        first, second = convs
+        assert first.ended and first.end_reason == "idle" and len(first.messages) == 4
+        assert not second.ended and len(second.messages) == 2
+        c.close()
