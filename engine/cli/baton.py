@@ -18,7 +18,7 @@ def _serve(args) -> int:
 
     overrides = {"sip_addr": args.sip_addr, "grpc_addr": args.grpc_addr,
                  "data_dir": args.data_dir, "metrics_addr": args.metrics_addr,
-                 "log_format": args.log_format}
+                 "http_addr": args.http_addr, "log_format": args.log_format}
     try:
         cfg = load(args.config, overrides)
     except ConfigError as exc:
@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "session (overrides engine.log_format)")
     s.add_argument("--metrics-addr", metavar="HOST:PORT",
                    help="serve Prometheus /metrics here (overrides engine.metrics_addr)")
+    s.add_argument("--http-addr", metavar="HOST:PORT",
+                   help="serve recordings and the REST API here (overrides engine.http_addr)")
     s.add_argument("--no-accountant", action="store_true",
                    help="do not start the accountant process (run `baton accountant` yourself)")
     s.set_defaults(func=_serve)

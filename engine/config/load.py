@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 
@@ -110,7 +111,8 @@ SCHEMA = {
         "metrics_addr": (str, "HOST:PORT serving Prometheus /metrics of the engine (port 0: any)"),
         "accountant_metrics_addr": (str, "HOST:PORT serving /metrics of the accountant child"),
         "grpc": (bool, "serve the gRPC control API (default true)"),
-        "http_addr": (str, "HTTP address HOST:PORT serving recordings (RecordingUrl)"),
+        "rest": (bool, "serve the REST API on http_addr (default true)"),
+        "http_addr": (str, "HTTP address HOST:PORT: recordings (RecordingUrl) and the REST API"),
         "grpc_tls_cert": (str, "PEM certificate for the gRPC server (enables TLS)"),
         "grpc_tls_key": (str, "PEM private key for the gRPC server"),
         "grpc_tls_client_ca": (str, "PEM CA bundle: require client certificates (mutual TLS)"),
@@ -171,6 +173,9 @@ TABLES = {
         "api_tokens": ("list of strings", "bearer tokens for the control API (16+ characters each)"),
         "secret": ("string", "signs requests to instruction apps, X-Baton-Signature (16+ characters)"),
         "twilio_signature": ("bool", "also send X-Twilio-Signature to instruction apps"),
+        "sid": ("string", "the AccountSid of the REST API (default: the ID), e.g. AC + 32 hex"),
+        "auth_token": ("string", "REST API password with the sid (HTTP Basic), and the key "
+                                 "signing its status callbacks, X-Twilio-Signature (16+ characters)"),
         "webhook_url": ("string", "this account's notifications go here instead of webhooks.url"),
         "webhook_secret": ("string", "key signing them (default: webhooks.secret)"),
         "low_balance": ("string", "funds left below which balance.low is sent for this account"),
@@ -445,6 +450,12 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
                                                      "(signs requests to instruction apps)")
         if "twilio_signature" in acc and not isinstance(acc["twilio_signature"], bool):
             raise ConfigError(path, f"{key}.twilio_signature", "true or false")
+        if "auth_token" in acc and (not isinstance(acc["auth_token"], str)
+                                    or len(acc["auth_token"]) < 16):
+            raise ConfigError(path, f"{key}.auth_token", "a string of at least 16 characters")
+        if "sid" in acc and (not isinstance(acc["sid"], str)
+                             or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", acc["sid"])):
+            raise ConfigError(path, f"{key}.sid", "letters, digits, _ and - (at most 64)")
         tokens = acc.get("api_tokens", [])
         if not isinstance(tokens, list) or not all(isinstance(t, str) and len(t) >= 16 for t in tokens):
             raise ConfigError(path, f"{key}.api_tokens", "a list of tokens of at least 16 characters")

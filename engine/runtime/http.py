@@ -1,4 +1,5 @@
-"""The engine's small HTTP server: recordings at their `RecordingUrl`.
+"""The engine's HTTP server: recordings at their `RecordingUrl`, and the
+Twilio-compatible REST API (control/rest.py, docs/rest.md).
 
 `start_http(engine)` serves, on `[engine] http_addr` (HOST:PORT, port 0 for
 any free port):
@@ -7,6 +8,8 @@ any free port):
   by `<Record>` (audio/wav). Names are 128-bit random, so a URL is the
   capability to fetch it; nothing else under the data directory is reachable.
 - `GET /health`: `ok`.
+- `/2010-04-01/Accounts/{AccountSid}/...` and `/openapi.json`: the REST API,
+  unless `[engine] rest = false`.
 
 The returned runner's `url` is the base of every `RecordingUrl`
 (`http_url(engine)` reads it back), and `await runner.stop()` closes it.
@@ -41,11 +44,14 @@ class HttpServer:
         self.port = port
         h = f"[{advertise}]" if ":" in advertise else advertise
         self.url = f"http://{h}:{port}"
+        self.rest = None               # the REST API (control/rest.py), when served
 
     async def stop(self) -> None:
         """Stop serving (requests in progress get a moment to finish)."""
         if _urls.get(self.engine) == self.url:
             del _urls[self.engine]
+        if self.rest is not None:
+            await self.rest.close()
         await self.runner.cleanup()
 
 
@@ -81,6 +87,11 @@ async def start_http(engine, addr: str | None = None) -> HttpServer:
     app = web.Application(client_max_size=64 * 1024)
     app.router.add_get("/recordings/{name}", recording)
     app.router.add_get("/health", health)
+    rest = None
+    if engine.cfg.raw.get("engine", {}).get("rest", True):
+        from control.rest import add_routes
+
+        rest = add_routes(app, engine)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -91,6 +102,9 @@ async def start_http(engine, addr: str | None = None) -> HttpServer:
         break
     advertise = host if host not in ("0.0.0.0", "::", "") else engine.cfg.advertise
     server = HttpServer(engine, runner, host, bound, advertise)
+    server.rest = rest
+    if rest is not None:
+        rest.http = server
     _urls[engine] = server.url
     log.info("serving recordings over HTTP at %s", server.url)
     return server

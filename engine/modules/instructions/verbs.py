@@ -40,7 +40,7 @@ SAVED_KEY = "baton.instructions"
 API_VERSION = "2010-04-01"
 APOLOGY = "We are sorry, an application error has occurred. Goodbye."
 # Module params that configure the module rather than describe the call.
-INTERNAL_PARAMS = {"url", "method", "fallback_url", "fallback_method", "timeout",
+INTERNAL_PARAMS = {"url", "twiml", "method", "fallback_url", "fallback_method", "timeout",
                    "connect_timeout", "trunk", "voice", "sounds_dir"}
 MAX_IDLE_DOCUMENTS = 25     # documents in a row with nothing heard: a Redirect loop
 _RECORDING_RE = re.compile(r"RE[0-9a-f]{32}")
@@ -174,7 +174,8 @@ class Runner:
         url = p.get("url") or self.module.params.get("url")
         self.params = {k: v for k, v in {**self.module.params, **p}.items()
                        if not k.startswith("_")}
-        if not url:
+        twiml = p.get("twiml")
+        if not url and not twiml:
             self.error({"code": 11100, "reason": "no url to fetch instructions from"})
             return None
         leg = self.ctl.caller
@@ -185,6 +186,13 @@ class Runner:
                 self.session.params.setdefault("ForwardedFrom", _party(valid_text(div)))
         if not leg.answered and dialog is not None:
             dialog.provisional(180)
+        if twiml:
+            # A document given inline (REST `Twiml=`): run it as if fetched.
+            try:
+                self.doc, self.pos = parse(str(twiml).encode(), "inline:Twiml"), 0
+            except DocumentError as exc:
+                self._report(exc, "inline:Twiml")
+            return None
         return Fetch(str(url), str(self.params.get("method", "POST")).upper(), {})
 
     async def _run(self, nxt) -> None:
