@@ -51,6 +51,7 @@ __all__ = ["RestApi", "add_routes", "MAX_BODY", "ROUTES"]
 
 API = "/2010-04-01"
 MAX_BODY = 64 * 1024          # bytes of a request body (Twiml included)
+HANDLERS = 4                  # REST handlers running at once (the rest wait their turn)
 MAX_CALLS = 10_000            # call records kept for Calls.json besides the engine's
 MAX_RECORDINGS = 10_000
 CALLBACK_DELAYS = (0.5, 1.0, 2.0, 4.0)   # seconds before each retry of a status callback
@@ -380,13 +381,16 @@ class RestApi:
             raise _call_not_found(sid)
         return rc, session
 
-    def call_json(self, account: str, rc: RestCall | None, session) -> dict:
-        sid = rc.sid if rc is not None else session.id
+    @staticmethod
+    def status_of(rc: RestCall | None, session) -> str:
         if rc is not None and (rc.status != "in-progress" and rc.status != "completed"
                                or session is None):
-            status = rc.status
-        else:
-            status = "completed" if session.ended else "in-progress"
+            return rc.status
+        return "completed" if session.ended else "in-progress"
+
+    def call_json(self, account: str, rc: RestCall | None, session) -> dict:
+        sid = rc.sid if rc is not None else session.id
+        status = self.status_of(rc, session)
         answered = session is not None and status in ("in-progress", "completed")
         start = session.started_wall if answered else None
         end = session.ended_wall if answered and session.ended else \
@@ -710,10 +714,14 @@ def _paging(request) -> tuple[int, int]:
     return page, size
 
 
-def page_json(key: str, uri: str, items: list, page: int, size: int, query: dict) -> dict:
-    """One page of `items` (all of them, already filtered) in Twilio's shape."""
+def page_json(key: str, uri: str, items: list, page: int, size: int, query: dict,
+              build=None) -> dict:
+    """One page of `items` (all of them, already filtered) in Twilio's shape;
+    `build` turns each item of the page into its JSON."""
     total = len(items)
     chunk = items[page * size:(page + 1) * size]
+    if build is not None:
+        chunk = [build(i) for i in chunk]
 
     def link(p: int) -> str:
         return uri + "?" + urlencode({**query, "PageSize": size, "Page": p})
@@ -737,6 +745,10 @@ def add_routes(app, engine) -> RestApi:
     def answer(data: dict, status: int = 200) -> web.Response:
         return web.json_response(data, status=status, dumps=_dumps)
 
+    # The media clock shares this loop: a burst of requests runs a few handlers at a
+    # time, so no loop iteration runs them all and a 20 ms tick always gets its turn.
+    running = asyncio.Semaphore(HANDLERS)
+
     @web.middleware
     async def errors(request, handler):
         if not request.path.startswith(API):
@@ -744,7 +756,11 @@ def add_routes(app, engine) -> RestApi:
         try:
             if request.content_length is not None and request.content_length > MAX_BODY:
                 raise RestError(413, 20413, f"the request body is more than {MAX_BODY} bytes")
-            return await handler(request)
+            async with running:
+                # Yield once holding a place: handlers that never await would
+                # otherwise all run in the loop iteration that received them.
+                await asyncio.sleep(0)
+                return await handler(request)
         except RestError as exc:
             return web.json_response(
                 {"code": exc.code, "message": exc.message,
@@ -808,20 +824,25 @@ def add_routes(app, engine) -> RestApi:
                 bounds.append((op, _time_filter(q[name], name)))
         out = []
         for created, sid, rc, session in api.all_calls(acc):
-            c = api.call_json(acc, rc, session)
-            if (to and c["to"] != to) or (frm and c["from"] != frm) or \
-                    (status and c["status"] != status):
+            # Filter on what is cheap to know; JSON is built for the page only.
+            if status and api.status_of(rc, session) != status:
                 continue
+            if to or frm:
+                c_to, c_from = (rc.to, rc.frm) if rc is not None else \
+                    (session.number or _party(session.to_uri), _party(session.from_uri))
+                if (to and c_to != to) or (frm and c_from != frm):
+                    continue
             ok = True
             for op, t in bounds:
                 if op == "ge" and created < t or op == "le" and created > t or \
                         op == "day" and not t <= created < t + 86_400 * 10**9:
                     ok = False
             if ok:
-                out.append(c)
+                out.append((rc, session))
         query = {k: v for k, v in q.items() if k not in ("Page", "PageSize", "PageToken",
                                                           "page", "page_size")}
-        return answer(page_json("calls", f"{api.base(acc)}/Calls.json", out, page, size, query))
+        return answer(page_json("calls", f"{api.base(acc)}/Calls.json", out, page, size, query,
+                                lambda t: api.call_json(acc, *t)))
 
     async def call_fetch(request):
         acc = auth(request)

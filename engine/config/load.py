@@ -71,6 +71,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
     metrics_addr: str = ""             # HOST:PORT of the engine's /metrics ("": off)
+    http_addr: str = ""                # HOST:PORT of recordings and the REST API ("": off)
     accountant_metrics_addr: str = ""  # HOST:PORT of the accountant's /metrics ("": off)
     media_address: str = "127.0.0.1"
     rtp_port_min: int = 20000
@@ -358,6 +359,7 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             parse_hostport(eng["http_addr"], 8080)
         except ValueError as exc:
             raise ConfigError(path, "engine.http_addr", str(exc)) from None
+        cfg.http_addr = eng["http_addr"]
     cfg.grpc_addr = eng.get("grpc_addr", cfg.grpc_addr)
     try:
         parse_hostport(cfg.grpc_addr, 50051)

@@ -59,7 +59,7 @@ def _addr(engine, addr: str | None) -> tuple[str, int]:
     from engine.common.net import parse_hostport
 
     if addr is None:
-        addr = engine.cfg.raw.get("engine", {}).get("http_addr") or "127.0.0.1:0"
+        addr = engine.cfg.http_addr or "127.0.0.1:0"
     return parse_hostport(addr, 0)
 
 
