@@ -296,9 +296,10 @@ class RestApi:
         if callback:
             _check_url("StatusCallback", callback, 21609)
         cb_method = _method(form, "StatusCallbackMethod")
-        record = _one(form, "Record")
-        if record and record.lower() not in ("true", "false"):
-            raise bad("Record", "true or false", 21229)
+        record = _one(form, "Record").lower()
+        if record not in ("", "false"):
+            raise bad("Record", "recording a whole call is not supported yet; use <Record> in "
+                                "the call's TwiML" if record == "true" else "true or false", 21229)
         try:
             grant = permit(engine, account, to_uri.replace("{self}", ""))
         except OutboundDenied as exc:

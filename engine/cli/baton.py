@@ -68,6 +68,10 @@ def _serve(args) -> int:
               f"  stop:          Ctrl-C (calls in progress get BYE)", file=sys.stderr, flush=True)
         if engine.metrics is not None:
             print(f"  metrics:       {engine.metrics.url}", file=sys.stderr, flush=True)
+        if engine.http is not None and engine.http.rest is not None:
+            print(f"  REST API:      {engine.http.url}/2010-04-01/Accounts/SID/Calls.json   "
+                  f"(twilio Client(sid, auth_token), client.api.base_url = "
+                  f"\"{engine.http.url}\"; docs/rest.md)", file=sys.stderr, flush=True)
         if engine.control is not None:
             from control.server import grpc_target
 

@@ -95,7 +95,12 @@ async def start_http(engine, addr: str | None = None) -> HttpServer:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as err:
+        await runner.cleanup()
+        err.config_key = f"engine.http_addr {host}:{port}"    # what `baton serve` names
+        raise
     bound = port
     for s in runner.addresses:
         bound = s[1]
