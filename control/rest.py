@@ -81,6 +81,8 @@ ROUTES = (
     ("GET", "/Recordings/{RecordingSid}.wav", "a recording's audio"),
     ("DELETE", "/Recordings/{RecordingSid}.json", "delete a recording"),
     ("GET", "/Balance.json", "the account's balance"),
+    ("GET", "/Usage/Records.json", "usage per module and item from the invoices (StartDate, "
+                                   "EndDate, Category)"),
     ("GET", "/IncomingPhoneNumbers.json", "the account's numbers"),
     ("GET", "/Applications.json", "the config's apps"),
 )
@@ -518,6 +520,45 @@ class RestApi:
         return {"account_sid": self.account_sid(account), "balance": b.balance.amount,
                 "currency": b.balance.currency}
 
+    async def usage(self, account: str, start: str, end: str, category: str) -> list[dict]:
+        """Usage records: one per (period, module, item) of the account's invoices,
+        as the accountant rated them (gRPC `Billing.Invoice`)."""
+        from engine.accounting.config import PeriodClock
+
+        kind = (self.engine.cfg.raw.get("billing", {}) or {}).get("period", "month")
+        periods = PeriodClock(kind if kind in ("month", "day") else "month")
+        now = clock.wall_ns()
+        lo = _time_filter(start, "StartDate") if start else now
+        hi = _time_filter(end, "EndDate") if end else lo
+        if hi < lo:
+            raise bad("EndDate", "before StartDate", 20001)
+        labels: list[str] = []
+        t = lo
+        while t <= hi:
+            label = periods.of(t)
+            if not labels or labels[-1] != label:
+                labels.append(label)
+            if len(labels) > 62:
+                raise bad("StartDate", "at most 62 billing periods at once", 20001)
+            t += 86_400 * 10**9
+        out = []
+        for label in labels:
+            inv = await _servicer(self.billing.Invoice, bp.InvoiceRequest(account=account,
+                                                                          period=label), account)
+            for line in inv.lines:
+                cat = f"{line.module}/{line.item}"
+                if category and category not in (cat, line.module):
+                    continue
+                out.append({"account_sid": self.account_sid(account), "category": cat,
+                            "description": f"{line.module}: {line.item} ({line.plan})",
+                            "start_date": label, "end_date": label, "count": str(line.transactions),
+                            "count_unit": "transactions", "usage": line.quantity,
+                            "usage_unit": line.unit, "price": line.amount.amount,
+                            "price_unit": line.amount.currency, "api_version": "2010-04-01",
+                            "as_of": rfc2822(now),
+                            "uri": f"{self.base(account)}/Usage/Records.json?Category={cat}"})
+        return out
+
     # -- recordings -------------------------------------------------------------------
     def recording_json(self, account: str, r: dict) -> dict:
         base = f"{self.base(account)}/Recordings/{r['sid']}"
@@ -950,6 +991,18 @@ def add_routes(app, engine) -> RestApi:
         return answer(page_json("applications", f"{api.base(acc)}/Applications.json", rows,
                                 page, size, {}))
 
+    async def usage(request):
+        acc = auth(request)
+        q = request.query
+        _only(q, {"StartDate", "EndDate", "Category", "IncludeSubaccounts", "Page", "PageSize",
+                  "PageToken", "page", "page_size"})
+        page, size = _paging(request)
+        rows = await api.usage(acc, q.get("StartDate", ""), q.get("EndDate", ""),
+                               q.get("Category", ""))
+        query = {k: v for k, v in q.items() if k in ("StartDate", "EndDate", "Category")}
+        return answer(page_json("usage_records", f"{api.base(acc)}/Usage/Records.json", rows,
+                                page, size, query))
+
     async def openapi(_request):
         return answer(openapi_document())
 
@@ -968,6 +1021,7 @@ def add_routes(app, engine) -> RestApi:
     r.add_get(a + "/Recordings/{rsid}.{ext}", recording)
     r.add_delete(a + "/Recordings/{rsid}.{ext}", recording)
     r.add_get(a + "/Balance.json", balance)
+    r.add_get(a + "/Usage/Records.json", usage)
     r.add_get(a + "/IncomingPhoneNumbers.json", numbers)
     r.add_get(a + "/Applications.json", applications)
     r.add_get("/openapi.json", openapi)

@@ -27,6 +27,7 @@ SID = "AC0123456789abcdef0123456789abcdef"
 TOKEN = "acme-auth-token-0123456789abcdef"
 OTHER = "ACfedcba9876543210fedcba9876543210"
 OTHER_TOKEN = "other-auth-token-0123456789abcdef"
+KEY_SECRET = "api-key-secret-0123456789abcdef"
 
 RECORD = ('<Response><Play digits="1"/><Record maxLength="2" timeout="0" playBeep="false" action="/after"/>'
           '</Response>')
@@ -43,6 +44,7 @@ class AppServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.callbacks: list[tuple[str, dict, str]] = []   # (url, form, signature)
         self.fetches: list[str] = []
+        self.attempts: list[tuple] = []
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -63,12 +65,24 @@ class AppServer:
                                    request.headers.get("X-Twilio-Signature", "")))
             return web.Response(text="")
 
+        async def flaky(request):
+            # The first attempt of each callback fails: it is retried before the next.
+            form = dict(await request.post())
+            key = (form.get("CallSid"), form.get("SequenceNumber"))
+            self.attempts.append(key)
+            if self.attempts.count(key) == 1:
+                return web.Response(status=500)
+            self.callbacks.append((self.url + request.path_qs, form,
+                                   request.headers.get("X-Twilio-Signature", "")))
+            return web.Response(text="")
+
         async def start():
             app = web.Application()
             app.router.add_post("/record", voice)
             app.router.add_post("/after", voice)
             app.router.add_post("/callee", voice)
             app.router.add_post("/status", status)
+            app.router.add_post("/flaky", flaky)
             self.runner = web.AppRunner(app, access_log=None)
             await self.runner.setup()
             await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
@@ -112,6 +126,20 @@ auth_token = "{TOKEN}"
 [accounts.other]
 sid = "{OTHER}"
 auth_token = "{OTHER_TOKEN}"
+
+[api_keys.SK0123]
+account = "acme"
+token = "{KEY_SECRET}"
+quota = 3
+
+[apps.twonode]
+start = "hold"
+
+[apps.twonode.nodes.hold]
+module = "baton.hold"
+
+[apps.twonode.nodes.echo]
+module = "baton.echo"
 """)
     http_port, metrics_port = free_port(), free_port()
     eng = EngineProcess(str(path), extra=["--http-addr", f"127.0.0.1:{http_port}",
@@ -236,6 +264,10 @@ def test_call_lifecycle_with_the_twilio_client(engine, app_server):
     cost = client.request("GET", f"{engine.http_url}/2010-04-01/Accounts/{SID}/Calls/"
                                  f"{call.sid}/Cost.json")
     assert cost.status_code in (200, 409), cost.text
+    # Usage as the accountant metered it: the instructions module's time, per module.
+    records = wait_for(lambda: [r for r in client.usage.records.list()
+                                if r.category == "baton.instructions/time"], what="usage")
+    assert float(records[0].usage) > 0 and records[0].usage_unit
     # Deleting an ended call forgets it.
     assert client.calls(call.sid).delete() is True
     with pytest.raises(TwilioRestException) as exc:
@@ -353,3 +385,51 @@ def test_concurrent_lists_while_calls_run(engine):
     assert all(client.calls(s).fetch().status == "in-progress" for s in live)
     for s in live:
         assert client.calls(s).update(status="completed").sid == s
+
+
+def test_baton_extensions_api_keys_and_account_resources(engine, app_server):
+    client = client_for(engine)
+    call = client.calls.create(to="1000", from_="+15550400", application_sid="twonode",
+                               status_callback=f"{app_server.url}/flaky",
+                               status_callback_event=["initiated", "answered", "completed"])
+    wait_for(lambda: status_is(client, call.sid, "in-progress"), what="in-progress")
+    base = f"{engine.http_url}/2010-04-01/Accounts/{SID}/Calls/{call.sid}"
+    # Node=: a node of the call's app, through the policy, as gRPC Transition.
+    r = client.request("POST", base + ".json", data={"Node": "echo"})
+    assert r.status_code == 200 and json.loads(r.text)["module"] == "baton.echo", r.text
+    r = client.request("POST", base + ".json", data={"Node": "nope"})
+    assert r.status_code == 400 and "Node" in json.loads(r.text)["message"]
+    r = client.request("POST", base + ".json", data={"Module": "not a code"})
+    assert r.status_code == 400 and "Module" in json.loads(r.text)["message"]
+    hist = json.loads(client.request("GET", base + "/History.json").text)["history"]
+    assert [(h["node"], h["reason"]) for h in hist] == [("hold", "initial"), ("echo", "api")]
+    client.calls(call.sid).update(status="completed")
+    # Callbacks whose first attempts failed: retried, still in order, each once.
+    forms = wait_for(lambda: (lambda f: f if f and f[-1]["CallStatus"] == "completed" else None)(
+        app_server.callbacks_of(call.sid)), what="the completed callback")
+    assert [f["CallStatus"] for f in forms] == ["initiated", "in-progress", "completed"]
+    assert [f["SequenceNumber"] for f in forms] == ["0", "1", "2"]
+    tried = [k[1] for k in app_server.attempts if k[0] == call.sid]
+    assert tried == ["0", "0", "1", "1", "2", "2"]
+
+    # The account's numbers, apps and balance through the client.
+    numbers = {n.phone_number for n in client.incoming_phone_numbers.list()}
+    assert numbers == {"1000", "2000"}
+    assert "twonode" in {a.friendly_name for a in client.applications.list()}
+    bal = client.balance.fetch()
+    assert bal.account_sid == SID and bal.currency == "USD"
+
+    # An API key acts for its account and is metered: its quota of 3, then 429.
+    keyed = Client("SK0123", KEY_SECRET, account_sid=SID)
+    keyed.api.base_url = engine.http_url
+    for _ in range(3):
+        assert keyed.calls(call.sid).fetch().sid == call.sid
+    with pytest.raises(TwilioRestException) as exc:
+        keyed.calls(call.sid).fetch()
+    assert exc.value.status == 429 and exc.value.code == 20429
+    # A key's token under another name is no credential.
+    wrong = Client("SKother", KEY_SECRET, account_sid=SID)
+    wrong.api.base_url = engine.http_url
+    with pytest.raises(TwilioRestException) as exc:
+        wrong.calls(call.sid).fetch()
+    assert exc.value.status == 401
