@@ -43,6 +43,7 @@ from engine.common.net import format_hostport
 from engine.modules.dialing import OutboundDenied, permit
 from engine.modules.instructions.fetch import signed_headers, twilio_signature, with_query
 from engine.sessions.originate import Origination, PortsExhausted
+from engine.sip.uri import party
 from proto import pb
 
 log = logging.getLogger("baton.rest")
@@ -108,21 +109,6 @@ def rfc2822(wall_ns: int | None) -> str | None:
     if not wall_ns:
         return None
     return time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(wall_ns / 1e9))
-
-
-def _party(addr: str) -> str:
-    """The user (number) of a From/To value, else the URI itself."""
-    a = (addr or "").strip()
-    if "<" in a:
-        a = a[a.find("<") + 1:a.find(">") if ">" in a else None]
-    low = a.lower()
-    if low.startswith(("sip:", "sips:")):
-        rest = a.split(":", 1)[1]
-        if "@" in rest:
-            user = rest.split("@", 1)[0]
-            if _NUMBER.fullmatch(user):
-                return user
-    return a
 
 
 class RestCall:
@@ -312,9 +298,9 @@ class RestApi:
             if rc is not None:
                 self._progress(rc, step)
 
-        o = Origination(engine, account, to_uri, _party(to_uri), from_uri, target, app, params,
+        o = Origination(engine, account, to_uri, party(to_uri), from_uri, target, app, params,
                         float(timeout), grant, progress)
-        rc = RestCall(o.session.id, account, _party(to), _party(from_uri), o)
+        rc = RestCall(o.session.id, account, party(to), party(from_uri), o)
         if callback:
             rc.callback = (callback, cb_method, set(events or ["completed"]))
         self._keep(rc)
@@ -404,7 +390,7 @@ class RestApi:
         elif status in CALL_FINAL:
             duration = "0"
         if session is not None:
-            to, frm = session.number or _party(session.to_uri), _party(session.from_uri)
+            to, frm = session.number or party(session.to_uri), party(session.from_uri)
             direction = "inbound" if session.direction == "inbound" else "outbound-api"
             created = rc.created_wall if rc is not None else session.started_wall
         else:
@@ -871,7 +857,7 @@ def add_routes(app, engine) -> RestApi:
                 continue
             if to or frm:
                 c_to, c_from = (rc.to, rc.frm) if rc is not None else \
-                    (session.number or _party(session.to_uri), _party(session.from_uri))
+                    (session.number or party(session.to_uri), party(session.from_uri))
                 if (to and c_to != to) or (frm and c_from != frm):
                     continue
             ok = True

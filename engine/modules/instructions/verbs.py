@@ -32,6 +32,7 @@ from engine.modules.base import answer_caller
 from engine.modules.instructions.conference import Room, RoomFull, Rooms
 from engine.modules.instructions.fetch import Fetcher, FetchError
 from engine.modules.instructions.parser import Document, DocumentError, Verb, parse
+from engine.sip.uri import party
 from engine.modules.instructions.queues import QueueFull, Queues
 
 log = logging.getLogger("baton.instructions")
@@ -103,26 +104,6 @@ def account_settings(engine, account: str) -> tuple[str | None, bool]:
             bool(acc.get("twilio_signature", False)))
 
 
-def _uri_of(addr: str) -> str:
-    """The URI of a From/To header value, without display name, brackets or params."""
-    a = addr.strip()
-    if "<" in a:
-        a = a[a.find("<") + 1:]
-        a = a[:a.find(">")] if ">" in a else a
-    else:
-        a = a.split(";", 1)[0]
-    return a.strip()
-
-
-def _party(addr: str) -> str:
-    """Twilio's From/To: a phone number when the user part is one, else the SIP URI."""
-    uri = _uri_of(addr)
-    user = uri.split(":", 1)[-1].split("@", 1)[0]
-    if user and re.fullmatch(r"\+?[0-9]{2,20}", user):
-        return user
-    return uri.split(";", 1)[0]
-
-
 class Runner:
     """One session's interpreter while the instructions module holds control."""
 
@@ -183,7 +164,7 @@ class Runner:
         if dialog is not None and dialog.invite is not None:
             div = dialog.invite.get("diversion")
             if div:
-                self.session.params.setdefault("ForwardedFrom", _party(valid_text(div)))
+                self.session.params.setdefault("ForwardedFrom", party(valid_text(div)))
         if not leg.answered and dialog is not None:
             dialog.provisional(180)
         if twiml:
@@ -346,8 +327,8 @@ class Runner:
         for k, v in self.params.items():
             if k not in INTERNAL_PARAMS and isinstance(v, (str, int, float, bool)):
                 out[k] = v
-        frm = _party(s.from_uri)
-        to = s.number or _party(s.to_uri)
+        frm = party(s.from_uri)
+        to = s.number or party(s.to_uri)
         leg = s.legs[0] if s.legs else None
         out.update({
             "CallSid": s.id, "AccountSid": s.account, "From": frm, "To": to,
