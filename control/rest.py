@@ -790,25 +790,22 @@ def add_routes(app, engine) -> RestApi:
                 await asyncio.sleep(0)
                 return await handler(request)
         except RestError as exc:
-            return web.json_response(
-                {"code": exc.code, "message": exc.message,
-                 "more_info": MORE_INFO.format(exc.code), "status": exc.status},
-                status=exc.status, headers=exc.headers, dumps=_dumps)
+            return failure(exc.status, exc.code, exc.message, exc.headers)
         except web.HTTPRequestEntityTooLarge:
-            return web.json_response({"code": 20413, "message": f"the request body is more "
-                                      f"than {MAX_BODY} bytes", "more_info": MORE_INFO.format(20413),
-                                      "status": 413}, status=413, dumps=_dumps)
+            return failure(413, 20413, f"the request body is more than {MAX_BODY} bytes")
         except web.HTTPException as exc:
-            return web.json_response({"code": 20000 + exc.status, "message": exc.reason,
-                                      "more_info": MORE_INFO.format(20000 + exc.status),
-                                      "status": exc.status}, status=exc.status, dumps=_dumps)
+            return failure(exc.status, 20000 + exc.status, exc.reason)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("REST %s %s failed", request.method, request.path[:200])
-            return web.json_response({"code": 20500, "message": "internal error",
-                                      "more_info": MORE_INFO.format(20500), "status": 500},
-                                     status=500, dumps=_dumps)
+            return failure(500, 20500, "internal error")
+
+    def failure(status: int, code: int, message: str, headers=None) -> web.Response:
+        """Twilio's error body."""
+        return web.json_response({"code": code, "message": message,
+                                  "more_info": MORE_INFO.format(code), "status": status},
+                                 status=status, headers=headers, dumps=_dumps)
 
     app.middlewares.append(errors)
 

@@ -323,6 +323,30 @@ def test_errors_in_twilios_terms(engine):
     status, _, body = raw(engine, "POST", base + "/Calls.json", data=big,
                           headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 413 and b'"status":413' in body
+    # Malformed requests get Twilio's JSON 4xx; none reaches the engine's internals.
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    odd = [
+        ("GET", base + "/Calls.json?PageSize=abc", None, {}, 400),
+        ("GET", base + "/Calls.json?PageSize=5000", None, {}, 400),
+        ("GET", base + "/Calls.json?StartTime%3E=yesterday", None, {}, 400),
+        ("POST", base + "/Calls.json", b'{"To": "1000"}', {"Content-Type": "application/json"},
+         415),
+        ("POST", base + "/Calls.json", b"To=1000&To=1001&From=1&Twiml=x", form, 400),
+        ("POST", base + "/Calls.json", b"To=1000&From=%ff%fe&Twiml=x", form, 400),
+        ("POST", base + "/Calls.json", b"To=1000&From=1&Url=http://x&Twiml=y", form, 400),
+        ("POST", base + "/Calls.json", b"To=1000&From=1&Twiml=x&Timeout=-1", form, 400),
+        ("POST", base + "/Calls.json", b"To=1000&From=1&Twiml=x&StatusCallbackEvent=bogus",
+         form, 400),
+        ("POST", base + "/Calls/S0000.json", b"Status=completed", form, 404),
+        ("GET", base + "/Recordings/..%2F..%2Fetc.wav", None, {}, 404),
+    ]
+    for method, path, data, headers, want in odd:
+        status, _, body = raw(engine, method, path, data=data, headers=headers)
+        assert status == want and json.loads(body)["status"] == want, (path, data, body)
+    for header in ("Basic !!!", "Basic " + base64.b64encode(b"\xff\xfe").decode(), "Bearer x"):
+        status, _, body = raw(engine, "GET", base + "/Calls.json", auth=None,
+                              headers={"Authorization": header})
+        assert status == 401 and json.loads(body)["code"] == 20003
     assert len(client.calls.list(limit=1)) <= 1
 
 
