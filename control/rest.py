@@ -221,10 +221,10 @@ class RestApi:
         number = to[4:] if low.startswith("tel:") else to
         if not _NUMBER.fullmatch(number):
             raise bad("To", f"{to[:60]!r} is not a phone number or SIP URI", 21211)
-        if number in engine.cfg.numbers or number in engine.cfg.users:
+        if number in engine.cfg.numbers:
             return f"sip:{number}@{format_hostport(engine.cfg.advertise, engine.sip_port)}"
-        raise bad("To", f"{number} is not a number of this engine, a registered user or a "
-                        "SIP URI", 21211)
+        raise bad("To", f"{number} is not a number of this engine (give a SIP URI for "
+                        "anything else)", 21211)
 
     async def create_call(self, account: str, form) -> RestCall:
         engine = self.engine
