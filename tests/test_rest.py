@@ -260,14 +260,16 @@ def test_call_lifecycle_with_the_twilio_client(engine, app_server):
     assert exc.value.status == 404 and exc.value.code == 20404
     assert raw(engine, "GET", f"/2010-04-01/Accounts/{OTHER}/Recordings/{recs[0].sid}.json",
                auth=(OTHER, OTHER_TOKEN))[0] == 404
-    # Cost (the accountant prices it) and the balance answer in the account's terms.
-    cost = client.request("GET", f"{engine.http_url}/2010-04-01/Accounts/{SID}/Calls/"
-                                 f"{call.sid}/Cost.json")
-    assert cost.status_code in (200, 409), cost.text
     # Usage as the accountant metered it: the instructions module's time, per module.
     records = wait_for(lambda: [r for r in client.usage.records.list()
                                 if r.category == "baton.instructions/time"], what="usage")
     assert float(records[0].usage) > 0 and records[0].usage_unit
+    # Its cost, as the accountant priced it (the gRPC Sessions.Cost servicer's answer).
+    cost = client.request("GET", f"{engine.http_url}/2010-04-01/Accounts/{SID}/Calls/"
+                                 f"{call.sid}/Cost.json")
+    assert cost.status_code == 200, cost.text
+    cost = json.loads(cost.text)
+    assert cost["live"] is False and cost["price_unit"] == "USD" and "price" in cost
     # Deleting an ended call forgets it.
     assert client.calls(call.sid).delete() is True
     with pytest.raises(TwilioRestException) as exc:
@@ -292,6 +294,15 @@ def test_list_pages_across_120_calls(engine):
     assert len(list(last)) == 20 and last.next_page_url is None
     assert last._payload["first_page_uri"].startswith(f"/2010-04-01/Accounts/{SID}/Calls.json?")
     assert client.calls.list(from_="+15550199", status="in-progress") == []
+    # StartTime filters, in the engine's own clock (the calls' date_created).
+    import datetime as dt
+
+    created = listed[0].date_created
+    day = created.date()
+    assert len(client.calls.list(from_="+15550199", start_time=day)) == 120
+    later = created + dt.timedelta(days=1)
+    assert client.calls.list(from_="+15550199", start_time_after=later) == []
+    assert len(client.calls.list(from_="+15550199", start_time_before=later)) == 120
 
 
 def test_errors_in_twilios_terms(engine):
