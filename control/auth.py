@@ -50,6 +50,41 @@ class Vendor:
     offer_timeout: float = DEFAULT_OFFER_TIMEOUT
 
 
+@dataclass(frozen=True)
+class Acting:
+    """The caller of a servicer method run by another front (the REST API,
+    control/rest.py) that has authenticated it already: it acts for `account`.
+    Only code in this process can make one; gRPC metadata never is one."""
+
+    account: str
+
+
+class ServicerContext:
+    """What a gRPC servicer method needs of its context, for a call made from
+    inside the engine on behalf of `account`: `abort` raises `Aborted`."""
+
+    def __init__(self, account: str) -> None:
+        self._metadata = Acting(account)
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def peer(self) -> str:
+        return "rest"
+
+    async def abort(self, code: grpc.StatusCode, details: str = ""):
+        raise Aborted(code, details)
+
+
+class Aborted(Exception):
+    """A servicer's `context.abort(code, details)` in a `ServicerContext`."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
 class Authority:
     """Token and secret checks over the engine's config (read once at start)."""
 
@@ -129,6 +164,8 @@ class Authority:
         """The account a call may see: its token's account, or None for a platform
         operator (every account; `x-baton-account: ID` narrows it to ID).
         AuthError(UNAUTHENTICATED) for a missing or unknown token."""
+        if isinstance(metadata, Acting):
+            return metadata.account
         token = _bearer(metadata)
         acting = _metadata_value(metadata, ACCOUNT_HEADER)
         acting = acting.strip() if acting is not None else ""

@@ -84,6 +84,15 @@ class ApiMeter:
         path = os.path.join(cfg.data_dir, "api_keys.db") if keys else None
         return cls(keys, path, cfg.node_id, lambda: engine.stamper)
 
+    @classmethod
+    def shared(cls, engine) -> ApiMeter:
+        """The engine's one meter, made on first use: the gRPC server and the
+        REST API count a key's calls together."""
+        meter = getattr(engine, "api_meter", None)
+        if meter is None or meter.db is None:
+            meter = engine.api_meter = cls.for_engine(engine)
+        return meter
+
     # -- tokens -------------------------------------------------------------------
     def key_for_token(self, token: str) -> ApiKey | None:
         """The API key a bearer token is, or None (an account token, or unknown)."""

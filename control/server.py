@@ -152,7 +152,7 @@ class ControlServer:
     async def start(self) -> None:
         engine = self.engine
         # API keys' calls are counted and stamped before their handler runs.
-        self.metering = ApiMeter.for_engine(engine)
+        self.metering = ApiMeter.shared(engine)
         self.metering.restamp_top_ups()
         server = grpc.aio.server(options=SERVER_OPTIONS,
                                  interceptors=[metering_interceptor(self.metering)])

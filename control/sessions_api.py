@@ -17,12 +17,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from engine.sessions import apps as apps_mod
-from engine.sessions.apps import Node
-from engine.media.ports import PortsExhausted
 from engine.modules.dialing import OutboundDenied, operator_params, permit
-from engine.sip import sdp
-from engine.sip.errors import SdpError
-from engine.sip.uac import OutgoingCall, UacOwner
+from engine.sessions.originate import Origination, PortsExhausted
 from engine.sip.uri import from_address, sip_uri
 
 from proto import pb
@@ -43,8 +39,6 @@ WATCH_KINDS = ("transition", "ended", "offered", "taken", "declined", "control-l
                # the policy's warning before a prepaid limit (docs/billing.md)
                "limit-warning")
 WATCH_QUEUE = 10_000
-BUSY = (486, 600, 603)
-NO_ANSWER = (408, 480, 487)
 
 
 async def _caller_params(context, params: dict) -> dict:
@@ -100,21 +94,6 @@ def _row_spans(row: dict) -> list[cp.ControlSpan]:
             end_wall_ns=h.get("end_wall_ns") or 0, end_reason=h.get("end_reason") or "",
             duration_ns=(end - h["start_mono_ns"]) if end else 0))
     return out
-
-
-class _Dialling(UacOwner):
-    """Waits for an originated call's outcome."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.done: asyncio.Future = loop.create_future()
-
-    def call_answered(self, call, msg) -> None:
-        if not self.done.done():
-            self.done.set_result((200, msg))
-
-    def call_failed(self, call, status, msg) -> None:
-        if not self.done.done():
-            self.done.set_result((status, msg))
 
 
 class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
@@ -289,64 +268,15 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
 
     async def _originate(self, grant, context, account, to, user, target, app, from_uri, params,
                          ring) -> sp.OriginateResponse:
-        from engine.sessions.session import Leg, Session
-
-        engine = self.engine
-        session = Session(engine, account, user, from_uri, f"<{to}>", direction="outbound",
-                          app=app)
-        leg = Leg(session, role="caller")
-        leg.outbound = grant
+        o = Origination(self.engine, account, to, user, from_uri, target, app, params, ring, grant)
         try:
-            leg.ports = engine.ports.allocate()
+            outcome, status = await o.run()
         except PortsExhausted:
-            leg.release()
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no RTP ports left")
-        leg.sdp_version = 1
-        offer = sdp.build(engine.media_address, leg.ports.port, None, leg.sdp_id, 1)
-        owner = _Dialling(engine.loop)
-        call = OutgoingCall(engine.sip, to, from_uri=from_uri, sdp=offer, owner=owner)
-        leg.call = call
-        await call.start()
-        try:
-            status, msg = await asyncio.wait_for(asyncio.shield(owner.done), ring)
-        except asyncio.TimeoutError:
-            call.cancel()
-            try:
-                status, msg = await asyncio.wait_for(asyncio.shield(owner.done), 5)
-            except asyncio.TimeoutError:
-                status, msg = 408, None
-            if status == 200:
-                # The answer crossed our CANCEL: the call was ended with BYE already.
-                status = 487
-        except asyncio.CancelledError:
-            call.hangup()
-            leg.release()
-            raise
-        if status != 200:
-            leg.ended = True
-            leg.release()
-            outcome = "busy" if status in BUSY else "no-answer" if status in NO_ANSWER \
-                else "failed"
+        if outcome != "answered":
             return sp.OriginateResponse(outcome=outcome, sip_status=status)
-        try:
-            neg, _ = sdp.negotiate(sdp.parse(msg.body))
-        except SdpError as exc:
-            log.info("originate to %s: unusable SDP answer: %s", to, exc)
-            call.hangup()
-            leg.release()
-            return sp.OriginateResponse(outcome="failed", sip_status=488)
-        leg.attach_dialog(call.dialog)
-        leg.answered = True
-        leg.apply_media(neg)
-        session.started_mono, session.started_wall = time.monotonic_ns(), clock.wall_ns()
-        engine.sessions[session.id] = session
-        if app is not None:
-            node = apps_mod.resolve(app, app.start, params)
-        else:
-            node = Node(name=f"originate:{target}", module=target, params=params)
-        session.start(node)
         return sp.OriginateResponse(outcome="answered", sip_status=200,
-                                    session=session_info(session))
+                                    session=session_info(o.session))
 
     async def List(self, request, context) -> sp.ListResponse:
         account = await self._account(context)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import signal
 import socket
@@ -72,6 +73,15 @@ async def running_engine(raw: dict | None = None, **engine_kw):
         await eng.stop(timeout=1.0)
 
 
+def _has_http_addr(config: str) -> bool:
+    """Whether a config file sets [engine] http_addr (the demo's and its copies)."""
+    try:
+        with open(config) as f:
+            return re.search(r"^http_addr\s*=", f.read(), re.M) is not None
+    except OSError:
+        return False
+
+
 class EngineProcess:
     """`baton serve` as a child process (the real CLI), stopped with SIGTERM."""
 
@@ -84,6 +94,9 @@ class EngineProcess:
         self.grpc_port = free_port(socket.SOCK_STREAM)
         cmd = [BATON, "serve", "--config", config, "--sip-addr", hp, "--data-dir", self.data_dir,
                "--grpc-addr", f"127.0.0.1:{self.grpc_port}"]
+        if _has_http_addr(config):
+            # The demo's HTTP port is fixed (8080): tests take any free one.
+            cmd += ["--http-addr", f"{host}:0" if ":" not in host else f"[{host}]:0"]
         cmd += extra or []
         if netns:
             cmd = ["ip", "netns", "exec", netns] + cmd

@@ -89,6 +89,18 @@ def test_accountant_lag_quick_measures_every_call(tmp_path):
     assert record["figures"]["accountant_cpu"]["median"] > 0
 
 
+def test_rest_quick_places_and_answers_every_call(tmp_path):
+    r = bench("rest", "--quick", "--results-dir", str(tmp_path), timeout=180)
+    record = result_of(r, tmp_path)
+    run = record["runs"][0]["result"]
+    # Every call created through the REST API was answered before the GETs ran.
+    assert run["calls"] == run["answered"] == 20 and run["requests"] == 200
+    assert record["figures"]["creations"]["median"] > 0
+    p99 = record["figures"]["get_p99"]
+    assert p99["median"] >= record["figures"]["get_p50"]["median"] > 0
+    assert p99["baseline"]["label"] == "aiohttp static JSON" and p99["baseline"]["median"] > 0
+
+
 def test_repeat_reports_median_min_max(tmp_path):
     r = bench("mixer", "--quick", "--repeat", "2", "--results-dir", str(tmp_path), "--json")
     record = result_of(r, tmp_path)

@@ -48,6 +48,9 @@ def test_demo_tour_end_to_end(tmp_path):
     m = re.search(r"media: (\d+) RTP packets sent, (\d+) received", out)
     assert m and int(m[1]) > 50 and int(m[2]) > 50, report
     assert re.search(r"engine stopped \(exit 0\)", out), report
+    # One step through the REST API: the tour's call as the twilio client would read it.
+    assert re.search(r"GET /2010-04-01/Accounts/AC\w+/Calls/S\w+\.json: status completed, "
+                     r".* History\.json: baton\.menu -> acme\.lookup -> baton\.bridge", out), report
 
     # Each session's module history: the tour's whole chain, and the echo leg.
     hist = out.split("module history", 1)[1].split("== the consolidated invoice", 1)[0]

@@ -195,6 +195,7 @@ def test_a_taken_metrics_port_is_named():
         port = taken.getsockname()[1]
         r = subprocess.run([BATON, "serve", "--config", DEMO, "--sip-addr", "127.0.0.1:0",
                             "--grpc-addr", "127.0.0.1:0", "--data-dir", tempfile.mkdtemp(),
+                            "--http-addr", "127.0.0.1:0",
                             "--no-accountant", "--metrics-addr", f"127.0.0.1:{port}"],
                            capture_output=True, text=True, timeout=60)
     assert r.returncode == 1

@@ -23,6 +23,7 @@ def _serve(args) -> int:
 
     overrides = {"sip_addr": args.sip_addr, "grpc_addr": args.grpc_addr,
                  "data_dir": args.data_dir, "metrics_addr": args.metrics_addr,
+                 "http_addr": args.http_addr,
                  "log_format": args.log_format, "node_id": args.node_id,
                  "drain_timeout": args.drain_timeout, "media_address": args.media_addr}
     try:
@@ -85,6 +86,10 @@ def _serve(args) -> int:
               f"  stop:          Ctrl-C (calls in progress get BYE)", file=sys.stderr, flush=True)
         if engine.metrics is not None:
             print(f"  metrics:       {engine.metrics.url}", file=sys.stderr, flush=True)
+        if engine.http is not None and engine.http.rest is not None:
+            print(f"  REST API:      {engine.http.url}/2010-04-01/Accounts/SID/Calls.json   "
+                  f"(twilio Client(sid, auth_token), client.api.base_url = "
+                  f"\"{engine.http.url}\"; docs/rest.md)", file=sys.stderr, flush=True)
         if engine.control is not None:
             from control.server import grpc_target
 
@@ -226,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, metavar="SECONDS",
                    help="on SIGTERM, wait this long for calls to end (new calls and OPTIONS "
                         "get 503) before ending them (overrides engine.drain_timeout)")
+    s.add_argument("--http-addr", metavar="HOST:PORT",
+                   help="serve recordings and the REST API here (overrides engine.http_addr)")
     s.add_argument("--no-accountant", action="store_true",
                    help="do not start the accountant process (run `baton accountant` yourself)")
     s.set_defaults(func=_serve)

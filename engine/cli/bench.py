@@ -151,6 +151,22 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         quick=("--transitions", "20000", "--live", "200", "--stores", "sqlite"),
         minutes="1"),
     Scenario(
+        "rest", "rest_bench.py",
+        "REST API: call creations per second through POST Calls.json (each placed and "
+        "answered by the engine's own number), and GET Calls/{Sid}.json latency p50/p99 "
+        "under N live calls (default 500)",
+        "aiohttp serving a static JSON body of the same size on this machine, same run",
+        (Figure("creations", "creations_per_s", "call creations/s (placed and answered)",
+                "calls/s"),
+         Figure("get_p50", "get_p50_ms", "GET Calls/{Sid}.json p50", "ms", "static_p50_ms",
+                "aiohttp static JSON", higher_is_better=False),
+         Figure("get_p99", "get_p99_ms", "GET Calls/{Sid}.json p99", "ms", "static_p99_ms",
+                "aiohttp static JSON", higher_is_better=False),
+         Figure("late_ticks", "late_media_ticks", "late media ticks meanwhile", "ticks",
+                higher_is_better=False)),
+        quick=("--quick",),
+        minutes="0.5"),
+    Scenario(
         "accountant-lag", "accountant_lag.py",
         "lag from a stamp to its committed ledger row (SQLite) p50/p99 with SIPp calling "
         "`baton serve` at 1,000 calls/s (calls of 1 s); accountant CPU share",

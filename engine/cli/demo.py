@@ -91,7 +91,7 @@ class Tour:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.engine: subprocess.Popen | None = None
         self.data_dir = ""
-        self.sip_port = self.grpc_port = 0
+        self.sip_port = self.grpc_port = self.http_port = 0
         self.session_ids: list[str] = []
         self.vendor_logs: dict[str, str] = {}
 
@@ -134,10 +134,12 @@ class Tour:
             self.data_dir = tempfile.mkdtemp(prefix="baton-demo-")
         self.sip_port = free_port()
         self.grpc_port = free_port()
+        self.http_port = free_port()
         log = os.path.join(self.data_dir, "engine.log")
         cmd = [sys.executable, "-m", "engine.cli", "serve", "--config", self.config,
                "--sip-addr", f"127.0.0.1:{self.sip_port}",
-               "--grpc-addr", f"127.0.0.1:{self.grpc_port}", "--data-dir", self.data_dir]
+               "--grpc-addr", f"127.0.0.1:{self.grpc_port}", "--data-dir", self.data_dir,
+               "--http-addr", f"127.0.0.1:{self.http_port}"]
         self.say(f"starting the engine and its accountant (data {self.data_dir})")
         with open(log, "ab") as out:
             self.engine = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
@@ -265,6 +267,36 @@ class Tour:
         except (OSError, sqlite3.Error):   # not written yet, or busy: look again
             return None
         return None
+
+    def rest_look(self, raw: dict) -> None:
+        """The tour's calls as the REST API answers them (what the `twilio` client reads)."""
+        import base64
+        import json
+        import urllib.error
+        import urllib.request
+
+        acc = raw.get("accounts", {}).get(self.account, {})
+        sid, token = acc.get("sid") or self.account, acc.get("auth_token")
+        if not token or not self.session_ids:
+            return
+        self.heading("the same calls through the REST API (Twilio-compatible, docs/rest.md)")
+        auth = base64.b64encode(f"{sid}:{token}".encode()).decode()
+        for session_id in self.session_ids:
+            path = f"/2010-04-01/Accounts/{sid}/Calls/{session_id}"
+            try:
+                calls = {}
+                for what in (".json", "/History.json"):
+                    req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}{what}",
+                                                 headers={"Authorization": "Basic " + auth})
+                    with urllib.request.urlopen(req, timeout=10) as r:
+                        calls[what] = json.loads(r.read())
+            except (OSError, ValueError, urllib.error.HTTPError) as exc:
+                self.say(f"GET {path}.json: {exc}")
+                continue
+            c, h = calls[".json"], calls["/History.json"]
+            self.say(f"GET {path}.json: status {c['status']}, from {c['from']} to {c['to']}, "
+                     f"duration {c['duration']} s; History.json: "
+                     f"{' -> '.join(span['module'] for span in h['history'])}")
 
     # -- the end -----------------------------------------------------------------------
     def settle(self, timeout: float = 10.0) -> None:
@@ -416,8 +448,9 @@ def main(argv=None) -> int:
         tour.start_engine()
         tour.start_vendors(raw)
         tour.place_calls()
-        tour.heading("stopping")
         tour.settle()
+        tour.rest_look(raw)
+        tour.heading("stopping")
         tour.stop()
         tour.report()
     except DemoError as exc:

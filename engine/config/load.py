@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 
@@ -73,6 +74,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
     metrics_addr: str = ""             # HOST:PORT of the engine's /metrics ("": off)
+    http_addr: str = ""                # HOST:PORT of recordings and the REST API ("": off)
     accountant_metrics_addr: str = ""  # HOST:PORT of the accountant's /metrics ("": off)
     media_address: str = "127.0.0.1"
     rtp_port_min: int = 20000
@@ -119,7 +121,8 @@ SCHEMA = {
         "metrics_addr": (str, "HOST:PORT serving Prometheus /metrics of the engine (port 0: any)"),
         "accountant_metrics_addr": (str, "HOST:PORT serving /metrics of the accountant child"),
         "grpc": (bool, "serve the gRPC control API (default true)"),
-        "http_addr": (str, "HTTP address HOST:PORT serving recordings (RecordingUrl)"),
+        "rest": (bool, "serve the REST API on http_addr (default true)"),
+        "http_addr": (str, "HTTP address HOST:PORT: recordings (RecordingUrl) and the REST API"),
         "grpc_tls_cert": (str, "PEM certificate for the gRPC server (enables TLS)"),
         "grpc_tls_key": (str, "PEM private key for the gRPC server"),
         "grpc_tls_client_ca": (str, "PEM CA bundle: require client certificates (mutual TLS)"),
@@ -190,6 +193,9 @@ TABLES = {
         "api_tokens": ("list of strings", "bearer tokens for the control API (16+ characters each)"),
         "secret": ("string", "signs requests to instruction apps, X-Baton-Signature (16+ characters)"),
         "twilio_signature": ("bool", "also send X-Twilio-Signature to instruction apps"),
+        "sid": ("string", "the AccountSid of the REST API (default: the ID), e.g. AC + 32 hex"),
+        "auth_token": ("string", "REST API password with the sid (HTTP Basic), and the key "
+                                 "signing its status callbacks, X-Twilio-Signature (16+ characters)"),
         "webhook_url": ("string", "this account's notifications go here instead of webhooks.url"),
         "webhook_secret": ("string", "key signing them (required with webhook_url)"),
         "low_balance": ("string", "funds left below which balance.low is sent for this account"),
@@ -379,6 +385,7 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             parse_hostport(eng["http_addr"], 8080)
         except ValueError as exc:
             raise ConfigError(path, "engine.http_addr", str(exc)) from None
+        cfg.http_addr = eng["http_addr"]
     cfg.grpc_addr = eng.get("grpc_addr", cfg.grpc_addr)
     try:
         parse_hostport(cfg.grpc_addr, 50051)
@@ -488,6 +495,12 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
                                                      "(signs requests to instruction apps)")
         if "twilio_signature" in acc and not isinstance(acc["twilio_signature"], bool):
             raise ConfigError(path, f"{key}.twilio_signature", "true or false")
+        if "auth_token" in acc and (not isinstance(acc["auth_token"], str)
+                                    or len(acc["auth_token"]) < 16):
+            raise ConfigError(path, f"{key}.auth_token", "a string of at least 16 characters")
+        if "sid" in acc and (not isinstance(acc["sid"], str)
+                             or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", acc["sid"])):
+            raise ConfigError(path, f"{key}.sid", "letters, digits, _ and - (at most 64)")
         tokens = acc.get("api_tokens", [])
         if not isinstance(tokens, list) or not all(isinstance(t, str) and len(t) >= 16 for t in tokens):
             raise ConfigError(path, f"{key}.api_tokens", "a list of tokens of at least 16 characters")

@@ -1,4 +1,5 @@
-"""The engine's small HTTP server: recordings at their `RecordingUrl`.
+"""The engine's HTTP server: recordings at their `RecordingUrl`, and the
+Twilio-compatible REST API (control/rest.py, docs/rest.md).
 
 `start_http(engine)` serves, on `[engine] http_addr` (HOST:PORT, port 0 for
 any free port):
@@ -8,6 +9,8 @@ any free port):
   128-bit random, so a URL is the capability to fetch it; nothing else under
   the data directory is reachable.
 - `GET /health`: `ok`.
+- `/2010-04-01/Accounts/{AccountSid}/...` and `/openapi.json`: the REST API,
+  unless `[engine] rest = false`.
 
 The returned runner's `url` is the base of every `RecordingUrl`
 (`http_url(engine)` reads it back), and `await runner.stop()` closes it.
@@ -41,11 +44,14 @@ class HttpServer:
         self.port = port
         h = f"[{advertise}]" if ":" in advertise else advertise
         self.url = f"http://{h}:{port}"
+        self.rest = None               # the REST API (control/rest.py), when served
 
     async def stop(self) -> None:
         """Stop serving (requests in progress get a moment to finish)."""
         if _urls.get(self.engine) == self.url:
             del _urls[self.engine]
+        if self.rest is not None:
+            await self.rest.close()
         await self.runner.cleanup()
 
 
@@ -53,7 +59,7 @@ def _addr(engine, addr: str | None) -> tuple[str, int]:
     from engine.common.net import parse_hostport
 
     if addr is None:
-        addr = engine.cfg.raw.get("engine", {}).get("http_addr") or "127.0.0.1:0"
+        addr = engine.cfg.http_addr or "127.0.0.1:0"
     return parse_hostport(addr, 0)
 
 
@@ -82,10 +88,20 @@ async def start_http(engine, addr: str | None = None) -> HttpServer:
     app = web.Application(client_max_size=64 * 1024)
     app.router.add_get("/recordings/{name}", recording)
     app.router.add_get("/health", health)
+    rest = None
+    if engine.cfg.raw.get("engine", {}).get("rest", True):
+        from control.rest import add_routes
+
+        rest = add_routes(app, engine)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as err:
+        await runner.cleanup()
+        err.config_key = f"engine.http_addr {host}:{port}"    # what `baton serve` names
+        raise
     bound = port
     for s in runner.addresses:
         bound = s[1]
@@ -93,6 +109,9 @@ async def start_http(engine, addr: str | None = None) -> HttpServer:
     advertise = host if host not in ("0.0.0.0", "::", "") else engine.cfg.advertise
     server = HttpServer(engine, runner, host, bound, advertise)
     engine.cfg.guard.own_ports.add(bound)   # documents may not fetch from it
+    server.rest = rest
+    if rest is not None:
+        rest.http = server
     _urls[engine] = server.url
     log.info("serving recordings over HTTP at %s", server.url)
     return server

@@ -97,7 +97,7 @@ class Engine:
                                               self.cfg.transports)
         log.info("listening for SIP on %s port %d (%s)", self.cfg.sip_host, self.sip_port,
                  "+".join(t.upper() for t in self.cfg.transports))
-        if self.cfg.raw.get("engine", {}).get("http_addr"):
+        if self.cfg.http_addr:
             from engine.runtime.http import start_http
 
             self.http = await start_http(self)

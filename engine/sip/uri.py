@@ -120,3 +120,13 @@ def strip_brackets(addr: str) -> str:
         gt = addr.find(">", lt)
         return addr[lt + 1:gt if gt > 0 else None].strip()
     return addr.split(";", 1)[0].strip()
+
+
+def party(addr: str) -> str:
+    """Twilio's From/To of an address: a phone number when the user part is one,
+    else the SIP URI (without display name, brackets or parameters)."""
+    uri = strip_brackets(addr)
+    user = uri.split(":", 1)[-1].split("@", 1)[0]
+    if user and re.fullmatch(r"\+?[0-9]{2,20}", user):
+        return user
+    return uri.split(";", 1)[0]

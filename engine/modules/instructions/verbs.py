@@ -32,6 +32,7 @@ from engine.modules.base import answer_caller, operator_param
 from engine.modules.instructions.conference import Room, RoomFull, Rooms
 from engine.modules.instructions.fetch import Fetcher, FetchError
 from engine.modules.instructions.parser import Document, DocumentError, Verb, parse
+from engine.sip.uri import party
 from engine.modules.instructions.queues import QueueFull, Queues
 from engine.media.files import NO_SUCH_FILE, account_roots, confine, find_recording, recording_path
 
@@ -41,7 +42,7 @@ SAVED_KEY = "baton.instructions"
 API_VERSION = "2010-04-01"
 APOLOGY = "We are sorry, an application error has occurred. Goodbye."
 # Module params that configure the module rather than describe the call.
-INTERNAL_PARAMS = {"url", "method", "fallback_url", "fallback_method", "timeout",
+INTERNAL_PARAMS = {"url", "twiml", "method", "fallback_url", "fallback_method", "timeout",
                    "connect_timeout", "trunk", "voice", "sounds_dir"}
 MAX_IDLE_DOCUMENTS = 25     # documents in a row with nothing heard: a Redirect loop
 _RECORDING_RE = re.compile(r"RE[0-9a-f]{32}")
@@ -112,26 +113,6 @@ def message_status(m) -> dict:
             "ErrorCode": m.sip_code if m.status in ("failed", "undelivered") else ""}
 
 
-def _uri_of(addr: str) -> str:
-    """The URI of a From/To header value, without display name, brackets or params."""
-    a = addr.strip()
-    if "<" in a:
-        a = a[a.find("<") + 1:]
-        a = a[:a.find(">")] if ">" in a else a
-    else:
-        a = a.split(";", 1)[0]
-    return a.strip()
-
-
-def _party(addr: str) -> str:
-    """Twilio's From/To: a phone number when the user part is one, else the SIP URI."""
-    uri = _uri_of(addr)
-    user = uri.split(":", 1)[-1].split("@", 1)[0]
-    if user and re.fullmatch(r"\+?[0-9]{2,20}", user):
-        return user
-    return uri.split(";", 1)[0]
-
-
 class Runner:
     """One session's interpreter while the instructions module holds control."""
 
@@ -183,7 +164,8 @@ class Runner:
         url = p.get("url") or self.module.params.get("url")
         self.params = {k: v for k, v in {**self.module.params, **p}.items()
                        if not k.startswith("_")}
-        if not url:
+        twiml = p.get("twiml")
+        if not url and not twiml:
             self.error({"code": 11100, "reason": "no url to fetch instructions from"})
             return None
         leg = self.ctl.caller
@@ -191,9 +173,16 @@ class Runner:
         if dialog is not None and dialog.invite is not None:
             div = dialog.invite.get("diversion")
             if div:
-                self.session.params.setdefault("ForwardedFrom", _party(valid_text(div)))
+                self.session.params.setdefault("ForwardedFrom", party(valid_text(div)))
         if not leg.answered and dialog is not None:
             dialog.provisional(180)
+        if twiml:
+            # A document given inline (REST `Twiml=`): run it as if fetched.
+            try:
+                self.doc, self.pos = parse(str(twiml).encode(), "inline:Twiml"), 0
+            except DocumentError as exc:
+                self._report(exc, "inline:Twiml")
+            return None
         return Fetch(str(url), str(self.params.get("method", "POST")).upper(), {})
 
     async def _run(self, nxt) -> None:
@@ -347,8 +336,8 @@ class Runner:
         for k, v in self.params.items():
             if k not in INTERNAL_PARAMS and isinstance(v, (str, int, float, bool)):
                 out[k] = v
-        frm = _party(s.from_uri)
-        to = s.number or _party(s.to_uri)
+        frm = party(s.from_uri)
+        to = s.number or party(s.to_uri)
         leg = s.legs[0] if s.legs else None
         out.update({
             "CallSid": s.id, "AccountSid": s.account, "From": frm, "To": to,
