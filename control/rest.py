@@ -39,6 +39,7 @@ from control.billing import BillingService
 from control.metering import ApiMeter
 from control.sessions_api import SessionsService
 from engine.common import clock
+from engine.media.files import find_recording
 from engine.common.net import format_hostport
 from engine.modules.dialing import OutboundDenied, permit
 from engine.modules.instructions.fetch import signed_headers, twilio_signature, with_query
@@ -561,8 +562,9 @@ class RestApi:
 
     def recording(self, account: str, sid: str) -> tuple[dict, str]:
         r = self.recordings.get(sid)
-        path = os.path.join(self.engine.cfg.data_dir, "recordings", sid + ".wav")
-        if r is None or r["account"] != account or not os.path.isfile(path):
+        path = (find_recording(self.engine.cfg.data_dir, sid, account)
+                if r is not None and r["account"] == account else None)
+        if path is None:
             raise RestError(404, 20404, f"The requested resource Recording {sid} was not found")
         return r, path
 
@@ -901,8 +903,7 @@ def add_routes(app, engine) -> RestApi:
     def recordings_of(acc: str, call: str | None) -> list[dict]:
         rows = [api.recording_json(acc, r) for r in reversed(api.recordings.values())
                 if r["account"] == acc and (call is None or r["call_sid"] == call)
-                and os.path.isfile(os.path.join(engine.cfg.data_dir, "recordings",
-                                                r["sid"] + ".wav"))]
+                and find_recording(engine.cfg.data_dir, r["sid"], acc) is not None]
         return rows
 
     async def recordings_list(request):

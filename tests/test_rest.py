@@ -115,6 +115,9 @@ def engine(tmp_path_factory, app_server):
 [media]
 address = "127.0.0.1"
 
+[security]
+fetch_allow = ["127.0.0.1/32"]      # the test's TwiML app runs on this machine
+
 [accounts.acme]
 sid = "{SID}"
 auth_token = "{TOKEN}"
