@@ -24,7 +24,8 @@ def _serve(args) -> int:
     overrides = {"sip_addr": args.sip_addr, "grpc_addr": args.grpc_addr,
                  "data_dir": args.data_dir, "metrics_addr": args.metrics_addr,
                  "log_format": args.log_format, "node_id": args.node_id,
-                 "drain_timeout": args.drain_timeout, "media_address": args.media_addr}
+                 "drain_timeout": args.drain_timeout, "media_address": args.media_addr,
+                 "cluster_redis": args.redis, "cluster_prefix": args.cluster_prefix}
     try:
         cfg = load(args.config, overrides)
     except ConfigError as exc:
@@ -226,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, metavar="SECONDS",
                    help="on SIGTERM, wait this long for calls to end (new calls and OPTIONS "
                         "get 503) before ending them (overrides engine.drain_timeout)")
+    s.add_argument("--redis", metavar="URL",
+                   help="the cluster's session directory (overrides cluster.redis)")
+    s.add_argument("--cluster-prefix", metavar="PREFIX",
+                   help="prefix of the cluster's Redis keys (overrides cluster.prefix)")
     s.add_argument("--no-accountant", action="store_true",
                    help="do not start the accountant process (run `baton accountant` yourself)")
     s.set_defaults(func=_serve)
