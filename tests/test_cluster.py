@@ -53,7 +53,8 @@ def cluster(tmp_path):
     out = open(tmp_path / "cluster-up.txt", "wb")
     proc = subprocess.Popen([BATON, "cluster", "up", "--nodes", "2", "--port", str(front),
                              "--node-port", str(sip), "--grpc-port", str(grpc), "--dir", str(base),
-                             "--store", f"{PG_URL}?schema={schema}", "--ping-interval", "1"],
+                             "--store", f"{PG_URL}?schema={schema}", "--ping-interval", "1",
+                             "--prefix", f"baton-test:{schema}:"],
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 60

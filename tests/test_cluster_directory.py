@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
 import time
 import uuid
 
@@ -15,7 +16,7 @@ import grpc
 import pytest
 
 from proto import pb
-from tests.helpers import DEMO, BlockingPeer, EngineProcess, free_port
+from tests.helpers import BATON, DEMO, BlockingPeer, EngineProcess, free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TOKEN = "demo-api-token-change-me-0123456789"
@@ -123,6 +124,10 @@ def test_a_transition_and_a_cost_query_sent_to_the_wrong_node_work(two_nodes, pr
         entry = _wait(lambda: r.get(f"{prefix}session:{sid}"), "the directory entry")
         assert json.loads(entry) == {"node": "n1", "grpc": g1}
         assert 0 < r.pttl(f"{prefix}session:{sid}") <= 30_000
+        listed = subprocess.run([BATON, "sessions", "list", "--cluster", REDIS_URL, "--prefix",
+                                 prefix, "--format", "json"], capture_output=True, text=True,
+                                check=True)
+        assert json.loads(listed.stdout) == [{"id": sid, "node": "n1", "grpc": g1}]
 
         with grpc.insecure_channel(g2) as ch:
             stub = pb.sessions_pb2_grpc.SessionsStub(ch)

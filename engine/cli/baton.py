@@ -122,6 +122,10 @@ def _sessions(args) -> int:
 
     from engine.sessions import journal as store
 
+    if getattr(args, "cluster", None):
+        from engine.cli.cluster import list_cluster_sessions
+
+        return list_cluster_sessions(args.cluster, args.prefix, args.limit, args.format)
     try:
         if args.sessions_command == "list":
             live = True if args.live else False if args.finished else None
@@ -254,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--finished", action="store_true", help="only ended calls")
     sl.add_argument("--account", help="only this account")
     sl.add_argument("--limit", type=int, default=50)
+    sl.add_argument("--cluster", metavar="REDIS_URL",
+                    help="the live calls of every node of a cluster, from its session "
+                         "directory (e.g. redis://127.0.0.1:6379/0; docs/cluster.md)")
+    sl.add_argument("--prefix", default="baton:", help="with --cluster: the cluster's key "
+                                                       "prefix (cluster.prefix)")
     sh = ssub.add_parser("history", help="one session's modules, levels and reasons")
     sh.add_argument("session_id", metavar="SESSION_ID")
     for p_ in (sl, sh):

@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TEMPLATE = os.path.join(ROOT, "deploy", "kamailio", "kamailio.cfg")
 MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules"
 DEFAULT_STORE = "postgresql://postgres@127.0.0.1:5432/postgres?schema=baton_cluster"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 ALGORITHMS = {"round-robin": 4, "call-load": 10}
 
 
@@ -119,6 +120,8 @@ def up(args) -> int:
                    "--sip-addr", f"{n['address']}:{n['sip_port']}", "--media-addr", n["address"],
                    "--grpc-addr", n["grpc"], "--data-dir", n["data_dir"], "--store", args.store,
                    "--drain-timeout", str(args.drain_timeout)]
+            if args.redis:
+                cmd += ["--redis", args.redis, "--cluster-prefix", args.prefix]
             with open(n["log"], "ab") as log:
                 p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
@@ -149,7 +152,7 @@ def up(args) -> int:
             time.sleep(0.2)
         info = {"front": f"{args.front}:{args.port}", "kamailio_pid": front.pid,
                 "kamailio_cfg": cfg_path, "kamailio_log": klog, "store": args.store,
-                "nodes": nodes}
+                "redis": args.redis, "prefix": args.prefix, "nodes": nodes}
         with open(os.path.join(base, "cluster.json"), "w") as f:
             json.dump(info, f, indent=2)
         print(f"baton cluster: {len(nodes)} nodes behind Kamailio on sip:{args.front}:{args.port}"
@@ -157,6 +160,10 @@ def up(args) -> int:
         for n in nodes:
             print(f"  {n['id']}: sip:{n['address']}:{n['sip_port']}  grpc {n['grpc']}  "
                   f"data {n['data_dir']}  log {n['log']}  pid {n['pid']}", flush=True)
+        if args.redis:
+            print(f"  session directory: {args.redis} (prefix {args.prefix!r}); every node's "
+                  f"calls: baton sessions list --cluster {args.redis} --prefix '{args.prefix}'",
+                  flush=True)
         print(f"  ledger: {args.store}\n"
               f"  call it: sipp -sn uac {args.front}:{args.port} -s 1000 -m 10 -d 2000 "
               f"-i 127.0.0.1\n"
@@ -201,6 +208,41 @@ def drain(args) -> int:
     return 0
 
 
+def list_cluster_sessions(url: str, prefix: str, limit: int, fmt: str) -> int:
+    """`baton sessions list --cluster URL`: every live session of the cluster and its node."""
+    import asyncio
+
+    from engine.sessions.directory import DirectoryUnavailable, SessionDirectory
+
+    async def read() -> dict:
+        d = SessionDirectory(url, prefix, "", "", list)
+        try:
+            return await d.entries()
+        finally:
+            await d.redis.aclose()
+
+    try:
+        entries = asyncio.run(read())
+    except DirectoryUnavailable as exc:
+        print(f"baton sessions: the session directory at {url} cannot be read: {exc}",
+              file=sys.stderr)
+        return 1
+    rows = sorted(({"id": sid, "node": o.node, "grpc": o.grpc} for sid, o in entries.items()),
+                  key=lambda r: (r["node"], r["id"]))[:limit]
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    per_node: dict[str, int] = {}
+    for o in entries.values():
+        per_node[o.node] = per_node.get(o.node, 0) + 1
+    print(f"{len(entries)} live sessions: " + ", ".join(f"{n} {c}" for n, c in
+                                                        sorted(per_node.items())))
+    print(f"{'SESSION':<20} {'NODE':<10} GRPC")
+    for r in rows:
+        print(f"{r['id']:<20} {r['node']:<10} {r['grpc']}")
+    return 0
+
+
 def _is_baton(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -226,6 +268,10 @@ def add_parsers(sub) -> None:
     u.add_argument("--store", default=os.environ.get("BATON_CLUSTER_STORE", DEFAULT_STORE),
                    help="the one ledger every node's accountant posts into "
                         f"(default {DEFAULT_STORE})")
+    u.add_argument("--redis", default=os.environ.get("BATON_CLUSTER_REDIS", DEFAULT_REDIS),
+                   help="the session directory every node writes into "
+                        f"(default {DEFAULT_REDIS}; '' for none)")
+    u.add_argument("--prefix", default="baton:", help="the cluster's Redis key prefix")
     u.add_argument("--dir", default=".baton-cluster", help="where the nodes' data directories, "
                                                           "logs and the Kamailio config go")
     u.add_argument("--ping-interval", type=int, default=2, help="seconds between OPTIONS probes")
