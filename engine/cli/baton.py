@@ -25,7 +25,8 @@ def _serve(args) -> int:
                  "data_dir": args.data_dir, "metrics_addr": args.metrics_addr,
                  "log_format": args.log_format, "node_id": args.node_id,
                  "drain_timeout": args.drain_timeout, "media_address": args.media_addr,
-                 "cluster_redis": args.redis, "cluster_prefix": args.cluster_prefix}
+                 "cluster_redis": args.redis, "cluster_prefix": args.cluster_prefix,
+                 "cluster_reservations": args.reservations}
     try:
         cfg = load(args.config, overrides)
     except ConfigError as exc:
@@ -235,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cluster's session directory (overrides cluster.redis)")
     s.add_argument("--cluster-prefix", metavar="PREFIX",
                    help="prefix of the cluster's Redis keys (overrides cluster.prefix)")
+    s.add_argument("--reservations", metavar="URL",
+                   help="reserve prepaid grants from this PostgreSQL (the cluster's ledger; "
+                        "overrides cluster.reservations)")
     s.add_argument("--no-accountant", action="store_true",
                    help="do not start the accountant process (run `baton accountant` yourself)")
     s.set_defaults(func=_serve)

@@ -66,6 +66,18 @@ class Cluster:
     directory_ttl: float = 30.0
     forward: bool = True
     grpc_advertise: str = ""
+    reservations: str = ""          # "": each node counts prepaid funds alone
+    slice: str = "1.00"
+    reservation_ttl: float = 60.0
+
+    def slice_micro(self) -> int:
+        """The slice in micro-units (0 if it is not an amount)."""
+        import decimal
+
+        try:
+            return int(decimal.Decimal(str(self.slice)) * 1_000_000)
+        except (decimal.InvalidOperation, ValueError):
+            return 0
 
 
 @dataclass
@@ -181,6 +193,13 @@ SCHEMA = {
                           "(default true; false: FAILED_PRECONDITION naming the owner)"),
         "grpc_advertise": (str, "HOST:PORT other nodes reach this node's gRPC API at "
                                 "(default: engine.grpc_addr as bound)"),
+        "reservations": (str, "postgresql:// URL (the cluster's ledger) prepaid grants are "
+                              "reserved from, so the nodes share each prepaid balance "
+                              "(default: none)"),
+        "slice": (str, "reservations are whole slices of this amount, e.g. \"0.50\" "
+                       "(default \"1.00\"): the overspend bound, docs/cluster.md"),
+        "reservation_ttl": ((int, float), "seconds a dead node's reservations outlive it "
+                                          "(default 60)"),
     },
 }
 
@@ -340,9 +359,15 @@ def _load_cluster(sect: dict, path: str) -> Cluster:
     if c.redis and not c.redis.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(path, "cluster.redis", f"not a Redis URL: {c.redis!r} "
                                                  "(redis://HOST:PORT/DB)")
-    c.directory_ttl = float(c.directory_ttl)
-    if c.directory_ttl <= 0:
-        raise ConfigError(path, "cluster.directory_ttl", "must be a positive number of seconds")
+    for key in ("directory_ttl", "reservation_ttl"):
+        setattr(c, key, float(getattr(c, key)))
+        if getattr(c, key) <= 0:
+            raise ConfigError(path, f"cluster.{key}", "must be a positive number of seconds")
+    if c.reservations and not c.reservations.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(path, "cluster.reservations", "a postgresql:// URL")
+    if c.slice_micro() <= 0:
+        raise ConfigError(path, "cluster.slice", f"a positive amount such as \"1.00\", "
+                                                 f"not {c.slice!r}")
     if c.grpc_advertise:
         try:
             parse_hostport(c.grpc_advertise, 50051)
@@ -451,7 +476,7 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
         raise ConfigError(path, "media.rtp_port_max", "the range holds no RTP/RTCP pair")
 
     cfg.cluster = _load_cluster(raw.get("cluster", {}), path)
-    for key in ("redis", "prefix"):
+    for key in ("redis", "prefix", "reservations"):
         if (overrides or {}).get(f"cluster_{key}"):
             setattr(cfg.cluster, key, overrides[f"cluster_{key}"])
     try:

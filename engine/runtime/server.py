@@ -113,6 +113,8 @@ class Engine:
                 self.control = await start_control(self)
         if self.cfg.cluster.redis:
             self._start_directory()
+        if self.cfg.cluster.reservations:
+            self._start_reservations()
         # Documents' fetches never reach the engine's own listeners (docs/security.md).
         own = self.cfg.guard.own_ports
         own.update(p for p in (self.sip_port, self.grpc_port,
@@ -133,6 +135,21 @@ class Engine:
         self.directory.start()
         log.info("session directory: %s (prefix %r), this node's gRPC %s", c.redis, c.prefix,
                  grpc or "off")
+
+    def _start_reservations(self) -> None:
+        from engine.sessions.reservations import Reservations
+
+        c = self.cfg.cluster
+        res = self.policy.cluster = Reservations(c.reservations, self.cfg.node_id,
+                                                 c.slice_micro(), ttl=c.reservation_ttl)
+
+        async def refresh() -> None:
+            while True:
+                await asyncio.sleep(c.reservation_ttl / 3)
+                await self.loop.run_in_executor(None, res.refresh, list(self.sessions))
+
+        self._reservations_task = asyncio.ensure_future(refresh())
+        log.info("prepaid funds reserved from the cluster's PostgreSQL in slices of %s", c.slice)
 
     def session_added(self, session: Session) -> None:
         """A session is live on this node: the engine's table and the cluster's directory."""
@@ -180,6 +197,9 @@ class Engine:
         if self.directory is not None:
             await self.directory.close()
             self.directory = None
+        if self.policy.cluster is not None:
+            self._reservations_task.cancel()
+            self.policy.cluster.close()
         await self.webhooks.stop()
 
     # -- the SIP core's application -------------------------------------------
@@ -257,6 +277,11 @@ class Engine:
         self.setup_done(session.id)
         if self.sessions.pop(session.id, None) is not None and self.directory is not None:
             self.directory.remove(session.id)
+        res = self.policy.cluster
+        if res is not None and session.id in res.held:
+            writer = getattr(self.stamper, "writer", None)
+            end_seq = writer.next_seq - 1 if writer is not None else None
+            self.loop.run_in_executor(None, res.ended, session.id, end_seq)
         self.finished.append(session)
         if len(self.finished) > 1000:
             del self.finished[:500]
