@@ -71,8 +71,7 @@ def two_nodes(prefix):
     n1, g1 = _node("127.0.0.11", "n1", prefix)
     n2, g2 = _node("127.0.0.12", "n2", prefix)
     try:
-        n1.wait_ready(30)
-        n2.wait_ready(30)
+        _ready((n1, g1), (n2, g2))
         yield (n1, g1), (n2, g2)
     finally:
         for n in (n1, n2):
@@ -80,6 +79,14 @@ def two_nodes(prefix):
                 n.stop(20)
             finally:
                 n.__exit__()
+
+
+def _ready(*nodes: tuple[EngineProcess, str]) -> None:
+    """SIP answers first; the gRPC API (and the directory) start just after."""
+    for engine, grpc_addr in nodes:
+        engine.wait_ready(30)
+        with grpc.insecure_channel(grpc_addr) as ch:
+            grpc.channel_ready_future(ch).result(timeout=30)
 
 
 def _caller(engine: EngineProcess) -> BlockingPeer:
@@ -174,8 +181,7 @@ def test_without_forwarding_the_answer_names_the_owner(prefix, tmp_path):
     n2, g2 = _node("127.0.0.12", "n2", prefix, str(cfg))
     peer = None
     try:
-        n1.wait_ready(30)
-        n2.wait_ready(30)
+        _ready((n1, g1), (n2, g2))
         peer = _caller(n1)
         call = peer.answered_call("1000")
         r = _redis()
@@ -206,7 +212,7 @@ def test_a_lost_redis_loses_no_call_and_no_stamp(prefix):
     n1, g1 = _node("127.0.0.11", "n1", prefix, redis_url=dead)
     peer = None
     try:
-        n1.wait_ready(30)
+        _ready((n1, g1))
         peer = _caller(n1)
         for _ in range(3):
             peer.hang_up(peer.answered_call("1000"))

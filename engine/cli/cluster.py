@@ -80,6 +80,23 @@ def _stop(procs: list[subprocess.Popen], sig: int, timeout: float) -> None:
             p.wait()
 
 
+def _write_info(base: str, info: dict) -> None:
+    """DIR/cluster.json, replaced whole: a reader never sees half of it."""
+    tmp = os.path.join(base, "cluster.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, os.path.join(base, "cluster.json"))
+
+
+def _start_node(n: dict) -> subprocess.Popen:
+    with open(n["log"], "ab") as log:
+        p = subprocess.Popen(n["cmd"], stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL)
+    n["pid"] = p.pid
+    n["starts"] = n.get("starts", 0) + 1
+    return p
+
+
 def up(args) -> int:
     kamailio = shutil.which("kamailio") or "/usr/sbin/kamailio"
     if not os.path.exists(kamailio):
@@ -122,11 +139,10 @@ def up(args) -> int:
                    "--drain-timeout", str(args.drain_timeout)]
             if args.redis:
                 cmd += ["--redis", args.redis, "--cluster-prefix", args.prefix]
-            with open(n["log"], "ab") as log:
-                p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-            n["pid"] = p.pid
-            procs.append(p)
+            if args.store.startswith(("postgresql://", "postgres://")):
+                cmd += ["--reservations", args.store]   # prepaid funds shared by the nodes
+            n["cmd"] = cmd
+            procs.append(_start_node(n))
         klog = os.path.join(base, "kamailio.log")
         with open(klog, "ab") as log:
             front = subprocess.Popen([kamailio, "-DD", "-E", "-f", cfg_path, "-L", MODULES,
@@ -153,8 +169,7 @@ def up(args) -> int:
         info = {"front": f"{args.front}:{args.port}", "kamailio_pid": front.pid,
                 "kamailio_cfg": cfg_path, "kamailio_log": klog, "store": args.store,
                 "redis": args.redis, "prefix": args.prefix, "nodes": nodes}
-        with open(os.path.join(base, "cluster.json"), "w") as f:
-            json.dump(info, f, indent=2)
+        _write_info(base, info)
         print(f"baton cluster: {len(nodes)} nodes behind Kamailio on sip:{args.front}:{args.port}"
               f" (config {cfg_path}, log {klog})", flush=True)
         for n in nodes:
@@ -170,10 +185,17 @@ def up(args) -> int:
               f"  drain a node: baton node drain --data-dir {nodes[0]['data_dir']}\n"
               f"  stop: Ctrl-C", flush=True)
         while not stopping:
-            for n, p in zip(nodes, procs):
-                if p.poll() is not None and not n.get("exited"):
-                    n["exited"] = p.returncode
-                    print(f"baton cluster: {n['id']} exited ({p.returncode})", flush=True)
+            for i, (n, p) in enumerate(zip(nodes, procs)):
+                if p.poll() is not None and not stopping and "exited" not in n:
+                    # Drained (`baton node drain`) or killed: the node comes back, which
+                    # makes a rolling restart one `baton node drain` per node.
+                    print(f"baton cluster: {n['id']} exited ({p.returncode})"
+                          f"{'; starting it again' if args.restart else ''}", flush=True)
+                    if not args.restart:
+                        n["exited"] = p.returncode
+                        continue
+                    procs[i] = _start_node(n)
+                    _write_info(base, info)
             if front.poll() is not None:
                 print(f"baton cluster: kamailio exited ({front.returncode})", file=sys.stderr)
                 return 1
@@ -279,6 +301,9 @@ def add_parsers(sub) -> None:
     u.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds a node given SIGTERM waits for its calls (default 30)")
     u.add_argument("--start-timeout", type=float, default=60.0)
+    u.add_argument("--no-restart", dest="restart", action="store_false",
+                   help="leave a node that exits (drained or killed) stopped; by default it "
+                        "is started again")
     u.set_defaults(func=up)
     n = sub.add_parser("node", help="this node in a cluster: drain")
     nsub = n.add_subparsers(dest="node_command", metavar="WHAT", required=True)

@@ -92,6 +92,8 @@ class Engine:
         self.media = MediaEngine(self.loop, self.cfg.rtp_timeout, self.cfg.rtp_hold_timeout)
         self.media.start()
         await self.webhooks.start()
+        if self.cfg.cluster.reservations:
+            self._start_reservations()   # before the first call can ask the policy
         self.sip_port = await self.sip.listen(self.cfg.sip_host, self.cfg.sip_port,
                                               self.cfg.transports)
         log.info("listening for SIP on %s port %d (%s)", self.cfg.sip_host, self.sip_port,
@@ -113,8 +115,6 @@ class Engine:
                 self.control = await start_control(self)
         if self.cfg.cluster.redis:
             self._start_directory()
-        if self.cfg.cluster.reservations:
-            self._start_reservations()
         # Documents' fetches never reach the engine's own listeners (docs/security.md).
         own = self.cfg.guard.own_ports
         own.update(p for p in (self.sip_port, self.grpc_port,
@@ -132,6 +132,8 @@ class Engine:
             grpc = grpc_target(self)     # bound to a wildcard: set cluster.grpc_advertise
         self.directory = SessionDirectory(c.redis, c.prefix, self.cfg.node_id, grpc,
                                           self.sessions.keys, ttl=c.directory_ttl)
+        for sid in self.sessions:        # calls that came in while the API was starting
+            self.directory.add(sid)
         self.directory.start()
         log.info("session directory: %s (prefix %r), this node's gRPC %s", c.redis, c.prefix,
                  grpc or "off")

@@ -437,7 +437,8 @@ class Snapshot:
                 return 0
             return segment_cost(plan, billed if billed is not None else HORIZON)
 
-        if self.cluster.reserve(session.account, session.id, total, grant) is None:
+        got = self.cluster.reserve(session.account, session.id, total, grant)
+        if got is None:
             if out[0] is None:          # free time: nothing to reserve
                 return None, plan
             return 0, plan
