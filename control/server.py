@@ -203,6 +203,7 @@ class ControlServer:
         with contextlib.suppress(Exception):
             await self.health.enter_graceful_shutdown()
         self.sessions.close()
+        await self.sessions.forwarder.close()
         if getattr(self, "verify", None) is not None:
             self.verify.close()
         if self.server is not None:

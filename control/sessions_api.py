@@ -23,6 +23,7 @@ from engine.sip.uri import from_address, sip_uri
 
 from proto import pb
 from control.auth import AuthError, Authority, _bearer, in_scope
+from control.forward import Forwarder
 from control.metering import token_digest
 from engine.common import clock
 
@@ -105,6 +106,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         self.hub = hub
         self.watchers: set[asyncio.Queue] = set()
         self.watch_counts: dict[str, int] = {}   # token digest -> open Watch streams
+        self.forwarder = Forwarder(engine)       # sessions other nodes own (docs/cluster.md)
 
     # -- helpers ----------------------------------------------------------------------
     async def _account(self, context) -> str | None:
@@ -152,6 +154,14 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
                 await asyncio.sleep(0.05)
         return None
 
+    async def _elsewhere(self, context, method: str, request):
+        """Another node's answer about a session this node does not hold (the cluster's
+        session directory), or NOT_FOUND."""
+        reply = await self.forwarder.elsewhere(context, method, request, request.session_id)
+        if reply is None:
+            await self._not_found(context, request.session_id)
+        return reply
+
     @staticmethod
     async def _not_found(context, sid: str):
         await context.abort(grpc.StatusCode.NOT_FOUND, f"session_id: no session {sid!r} "
@@ -165,7 +175,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
             return session_info(s)
         row = await self._journal(context, request.session_id)
         if row is None or not in_scope(account, row["account"]):
-            await self._not_found(context, request.session_id)
+            return await self._elsewhere(context, "Get", request)
         return _row_info(row)
 
     async def History(self, request, context) -> sp.HistoryResponse:
@@ -177,7 +187,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
                                       spans=[span_message(h) for h in s.history])
         row = await self._journal(context, request.session_id)
         if row is None or not in_scope(account, row["account"]):
-            await self._not_found(context, request.session_id)
+            return await self._elsewhere(context, "History", request)
         return sp.HistoryResponse(session_id=row["id"], live=row["live"],
                                   end_reason=row.get("end_reason") or "", spans=_row_spans(row))
 
@@ -189,7 +199,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
                                 "target: a module code, node, URI or 'hangup' is required")
         s = await self._find(context, account, request.session_id, live_only=True)
         if s is None:
-            await self._not_found(context, request.session_id)
+            return await self._elsewhere(context, "Transition", request)
         params = await _caller_params(context, pb.from_struct(request.params))
         if apps_mod.resolve(s.app, target, params) is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -204,7 +214,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         if s is None:
             row = await self._journal(context, request.session_id)
             if row is None or not in_scope(account, row["account"]):
-                await self._not_found(context, request.session_id)
+                return await self._elsewhere(context, "Cost", request)
         from control.billing import session_cost
 
         # The accountant prices sessions (control/billing.py); money stays integral.

@@ -53,7 +53,8 @@ def cluster(tmp_path):
     out = open(tmp_path / "cluster-up.txt", "wb")
     proc = subprocess.Popen([BATON, "cluster", "up", "--nodes", "2", "--port", str(front),
                              "--node-port", str(sip), "--grpc-port", str(grpc), "--dir", str(base),
-                             "--store", f"{PG_URL}?schema={schema}", "--ping-interval", "1"],
+                             "--store", f"{PG_URL}?schema={schema}", "--ping-interval", "1",
+                             "--prefix", f"baton-test:{schema}:"],
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -152,3 +153,32 @@ def test_a_killed_node_fails_a_bounded_share_and_new_calls_go_on(cluster, tmp_pa
     sipp = _sipp(tmp_path, "after", cluster["port"], "-m", "6", "-r", "6", "-d", "200")
     _finish(sipp)
     assert _counts(tmp_path, "after") == (6, 0)
+
+
+def _restarted(node: dict, base, old_pid: int, timeout: float = 60) -> dict:
+    """The node's entry in cluster.json once `baton cluster up` started it again and it
+    answers OPTIONS."""
+    from engine.cli.cluster import _options_ok
+
+    deadline = time.monotonic() + timeout
+    while True:
+        info = json.loads((base / "cluster.json").read_text())
+        now = next(n for n in info["nodes"] if n["id"] == node["id"])
+        if now["pid"] != old_pid and _options_ok(now["address"], now["sip_port"]):
+            return now
+        assert time.monotonic() < deadline, f"{node['id']} did not come back"
+        time.sleep(0.2)
+
+
+def test_a_rolling_restart_fails_no_call(cluster, tmp_path):
+    base = tmp_path / "cluster"
+    sipp = _sipp(tmp_path, "rolling", cluster["port"], "-m", "60", "-r", "4", "-d", "1000")
+    time.sleep(1.0)
+    for node in cluster["nodes"]:
+        drain = subprocess.run([BATON, "node", "drain", "--data-dir", node["data_dir"],
+                                "--timeout", "30"], capture_output=True, text=True, timeout=60)
+        assert drain.returncode == 0, drain.stderr
+        _restarted(node, base, node["pid"])
+        time.sleep(1.5)                   # a probe marks it active again in the dispatcher
+    _finish(sipp)
+    assert _counts(tmp_path, "rolling") == (60, 0)

@@ -25,7 +25,9 @@ def _serve(args) -> int:
                  "data_dir": args.data_dir, "metrics_addr": args.metrics_addr,
                  "http_addr": args.http_addr,
                  "log_format": args.log_format, "node_id": args.node_id,
-                 "drain_timeout": args.drain_timeout, "media_address": args.media_addr}
+                 "drain_timeout": args.drain_timeout, "media_address": args.media_addr,
+                 "cluster_redis": args.redis, "cluster_prefix": args.cluster_prefix,
+                 "cluster_reservations": args.reservations}
     try:
         cfg = load(args.config, overrides)
     except ConfigError as exc:
@@ -126,6 +128,10 @@ def _sessions(args) -> int:
 
     from engine.sessions import journal as store
 
+    if getattr(args, "cluster", None):
+        from engine.cli.cluster import list_cluster_sessions
+
+        return list_cluster_sessions(args.cluster, args.prefix, args.limit, args.format)
     try:
         if args.sessions_command == "list":
             live = True if args.live else False if args.finished else None
@@ -233,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "get 503) before ending them (overrides engine.drain_timeout)")
     s.add_argument("--http-addr", metavar="HOST:PORT",
                    help="serve recordings and the REST API here (overrides engine.http_addr)")
+    s.add_argument("--redis", metavar="URL",
+                   help="the cluster's session directory (overrides cluster.redis)")
+    s.add_argument("--cluster-prefix", metavar="PREFIX",
+                   help="prefix of the cluster's Redis keys (overrides cluster.prefix)")
+    s.add_argument("--reservations", metavar="URL",
+                   help="reserve prepaid grants from this PostgreSQL (the cluster's ledger; "
+                        "overrides cluster.reservations)")
     s.add_argument("--no-accountant", action="store_true",
                    help="do not start the accountant process (run `baton accountant` yourself)")
     s.set_defaults(func=_serve)
@@ -262,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--finished", action="store_true", help="only ended calls")
     sl.add_argument("--account", help="only this account")
     sl.add_argument("--limit", type=int, default=50)
+    sl.add_argument("--cluster", metavar="REDIS_URL",
+                    help="the live calls of every node of a cluster, from its session "
+                         "directory (e.g. redis://127.0.0.1:6379/0; docs/cluster.md)")
+    sl.add_argument("--prefix", default="baton:", help="with --cluster: the cluster's key "
+                                                       "prefix (cluster.prefix)")
     sh = ssub.add_parser("history", help="one session's modules, levels and reasons")
     sh.add_argument("session_id", metavar="SESSION_ID")
     for p_ in (sl, sh):

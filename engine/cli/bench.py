@@ -179,6 +179,20 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                 higher_is_better=False)),
         quick=("--quick",),
         minutes="0.6"),
+    Scenario(
+        "cluster", "cluster_cps.py",
+        "calls per second through Kamailio's dispatcher to 1, 2 and 3 nodes (`baton cluster "
+        "up`), CPU per call per node and Kamailio's own, PostgreSQL rows and Redis commands "
+        "per call",
+        "the same single node called directly, without Kamailio, in the same run",
+        (Figure("cps", "cps_3", "calls/s through Kamailio to 3 nodes", "calls/s",
+                "direct_cps", "1 node direct"),
+         Figure("nodes_cpu", "nodes_cpu_us_per_call_3", "all 3 nodes' CPU per call", "µs",
+                "direct_cpu_us_per_call", "1 node direct", higher_is_better=False),
+         Figure("kamailio_cpu", "kamailio_cpu_us_per_call_3", "Kamailio CPU per call", "µs",
+                higher_is_better=False)),
+        quick=("--nodes", "1,2", "--seconds", "3"),
+        minutes="3"),
 )}
 
 # Drivers that take a results directory get a scratch one: this command writes the files.

@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TEMPLATE = os.path.join(ROOT, "deploy", "kamailio", "kamailio.cfg")
 MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules"
 DEFAULT_STORE = "postgresql://postgres@127.0.0.1:5432/postgres?schema=baton_cluster"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 ALGORITHMS = {"round-robin": 4, "call-load": 10}
 
 
@@ -79,6 +80,23 @@ def _stop(procs: list[subprocess.Popen], sig: int, timeout: float) -> None:
             p.wait()
 
 
+def _write_info(base: str, info: dict) -> None:
+    """DIR/cluster.json, replaced whole: a reader never sees half of it."""
+    tmp = os.path.join(base, "cluster.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, os.path.join(base, "cluster.json"))
+
+
+def _start_node(n: dict) -> subprocess.Popen:
+    with open(n["log"], "ab") as log:
+        p = subprocess.Popen(n["cmd"], stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL)
+    n["pid"] = p.pid
+    n["starts"] = n.get("starts", 0) + 1
+    return p
+
+
 def up(args) -> int:
     kamailio = shutil.which("kamailio") or "/usr/sbin/kamailio"
     if not os.path.exists(kamailio):
@@ -119,11 +137,12 @@ def up(args) -> int:
                    "--sip-addr", f"{n['address']}:{n['sip_port']}", "--media-addr", n["address"],
                    "--grpc-addr", n["grpc"], "--data-dir", n["data_dir"], "--store", args.store,
                    "--drain-timeout", str(args.drain_timeout)]
-            with open(n["log"], "ab") as log:
-                p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-            n["pid"] = p.pid
-            procs.append(p)
+            if args.redis:
+                cmd += ["--redis", args.redis, "--cluster-prefix", args.prefix]
+            if args.store.startswith(("postgresql://", "postgres://")):
+                cmd += ["--reservations", args.store]   # prepaid funds shared by the nodes
+            n["cmd"] = cmd
+            procs.append(_start_node(n))
         klog = os.path.join(base, "kamailio.log")
         with open(klog, "ab") as log:
             front = subprocess.Popen([kamailio, "-DD", "-E", "-f", cfg_path, "-L", MODULES,
@@ -149,24 +168,34 @@ def up(args) -> int:
             time.sleep(0.2)
         info = {"front": f"{args.front}:{args.port}", "kamailio_pid": front.pid,
                 "kamailio_cfg": cfg_path, "kamailio_log": klog, "store": args.store,
-                "nodes": nodes}
-        with open(os.path.join(base, "cluster.json"), "w") as f:
-            json.dump(info, f, indent=2)
+                "redis": args.redis, "prefix": args.prefix, "nodes": nodes}
+        _write_info(base, info)
         print(f"baton cluster: {len(nodes)} nodes behind Kamailio on sip:{args.front}:{args.port}"
               f" (config {cfg_path}, log {klog})", flush=True)
         for n in nodes:
             print(f"  {n['id']}: sip:{n['address']}:{n['sip_port']}  grpc {n['grpc']}  "
                   f"data {n['data_dir']}  log {n['log']}  pid {n['pid']}", flush=True)
+        if args.redis:
+            print(f"  session directory: {args.redis} (prefix {args.prefix!r}); every node's "
+                  f"calls: baton sessions list --cluster {args.redis} --prefix '{args.prefix}'",
+                  flush=True)
         print(f"  ledger: {args.store}\n"
               f"  call it: sipp -sn uac {args.front}:{args.port} -s 1000 -m 10 -d 2000 "
               f"-i 127.0.0.1\n"
               f"  drain a node: baton node drain --data-dir {nodes[0]['data_dir']}\n"
               f"  stop: Ctrl-C", flush=True)
         while not stopping:
-            for n, p in zip(nodes, procs):
-                if p.poll() is not None and not n.get("exited"):
-                    n["exited"] = p.returncode
-                    print(f"baton cluster: {n['id']} exited ({p.returncode})", flush=True)
+            for i, (n, p) in enumerate(zip(nodes, procs)):
+                if p.poll() is not None and not stopping and "exited" not in n:
+                    # Drained (`baton node drain`) or killed: the node comes back, which
+                    # makes a rolling restart one `baton node drain` per node.
+                    print(f"baton cluster: {n['id']} exited ({p.returncode})"
+                          f"{'; starting it again' if args.restart else ''}", flush=True)
+                    if not args.restart:
+                        n["exited"] = p.returncode
+                        continue
+                    procs[i] = _start_node(n)
+                    _write_info(base, info)
             if front.poll() is not None:
                 print(f"baton cluster: kamailio exited ({front.returncode})", file=sys.stderr)
                 return 1
@@ -201,6 +230,41 @@ def drain(args) -> int:
     return 0
 
 
+def list_cluster_sessions(url: str, prefix: str, limit: int, fmt: str) -> int:
+    """`baton sessions list --cluster URL`: every live session of the cluster and its node."""
+    import asyncio
+
+    from engine.sessions.directory import DirectoryUnavailable, SessionDirectory
+
+    async def read() -> dict:
+        d = SessionDirectory(url, prefix, "", "", list)
+        try:
+            return await d.entries()
+        finally:
+            await d.redis.aclose()
+
+    try:
+        entries = asyncio.run(read())
+    except DirectoryUnavailable as exc:
+        print(f"baton sessions: the session directory at {url} cannot be read: {exc}",
+              file=sys.stderr)
+        return 1
+    rows = sorted(({"id": sid, "node": o.node, "grpc": o.grpc} for sid, o in entries.items()),
+                  key=lambda r: (r["node"], r["id"]))[:limit]
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    per_node: dict[str, int] = {}
+    for o in entries.values():
+        per_node[o.node] = per_node.get(o.node, 0) + 1
+    print(f"{len(entries)} live sessions: " + ", ".join(f"{n} {c}" for n, c in
+                                                        sorted(per_node.items())))
+    print(f"{'SESSION':<20} {'NODE':<10} GRPC")
+    for r in rows:
+        print(f"{r['id']:<20} {r['node']:<10} {r['grpc']}")
+    return 0
+
+
 def _is_baton(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -226,6 +290,10 @@ def add_parsers(sub) -> None:
     u.add_argument("--store", default=os.environ.get("BATON_CLUSTER_STORE", DEFAULT_STORE),
                    help="the one ledger every node's accountant posts into "
                         f"(default {DEFAULT_STORE})")
+    u.add_argument("--redis", default=os.environ.get("BATON_CLUSTER_REDIS", DEFAULT_REDIS),
+                   help="the session directory every node writes into "
+                        f"(default {DEFAULT_REDIS}; '' for none)")
+    u.add_argument("--prefix", default="baton:", help="the cluster's Redis key prefix")
     u.add_argument("--dir", default=".baton-cluster", help="where the nodes' data directories, "
                                                           "logs and the Kamailio config go")
     u.add_argument("--ping-interval", type=int, default=2, help="seconds between OPTIONS probes")
@@ -233,6 +301,9 @@ def add_parsers(sub) -> None:
     u.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds a node given SIGTERM waits for its calls (default 30)")
     u.add_argument("--start-timeout", type=float, default=60.0)
+    u.add_argument("--no-restart", dest="restart", action="store_false",
+                   help="leave a node that exits (drained or killed) stopped; by default it "
+                        "is started again")
     u.set_defaults(func=up)
     n = sub.add_parser("node", help="this node in a cluster: drain")
     nsub = n.add_subparsers(dest="node_command", metavar="WHAT", required=True)

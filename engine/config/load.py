@@ -60,6 +60,28 @@ class Account:
 
 
 @dataclass
+class Cluster:
+    """[cluster]: the Redis session directory shared by a cluster's nodes."""
+    redis: str = ""                 # "": no directory
+    prefix: str = "baton:"
+    directory_ttl: float = 30.0
+    forward: bool = True
+    grpc_advertise: str = ""
+    reservations: str = ""          # "": each node counts prepaid funds alone
+    slice: str = "1.00"
+    reservation_ttl: float = 60.0
+
+    def slice_micro(self) -> int:
+        """The slice in micro-units (0 if it is not an amount)."""
+        import decimal
+
+        try:
+            return int(decimal.Decimal(str(self.slice)) * 1_000_000)
+        except (decimal.InvalidOperation, ValueError):
+            return 0
+
+
+@dataclass
 class Config:
     path: str = "<defaults>"
     sip_host: str = "127.0.0.1"
@@ -100,6 +122,7 @@ class Config:
     operator_tokens: list = field(default_factory=list)  # platform-wide bearer tokens
     vendor_outbound: dict = field(default_factory=dict)  # vendor -> modules.dialing.Outbound
     guard: _guard.Guard = field(default_factory=_guard.Guard)  # the [security] limits
+    cluster: Cluster = field(default_factory=Cluster)  # the [cluster] settings (docs/cluster.md)
 
 
 # The schema: section -> key -> (type, description). Unknown keys are errors,
@@ -173,6 +196,25 @@ SCHEMA = {
         "low_balance": (str, "funds left below which balance.low is sent, e.g. \"5.00\""),
     },
     "security": _guard.SCHEMA,
+    "cluster": {
+        "redis": (str, "redis://HOST:PORT/DB of the cluster's session directory (docs/cluster.md; "
+                       "default: none, this node stands alone)"),
+        "prefix": (str, "prefix of every key this cluster writes in Redis (default \"baton:\")"),
+        "directory_ttl": ((int, float), "seconds a node's directory entries outlive it "
+                                        "(refreshed every third of it while the call is up; "
+                                        "default 30)"),
+        "forward": (bool, "forward control requests about another node's session to it "
+                          "(default true; false: FAILED_PRECONDITION naming the owner)"),
+        "grpc_advertise": (str, "HOST:PORT other nodes reach this node's gRPC API at "
+                                "(default: engine.grpc_addr as bound)"),
+        "reservations": (str, "postgresql:// URL (the cluster's ledger) prepaid grants are "
+                              "reserved from, so the nodes share each prepaid balance "
+                              "(default: none)"),
+        "slice": (str, "reservations are whole slices of this amount, e.g. \"0.50\" "
+                       "(default \"1.00\"): the overspend bound, docs/cluster.md"),
+        "reservation_ttl": ((int, float), "seconds a dead node's reservations outlive it "
+                                          "(default 60)"),
+    },
 }
 
 
@@ -332,6 +374,28 @@ def _check_type(path, key, value, typ):
         raise ConfigError(path, key, f"expected {typ.__name__}, got {type(value).__name__} {value!r}")
 
 
+def _load_cluster(sect: dict, path: str) -> Cluster:
+    c = Cluster(**{k: v for k, v in sect.items()})
+    if c.redis and not c.redis.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(path, "cluster.redis", f"not a Redis URL: {c.redis!r} "
+                                                 "(redis://HOST:PORT/DB)")
+    for key in ("directory_ttl", "reservation_ttl"):
+        setattr(c, key, float(getattr(c, key)))
+        if getattr(c, key) <= 0:
+            raise ConfigError(path, f"cluster.{key}", "must be a positive number of seconds")
+    if c.reservations and not c.reservations.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(path, "cluster.reservations", "a postgresql:// URL")
+    if c.slice_micro() <= 0:
+        raise ConfigError(path, "cluster.slice", f"a positive amount such as \"1.00\", "
+                                                 f"not {c.slice!r}")
+    if c.grpc_advertise:
+        try:
+            parse_hostport(c.grpc_advertise, 50051)
+        except ValueError as exc:
+            raise ConfigError(path, "cluster.grpc_advertise", str(exc)) from None
+    return c
+
+
 def load(path: str | None, overrides: dict | None = None) -> Config:
     """Load and validate a config file (None: defaults only)."""
     raw = {}
@@ -432,6 +496,10 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
     if cfg.rtp_port_max - cfg.rtp_port_min < 3:
         raise ConfigError(path, "media.rtp_port_max", "the range holds no RTP/RTCP pair")
 
+    cfg.cluster = _load_cluster(raw.get("cluster", {}), path)
+    for key in ("redis", "prefix", "reservations"):
+        if (overrides or {}).get(f"cluster_{key}"):
+            setattr(cfg.cluster, key, overrides[f"cluster_{key}"])
     try:
         cfg.guard = _guard.load(raw)
     except ValueError as exc:

@@ -66,6 +66,7 @@ class Engine:
         self.outbound_calls, self.outbound_denials = dialing.new_counters()
         self.metrics = None            # the /metrics server (engine/common/metrics.py)
         self.accountant = None         # baton serve's AccountantSupervisor (engine/runtime/supervisor.py)
+        self.directory = None          # the cluster's session directory (engine/sessions/directory.py)
         from engine.common.webhooks import EngineHooks, WebhookSettings, Webhooks
         self.setup = SetupLimiter(cfg.guard.max_setup_per_source)
         self.in_setup: dict[str, str] = {}  # session id -> source of an INVITE not yet answered
@@ -93,6 +94,8 @@ class Engine:
         self.media = MediaEngine(self.loop, self.cfg.rtp_timeout, self.cfg.rtp_hold_timeout)
         self.media.start()
         await self.webhooks.start()
+        if self.cfg.cluster.reservations:
+            self._start_reservations()   # before the first call can ask the policy
         self.sip_port = await self.sip.listen(self.cfg.sip_host, self.cfg.sip_port,
                                               self.cfg.transports)
         log.info("listening for SIP on %s port %d (%s)", self.cfg.sip_host, self.sip_port,
@@ -112,11 +115,51 @@ class Engine:
                 log.warning("gRPC control API not available: %s", exc)
             else:
                 self.control = await start_control(self)
+        if self.cfg.cluster.redis:
+            self._start_directory()
         # Documents' fetches never reach the engine's own listeners (docs/security.md).
         own = self.cfg.guard.own_ports
         own.update(p for p in (self.sip_port, self.grpc_port,
                                getattr(self.http, "port", 0),
                                getattr(self.metrics, "port", 0)) if p)
+
+    def _start_directory(self) -> None:
+        from engine.sessions.directory import SessionDirectory
+
+        c = self.cfg.cluster
+        grpc = c.grpc_advertise
+        if not grpc and self.control is not None:
+            from control.server import grpc_target
+
+            grpc = grpc_target(self)     # bound to a wildcard: set cluster.grpc_advertise
+        self.directory = SessionDirectory(c.redis, c.prefix, self.cfg.node_id, grpc,
+                                          self.sessions.keys, ttl=c.directory_ttl)
+        for sid in self.sessions:        # calls that came in while the API was starting
+            self.directory.add(sid)
+        self.directory.start()
+        log.info("session directory: %s (prefix %r), this node's gRPC %s", c.redis, c.prefix,
+                 grpc or "off")
+
+    def _start_reservations(self) -> None:
+        from engine.sessions.reservations import Reservations
+
+        c = self.cfg.cluster
+        res = self.policy.cluster = Reservations(c.reservations, self.cfg.node_id,
+                                                 c.slice_micro(), ttl=c.reservation_ttl)
+
+        async def refresh() -> None:
+            while True:
+                await asyncio.sleep(c.reservation_ttl / 3)
+                await self.loop.run_in_executor(None, res.refresh, list(self.sessions))
+
+        self._reservations_task = asyncio.ensure_future(refresh())
+        log.info("prepaid funds reserved from the cluster's PostgreSQL in slices of %s", c.slice)
+
+    def session_added(self, session: Session) -> None:
+        """A session is live on this node: the engine's table and the cluster's directory."""
+        self.sessions[session.id] = session
+        if self.directory is not None:
+            self.directory.add(session.id)
 
     async def drain_calls(self, timeout: float | None) -> int:
         """Refuse new calls and OPTIONS probes with 503 and wait for the calls in
@@ -155,6 +198,12 @@ class Engine:
             svc = getattr(self, attr, None)
             if svc is not None:
                 svc.close()
+        if self.directory is not None:
+            await self.directory.close()
+            self.directory = None
+        if self.policy.cluster is not None:
+            self._reservations_task.cancel()
+            self.policy.cluster.close()
         await self.webhooks.stop()
 
     # -- the SIP core's application -------------------------------------------
@@ -204,7 +253,7 @@ class Engine:
         from_uri = valid_text(h["from"][0])
         session = Session(self, route.account, user, from_uri, valid_text(h["to"][0]), app=app)
         session.params["CallerName"] = _display_name(from_uri)
-        self.sessions[session.id] = session
+        self.session_added(session)
         if not trusted_source(self.cfg, source):
             self.in_setup[session.id] = source
         Leg(session, dialog)
@@ -236,7 +285,13 @@ class Engine:
 
     def session_ended(self, session: Session) -> None:
         self.setup_done(session.id)
-        self.sessions.pop(session.id, None)
+        if self.sessions.pop(session.id, None) is not None and self.directory is not None:
+            self.directory.remove(session.id)
+        res = self.policy.cluster
+        if res is not None and session.id in res.held:
+            writer = getattr(self.stamper, "writer", None)
+            end_seq = writer.next_seq - 1 if writer is not None else None
+            self.loop.run_in_executor(None, res.ended, session.id, end_seq)
         if session.kind == "messaging":
             self.messaging.ended(session)
         self.finished.append(session)

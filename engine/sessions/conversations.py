@@ -177,7 +177,7 @@ class Messaging:
         session = Session(engine, route.account, number, from_hdr, to_hdr, app=app,
                           kind="messaging")
         session.last_text = engine.loop.time()
-        engine.sessions[session.id] = session
+        engine.session_added(session)
         self.conversations[key] = session
         session.start(engine.node_for(route))
         if not session.ended:

@@ -131,7 +131,7 @@ class Origination(UacOwner):
         leg.answered = True
         leg.apply_media(neg)
         session.started_mono, session.started_wall = time.monotonic_ns(), clock.wall_ns()
-        engine.sessions[session.id] = session
+        engine.session_added(session)
         if self.progress is not None:
             self.progress("answered")
         if self.app is not None:

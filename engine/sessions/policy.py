@@ -198,6 +198,7 @@ class Snapshot:
         self._book = None
         self._book_of = None
         self._holds: dict[str, _Hold] = {}
+        self.cluster = None     # engine/sessions/reservations.py: funds shared by a cluster
 
     # -- reading ----------------------------------------------------------------------
     def _refresh(self, force: bool = False) -> None:
@@ -375,10 +376,16 @@ class Snapshot:
             if module.code in acc.get("deny", ()):
                 return Decision(False, f"{module.code}: cap reached or period not paid")
         decision = self.rules.check(session, node, module)
-        if not decision.allow or acc is None or acc.get("funds_left_micro") is None:
+        if not decision.allow:
+            return decision
+        shared = self._cluster_funds(session)
+        if shared is None and (acc is None or acc.get("funds_left_micro") is None):
             return decision
         try:
-            billed, funds, plan = self.limit_for(session, module.code, module.level)
+            if shared is not None:
+                billed, plan = self._cluster_limit(session, module, acc, shared)
+            else:
+                billed, funds, plan = self.limit_for(session, module.code, module.level)
         except Exception:
             # Never unlimited by accident: a limit that cannot be computed denies.
             log.exception("session %s: no prepaid limit for %s", session.id, module.code)
@@ -397,6 +404,45 @@ class Snapshot:
             return decision
         warn_before, text, voice = self.warning_settings(session, node)
         return Decision(True, decision.reason, limit, warn_before, text, voice, cost)
+
+    # -- a cluster's shared funds (docs/cluster.md) -------------------------------------
+    def _cluster_funds(self, session) -> int | None:
+        """The account's prepaid balance and credit when a cluster reserves them."""
+        if self.cluster is None:
+            return None
+        book = self.billing(session.engine)
+        if book is None:
+            return None
+        ab = book.account(session.account)
+        if ab.prepaid_balance is None:
+            return None
+        return ab.prepaid_balance + (ab.credit_limit or 0)
+
+    def _cluster_limit(self, session, module, acc, total: int):
+        """(billed seconds or None, plan) of a grant whose cost is reserved from the
+        cluster's funds first; (0, plan) when nothing could be."""
+        book = self.billing(session.engine)
+        plan = book.plan_for(session.account, module.code, module.level)
+        local = None
+        if acc is not None and acc.get("funds_left_micro") is not None:
+            local = self.available(session, int(acc["funds_left_micro"]))
+        cap = ((acc or {}).get("caps") or {}).get(module.code)
+        prior = int(cap.get("used", 0)) if cap else 0
+        out = [0]
+
+        def grant(free: int) -> int:
+            funds = free if local is None else min(local, free)
+            billed = out[0] = affordable(plan, funds, prior)
+            if billed == 0:
+                return 0
+            return segment_cost(plan, billed if billed is not None else HORIZON)
+
+        got = self.cluster.reserve(session.account, session.id, total, grant)
+        if got is None:
+            if out[0] is None:          # free time: nothing to reserve
+                return None, plan
+            return 0, plan
+        return out[0], plan
 
     def warning_settings(self, session, node) -> tuple[float, str, str]:
         """(warn_before, warning text, voice): the node's params `warn_before` /

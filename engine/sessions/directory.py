@@ -1,0 +1,172 @@
+"""The cluster's session directory: live session id -> the node that owns it, in Redis
+(`[cluster] redis`, docs/cluster.md).
+
+Each node writes `PREFIX session:ID` = {"node": NODE_ID, "grpc": HOST:PORT} when a session
+starts and deletes it when the session ends; every key carries a TTL (`[cluster]
+directory_ttl`) that the node refreshes while the session is live, so the entries of a node
+that died expire by themselves. Writes go through one background task in pipelined
+batches: the call path never waits for Redis. The directory routes control requests only,
+it is never the truth for money: when Redis is lost the node logs it once and goes on
+(calls and stamps are untouched), and rewrites every live session when Redis is back.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+log = logging.getLogger("baton.directory")
+
+BATCH = 500              # writes per pipeline
+
+
+class DirectoryUnavailable(Exception):
+    """Redis did not answer a lookup."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    node: str
+    grpc: str
+
+
+class SessionDirectory:
+    """One node's view of (and writer into) the Redis session directory."""
+
+    def __init__(self, url: str, prefix: str, node: str, grpc: str,
+                 live_ids: Callable[[], Iterable[str]], ttl: float = 30.0,
+                 timeout: float = 1.0):
+        import redis.asyncio as aioredis
+
+        self.prefix = prefix
+        self.node = node
+        self.grpc = grpc
+        self.ttl = ttl
+        self.live_ids = live_ids
+        self.value = json.dumps({"node": node, "grpc": grpc}, separators=(",", ":"))
+        self.redis = aioredis.from_url(url, socket_timeout=timeout,
+                                       socket_connect_timeout=timeout, decode_responses=True)
+        self.pending: dict[str, bool] = {}     # session id -> True: write, False: delete
+        self.wake = asyncio.Event()
+        self.down = False                      # Redis failed the last write
+        self.writes = 0                        # Redis commands sent (for the bench)
+        self.tasks: list[asyncio.Task] = []
+
+    def key(self, sid: str) -> str:
+        return f"{self.prefix}session:{sid}"
+
+    def start(self) -> None:
+        self.tasks = [asyncio.ensure_future(self._writer()),
+                      asyncio.ensure_future(self._refresher())]
+
+    async def close(self) -> None:
+        """Write what is pending (at most one timeout's wait), then let go of Redis."""
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.pending:
+            await self._flush()
+        await self.redis.aclose()
+
+    # -- the owner's side: called on the event loop, never waits ----------------------
+    def add(self, sid: str) -> None:
+        self.pending[sid] = True
+        self.wake.set()
+
+    def remove(self, sid: str) -> None:
+        self.pending[sid] = False
+        self.wake.set()
+
+    async def _writer(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            await self._flush()
+            if self.pending:               # Redis is away: try again a little later
+                await asyncio.sleep(min(1.0, self.ttl / 3))
+                self.wake.set()
+
+    async def _flush(self) -> None:
+        batch, self.pending = self.pending, {}
+        items = list(batch.items())
+        for i in range(0, len(items), BATCH):
+            chunk = items[i:i + BATCH]
+            if not await self._send(chunk):
+                # Keep what was not written; a newer change of the same id wins.
+                for sid, add in items[i:]:
+                    self.pending.setdefault(sid, add)
+                return
+
+    async def _send(self, chunk: list[tuple[str, bool]]) -> bool:
+        ttl_ms = int(self.ttl * 1000)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for sid, add in chunk:
+                    if add:
+                        pipe.set(self.key(sid), self.value, px=ttl_ms)
+                    else:
+                        pipe.delete(self.key(sid))
+                await pipe.execute()
+        except Exception as exc:   # any Redis failure: routing suffers, never a call
+            if not self.down:
+                log.warning("session directory: Redis unavailable (%s); calls go on, "
+                            "control requests for other nodes' sessions cannot be routed", exc)
+            self.down = True
+            return False
+        self.writes += len(chunk)
+        if self.down:
+            self.down = False
+            log.info("session directory: Redis is back")
+            for sid in self.live_ids():      # whatever Redis lost while away
+                self.pending.setdefault(sid, True)
+            self.wake.set()
+        return True
+
+    async def _refresher(self) -> None:
+        # Refresh each live entry at a third of its TTL: one missed round never expires it.
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            for sid in self.live_ids():
+                self.pending.setdefault(sid, True)
+            self.wake.set()
+
+    # -- any node's side: lookups ---------------------------------------------------------
+    async def owner(self, sid: str) -> Owner | None:
+        """Where session `sid` lives, or None if no node holds it."""
+        try:
+            raw = await self.redis.get(self.key(sid))
+        except Exception as exc:
+            raise DirectoryUnavailable(str(exc)) from exc
+        return _owner(raw)
+
+    async def entries(self, limit: int = 100_000) -> dict[str, Owner]:
+        """Every live session of the cluster: session id -> owner."""
+        out: dict[str, Owner] = {}
+        head = len(self.key(""))
+        try:
+            keys = []
+            async for k in self.redis.scan_iter(match=self.key("*"), count=1000):
+                keys.append(k)
+                if len(keys) >= limit:
+                    break
+            for i in range(0, len(keys), BATCH):
+                chunk = keys[i:i + BATCH]
+                for k, raw in zip(chunk, await self.redis.mget(chunk)):
+                    o = _owner(raw)
+                    if o is not None:
+                        out[k[head:]] = o
+        except Exception as exc:
+            raise DirectoryUnavailable(str(exc)) from exc
+        return out
+
+
+def _owner(raw: str | None) -> Owner | None:
+    if not raw:
+        return None
+    try:
+        d = json.loads(raw)
+        return Owner(str(d["node"]), str(d["grpc"]))
+    except (ValueError, KeyError, TypeError):
+        return None
