@@ -23,6 +23,7 @@ from engine.sip.errors import SdpError
 from engine.sip.dialog import DialogOwner
 from engine.common import clock
 from engine.common.levels import OFFER
+from engine.media.engine import LAW_OF_PT
 
 log = logging.getLogger("baton.session")
 
@@ -525,7 +526,7 @@ class Leg(DialogOwner):
             media.watch_inactivity(self.stream, self)
         else:
             self.stream.payload_type = neg.payload_type
-            self.stream.law = 1 if neg.payload_type == 8 else 0
+            self.stream.law = LAW_OF_PT.get(neg.payload_type, LAW_OF_PT[0])
             if neg.dtmf_pt is not None:
                 self.stream.dtmf_pt = neg.dtmf_pt
         # RFC 3264 8.4: on hold the far end gets nothing (a=sendonly/inactive from them,
