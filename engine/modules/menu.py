@@ -15,36 +15,10 @@ from __future__ import annotations
 
 import logging
 
+from engine.media.commands.prompt import render, start_player
 from engine.modules.base import Module, answer_caller
 
 log = logging.getLogger("baton.modules.menu")
-
-
-async def render(ctl, text: str | None = None, file: str | None = None, voice: str = "en",
-                 language: str | None = None):
-    """PCM for a prompt: spoken text (cached) or a WAV file."""
-    engine = ctl.engine
-    if file:
-        from engine.media.audio import load_wav
-
-        return await load_wav(file)
-    kwargs = {"voice": voice}
-    if language:
-        kwargs["language"] = language
-    pcm = await engine.speech.say(text or "", **kwargs)
-    engine.stamper.action(ctl.session, ctl.module.code, "tts_characters", len(text or ""))
-    return pcm
-
-
-def start_player(ctl, pcm, loops: int = 1):
-    from ext.kernels import rtp
-
-    ch = ctl.caller.open_channel()
-    if ch is None:
-        return None
-    player = rtp.Player(pcm, loops)
-    ch.play(player)
-    return player
 
 
 class PromptState:

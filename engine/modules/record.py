@@ -12,7 +12,8 @@ import os
 
 from engine.media.recording import Recording
 from engine.modules.base import Module, answer_caller
-from engine.modules.menu import PromptState, render, start_player
+from engine.media.commands.prompt import render, start_player
+from engine.modules.menu import PromptState
 
 log = logging.getLogger("baton.modules.record")
 

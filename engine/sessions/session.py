@@ -350,7 +350,7 @@ class Session:
         timers = [ctl.later(decision.limit, self._limit_reached, ctl)]
         warn_before = getattr(decision, "warn_before", 0)
         if warn_before and warn_before > 0:
-            from engine.sessions.policy import warn
+            from engine.sessions.warning import warn
 
             timers.append(ctl.later(max(0.0, decision.limit - warn_before), warn, ctl, decision))
         ctl.limit_timers = tuple(timers)

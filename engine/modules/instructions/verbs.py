@@ -438,7 +438,7 @@ class Runner:
         self.note("fallback", {"default": "apology"})
         if self.answer():
             try:
-                from engine.modules.menu import render
+                from engine.media.commands.prompt import render
 
                 pcm = await render(self.ctl, APOLOGY, None, "en")
                 await self.play_pcm(pcm)
@@ -459,7 +459,7 @@ class Runner:
     async def verb_say(self, verb: Verb, interrupt: bool = False):
         if not self.answer():
             return STOP
-        from engine.modules.menu import render
+        from engine.media.commands.prompt import render
 
         voice = verb.get("voice") or self.params.get("voice") or "en"
         try:

@@ -46,7 +46,7 @@ from engine.sip.errors import SdpError
 from engine.sip.uac import OutgoingCall, UacOwner
 from engine.modules.base import Module, answer_caller
 from engine.modules.instructions.queues import Queues, QueueFull
-from engine.modules.menu import render, start_player
+from engine.media.commands.prompt import render, start_player
 
 log = logging.getLogger("baton.services.call_center")
 

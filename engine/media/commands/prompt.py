@@ -1,0 +1,31 @@
+"""Prompts: the PCM of a spoken text (espeak-ng, cached, its characters stamped
+as `tts_characters` of the module in control) or of a WAV file, and a player
+for it on the caller's channel."""
+from __future__ import annotations
+
+from engine.media.audio import load_wav
+from ext.kernels import rtp
+
+
+async def render(ctl, text: str | None = None, file: str | None = None, voice: str = "en",
+                 language: str | None = None):
+    """PCM for a prompt: spoken text (cached) or a WAV file."""
+    engine = ctl.engine
+    if file:
+        return await load_wav(file)
+    kwargs = {"voice": voice}
+    if language:
+        kwargs["language"] = language
+    pcm = await engine.speech.say(text or "", **kwargs)
+    engine.stamper.action(ctl.session, ctl.module.code, "tts_characters", len(text or ""))
+    return pcm
+
+
+def start_player(ctl, pcm, loops: int = 1):
+    """Play `pcm` on the caller's channel (opened if needed); the player, or None."""
+    ch = ctl.caller.open_channel()
+    if ch is None:
+        return None
+    player = rtp.Player(pcm, loops)
+    ch.play(player)
+    return player
