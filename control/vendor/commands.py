@@ -18,6 +18,7 @@ from engine.sessions.apps import Node
 from engine.media.commands import digits as dtmf_out
 from engine.media.commands import gather as gathering
 from engine.media.commands.digits import EVENTS as DTMF_KEYS
+from engine.media.wav import AudioError, load_wav
 from engine.modules.base import answer_caller
 from engine.modules.dialing import OutboundDenied, operator_params, permit
 from engine.sip.uri import check_user_part, sip_uri
@@ -191,32 +192,26 @@ class VendorModule(Offers):
         return None, self._load_file(path, key)
 
     async def _load_file(self, path: str, key):
-        from engine.media import audio
-
         try:
-            pcm = await audio.load_wav(path)
-        except audio.AudioError as exc:
+            pcm = await load_wav(path)
+        except AudioError as exc:
             raise invalid("play.url", f"not a playable WAV: {exc}") from None
         self.hub.pcm_put(key, pcm)
         return pcm
 
     async def _fetch_url(self, url: str):
-        from engine.media import audio
-
         try:
             return await self.hub.url_audio().load(url)
-        except audio.AudioError as exc:
+        except AudioError as exc:
             raise invalid("play.url", f"not a playable WAV: {exc}") from None
         except Exception as exc:
             raise CommandError(FAILED_PRECONDITION, f"play.url: cannot fetch {url}: {exc}",
                                "play.url") from None
 
     async def _speech(self, ctl, text: str, voice: str, field: str):
-        from engine.media import audio
-
         try:
             pcm = await self.engine.speech.say(text, voice=voice or "en")
-        except audio.AudioError as exc:
+        except AudioError as exc:
             msg = str(exc)
             f = f"{field}.voice" if "voice" in msg else f"{field}.text"
             raise invalid(f, msg) from None

@@ -74,7 +74,7 @@ class Engine:
         _raise_fd_limit()
         self.stamper = Stamper(os.path.join(self.cfg.data_dir, "ring", "ring.dat"), self.cfg.node_id) \
             if _ring_available() else self.stamper
-        from engine.media.audio import SpeechCache
+        from engine.media.tts import SpeechCache
 
         from engine.media.tones import ringback
 

@@ -3,7 +3,7 @@ as `tts_characters` of the module in control) or of a WAV file, and a player
 for it on the caller's channel."""
 from __future__ import annotations
 
-from engine.media.audio import load_wav
+from engine.media.wav import load_wav
 from ext.kernels import rtp
 
 

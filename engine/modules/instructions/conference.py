@@ -97,9 +97,9 @@ class Room:
 
     def beep_pcm(self):
         if self._beep is None:
-            from engine.media import audio
+            from engine.media import signals
 
-            self._beep = audio.beep()
+            self._beep = signals.beep()
         return self._beep
 
     def join(self, pid: str, channel, **flags) -> Participant:

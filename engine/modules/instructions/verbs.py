@@ -499,7 +499,7 @@ class Runner:
     async def audio(self, ref: str):
         """PCM of a Play target: an http(s) URL (cached), a recording of this engine, or
         a `file:` path inside the engine's sounds or recordings directory."""
-        from engine.media.audio import AudioError, load_wav
+        from engine.media.wav import AudioError, load_wav
 
         url = self.resolve(ref)
         parts = urlsplit(url)

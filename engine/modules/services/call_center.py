@@ -795,7 +795,7 @@ class CallCenterModule(Module):
             if qc.hold_music == "tones":
                 music = hold_tones()
             else:
-                from engine.media.audio import load_wav
+                from engine.media.wav import load_wav
 
                 try:
                     music = await load_wav(qc.hold_music)
