@@ -48,7 +48,9 @@ import msgpack
 
 from engine.accounting.config import BillingConfig, BillingConfigError
 from engine.accounting.invoices import FORMATS, invoice, payouts, render
-from engine.accounting.ledger import Ledger, LedgerError, LedgerFenced, Line, PostgresLedger, open_ledger
+from engine.accounting.ledger import Ledger, LedgerError, LedgerFenced, Line
+from engine.accounting.ledger_pg import PostgresLedger
+from engine.accounting.ledgers import open_ledger
 from engine.accounting.lock import AccountantLock, lock_holder, lock_path
 from engine.accounting.meter import Meter, OpenSession
 from engine.accounting.money import format_money
@@ -132,7 +134,7 @@ class _Committer:
 
     def __init__(self, ledger: Ledger, fence: int | None = None) -> None:
         self.fence = fence
-        # SQLite posts through a writer process (ledger.LedgerWriter): the thread
+        # SQLite posts through a writer process (ledger_sqlite.LedgerWriter): the thread
         # then only waits for it, and binding and writing run on another core.
         self.ledger = ledger.poster()
         self.inbox: queue.Queue = queue.Queue(maxsize=2)

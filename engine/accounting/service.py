@@ -144,7 +144,7 @@ class _Reader:
         self._ledger = None
 
     def __call__(self, fn: Callable[[Any], Any]) -> Any:
-        from engine.accounting.ledger import open_ledger
+        from engine.accounting.ledgers import open_ledger
 
         with self.lock:
             if self._ledger is None:
