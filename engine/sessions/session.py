@@ -600,8 +600,6 @@ class Leg(DialogOwner):
             ctl.module.leg_ended(ctl, self, reason)
 
     def dialog_reoffer(self, dialog, body: bytes) -> bytes:
-        from engine.modules.base import answer_media
-
         ctl = self.session.control
         if ctl is not None and ctl.active:
             return ctl.module.reoffer(ctl, self, body)
@@ -624,3 +622,25 @@ class Leg(DialogOwner):
 
     def dialog_request(self, dialog, msg) -> int:
         return 200
+
+
+def answer_media(engine, leg, body: bytes | None) -> bytes:
+    """Negotiate the caller's offer (or make an offer for a late-offer INVITE),
+    allocating the leg's RTP ports on first use. Raises SdpError / PortsExhausted."""
+    if not body:
+        if leg.ports is None:
+            leg.ports = engine.ports.allocate()
+        return sdp.build(engine.media_address, leg.ports.port, None,
+                         leg.sdp_id, _next_version(leg))
+    offer = sdp.parse(body)
+    neg, index = sdp.negotiate(offer)
+    if leg.ports is None:
+        leg.ports = engine.ports.allocate()
+    leg.apply_media(neg)
+    return sdp.build(engine.media_address, leg.ports.port, neg, leg.sdp_id,
+                     _next_version(leg), offer, index)
+
+
+def _next_version(leg) -> int:
+    leg.sdp_version += 1
+    return leg.sdp_version
