@@ -162,8 +162,8 @@ class _Reader:
         if self._ledger is not None:
             try:
                 self._ledger.close()
-            except Exception:
-                pass
+            except Exception as exc:    # a broken connection closes with whatever its driver raises
+                log.warning("ledger close failed (reopened on next use): %s", exc)
             self._ledger = None
 
     def close(self) -> None:

@@ -151,7 +151,7 @@ def _check_info(info: _WavInfo, nbytes: int, name: str) -> _WavInfo:
 def _probe(f: io.BufferedIOBase, size: int, name: str) -> _WavInfo:
     try:
         w = wave.open(f, "rb")
-    except Exception:
+    except Exception:   # `wave` raises anything (even RuntimeError) on mangled input
         # Anything `wave` cannot take (other formats, odd chunk sizes) gets the
         # stricter parser below, which also says precisely what is wrong.
         f.seek(0)

@@ -24,6 +24,7 @@ from engine.sip.dialog import DialogOwner
 from engine.common import clock
 from engine.common.levels import OFFER
 from engine.media.engine import LAW_OF_PT
+from engine.media.wav import AudioError
 
 log = logging.getLogger("baton.session")
 
@@ -432,7 +433,8 @@ class Session:
         caller = self.legs[0]
         try:
             pcm = await self.engine.speech.say(APOLOGY, voice="en-us")
-        except Exception:
+        except AudioError as exc:
+            log.info("session %s: apology not spoken: %s", self.id, exc)
             pcm = None
         ch = caller.open_channel() if not self.ended else None
         if pcm is None or ch is None:
