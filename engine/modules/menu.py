@@ -13,12 +13,8 @@ outlet, or the end of the call when it is not wired.
 """
 from __future__ import annotations
 
-import logging
-
-from engine.media.commands.prompt import render, start_player
+from engine.media.commands.prompt import render_or_none, start_player
 from engine.modules.base import Module, answer_caller
-
-log = logging.getLogger("baton.modules.menu")
 
 
 class PromptState:
@@ -67,11 +63,7 @@ class MenuModule(Module):
             ctl, text or p.get("prompt"), None if text else p.get("prompt_file")))
 
     async def _play(self, ctl, text, file) -> None:
-        try:
-            pcm = await render(ctl, text, file, ctl.params.get("voice", "en"))
-        except Exception as exc:
-            log.warning("session %s: menu prompt failed: %s", ctl.session.id, exc)
-            pcm = None
+        pcm = await render_or_none(ctl, "menu prompt", text, file, ctl.params.get("voice", "en"))
         if not ctl.active:
             return
         if pcm is not None and not ctl.state.digits:
@@ -142,11 +134,7 @@ class PlayModule(Module):
 
     async def _run(self, ctl) -> None:
         p = ctl.params
-        try:
-            pcm = await render(ctl, p.get("text"), p.get("file"), p.get("voice", "en"))
-        except Exception as exc:
-            log.warning("session %s: play failed: %s", ctl.session.id, exc)
-            pcm = None
+        pcm = await render_or_none(ctl, "play", p.get("text"), p.get("file"), p.get("voice", "en"))
         if not ctl.active:
             return
         if pcm is None:
@@ -165,4 +153,4 @@ class PlayModule(Module):
             ctl.state.stop(ctl)
 
 
-__all__ = ["MenuModule", "PlayModule", "PromptState", "render", "start_player"]
+__all__ = ["MenuModule", "PlayModule", "PromptState"]

@@ -5,13 +5,10 @@ the module does with the media (a bridge, a silent or echoing channel, a prompt)
 from __future__ import annotations
 
 import asyncio
-import logging
 
-from engine.media.commands.prompt import render
+from engine.media.commands.prompt import render_or_none
 from engine.sessions.policy import Decision
 from ext.kernels import rtp
-
-log = logging.getLogger("baton.policy")
 
 
 def warn(ctl, decision: Decision) -> None:
@@ -42,10 +39,8 @@ async def speak_over(ctl, text: str, voice: str = "en") -> bool:
     caller is heard by the far end all along); on a silent or echoing
     channel it plays at once; while a module's own prompt plays, it waits
     for the prompt to end. True when it was played."""
-    try:
-        pcm = await render(ctl, text, None, voice)
-    except Exception as exc:
-        log.warning("session %s: limit warning not spoken: %s", ctl.session.id, exc)
+    pcm = await render_or_none(ctl, "limit warning", text, None, voice)
+    if pcm is None:
         return False
     caller = ctl.caller
     while ctl.active and caller.stream is not None:

@@ -3,8 +3,12 @@ as `tts_characters` of the module in control) or of a WAV file, and a player
 for it on the caller's channel."""
 from __future__ import annotations
 
-from engine.media.wav import load_wav
+import logging
+
+from engine.media.wav import AudioError, load_wav
 from ext.kernels import rtp
+
+log = logging.getLogger("baton.media.prompt")
 
 
 async def render(ctl, text: str | None = None, file: str | None = None, voice: str = "en",
@@ -19,6 +23,17 @@ async def render(ctl, text: str | None = None, file: str | None = None, voice: s
     pcm = await engine.speech.say(text or "", **kwargs)
     engine.stamper.action(ctl.session, ctl.module.code, "tts_characters", len(text or ""))
     return pcm
+
+
+async def render_or_none(ctl, what: str, text: str | None = None, file: str | None = None,
+                         voice: str = "en", language: str | None = None):
+    """`render`, or None when the prompt cannot be had (`what` failed: logged with
+    the session id), so the module goes on without it."""
+    try:
+        return await render(ctl, text, file, voice, language)
+    except AudioError as exc:
+        log.warning("session %s: %s failed: %s", ctl.session.id, what, exc)
+        return None
 
 
 def start_player(ctl, pcm, loops: int = 1):
