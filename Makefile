@@ -3,8 +3,8 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 PIP := .venv/bin/pip
-DEB_PACKAGES := sip-tester espeak-ng sox baresip kamailio iproute2 procps gcc make python3-venv tshark openssl
-TOOLS := sipp espeak-ng sox baresip kamailio ip pgrep gcc tshark openssl
+DEB_PACKAGES := sip-tester espeak-ng sox baresip kamailio iproute2 procps gcc make python3-venv tshark openssl nftables
+TOOLS := sipp espeak-ng sox baresip kamailio ip pgrep gcc tshark openssl nft
 PYTHON ?= python3
 DATA ?= .baton
 

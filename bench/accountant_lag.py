@@ -64,6 +64,9 @@ rtp_port_min = {rtp_min}
 rtp_port_max = {rtp_max}
 rtp_timeout = 60
 
+[security]
+max_setup_per_source = 0       # SIPp's calls all come from one address
+
 [plans.hold]
 price = "0.01"
 unit = "minute"

@@ -153,6 +153,8 @@ async def run(args) -> dict:
                   "rtp_timeout": 3600},
         "accounts": {"bench": {"numbers": {
             "4000": {"instructions": f"http://127.0.0.1:{app_port}/loop"}}}},
+        # The app server runs on loopback: allowed by port, as an operator would.
+        "security": {"fetch_allow": [f"127.0.0.1:{app_port}"], "max_setup_per_source": 0},
     }, "<bench>")
     eng = Engine(cfg)
     eng.registry.builtins.setdefault("baton.instructions", InstructionsModule)

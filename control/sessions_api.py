@@ -19,14 +19,15 @@ import grpc
 from engine.sessions import apps as apps_mod
 from engine.sessions.apps import Node
 from engine.media.ports import PortsExhausted
-from engine.modules.dialing import OutboundDenied, operator_params, permit
+from engine.sessions.dialing import OutboundDenied, operator_params, permit
 from engine.sip import sdp
 from engine.sip.errors import SdpError
 from engine.sip.uac import OutgoingCall, UacOwner
 from engine.sip.uri import from_address, sip_uri
 
 from proto import pb
-from control.auth import AuthError, Authority, in_scope
+from control.auth import AuthError, Authority, _bearer, in_scope
+from control.metering import token_digest
 from engine.common import clock
 
 log = logging.getLogger("baton.control.sessions")
@@ -124,6 +125,7 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
         self.authority = authority
         self.hub = hub
         self.watchers: set[asyncio.Queue] = set()
+        self.watch_counts: dict[str, int] = {}   # token digest -> open Watch streams
 
     # -- helpers ----------------------------------------------------------------------
     async def _account(self, context) -> str | None:
@@ -390,6 +392,14 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
                                 f"kinds: unknown {', '.join(sorted(unknown))} "
                                 f"(known: {', '.join(WATCH_KINDS)})")
         ids = set(request.session_ids)
+        # Each stream is a listener on every session event: a cap per token.
+        token = token_digest(_bearer(context.invocation_metadata()))
+        limit = self.engine.cfg.guard.watch_streams_per_token
+        if limit and self.watch_counts.get(token, 0) >= limit:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"at most {limit} Watch streams per token "
+                                "(security.watch_streams_per_token)")
+        self.watch_counts[token] = self.watch_counts.get(token, 0) + 1
         queue: asyncio.Queue = asyncio.Queue(WATCH_QUEUE)
         overflow = []
 
@@ -422,6 +432,9 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
             self.watchers.discard(queue)
             if listener in engine.listeners:
                 engine.listeners.remove(listener)
+            n = self.watch_counts.pop(token, 1) - 1
+            if n > 0:
+                self.watch_counts[token] = n
 
     def close(self) -> None:
         """End every Watch stream (the engine is stopping)."""

@@ -39,6 +39,7 @@ class RtpStream:
     has_remote: bool
     latched: bool
     symmetric: bool
+    wait_latch: bool
     tx_ssrc: int
     tx_seq: int
     tx_ts: int
@@ -52,6 +53,8 @@ class RtpStream:
     rx_trimmed: int
     rx_foreign: int
     rx_invalid: int
+    rx_duplicate: int
+    rx_reordered: int
     last_rx_ns: int
     rx_ssrc: int
     jitter: float
@@ -64,8 +67,10 @@ class RtpStream:
     @law.setter
     def law(self, value: Law | int) -> None: ...
     @property
+    def sending(self) -> bool: ...
+    @property
     def remote_addr(self) -> tuple[str, int] | None: ...
-    def set_remote(self, host: str, port: int) -> None: ...
+    def set_remote(self, host: str, port: int, wait: bool = False) -> None: ...
     def relay_to(self, peer: RtpStream) -> None: ...
     def terminate(self) -> None: ...
     def idle(self) -> None: ...

@@ -195,6 +195,7 @@ cdef class RtpStream:
     cdef readonly bint has_remote
     cdef readonly bint latched
     cdef public bint symmetric
+    cdef readonly bint wait_latch  # send nothing until the far end has sent to us
     cdef stream_mode _mode
     cdef RtpStream peer
     cdef RtpHub hub
@@ -219,6 +220,8 @@ cdef class RtpStream:
     cdef readonly uint64_t rx_foreign
     cdef readonly uint64_t rx_invalid
     cdef readonly int64_t last_rx_ns
+    cdef readonly uint64_t rx_duplicate    # the highest sequence number seen again
+    cdef readonly uint64_t rx_reordered    # arrived after a later sequence number
     cdef readonly uint32_t rx_ssrc
     cdef bint seq_init
     cdef uint16_t max_seq
@@ -257,8 +260,13 @@ cdef class RtpStream:
         self.events = []
 
     # -- configuration ---------------------------------------------------------
-    def set_remote(self, str host, int port):
-        """The address from SDP; symmetric RTP may later latch to the real source."""
+    def set_remote(self, str host, int port, bint wait=False):
+        """The address from SDP; symmetric RTP may later latch to the real source.
+
+        With `wait`, nothing is sent until a packet has come from the far end, and
+        then only to where it came from (RFC 4961): an SDP address alone cannot aim
+        this stream's media at a third party."""
+        self.wait_latch = wait
         if port == 0 or host in ("0.0.0.0", "::"):
             self.has_remote = False  # RFC 3264 8.4 hold: send nothing
             return
@@ -279,6 +287,14 @@ cdef class RtpStream:
     @law.setter
     def law(self, value):
         self._law = Law(value)    # ValueError for anything but a Law
+
+    @property
+    def sending(self):
+        """True when this stream sends to its remote address now."""
+        return self.can_send()
+
+    cdef inline bint can_send(self) noexcept nogil:
+        return self.has_remote and (self.latched or not self.wait_latch)
 
     @property
     def remote_addr(self):
@@ -315,7 +331,8 @@ cdef class RtpStream:
         return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
                 "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
                 "rx_foreign": self.rx_foreign, "rx_invalid": self.rx_invalid,
-                "tx_dropped": self.tx_dropped,
+                "tx_dropped": self.tx_dropped, "duplicate": self.rx_duplicate,
+                "reordered": self.rx_reordered,
                 "expected": expected, "lost": max(lost, 0), "jitter_ms": self.jitter / 8.0,
                 "ext_seq": extended, "rx_ssrc": self.rx_ssrc if self.seq_init else None,
                 "ssrc": self.tx_ssrc, "seq": self.tx_seq, "ts": self.tx_ts}
@@ -333,7 +350,12 @@ cdef class RtpStream:
             self.has_remote = True
             self.latched = True
             return True
-        return (not self.has_remote) or same_addr(src, &self.remote)
+        if not self.has_remote:
+            return True
+        if same_addr(src, &self.remote):
+            self.latched = True
+            return True
+        return False
 
     cdef inline void rx_stats(self, const uint8_t* p, int64_t now) noexcept nogil:
         cdef uint16_t seq = (p[2] << 8) | p[3]
@@ -349,10 +371,14 @@ cdef class RtpStream:
             self.max_seq = seq
             self.cycles = 0
             self.transit = 0
+        elif seq == self.max_seq:
+            self.rx_duplicate += 1
         elif <uint16_t>(seq - self.max_seq) < 0x8000:
             if seq < self.max_seq:
                 self.cycles += 0x10000  # RFC 3550 A.1: sequence number wrapped
             self.max_seq = seq
+        else:
+            self.rx_reordered += 1
         # RFC 3550 A.8 interarrival jitter, in timestamp units.
         arrival = (now // 125000)
         transit = arrival - ts
@@ -399,7 +425,7 @@ cdef class RtpStream:
                 self.last_rx_ns = now
                 self.rx_stats(p, now)
                 if peer is not None:
-                    if peer.has_remote:
+                    if peer.can_send():
                         peer.rewrite(p, now)
                         tx_iov[out].iov_base = p
                         tx_iov[out].iov_len = plen
@@ -541,7 +567,7 @@ cdef class RtpStream:
         cdef uint8_t* p = tx_frame
         cdef int64_t elapsed
         cdef uint32_t step = FRAME
-        if not self.has_remote:
+        if not self.can_send():
             return 0
         if self.resync:
             if self.tx_last_ns:
@@ -570,7 +596,7 @@ cdef class RtpStream:
         """Send one RFC 4733 event packet (the caller paces and repeats the end)."""
         cdef uint8_t* p = tx_frame
         cdef int64_t now = now_ns()
-        if not self.has_remote or self.dtmf_pt < 0:
+        if not self.can_send() or self.dtmf_pt < 0:
             return False
         self.tx_seq = <uint16_t>(self.tx_seq + 1)
         if first:

@@ -140,6 +140,16 @@ class EngineProcess:
             self.proc.wait()
 
 
+@contextlib.contextmanager
+def served_demo():
+    """`baton serve` with the demo config, checked to stop cleanly without a traceback."""
+    with EngineProcess() as eng:
+        yield eng
+        code = eng.stop()
+        assert code == 0, eng.output()
+        assert "Traceback" not in eng.output(), eng.output()
+
+
 def _hp(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

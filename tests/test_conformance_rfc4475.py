@@ -137,6 +137,10 @@ class Expect:
     check: Callable | None = None   # further assertions on the final response
 
 
+def accept_text_plain(resp: Msg, req: Msg) -> None:
+    assert "text/plain" in resp.values("accept"), resp.values("accept")
+
+
 def allow_with_405(resp: Msg, req: Msg) -> None:
     # RFC 3261 8.2.1: a 405 MUST list the supported methods in Allow.
     if resp.status == 405:
@@ -194,7 +198,7 @@ def same_vias(resp: Msg, req: Msg) -> None:
 # "Normal" processing by the demo config: INVITE to anything but 1000 is 404
 # (RFC 3261 21.4.5); OPTIONS is answered by the UAS itself with 200
 # (RFC 3261 11.2); REGISTER to the open registrar is 200 listing the
-# bindings (RFC 3261 10.3); MESSAGE is known but not implemented: 405.
+# bindings (RFC 3261 10.3); MESSAGE takes text/plain only (RFC 3428): 415 with Accept.
 EXPECT = {
     # 3.1.1: valid messages, a parser must accept them.
     "wsinv": Expect("3.1.1.1", (481,), "the To carries a tag, so this is a mid-dialog INVITE "
@@ -215,8 +219,9 @@ EXPECT = {
                      check=binds("sip:j.user@host.example.com")),
     "semiuri": Expect("3.1.1.9", (200,), "OPTIONS; ';' in the user part is not a parameter"),
     "transports": Expect("3.1.1.10", (200,), "OPTIONS; unknown transports in lower Vias"),
-    "mpart01": Expect("3.1.1.11", (405, 501), "MESSAGE is not implemented (RFC 3261 8.2.1)",
-                      check=allow_with_405),
+    "mpart01": Expect("3.1.1.11", (415,), "a multipart/mixed MESSAGE: the pager takes "
+                      "text/plain only and says so (RFC 3428 7, RFC 3261 21.4.13)",
+                      check=accept_text_plain),
     "unreason": Expect("3.1.1.12", (), "a response matching no transaction is dropped "
                        "(RFC 3261 18.1.2); nothing is sent back for a response"),
     "noreason": Expect("3.1.1.13", (), "a response matching no transaction is dropped"),

@@ -102,7 +102,9 @@ async def test_play_file_loop_stop_and_missing_file(tmp_path):
         w.setsampwidth(2)
         w.setframerate(8000)
         w.writeframes(pcm.tobytes())
-    async with running_engine(control_config()) as eng:
+    raw = control_config()
+    raw["vendors"]["acme"]["files_dir"] = str(tmp_path)   # the only files acme may play
+    async with running_engine(raw) as eng:
         v, calls = await vendor_with_calls(eng)
         caller = Caller(eng, "4000")
         dial = asyncio.ensure_future(caller.dial())
@@ -120,9 +122,16 @@ async def test_play_file_loop_stop_and_missing_file(tmp_path):
         while not call.events.empty():
             seen.append(call.events.get_nowait())
         assert any(getattr(e, "interrupted", False) for e in seen)
-        with pytest.raises(NotFound) as err:
-            await call.play(str(tmp_path / "missing.wav"))
-        assert err.value.field == "play.url"
+        # Outside its directory, missing and unreadable are one answer: no file probing.
+        answers = []
+        for other in (str(tmp_path / "missing.wav"), "/etc/passwd", "/nonexistent/x.wav",
+                      str(tmp_path / ".." / ".." / "etc" / "passwd"),
+                      os.path.join(eng.cfg.data_dir, "sessions.db")):
+            with pytest.raises(NotFound) as err:
+                await call.play(other)
+            answers.append((err.value.field, str(err.value)))
+        assert len(set(answers)) == 1 and answers[0][0] == "play.url", answers
+        assert "passwd" not in answers[0][1]
         await caller.bye()
         caller.close()
         await v.close()
@@ -263,8 +272,11 @@ async def test_play_from_a_url_inband_digits_and_cost_warning(tmp_path):
     handler.log_message = lambda *a: None
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    raw = control_config()
+    # The vendor's audio server runs on loopback: allowed by the operator.
+    raw["security"] = {"fetch_allow": [f"127.0.0.1:{httpd.server_address[1]}"]}
     try:
-        async with running_engine(control_config()) as eng:
+        async with running_engine(raw) as eng:
             v, calls = await vendor_with_calls(eng)
             caller = Caller(eng, "4000")
             # A caller that negotiates no telephone-event: digits go in-band.

@@ -52,6 +52,7 @@ def config_with_ivr(tmp_path, url: str) -> str:
                         f'secret = "{SECRET}"\ntwilio_signature = true')
     text = text.replace('"2000" = { app = "support" }',
                         f'"2000" = {{ app = "support" }}\n"4900" = {{ instructions = "{url}/ivr" }}')
+    text = text.replace("fetch_allow = []", 'fetch_allow = ["127.0.0.1/32"]')
     path = tmp_path / "ivr.toml"
     path.write_text(text)
     return str(path)

@@ -83,7 +83,7 @@ def test_register_without_user_part_cannot_take_over_an_agent():
             m = parse_message(caller.recv(65535))
             if not m.is_request and m.status >= 200:
                 break
-        assert m.status == 200
+        assert m.status == 200, (m.status, m.reason, eng.output()[-2500:])
         attacker.settimeout(3)
         with pytest.raises(socket.timeout):
             data = attacker.recv(65535)
@@ -265,6 +265,7 @@ async def test_caller_id_injection_never_reaches_the_trunk():
     await app.start()
     raw = engine_config()
     raw["trunks"] = {"pstn": {"proxy": f"127.0.0.1:{trunk.port}", "domain": "trunk.test"}}
+    raw["accounts"]["demo"]["outbound"] = {"trunks": ["pstn"], "allow": ["+1555"]}
     nums = raw["accounts"]["demo"]["numbers"]
     nums["4000"] = {"instructions": app.url + "/clean", "trunk": "pstn"}
     nums["4001"] = {"instructions": app.url + "/inject", "trunk": "pstn"}

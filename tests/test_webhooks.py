@@ -94,7 +94,8 @@ def test_config_errors_name_the_key():
         with pytest.raises(ConfigError) as err:
             from_dict(raw)
         assert err.value.key == key, (raw, str(err.value))
-    raw = {"accounts": {"a": {"webhook_url": "http://127.0.0.1/x"}}}
+    raw = {"webhooks": {"secret": "s" * 32},
+           "accounts": {"a": {"webhook_url": "http://127.0.0.1/x"}}}
     with pytest.raises(ConfigError) as err:
         from_dict(raw)
     assert err.value.key == "accounts.a.webhook_secret"

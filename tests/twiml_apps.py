@@ -168,6 +168,8 @@ async def instructions_engine(raw: dict | None = None, *, secret: str | None = N
     from engine.modules.instructions import InstructionsModule, shutdown
 
     raw = fixed_sip_port(raw or engine_config())
+    # The apps run on loopback, which documents may not fetch from unless allowed.
+    raw.setdefault("security", {}).setdefault("fetch_allow", ["127.0.0.1/32"])
     async with running_engine(raw) as eng:
         builtins = eng.registry.builtins
         had = builtins.get("baton.instructions")

@@ -18,9 +18,10 @@ from engine.sessions.apps import Node
 from engine.media.commands import digits as dtmf_out
 from engine.media.commands import gather as gathering
 from engine.media.commands.digits import EVENTS as DTMF_KEYS
+from engine.media.files import NO_SUCH_FILE, confine, recording_path
 from engine.media.wav import AudioError, load_wav
 from engine.modules.base import answer_caller
-from engine.modules.dialing import OutboundDenied, operator_params, permit
+from engine.sessions.dialing import OutboundDenied, operator_params, permit
 from engine.sip.uri import check_user_part, sip_uri
 
 from proto import pb
@@ -168,7 +169,12 @@ class VendorModule(Offers):
                                      command_id=state.player_cmd, interrupted=True)))
         state.player = None
 
-    def _pcm_now(self, url: str):
+    def _files_dir(self, vendor: str) -> str:
+        v = self.engine.cfg.raw.get("vendors", {}).get(vendor, {})
+        d = v.get("files_dir") if isinstance(v, dict) else None
+        return d or os.path.join(self.engine.cfg.data_dir, "vendors", vendor)
+
+    def _pcm_now(self, url: str, vendor: str):
         """(pcm, None) when `url` is a file whose audio is cached, else (None, awaitable)."""
         if url.lower().startswith(("http://", "https://")):
             pcm = self.hub.url_audio().cached(url)
@@ -177,14 +183,15 @@ class VendorModule(Offers):
         if scheme is not None:
             raise invalid("play.url", f"{scheme.group(1)}: URLs are not played; a file path "
                                       "or an http(s) URL is required")
-        path = os.path.abspath(url)
+        # A vendor reads its own directory only; outside it, missing and unreadable are
+        # one answer, so a play cannot probe the machine's files.
+        path = confine(url, [self._files_dir(vendor)])
         try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise CommandError(NOT_FOUND, f"play.url: no such file {url!r}", "play.url") from None
-        except OSError as exc:
-            raise CommandError(FAILED_PRECONDITION, f"play.url: cannot read {url!r}: {exc}",
-                               "play.url") from None
+            st = os.stat(path) if path is not None else None
+        except OSError:
+            st = None
+        if st is None:
+            raise CommandError(NOT_FOUND, f"play.url: {NO_SUCH_FILE}", "play.url")
         key = (path, st.st_mtime_ns, st.st_size)
         pcm = self.hub.pcm_get(key)
         if pcm is not None:
@@ -200,12 +207,14 @@ class VendorModule(Offers):
         return pcm
 
     async def _fetch_url(self, url: str):
+        from engine.modules.instructions.fetch import FetchError
+
         try:
             return await self.hub.url_audio().load(url)
         except AudioError as exc:
             raise invalid("play.url", f"not a playable WAV: {exc}") from None
-        except Exception as exc:
-            raise CommandError(FAILED_PRECONDITION, f"play.url: cannot fetch {url}: {exc}",
+        except FetchError as exc:
+            raise CommandError(FAILED_PRECONDITION, f"play.url: cannot fetch: {exc.reason}",
                                "play.url") from None
 
     async def _speech(self, ctl, text: str, voice: str, field: str):
@@ -246,7 +255,7 @@ class VendorModule(Offers):
         if not p.url.strip():
             raise invalid("play.url", "a file path or http(s) URL is required")
         self._channel(ctl, state, proc)
-        pcm, pending = self._pcm_now(p.url.strip())
+        pcm, pending = self._pcm_now(p.url.strip(), proc.vendor)
         return self._media(ctl, state, proc, cmd.command_id, "play", _loops(p.loop), pcm, pending)
 
     def _cmd_say(self, ctl, state, proc, cmd):
@@ -302,7 +311,7 @@ class VendorModule(Offers):
             loops = _loops(g.say.loop)
         else:
             try:
-                pcm, pending = self._pcm_now(g.play.url.strip())
+                pcm, pending = self._pcm_now(g.play.url.strip(), proc.vendor)
             except CommandError as exc:
                 state.gather = None
                 raise CommandError(exc.code, "gather." + exc.message, "gather.play.url") from None
@@ -365,9 +374,8 @@ class VendorModule(Offers):
             state.recording.on_done = None
             state.recording.stop("stopped")
         session = ctl.session
-        n = self.stats["recordings"] = self.stats["recordings"] + 1
-        path = os.path.join(self.engine.cfg.data_dir, "recordings",
-                            f"{session.id}-{self.code}-{n}.wav")
+        self.stats["recordings"] += 1
+        path = recording_path(self.engine.cfg.data_dir, session.account)
         cid = cmd.command_id
 
         def done(result: dict) -> None:

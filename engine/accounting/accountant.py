@@ -48,7 +48,7 @@ import msgpack
 
 from engine.accounting.config import BillingConfig, BillingConfigError
 from engine.accounting.invoices import FORMATS, invoice, payouts, render
-from engine.accounting.ledger import Ledger, LedgerError, LedgerFenced, Line
+from engine.accounting.ledger import DEFAULT_NODE, Ledger, LedgerError, LedgerFenced, Line
 from engine.accounting.ledger_pg import PostgresLedger
 from engine.accounting.ledgers import open_ledger
 from engine.accounting.lock import AccountantLock, lock_holder, lock_path
@@ -132,8 +132,10 @@ class _Committer:
     failed one.
     """
 
-    def __init__(self, ledger: Ledger, fence: int | None = None) -> None:
+    def __init__(self, ledger: Ledger, fence: int | None = None,
+                 fence_node: str = DEFAULT_NODE) -> None:
         self.fence = fence
+        self.fence_node = fence_node
         # SQLite posts through a writer process (ledger_sqlite.LedgerWriter): the thread
         # then only waits for it, and binding and writing run on another core.
         self.ledger = ledger.poster()
@@ -162,7 +164,8 @@ class _Committer:
                 continue
             try:
                 item.posted = self.ledger.post(item.lines, position=item.position,
-                                               state=item.state, checked=True, fence=self.fence)
+                                               state=item.state, checked=True, fence=self.fence,
+                                               fence_node=self.fence_node)
                 self.results.put(("ok", item, None))
             except BaseException as exc:  # handed to the main thread, which re-raises
                 failed = True
@@ -222,11 +225,16 @@ class Accountant:
         except BaseException:
             self.lock.close()
             raise
-        if isinstance(self.ledger, PostgresLedger) and not self.ledger.try_lock_writer():
+        # The engine node whose ring this is: its fence and its state rows are its own, so
+        # the accountants of several nodes post into one ledger side by side.
+        self.fence_node = str((config or {}).get("engine", {}).get("node_id") or DEFAULT_NODE)
+        if isinstance(self.ledger, PostgresLedger) and \
+                not self.ledger.try_lock_writer(self.fence_node):
             self.ledger.close()
             self.lock.close()
-            raise LedgerError("another accountant is writing to this PostgreSQL ledger")
-        self.fence = self.ledger.acquire_fence()
+            raise LedgerError(f"another accountant of node {self.fence_node} is writing to "
+                              f"this PostgreSQL ledger")
+        self.fence = self.ledger.acquire_fence(self.fence_node)
         self.batch_records = self.book.batch_records
         self.batch_seconds = self.book.batch_ms / 1000.0
         self.reader = None
@@ -252,7 +260,8 @@ class Accountant:
         self._restore()
         if pipeline is None:
             pipeline = self.book.pipeline
-        self._committer = _Committer(self.ledger, self.fence) if pipeline else None
+        self._committer = _Committer(self.ledger, self.fence, self.fence_node) \
+            if pipeline else None
 
     # -- state ---------------------------------------------------------------
     def _restore(self) -> None:
@@ -260,11 +269,16 @@ class Accountant:
         self.meter = Meter()
         self.rater = Rater(self.book)
         rows = self.ledger.load_state()
+        # In a shared ledger, the open sessions of other fenced nodes are their
+        # accountants' to close, not this one's.
+        others = self.ledger.fenced_nodes() - {self.fence_node}
         sessions, nodes = [], {}
         for (kind, key), value in rows.items():
             if kind == "session":
-                sessions.append(OpenSession.load(msgpack.unpackb(value)))
-            elif kind == "node":
+                o = OpenSession.load(msgpack.unpackb(value))
+                if o.node not in others:
+                    sessions.append(o)
+            elif kind == "node" and key not in others:
                 nodes[key] = msgpack.unpackb(value)
         self.meter.load(sessions, nodes)
         self.rater.load(*Rater.parse_state(rows))
@@ -343,7 +357,8 @@ class Accountant:
         if self._committer is None:
             try:
                 batch.posted = self.ledger.post(lines, position=batch.position, state=batch.state,
-                                                checked=True, fence=self.fence)
+                                                checked=True, fence=self.fence,
+                                                fence_node=self.fence_node)
             except Exception:
                 self._reset()
                 raise
@@ -462,7 +477,8 @@ class Accountant:
         events = self.meter.close_stale(node, at_mono_ns)
         lines: list[Line] = []
         self.rater.rate(events, lines)
-        self.ledger.post(lines, state=self._state_delta(), fence=self.fence)
+        self.ledger.post(lines, state=self._state_delta(), fence=self.fence,
+                         fence_node=self.fence_node)
         return sum(1 for e in events if e.__class__.__name__ == "SessionEnd")
 
     def stop(self) -> None:
@@ -741,10 +757,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.add_argument("--log-format", choices=("text", "json"),
                    help="text (default), or json: one JSON object per line")
+    p.add_argument("--node-id", metavar="ID",
+                   help="the engine node whose ring this is (overrides engine.node_id): its "
+                        "fence in a ledger shared by several nodes")
     p.add_argument("--metrics-addr", metavar="HOST:PORT",
                    help="serve Prometheus /metrics here (default: engine.accountant_metrics_addr)")
     args = p.parse_args(argv)
+    from engine.common.guard import PRIVATE_UMASK
     from engine.common.logs import setup as setup_logs
+
+    os.umask(PRIVATE_UMASK)    # the ledger and its journal are the engine user's only
 
     setup_logs(args.log_level, args.log_format or "text")
     # While it waits for the accountant lock, a stop or the engine's death ends the wait.
@@ -765,6 +787,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         raw = _load_config(args.config)
+        if args.node_id:
+            raw.setdefault("engine", {})["node_id"] = args.node_id
         # --once never waits: it is for when no other accountant runs.
         acct = Accountant(_data_dir(args, raw), raw, args.store,
                           lock_wait=0.0 if args.once else None, give_up=give_up)

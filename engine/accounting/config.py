@@ -21,7 +21,9 @@ from engine.common.levels import LEVELS
 __all__ = ["BillingConfig", "BillingConfigError", "AccountBilling", "Vendor", "PeriodClock",
            "ACTIONS", "LEVELS"]
 
-ACTIONS = ("api_call", "message", "tts_characters", "recording_seconds")
+ACTIONS = ("api_call", "message", "tts_characters", "recording_seconds",
+           # texts (engine/sessions/conversations.py): per message and per carrier segment
+           "message_in", "message_out", "message_in_segments", "message_out_segments")
 PLATFORM = ""   # the vendor name of the platform's own (baton.*) modules
 
 _BILLING_KEYS = {
@@ -40,7 +42,7 @@ _BILLING_KEYS = {
 }
 _ACCOUNT_KEYS = ("plans", "prepaid_balance", "credit_limit", "paid_periods", "banned")
 _VENDOR_KEYS = ("name", "revenue_share", "modules", "plans",
-                "secret", "offer_timeout", "outbound")  # the last three are the engine's
+                "secret", "offer_timeout", "outbound", "files_dir")  # the last four are the engine's
 
 
 class BillingConfigError(ValueError):

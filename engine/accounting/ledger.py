@@ -40,7 +40,8 @@ import msgpack
 from engine.common import clock
 from engine.accounting.money import split_share
 
-__all__ = ["Line", "Ledger", "LedgerError", "LedgerFenced", "TXN_COLUMNS", "ENTRY_COLUMNS"]
+__all__ = ["DEFAULT_NODE", "Line", "Ledger", "LedgerError", "LedgerFenced", "TXN_COLUMNS",
+           "ENTRY_COLUMNS"]
 
 TXN_COLUMNS = ("id", "key", "kind", "node", "seq", "session", "account", "module", "item", "level",
                "period", "wall_ns", "usage", "quantity", "unit", "plan", "unit_price", "amount",
@@ -320,7 +321,7 @@ _CLASS_CACHE_MAX = 100_000
 # A Line's class (the CLASS_COLUMNS) and its txns row but the class id.
 _class_key = operator.itemgetter(2, 5, 9, 17, 18, 6, 7, 14, 13, 15, 8)
 _row_body = operator.itemgetter(0, 1, 3, 4, 10, 11, 12, 16, 19, 20, 21)
-FENCE = "accountant"      # the fence row of the accountant writing the ledger
+DEFAULT_NODE = "node1"    # engine.node_id's default: the fence row of a lone accountant
 _CHECK_FENCE = "SELECT generation FROM fence WHERE name = ?"
 _UPSERT_POSITION = ("INSERT INTO positions (node, seq, updated_ns) VALUES (?, ?, ?) "
                     "ON CONFLICT (node) DO UPDATE SET seq = excluded.seq, "
@@ -373,15 +374,16 @@ class Ledger:
     # -- writing --------------------------------------------------------------
     def post(self, lines: Iterable[Line], *, position: tuple[str, int] | None = None,
              state: Mapping[tuple[str, str], bytes | None] | None = None,
-             checked: bool = False, fence: int | None = None) -> int:
+             checked: bool = False, fence: int | None = None,
+             fence_node: str = DEFAULT_NODE) -> int:
         """Post lines as transactions, with the reader's ring position and the
         caller's working state (None values delete), in one database
         transaction. Lines whose key is already in the ledger are skipped.
         `checked=True` skips re-validating lines the rater built (amounts
         within bounds, keys unique within the batch). With `fence` (a token
         from `acquire_fence`), the same transaction first checks that the
-        token is still the ledger's, and raises LedgerFenced (posting
-        nothing) if another writer has taken the ledger since. Returns the
+        token is still `fence_node`'s, and raises LedgerFenced (posting
+        nothing) if another writer of that node has taken over since. Returns the
         number of transactions posted."""
         if checked:
             todo = lines if isinstance(lines, list) else list(lines)
@@ -395,7 +397,7 @@ class Ledger:
         with self._lock:
             try:
                 with self._tx():
-                    self._check_fence(fence)
+                    self._check_fence(fence, fence_node)
                     return self._post(todo, position, state, False)
             except Exception as exc:
                 self._classes.clear()          # it may hold classes of the rolled-back batch
@@ -405,39 +407,48 @@ class Ledger:
             # post the rest with the same position and state.
             try:
                 with self._tx():
-                    self._check_fence(fence)
+                    self._check_fence(fence, fence_node)
                     return self._post(todo, position, state, True)
             except Exception:
                 self._classes.clear()
                 raise
 
     # -- fencing ------------------------------------------------------------------
-    def acquire_fence(self) -> int:
-        """Take the ledger over as its one writing accountant: increment the fence's
-        generation and return it, the token to `post(..., fence=token)` with. Every
-        writer that took a smaller token is refused from now on."""
+    # One fence row per node: the accountants of several engine nodes post into one
+    # ledger side by side, and each fences off only the earlier accountants of its
+    # own node (a node restarted, or its ring taken over elsewhere).
+    def acquire_fence(self, node: str = DEFAULT_NODE) -> int:
+        """Take the ledger over as `node`'s one writing accountant: increment the
+        node's fence generation and return it, the token to
+        `post(..., fence=token, fence_node=node)` with. Every writer of that node
+        that took a smaller token is refused from now on; other nodes' writers
+        are not affected."""
         with self._lock:
             with self._tx():
                 self._exec("INSERT INTO fence (name, generation) VALUES (?, 0) "
-                           "ON CONFLICT (name) DO NOTHING", (FENCE,))
-                self._exec("UPDATE fence SET generation = generation + 1 WHERE name = ?", (FENCE,))
-                return self._query(_CHECK_FENCE, (FENCE,))[0]["generation"]
+                           "ON CONFLICT (name) DO NOTHING", (node,))
+                self._exec("UPDATE fence SET generation = generation + 1 WHERE name = ?", (node,))
+                return self._query(_CHECK_FENCE, (node,))[0]["generation"]
 
-    def fence_generation(self) -> int:
-        """The token of the accountant that took the ledger last (0: none yet)."""
-        rows = self._query(_CHECK_FENCE, (FENCE,))
+    def fence_generation(self, node: str = DEFAULT_NODE) -> int:
+        """The token of `node`'s accountant that took the ledger last (0: none yet)."""
+        rows = self._query(_CHECK_FENCE, (node,))
         return rows[0]["generation"] if rows else 0
 
-    def _check_fence(self, fence: int | None) -> None:
+    def fenced_nodes(self) -> set[str]:
+        """The nodes whose accountants hold (or held) a fence on this ledger."""
+        return {r["name"] for r in self._query("SELECT name FROM fence")}
+
+    def _check_fence(self, fence: int | None, node: str) -> None:
         # In the posting transaction: a writer fenced off between the check and the
         # commit cannot happen (SQLite: BEGIN IMMEDIATE; PostgreSQL: FOR UPDATE).
         if fence is None:
             return
-        rows = self._query(_CHECK_FENCE + self._FOR_UPDATE, (FENCE,))
+        rows = self._query(_CHECK_FENCE + self._FOR_UPDATE, (node,))
         current = rows[0]["generation"] if rows else 0
         if current != fence:
-            raise LedgerFenced(f"this accountant's fencing token {fence} is stale: the ledger "
-                               f"belongs to the accountant with token {current}")
+            raise LedgerFenced(f"this accountant's fencing token {fence} is stale: node {node}'s "
+                               f"ledger writer is the accountant with token {current}")
 
     def _post(self, lines: list[Line], position, state, filter_known: bool) -> int:
         if filter_known and lines:
@@ -506,7 +517,7 @@ class Ledger:
 
     def _state_log_rows(self) -> int:
         # Counted each time (a few rows): another Ledger on the same store (the
-        # writer process, ledger.LedgerWriter) may have logged batches since.
+        # writer process, ledger_sqlite.LedgerWriter) may have logged batches since.
         return self._query("SELECT COUNT(*) AS n FROM state_log")[0]["n"]
 
     def _read_state_log(self) -> dict[tuple[str, str], bytes | None]:

@@ -10,8 +10,8 @@ import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from engine.accounting.ledger import (_DDL, _PG_GUARDS, _PG_LOCK, SCHEMA_VERSION, TXN_ROW_COLUMNS,
-                                      Ledger, LedgerError, _split_sql)
+from engine.accounting.ledger import (_DDL, _PG_GUARDS, _PG_LOCK, DEFAULT_NODE, SCHEMA_VERSION,
+                                      TXN_ROW_COLUMNS, Ledger, LedgerError, _split_sql)
 
 
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -93,11 +93,12 @@ class PostgresLedger(Ledger):
     def _is_conflict(self, exc: BaseException) -> bool:
         return isinstance(exc, self._psycopg.errors.UniqueViolation)
 
-    def try_lock_writer(self) -> bool:
-        """Take the session-level lock that makes this the only accountant
-        writing to the schema; False if another holds it."""
-        row = self._query("SELECT pg_try_advisory_lock(%s, hashtext(current_schema())) AS ok",
-                          (_PG_LOCK & 0x7FFFFFFF,))
+    def try_lock_writer(self, node: str = DEFAULT_NODE) -> bool:
+        """Take the session-level lock that makes this the only accountant of
+        `node` writing to the schema; False if another holds it. Accountants of
+        other nodes write beside it (their batches serialised per transaction)."""
+        row = self._query("SELECT pg_try_advisory_lock(hashtext(current_schema()), "
+                          "hashtext(%s)) AS ok", (node,))
         return bool(row[0]["ok"])
 
     def close(self) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 
 import msgpack
 
-from engine.accounting.ledger import (_DDL, _ROWS_PER_INSERT, _SQLITE_GUARDS, SCHEMA_VERSION,
-                                      TXN_ROW_COLUMNS, Ledger, LedgerError, LedgerFenced, Line)
+from engine.accounting.ledger import (_DDL, _ROWS_PER_INSERT, _SQLITE_GUARDS, DEFAULT_NODE,
+                                      SCHEMA_VERSION, TXN_ROW_COLUMNS, Ledger, LedgerError,
+                                      LedgerFenced, Line)
 
 
 class SqliteLedger(Ledger):
@@ -143,13 +144,15 @@ class LedgerWriter:
 
     def post(self, lines: Iterable[Line], *, position: tuple[str, int] | None = None,
              state: Mapping[tuple[str, str], bytes | None] | None = None,
-             checked: bool = False, fence: int | None = None) -> int:
+             checked: bool = False, fence: int | None = None,
+             fence_node: str = DEFAULT_NODE) -> int:
         """As `Ledger.post`, in the writer process."""
         flat: list[Any] = []
         for (kind, key), value in (state or {}).items():
             flat.extend((kind, key, value))
         frame = msgpack.packb([list(position) if position is not None else None, flat,
-                               lines if isinstance(lines, list) else list(lines), checked, fence])
+                               lines if isinstance(lines, list) else list(lines), checked, fence,
+                               fence_node])
         with self._lock:
             proc = self._start()
             problem = "it closed its output"
@@ -230,12 +233,14 @@ def _writer_main(path: str, parent: int) -> int:
             frame = _read_frame(stdin)
             if frame is None:
                 return 0
-            position, flat, rows, checked, fence = msgpack.unpackb(frame, use_list=False)
+            position, flat, rows, checked, fence, fence_node = msgpack.unpackb(frame,
+                                                                               use_list=False)
             state = {(flat[i], flat[i + 1]): flat[i + 2] for i in range(0, len(flat), 3)}
             try:
                 n = ledger.post([new(Line, r) for r in rows],
                                 position=tuple(position) if position is not None else None,
-                                state=state, checked=checked, fence=fence)
+                                state=state, checked=checked, fence=fence,
+                                fence_node=fence_node)
                 reply = msgpack.packb([True, n])
             except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
                 reply = msgpack.packb([False, f"{type(exc).__name__}: {exc}"])

@@ -29,9 +29,12 @@ import logging
 import os
 import queue
 import re
+import tempfile
 import threading
 import time
 from decimal import Decimal
+
+from engine.common.guard import private_dir
 from typing import Any, Callable
 
 log = logging.getLogger("baton.accountant.service")
@@ -48,12 +51,16 @@ EVENT_QUEUE = 10_000
 
 def billing_address(data_dir: str) -> str:
     """The gRPC address of the accountant's Billing service for a data directory:
-    `unix:DATA/accountant.sock`, or an abstract socket named after the data
-    directory when that path is too long for a unix socket."""
+    `unix:DATA/accountant.sock`, or, when that path is too long for a unix socket,
+    a short path named after it in `baton-UID/` under $XDG_RUNTIME_DIR (else the
+    temporary directory), a directory only this user may enter. Never an abstract
+    socket: those have no permissions, so any local user could connect."""
     path = os.path.join(os.path.abspath(data_dir), "accountant.sock")
     if len(path.encode()) <= 100:
         return "unix:" + path
-    return "unix-abstract:baton-accountant-" + hashlib.sha256(path.encode()).hexdigest()[:24]
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return "unix:" + os.path.join(base, f"baton-{os.getuid()}",
+                                  hashlib.sha256(path.encode()).hexdigest()[:24] + ".sock")
 
 
 def check_period(period: str) -> str | None:
@@ -258,6 +265,7 @@ class BillingServer:
         pb.billing_pb2_grpc.add_BillingServicer_to_server(_Servicer(self), server)
         if self.address.startswith("unix:"):
             path = self.address[len("unix:"):]
+            private_dir(os.path.dirname(path))
             if _answers(path):
                 raise OSError(f"another accountant serves the Billing API on {self.address}")
             try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -15,10 +16,15 @@ from engine.cli.common import print_session_history, run_loop
 def _serve(args) -> int:
     from engine.config.load import ConfigError, load
     from engine.runtime.server import Engine
+    from engine.common.guard import PRIVATE_UMASK
+
+    # Stored data (ledger, journal, keys, outbox, recordings) is the engine user's only.
+    os.umask(PRIVATE_UMASK)
 
     overrides = {"sip_addr": args.sip_addr, "grpc_addr": args.grpc_addr,
                  "data_dir": args.data_dir, "metrics_addr": args.metrics_addr,
-                 "log_format": args.log_format}
+                 "log_format": args.log_format, "node_id": args.node_id,
+                 "drain_timeout": args.drain_timeout, "media_address": args.media_addr}
     try:
         cfg = load(args.config, overrides)
     except ConfigError as exc:
@@ -33,8 +39,19 @@ def _serve(args) -> int:
         # Handlers first: a SIGTERM that arrives while starting still stops gracefully.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        # SIGTERM drains for engine.drain_timeout, SIGUSR2 (`baton node drain`) until the
+        # last call ends; SIGINT, or a second signal while draining, stops at once.
+        drain: list[float | None] = []
+
+        def on_signal(sig: int) -> None:
+            if stop.is_set() or sig == signal.SIGINT or drain:
+                drain[:] = [0.0]
+            else:
+                drain[:] = [None if sig == signal.SIGUSR2 else cfg.drain_timeout]
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+            loop.add_signal_handler(sig, on_signal, sig)
         try:
             await engine.start()
         except OSError as exc:
@@ -50,7 +67,7 @@ def _serve(args) -> int:
         gc.freeze()
         accountant = None
         if not args.no_accountant:
-            accountant = await _supervise_accountant(engine, cfg, args.config)
+            accountant = await _supervise_accountant(engine, cfg, args.config, args.store)
         print(f"baton {__version__} serving SIP on {cfg.sip_host}:{engine.sip_port} "
               f"(config {cfg.path}, data {cfg.data_dir}); numbers: "
               f"{', '.join(sorted(cfg.numbers)) or 'none'}", file=sys.stderr, flush=True)
@@ -75,7 +92,19 @@ def _serve(args) -> int:
                           if getattr(acc, "api_tokens", None)), "an account's api_tokens")
             print(f"  live view:     baton top --engine {grpc_target(engine)} --token TOKEN"
                   f"   (TOKEN: one of {where} in the config)", file=sys.stderr, flush=True)
+        pidfile = os.path.join(cfg.data_dir, "engine.pid")
+        with open(pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
         await stop.wait()
+        if drain and drain[0] != 0.0:
+            drain_task = asyncio.ensure_future(engine.drain_calls(drain[0]))
+            stop.clear()
+            interrupted = asyncio.ensure_future(stop.wait())
+            await asyncio.wait((drain_task, interrupted), return_when=asyncio.FIRST_COMPLETED)
+            interrupted.cancel()
+            drain_task.cancel()
+        with contextlib.suppress(OSError):
+            os.unlink(pidfile)
         logging.getLogger("baton").info("stopping: ending %d calls", len(engine.sessions))
         await engine.stop()
         if accountant is not None:
@@ -122,13 +151,16 @@ def _sessions(args) -> int:
     return 0
 
 
-def _start_accountant(cfg, config_path):
+def _start_accountant(cfg, config_path, store=None):
     """The accountant as a child process on the same data directory."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "engine.accounting.accountant", "--data-dir", cfg.data_dir]
+    cmd = [sys.executable, "-m", "engine.accounting.accountant", "--data-dir", cfg.data_dir,
+           "--node-id", cfg.node_id]
     if config_path:
         cmd += ["--config", config_path]
+    if store:
+        cmd += ["--store", store]
     log_path = os.path.join(cfg.data_dir, "accountant.log")
     out = open(log_path, "ab")
     cmd += ["--parent-pid", str(os.getpid()), "--log-format", cfg.log_format]
@@ -140,7 +172,7 @@ def _start_accountant(cfg, config_path):
     return proc
 
 
-async def _supervise_accountant(engine, cfg, config_path):
+async def _supervise_accountant(engine, cfg, config_path, store=None):
     """Start the accountant and keep it running (engine/runtime/supervisor.py); the
     gRPC health of Billing follows whether it is up."""
     from engine.accounting.accountant import ring_path
@@ -158,7 +190,7 @@ async def _supervise_accountant(engine, cfg, config_path):
             health_pb2.HealthCheckResponse.NOT_SERVING
         await control.health.set(pb.SERVICE_BILLING, status)
 
-    sup = AccountantSupervisor(lambda: _start_accountant(cfg, config_path),
+    sup = AccountantSupervisor(lambda: _start_accountant(cfg, config_path, store),
                                lock_path(ring_path(cfg.data_dir)), engine.stamper, billing_health)
     engine.accountant = sup
     await billing_health(False)      # until the accountant holds its lock
@@ -171,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("serve", help="run the engine in the foreground",
                        description="Run the engine in the foreground; SIGTERM/SIGINT stop it "
-                                   "gracefully (new calls get 503, calls in progress get BYE).")
+                                   "gracefully (new calls get 503, calls in progress get BYE; "
+                                   "with a drain timeout, SIGTERM first waits for them to end). "
+                                   "SIGUSR2 drains until the last call ends, then stops.")
     s.add_argument("--config", metavar="PATH", help="TOML config (default: built-in defaults)")
     s.add_argument("--sip-addr", metavar="HOST:PORT", help="SIP listen address (overrides the config)")
     s.add_argument("--grpc-addr", metavar="HOST:PORT", help="gRPC listen address (overrides the config)")
@@ -182,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "session (overrides engine.log_format)")
     s.add_argument("--metrics-addr", metavar="HOST:PORT",
                    help="serve Prometheus /metrics here (overrides engine.metrics_addr)")
+    s.add_argument("--media-addr", metavar="IP",
+                   help="address RTP binds to and advertises in SDP (overrides media.address)")
+    s.add_argument("--node-id", metavar="ID",
+                   help="this node's id in ring records and ledger keys (overrides engine.node_id)")
+    s.add_argument("--store", metavar="URL",
+                   help="the accountant's ledger store, e.g. postgresql://.../db?schema=NAME "
+                        "(overrides billing.store)")
+    s.add_argument("--drain-timeout", type=float, metavar="SECONDS",
+                   help="on SIGTERM, wait this long for calls to end (new calls and OPTIONS "
+                        "get 503) before ending them (overrides engine.drain_timeout)")
     s.add_argument("--no-accountant", action="store_true",
                    help="do not start the accountant process (run `baton accountant` yourself)")
     s.set_defaults(func=_serve)
@@ -195,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check a config file, print the config reference (see `baton config --help`)")
     sub.add_parser("call", add_help=False,
                    help="place a test call with PJSIP: DTMF, play, record (see `baton call --help`)")
+    sub.add_parser("text", add_help=False,
+                   help="send a text (SIP MESSAGE) with PJSIP and print the replies "
+                        "(see `baton text --help`)")
+
+    sub.add_parser("load", add_help=False,
+                   help="place calls with media at a rate against a SIP target and measure them")
     sub.add_parser("demo", add_help=False,
                    help="a guided tour: engine, vendors, calls, history, invoice, payouts "
                         "(see `baton demo --help`)")
@@ -218,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.cli.queues import add_parser as add_queues_parser
 
     add_queues_parser(sub)
+    from engine.cli.cluster import add_parsers as add_cluster_parsers
+
+    add_cluster_parsers(sub)
     from engine.cli.top import add_parser as add_top_parser
 
     add_top_parser(sub)
@@ -241,6 +294,15 @@ def main(argv=None) -> int:
         from engine.cli import call as caller
 
         return caller.main(argv[1:])
+    if argv and argv[0] == "text":
+        from engine.cli import text as texter
+
+        return texter.main(argv[1:])
+
+    if argv and argv[0] == "load":
+        from engine.cli import load
+
+        return load.main(argv[1:])
     if argv and argv[0] == "demo":
         from engine.cli import demo
 

@@ -430,6 +430,8 @@ class Phone:
         self.log: _LogWriter | None = None
         self.callback_error: BaseException | None = None
 
+    account_class = pj.Account if pj else object   # `baton text` takes texts on its own
+
     def __enter__(self) -> "Phone":
         self.ep = MediaEndpoint()
         _without_stdout(self.ep.libCreate)
@@ -471,7 +473,7 @@ class Phone:
         if self.user:
             acfg.sipConfig.authCreds.append(
                 pj.AuthCredInfo("digest", "*", self.user, 0, self.password or ""))
-        acc = pj.Account()
+        acc = self.account_class()
         acc.create(acfg)
         self.accounts[from_user] = acc
         return acc
@@ -789,6 +791,14 @@ def _steps(text: str) -> list[DtmfStep]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def pjsip_present(command: str) -> bool:
+    """Whether pjsua2 is importable; says how to install it when not."""
+    if pj is None:
+        print(f"{command}: PJSIP's Python binding is missing; install it with "
+              "`.venv/bin/pip install pjsua2-python` (make setup does)", file=sys.stderr)
+    return pj is not None
+
+
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
@@ -805,9 +815,7 @@ def main(argv=None) -> int:
         socket.inet_aton(args.bind)
     except (ValueError, OSError) as exc:
         p.error(str(exc))
-    if pj is None:
-        print("baton call: PJSIP's Python binding is missing; install it with "
-              "`.venv/bin/pip install pjsua2-python` (make setup does)", file=sys.stderr)
+    if not pjsip_present("baton call"):
         return 2
 
     def say(line: str) -> None:

@@ -150,10 +150,24 @@ class WebhookSettings:
 
     def destination(self, account: str | None) -> tuple[str, str]:
         """(url, secret) of an account's messages: its own, else the global ones."""
+        url, ref = self.destination_ref(account)
+        return url, self.secret_of(ref) or ""
+
+    def destination_ref(self, account: str | None) -> tuple[str, str]:
+        """(url, key reference) of an account's messages: the outbox keeps the
+        reference, and the key is looked up when a message is signed."""
         acc = self.accounts.get(account or "", {})
         if acc.get("webhook_url"):
-            return acc["webhook_url"], acc.get("webhook_secret") or self.secret
-        return self.url, self.secret
+            return acc["webhook_url"], f"account:{account}"
+        return self.url, "global"
+
+    def secret_of(self, ref: str) -> str | None:
+        """The signing key a reference names (None: not known now)."""
+        if ref == "global":
+            return self.secret or None
+        if ref.startswith("account:"):
+            return self.accounts.get(ref[8:], {}).get("webhook_secret")
+        return None
 
     def low_balance_of(self, account: str) -> str | None:
         """The account's low-balance threshold as a decimal string, or None."""
@@ -218,9 +232,10 @@ def check_config(raw: dict, path: str) -> None:
         key = f"accounts.{acc_id}"
         if "webhook_url" in acc:
             _check_url(path, f"{key}.webhook_url", acc["webhook_url"])
-            if "webhook_secret" not in acc and "secret" not in w:
+            # The platform's key must never sign what goes to a tenant's receiver.
+            if "webhook_secret" not in acc:
                 raise ConfigError(path, f"{key}.webhook_secret",
-                                  "required when webhook_url is set and webhooks.secret is not")
+                                  "required when webhook_url is set (the account's own key)")
         if "webhook_secret" in acc:
             _check_secret(path, f"{key}.webhook_secret", acc["webhook_secret"])
         if "low_balance" in acc:
@@ -262,7 +277,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     event TEXT NOT NULL,
     account TEXT,
     url TEXT NOT NULL,
-    secret TEXT NOT NULL,
+    secret TEXT NOT NULL,       -- a reference to the signing key, never the key
     body BLOB NOT NULL,
     created REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -281,7 +296,7 @@ class Message:
     event: str
     account: str | None
     url: str
-    secret: str
+    secret: str        # the key's reference (global, account:ID, key:FINGERPRINT)
     body: bytes
     attempts: int = 0
 
@@ -392,6 +407,7 @@ class _Sender:
         self.settings = settings
         self.outbox = Outbox(os.path.join(data_dir, "webhooks", f"{name}.db"))
         self.listeners: list[Callable[[str, dict, str | None, str], None]] = []
+        self.keys: dict[str, str] = {}   # key:FINGERPRINT -> a key a caller passed to send()
         self.sent = 0
         self.delivered = 0
         self.failed = 0
@@ -417,16 +433,18 @@ class _Sender:
                 if once is not None:
                     self.outbox.add(None, now, once)
                 return msg_id, False
-            url, default_secret = s.destination(account)
-            secret = secret or default_secret
-        elif not secret:
-            secret = s.destination(account)[1]
+            url, ref = s.destination_ref(account)
+        else:
+            ref = s.destination_ref(account)[1]
+        if secret:
+            ref = self._key_ref(secret)
         if not url:
             if once is not None:
                 self.outbox.add(None, now, once)
             return msg_id, False
-        if not secret:
+        if not self._secret(ref):
             raise ValueError(f"secret: a webhook to {url} needs a signing secret")
+        secret = ref
         body = json.dumps({"id": msg_id, "type": event,
                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
                            "data": payload}, separators=(",", ":"), default=str).encode()
@@ -437,11 +455,28 @@ class _Sender:
         self.sent += 1
         return msg_id, True
 
+    def _key_ref(self, secret: str) -> str:
+        """A key passed to send() is kept in memory only; rows name its fingerprint."""
+        ref = "key:" + hashlib.sha256(b"baton-webhook-key\0" + secret.encode()).hexdigest()[:32]
+        self.keys[ref] = secret
+        return ref
+
+    def _secret(self, ref: str) -> str | None:
+        if ref.startswith("key:"):
+            return self.keys.get(ref)
+        if ref == "global" or ref.startswith("account:"):
+            return self.settings.secret_of(ref)
+        return ref or None     # a row written before references: the key itself
+
     def _headers(self, m: Message) -> dict[str, str]:
+        secret = self._secret(m.secret)
+        if secret is None:
+            # A key passed to send() before a restart, not passed again yet.
+            raise LookupError("the signing key is not known to this process")
         ts = int(time.time())
         return {"Content-Type": "application/json", "User-Agent": "Baton-Webhooks",
                 HEADER_ID: m.id, HEADER_TIMESTAMP: str(ts),
-                HEADER_SIGNATURE: "v1=" + sign(m.secret, m.id, ts, m.body)}
+                HEADER_SIGNATURE: "v1=" + sign(secret, m.id, ts, m.body)}
 
     def _result(self, m: Message, error: str | None) -> None:
         if error is None:
@@ -638,8 +673,9 @@ class SyncWebhooks(_Sender):
             self._wake.clear()
 
     def _post(self, m: Message) -> str | None:
-        req = urllib.request.Request(m.url, data=m.body, headers=self._headers(m), method="POST")
         try:
+            req = urllib.request.Request(m.url, data=m.body, headers=self._headers(m),
+                                         method="POST")
             with _OPENER.open(req, timeout=self.settings.timeout) as resp:
                 resp.read()
                 status = resp.status

@@ -10,9 +10,10 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 
-from engine.modules import dialing
+from engine.sessions import dialing
 from engine.common.errors import ConfigError  # noqa: F401  (raised by load(): importable from here too)
 from engine.common.net import parse_hostport
+from engine.common import guard as _guard
 
 TARGET_KINDS = ("app", "module", "instructions", "endpoint")
 
@@ -43,6 +44,7 @@ class Trunk:
     password: str = ""
     prefix: str = ""
     domain: str = ""
+    trusted: bool = False
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Account:
     numbers: dict = field(default_factory=dict)   # number -> NumberRoute
     kv: dict = field(default_factory=dict)        # the account's key/value store
     api_tokens: list = field(default_factory=list)  # bearer tokens for the control API
-    outbound: object = None   # modules.dialing.Outbound: what it may dial (None: deny all)
+    outbound: object = None   # sessions.dialing.Outbound: what it may dial (None: deny all)
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Config:
     grpc_addr: str = "127.0.0.1:50051"
     data_dir: str = ".baton"
     node_id: str = "node1"
+    drain_timeout: float = 0.0
     user_agent: str = ""
     log_level: str = "info"
     log_format: str = "text"
@@ -83,6 +86,8 @@ class Config:
     users: dict = field(default_factory=dict)      # username -> password
     accounts: dict = field(default_factory=dict)   # id -> Account
     numbers: dict = field(default_factory=dict)    # number -> NumberRoute (all accounts)
+    messaging_numbers: dict = field(default_factory=dict)  # number -> its messaging NumberRoute
+    messaging: dict = field(default_factory=dict)  # [messaging]: idle_timeout, max_bytes, auth
     apps: dict = field(default_factory=dict)       # name -> apps.App
     trunks: dict = field(default_factory=dict)     # name -> Trunk
     modules: dict = field(default_factory=dict)    # code -> {"alias"|"uri"|"vendor": ...}
@@ -91,7 +96,8 @@ class Config:
     call_center: object = None                     # services.call_center.CenterConfig
     api_keys: dict = field(default_factory=dict)   # id -> engine.config.api_keys.ApiKey
     operator_tokens: list = field(default_factory=list)  # platform-wide bearer tokens
-    vendor_outbound: dict = field(default_factory=dict)  # vendor -> modules.dialing.Outbound
+    vendor_outbound: dict = field(default_factory=dict)  # vendor -> sessions.dialing.Outbound
+    guard: _guard.Guard = field(default_factory=_guard.Guard)  # the [security] limits
 
 
 # The schema: section -> key -> (type, description). Unknown keys are errors,
@@ -105,6 +111,9 @@ SCHEMA = {
         "data_dir": (str, "directory for the ring, ledger and caches"),
         "node_id": (str, "this engine node's id (in ring records and ledger keys)"),
         "user_agent": (str, "Server/User-Agent header value"),
+        "drain_timeout": ((int, float), "seconds SIGTERM waits for calls in progress to end "
+                                        "(new calls and OPTIONS get 503) before ending them "
+                                        "with BYE (default 0: at once)"),
         "log_level": (str, "debug, info, warning or error"),
         "log_format": (str, "text (human) or json (one JSON object per line)"),
         "metrics_addr": (str, "HOST:PORT serving Prometheus /metrics of the engine (port 0: any)"),
@@ -130,6 +139,15 @@ SCHEMA = {
         "tcp_max_connections": (int, "SIP/TCP connections in all (default 4096)"),
         "tcp_max_per_source": (int, "SIP/TCP connections per source IP address (default 64)"),
     },
+    "messaging": {
+        "idle_timeout": ((int, float), "seconds without a message after which a conversation "
+                                       "ends; the next message starts a new session "
+                                       "(default 14400, 4 hours)"),
+        "max_bytes": (int, "largest MESSAGE body accepted, in bytes; larger ones get 413 "
+                           "(default 4096)"),
+        "auth": (bool, "challenge every MESSAGE for the digest credentials of a [users.NAME] "
+                       "(401; default false)"),
+    },
     "registrar": {
         "mode": (str, "open, auth or off"),
         "realm": (str, "digest realm"),
@@ -151,6 +169,7 @@ SCHEMA = {
         "timeout": ((int, float), "seconds one attempt may take"),
         "low_balance": (str, "funds left below which balance.low is sent, e.g. \"5.00\""),
     },
+    "security": _guard.SCHEMA,
 }
 
 
@@ -172,7 +191,7 @@ TABLES = {
         "secret": ("string", "signs requests to instruction apps, X-Baton-Signature (16+ characters)"),
         "twilio_signature": ("bool", "also send X-Twilio-Signature to instruction apps"),
         "webhook_url": ("string", "this account's notifications go here instead of webhooks.url"),
-        "webhook_secret": ("string", "key signing them (default: webhooks.secret)"),
+        "webhook_secret": ("string", "key signing them (required with webhook_url)"),
         "low_balance": ("string", "funds left below which balance.low is sent for this account"),
         "outbound": ("table", "trunks, destinations and caps of its outbound calls: see "
                               "accounts.ID.outbound (default: deny all but this engine)"),
@@ -185,6 +204,9 @@ TABLES = {
         "endpoint": ("string", "SIP/tel URI to bridge to, or a number with trunk"),
         "instructions": ("string", "http(s):// URI of an instruction document"),
         "trunk": ("string", "with endpoint: the [trunks.NAME] the number is dialled through"),
+        "messaging": ("string or table", "what a text (SIP MESSAGE) to the number starts: an "
+                                         "http(s):// instruction URI, an app name, a module "
+                                         "code, or { app | module | instructions = ... }"),
     }),
     "apps.NAME": ("an app: nodes (modules with their params) wired by outlets", {
         "start": ("string", "the node a call starts in (required)"),
@@ -212,6 +234,8 @@ TABLES = {
         "password": ("string", "digest password"),
         "prefix": ("string", "put before dialled numbers"),
         "domain": ("string", "host part of the Request-URI (default: the proxy host)"),
+        "trusted": ("bool", "media is sent to its SDP address at once, before any RTP comes "
+                            "from there; no per-source setup limit (default false)"),
     }),
     "policy": ("the local policy hook, consulted on every hand-off of control", {
         "deny_modules": ("table", "account -> list of module codes it may not use"),
@@ -239,6 +263,8 @@ TABLES = {
         "plans": ("table", "listing default plans of its modules: \"MODULE[:ACTION]\" -> plan"),
         "outbound": ("table", "trunks and destinations its dial commands may reach: see "
                               "vendors.ID.outbound (default: deny all but this engine)"),
+        "files_dir": ("string", "the only directory its play commands may read "
+                                "(default DATA/vendors/ID)"),
     }),
     "plans.NAME": ("a usage plan: what time in control or an action costs (docs/billing.md)", {
         "kind": ("string", "per_unit (default), graduated, volume or subscription"),
@@ -360,6 +386,9 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
         raise ConfigError(path, "engine.grpc_addr", str(exc)) from None
     cfg.data_dir = eng.get("data_dir", cfg.data_dir)
     cfg.node_id = eng.get("node_id", cfg.node_id)
+    cfg.drain_timeout = float(eng.get("drain_timeout", 0))
+    if cfg.drain_timeout < 0:
+        raise ConfigError(path, "engine.drain_timeout", "must be 0 or more seconds")
     cfg.user_agent = eng.get("user_agent", "")
     cfg.log_level = eng.get("log_level", "info")
     if cfg.log_level not in ("debug", "info", "warning", "error"):
@@ -378,7 +407,7 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
         setattr(cfg, key, value)
 
     media = raw.get("media", {})
-    cfg.media_address = media.get("address", cfg.advertise)
+    cfg.media_address = (overrides or {}).get("media_address") or media.get("address", cfg.advertise)
     try:
         ipaddress.ip_address(cfg.media_address)
     except ValueError:
@@ -396,6 +425,11 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
     if cfg.rtp_port_max - cfg.rtp_port_min < 3:
         raise ConfigError(path, "media.rtp_port_max", "the range holds no RTP/RTCP pair")
 
+    try:
+        cfg.guard = _guard.load(raw)
+    except ValueError as exc:
+        raise ConfigError(path, *exc.args) from None
+
     reg = raw.get("registrar", {})
     cfg.registrar_mode = reg.get("mode", "open")
     if cfg.registrar_mode not in ("open", "auth", "off"):
@@ -407,6 +441,15 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             if reg[key] <= 0:
                 raise ConfigError(path, f"registrar.{key}", "must be positive")
             cfg.registrar_limits[key] = reg[key]
+    msg = raw.get("messaging", {})
+    cfg.messaging = {"idle_timeout": 14400.0, "max_bytes": 4096, "auth": False}
+    for key in ("idle_timeout", "max_bytes"):
+        if key in msg:
+            if isinstance(msg[key], bool) or msg[key] <= 0:
+                raise ConfigError(path, f"messaging.{key}", "must be positive")
+            cfg.messaging[key] = msg[key]
+    if "auth" in msg:
+        cfg.messaging["auth"] = msg["auth"]
     sip = raw.get("sip", {})
     for key in ("tcp_idle_timeout", "tcp_max_connections", "tcp_max_per_source"):
         if key in sip:
@@ -459,9 +502,18 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             raise ConfigError(path, f"{key}.numbers", "expected a table of number = { module = ... }")
         for number, target in numbers.items():
             nkey = f"{key}.numbers.{number}"
+            owner = cfg.numbers.get(number) or cfg.messaging_numbers.get(number)
+            if owner is not None:
+                raise ConfigError(path, nkey, f"number already belongs to account {owner.account!r}")
+            texting = None
+            if isinstance(target, dict) and "messaging" in target:
+                target = dict(target)
+                texting = _messaging_route(cfg, path, f"{nkey}.messaging", acc_id, number,
+                                           target.pop("messaging"))
+                cfg.messaging_numbers[number] = texting
+                if not any(k in target for k in TARGET_KINDS):
+                    continue        # a number for texts only
             route = _number_route(cfg, path, nkey, acc_id, number, target)
-            if number in cfg.numbers:
-                raise ConfigError(path, nkey, f"number already belongs to account {cfg.numbers[number].account!r}")
             a.numbers[number] = route
             cfg.numbers[number] = route
         cfg.accounts[acc_id] = a
@@ -537,7 +589,7 @@ def _load_trunks(cfg: Config, raw: dict, path: str) -> None:
             raise ConfigError(path, f"{key}.transport", "udp or tcp")
         cfg.trunks[name] = Trunk(name, host, port, transport, t.get("username", ""),
                                  t.get("password", ""), t.get("prefix", ""),
-                                 t.get("domain", "") or host)
+                                 t.get("domain", "") or host, t.get("trusted", False) is True)
 
 
 def _check_target(cfg: Config, path: str, key: str, target, app_nodes) -> None:
@@ -695,6 +747,30 @@ def _number_route(cfg: Config, path: str, key: str, account: str, number: str, t
     return NumberRoute(number=number, account=account, kind=kind, target=value, params=params)
 
 
+def _messaging_route(cfg: Config, path: str, key: str, account: str, number: str,
+                     target) -> NumberRoute:
+    """A number's `messaging` target: the kinds a call's target has, but an endpoint."""
+    if isinstance(target, str):
+        if target.startswith(("http://", "https://")):
+            target = {"instructions": target}
+        elif target in cfg.apps:
+            target = {"app": target}
+        else:
+            target = {"module": target}
+    if isinstance(target, dict) and "endpoint" in target:
+        raise ConfigError(path, f"{key}.endpoint", "texts start an app, a module or an "
+                                                   "instruction URI")
+    route = _number_route(cfg, path, key, account, number, target)
+    if route.kind == "module":
+        from engine.modules.catalog import builtin_modules
+
+        cls = builtin_modules().get(route.target)
+        if cls is not None and not getattr(cls, "texting", False):
+            raise ConfigError(path, f"{key}.module", f"module {route.target!r} does not take "
+                                                     f"text conversations")
+    return route
+
+
 def _check_vendors(cfg: Config, raw: dict, path: str) -> None:
     """The parts of `[vendors.ID]` the control API relies on (billing reads the rest)."""
     vendors = raw.get("vendors", {})
@@ -712,12 +788,14 @@ def _check_vendors(cfg: Config, raw: dict, path: str) -> None:
         t = v.get("offer_timeout", 2.0)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.05 <= t <= 60:
             raise ConfigError(path, f"{key}.offer_timeout", "seconds between 0.05 and 60")
+        if "files_dir" in v and not (isinstance(v["files_dir"], str) and v["files_dir"].startswith("/")):
+            raise ConfigError(path, f"{key}.files_dir", "an absolute directory path")
         cfg.vendor_outbound[vid] = _outbound(cfg, v.get("outbound", {}), path,
                                              f"{key}.outbound", account=False)
 
 
 def _outbound(cfg: Config, table, path: str, where: str, account: bool = True):
-    """An `outbound` table (modules/dialing.py); its trunks must exist."""
+    """An `outbound` table (sessions/dialing.py); its trunks must exist."""
     try:
         perm = dialing.parse(table, where, account)
     except ValueError as exc:

@@ -5,12 +5,14 @@ voices (`espeak_voice`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import hashlib
 import json
 import logging
 import os
 import re
+import threading
 import uuid
 from typing import Hashable
 
@@ -124,15 +126,23 @@ class SpeechCache:
     Rendered audio is stored as an 8 kHz WAV named by a hash of (text, espeak
     voice, rate, pitch) in cache_dir; the most recent results are also kept in
     memory. Identical concurrent requests share one rendering; at most
-    max_concurrent espeak-ng processes run at once. Counters: `characters`
+    max_concurrent espeak-ng processes run at once. The files on disk are
+    bounded by `disk_bytes`: past it the least recently used go first (any
+    caller's text lands here, so an unbounded cache would fill the disk).
+    Counters: `characters`
     (text characters rendered by espeak-ng, i.e. cache misses), `renders`
     (espeak-ng runs) and `hits` (requests served from a cache).
     """
 
     def __init__(self, cache_dir: str | os.PathLike[str], max_concurrent: int = 2,
                  espeak: str = "espeak-ng", *, timeout: float = 30.0, max_chars: int = 4000,
-                 memory_items: int = 64, memory_bytes: int = 32 << 20) -> None:
+                 memory_items: int = 64, memory_bytes: int = 32 << 20,
+                 disk_bytes: int = 64 << 20) -> None:
         self.cache_dir = os.path.abspath(os.fspath(cache_dir))
+        self.disk_bytes = disk_bytes
+        self._disk: collections.OrderedDict | None = None   # file name -> size, oldest first
+        self._disk_total = 0
+        self._disk_lock = threading.Lock()
         self.espeak = espeak
         self.timeout = timeout
         self.max_chars = max_chars
@@ -187,15 +197,45 @@ class SpeechCache:
         pcm = await loop.run_in_executor(None, _read_cached, path)
         if pcm is not None:
             self.hits += 1
+            await loop.run_in_executor(None, self._disk_used, path)
         else:
             pcm = await self._render(text, voice, ev, rate, pitch, key)
             try:
                 await loop.run_in_executor(None, write_wav_sync, path, pcm, RATE)
+                await loop.run_in_executor(None, self._disk_used, path)
             except OSError as e:
                 # Still playable; only the disk cache misses out.
                 log.warning("speech cache: cannot write %s: %s", path, e)
         self._memory.put(key, readonly(pcm))
         return pcm
+
+    def _disk_used(self, path: str) -> None:
+        """Note a use of a cache file and remove the least recently used ones past
+        `disk_bytes` (runs off the loop)."""
+        with self._disk_lock:
+            if self._disk is None:
+                entries = []
+                with os.scandir(self.cache_dir) as it:
+                    for e in it:
+                        if e.name.endswith(".wav") and not e.name.startswith("."):
+                            st = e.stat()
+                            entries.append((st.st_mtime_ns, e.name, st.st_size))
+                self._disk = collections.OrderedDict((n, s) for _, n, s in sorted(entries))
+                self._disk_total = sum(self._disk.values())
+            name = os.path.basename(path)
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                return
+            self._disk_total += size - self._disk.pop(name, 0)
+            self._disk[name] = size
+            while self._disk_total > self.disk_bytes and len(self._disk) > 1:
+                old, old_size = self._disk.popitem(last=False)
+                self._disk_total -= old_size
+                try:
+                    os.unlink(os.path.join(self.cache_dir, old))
+                except OSError:
+                    pass
 
     async def _render(self, text: str, voice: str, ev: str, rate: int, pitch: int | None,
                       key: str) -> np.ndarray:

@@ -5,9 +5,20 @@ import logging
 
 from engine.media.ports import PortsExhausted
 from engine.sip.errors import SdpError
+from engine.sessions.apps import configured
 from engine.sessions.session import answer_media
 
 log = logging.getLogger("baton.modules")
+
+
+def operator_param(ctl, key: str):
+    """Module param `key` only as the operator's configuration set it: the module's own
+    config or a configured number or app node, never a node that a document, a vendor or
+    an API call made (their parameters must not reach internal settings)."""
+    node = ctl.node
+    if node is not None and key in node.params and configured(ctl.engine, node):
+        return node.params[key]
+    return ctl.module.params.get(key)
 
 
 class Module:
@@ -25,6 +36,7 @@ class Module:
     # True when the module is offered a session and must accept it first: its
     # time is metered from `Session.taken()`, the wait before is priced at nothing.
     metered_from_take = False
+    texting = False           # True for modules that take text conversations (on_text)
 
     def __init__(self, engine, params: dict | None = None):
         self.engine = engine
@@ -44,10 +56,16 @@ class Module:
         """Control has left this module (a transition or the end of the call):
         let go of what this module set up for the session. The next module's
         media is already attached when this runs."""
+        if not ctl.session.legs:
+            return      # a text conversation has no media
         channel = ctl.caller.channel
         if channel is not None and ctl.state is not None and \
                 getattr(ctl.state, "player", None) is not None and channel.player is ctl.state.player:
             channel.silence()
+
+    def on_text(self, ctl, message) -> None:
+        """A text (`engine.sessions.conversations.TextMessage`) arrived on the
+        session this module controls: a conversation's, or a MESSAGE inside a call."""
 
     def media_ready(self, ctl, leg) -> None:
         """The leg's RTP stream is known (after a late offer's ACK)."""

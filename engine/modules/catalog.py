@@ -14,9 +14,10 @@ def builtin_modules() -> dict[str, type]:
     from engine.modules.menu import MenuModule, PlayModule
     from engine.modules.record import RecordModule
     from engine.modules.services import SERVICE_MODULES
+    from engine.modules.texting import BotModule
 
     classes = (HoldModule, EchoModule, BridgeModule, MenuModule, PlayModule, RecordModule,
-               InstructionsModule, *SERVICE_MODULES)
+               InstructionsModule, BotModule, *SERVICE_MODULES)
     return {m.code: m for m in classes}
 
 

@@ -7,8 +7,7 @@ The `done` outlet receives `RecordingPath` and `RecordingDuration`.
 """
 from __future__ import annotations
 
-import os
-
+from engine.media.files import recording_path
 from engine.media.recording import Recording
 from engine.modules.base import Module, answer_caller
 from engine.media.commands.prompt import render_or_none, start_player
@@ -42,8 +41,7 @@ class RecordModule(Module):
     def _start(self, ctl) -> None:
         p = ctl.params
         session = ctl.session
-        n = sum(1 for h in session.history if h.module == self.code)
-        path = os.path.join(ctl.engine.cfg.data_dir, "recordings", f"{session.id}-{n}.wav")
+        path = recording_path(ctl.engine.cfg.data_dir, session.account)
         rec = Recording(ctl.caller, path, max_length=float(p.get("max_length", 120)),
                         silence=float(p.get("silence", 5)),
                         finish_on_key=str(p.get("finish_on_key", "#")),

@@ -4,8 +4,9 @@
 any free port):
 
 - `GET /recordings/RE<32 hex>` and the same with `.wav`: a recording made
-  by `<Record>` (audio/wav). Names are 128-bit random, so a URL is the
-  capability to fetch it; nothing else under the data directory is reachable.
+  by `<Record>` (audio/wav), kept in `DATA/recordings/ACCOUNT/`. Names are
+  128-bit random, so a URL is the capability to fetch it; nothing else under
+  the data directory is reachable.
 - `GET /health`: `ok`.
 
 The returned runner's `url` is the base of every `RecordingUrl`
@@ -14,7 +15,6 @@ The returned runner's `url` is the base of every `RecordingUrl`
 from __future__ import annotations
 
 import logging
-import os
 import re
 import weakref
 
@@ -62,15 +62,16 @@ async def start_http(engine, addr: str | None = None) -> HttpServer:
     loopback port)."""
     from aiohttp import web
 
+    from engine.media.files import find_recording
+
     host, port = _addr(engine, addr)
-    rec_dir = os.path.join(engine.cfg.data_dir, "recordings")
 
     async def recording(request: web.Request) -> web.StreamResponse:
         m = _NAME.fullmatch(request.match_info["name"])
         if m is None:
             raise web.HTTPNotFound()
-        path = os.path.join(rec_dir, m.group(1) + ".wav")
-        if not os.path.isfile(path):
+        path = find_recording(engine.cfg.data_dir, m.group(1))
+        if path is None:
             raise web.HTTPNotFound()
         return web.FileResponse(path, headers={"Content-Type": "audio/wav",
                                                "Cache-Control": "private, max-age=3600"})
@@ -91,6 +92,7 @@ async def start_http(engine, addr: str | None = None) -> HttpServer:
         break
     advertise = host if host not in ("0.0.0.0", "::", "") else engine.cfg.advertise
     server = HttpServer(engine, runner, host, bound, advertise)
+    engine.cfg.guard.own_ports.add(bound)   # documents may not fetch from it
     _urls[engine] = server.url
     log.info("serving recordings over HTTP at %s", server.url)
     return server

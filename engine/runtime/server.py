@@ -11,11 +11,12 @@ from engine.sessions.apps import Node
 from engine.config.load import Config
 from engine.media.engine import MediaEngine
 from engine.media.ports import PortPool
-from engine.modules import dialing
+from engine.sessions import dialing
 from engine.modules.catalog import builtin_modules
 from engine.modules.instructions import shutdown as instructions_shutdown
 from engine.sessions.policy import AllowAll, Rules, Snapshot
 from engine.sessions.dispatcher import Registry
+from engine.sessions.conversations import Messaging
 from engine.sessions.session import Leg, Session
 from engine.sip.core import SipCore
 from ext.sip_message import valid_text
@@ -23,6 +24,7 @@ from engine.sip.registrar import Registrar, RegistrarLimits
 from engine.sip.transport import TcpLimits
 from engine.sip.uri import parse_uri
 from engine.sessions.stamper import Stamper
+from engine.common.guard import SetupLimiter, private_dir, trusted_source
 
 log = logging.getLogger("baton.engine")
 
@@ -43,6 +45,7 @@ class Engine:
                            user_agent=cfg.user_agent or f"Baton/{__version__}",
                            registrar=registrar, tcp_limits=TcpLimits(**cfg.tcp_limits))
         self.sessions: dict[str, Session] = {}
+        self.messaging = Messaging(self)   # text conversations (SIP MESSAGE)
         self.sip_port = 0
         self.grpc_port = 0
         self.registry = Registry(self, BUILTIN_MODULES, cfg.modules)
@@ -59,18 +62,20 @@ class Engine:
         self.http = None               # the HTTP server for RecordingUrl (engine/runtime/http.py)
         self.listeners: list = []      # callables(session, event: str, detail: dict) for Watch
         self.denials = collections.Counter()  # module code -> policy denials (for /metrics)
-        # account -> outbound calls up; (account, reason) -> refused dials (modules/dialing.py)
+        # account -> outbound calls up; (account, reason) -> refused dials (sessions/dialing.py)
         self.outbound_calls, self.outbound_denials = dialing.new_counters()
         self.metrics = None            # the /metrics server (engine/common/metrics.py)
         self.accountant = None         # baton serve's AccountantSupervisor (engine/runtime/supervisor.py)
         from engine.common.webhooks import EngineHooks, WebhookSettings, Webhooks
+        self.setup = SetupLimiter(cfg.guard.max_setup_per_source)
+        self.in_setup: dict[str, str] = {}  # session id -> source of an INVITE not yet answered
 
         self.webhooks = Webhooks(WebhookSettings.from_raw(cfg.raw, cfg.path), cfg.data_dir)
         self.listeners.append(EngineHooks(self, self.webhooks))
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        os.makedirs(self.cfg.data_dir, exist_ok=True)
+        private_dir(self.cfg.data_dir)
         _raise_fd_limit()
         self.stamper = Stamper(os.path.join(self.cfg.data_dir, "ring", "ring.dat"), self.cfg.node_id) \
             if _ring_available() else self.stamper
@@ -78,7 +83,8 @@ class Engine:
 
         from engine.media.tones import ringback
 
-        self.speech = SpeechCache(os.path.join(self.cfg.data_dir, "tts"))
+        self.speech = SpeechCache(os.path.join(self.cfg.data_dir, "tts"),
+                                  disk_bytes=self.cfg.guard.tts_cache_bytes)
         self.ringback = ringback()
         from engine.sessions.journal import SessionStore
 
@@ -106,6 +112,22 @@ class Engine:
                 log.warning("gRPC control API not available: %s", exc)
             else:
                 self.control = await start_control(self)
+        # Documents' fetches never reach the engine's own listeners (docs/security.md).
+        own = self.cfg.guard.own_ports
+        own.update(p for p in (self.sip_port, self.grpc_port,
+                               getattr(self.http, "port", 0),
+                               getattr(self.metrics, "port", 0)) if p)
+
+    async def drain_calls(self, timeout: float | None) -> int:
+        """Refuse new calls and OPTIONS probes with 503 and wait for the calls in
+        progress to end by themselves, at most `timeout` seconds (None: however
+        long they last). Returns the number of calls still up."""
+        self.sip.draining = True
+        log.info("draining: %d calls in progress, new calls refused", len(self.sessions))
+        deadline = None if timeout is None else self.loop.time() + timeout
+        while self.sessions and (deadline is None or self.loop.time() < deadline):
+            await asyncio.sleep(0.1)
+        return len(self.sessions)
 
     async def stop(self, timeout: float = 3.0) -> None:
         """Graceful stop: new INVITEs get 503, calls in progress end with BYE."""
@@ -171,14 +193,28 @@ class Engine:
         if msg.max_forwards == 0 and getattr(module, "forwards", False):
             dialog.reject(483)  # RFC 3261 16.3 step 2 for what we would forward
             return
+        source = dialog.source[0] if dialog.source else ""
+        if not trusted_source(self.cfg, source) and not self.setup.enter(source):
+            # Calls in setup per source: an unanswered INVITE holds ports and is
+            # what a flood is made of.
+            dialog.reject(503, why="setup-limit")
+            return
         h = msg.headers
         app = self.cfg.apps.get(route.target) if route.kind == "app" else None
         from_uri = valid_text(h["from"][0])
         session = Session(self, route.account, user, from_uri, valid_text(h["to"][0]), app=app)
         session.params["CallerName"] = _display_name(from_uri)
         self.sessions[session.id] = session
+        if not trusted_source(self.cfg, source):
+            self.in_setup[session.id] = source
         Leg(session, dialog)
         session.start(node)
+
+    def on_text(self, msg, st) -> None:
+        self.messaging.on_text(msg, st)
+
+    def on_text_in_dialog(self, dialog, msg):
+        return self.messaging.on_text_in_dialog(dialog, msg)
 
     def journal(self, session: Session) -> None:
         if self.store is not None:
@@ -192,8 +228,17 @@ class Engine:
             except Exception:
                 log.exception("session event listener failed")
 
+    def setup_done(self, session_id: str) -> None:
+        """The caller's INVITE was answered and acknowledged, or the call ended."""
+        source = self.in_setup.pop(session_id, None)
+        if source is not None:
+            self.setup.leave(source)
+
     def session_ended(self, session: Session) -> None:
+        self.setup_done(session.id)
         self.sessions.pop(session.id, None)
+        if session.kind == "messaging":
+            self.messaging.ended(session)
         self.finished.append(session)
         if len(self.finished) > 1000:
             del self.finished[:500]

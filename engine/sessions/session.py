@@ -23,6 +23,7 @@ from engine.sip.errors import SdpError
 from engine.sip.dialog import DialogOwner
 from engine.common import clock
 from engine.common.levels import OFFER
+from engine.common.guard import media_trusted
 from engine.media.engine import LAW_OF_PT
 from engine.media.wav import AudioError
 
@@ -98,6 +99,11 @@ class Control:
     def engine(self):
         return self.session.engine
 
+    @property
+    def node_configured(self) -> bool:
+        """The node in control is one the operator configured (apps.configured)."""
+        return self.node is not None and apps_mod.configured(self.session.engine, self.node)
+
     def release(self, outlet: str, **params) -> bool:
         """Leave through a named outlet of this node."""
         if not self.active:
@@ -151,11 +157,18 @@ class Session:
     __slots__ = ("id", "account", "number", "from_uri", "to_uri", "direction", "params",
                  "legs", "module", "history", "ended", "end_reason", "engine", "app", "node",
                  "control", "vars", "started_mono", "started_wall", "ended_mono",
-                 "ended_wall", "transitions", "saved")
+                 "ended_wall", "transitions", "saved", "kind", "messages", "peer",
+                 "last_text")
 
     def __init__(self, engine, account: str, number: str, from_uri: str, to_uri: str,
-                 direction: str = "inbound", app=None):
+                 direction: str = "inbound", app=None, kind: str = "call"):
         self.id = new_session_id()
+        # "call", or "messaging" for a text conversation (no legs; its messages
+        # reach the module in control through `Module.on_text`).
+        self.kind = kind
+        self.messages: list = []       # the conversation's history (TextMessage sids)
+        self.peer = None               # where replies of a conversation go
+        self.last_text = 0.0           # loop time of the conversation's last message
         self.engine = engine
         self.account = account
         self.number = number
@@ -472,7 +485,8 @@ class Session:
                 "from": self.from_uri, "to": self.to_uri, "direction": self.direction,
                 "module": self.module.code if self.module else None, "level": self.level,
                 "started_wall_ns": self.started_wall, "ended_wall_ns": self.ended_wall,
-                "end_reason": self.end_reason, "history": [s.as_dict() for s in self.history]}
+                "end_reason": self.end_reason, "kind": self.kind,
+                "history": [s.as_dict() for s in self.history]}
 
 
 class Leg(DialogOwner):
@@ -497,7 +511,7 @@ class Leg(DialogOwner):
         self.answered = False
         self.ended = False
         self.rtcp_report = None    # the far end's last RTCP reception report
-        self.outbound = None       # modules.dialing.Grant: counted while the leg is up
+        self.outbound = None       # sessions.dialing.Grant: counted while the leg is up
         if dialog is not None:
             dialog.owner = self
             dialog.session = session
@@ -536,7 +550,13 @@ class Leg(DialogOwner):
         if neg.hold and neg.direction in ("inactive", "recvonly"):
             self.stream.set_remote("0.0.0.0", 0)
         else:
-            self.stream.set_remote(neg.remote_addr, neg.remote_port)
+            # An SDP address alone must not aim media at a third party: unless it is
+            # where the signalling came from (or a trusted trunk), wait for the far
+            # end's first packet and answer where it came from (RFC 4961 latching).
+            d = self.dialog
+            source = d.source[0] if d is not None and d.source else ""
+            wait = not media_trusted(self.session.engine.cfg, source, neg.remote_addr)
+            self.stream.set_remote(neg.remote_addr, neg.remote_port, wait)
 
     def media_stats(self) -> dict:
         """RTP counters of this leg, with loss and jitter as the far end reported them."""
@@ -608,6 +628,8 @@ class Leg(DialogOwner):
         return answer_media(self.session.engine, self, body)
 
     def dialog_confirmed(self, dialog) -> None:
+        if self.role == "caller":
+            self.session.engine.setup_done(self.session.id)
         # A late offer (INVITE without SDP): the caller's answer came in the ACK.
         if self.negotiated is None and dialog.remote_sdp:
             try:

@@ -41,7 +41,7 @@ REASONS = {
     600: "Busy Everywhere", 603: "Decline", 604: "Does Not Exist Anywhere",
 }
 
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE"
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE, MESSAGE"
 # No option tags are claimed: session timers (RFC 4028), Replaces and 100rel are not implemented.
 SUPPORTED = ""
 _TAG_BYTES = 6

@@ -30,7 +30,7 @@ KNOWN_METHODS = frozenset(("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTE
                            "MESSAGE", "PUBLISH"))
 # Methods we implement; the other known ones get 405 with Allow, unknown ones 501.
 IMPLEMENTED = frozenset(("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER",
-                         "INFO", "UPDATE"))
+                         "INFO", "UPDATE", "MESSAGE"))
 SUPPORTED_OPTIONS: frozenset = frozenset()  # every Require tag gets 420 (RFC 3261 8.2.2.3)
 SDP_TYPES = ("application/sdp",)
 HOUSEKEEPING = 10.0     # seconds between sweeps of idle connections and expired bindings
@@ -108,8 +108,9 @@ class SipCore:
 
     @staticmethod
     def _bind_udp(host: str, port: int) -> socket.socket:
+        # No SO_REUSEADDR: on UDP it would let a second engine bind the same port and
+        # share its datagrams (UDP has no TIME_WAIT to wait out).
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -307,7 +308,19 @@ class SipCore:
         if method == "INVITE":
             self.on_invite(msg, st)
         elif method == "OPTIONS":
-            self.respond(st, msg, 200, headers=self.capabilities())
+            if self.draining:
+                # A draining node tells a front door's OPTIONS probe (Kamailio's
+                # dispatcher) to send its new calls elsewhere.
+                self.respond(st, msg, 503, headers=[("retry-after", "30")])
+            else:
+                self.respond(st, msg, 200, headers=self.capabilities())
+        elif method == "MESSAGE":
+            # RFC 3428: pager mode, no dialog; the application answers (202 or a refusal).
+            on_text = getattr(self.app, "on_text", None)
+            if on_text is None:
+                self.respond(st, msg, 405, headers=[("allow", build.ALLOW)])
+            else:
+                on_text(msg, st)
         elif method == "REGISTER":
             if self.registrar is None:
                 self.respond(st, msg, 405, headers=[("allow", build.ALLOW)])
@@ -318,7 +331,7 @@ class SipCore:
             self.respond(st, msg, 481)
 
     def capabilities(self) -> list:
-        return [("allow", build.ALLOW), ("accept", "application/sdp"),
+        return [("allow", build.ALLOW), ("accept", "application/sdp, text/plain"),
                 ("accept-encoding", "identity"), ("accept-language", "en")]
 
     def on_invite(self, msg, st) -> None:
@@ -370,6 +383,15 @@ class SipCore:
             self.on_reoffer(d, msg, st)
         elif method == "OPTIONS":
             self.respond(st, msg, 200, headers=self.capabilities(), to_tag=d.local_tag)
+        elif method == "MESSAGE":
+            # RFC 3428 2: a MESSAGE inside a dialog belongs to that dialog's session.
+            on_text = getattr(self.app, "on_text_in_dialog", None)
+            if on_text is None:
+                self.respond(st, msg, 405, headers=[("allow", build.ALLOW)], to_tag=d.local_tag)
+            else:
+                a = on_text(d, msg)
+                self.respond(st, msg, a.status, reason=a.reason, headers=list(a.headers),
+                             to_tag=d.local_tag)
         else:
             status = 200
             if d.owner is not None:

@@ -321,6 +321,31 @@ class Registrar:
         headers.append(("date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())))
         core.respond(st, msg, 200, headers=headers)
 
+    def authenticate(self, core, msg, st) -> str | None:
+        """The configured user whose digest credentials `msg` carries (for its
+        method and Request-URI), or None once `msg` has been answered: 401 with
+        a challenge, or 403 for wrong credentials (counted toward the source's
+        lockout, as for REGISTER)."""
+        now = self.clock()
+        budget = self._budget(st.flow.addr[0], now)
+        if budget.locked_until > now:
+            core.respond(st, msg, 403)
+            return None
+        auth = msg.get("authorization")
+        if auth is None:
+            self._challenge(core, msg, st)
+            return None
+        result = self.digest.verify(msg.method, auth, self._password)
+        if result.ok and (result.uri is None or result.uri == msg.uri) \
+                and result.username in self.users:
+            return result.username
+        if result.ok or result.reason in ("bad response", "unknown user"):
+            self._failed(budget, now)
+            core.respond(st, msg, 403)
+            return None
+        self._challenge(core, msg, st, stale=result.stale)
+        return None
+
     def _challenge(self, core, msg, st, stale: bool = False) -> None:
         headers = [("www-authenticate", v) for v in self.digest.challenge(stale=stale)]
         core.respond(st, msg, 401, headers=headers)

@@ -33,6 +33,9 @@ class CallState(enum.IntEnum):
 class UacOwner:
     """What an outgoing call tells its owner. Every method is optional."""
 
+    def call_trying(self, call: "OutgoingCall", msg) -> None:
+        """The first 100 Trying (the next hop has the INVITE)."""
+
     def call_progress(self, call: "OutgoingCall", status: int, msg) -> None:
         """A provisional response (180 Ringing, 183 with early media SDP)."""
 
@@ -85,45 +88,13 @@ class OutgoingCall:
     async def start(self) -> None:
         """Resolve the next hop and send the INVITE."""
         try:
-            host, port, transport = await self._next_hop()
+            self.flow = await open_flow(self.core, self.target, self.destination, self.transport)
         except (OSError, ValueError) as exc:
             log.info("call to %s: no route: %s", self.target, exc)
             self._fail(503 if isinstance(exc, OSError) else 416, None)
             return
-        core = self.core
-        if transport == "TCP":
-            if not core.tcp:
-                self._fail(503, None)
-                return
-            self.flow = core.tcp[0].flow_to((host, port))
-        else:
-            if not core.udp:
-                self._fail(503, None)
-                return
-            self.flow = Flow(core.udp[0], (host, port))
-        self.contact = core.contact_for(self.flow)
+        self.contact = self.core.contact_for(self.flow)
         self._send_invite()
-
-    async def _next_hop(self):
-        if self.destination is not None:
-            host, port = self.destination
-            transport = (self.transport or "UDP").upper()
-        else:
-            uri = parse_uri(self.target)
-            if uri.scheme == "tel":
-                raise ValueError("a tel: URI needs a trunk to reach it")
-            host, port = uri.host.strip("[]"), uri.port or 5060
-            transport = (self.transport or uri.transport).upper()
-        if transport not in ("UDP", "TCP"):
-            raise ValueError(f"transport {transport} is not supported")
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            # RFC 3263 simplified: the host's address record, default port 5060.
-            loop = asyncio.get_running_loop()
-            infos = await loop.getaddrinfo(host, port, type=2)
-            host = infos[0][4][0]
-        return host, port, transport
 
     def _send_invite(self, authorization: tuple | None = None) -> None:
         core = self.core
@@ -159,6 +130,10 @@ class OutgoingCall:
         status = msg.status
         if status < 200:
             if status == 100:
+                if not self.got_provisional:
+                    trying = getattr(self.owner, "call_trying", None)
+                    if trying is not None:
+                        trying(self, msg)
                 self.got_provisional = True
             else:
                 self.got_provisional = True
@@ -174,20 +149,12 @@ class OutgoingCall:
         self.status = status
         if status in (401, 407) and self.credentials and self.auth_tries == 0 \
                 and not self.cancel_requested:
-            challenges = msg.get_all("www-authenticate" if status == 401 else "proxy-authenticate")
-            try:
-                challenge = digest.choose_challenge(challenges)
-                user, password = self.credentials
-                value = digest.authorize(challenge, "INVITE", self.target, user, password,
-                                         body=self.sdp)
-            except ValueError as exc:
-                log.info("call to %s: cannot answer challenge: %s", self.target, exc)
-            else:
+            header = answer_challenge(msg, "INVITE", self.target, self.credentials, self.sdp)
+            if header is not None:
                 # RFC 3261 22.2: retry with credentials, same Call-ID, CSeq + 1.
                 self.auth_tries += 1
                 self.cseq += 1
-                name = "authorization" if status == 401 else "proxy-authorization"
-                self._send_invite((name, value))
+                self._send_invite(header)
                 return
         if self.cancel_requested and status == 487:
             self.state = CallState.CANCELLED
@@ -278,6 +245,60 @@ class OutgoingCall:
         self.state = CallState.FAILED
         self.status = status
         self.owner.call_failed(self, status, msg)
+
+
+def answer_challenge(msg, method: str, target: str, credentials: tuple,
+                     body: bytes = b"") -> tuple[str, str] | None:
+    """The (Authorization or Proxy-Authorization, value) header answering the
+    digest challenge of a 401/407 `msg`, or None when it cannot be answered."""
+    status = msg.status
+    challenges = msg.get_all("www-authenticate" if status == 401 else "proxy-authenticate")
+    try:
+        challenge = digest.choose_challenge(challenges)
+        user, password = credentials
+        value = digest.authorize(challenge, method, target, user, password, body=body)
+    except ValueError as exc:
+        log.info("%s to %s: cannot answer challenge: %s", method, target, exc)
+        return None
+    return ("authorization" if status == 401 else "proxy-authorization", value)
+
+
+async def next_hop(target: str, destination: tuple | None = None,
+                   transport: str | None = None) -> tuple[str, int, str]:
+    """(host, port, UDP|TCP) a request to `target` goes to: `destination` when
+    given, else the URI's host and port (RFC 3263 simplified: its address
+    record, default port 5060). Raises ValueError for what cannot be reached."""
+    if destination is not None:
+        host, port = destination
+        transport = (transport or "UDP").upper()
+    else:
+        uri = parse_uri(target)
+        if uri.scheme == "tel":
+            raise ValueError("a tel: URI needs a trunk to reach it")
+        host, port = uri.host.strip("[]"), uri.port or 5060
+        transport = (transport or uri.transport).upper()
+    if transport not in ("UDP", "TCP"):
+        raise ValueError(f"transport {transport} is not supported")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=2)
+        host = infos[0][4][0]
+    return host, port, transport
+
+
+async def open_flow(core, target: str, destination: tuple | None = None,
+                    transport: str | None = None) -> Flow:
+    """The flow a new request to `target` leaves on (OSError: no transport for it)."""
+    host, port, transport = await next_hop(target, destination, transport)
+    if transport == "TCP":
+        if not core.tcp:
+            raise OSError("no TCP transport")
+        return core.tcp[0].flow_to((host, port))
+    if not core.udp:
+        raise OSError("no UDP transport")
+    return Flow(core.udp[0], (host, port))
 
 
 def _ignore(ct, msg) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from engine.media.files import NO_SUCH_FILE, account_roots, confine
 from engine.media.wav import AudioError, load_wav
 from ext.kernels import rtp
 
@@ -16,6 +17,11 @@ async def render(ctl, text: str | None = None, file: str | None = None, voice: s
     """PCM for a prompt: spoken text (cached) or a WAV file."""
     engine = ctl.engine
     if file:
+        if not ctl.node_configured:
+            # A file named by a document or an API call: the account's own directories.
+            file = confine(file, account_roots(engine.cfg, ctl.session.account))
+            if file is None:
+                raise AudioError(NO_SUCH_FILE)
         return await load_wav(file)
     kwargs = {"voice": voice}
     if language:

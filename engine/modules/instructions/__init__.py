@@ -32,6 +32,7 @@ class InstructionsModule(Module):
     code = "baton.instructions"
     level = "application"
     forwards = True
+    texting = True            # a conversation's texts run MessagingResponse documents
     outlets = ("done", "fallback")
 
     def __init__(self, engine, params: dict | None = None):
@@ -40,6 +41,8 @@ class InstructionsModule(Module):
 
     def take(self, ctl) -> None:
         session = ctl.session
+        if session.kind == "messaging":
+            return      # each text fetches its document (on_text)
         runner = Runner(self, ctl)
         ctl.state = runner
         resume = None
@@ -49,6 +52,13 @@ class InstructionsModule(Module):
             if saved is not None and saved.get("token") == token:
                 resume = session.saved.pop(SAVED_KEY)
         runner.start(resume)
+
+    def on_text(self, ctl, message) -> None:
+        if ctl.session.kind != "messaging":
+            return      # a text inside a call: the voice document is not interrupted
+        from engine.modules.instructions import messaging
+
+        self.shared.fetcher.fire(messaging.run(self.shared, ctl, message))
 
     def media_event(self, ctl, leg, kind: str, detail) -> None:
         runner = ctl.state

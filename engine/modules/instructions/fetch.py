@@ -118,12 +118,35 @@ def with_query(url: str, params: dict) -> str:
 
 # -- the client ------------------------------------------------------------------
 
+NOT_ALLOWED = "destination not allowed"
+
+
+class DestinationRefused(OSError):
+    """A connection the operator's `[security]` fetch rules do not allow."""
+
+
+def _guarded_socket(guard):
+    """The connector's socket factory: every connection (a name's every address, each
+    redirect) is checked against the rules before it is made, so neither DNS nor a
+    redirect can lead a document's fetch to loopback, link-local or the engine's own
+    ports."""
+    import socket
+
+    def factory(addr_info):
+        family, type_, proto, _, sockaddr = addr_info
+        if guard is not None and guard.fetch_refused(str(sockaddr[0]), int(sockaddr[1])):
+            raise DestinationRefused(NOT_ALLOWED)
+        return socket.socket(family=family, type=type_, proto=proto)
+    return factory
+
+
 class Fetcher:
     """The engine's HTTP client for instruction apps: one pooled session, signed requests."""
 
-    def __init__(self, *, pool: int = 256, per_host: int = 64):
+    def __init__(self, *, pool: int = 256, per_host: int = 64, guard=None):
         self.pool = pool
         self.per_host = per_host
+        self.guard = guard
         self._session = None
         self.audio = UrlAudio(self._get)
         self.background: set[asyncio.Task] = set()
@@ -138,7 +161,8 @@ class Fetcher:
 
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.pool, limit_per_host=self.per_host,
-                                             ttl_dns_cache=300, keepalive_timeout=30)
+                                             ttl_dns_cache=300, keepalive_timeout=30,
+                                             socket_factory=_guarded_socket(self.guard))
             self._session = aiohttp.ClientSession(connector=connector,
                                                   headers={"User-Agent": USER_AGENT},
                                                   auto_decompress=True)
@@ -195,8 +219,8 @@ class Fetcher:
                     chunks.append(chunk)
                 body = b"".join(chunks)
                 if not 200 <= resp.status < 300:
-                    raise FetchError(f"HTTP {resp.status} {resp.reason or ''}".strip(), 11200,
-                                     resp.status)
+                    # The status only: nothing of the reply is echoed to the account.
+                    raise FetchError(f"HTTP {resp.status}", 11200, resp.status)
                 elapsed = time.monotonic() - t0
                 self._latency(elapsed)
                 return Response(resp.status, body, resp.headers.get("Content-Type", ""),
@@ -215,6 +239,8 @@ class Fetcher:
             raise FetchError(f"cannot resolve host: {exc}", 11210) from None
         except aiohttp.ClientConnectorError as exc:
             self.failures += 1
+            if NOT_ALLOWED in str(exc.os_error or exc):
+                raise FetchError(NOT_ALLOWED, 11205) from None
             raise FetchError(f"cannot connect: {exc.os_error or exc}", 11205) from None
         except (aiohttp.ClientError, aiohttp.InvalidURL, ValueError, OSError) as exc:
             self.failures += 1

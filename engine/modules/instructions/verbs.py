@@ -27,13 +27,14 @@ from urllib.parse import parse_qsl, unquote, urljoin, urlsplit
 
 from engine.media.commands.gather import Gather
 from ext.sip_message import valid_text
-from engine.modules.base import answer_caller
+from engine.modules.base import answer_caller, operator_param
 from engine.modules.instructions import conference, queues
 from engine.modules.instructions.conference import Rooms
 from engine.modules.instructions.fetch import Fetcher, FetchError
 from engine.modules.instructions.parser import Document, DocumentError, Verb, parse
 from engine.modules.instructions.flow import STOP, Fetch
 from engine.modules.instructions.queues import Queues
+from engine.media.files import NO_SUCH_FILE, account_roots, confine, find_recording, recording_path
 
 log = logging.getLogger("baton.instructions")
 
@@ -53,7 +54,7 @@ class Shared:
 
     def __init__(self, engine):
         self.engine = engine
-        self.fetcher = Fetcher()
+        self.fetcher = Fetcher(guard=engine.cfg.guard)
         self.queues = Queues()
         self.rooms = Rooms(lambda: engine.media.clock)
         self.documents: dict = {}      # (url, body) -> Document, oldest first
@@ -342,9 +343,11 @@ class Runner:
     def _request_options(self) -> dict:
         secret, twilio = account_settings(self.engine, self.session.account)
         p = self.params
+        # A document's parameters may shorten the timeouts, never pass the operator's cap.
+        cap = self.engine.cfg.guard.fetch_timeout_max
         return {"secret": secret, "twilio": twilio,
-                "timeout": float(p.get("timeout", 10)),
-                "connect_timeout": float(p.get("connect_timeout", 3))}
+                "timeout": min(float(p.get("timeout", 10)), cap),
+                "connect_timeout": min(float(p.get("connect_timeout", 3)), cap)}
 
     async def fetch_doc(self, url: str, method: str, params: dict) -> Document:
         if urlsplit(url).scheme not in ("http", "https"):
@@ -494,13 +497,15 @@ class Runner:
         if parts.scheme in ("http", "https"):
             return await self.shared.fetcher.audio_url(url)
         if parts.scheme in ("file", ""):
-            path = os.path.realpath(unquote(parts.path))
-            data = self.engine.cfg.data_dir
-            roots = [os.path.join(data, "sounds"), os.path.join(data, "recordings")]
-            if self.params.get("sounds_dir"):
-                roots.append(str(self.params["sounds_dir"]))
-            if not any(path.startswith(os.path.realpath(r) + os.sep) for r in roots):
-                raise AudioError(f"{path} is outside the sounds and recordings directories")
+            # Only the operator's configuration may widen the directories (a document's
+            # Redirect parameters never do); outside them and missing are one answer.
+            roots = account_roots(self.engine.cfg, self.session.account)
+            extra = operator_param(self.ctl, "sounds_dir")
+            if extra:
+                roots.append(str(extra))
+            path = confine(unquote(parts.path), roots)
+            if path is None:
+                raise AudioError(NO_SUCH_FILE)
             return await load_wav(path)
         raise AudioError(f"cannot play {parts.scheme}: URLs")
 
@@ -513,8 +518,7 @@ class Runner:
         name = url[len(base) + len("/recordings/"):].removesuffix(".wav")
         if not _RECORDING_RE.fullmatch(name):
             return None
-        path = os.path.join(self.engine.cfg.data_dir, "recordings", name + ".wav")
-        return path if os.path.exists(path) else None
+        return find_recording(self.engine.cfg.data_dir, name, self.session.account)
 
     async def send_digits(self, digits: str) -> None:
         """DTMF to the caller: RFC 4733 events when negotiated, else in-band tones."""
@@ -589,8 +593,8 @@ class Runner:
 
         if not self.answer():
             return STOP
-        sid = "RE" + secrets.token_hex(16)
-        path = os.path.join(self.engine.cfg.data_dir, "recordings", sid + ".wav")
+        path = recording_path(self.engine.cfg.data_dir, self.session.account)
+        sid = os.path.basename(path)[:-4]
         silence = verb.get("timeout", 5)
         done = self.loop.create_future()
 
@@ -719,7 +723,7 @@ class Runner:
     def _strip_operator_params(self, verb: Verb, target: str, q: list) -> list:
         """A document may not set the operator's parameters (a trunk, a sounds
         directory, timeouts): they are dropped, with an error event saying so."""
-        from engine.modules.dialing import OPERATOR_PARAMS, operator_params
+        from engine.sessions.dialing import OPERATOR_PARAMS, operator_params
 
         dropped = operator_params(dict(q))
         if not dropped:

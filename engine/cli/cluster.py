@@ -1,0 +1,244 @@
+"""`baton cluster up` (Kamailio's dispatcher in front of N nodes on this machine)
+and `baton node drain` (docs/cluster.md).
+
+`cluster up` fills in deploy/kamailio/kamailio.cfg, starts Kamailio on the front
+address (127.0.0.10) and N `baton serve` nodes on 127.0.0.11, .12, ..., each with
+its own data directory and node id, all posting into one ledger (`--store`, one
+PostgreSQL schema per cluster), prints where everything is, writes it to
+DIR/cluster.json, and stops it all on Ctrl-C or SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TEMPLATE = os.path.join(ROOT, "deploy", "kamailio", "kamailio.cfg")
+MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules"
+DEFAULT_STORE = "postgresql://postgres@127.0.0.1:5432/postgres?schema=baton_cluster"
+ALGORITHMS = {"round-robin": 4, "call-load": 10}
+
+
+def render_kamailio(listen: str, port: int, dispatcher_list: str, ping_interval: int,
+                    algorithm: int) -> str:
+    """The Kamailio config of deploy/kamailio/kamailio.cfg for these values."""
+    with open(TEMPLATE) as f:
+        text = f.read()
+    if algorithm == 10:      # call load counts dialogs: the dialog module tracks them
+        text = text.replace('loadmodule "dispatcher.so"',
+                            'loadmodule "dialog.so"\nloadmodule "dispatcher.so"')
+        text = text.replace("record_route();", "record_route();\n        dlg_manage();")
+    for name, value in (("LISTEN", listen), ("PORT", port), ("LIST", dispatcher_list),
+                        ("PING", ping_interval), ("ALGORITHM", algorithm)):
+        text = text.replace(f"@@{name}@@", str(value))
+    return text
+
+
+def dispatcher_list(nodes: list[dict]) -> str:
+    """Set 1: every node's SIP address."""
+    return "".join(f"1 sip:{n['address']}:{n['sip_port']} 0 0 name={n['id']}\n" for n in nodes)
+
+
+def _options_ok(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        s.settimeout(0.3)
+        local = s.getsockname()[1]
+        msg = (f"OPTIONS sip:{host}:{port} SIP/2.0\r\n"
+               f"Via: SIP/2.0/UDP {host}:{local};branch=z9hG4bK-up{time.monotonic_ns()}\r\n"
+               f"Max-Forwards: 70\r\nFrom: <sip:up@{host}>;tag=up\r\nTo: <sip:{host}:{port}>\r\n"
+               f"Call-ID: up-{time.monotonic_ns()}@{host}\r\nCSeq: 1 OPTIONS\r\n"
+               f"Content-Length: 0\r\n\r\n").encode()
+        try:
+            s.sendto(msg, (host, port))
+            return s.recv(65535).startswith(b"SIP/2.0 200")
+        except OSError:
+            return False
+
+
+def _stop(procs: list[subprocess.Popen], sig: int, timeout: float) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(OSError):
+                p.send_signal(sig)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def up(args) -> int:
+    kamailio = shutil.which("kamailio") or "/usr/sbin/kamailio"
+    if not os.path.exists(kamailio):
+        print("baton cluster: kamailio is not installed (Debian package kamailio)", file=sys.stderr)
+        return 2
+    base = os.path.abspath(args.dir)
+    os.makedirs(base, exist_ok=True)
+    first = ipaddress.ip_address(args.first_node)
+    nodes = []
+    for i in range(args.nodes):
+        addr = str(first + i)
+        nodes.append({"id": f"node{i + 1}", "address": addr, "sip_port": args.node_port,
+                      "grpc": f"{addr}:{args.grpc_port}", "data_dir": os.path.join(base, f"node{i + 1}"),
+                      "log": os.path.join(base, f"node{i + 1}.log")})
+    ds_list = os.path.join(base, "dispatcher.list")
+    with open(ds_list, "w") as f:
+        f.write(dispatcher_list(nodes))
+    cfg_path = os.path.join(base, "kamailio.cfg")
+    with open(cfg_path, "w") as f:
+        f.write(render_kamailio(args.front, args.port, ds_list, args.ping_interval,
+                                ALGORITHMS[args.algorithm]))
+    rundir = os.path.join(base, "kamailio-run")
+    os.makedirs(rundir, exist_ok=True)
+    check = subprocess.run([kamailio, "-c", "-f", cfg_path, "-L", MODULES],
+                           capture_output=True, text=True)
+    if check.returncode != 0:
+        print(f"baton cluster: bad Kamailio config {cfg_path}:\n{check.stderr}", file=sys.stderr)
+        return 2
+    procs: list[subprocess.Popen] = []
+    stopping: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _f: stopping.append(s))
+    baton = os.path.join(os.path.dirname(sys.executable), "baton")
+    try:
+        for n in nodes:
+            os.makedirs(n["data_dir"], exist_ok=True)
+            cmd = [baton, "serve", "--config", args.config, "--node-id", n["id"],
+                   "--sip-addr", f"{n['address']}:{n['sip_port']}", "--media-addr", n["address"],
+                   "--grpc-addr", n["grpc"], "--data-dir", n["data_dir"], "--store", args.store,
+                   "--drain-timeout", str(args.drain_timeout)]
+            with open(n["log"], "ab") as log:
+                p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+            n["pid"] = p.pid
+            procs.append(p)
+        klog = os.path.join(base, "kamailio.log")
+        with open(klog, "ab") as log:
+            front = subprocess.Popen([kamailio, "-DD", "-E", "-f", cfg_path, "-L", MODULES,
+                                      "-Y", rundir, "-P", os.path.join(rundir, "kamailio.pid")],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        procs.append(front)
+        deadline = time.monotonic() + args.start_timeout
+        waiting = list(nodes)
+        while waiting and not stopping:
+            for p in procs:
+                if p.poll() is not None:
+                    which = "kamailio" if p is front else next(n["id"] for n in nodes
+                                                               if n["pid"] == p.pid)
+                    print(f"baton cluster: {which} exited ({p.returncode}) while starting; "
+                          f"see {base}/{'kamailio' if p is front else which}.log",
+                          file=sys.stderr)
+                    return 1
+            waiting = [n for n in waiting if not _options_ok(n["address"], n["sip_port"])]
+            if time.monotonic() > deadline:
+                print(f"baton cluster: {', '.join(n['id'] for n in waiting)} did not start "
+                      f"within {args.start_timeout:.0f}s", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        info = {"front": f"{args.front}:{args.port}", "kamailio_pid": front.pid,
+                "kamailio_cfg": cfg_path, "kamailio_log": klog, "store": args.store,
+                "nodes": nodes}
+        with open(os.path.join(base, "cluster.json"), "w") as f:
+            json.dump(info, f, indent=2)
+        print(f"baton cluster: {len(nodes)} nodes behind Kamailio on sip:{args.front}:{args.port}"
+              f" (config {cfg_path}, log {klog})", flush=True)
+        for n in nodes:
+            print(f"  {n['id']}: sip:{n['address']}:{n['sip_port']}  grpc {n['grpc']}  "
+                  f"data {n['data_dir']}  log {n['log']}  pid {n['pid']}", flush=True)
+        print(f"  ledger: {args.store}\n"
+              f"  call it: sipp -sn uac {args.front}:{args.port} -s 1000 -m 10 -d 2000 "
+              f"-i 127.0.0.1\n"
+              f"  drain a node: baton node drain --data-dir {nodes[0]['data_dir']}\n"
+              f"  stop: Ctrl-C", flush=True)
+        while not stopping:
+            for n, p in zip(nodes, procs):
+                if p.poll() is not None and not n.get("exited"):
+                    n["exited"] = p.returncode
+                    print(f"baton cluster: {n['id']} exited ({p.returncode})", flush=True)
+            if front.poll() is not None:
+                print(f"baton cluster: kamailio exited ({front.returncode})", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        # Nodes first (their calls end with BYE through the proxy), then the proxy.
+        _stop(procs[:-1] if len(procs) > len(nodes) else procs, signal.SIGINT, 20)
+        _stop(procs, signal.SIGTERM, 10)
+
+
+def drain(args) -> int:
+    """Send the node SIGUSR2 (drain until its last call ends, then exit) and wait."""
+    pidfile = os.path.join(args.data_dir, "engine.pid")
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, signal.SIGUSR2)
+    except (OSError, ValueError) as exc:
+        print(f"baton node drain: no running engine in {args.data_dir}: {exc}", file=sys.stderr)
+        return 1
+    print(f"baton node drain: node (pid {pid}) refuses new calls and stops after its last call",
+          flush=True)
+    if args.no_wait:
+        return 0
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    while os.path.exists(f"/proc/{pid}") and _is_baton(pid):
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"baton node drain: still draining after {args.timeout:.0f}s", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    return 0
+
+
+def _is_baton(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def add_parsers(sub) -> None:
+    c = sub.add_parser("cluster", help="Kamailio and N nodes on this machine (docs/cluster.md)")
+    csub = c.add_subparsers(dest="cluster_command", metavar="WHAT", required=True)
+    u = csub.add_parser("up", help="start Kamailio on 127.0.0.10 and N nodes on 127.0.0.11, ...; "
+                                   "Ctrl-C stops them all")
+    u.add_argument("--nodes", type=int, default=3)
+    u.add_argument("--port", type=int, default=5060, help="Kamailio's SIP port (default 5060)")
+    u.add_argument("--front", default="127.0.0.10", help="Kamailio's address")
+    u.add_argument("--first-node", default="127.0.0.11", help="the first node's address; the "
+                                                              "next nodes take the next ones")
+    u.add_argument("--node-port", type=int, default=5060, help="every node's SIP port")
+    u.add_argument("--grpc-port", type=int, default=50051, help="every node's gRPC port")
+    u.add_argument("--config", default=os.path.join(ROOT, "examples", "demo.toml"),
+                   help="the nodes' TOML config (default: examples/demo.toml)")
+    u.add_argument("--store", default=os.environ.get("BATON_CLUSTER_STORE", DEFAULT_STORE),
+                   help="the one ledger every node's accountant posts into "
+                        f"(default {DEFAULT_STORE})")
+    u.add_argument("--dir", default=".baton-cluster", help="where the nodes' data directories, "
+                                                          "logs and the Kamailio config go")
+    u.add_argument("--ping-interval", type=int, default=2, help="seconds between OPTIONS probes")
+    u.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="round-robin")
+    u.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds a node given SIGTERM waits for its calls (default 30)")
+    u.add_argument("--start-timeout", type=float, default=60.0)
+    u.set_defaults(func=up)
+    n = sub.add_parser("node", help="this node in a cluster: drain")
+    nsub = n.add_subparsers(dest="node_command", metavar="WHAT", required=True)
+    d = nsub.add_parser("drain", help="refuse new calls and OPTIONS (503), finish the calls in "
+                                      "progress, then exit")
+    d.add_argument("--data-dir", default=".baton", metavar="DIR")
+    d.add_argument("--no-wait", action="store_true", help="do not wait for the node to exit")
+    d.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    d.set_defaults(func=drain)

@@ -1,0 +1,390 @@
+"""Text conversations: SIP MESSAGE in and out as sessions (RFC 3428 pager mode).
+
+Messages between the same two addresses (the sender's address-of-record and
+the number texted) within `[messaging] idle_timeout` form one conversation:
+one `Session` of kind "messaging", with the session id, module history,
+transitions, policy checks and stamps every call has. The module in control
+gets each message through `Module.on_text`; a module that takes the
+conversation because of a message (a keyword outlet, a `<Redirect>`) gets that
+message too.
+
+Every message is a `TextMessage` with Twilio's statuses: inbound ones are
+`received`; outbound ones go `queued` → `sending` → `sent` (202) or
+`delivered` (200), else `undelivered` (the far end refused it, its SIP code
+kept) or `failed` (never reached anyone: a timeout, no route, not allowed).
+Each is stamped as two counted actions of the module in control:
+`message_in` / `message_out` (1) and `message_in_segments` /
+`message_out_segments` (its carrier segments), so plans price either.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+from engine.common import clock
+from engine.common.segments import encoding, segments
+from engine.sessions.session import Session
+from engine.sip import pager
+from engine.sip.uri import parse_uri
+from ext.sip_message import valid_text
+from ext.sip_py import parse_name_addr
+
+log = logging.getLogger("baton.messaging")
+
+MAX_KEPT = 10000        # messages kept in memory for the API and tests
+MAX_HANDOFFS = 8        # modules a single message may pass through
+
+
+@dataclass
+class TextMessage:
+    sid: str
+    session: str
+    account: str
+    direction: str              # inbound | outbound
+    frm: str
+    to: str
+    body: str
+    status: str                 # received | queued | sending | sent | delivered | undelivered | failed
+    sip_code: int = 0
+    module: str = ""
+    error: str = ""
+    segments: int = 1
+    encoding: str = "GSM-7"
+    created_wall_ns: int = field(default_factory=clock.wall_ns)
+    updated_wall_ns: int = 0
+    hops: int = 0               # modules it was handed to (bounded by MAX_HANDOFFS)
+
+    def as_dict(self) -> dict:
+        return {"sid": self.sid, "session": self.session, "account": self.account,
+                "direction": self.direction, "from": self.frm, "to": self.to,
+                "body": self.body, "status": self.status, "sip_code": self.sip_code,
+                "module": self.module, "error": self.error, "segments": self.segments,
+                "encoding": self.encoding, "created_wall_ns": self.created_wall_ns,
+                "updated_wall_ns": self.updated_wall_ns}
+
+
+@dataclass
+class Peer:
+    """Where a conversation's replies go: the sender's URI, and the flow its
+    MESSAGE came on (the way back to a phone that never registered)."""
+    uri: str
+    flow: object = None
+
+
+def new_sid() -> str:
+    return "SM" + secrets.token_hex(16)
+
+
+def aor(addr: str) -> str:
+    """`sip:user@host` of a From/To value (the key of a conversation)."""
+    na = parse_name_addr(addr)
+    raw = na[1] if na else addr
+    try:
+        u = parse_uri(raw.strip().strip("<>"))
+    except ValueError:
+        return raw
+    return f"{u.scheme}:{u.user}@{u.host}" if u.user else f"{u.scheme}:{u.host}"
+
+
+class Messaging:
+    """The engine's conversations and messages."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.settings = engine.cfg.messaging or {"idle_timeout": 14400.0, "max_bytes": 4096,
+                                                 "auth": False}
+        self.conversations: dict[tuple[str, str], Session] = {}
+        self.messages: collections.OrderedDict[str, TextMessage] = collections.OrderedDict()
+        self.counts = collections.Counter()     # (direction, status) for /metrics and tests
+
+    # -- receiving ----------------------------------------------------------------
+    def on_text(self, msg, st) -> None:
+        """A MESSAGE outside any dialog: answer it, and hand it to its conversation."""
+        engine = self.engine
+        core = engine.sip
+        if self.settings.get("auth"):
+            if core.registrar is None or core.registrar.authenticate(core, msg, st) is None:
+                if core.registrar is None:
+                    core.respond(st, msg, 403, reason="No Users To Authenticate")
+                return
+        text = pager.received_text(msg, int(self.settings["max_bytes"]))
+        if isinstance(text, pager.Answer):
+            self._refused(msg, text)
+            core.respond(st, msg, text.status, reason=text.reason, headers=list(text.headers))
+            return
+        try:
+            number = parse_uri(msg.uri).user or ""
+        except ValueError:
+            number = ""
+        route = engine.cfg.messaging_numbers.get(number)
+        if route is None:
+            self.counts["inbound", "not-found"] += 1
+            core.respond(st, msg, 404)
+            return
+        from_hdr = valid_text(msg.headers["from"][0])
+        key = (aor(from_hdr), number)
+        session = self.conversations.get(key)
+        if session is not None and session.ended:
+            session = None
+        if session is None:
+            session = self._start(route, number, from_hdr, valid_text(msg.headers["to"][0]), key)
+            if session.ended:
+                # The policy refused the first module and no `denied` outlet took over.
+                self.counts["inbound", "denied"] += 1
+                core.respond(st, msg, 403, reason="Messaging Not Allowed")
+                return
+        else:
+            decision = engine.policy.check(session, session.node, session.module)
+            if not decision.allow:
+                denied = session.node.outlets.get("denied") if session.node else None
+                if denied is None:
+                    self.counts["inbound", "denied"] += 1
+                    log.info("conversation %s: message refused: %s", session.id, decision.reason)
+                    core.respond(st, msg, 403, reason="Messaging Not Allowed")
+                    return
+                session.transition(denied, "policy-denied")
+        session.peer = Peer(from_hdr, st.flow)
+        # RFC 3428 7: 202, accepted for processing (a 200 would claim delivery).
+        core.respond(st, msg, 202)
+        self.receive(session, from_hdr, number, text)
+
+    def on_text_in_dialog(self, dialog, msg) -> pager.Answer:
+        """A MESSAGE inside a call's dialog: a text on that call's session (RFC 3428 2
+        lets MESSAGE travel in a dialog; it never creates or changes one)."""
+        text = pager.received_text(msg, int(self.settings["max_bytes"]))
+        if isinstance(text, pager.Answer):
+            self._refused(msg, text)
+            return text
+        session = getattr(dialog, "session", None)
+        if session is None or session.ended or session.module is None:
+            return pager.Answer(481)
+        decision = self.engine.policy.check(session, session.node, session.module)
+        if not decision.allow:
+            return pager.Answer(403, reason="Messaging Not Allowed")
+        self.receive(session, valid_text(msg.get("from", "")), session.number, text)
+        return pager.Answer(202)
+
+    def _refused(self, msg, answer: pager.Answer) -> None:
+        self.counts["inbound", f"refused-{answer.status}"] += 1
+        log.info("MESSAGE refused with %d %s", answer.status, answer.reason or "",
+                 extra={"event": "message.refused"})
+
+    def _start(self, route, number: str, from_hdr: str, to_hdr: str, key) -> Session:
+        engine = self.engine
+        app = engine.cfg.apps.get(route.target) if route.kind == "app" else None
+        session = Session(engine, route.account, number, from_hdr, to_hdr, app=app,
+                          kind="messaging")
+        session.last_text = engine.loop.time()
+        engine.sessions[session.id] = session
+        self.conversations[key] = session
+        session.start(engine.node_for(route))
+        if not session.ended:
+            engine.loop.call_later(float(self.settings["idle_timeout"]), self._idle, session)
+        return session
+
+    def _idle(self, session: Session) -> None:
+        if session.ended:
+            return
+        timeout = float(self.settings["idle_timeout"])
+        left = session.last_text + timeout - self.engine.loop.time()
+        if left > 0:
+            self.engine.loop.call_later(left, self._idle, session)
+            return
+        session.end("idle")
+
+    def ended(self, session: Session) -> None:
+        for key, s in list(self.conversations.items()):
+            if s is session:
+                del self.conversations[key]
+
+    def receive(self, session: Session, frm: str, to: str, body: str) -> TextMessage:
+        """Record an inbound text on `session`, stamp it, give it to the module in control."""
+        m = self._keep(TextMessage(new_sid(), session.id, session.account, "inbound",
+                                   _party(frm), to, body, "received",
+                                   segments=segments(body), encoding=encoding(body)))
+        session.last_text = self.engine.loop.time()
+        self._stamp(session, m, "in")
+        self._deliver(session, m)
+        return m
+
+    def handoff(self, session: Session, m: TextMessage) -> None:
+        """`m` moved the conversation to another module (after the old one's
+        asynchronous work): the module now in control gets it."""
+        self._deliver(session, m)
+
+    def _deliver(self, session: Session, m: TextMessage) -> None:
+        seen = None
+        while m.hops < MAX_HANDOFFS:
+            m.hops += 1
+            ctl = session.control
+            if session.ended or ctl is None or not ctl.active or ctl is seen:
+                return
+            if not getattr(ctl.module, "texting", False):
+                log.info("session %s: module %s does not take texts", session.id, ctl.module.code)
+                return
+            seen = ctl
+            try:
+                ctl.module.on_text(ctl, m)
+            except Exception:
+                log.exception("session %s: module %s failed on a text", session.id, ctl.module.code)
+                return
+
+    # -- sending ------------------------------------------------------------------
+    def send(self, session: Session, body: str, *, to: str | None = None,
+             frm: str | None = None, trunk: str | None = None, on_status=None) -> TextMessage:
+        """Queue a text from `session`'s module: to `to` (default: the conversation's
+        other party) from `frm` (default: the session's number). Returns the
+        TextMessage at once; its status moves as the MESSAGE goes; `on_status(m)`
+        is called at its final status."""
+        from engine.sessions import dialing
+
+        engine = self.engine
+        peer = session.peer if to is None or (session.peer and aor(to) == aor(session.peer.uri)) \
+            else None
+        target = to if to is not None else (peer.uri if peer else session.from_uri)
+        number = frm or session.number
+        m = self._keep(TextMessage(new_sid(), session.id, session.account, "outbound",
+                                   number, _party(target), body, "queued",
+                                   module=session.module.code if session.module else "",
+                                   segments=segments(body), encoding=encoding(body)))
+        if peer is None:
+            # A text to anyone but who is talking to us passes the outbound check
+            # calls pass: no toll fraud by text.
+            try:
+                dialing.permit(engine, session.account, _dialable(target), trunk, count=False)
+            except dialing.OutboundDenied as exc:
+                self._final(m, "failed", 403, str(exc), on_status)
+                return m
+        engine.loop.create_task(self._send(session, m, target, peer, trunk, on_status))
+        return m
+
+    async def _send(self, session, m, target, peer, trunk, on_status) -> None:
+        engine = self.engine
+        core = engine.sip
+        own = f"{engine.cfg.advertise or engine.cfg.sip_host}"
+        from_uri = f"<sip:{m.frm}@{own}>"
+        kw: dict = {}
+        try:
+            uri, kw = self._route(target, peer, trunk)
+        except ValueError as exc:
+            self._final(m, "failed", 404 if "registered" in str(exc) else 416, str(exc), on_status)
+            return
+        self._status(m, "sending")
+        self._stamp(session, m, "out")
+        out = pager.OutgoingMessage(core, uri, from_uri=from_uri, body=m.body,
+                                    to_uri=f"<{_bare(target)}>", **kw)
+        status = await out.send()
+        if 200 <= status < 300:
+            self._final(m, "delivered" if status == 200 else "sent", status, "", on_status)
+        elif status in (408, 503, 416):
+            self._final(m, "failed", status, out.reason, on_status)
+        else:
+            self._final(m, "undelivered", status, out.reason, on_status)
+
+    def _route(self, target: str, peer, trunk: str | None) -> tuple[str, dict]:
+        """(Request-URI, OutgoingMessage keywords) of a text to `target`."""
+        engine = self.engine
+        if trunk:
+            from engine.sessions import dialing
+
+            t = engine.cfg.trunks[trunk]
+            number = dialing.normalize(_dialable(target)) or ""
+            uri = f"sip:{t.prefix}{number}@{t.domain or t.host}"
+            creds = (t.username, t.password) if t.username else None
+            return uri, {"destination": (t.host, t.port), "transport": t.transport,
+                         "credentials": creds}
+        bare = _bare(target)
+        if peer is not None and peer.flow is not None:
+            registrar = engine.sip.registrar
+            found = registrar.lookup(bare) if registrar is not None else []
+            if not found:
+                return bare, {"flow": peer.flow}
+        try:
+            u = parse_uri(bare)
+        except ValueError:
+            if engine.sip.registrar is None:
+                raise ValueError(f"{target!r} is not a SIP URI") from None
+            u = None
+        own = {engine.cfg.advertise.lower(), engine.cfg.sip_host.lower()}
+        if u is None or (u.host or "").lower().strip("[]") in own:
+            # One of this engine's users: where they registered (RFC 3261 10).
+            registrar = engine.sip.registrar
+            aor_uri = bare if u is not None else f"sip:{target}@{engine.cfg.sip_host}"
+            found = registrar.lookup(aor_uri) if registrar is not None else []
+            if not found:
+                raise ValueError(f"{target} is not registered")
+            b = max(found, key=lambda b: b.expires_at)
+            return b.contact, {"destination": b.source, "transport": b.transport}
+        return bare, {}
+
+    def _keep(self, m: TextMessage) -> TextMessage:
+        m.updated_wall_ns = m.created_wall_ns
+        self.messages[m.sid] = m
+        while len(self.messages) > MAX_KEPT:
+            self.messages.popitem(last=False)
+        s = self.engine.sessions.get(m.session)
+        if s is not None:
+            s.messages.append(m.sid)
+        self.counts[m.direction, m.status] += 1
+        self._notify(m)
+        return m
+
+    def _status(self, m: TextMessage, status: str, code: int = 0, error: str = "") -> None:
+        m.status = status
+        m.sip_code = code or m.sip_code
+        m.error = error
+        m.updated_wall_ns = clock.wall_ns()
+        self.counts[m.direction, status] += 1
+        self._notify(m)
+
+    def _final(self, m, status, code, error, on_status) -> None:
+        self._status(m, status, code, error)
+        if status in ("failed", "undelivered"):
+            log.info("text %s to %s %s: %s %s", m.sid, m.to, status, code, error,
+                     extra={"event": "message." + status})
+        if on_status is not None:
+            try:
+                on_status(m)
+            except Exception:
+                log.exception("status callback of %s failed", m.sid)
+
+    def _notify(self, m: TextMessage) -> None:
+        engine = self.engine
+        s = engine.sessions.get(m.session)
+        if s is not None and engine.listeners:
+            engine.notify(s, "message", m.as_dict())
+
+    def _stamp(self, session: Session, m: TextMessage, way: str) -> None:
+        module = session.module.code if session.module is not None else ""
+        m.module = module
+        self.engine.stamper.action(session, module, f"message_{way}", 1)
+        self.engine.stamper.action(session, module, f"message_{way}_segments", m.segments)
+
+
+def _bare(addr: str) -> str:
+    na = parse_name_addr(addr)
+    return (na[1] if na else addr).strip().strip("<>")
+
+
+def _party(addr: str) -> str:
+    """Twilio's From/To: a number when the user part is one, else the SIP URI."""
+    bare = _bare(addr)
+    try:
+        u = parse_uri(bare)
+    except ValueError:
+        return bare
+    user = u.user or ""
+    if user and user.lstrip("+").isdigit():
+        return user
+    return f"{u.scheme}:{user}@{u.host}" if user else bare
+
+
+def _dialable(target: str) -> str:
+    bare = _bare(target)
+    return bare if bare.startswith(("sip:", "sips:", "tel:")) or \
+        bare.lstrip("+").isdigit() else f"sip:{bare}"
+
+
+__all__ = ["Messaging", "TextMessage", "Peer", "aor", "new_sid"]

@@ -1,0 +1,154 @@
+"""A Baton cluster behind Kamailio's dispatcher (issue 19): `baton cluster up`
+with the real Kamailio, PostgreSQL and SIPp; calls land on every node, a
+drained node fails no call, a killed node's share of failed calls is bounded."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from tests.helpers import BATON, free_port
+from tests.test_accounting_ledger import PG_URL, _drop_schema, _pg_unreachable
+
+SIPP = shutil.which("sipp")
+SCENARIO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sipp", "cluster_uac.xml")
+KAMAILIO = shutil.which("kamailio") or ("/usr/sbin/kamailio" if os.path.exists("/usr/sbin/kamailio")
+                                        else None)
+pytestmark = [pytest.mark.interop,
+              pytest.mark.skipif(not (SIPP and KAMAILIO), reason="needs sipp and kamailio")]
+
+
+def _bindable(host: str, port: int) -> bool:
+    import socket
+
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    reason = _pg_unreachable()
+    if reason:
+        pytest.skip(reason)
+    schema = f"baton_cl_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    nodes = ("127.0.0.11", "127.0.0.12")
+    while True:
+        front, sip, grpc = (free_port(host="127.0.0.10"), free_port(host=nodes[0]),
+                            free_port(host=nodes[0]))
+        if all(_bindable(h, p) for h in nodes for p in (sip, grpc)) and sip != grpc:
+            break
+    base = tmp_path / "cluster"
+    out = open(tmp_path / "cluster-up.txt", "wb")
+    proc = subprocess.Popen([BATON, "cluster", "up", "--nodes", "2", "--port", str(front),
+                             "--node-port", str(sip), "--grpc-port", str(grpc), "--dir", str(base),
+                             "--store", f"{PG_URL}?schema={schema}", "--ping-interval", "1"],
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (base / "cluster.json").exists():
+            assert proc.poll() is None, (tmp_path / "cluster-up.txt").read_text()
+            assert time.monotonic() < deadline, "the cluster did not start"
+            time.sleep(0.2)
+        info = json.loads((base / "cluster.json").read_text())
+        info["proc"] = proc
+        info["port"] = front
+        info["schema"] = schema
+        time.sleep(1.5)                      # a first round of OPTIONS probes
+        yield info
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                pass
+        # Whatever happened: nothing of this cluster outlives the test.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        out.close()
+        _drop_schema(schema)
+
+
+def _sipp(tmp_path, name: str, port: int, *args: str) -> subprocess.Popen:
+    stat = tmp_path / f"{name}.csv"
+    cmd = [SIPP, "-sf", SCENARIO, f"127.0.0.10:{port}", "-s", "1000", "-i", "127.0.0.1",
+           "-p", str(free_port()), "-mi", "127.0.0.1", "-mp", str(free_port(even=True)),
+           "-recv_timeout", "8000", "-timeout", "60s", "-nostdin", "-trace_stat",
+           "-stf", str(stat), "-fd", "1", "-trace_err", *args]
+    return subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _counts(tmp_path, name: str) -> tuple[int, int]:
+    """(successful, failed) calls from SIPp's last statistics line."""
+    with open(tmp_path / f"{name}.csv") as f:
+        rows = list(csv.reader(f, delimiter=";"))
+    head, last = rows[0], rows[-1]
+    return int(last[head.index("SuccessfulCall(C)")]), int(last[head.index("FailedCall(C)")])
+
+
+def _sessions(node: dict) -> list[dict]:
+    out = subprocess.run([BATON, "sessions", "list", "--data-dir", node["data_dir"], "--format",
+                          "json", "--limit", "1000"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def _finish(p: subprocess.Popen, timeout: float = 90) -> None:
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise
+
+
+def test_calls_land_on_every_node_and_a_drained_node_fails_none(cluster, tmp_path):
+    n1, n2 = cluster["nodes"]
+    sipp = _sipp(tmp_path, "spread", cluster["port"], "-m", "8", "-r", "8", "-d", "300")
+    _finish(sipp)
+    ok, failed = _counts(tmp_path, "spread")
+    assert (ok, failed) == (8, 0)
+    time.sleep(0.5)                         # the journal thread's last batch
+    assert len(_sessions(n1)) == 4 and len(_sessions(n2)) == 4    # round-robin
+    # Drain node1 while calls run through the front door: none fails.
+    sipp = _sipp(tmp_path, "drain", cluster["port"], "-m", "15", "-r", "5", "-d", "2000")
+    time.sleep(1.0)
+    drain = subprocess.run([BATON, "node", "drain", "--data-dir", n1["data_dir"],
+                            "--timeout", "60"], capture_output=True, text=True, timeout=90)
+    assert drain.returncode == 0, drain.stderr
+    _finish(sipp)
+    ok, failed = _counts(tmp_path, "drain")
+    assert (ok, failed) == (15, 0)
+    drained = [s for s in _sessions(n1) if s["live"]]
+    assert drained == []                     # every call node1 had ended by itself
+
+
+def test_a_killed_node_fails_a_bounded_share_and_new_calls_go_on(cluster, tmp_path):
+    n1, n2 = cluster["nodes"]
+    sipp = _sipp(tmp_path, "kill", cluster["port"], "-m", "30", "-r", "5", "-d", "500")
+    time.sleep(2.0)
+    os.kill(n1["pid"], signal.SIGKILL)
+    _finish(sipp)
+    ok, failed = _counts(tmp_path, "kill")
+    share = failed / 30
+    print(f"calls failed around the kill: {failed}/30 = {share:.0%}")
+    assert ok + failed == 30 and share < 0.5
+    # After the probe interval, every new call succeeds on the node left.
+    sipp = _sipp(tmp_path, "after", cluster["port"], "-m", "6", "-r", "6", "-d", "200")
+    _finish(sipp)
+    assert _counts(tmp_path, "after") == (6, 0)

@@ -1,0 +1,190 @@
+"""`baton load` against real targets on loopback: Baton's own demo (echo 1001) over
+UDP and TCP, a UAS that answers 503 to every other call, Ctrl-C mid-run, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from engine.load import emodel
+from tests.helpers import BATON, DEMO, EngineProcess, free_port
+
+
+def rtp_range() -> str:
+    lo = free_port(even=True)
+    return f"{lo}-{min(lo + 400, 65534)}"
+
+
+def load(args: list, report, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    cmd = [BATON, "load", *args, "--report", str(report), "--rtp-ports", rtp_range()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    engine = EngineProcess(DEMO)
+    try:
+        yield engine.wait_ready()
+    finally:
+        engine.stop()
+
+
+def summary_of(report) -> dict:
+    return json.loads((report / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_echo_check_against_the_demo(demo, tmp_path, transport):
+    r = load([f"127.0.0.1:{demo.port}", "--number", "1001", "--rate", "20", "--calls", "30",
+              "--hold", "1.5", "--scenario", "echo-check", "--transport", transport, "--json"],
+             tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s == summary_of(tmp_path)
+    assert s["calls"]["codes"] == {"200": 30} and s["calls"]["asr_pct"] == 100.0
+    assert s["echo"] == {"checked": 30, "passed": 30}
+    assert s["audio"] == {"two-way": 30}
+    assert s["rtp"]["loss_pct"] == 0.0 and s["rtp"]["received"] > 30 * 50
+    assert s["quality"]["mos"]["p50"] > 4.3          # clean loopback, G.711: R ~ 92
+    assert s["pdd_ms"]["t200"]["p50"] is not None
+    rows = list(csv.DictReader(open(tmp_path / "calls.csv")))
+    assert len(rows) == 30 and {row["code"] for row in rows} == {"200"}
+    assert all(float(row["echo_correlation"]) > 0.9 for row in rows)
+    assert (tmp_path / "load.png").stat().st_size > 10_000
+    assert "rate" in r.stderr and "MOS" in r.stderr       # the live view
+
+
+def test_dtmf_roundtrip_is_all_detected(demo, tmp_path):
+    r = load([f"127.0.0.1:{demo.port}", "--number", "1001", "--rate", "10", "--calls", "10",
+              "--hold", "1", "--scenario", "dtmf-roundtrip", "--quiet"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = summary_of(tmp_path)
+    assert s["dtmf"] == {"sent": 120, "detected": 120, "detected_pct": 100.0}
+    assert s["outcomes"] == {"send:done expect:matched hold:done": 10}
+
+
+def test_ctrl_c_stops_cleanly_with_a_report(demo, tmp_path):
+    proc = subprocess.Popen([BATON, "load", f"127.0.0.1:{demo.port}", "--number", "1001",
+                             "--rate", "20", "--calls", "100000", "--hold", "60",
+                             "--report", str(tmp_path), "--rtp-ports", rtp_range()],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if line.startswith("[") and int(line.split(" up ")[1].split()[0]) >= 10:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    s = summary_of(tmp_path)
+    assert s["calls"]["interrupted"] is True
+    assert s["calls"]["started"] == s["calls"]["completed"] >= 10
+    assert s["calls"]["codes"].get("200", 0) >= 10
+
+
+class HalfBusyUas:
+    """A UDP UAS: every other INVITE gets 503, the rest 200 with an SDP answer;
+    BYE and OPTIONS get 200."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.media = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.media.bind(("127.0.0.1", 0))
+        self.invites = 0
+        self.running = True
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        seen = {}
+        while self.running:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except OSError:
+                continue
+            head = data.split(b"\r\n\r\n", 1)[0].decode()
+            lines = head.split("\r\n")
+            method = lines[0].split()[0]
+            if method == "ACK":
+                continue
+            keep = [ln for ln in lines[1:] if ln.split(":", 1)[0].lower() in
+                    ("via", "from", "to", "call-id", "cseq")]
+            body = b""
+            status = "200 OK"
+            if method == "INVITE":
+                call_id = next(ln for ln in keep if ln.lower().startswith("call-id"))
+                if call_id not in seen:
+                    self.invites += 1
+                    seen[call_id] = self.invites % 2 == 0
+                if seen[call_id]:
+                    status = "503 Service Unavailable"
+                else:
+                    body = (f"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n"
+                            f"t=0 0\r\nm=audio {self.media.getsockname()[1]} RTP/AVP 0\r\n"
+                            f"a=rtpmap:0 PCMU/8000\r\n").encode()
+                keep = [ln + ";tag=uas1" if ln.lower().startswith("to:") and "tag=" not in ln
+                        else ln for ln in keep]
+                keep.append(f"Contact: <sip:uas@127.0.0.1:{self.port}>")
+            msg = "\r\n".join([f"SIP/2.0 {status}", *keep,
+                               *(["Content-Type: application/sdp"] if body else []),
+                               f"Content-Length: {len(body)}", "", ""]).encode() + body
+            self.sock.sendto(msg, addr)
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join()
+        self.sock.close()
+        self.media.close()
+
+
+def test_a_target_answering_503_to_half_the_calls(tmp_path):
+    uas = HalfBusyUas()
+    try:
+        r = load([f"127.0.0.1:{uas.port}", "--number", "500", "--rate", "20", "--calls", "20",
+                  "--hold", "0.5", "--quiet"], tmp_path)
+    finally:
+        uas.close()
+    assert r.returncode == 0, r.stderr
+    s = summary_of(tmp_path)
+    assert s["calls"]["codes"] == {"200": 10, "503": 10}
+    assert s["calls"]["asr_pct"] == 50.0
+    # The UAS sends no RTP back: one-way audio, and nothing to rate.
+    assert s["audio"] == {"one-way": 10}
+    assert s["quality"]["mos"]["mean"] is None
+
+
+def test_bad_input_gets_clear_errors(tmp_path):
+    port = free_port()
+    r = load([f"127.0.0.1:{port}", "--calls", "3"], tmp_path, timeout=30)
+    assert r.returncode == 3 and "no answer to OPTIONS" in r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('start = "a"\n[nodes.a]\nmodule = "load.play"\noutlets = { done = "b" }\n')
+    r = load([f"127.0.0.1:{port}", "--scenario", str(bad)], tmp_path)
+    assert r.returncode == 2 and "nodes.a.outlets.done" in r.stderr
+    r = load([f"127.0.0.1:{port}", "--rate", "0"], tmp_path)
+    assert r.returncode == 2 and "--rate" in r.stderr
+    r = load(["sips:1@127.0.0.1", "--calls", "1"], tmp_path)
+    assert r.returncode == 2 and "bad target" in r.stderr
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_mos_falls_as_the_e_model_says():
+    clean = emodel.r_factor(0.0, emodel.mouth_to_ear(0, 0))
+    assert clean == pytest.approx(93.2 - 0.024 * 20)
+    assert emodel.r_factor(1.0, 20) > emodel.r_factor(5.0, 20) > emodel.r_factor(10.0, 20)
+    assert emodel.r_factor(0.0, 300) == pytest.approx(93.2 - 0.024 * 300 - 0.11 * (300 - 177.3))
+    assert emodel.mos(93.2) == pytest.approx(4.41, abs=0.01)
+    assert emodel.mos(50) == pytest.approx(2.58, abs=0.01)
