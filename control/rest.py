@@ -41,7 +41,7 @@ from control.sessions_api import SessionsService
 from engine.common import clock
 from engine.media.files import find_recording
 from engine.common.net import format_hostport
-from engine.modules.dialing import OutboundDenied, permit
+from engine.sessions.dialing import OutboundDenied, permit
 from engine.modules.instructions.fetch import signed_headers, twilio_signature, with_query
 from engine.sessions.originate import Origination, PortsExhausted
 from engine.sip.uri import party

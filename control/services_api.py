@@ -15,7 +15,7 @@ import logging
 import grpc
 
 from engine.modules.services import survey as survey_mod
-from engine.modules.dialing import OutboundDenied, permit
+from engine.sessions.dialing import OutboundDenied, permit
 from engine.modules.services import verify as verify_mod
 from engine.sip.uri import from_address, sip_uri
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from engine.sessions import apps as apps_mod
-from engine.modules.dialing import OutboundDenied, operator_params, permit
+from engine.sessions.dialing import OutboundDenied, operator_params, permit
 from engine.sessions.originate import Origination, PortsExhausted
 from engine.sip.uri import from_address, sip_uri
 

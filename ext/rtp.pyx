@@ -31,6 +31,7 @@ from ext.mix cimport Conference, conf_put_pcm, conf_mix, conf_out_pcm
 from ext.dtmf cimport dtmf_state, dtmf_event, dtmf_init, dtmf_process, dtmf_free
 from libc.stdlib cimport malloc, free
 
+import enum as _enum
 import os
 import socket as _socket
 
@@ -42,28 +43,34 @@ cdef enum:
     MAXEVENTS = 256
     MAX_BATCHES = 8      # recvmmsg batches per stream per wake-up
 
-cdef enum:
-    C_MODE_IDLE = 0
-    C_MODE_RELAY = 1
-    C_MODE_TERMINATE = 2
-    C_LAW_ULAW = 0
-    C_LAW_ALAW = 1
-    C_SOURCE_SILENCE = 0
-    C_SOURCE_PLAYER = 1
-    C_SOURCE_ECHO = 2
-    C_SOURCE_NONE = 3
-    C_SOURCE_MIXER = 4
+# The enums (stream_mode, stream_law, channel_source) are declared in ext/rtp.pxd.
 
-MODE_IDLE = C_MODE_IDLE
-MODE_RELAY = C_MODE_RELAY
-MODE_TERMINATE = C_MODE_TERMINATE
-LAW_ULAW = C_LAW_ULAW
-LAW_ALAW = C_LAW_ALAW
-SOURCE_SILENCE = C_SOURCE_SILENCE
-SOURCE_PLAYER = C_SOURCE_PLAYER
-SOURCE_ECHO = C_SOURCE_ECHO
-SOURCE_NONE = C_SOURCE_NONE
-SOURCE_MIXER = C_SOURCE_MIXER
+
+class Mode(_enum.IntEnum):
+    """What a stream does with what it receives (`RtpStream.mode`)."""
+    IDLE = C_MODE_IDLE
+    RELAY = C_MODE_RELAY
+    TERMINATE = C_MODE_TERMINATE
+
+
+class Law(_enum.IntEnum):
+    """The G.711 law a stream sends (`RtpStream.law`)."""
+    ULAW = C_LAW_ULAW
+    ALAW = C_LAW_ALAW
+
+
+class Source(_enum.IntEnum):
+    """What a channel sends on each tick (`Channel.source`)."""
+    SILENCE = C_SOURCE_SILENCE
+    PLAYER = C_SOURCE_PLAYER
+    ECHO = C_SOURCE_ECHO
+    NONE = C_SOURCE_NONE
+    MIXER = C_SOURCE_MIXER
+
+
+MODE_IDLE, MODE_RELAY, MODE_TERMINATE = Mode
+LAW_ULAW, LAW_ALAW = Law
+SOURCE_SILENCE, SOURCE_PLAYER, SOURCE_ECHO, SOURCE_NONE, SOURCE_MIXER = Source
 
 # Receive scratch space shared by every stream: the reactor is single-threaded.
 cdef uint8_t rx_bufs[BATCH][MAXPKT]
@@ -189,7 +196,7 @@ cdef class RtpStream:
     cdef readonly bint latched
     cdef public bint symmetric
     cdef readonly bint wait_latch  # send nothing until the far end has sent to us
-    cdef readonly int mode
+    cdef stream_mode _mode
     cdef RtpStream peer
     cdef RtpHub hub
     # transmit side
@@ -202,7 +209,7 @@ cdef class RtpStream:
     cdef uint32_t ts_off
     cdef public int payload_type
     cdef public int dtmf_pt
-    cdef public int law
+    cdef stream_law _law
     # receive side (RFC 3550 A.1, A.8)
     cdef readonly uint64_t rx_packets
     cdef readonly uint64_t rx_bytes
@@ -226,7 +233,7 @@ cdef class RtpStream:
     cdef uint8_t fifo[FIFO]
     cdef int fifo_head
     cdef int fifo_len
-    cdef int fifo_law
+    cdef stream_law fifo_law
     # RFC 4733 receive state
     cdef uint32_t ev_ts
     cdef bint ev_seen
@@ -241,10 +248,10 @@ cdef class RtpStream:
         self.sock = sock
         self.fd = sock.fileno()
         self.payload_type = payload_type
-        self.law = C_LAW_ALAW if payload_type == 8 else C_LAW_ULAW
+        self._law = C_LAW_ALAW if payload_type == 8 else C_LAW_ULAW
         self.dtmf_pt = dtmf_pt
         self.symmetric = symmetric
-        self.mode = 0
+        self._mode = C_MODE_IDLE
         r = os.urandom(10)
         self.tx_ssrc = int.from_bytes(r[0:4], "big")
         self.tx_seq = int.from_bytes(r[4:6], "big") & 0x7FFF
@@ -268,6 +275,20 @@ cdef class RtpStream:
         self.latched = False
 
     @property
+    def mode(self):
+        """A `Mode`: set by relay_to(), terminate() and idle()."""
+        return Mode(self._mode)
+
+    @property
+    def law(self):
+        """The `Law` this stream sends."""
+        return Law(self._law)
+
+    @law.setter
+    def law(self, value):
+        self._law = Law(value)    # ValueError for anything but a Law
+
+    @property
     def sending(self):
         """True when this stream sends to its remote address now."""
         return self.can_send()
@@ -284,18 +305,18 @@ cdef class RtpStream:
         if peer is self:
             raise ValueError("a stream cannot relay to itself")
         self.peer = peer
-        self.mode = C_MODE_RELAY
+        self._mode = C_MODE_RELAY
         peer.resync = True
 
     def terminate(self):
         """Keep received audio for the media clock; transmissions come from the clock."""
         self.peer = None
-        self.mode = C_MODE_TERMINATE
+        self._mode = C_MODE_TERMINATE
         self.resync = True
 
     def idle(self):
         self.peer = None
-        self.mode = C_MODE_IDLE
+        self._mode = C_MODE_IDLE
 
     def take_events(self):
         """RFC 4733 events received since the last call: [(digit, duration_samples)]."""
@@ -387,7 +408,7 @@ cdef class RtpStream:
             got += n
             batches += 1
             now = now_ns()
-            peer = self.peer if self.mode == C_MODE_RELAY else None
+            peer = self.peer if self._mode == C_MODE_RELAY else None
             out = 0
             for i in range(n):
                 p = rx_bufs[i]
@@ -414,7 +435,7 @@ cdef class RtpStream:
                         tx_msgs[out].msg_hdr.msg_name = &peer.remote
                         tx_msgs[out].msg_hdr.msg_namelen = addr_len(&peer.remote)
                         out += 1
-                elif self.mode == C_MODE_TERMINATE:
+                elif self._mode == C_MODE_TERMINATE:
                     cc = p[0] & 0x0F
                     hlen = 12 + 4 * cc
                     if p[0] & 0x10:  # header extension (RFC 3550 5.3.1)
@@ -561,7 +582,7 @@ cdef class RtpStream:
         self.tx_ts = self.tx_ts + step
         self.tx_last_ns = now
         put_header(p, p[1] | (self.payload_type & 0x7F), self.tx_seq, self.tx_ts, self.tx_ssrc)
-        if self.law == C_LAW_ALAW:
+        if self._law == C_LAW_ALAW:
             alaw_encode_buffer(pcm, p + 12, FRAME)
         else:
             ulaw_encode_buffer(pcm, p + 12, FRAME)
@@ -622,7 +643,7 @@ cdef class RtpHub:
         if self.streams.pop(s.fd, None) is not None:
             epoll_ctl(self.fd, EPOLL_CTL_DEL, s.fd, &ev)
             s.hub = None
-            s.mode = C_MODE_IDLE
+            s._mode = C_MODE_IDLE
             s.peer = None
 
     def __len__(self):
@@ -734,7 +755,7 @@ cdef class Channel:
     """A terminating leg on the media clock: what it hears and what it sends."""
     cdef readonly int id
     cdef readonly RtpStream stream
-    cdef public int source
+    cdef channel_source _source
     cdef public Player player
     cdef public Recorder recorder
     cdef readonly Conference conference
@@ -749,7 +770,7 @@ cdef class Channel:
     def __init__(self, int id, RtpStream stream):
         self.id = id
         self.stream = stream
-        self.source = C_SOURCE_SILENCE
+        self._source = C_SOURCE_SILENCE
         self.receiving = True
         self.slot = -1
 
@@ -759,35 +780,44 @@ cdef class Channel:
             free(self.dtmf)
             self.dtmf = NULL
 
+    @property
+    def source(self):
+        """The `Source` of what this channel sends on each tick."""
+        return Source(self._source)
+
+    @source.setter
+    def source(self, value):
+        self._source = Source(value)    # ValueError for anything but a Source
+
     def play(self, Player player):
         self.player = player
-        self.source = C_SOURCE_PLAYER
+        self._source = C_SOURCE_PLAYER
 
     def echo(self):
         self.player = None
-        self.source = C_SOURCE_ECHO
+        self._source = C_SOURCE_ECHO
 
     def silence(self):
         self.player = None
-        self.source = C_SOURCE_SILENCE
+        self._source = C_SOURCE_SILENCE
 
     def mute_output(self):
         """Send nothing (e.g. while the far end holds the call)."""
         self.player = None
-        self.source = C_SOURCE_NONE
+        self._source = C_SOURCE_NONE
 
     def join(self, Conference conference, int slot):
         """Hear the conference mix (minus ourselves) and be heard in it."""
         self.conference = conference
         self.slot = slot
         self.player = None
-        self.source = C_SOURCE_MIXER
+        self._source = C_SOURCE_MIXER
 
     def leave(self):
         self.conference = None
         self.slot = -1
-        if self.source == C_SOURCE_MIXER:
-            self.source = C_SOURCE_SILENCE
+        if self._source == C_SOURCE_MIXER:
+            self._source = C_SOURCE_SILENCE
 
     def detect_dtmf(self, bint on=True):
         """In-band DTMF detection (ITU-T Q.24) on what this channel hears."""
@@ -908,19 +938,19 @@ cdef class MediaClock:
         # 3. what everyone is sent
         for ch in self.order:
             s = ch.stream
-            if ch.source == C_SOURCE_SILENCE:
+            if ch._source == C_SOURCE_SILENCE:
                 memset(ch.tx_pcm, 0, sizeof(ch.tx_pcm))
-            elif ch.source == C_SOURCE_ECHO:
+            elif ch._source == C_SOURCE_ECHO:
                 memcpy(ch.tx_pcm, ch.rx_pcm, sizeof(ch.tx_pcm))
-            elif ch.source == C_SOURCE_PLAYER:
+            elif ch._source == C_SOURCE_PLAYER:
                 ch.player.fill(ch.tx_pcm)
                 if ch.player.done:
                     if events is None:
                         events = []
                     events.append((ch.id, "play-done", None))
                     ch.player = None
-                    ch.source = C_SOURCE_SILENCE
-            elif ch.source == C_SOURCE_MIXER:
+                    ch._source = C_SOURCE_SILENCE
+            elif ch._source == C_SOURCE_MIXER:
                 mixed = conf_out_pcm(ch.conference, ch.slot)
                 if mixed is NULL:
                     memset(ch.tx_pcm, 0, sizeof(ch.tx_pcm))

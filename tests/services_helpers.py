@@ -51,7 +51,7 @@ def engine_process(config: str) -> EngineProcess:
 async def prerender(engine: EngineProcess, *texts: str, voice: str = "en") -> dict:
     """Speak `texts` into the engine's speech cache before calls need them (so a
     busy machine cannot delay a prompt past a key), and return their PCM."""
-    from engine.media.audio import SpeechCache
+    from engine.media.tts import SpeechCache
 
     cache = SpeechCache(os.path.join(engine.data_dir, "tts"))
     return {t: await cache.say(t, voice=voice) for t in texts}

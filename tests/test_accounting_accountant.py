@@ -14,7 +14,7 @@ import pytest
 from ext.kernels import ring
 from engine.accounting.accountant import Accountant, bill_main, main
 from engine.accounting.invoices import invoice, payouts
-from engine.accounting.ledger import SqliteLedger
+from engine.accounting.ledger_sqlite import SqliteLedger
 from engine.common import clock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,7 +17,7 @@ from math import ceil, floor
 import pytest
 
 from ext.kernels import ring
-from engine.accounting.ledger import SqliteLedger
+from engine.accounting.ledger_sqlite import SqliteLedger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = 1_000_000_000

@@ -28,7 +28,9 @@ import pytest
 
 from ext.kernels import ring
 from engine.accounting.accountant import Accountant, AccountantBusy
-from engine.accounting.ledger import LedgerFenced, Line, PostgresLedger, SqliteLedger
+from engine.accounting.ledger import LedgerFenced, Line
+from engine.accounting.ledger_pg import PostgresLedger
+from engine.accounting.ledger_sqlite import SqliteLedger
 from engine.accounting.lock import AccountantLock, lock_holder, lock_path
 from ext.ring_py import RELEASED_OFF
 from tests.helpers import BATON, BlockingPeer, EngineProcess, free_port

@@ -13,8 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.accounting.invoices import invoice, payouts, render
-from engine.accounting.ledger import (ENTRY_COLUMNS, Ledger, LedgerError, Line, PostgresLedger,
-                                      SqliteLedger, entries_of, open_ledger, split_share)
+from engine.accounting.ledger import ENTRY_COLUMNS, Ledger, LedgerError, Line, entries_of
+from engine.accounting.ledger_pg import PostgresLedger
+from engine.accounting.ledger_sqlite import SqliteLedger
+from engine.accounting.ledgers import open_ledger
+from engine.accounting.money import split_share
 
 PG_URL = os.environ.get("BATON_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]

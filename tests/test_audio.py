@@ -12,9 +12,10 @@ import wave
 import numpy as np
 import pytest
 
-from engine.media import audio
+from engine.media import signals, wav
 from ext import g711_py as g711
-from engine.media.audio import AudioError, SpeechCache, espeak_voice
+from engine.media.tts import SpeechCache, espeak_voice
+from engine.media.wav import AudioError
 
 ESPEAK = shutil.which("espeak-ng")
 needs_espeak = pytest.mark.skipif(ESPEAK is None, reason="espeak-ng not installed")
@@ -22,9 +23,9 @@ needs_espeak = pytest.mark.skipif(ESPEAK is None, reason="espeak-ng not installe
 
 @pytest.fixture(autouse=True)
 def _fresh_wav_cache():
-    audio._wav_cache.clear()
+    wav._wav_cache.clear()
     yield
-    audio._wav_cache.clear()
+    wav._wav_cache.clear()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -103,7 +104,7 @@ def write_file(path, data: bytes) -> str:
 @pytest.mark.parametrize("rate", [16000, 44100, 22050])
 def test_resample_keeps_frequency_and_amplitude(rate):
     x = np.round(sine(1000, rate)).astype(np.int16)
-    y = audio.resample(x, rate)
+    y = signals.resample(x, rate)
     assert y.dtype == np.int16 and len(y) == 8000
     assert peak_hz(y, 8000) == pytest.approx(1000, abs=1)
     assert rms_db(middle(y)) == pytest.approx(rms_db(x), abs=0.5)
@@ -112,7 +113,7 @@ def test_resample_keeps_frequency_and_amplitude(rate):
 @pytest.mark.parametrize("rate", [16000, 44100, 22050])
 def test_wav_at_other_rates_is_resampled_on_read(tmp_path, rate):
     x = np.round(sine(1000, rate)).astype(np.int16)
-    y = audio.read_wav(write_file(tmp_path / "a.wav", wav_bytes_wave(x, rate)))
+    y = wav.read_wav(write_file(tmp_path / "a.wav", wav_bytes_wave(x, rate)))
     assert len(y) == 8000
     assert peak_hz(y, 8000) == pytest.approx(1000, abs=1)
     assert rms_db(middle(y)) == pytest.approx(rms_db(x), abs=0.5)
@@ -121,14 +122,14 @@ def test_wav_at_other_rates_is_resampled_on_read(tmp_path, rate):
 @pytest.mark.parametrize("rate,freq", [(44100, 5000), (44100, 4100), (16000, 5000), (22050, 7000)])
 def test_resample_rejects_what_would_alias(rate, freq):
     x = sine(freq, rate)
-    y = audio.resample(x, rate)
+    y = signals.resample(x, rate)
     # A 5 kHz tone would otherwise fold to 3 kHz, well inside the telephone band.
     assert rms_db(middle(y)) <= rms_db(x) - 40
 
 
 def test_resample_up_keeps_tone_and_suppresses_image():
     x = np.round(sine(1000, 8000)).astype(np.int16)
-    y = audio.resample(x, 8000, 16000)
+    y = signals.resample(x, 8000, 16000)
     assert len(y) == 16000
     assert peak_hz(y, 16000) == pytest.approx(1000, abs=1)
     spec = np.abs(np.fft.rfft(middle(y, 800).astype(np.float64) * np.hanning(len(y) - 1600)))
@@ -140,23 +141,23 @@ def test_resample_up_keeps_tone_and_suppresses_image():
 def test_resample_types_lengths_and_alignment():
     x = np.zeros(4410, dtype=np.float32)
     x[2205] = 30000.0
-    y = audio.resample(x, 44100)
+    y = signals.resample(x, 44100)
     assert y.dtype == np.float32 and len(y) == 800
     # The filter's delay is compensated: the impulse stays at the same time.
     assert int(np.argmax(y)) == 400
-    assert len(audio.resample(np.zeros(1, np.int16), 44100)) == 1
+    assert len(signals.resample(np.zeros(1, np.int16), 44100)) == 1
     same = np.arange(-5, 5, dtype=np.int16)
-    assert np.array_equal(audio.resample(same, 8000), same)
-    dc = audio.resample(np.full(16000, 1000, np.int16), 16000)
+    assert np.array_equal(signals.resample(same, 8000), same)
+    dc = signals.resample(np.full(16000, 1000, np.int16), 16000)
     assert np.all(middle(dc) == 1000)
     with pytest.raises(ValueError):
-        audio.resample(np.zeros((2, 10), np.int16), 16000)
+        signals.resample(np.zeros((2, 10), np.int16), 16000)
 
 
 def test_resample_long_input_crosses_blocks():
     # More output than one processing block, at a rate with many phases.
     x = sine(440, 22050, seconds=12)
-    y = audio.resample(x, 22050)
+    y = signals.resample(x, 22050)
     assert len(y) == 96000
     ref = sine(440, 8000, seconds=12)
     assert np.max(np.abs(middle(y) - middle(ref))) < 2.0
@@ -168,24 +169,24 @@ def test_resample_long_input_crosses_blocks():
 def test_read_16bit_8k_is_exact(tmp_path):
     x = np.random.default_rng(1).integers(-32768, 32767, 8000).astype(np.int16)
     path = write_file(tmp_path / "x.wav", wav_bytes_wave(x, 8000))
-    assert np.array_equal(audio.read_wav(path), x)
-    assert np.array_equal(audio.read_wav(open(path, "rb").read()), x)
+    assert np.array_equal(wav.read_wav(path), x)
+    assert np.array_equal(wav.read_wav(open(path, "rb").read()), x)
 
 
 def test_read_8_24_32_bit(tmp_path):
     x = np.random.default_rng(2).integers(-32768, 32767, 1600).astype(np.int16)
     x8 = (x.astype(np.int32) >> 8) + 128                  # unsigned 8-bit
-    y = audio.read_wav(wav_bytes_wave(x8, 8000, width=1))
+    y = wav.read_wav(wav_bytes_wave(x8, 8000, width=1))
     assert np.array_equal(y, ((x.astype(np.int32) >> 8) << 8).astype(np.int16))
     x24 = x.astype(np.int32) * 256 + 127                  # low byte below 16-bit resolution
-    assert np.array_equal(audio.read_wav(wav_bytes_wave(x24, 8000, width=3)), x)
+    assert np.array_equal(wav.read_wav(wav_bytes_wave(x24, 8000, width=3)), x)
     x32 = x.astype(np.int64) * 65536 + 1000
-    assert np.array_equal(audio.read_wav(wav_bytes_wave(x32, 8000, width=4)), x)
+    assert np.array_equal(wav.read_wav(wav_bytes_wave(x32, 8000, width=4)), x)
 
 
 def test_read_24bit_extensible_at_48k():
     x = np.round(sine(1000, 48000, amp=8_000_000)).astype(np.int32)
-    y = audio.read_wav(riff(1, 1, 48000, 24, pack(x, 3), extensible=True))
+    y = wav.read_wav(riff(1, 1, 48000, 24, pack(x, 3), extensible=True))
     assert len(y) == 8000
     assert peak_hz(y, 8000) == pytest.approx(1000, abs=1)
     assert rms_db(middle(y)) == pytest.approx(rms_db(x / 256), abs=0.5)
@@ -194,21 +195,21 @@ def test_read_24bit_extensible_at_48k():
 def test_stereo_is_averaged_to_mono():
     left = np.round(sine(1000, 8000, 0.2)).astype(np.int16)
     both = np.stack([left, left], axis=1).reshape(-1)
-    assert np.array_equal(audio.read_wav(wav_bytes_wave(both, 8000, channels=2)), left)
+    assert np.array_equal(wav.read_wav(wav_bytes_wave(both, 8000, channels=2)), left)
     opposite = np.stack([left, -left], axis=1).reshape(-1)
-    assert not np.any(audio.read_wav(wav_bytes_wave(opposite, 8000, channels=2)))
+    assert not np.any(wav.read_wav(wav_bytes_wave(opposite, 8000, channels=2)))
     only_left = np.stack([left, np.zeros_like(left)], axis=1).reshape(-1)
-    y = audio.read_wav(wav_bytes_wave(only_left, 8000, channels=2))
+    y = wav.read_wav(wav_bytes_wave(only_left, 8000, channels=2))
     assert np.max(np.abs(y.astype(np.int32) - left / 2)) <= 0.5
     full = np.full(200, 32767, np.int16)
-    assert np.all(audio.read_wav(wav_bytes_wave(np.stack([full, full], 1).reshape(-1), 8000, channels=2)) == 32767)
+    assert np.all(wav.read_wav(wav_bytes_wave(np.stack([full, full], 1).reshape(-1), 8000, channels=2)) == 32767)
 
 
 def test_stereo_at_44k1(tmp_path):
     left = np.round(sine(1000, 44100)).astype(np.int16)
     right = np.round(sine(1000, 44100, amp=5000)).astype(np.int16)
     data = wav_bytes_wave(np.stack([left, right], axis=1).reshape(-1), 44100, channels=2)
-    y = audio.read_wav(write_file(tmp_path / "s.wav", data))
+    y = wav.read_wav(write_file(tmp_path / "s.wav", data))
     assert len(y) == 8000 and peak_hz(y, 8000) == pytest.approx(1000, abs=1)
     assert rms_db(middle(y)) == pytest.approx(20 * math.log10(7500 / math.sqrt(2)), abs=0.5)
 
@@ -222,8 +223,8 @@ def test_g711_wav(tmp_path, tag, encode, decode):
     codes = encode(x)
     want = np.frombuffer(decode(codes), dtype="<i2")
     path = write_file(tmp_path / "g.wav", riff(tag, 1, 8000, 8, codes))
-    assert np.array_equal(audio.read_wav(path), want)
-    assert np.array_equal(audio.read_wav(riff(tag, 1, 8000, 8, codes, extensible=True)), want)
+    assert np.array_equal(wav.read_wav(path), want)
+    assert np.array_equal(wav.read_wav(riff(tag, 1, 8000, 8, codes, extensible=True)), want)
 
 
 def test_ulaw_header_written_by_hand(tmp_path):
@@ -234,41 +235,41 @@ def test_ulaw_header_written_by_hand(tmp_path):
     body = (b"WAVE" + b"fmt " + struct.pack("<I", 18) + fmt + info
             + b"data" + struct.pack("<I", len(codes)) + codes)
     path = write_file(tmp_path / "u.wav", b"RIFF" + struct.pack("<I", len(body)) + body)
-    y = audio.read_wav(path)
+    y = wav.read_wav(path)
     assert len(y) == 2000 and peak_hz(y, 8000) == pytest.approx(1000, abs=4)
 
 
 def test_float_wav():
     x = sine(1000, 16000, amp=0.5).astype("<f4")
-    y = audio.read_wav(riff(3, 1, 16000, 32, x.tobytes()))
+    y = wav.read_wav(riff(3, 1, 16000, 32, x.tobytes()))
     assert rms_db(middle(y)) == pytest.approx(20 * math.log10(16384 / math.sqrt(2)), abs=0.5)
 
 
 def test_float_wav_with_nan_and_infinity():
     x = np.array([0.5, np.nan, np.inf, -np.inf, 2.0, -0.25], dtype="<f4")
-    y = audio.read_wav(riff(3, 1, 8000, 32, x.tobytes()))
+    y = wav.read_wav(riff(3, 1, 8000, 32, x.tobytes()))
     assert y.tolist() == [16384, 0, 32767, -32768, 32767, -8192]
 
 
 def test_streamed_header_reads_what_is_there():
     x = np.arange(800, dtype=np.int16)
     data = riff(1, 1, 8000, 16, pack(x, 2), data_size=0xFFFFFFFF)
-    assert np.array_equal(audio.read_wav(data), x)
+    assert np.array_equal(wav.read_wav(data), x)
 
 
 def test_too_long_is_refused_from_the_header(tmp_path, monkeypatch):
     path = write_file(tmp_path / "long.wav", wav_bytes_wave(np.zeros(16000, np.int16), 8000))
-    assert len(audio.read_wav(path, max_seconds=3)) == 16000
+    assert len(wav.read_wav(path, max_seconds=3)) == 16000
 
     def no_decoding(*args):
         raise AssertionError("decoded before checking the length")
 
-    monkeypatch.setattr(audio, "_decode", no_decoding)
+    monkeypatch.setattr(wav, "_decode", no_decoding)
     with pytest.raises(AudioError, match="longer than the 1 s limit"):
-        audio.read_wav(path, max_seconds=1)
-    monkeypatch.setattr(audio, "MAX_SECONDS", 1.5)
+        wav.read_wav(path, max_seconds=1)
+    monkeypatch.setattr(wav, "MAX_SECONDS", 1.5)
     with pytest.raises(AudioError, match="limit"):
-        audio.read_wav(path)
+        wav.read_wav(path)
 
 
 @pytest.mark.parametrize("data,message", [
@@ -288,15 +289,15 @@ def test_too_long_is_refused_from_the_header(tmp_path, monkeypatch):
 ])
 def test_bad_files_raise_audio_error(data, message):
     if message is None:
-        assert len(audio.read_wav(data)) == 32
+        assert len(wav.read_wav(data)) == 32
         return
     with pytest.raises(AudioError, match=message):
-        audio.read_wav(data)
+        wav.read_wav(data)
 
 
 def test_odd_sample_rate():
     x = np.round(sine(1000, 44101)).astype(np.int16)
-    y = audio.read_wav(riff(1, 1, 44101, 16, pack(x, 2)))
+    y = wav.read_wav(riff(1, 1, 44101, 16, pack(x, 2)))
     assert len(y) == 8000 and peak_hz(y, 8000) == pytest.approx(1000, abs=1)
 
 
@@ -318,7 +319,7 @@ def test_mangled_files_raise_only_audio_error():
         if rng.random() < 0.3:
             data = data[:int(rng.integers(0, len(data)))]
         try:
-            y = audio.read_wav(bytes(data), max_seconds=2)
+            y = wav.read_wav(bytes(data), max_seconds=2)
         except AudioError as e:
             assert str(e)
         else:
@@ -327,9 +328,9 @@ def test_mangled_files_raise_only_audio_error():
 
 def test_unreadable_paths(tmp_path):
     with pytest.raises(AudioError, match="cannot read"):
-        audio.read_wav(tmp_path / "missing.wav")
+        wav.read_wav(tmp_path / "missing.wav")
     with pytest.raises(AudioError, match="cannot read"):
-        audio.read_wav(tmp_path)
+        wav.read_wav(tmp_path)
     assert issubclass(AudioError, ValueError)
 
 
@@ -337,24 +338,24 @@ async def test_load_wav_caches_by_mtime_and_size(tmp_path, monkeypatch):
     path = tmp_path / "p.wav"
     write_file(path, wav_bytes_wave(np.full(800, 7, np.int16), 8000))
     reads = []
-    real = audio.read_wav
-    monkeypatch.setattr(audio, "read_wav", lambda *a, **k: reads.append(a) or real(*a, **k))
+    real = wav.read_wav
+    monkeypatch.setattr(wav, "read_wav", lambda *a, **k: reads.append(a) or real(*a, **k))
 
-    a, b = await asyncio.gather(audio.load_wav(path), audio.load_wav(str(path)))
+    a, b = await asyncio.gather(wav.load_wav(path), wav.load_wav(str(path)))
     assert a is b and len(reads) == 1 and np.all(a == 7)
     assert not a.flags.writeable
-    assert await audio.load_wav(path) is a and len(reads) == 1
+    assert await wav.load_wav(path) is a and len(reads) == 1
 
     write_file(path, wav_bytes_wave(np.full(1600, 9, np.int16), 8000))
-    c = await audio.load_wav(path)
+    c = await wav.load_wav(path)
     assert len(reads) == 2 and len(c) == 1600 and np.all(c == 9)
     with pytest.raises(AudioError, match="limit"):
-        await audio.load_wav(path, max_seconds=0.1)
+        await wav.load_wav(path, max_seconds=0.1)
     with pytest.raises(AudioError, match="cannot read"):
-        await audio.load_wav(tmp_path / "nope.wav")
+        await wav.load_wav(tmp_path / "nope.wav")
     write_file(tmp_path / "junk.wav", b"junk")
     with pytest.raises(AudioError, match="not a WAV"):
-        await audio.load_wav(tmp_path / "junk.wav")
+        await wav.load_wav(tmp_path / "junk.wav")
 
 
 # --------------------------------------------------------------------------- writing
@@ -363,13 +364,13 @@ async def test_load_wav_caches_by_mtime_and_size(tmp_path, monkeypatch):
 async def test_write_wav_round_trip(tmp_path):
     x = np.random.default_rng(3).integers(-32768, 32767, 4000).astype(np.int16)
     path = tmp_path / "rec" / "calls" / "r.wav"
-    await audio.write_wav(path, x)
+    await wav.write_wav(path, x)
     with wave.open(str(path), "rb") as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()) == (1, 2, 8000, 4000)
-    assert np.array_equal(audio.read_wav(path), x)
+    assert np.array_equal(wav.read_wav(path), x)
     assert os.listdir(path.parent) == ["r.wav"]              # no temp file left behind
 
-    await audio.write_wav(path, np.array([0.4, 1e6, -1e6]), rate=16000)
+    await wav.write_wav(path, np.array([0.4, 1e6, -1e6]), rate=16000)
     with wave.open(str(path), "rb") as w:
         assert w.getframerate() == 16000
         assert np.frombuffer(w.readframes(3), "<i2").tolist() == [0, 32767, -32768]
@@ -379,7 +380,7 @@ async def test_write_wav_failure_leaves_nothing(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_bytes(b"")
     with pytest.raises(AudioError, match="cannot write"):
-        await audio.write_wav(blocker / "r.wav", np.zeros(10, np.int16))
+        await wav.write_wav(blocker / "r.wav", np.zeros(10, np.int16))
     d = tmp_path / "ro"
     d.mkdir()
     d.chmod(stat.S_IRUSR | stat.S_IXUSR)
@@ -387,7 +388,7 @@ async def test_write_wav_failure_leaves_nothing(tmp_path):
         if os.access(d, os.W_OK):
             pytest.skip("running as a user that ignores directory permissions")
         with pytest.raises(AudioError, match="cannot write"):
-            await audio.write_wav(d / "r.wav", np.zeros(10, np.int16))
+            await wav.write_wav(d / "r.wav", np.zeros(10, np.int16))
     finally:
         d.chmod(stat.S_IRWXU)
 
@@ -396,35 +397,35 @@ async def test_write_wav_failure_leaves_nothing(tmp_path):
 
 
 def test_tone_frequency_and_level():
-    t = audio.tone(1000, 1000, level_dbm0=-10)
+    t = signals.tone(1000, 1000, level_dbm0=-10)
     assert t.dtype == np.int16 and len(t) == 8000
     assert peak_hz(t, 8000) == pytest.approx(1000, abs=1)
     # A full-scale sine (peak 32767) is +3.14 dBm0.
     peak = math.sqrt(2) * 10 ** (rms_db(t) / 20)
     assert 20 * math.log10(peak / 32767) + 3.14 == pytest.approx(-10, abs=0.05)
-    assert audio.frame_energy_dbfs(audio.tone(400, 500, 0)) == pytest.approx(
+    assert signals.frame_energy_dbfs(signals.tone(400, 500, 0)) == pytest.approx(
         20 * math.log10(32767 / 32768) - 3.14 - 3.01, abs=0.05)
     with pytest.raises(ValueError):
-        audio.tone(5000, 100)
+        signals.tone(5000, 100)
     with pytest.raises(ValueError):
-        audio.tone(1000, 100, level_dbm0=6)
+        signals.tone(1000, 100, level_dbm0=6)
 
 
 def test_beep_and_silence():
-    b = audio.beep()
+    b = signals.beep()
     assert len(b) == 2000 and peak_hz(b, 8000) == pytest.approx(1000, abs=4)
     assert abs(int(b[0])) < 50 and abs(int(b[-1])) < 500          # faded in and out
-    assert audio.frame_energy_dbfs(b[400:1600]) == pytest.approx(audio.frame_energy_dbfs(audio.tone(1000, 150)), abs=0.1)
-    s = audio.silence(300)
+    assert signals.frame_energy_dbfs(b[400:1600]) == pytest.approx(signals.frame_energy_dbfs(signals.tone(1000, 150)), abs=0.1)
+    s = signals.silence(300)
     assert s.dtype == np.int16 and len(s) == 2400 and not s.any()
 
 
 def test_frame_energy_dbfs():
     square = np.where(np.arange(320) % 2, 32767, -32768).astype(np.int16)
-    assert audio.frame_energy_dbfs(square) == pytest.approx(0, abs=0.01)
-    assert audio.frame_energy_dbfs(np.zeros(160, np.int16)) == float("-inf")
-    assert audio.frame_energy_dbfs(np.zeros(0, np.int16)) == float("-inf")
-    levels = audio.frame_energy_dbfs(np.concatenate([np.zeros(160, np.int16), square[:200]]), frame=160)
+    assert signals.frame_energy_dbfs(square) == pytest.approx(0, abs=0.01)
+    assert signals.frame_energy_dbfs(np.zeros(160, np.int16)) == float("-inf")
+    assert signals.frame_energy_dbfs(np.zeros(0, np.int16)) == float("-inf")
+    levels = signals.frame_energy_dbfs(np.concatenate([np.zeros(160, np.int16), square[:200]]), frame=160)
     assert levels.shape == (3,) and levels[0] == float("-inf")
     assert levels[1] == pytest.approx(0, abs=0.01) and levels[2] == pytest.approx(0, abs=0.01)
 
@@ -432,22 +433,22 @@ def test_frame_energy_dbfs():
 def test_trim_silence():
     rng = np.random.default_rng(4)
     hiss = rng.normal(0, 30, 8000)                          # about -60 dBFS
-    speech = audio.tone(500, 300, -20)
+    speech = signals.tone(500, 300, -20)
     x = np.round(np.concatenate([hiss[:4000], speech, hiss[4000:7200]])).astype(np.int16)
-    y = audio.trim_silence(x)
+    y = signals.trim_silence(x)
     assert 2400 <= len(y) <= 2400 + 3 * 160
-    assert audio.frame_energy_dbfs(y[:160]) < -45 and audio.frame_energy_dbfs(y[160:320]) > -45
-    assert len(audio.trim_silence(x, margin=0)) == 2400
-    assert len(audio.trim_silence(np.round(hiss).astype(np.int16))) == 0
-    assert len(audio.trim_silence(speech)) == len(speech)
+    assert signals.frame_energy_dbfs(y[:160]) < -45 and signals.frame_energy_dbfs(y[160:320]) > -45
+    assert len(signals.trim_silence(x, margin=0)) == 2400
+    assert len(signals.trim_silence(np.round(hiss).astype(np.int16))) == 0
+    assert len(signals.trim_silence(speech)) == len(speech)
 
 
 def test_media_engine_accepts_the_arrays():
     rtp = pytest.importorskip("ext.rtp")
-    shared = audio.beep()
+    shared = signals.beep()
     shared.flags.writeable = False                      # as the caches hand them out
-    for pcm in (shared, audio.trim_silence(np.concatenate([audio.silence(100), audio.beep()])),
-                audio.read_wav(riff(1, 1, 16000, 16, pack(np.zeros(320, np.int16), 2)))):
+    for pcm in (shared, signals.trim_silence(np.concatenate([signals.silence(100), signals.beep()])),
+                wav.read_wav(riff(1, 1, 16000, 16, pack(np.zeros(320, np.int16), 2)))):
         assert not rtp.Player(pcm).done
 
 
@@ -503,8 +504,8 @@ async def test_say_renders_real_speech_and_caches(tmp_path):
     pcm = await cache.say(text)
     assert pcm.dtype == np.int16
     assert 1.5 < len(pcm) / 8000 < 6.0
-    assert audio.frame_energy_dbfs(pcm) > -35
-    loud = audio.frame_energy_dbfs(pcm, 160) > -45
+    assert signals.frame_energy_dbfs(pcm) > -35
+    loud = signals.frame_energy_dbfs(pcm, 160) > -45
     assert loud.mean() > 0.4                                   # mostly speech, not silence
     assert cache.characters == len(text) and cache.renders == 1 and renders_logged(log) == 1
     path = cache.path_for(text)
@@ -571,7 +572,7 @@ async def test_languages_render(tmp_path):
         cache.say("Bonjour, comment allez-vous?", language="fr-FR"),
         cache.say("Buenos días, ¿cómo está?", voice="Polly.Conchita"))
     for pcm in (de, fr, es):
-        assert len(pcm) > 4000 and audio.frame_energy_dbfs(pcm) > -35
+        assert len(pcm) > 4000 and signals.frame_energy_dbfs(pcm) > -35
     assert cache.characters == sum(map(len, ["Guten Tag, wie geht es Ihnen?", "Bonjour, comment allez-vous?",
                                              "Buenos días, ¿cómo está?"]))
 
@@ -613,4 +614,4 @@ async def test_corrupt_cache_file_is_rerendered(tmp_path):
     write_file(path, b"RIFF garbage")
     pcm = await cache.say("fresh start")
     assert len(pcm) > 2000 and cache.renders == 1
-    assert np.array_equal(audio.read_wav(path), pcm)
+    assert np.array_equal(wav.read_wav(path), pcm)

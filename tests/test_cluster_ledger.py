@@ -20,7 +20,8 @@ import pytest
 
 from engine.accounting.accountant import Accountant
 from engine.accounting.invoices import invoice
-from engine.accounting.ledger import LedgerError, LedgerFenced, PostgresLedger
+from engine.accounting.ledger import LedgerError, LedgerFenced
+from engine.accounting.ledger_pg import PostgresLedger
 from ext.kernels import ring
 from tests.test_accounting_crash import CONFIG, expected_ledger, generate
 from tests.test_accounting_fence import _line, _write

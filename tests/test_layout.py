@@ -10,6 +10,8 @@ Every import in engine/, ext/, control/ and proto/ is collected with `ast`
 - `ext/` imports nothing outside `ext/`;
 - `engine/` never imports `control/`, but for the composition roots
   `engine.runtime` (which starts the gRPC servers) and `engine.cli`;
+- `engine.sessions` never imports `engine.modules`: sessions sit below the
+  modules and reach them through the dispatcher and the `Module` calls;
 - what `engine.accounting.accountant` imports, and what that imports, reaches
   nothing of `engine.sip` or `engine.media`.
 
@@ -174,7 +176,7 @@ def _one_cycle(comp: list[str]) -> list[str]:
 
 def test_the_walk_sees_the_tree():
     # Guard against a walk that silently finds nothing to check.
-    assert {"engine.sessions.session", "ext.kernels", "proto.pb", "control.vendor",
+    assert {"engine.sessions.session", "ext.kernels", "proto.pb", "control.vendor.offers",
             ACCOUNTANT} <= set(MODULES)
     assert "ext.kernels" in GRAPH["engine.sip.transport"]
     assert "engine.accounting.ledger" in GRAPH[ACCOUNTANT]
@@ -194,6 +196,12 @@ def test_engine_never_imports_control():
     bad = [_where(m, t) for m in GRAPH if _in(m, "engine") for t in GRAPH[m] if _in(t, "control")
            and not any(_in(m, root) for root in COMPOSITION_ROOTS)]
     assert not bad, "engine/ imports control/:\n" + "\n".join(bad)
+
+
+def test_sessions_never_import_modules():
+    bad = [_where(m, t) for m in GRAPH if _in(m, "engine.sessions") for t in GRAPH[m]
+           if _in(t, "engine.modules")]
+    assert not bad, "engine/sessions imports engine/modules:\n" + "\n".join(bad)
 
 
 def test_the_accountant_imports_nothing_of_sip_or_media():

@@ -25,8 +25,8 @@ import wave
 import pytest
 
 from engine.accounting.plans import parse_plan
-from engine.sessions.policy import (GUARD, Decision, Snapshot, affordable, limit_seconds,
-                           segment_cost)
+from engine.sessions.policy import Decision, Snapshot
+from engine.sessions.prepaid import GUARD, affordable, limit_seconds, segment_cost
 from tests.helpers import BATON, EngineProcess, ROOT, period_now
 
 M = 1_000_000

@@ -278,6 +278,36 @@ def test_conference_on_the_media_clock_mixes_minus_self():
     hub.close()
 
 
+def test_states_are_named_enums_and_refuse_other_values():
+    """Modes, laws and channel sources are IntEnums (ext/rtp.pxd); Python never sees
+    or sets a bare int that names nothing."""
+    assert [m.name for m in rtp.Mode] == ["IDLE", "RELAY", "TERMINATE"]
+    assert [s.name for s in rtp.Source] == ["SILENCE", "PLAYER", "ECHO", "NONE", "MIXER"]
+    assert rtp.SOURCE_ECHO is rtp.Source.ECHO and rtp.MODE_RELAY is rtp.Mode.RELAY
+    a, b = udp(), udp()
+    s, peer = rtp.RtpStream(a, payload_type=8), rtp.RtpStream(b)
+    assert s.mode is rtp.Mode.IDLE and s.law is rtp.Law.ALAW
+    s.relay_to(peer)
+    assert s.mode is rtp.Mode.RELAY
+    s.terminate()
+    assert s.mode is rtp.Mode.TERMINATE
+    s.law = rtp.LAW_ULAW
+    assert s.law is rtp.Law.ULAW
+    ch = rtp.Channel(1, s)
+    assert ch.source is rtp.Source.SILENCE
+    ch.echo()
+    assert ch.source is rtp.Source.ECHO
+    ch.source = rtp.Source.NONE
+    assert ch.source is rtp.Source.NONE
+    with pytest.raises(ValueError):
+        ch.source = 7
+    with pytest.raises(ValueError):
+        s.law = 2
+    assert ch.source is rtp.Source.NONE and s.law is rtp.Law.ULAW
+    a.close()
+    b.close()
+
+
 def test_inband_dtmf_detected_on_the_clock():
     import numpy as np
 

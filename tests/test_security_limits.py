@@ -140,7 +140,7 @@ async def test_a_document_cannot_raise_its_fetch_timeout_past_the_cap():
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 async def test_speech_cache_is_bounded_on_disk(tmp_path):
-    from engine.media.audio import SpeechCache
+    from engine.media.tts import SpeechCache
 
     cache = SpeechCache(tmp_path / "tts", disk_bytes=60_000)
     for n in range(6):

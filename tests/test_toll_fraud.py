@@ -19,7 +19,7 @@ import grpc  # noqa: E402
 
 from proto import pb  # noqa: E402
 from control.sdk.errors import PermissionDenied  # noqa: E402
-from engine.modules.dialing import Outbound, OutboundDenied, check, parse  # noqa: E402
+from engine.sessions.dialing import Outbound, OutboundDenied, check, parse  # noqa: E402
 from tests.helpers import SDP_OFFER, engine_config, running_engine  # noqa: E402
 from tests.test_bridge import far_end  # noqa: E402
 from tests.test_sessions import Caller  # noqa: E402

@@ -10,7 +10,10 @@ sums the ledger into invoices and vendor payouts. Money is integer micro-units
 from __future__ import annotations
 
 from engine.accounting.config import BillingConfig, BillingConfigError
-from engine.accounting.ledger import Ledger, LedgerError, Line, PostgresLedger, SqliteLedger, open_ledger
+from engine.accounting.ledger import Ledger, LedgerError, Line
+from engine.accounting.ledger_pg import PostgresLedger
+from engine.accounting.ledger_sqlite import SqliteLedger
+from engine.accounting.ledgers import open_ledger
 from engine.accounting.meter import Action, Meter, Segment, SessionEnd
 from engine.accounting.money import MICRO, MoneyError, format_money, parse_money, round_half_up
 from engine.accounting.plans import PlanError, UsagePlan, parse_plan

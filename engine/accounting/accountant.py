@@ -48,8 +48,9 @@ import msgpack
 
 from engine.accounting.config import BillingConfig, BillingConfigError
 from engine.accounting.invoices import FORMATS, invoice, payouts, render
-from engine.accounting.ledger import (DEFAULT_NODE, Ledger, LedgerError, LedgerFenced, Line,
-                                      PostgresLedger, open_ledger)
+from engine.accounting.ledger import DEFAULT_NODE, Ledger, LedgerError, LedgerFenced, Line
+from engine.accounting.ledger_pg import PostgresLedger
+from engine.accounting.ledgers import open_ledger
 from engine.accounting.lock import AccountantLock, lock_holder, lock_path
 from engine.accounting.meter import Meter, OpenSession
 from engine.accounting.money import format_money
@@ -135,7 +136,7 @@ class _Committer:
                  fence_node: str = DEFAULT_NODE) -> None:
         self.fence = fence
         self.fence_node = fence_node
-        # SQLite posts through a writer process (ledger.LedgerWriter): the thread
+        # SQLite posts through a writer process (ledger_sqlite.LedgerWriter): the thread
         # then only waits for it, and binding and writing run on another core.
         self.ledger = ledger.poster()
         self.inbox: queue.Queue = queue.Queue(maxsize=2)

@@ -21,33 +21,27 @@ its working state (open sessions, period usage) in ONE database transaction
 (`post(lines, position=..., state=...)`), so a crash at any moment leaves the
 three consistent.
 
-`open_ledger(url)` picks the backend: a path or `sqlite:///PATH` for SQLite
-(WAL, one file), `postgresql://...` for PostgreSQL through psycopg 3 (an
-optional `schema=NAME` query parameter selects, and creates, a schema).
+This module holds what both backends share: the schema, `Line`, and `Ledger`
+(posting, corrections, reads, checks). The backends are `SqliteLedger`
+(engine/accounting/ledger_sqlite.py: WAL, one file, posted through a writer
+process) and `PostgresLedger` (engine/accounting/ledger_pg.py: psycopg 3);
+`open_ledger(url)` (engine/accounting/ledgers.py) picks one.
 """
 from __future__ import annotations
 
 import contextlib
 import operator
-import os
-import re
-import sqlite3
-import subprocess
-import sys
-import threading
-import urllib.parse
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
-from itertools import chain
 from typing import Any
 
 import msgpack
 
 from engine.common import clock
-from engine.accounting.money import round_half_up
+from engine.accounting.money import split_share
 
-__all__ = ["DEFAULT_NODE", "Line", "Ledger", "SqliteLedger", "PostgresLedger", "LedgerError", "LedgerFenced",
-           "open_ledger", "TXN_COLUMNS", "ENTRY_COLUMNS", "split_share"]
+__all__ = ["DEFAULT_NODE", "Line", "Ledger", "LedgerError", "LedgerFenced", "TXN_COLUMNS",
+           "ENTRY_COLUMNS"]
 
 TXN_COLUMNS = ("id", "key", "kind", "node", "seq", "session", "account", "module", "item", "level",
                "period", "wall_ns", "usage", "quantity", "unit", "plan", "unit_price", "amount",
@@ -68,17 +62,6 @@ class LedgerError(Exception):
 class LedgerFenced(LedgerError):
     """A post from a writer whose fencing token is no longer the ledger's: another
     accountant took the ledger over since (see `Ledger.acquire_fence`)."""
-
-
-def split_share(amount: int, share: Fraction) -> int:
-    """The vendor's part of `amount` for a share in [0, 1], rounded half-up on
-    the magnitude (so a negated amount splits into negated parts)."""
-    if not share:
-        return 0
-    if amount >= 0:
-        return round_half_up(amount * share.numerator, share.denominator)
-    return -round_half_up(-amount * share.numerator, share.denominator)
-
 
 class Line(tuple):
     """One rated line, posted as one transaction: an immutable tuple of the
@@ -534,7 +517,7 @@ class Ledger:
 
     def _state_log_rows(self) -> int:
         # Counted each time (a few rows): another Ledger on the same store (the
-        # writer process, ledger.LedgerWriter) may have logged batches since.
+        # writer process, ledger_sqlite.LedgerWriter) may have logged batches since.
         return self._query("SELECT COUNT(*) AS n FROM state_log")[0]["n"]
 
     def _read_state_log(self) -> dict[tuple[str, str], bytes | None]:
@@ -765,345 +748,5 @@ class Ledger:
         return problems
 
 
-class SqliteLedger(Ledger):
-    """The ledger in one SQLite file (WAL, synchronous=FULL: a commit survives
-    a power cut, and batching keeps the fsyncs few)."""
-
-    def __init__(self, path: str, *, synchronous: str = "FULL") -> None:
-        self.path = os.path.abspath(path)
-        self.url = f"sqlite://{self.path}"
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._lock = threading.RLock()
-        self._classes: dict[tuple, int] = {}
-        self._insert_sql: dict[tuple[str, int, str], str] = {}
-        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                     timeout=30, cached_statements=256)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(f"PRAGMA synchronous={synchronous}")
-        self._conn.execute("PRAGMA busy_timeout=30000")
-        # executescript commits any open transaction, so the script brings its own.
-        self._conn.executescript(
-            "BEGIN IMMEDIATE;" + _DDL.format(
-                entries_suffix=" WITHOUT ROWID", state_suffix=" WITHOUT ROWID", blob="BLOB",
-                id_type="INTEGER",
-                create_view="CREATE VIEW IF NOT EXISTS")
-            + _SQLITE_GUARDS + "INSERT OR IGNORE INTO meta (name, value) VALUES "
-            f"('schema_version', '{SCHEMA_VERSION}'); COMMIT;")
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[None]:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-    def _exec(self, sql: str, params: Sequence = ()) -> None:
-        self._conn.execute(sql, params)
-
-    def _executemany(self, sql: str, rows: list[tuple]) -> None:
-        self._conn.executemany(sql, rows)
-
-    def _query(self, sql: str, params: Sequence = ()) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._conn.execute(sql, params)]
-
-    def _insert_txns(self, first_id: int, rows: list[tuple]) -> None:
-        # The ids are SQLite's own rowids, which continue from the largest.
-        self._insert_values("txns", TXN_ROW_COLUMNS, rows)
-        last = self._conn.execute("SELECT MAX(id) FROM txns").fetchone()[0]
-        if last != first_id + len(rows) - 1:
-            raise LedgerError(f"transaction ids {first_id}..{last} for {len(rows)} lines: "
-                              f"another writer?")
-
-    def _insert_values(self, table: str, columns: tuple[str, ...], rows: list[tuple],
-                       suffix: str = "") -> None:
-        # Many rows per statement: one sqlite3_step inserts them all with the
-        # GIL released, instead of one release per row as executemany does.
-        # The statements have a few fixed sizes (a power of two of rows, at
-        # most _ROWS_PER_INSERT), so each is prepared once and then comes
-        # from the connection's statement cache: preparing a statement of
-        # thousands of parameters costs as much as running it.
-        execute = self._conn.execute
-        i, n = 0, len(rows)
-        while i < n:
-            size = min(_ROWS_PER_INSERT, 1 << ((n - i).bit_length() - 1))
-            sql = self._insert_sql.get((table, size, suffix))
-            if sql is None:
-                one = "(" + ", ".join("?" * len(columns)) + ")"
-                sql = self._insert_sql[(table, size, suffix)] = (
-                    f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
-                    + ", ".join([one] * size) + suffix)
-            execute(sql, list(chain.from_iterable(rows[i:i + size])))
-            i += size
-
-    def _upsert_state(self, rows: list[tuple]) -> None:
-        self._insert_values("state", ("kind", "key", "value"), rows,
-                            " ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value")
-
-    def _is_conflict(self, exc: BaseException) -> bool:
-        return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc)
-
-    def poster(self) -> LedgerWriter:
-        """A writer process posting to this file (see LedgerWriter): SQLite
-        binds and writes with the GIL held for part of the time, which a
-        second thread would take turns on with the rating."""
-        return LedgerWriter(self.path)
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None  # type: ignore[assignment]
-
-
-_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-
-
-def _pg_conninfo(url: str) -> tuple[str, str | None]:
-    """Split `schema=NAME` out of a postgresql:// URL."""
-    parts = urllib.parse.urlsplit(url)
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    schema = None
-    rest = []
-    for k, v in query:
-        if k == "schema":
-            schema = v
-        else:
-            rest.append((k, v))
-    if schema is not None and not _SCHEMA_NAME.match(schema):
-        raise LedgerError(f"schema {schema!r} is not a plain SQL identifier")
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest))), schema
-
-
-class PostgresLedger(Ledger):
-    """The ledger in PostgreSQL through psycopg 3; rows are loaded with COPY."""
-
-    _FOR_UPDATE = " FOR UPDATE"
-
-    def __init__(self, url: str) -> None:
-        try:
-            import psycopg
-            from psycopg.rows import dict_row
-        except ImportError as exc:  # pragma: no cover - psycopg is a dependency
-            raise LedgerError("the PostgreSQL ledger needs psycopg 3 (pip install "
-                              "'psycopg[binary]')") from exc
-        self._psycopg = psycopg
-        self.url = url
-        conninfo, self.schema = _pg_conninfo(url)
-        self._lock = threading.RLock()
-        self._classes: dict[tuple, int] = {}
-        self._conn = psycopg.connect(conninfo, autocommit=True, row_factory=dict_row)
-        if self.schema:
-            self._conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-            self._conn.execute(f'SET search_path TO "{self.schema}"')
-        with self._tx():
-            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
-            for stmt in _split_sql(_DDL.format(entries_suffix="", state_suffix="", blob="BYTEA",
-                                               id_type="BIGINT",
-                                               create_view="CREATE OR REPLACE VIEW")):
-                self._conn.execute(stmt)
-            self._conn.execute(_PG_GUARDS)
-            self._conn.execute("INSERT INTO meta (name, value) VALUES ('schema_version', %s) "
-                               "ON CONFLICT DO NOTHING", (str(SCHEMA_VERSION),))
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[None]:
-        with self._conn.transaction():
-            yield
-
-    def _next_id(self) -> int:
-        # Writers are serialised so ids are dense and allocated without a sequence.
-        self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
-        return super()._next_id()
-
-    def _exec(self, sql: str, params: Sequence = ()) -> None:
-        self._conn.execute(sql.replace("?", "%s"), params)
-
-    def _executemany(self, sql: str, rows: list[tuple]) -> None:
-        with self._conn.cursor() as cur:
-            cur.executemany(sql.replace("?", "%s"), rows)
-
-    def _query(self, sql: str, params: Sequence = ()) -> list[dict[str, Any]]:
-        return list(self._conn.execute(sql.replace("?", "%s"), params).fetchall())
-
-    def _insert_txns(self, first_id: int, rows: list[tuple]) -> None:
-        with self._conn.cursor() as cur:
-            with cur.copy(f"COPY txns (id, {', '.join(TXN_ROW_COLUMNS)}) FROM STDIN") as cp:
-                for i, row in enumerate(rows, first_id):
-                    cp.write_row((i,) + row)
-
-    def _is_conflict(self, exc: BaseException) -> bool:
-        return isinstance(exc, self._psycopg.errors.UniqueViolation)
-
-    def try_lock_writer(self, node: str = DEFAULT_NODE) -> bool:
-        """Take the session-level lock that makes this the only accountant of
-        `node` writing to the schema; False if another holds it. Accountants of
-        other nodes write beside it (their batches serialised per transaction)."""
-        row = self._query("SELECT pg_try_advisory_lock(hashtext(current_schema()), "
-                          "hashtext(%s)) AS ok", (node,))
-        return bool(row[0]["ok"])
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None  # type: ignore[assignment]
-
-
-class LedgerWriter:
-    """`post()` of a SQLite ledger, run in a child process: the batch's rows
-    are bound and written there, so a pipelined accountant's rating and its
-    database work use two cores instead of taking turns on one interpreter.
-
-    The batch (lines, ring position, state) travels as one msgpack frame on a
-    pipe, the child posts it in ONE database transaction exactly as
-    `SqliteLedger.post` does, and answers with the number posted or the
-    error, which `post()` raises here. The child dies with its parent
-    (PR_SET_PDEATHSIG, and end of input), so a killed accountant leaves no
-    writer behind; what it committed is committed with its position.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.proc: subprocess.Popen | None = None
-        self._lock = threading.Lock()
-        self._start()                 # it starts while the first batch is rated
-
-    def _start(self) -> subprocess.Popen:
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", "import sys; from engine.accounting.ledger import "
-                 "_writer_main; sys.exit(_writer_main(sys.argv[1], int(sys.argv[2])))",
-                 self.path, str(os.getpid())],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
-                cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-        return self.proc
-
-    def post(self, lines: Iterable[Line], *, position: tuple[str, int] | None = None,
-             state: Mapping[tuple[str, str], bytes | None] | None = None,
-             checked: bool = False, fence: int | None = None,
-             fence_node: str = DEFAULT_NODE) -> int:
-        """As `Ledger.post`, in the writer process."""
-        flat: list[Any] = []
-        for (kind, key), value in (state or {}).items():
-            flat.extend((kind, key, value))
-        frame = msgpack.packb([list(position) if position is not None else None, flat,
-                               lines if isinstance(lines, list) else list(lines), checked, fence,
-                               fence_node])
-        with self._lock:
-            proc = self._start()
-            problem = "it closed its output"
-            try:
-                _write_frame(proc.stdin, frame)
-                reply = _read_frame(proc.stdout)
-            except OSError as exc:
-                reply, problem = None, str(exc)
-            if reply is None:
-                self._kill()
-                raise LedgerError(f"the ledger writer process stopped: {problem}")
-        ok, value = msgpack.unpackb(reply)
-        if not ok:
-            raise (LedgerFenced if value.startswith("LedgerFenced:") else LedgerError)(value)
-        return value
-
-    def _kill(self) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(OSError):
-                self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def close(self) -> None:
-        """End the writer process (after the batch it is posting)."""
-        with self._lock:
-            if self.proc is not None:
-                with contextlib.suppress(OSError):
-                    self.proc.stdin.close()
-                try:
-                    self.proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    self._kill()
-                self.proc = None
-
-
-def _write_frame(f, data: bytes) -> None:
-    f.write(len(data).to_bytes(4, "big"))
-    view = memoryview(data)
-    while view:
-        n = f.write(view)
-        view = view[n:]
-
-
-def _read_frame(f) -> bytes | None:
-    head = _read_exact(f, 4)
-    if head is None:
-        return None
-    return _read_exact(f, int.from_bytes(head, "big"))
-
-
-def _read_exact(f, n: int) -> bytes | None:
-    parts, left = [], n
-    while left:
-        chunk = f.read(left)
-        if not chunk:
-            return None
-        parts.append(chunk)
-        left -= len(chunk)
-    return b"".join(parts)
-
-
-def _writer_main(path: str, parent: int) -> int:
-    """The writer process: post each batch read from stdin, answer on stdout."""
-    with contextlib.suppress(Exception):     # Linux: die with the parent, even by SIGKILL
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)      # PR_SET_PDEATHSIG, SIGKILL
-    if os.getppid() != parent:               # the parent died before that took effect
-        return 0
-    import gc
-    gc.freeze()
-    gc.set_threshold(100_000, 50, 100)        # rows make no reference cycles
-    ledger = SqliteLedger(path)
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    new = tuple.__new__
-    try:
-        while True:
-            frame = _read_frame(stdin)
-            if frame is None:
-                return 0
-            position, flat, rows, checked, fence, fence_node = msgpack.unpackb(frame,
-                                                                               use_list=False)
-            state = {(flat[i], flat[i + 1]): flat[i + 2] for i in range(0, len(flat), 3)}
-            try:
-                n = ledger.post([new(Line, r) for r in rows],
-                                position=tuple(position) if position is not None else None,
-                                state=state, checked=checked, fence=fence,
-                                fence_node=fence_node)
-                reply = msgpack.packb([True, n])
-            except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
-                reply = msgpack.packb([False, f"{type(exc).__name__}: {exc}"])
-            _write_frame(stdout, reply)
-    finally:
-        ledger.close()
-
-
 def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
-
-
-def open_ledger(url: str | None, data_dir: str | None = None) -> Ledger:
-    """Open (and create) a ledger: None for `DATA/accounting/ledger.db`, a path
-    or `sqlite:///PATH` for SQLite, `postgresql://...` for PostgreSQL."""
-    if url is None:
-        if data_dir is None:
-            raise LedgerError("no ledger store: give a URL or a data directory")
-        return SqliteLedger(os.path.join(data_dir, "accounting", "ledger.db"))
-    if url.startswith(("postgresql://", "postgres://")):
-        return PostgresLedger(url)
-    if url.startswith("sqlite:///"):
-        return SqliteLedger(url[len("sqlite://"):])
-    if "://" in url:
-        raise LedgerError(f"unknown ledger store {url!r} (a path, sqlite:///PATH or postgresql://...)")
-    return SqliteLedger(url)
-

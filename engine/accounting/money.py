@@ -17,7 +17,7 @@ from fractions import Fraction
 
 __all__ = [
     "MICRO", "MoneyError", "parse_money", "parse_ratio", "format_money", "format_quantity",
-    "round_half_up", "check_currency", "SYMBOLS",
+    "round_half_up", "split_share", "check_currency", "SYMBOLS",
 ]
 
 MICRO = 1_000_000
@@ -154,3 +154,13 @@ def format_quantity(value: Fraction | int, places: int = 6) -> str:
     whole, part = divmod(abs(scaled), 10 ** places)
     digits = f"{part:0{places}d}".rstrip("0") if places else ""
     return f"{sign}{whole}.{digits}" if digits else f"{sign}{whole}"
+
+
+def split_share(amount: int, share: Fraction) -> int:
+    """The vendor's part of `amount` for a share in [0, 1], rounded half-up on
+    the magnitude (so a negated amount splits into negated parts)."""
+    if not share:
+        return 0
+    if amount >= 0:
+        return round_half_up(amount * share.numerator, share.denominator)
+    return -round_half_up(-amount * share.numerator, share.denominator)

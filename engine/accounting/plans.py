@@ -135,6 +135,11 @@ class UsagePlan:
         """True when the plan's unit is a unit of time."""
         return self.unit in TIME_UNITS
 
+    @property
+    def overage_scaled(self) -> int:
+        """The overage price per base unit, over `DEN` (as `Tier.scale` scales a tier's)."""
+        return self.overage_price * _SCALE[self.unit]
+
     def segment_quantity(self, ns: int) -> int:
         """Base quantity of a segment: billed seconds, or 1 use for an action unit."""
         return self.increment.bill(ns) if self.is_time else 1
@@ -151,7 +156,7 @@ class UsagePlan:
         num, unit_price, note = self._num(within, prior_period, prior_session, paid)
         if beyond:
             if self.at_cap == "overage":
-                num += beyond * self.overage_price * _SCALE[self.unit]
+                num += beyond * self.overage_scaled
                 note = note or "overage"
                 if not within or unit_price == self.overage_price:
                     unit_price = self.overage_price

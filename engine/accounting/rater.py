@@ -15,7 +15,8 @@ from collections.abc import Iterable
 import msgpack
 
 from engine.accounting.config import BillingConfig, PeriodClock
-from engine.accounting.ledger import Line, split_share
+from engine.accounting.ledger import Line
+from engine.accounting.money import split_share
 from engine.common.levels import OFFER
 from engine.accounting.meter import Action, OpenSession, Segment
 from engine.accounting.plans import DEN, NS, PerUnitPlan, SubscriptionPlan, UsagePlan, _SCALE

@@ -152,7 +152,7 @@ class _Reader:
         self._ledger = None
 
     def __call__(self, fn: Callable[[Any], Any]) -> Any:
-        from engine.accounting.ledger import open_ledger
+        from engine.accounting.ledgers import open_ledger
 
         with self.lock:
             if self._ledger is None:
@@ -170,8 +170,8 @@ class _Reader:
         if self._ledger is not None:
             try:
                 self._ledger.close()
-            except Exception:
-                pass
+            except Exception as exc:    # a broken connection closes with whatever its driver raises
+                log.warning("ledger close failed (reopened on next use): %s", exc)
             self._ledger = None
 
     def close(self) -> None:

@@ -380,7 +380,7 @@ def _survey_runs(data_dir: str, account: str) -> list[dict]:
             return db.results(account)
         finally:
             db.close()
-    except Exception:   # an older or newer store: the history still shows the survey
+    except sqlite3.Error:   # an older or newer store: the history still shows the survey
         return []
 
 

@@ -211,7 +211,7 @@ class EngineCollector:
         try:
             st = w.stats()
             slots = w.slots
-        except Exception:   # closed while stopping
+        except ValueError:  # the writer was closed: the engine is stopping
             return
         yield _counter("baton_ring_records_written", "Records published to the call-control ring",
                        st["written"])
@@ -334,7 +334,7 @@ class AccountantCollector:
         if reader is not None:
             try:
                 backlog = reader.fill
-            except Exception:   # being reopened
+            except ValueError:  # closed while the accountant reopens it
                 backlog = 0
         yield _gauge("baton_accountant_backlog_records", "Records stamped into the ring and "
                                                          "not yet committed to the ledger", backlog)

@@ -11,7 +11,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
-from engine.modules import dialing
+from engine.sessions import dialing
 from engine.common.errors import ConfigError  # noqa: F401  (raised by load(): importable from here too)
 from engine.common.net import parse_hostport
 from engine.common import guard as _guard
@@ -56,7 +56,7 @@ class Account:
     numbers: dict = field(default_factory=dict)   # number -> NumberRoute
     kv: dict = field(default_factory=dict)        # the account's key/value store
     api_tokens: list = field(default_factory=list)  # bearer tokens for the control API
-    outbound: object = None   # modules.dialing.Outbound: what it may dial (None: deny all)
+    outbound: object = None   # sessions.dialing.Outbound: what it may dial (None: deny all)
 
 
 @dataclass
@@ -120,7 +120,7 @@ class Config:
     call_center: object = None                     # services.call_center.CenterConfig
     api_keys: dict = field(default_factory=dict)   # id -> engine.config.api_keys.ApiKey
     operator_tokens: list = field(default_factory=list)  # platform-wide bearer tokens
-    vendor_outbound: dict = field(default_factory=dict)  # vendor -> modules.dialing.Outbound
+    vendor_outbound: dict = field(default_factory=dict)  # vendor -> sessions.dialing.Outbound
     guard: _guard.Guard = field(default_factory=_guard.Guard)  # the [security] limits
     cluster: Cluster = field(default_factory=Cluster)  # the [cluster] settings (docs/cluster.md)
 
@@ -876,7 +876,7 @@ def _check_vendors(cfg: Config, raw: dict, path: str) -> None:
 
 
 def _outbound(cfg: Config, table, path: str, where: str, account: bool = True):
-    """An `outbound` table (modules/dialing.py); its trunks must exist."""
+    """An `outbound` table (sessions/dialing.py); its trunks must exist."""
     try:
         perm = dialing.parse(table, where, account)
     except ValueError as exc:

@@ -96,9 +96,9 @@ class LoadGenerator:
     def wav(self, path: str):
         pcm = self._wavs.get(path)
         if pcm is None:
-            from engine.media import audio
+            from engine.media import wav
 
-            pcm = self._wavs[path] = audio.read_wav(path)
+            pcm = self._wavs[path] = wav.read_wav(path)
         return pcm
 
     # -- what the SIP core asks of its application ----------------------------------------

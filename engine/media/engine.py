@@ -65,8 +65,8 @@ class MediaEngine:
             self._inactivity_handle = None
         try:
             self.loop.remove_reader(self.hub.fd)
-        except Exception:
-            pass
+        except (RuntimeError, ValueError, OSError) as exc:    # the loop is closed already
+            log.debug("media: RTP hub reader not removed: %s", exc)
         self.hub.close()
 
     # -- streams and channels ----------------------------------------------------

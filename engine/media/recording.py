@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from engine.media import audio
+from engine.media import signals, wav
 
 log = logging.getLogger("baton.media.recording")
 
@@ -47,7 +47,7 @@ class Recording:
             self._finish("no-media")
             return
         if self.beep:
-            self.beep_player = rtp.Player(audio.beep(), 1)
+            self.beep_player = rtp.Player(signals.beep(), 1)
             ch.play(self.beep_player)
         else:
             self._record()
@@ -101,14 +101,14 @@ class Recording:
             # The trailing silence that ended the recording is not part of the message.
             samples = samples[:max(0, len(samples) - int(self.silence * RATE))]
         if self.trim and len(samples):
-            samples = audio.trim_silence(samples)
+            samples = signals.trim_silence(samples)
         loop = self.leg.session.engine.loop
         loop.create_task(self._write(samples, reason))
 
     async def _write(self, samples, reason: str) -> None:
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            await audio.write_wav(self.path, samples, RATE)
+            await wav.write_wav(self.path, samples, RATE)
         except Exception:
             log.exception("could not write recording %s", self.path)
             reason = "write-failed"

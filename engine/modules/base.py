@@ -4,8 +4,9 @@ from __future__ import annotations
 import logging
 
 from engine.media.ports import PortsExhausted
-from engine.sip import sdp
 from engine.sip.errors import SdpError
+from engine.sessions.apps import configured
+from engine.sessions.session import answer_media
 
 log = logging.getLogger("baton.modules")
 
@@ -15,16 +16,9 @@ def operator_param(ctl, key: str):
     config or a configured number or app node, never a node that a document, a vendor or
     an API call made (their parameters must not reach internal settings)."""
     node = ctl.node
-    if node is not None and key in node.params and _configured(ctl.engine, node):
+    if node is not None and key in node.params and configured(ctl.engine, node):
         return node.params[key]
     return ctl.module.params.get(key)
-
-
-def _configured(engine, node) -> bool:
-    app = node.app
-    if app is not None and app.nodes.get(node.name) is node:
-        return True
-    return any(n is node for _, n in getattr(engine, "_route_nodes", {}).values())
 
 
 class Module:
@@ -88,23 +82,6 @@ class Module:
         return answer_media(self.engine, leg, body)
 
 
-def answer_media(engine, leg, body: bytes | None) -> bytes:
-    """Negotiate the caller's offer (or make an offer for a late-offer INVITE),
-    allocating the leg's RTP ports on first use. Raises SdpError / PortsExhausted."""
-    if not body:
-        if leg.ports is None:
-            leg.ports = engine.ports.allocate()
-        return sdp.build(engine.media_address, leg.ports.port, None,
-                         leg.sdp_id, _next_version(leg))
-    offer = sdp.parse(body)
-    neg, index = sdp.negotiate(offer)
-    if leg.ports is None:
-        leg.ports = engine.ports.allocate()
-    leg.apply_media(neg)
-    return sdp.build(engine.media_address, leg.ports.port, neg, leg.sdp_id,
-                     _next_version(leg), offer, index)
-
-
 def answer_caller(ctl) -> bool:
     """Answer the caller's INVITE (if not yet) and put the caller on the media clock.
 
@@ -132,11 +109,6 @@ def answer_caller(ctl) -> bool:
     if leg.stream is not None:
         leg.open_channel()
     return True
-
-
-def _next_version(leg) -> int:
-    leg.sdp_version += 1
-    return leg.sdp_version
 
 
 __all__ = ["Module", "answer_media", "answer_caller", "SdpError", "PortsExhausted"]

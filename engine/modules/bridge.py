@@ -24,7 +24,7 @@ from engine.sip.errors import SdpError
 from engine.sip.uac import OutgoingCall, UacOwner
 from engine.sip.uri import check_user_part, sip_uri
 from engine.modules.base import Module, answer_media
-from engine.modules.dialing import OutboundDenied, permit
+from engine.sessions.dialing import OutboundDenied, permit
 
 log = logging.getLogger("baton.modules.bridge")
 

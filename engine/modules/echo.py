@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from engine.modules.hold import HoldModule
+from ext.kernels import rtp
 
 
 class EchoModule(HoldModule):
@@ -19,5 +20,5 @@ class EchoModule(HoldModule):
 
     def revoke(self, ctl, reason: str) -> None:
         ch = ctl.caller.channel
-        if ch is not None and ch.source == 2:  # rtp.SOURCE_ECHO
+        if ch is not None and ch.source == rtp.SOURCE_ECHO:
             ch.silence()

@@ -13,44 +13,8 @@ outlet, or the end of the call when it is not wired.
 """
 from __future__ import annotations
 
-import logging
-
-from engine.modules.base import Module, _configured, answer_caller
-
-log = logging.getLogger("baton.modules.menu")
-
-
-async def render(ctl, text: str | None = None, file: str | None = None, voice: str = "en",
-                 language: str | None = None):
-    """PCM for a prompt: spoken text (cached) or a WAV file."""
-    engine = ctl.engine
-    if file:
-        from engine.media.audio import AudioError, load_wav
-        from engine.media.files import NO_SUCH_FILE, account_roots, confine
-
-        if ctl.node is None or not _configured(engine, ctl.node):
-            # A file named by a document or an API call: the account's own directories.
-            file = confine(file, account_roots(engine.cfg, ctl.session.account))
-            if file is None:
-                raise AudioError(NO_SUCH_FILE)
-        return await load_wav(file)
-    kwargs = {"voice": voice}
-    if language:
-        kwargs["language"] = language
-    pcm = await engine.speech.say(text or "", **kwargs)
-    engine.stamper.action(ctl.session, ctl.module.code, "tts_characters", len(text or ""))
-    return pcm
-
-
-def start_player(ctl, pcm, loops: int = 1):
-    from ext.kernels import rtp
-
-    ch = ctl.caller.open_channel()
-    if ch is None:
-        return None
-    player = rtp.Player(pcm, loops)
-    ch.play(player)
-    return player
+from engine.media.commands.prompt import render_or_none, start_player
+from engine.modules.base import Module, answer_caller
 
 
 class PromptState:
@@ -99,11 +63,7 @@ class MenuModule(Module):
             ctl, text or p.get("prompt"), None if text else p.get("prompt_file")))
 
     async def _play(self, ctl, text, file) -> None:
-        try:
-            pcm = await render(ctl, text, file, ctl.params.get("voice", "en"))
-        except Exception as exc:
-            log.warning("session %s: menu prompt failed: %s", ctl.session.id, exc)
-            pcm = None
+        pcm = await render_or_none(ctl, "menu prompt", text, file, ctl.params.get("voice", "en"))
         if not ctl.active:
             return
         if pcm is not None and not ctl.state.digits:
@@ -174,11 +134,7 @@ class PlayModule(Module):
 
     async def _run(self, ctl) -> None:
         p = ctl.params
-        try:
-            pcm = await render(ctl, p.get("text"), p.get("file"), p.get("voice", "en"))
-        except Exception as exc:
-            log.warning("session %s: play failed: %s", ctl.session.id, exc)
-            pcm = None
+        pcm = await render_or_none(ctl, "play", p.get("text"), p.get("file"), p.get("voice", "en"))
         if not ctl.active:
             return
         if pcm is None:
@@ -197,4 +153,4 @@ class PlayModule(Module):
             ctl.state.stop(ctl)
 
 
-__all__ = ["MenuModule", "PlayModule", "PromptState", "render", "start_player"]
+__all__ = ["MenuModule", "PlayModule", "PromptState"]

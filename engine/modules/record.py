@@ -7,14 +7,11 @@ The `done` outlet receives `RecordingPath` and `RecordingDuration`.
 """
 from __future__ import annotations
 
-import logging
-
 from engine.media.files import recording_path
 from engine.media.recording import Recording
 from engine.modules.base import Module, answer_caller
-from engine.modules.menu import PromptState, render, start_player
-
-log = logging.getLogger("baton.modules.record")
+from engine.media.commands.prompt import render_or_none, start_player
+from engine.modules.menu import PromptState
 
 
 class RecordModule(Module):
@@ -33,11 +30,7 @@ class RecordModule(Module):
             self._start(ctl)
 
     async def _prompt(self, ctl, text) -> None:
-        try:
-            pcm = await render(ctl, text, None, ctl.params.get("voice", "en"))
-        except Exception as exc:
-            log.warning("session %s: record prompt failed: %s", ctl.session.id, exc)
-            pcm = None
+        pcm = await render_or_none(ctl, "record prompt", text, None, ctl.params.get("voice", "en"))
         if not ctl.active:
             return
         if pcm is None:

@@ -11,7 +11,7 @@ from engine.sessions.apps import Node
 from engine.config.load import Config
 from engine.media.engine import MediaEngine
 from engine.media.ports import PortPool
-from engine.modules import dialing
+from engine.sessions import dialing
 from engine.modules.catalog import builtin_modules
 from engine.modules.instructions import shutdown as instructions_shutdown
 from engine.sessions.policy import AllowAll, Rules, Snapshot
@@ -62,7 +62,7 @@ class Engine:
         self.http = None               # the HTTP server for RecordingUrl (engine/runtime/http.py)
         self.listeners: list = []      # callables(session, event: str, detail: dict) for Watch
         self.denials = collections.Counter()  # module code -> policy denials (for /metrics)
-        # account -> outbound calls up; (account, reason) -> refused dials (modules/dialing.py)
+        # account -> outbound calls up; (account, reason) -> refused dials (sessions/dialing.py)
         self.outbound_calls, self.outbound_denials = dialing.new_counters()
         self.metrics = None            # the /metrics server (engine/common/metrics.py)
         self.accountant = None         # baton serve's AccountantSupervisor (engine/runtime/supervisor.py)
@@ -80,7 +80,7 @@ class Engine:
         _raise_fd_limit()
         self.stamper = Stamper(os.path.join(self.cfg.data_dir, "ring", "ring.dat"), self.cfg.node_id) \
             if _ring_available() else self.stamper
-        from engine.media.audio import SpeechCache
+        from engine.media.tts import SpeechCache
 
         from engine.media.tones import ringback
 

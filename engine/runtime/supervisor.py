@@ -113,7 +113,7 @@ class AccountantSupervisor:
             return
         try:
             written, fill = w.written, w.fill
-        except Exception:          # closed while stopping
+        except ValueError:         # the writer was closed: the engine is stopping
             return
         now = time.monotonic()
         marks = self._marks

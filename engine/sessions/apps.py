@@ -64,3 +64,13 @@ def resolve(app: App | None, target: str, params: dict | None = None) -> Node | 
                         node.events, app)
         return node
     return adhoc_node(target, params, app)
+
+
+def configured(engine, node) -> bool:
+    """True when `node` is one the operator configured (an app's node, or a number's
+    route), not one a document or an API call made: only those reach internal settings
+    and the operator's files."""
+    app = node.app
+    if app is not None and app.nodes.get(node.name) is node:
+        return True
+    return any(n is node for _, n in getattr(engine, "_route_nodes", {}).values())

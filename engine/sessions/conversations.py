@@ -266,7 +266,7 @@ class Messaging:
         return m
 
     def _permitted(self, m: TextMessage, target: str, trunk: str | None, on_status) -> bool:
-        from engine.modules import dialing
+        from engine.sessions import dialing
 
         try:
             dialing.permit(self.engine, m.account, _dialable(target), trunk, count=False)
@@ -302,7 +302,7 @@ class Messaging:
         """(Request-URI, OutgoingMessage keywords) of a text to `target`."""
         engine = self.engine
         if trunk:
-            from engine.modules import dialing
+            from engine.sessions import dialing
 
             t = engine.cfg.trunks[trunk]
             number = dialing.normalize(_dialable(target)) or ""

@@ -10,8 +10,9 @@ seconds) that the funds allow in the target module, priced by the account's
 usage plan for it (`BillingConfig.plan_for`, with its increment, minimum and
 connect fee), and a warning time before the limit (`Decision.warn_before`).
 The session cuts control off at the limit and warns before it (engine/sessions/session.py,
-`warn` below). How the funds are counted is conservative on purpose; see
-`Snapshot.available` and docs/billing.md ("Prepaid balances and limits").
+engine/sessions/warning.py). How the funds are counted is conservative on purpose; see
+`Snapshot.available` and docs/billing.md ("Prepaid balances and limits"); what a time
+in control costs at most, and so how long the funds last, is engine/sessions/prepaid.py.
 """
 from __future__ import annotations
 
@@ -19,13 +20,10 @@ import logging
 import time
 from dataclasses import dataclass
 
+from engine.sessions.prepaid import affordable, limit_seconds, segment_cost
+
 log = logging.getLogger("baton.policy")
 
-# A limit ends this long before the boundary of the last increment the funds
-# pay for, so the segment is closed (and rounded up) within that increment.
-GUARD = 0.25
-# Funds that last longer than this are no limit at all.
-HORIZON = 7 * 86400
 DEFAULT_WARN_BEFORE = 30.0
 
 
@@ -76,89 +74,6 @@ class Rules:
             return Decision(False, f"module {code} not in the allow-list of {session.account}")
         limit = self.limits.get(code)
         return Decision(True, limit=limit) if limit is not None else ALLOW
-
-
-# -- what a time in control costs at most ---------------------------------------------
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def segment_cost(plan, q: int, prior_period: int = 0) -> int:
-    """An upper bound (micro-units) of what one segment billed as `q` whole
-    seconds costs under `plan`, connect fee and minimum included.
-
-    Exact for per-unit plans (with the period's usage so far for a cap). For
-    tiered plans the usage already rated this period or session is not known
-    to the engine: tiers whose price never rises are priced from their first
-    unit (the dearest), other tiered and volume plans at their dearest price
-    for every unit plus every flat amount."""
-    from engine.accounting.plans import DEN, _SCALE, GraduatedPlan, PerUnitPlan, VolumePlan
-
-    if q <= 0:
-        return 0
-    if isinstance(plan, PerUnitPlan):
-        return plan.rate(q, prior_period=prior_period, segment=True).amount
-    if isinstance(plan, (GraduatedPlan, VolumePlan)):
-        tiers = plan.tiers
-        prices = [t.price * t.scale for t in tiers]
-        falling = all(a >= b for a, b in zip(prices, prices[1:])) and \
-            not any(t.flat for t in tiers[1:])
-        if isinstance(plan, GraduatedPlan) and falling and plan.cap is None:
-            return plan.rate(q, segment=True).amount
-        top = max(prices)
-        if plan.cap is not None and plan.at_cap == "overage":
-            top = max(top, plan.overage_price * _SCALE[plan.unit])
-        num = q * top + sum(t.flat for t in tiers) * DEN + plan.connect_fee * DEN
-        return max(_ceil_div(num, DEN), plan.minimum)
-    return plan.rate(q, prior_period=prior_period, segment=True).amount
-
-
-def affordable(plan, funds: int, prior_period: int = 0, horizon: int = HORIZON) -> int | None:
-    """The longest billed time (whole seconds, on the plan's increment grid)
-    whose segment cost stays within `funds` micro-units: 0 when not even the
-    first increment (or the connect fee) is paid for, None when the funds
-    last beyond `horizon` seconds (or time costs nothing)."""
-    from engine.accounting.plans import SubscriptionPlan
-
-    if isinstance(plan, SubscriptionPlan) or not plan.is_time:
-        # Time is free within a paid subscription period; a per-action plan
-        # prices a segment once, whatever its length.
-        if isinstance(plan, SubscriptionPlan):
-            return None
-        cost = plan.rate(1, prior_period=prior_period, segment=True).amount
-        return None if cost <= funds or cost == 0 else 0
-    inc = plan.increment
-    lo_k = 0 if inc.first > 0 else 1
-
-    def q(k: int) -> int:
-        return inc.first + k * inc.next
-
-    def ok(k: int) -> bool:
-        cost = segment_cost(plan, q(k), prior_period)
-        return cost <= funds or cost == 0       # free time needs no funds
-
-    if not ok(lo_k):
-        return 0
-    hi_k = max(lo_k, (horizon - inc.first) // inc.next)
-    if ok(hi_k):
-        return None
-    lo = lo_k
-    while hi_k - lo > 1:     # ok(lo), not ok(hi_k): the costs never fall as q grows
-        mid = (lo + hi_k) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi_k = mid
-    return q(lo)
-
-
-def limit_seconds(billed: int | None) -> float | None:
-    """The time limit for `billed` affordable seconds: a guard before the
-    boundary, so the segment is rounded up to `billed` at most."""
-    if billed is None:
-        return None
-    return max(billed - GUARD, billed * 0.5)
 
 
 # -- the snapshot ---------------------------------------------------------------------
@@ -462,94 +377,3 @@ class Snapshot:
         except (TypeError, ValueError):     # a node param no module checked
             warn_before = DEFAULT_WARN_BEFORE
         return warn_before, str(pick("warning_text", "")), str(pick("warning_voice", "en"))
-
-
-# -- the warning ----------------------------------------------------------------------
-
-def warn(ctl, decision: Decision) -> None:
-    """The limit is `decision.warn_before` seconds away (or less): tell the
-    listeners (Watch: `limit-warning`), let the module handle it (a module's
-    `limit_warning(ctl, seconds_left)` returning True), else speak the
-    configured warning to the caller."""
-    if not ctl.active:
-        return
-    session = ctl.session
-    engine = session.engine
-    left = min(decision.warn_before, decision.limit or 0.0)
-    if engine.listeners:
-        engine.notify(session, "limit-warning", {"module": ctl.module.code,
-                                                 "seconds_left": round(left, 3),
-                                                 "limit": decision.limit})
-    hook = getattr(ctl.module, "limit_warning", None)
-    if hook is not None and hook(ctl, left):
-        return
-    if decision.warning and engine.speech is not None:
-        engine.loop.create_task(speak_over(ctl, decision.warning, decision.voice))
-
-
-async def speak_over(ctl, text: str, voice: str = "en") -> bool:
-    """Speak `text` to the caller whatever the module does with the media:
-    in a bridge (the caller's RTP relayed), the far end's audio to the caller
-    is paused while the caller hears the text, then the relay resumes (the
-    caller is heard by the far end all along); on a silent or echoing
-    channel it plays at once; while a module's own prompt plays, it waits
-    for the prompt to end. True when it was played."""
-    import asyncio
-
-    from ext.kernels import rtp
-
-    from engine.modules.menu import render
-
-    try:
-        pcm = await render(ctl, text, None, voice)
-    except Exception as exc:
-        log.warning("session %s: limit warning not spoken: %s", ctl.session.id, exc)
-        return False
-    caller = ctl.caller
-    while ctl.active and caller.stream is not None:
-        seconds = len(pcm) / 8000
-        if caller.stream.mode == rtp.MODE_RELAY:
-            far = [leg for leg in ctl.session.legs if leg is not caller and leg.stream is not None
-                   and leg.stream.mode == rtp.MODE_RELAY]
-            for leg in far:
-                leg.stream.idle()
-            ch = caller.open_channel()
-            if ch is None:
-                return False
-            player = rtp.Player(pcm, 1)
-            ch.play(player)
-            ctl.later(seconds + 0.1, _resume_relay, ctl, caller, far, player)
-            return True
-        ch = caller.open_channel()
-        if ch is None:
-            return False
-        if ch.source in (rtp.SOURCE_SILENCE, rtp.SOURCE_ECHO):
-            echo = ch.source == rtp.SOURCE_ECHO
-            player = rtp.Player(pcm, 1)
-            ch.play(player)
-            if echo:
-                ctl.later(seconds + 0.05, _resume_echo, ch, player)
-            return True
-        await asyncio.sleep(0.5)
-    return False
-
-
-def _resume_relay(ctl, caller, far, player) -> None:
-    from ext.kernels import rtp
-
-    ch = caller.channel
-    if caller.stream is None or ch is None or ch.player not in (player, None):
-        return
-    if ch.source not in (rtp.SOURCE_SILENCE, rtp.SOURCE_PLAYER):   # ours, or done
-        return
-    caller.close_channel()
-    for leg in far:
-        if leg.stream is not None and leg.stream.mode == rtp.MODE_IDLE and not leg.ended:
-            leg.stream.relay_to(caller.stream)
-
-
-def _resume_echo(ch, player) -> None:
-    from ext.kernels import rtp
-
-    if ch.player is player or (ch.player is None and ch.source == rtp.SOURCE_SILENCE):
-        ch.echo()

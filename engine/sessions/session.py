@@ -24,6 +24,8 @@ from engine.sip.dialog import DialogOwner
 from engine.common import clock
 from engine.common.levels import OFFER
 from engine.common.guard import media_trusted
+from engine.media.engine import LAW_OF_PT
+from engine.media.wav import AudioError
 
 log = logging.getLogger("baton.session")
 
@@ -96,6 +98,11 @@ class Control:
     @property
     def engine(self):
         return self.session.engine
+
+    @property
+    def node_configured(self) -> bool:
+        """The node in control is one the operator configured (apps.configured)."""
+        return self.node is not None and apps_mod.configured(self.session.engine, self.node)
 
     def release(self, outlet: str, **params) -> bool:
         """Leave through a named outlet of this node."""
@@ -357,7 +364,7 @@ class Session:
         timers = [ctl.later(decision.limit, self._limit_reached, ctl)]
         warn_before = getattr(decision, "warn_before", 0)
         if warn_before and warn_before > 0:
-            from engine.sessions.policy import warn
+            from engine.sessions.warning import warn
 
             timers.append(ctl.later(max(0.0, decision.limit - warn_before), warn, ctl, decision))
         ctl.limit_timers = tuple(timers)
@@ -439,7 +446,8 @@ class Session:
         caller = self.legs[0]
         try:
             pcm = await self.engine.speech.say(APOLOGY, voice="en-us")
-        except Exception:
+        except AudioError as exc:
+            log.info("session %s: apology not spoken: %s", self.id, exc)
             pcm = None
         ch = caller.open_channel() if not self.ended else None
         if pcm is None or ch is None:
@@ -503,7 +511,7 @@ class Leg(DialogOwner):
         self.answered = False
         self.ended = False
         self.rtcp_report = None    # the far end's last RTCP reception report
-        self.outbound = None       # modules.dialing.Grant: counted while the leg is up
+        self.outbound = None       # sessions.dialing.Grant: counted while the leg is up
         if dialog is not None:
             dialog.owner = self
             dialog.session = session
@@ -534,7 +542,7 @@ class Leg(DialogOwner):
             media.watch_inactivity(self.stream, self)
         else:
             self.stream.payload_type = neg.payload_type
-            self.stream.law = 1 if neg.payload_type == 8 else 0
+            self.stream.law = LAW_OF_PT.get(neg.payload_type, LAW_OF_PT[0])
             if neg.dtmf_pt is not None:
                 self.stream.dtmf_pt = neg.dtmf_pt
         # RFC 3264 8.4: on hold the far end gets nothing (a=sendonly/inactive from them,
@@ -614,8 +622,6 @@ class Leg(DialogOwner):
             ctl.module.leg_ended(ctl, self, reason)
 
     def dialog_reoffer(self, dialog, body: bytes) -> bytes:
-        from engine.modules.base import answer_media
-
         ctl = self.session.control
         if ctl is not None and ctl.active:
             return ctl.module.reoffer(ctl, self, body)
@@ -640,3 +646,25 @@ class Leg(DialogOwner):
 
     def dialog_request(self, dialog, msg) -> int:
         return 200
+
+
+def answer_media(engine, leg, body: bytes | None) -> bytes:
+    """Negotiate the caller's offer (or make an offer for a late-offer INVITE),
+    allocating the leg's RTP ports on first use. Raises SdpError / PortsExhausted."""
+    if not body:
+        if leg.ports is None:
+            leg.ports = engine.ports.allocate()
+        return sdp.build(engine.media_address, leg.ports.port, None,
+                         leg.sdp_id, _next_version(leg))
+    offer = sdp.parse(body)
+    neg, index = sdp.negotiate(offer)
+    if leg.ports is None:
+        leg.ports = engine.ports.allocate()
+    leg.apply_media(neg)
+    return sdp.build(engine.media_address, leg.ports.port, neg, leg.sdp_id,
+                     _next_version(leg), offer, index)
+
+
+def _next_version(leg) -> int:
+    leg.sdp_version += 1
+    return leg.sdp_version

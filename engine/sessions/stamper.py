@@ -113,7 +113,8 @@ def _retained(ring_path: str) -> list[dict]:
     for _seq, payload in records:
         try:
             rec = msgpack.unpackb(payload)
-        except Exception:               # not a record the engine wrote as a map
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:   # not the engine's
+            log.warning("ring record %s is not msgpack the engine wrote: %s", _seq, exc)
             continue
         if isinstance(rec, dict) and rec.get("type") in ("session", "transition"):
             out.append(rec)

@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from engine.media import audio
-from engine.media.audio import _LRU
+from engine.media import wav
+from engine.media.wav import LRU
 
 MAX_CACHE_BYTES = 64 << 20     # decoded PCM kept, all URLs together
 MAX_WAV_BYTES = 16 << 20       # one WAV as fetched
 FETCH_TIMEOUT = 15.0
 
 
-class PcmCache(_LRU):
+class PcmCache(LRU):
     """Decoded audio by key: least recently used out first, bounded by the bytes held
     (an array over a quarter of the budget is not kept)."""
 
@@ -63,7 +63,7 @@ class UrlAudio:
 
     async def _load(self, url: str, timeout: float, max_bytes: int):
         body = await self.get(url, timeout, max_bytes)
-        pcm = await asyncio.get_running_loop().run_in_executor(None, audio.read_wav, body)
+        pcm = await asyncio.get_running_loop().run_in_executor(None, wav.read_wav, body)
         pcm.setflags(write=False)
         self.cache.put(url, pcm)
         return pcm

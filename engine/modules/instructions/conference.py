@@ -7,12 +7,22 @@ before the room has started (no one with `startConferenceOnEnter` yet) wait
 outside the mixer and are joined when it starts. A participant's `ended`
 future resolves with the reason it left (`left`, `conference-ended`,
 `hangup-on-star`, `time-limit`).
+
+The rooms know nothing of TwiML; `dial_conference`, `in_room` and `hold` (a wait
+document, or silence, until something happens) are the `<Dial><Conference>` verb
+and what queues share with it, run for an instructions `Runner` (verbs.py).
 """
 from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from typing import Callable
+from urllib.parse import urljoin
+
+from engine.modules.instructions.fetch import FetchError
+from engine.modules.instructions.flow import STOP
+from engine.modules.instructions.parser import DocumentError, Verb
 
 __all__ = ["Rooms", "Room", "Participant", "RoomFull"]
 
@@ -97,9 +107,9 @@ class Room:
 
     def beep_pcm(self):
         if self._beep is None:
-            from engine.media import audio
+            from engine.media import signals
 
-            self._beep = audio.beep()
+            self._beep = signals.beep()
         return self._beep
 
     def join(self, pid: str, channel, **flags) -> Participant:
@@ -204,3 +214,124 @@ class Rooms:
     def forget(self, room: Room) -> None:
         if self.rooms.get(room.key) is room:
             del self.rooms[room.key]
+
+
+# -- <Dial><Conference>, and staying in a room (Runner `run` of verbs.py) -------------
+
+
+async def dial_conference(run, verb: Verb, noun: Verb):
+    if not run.answer():
+        return STOP
+    ch = run.ctl.caller.channel
+    room = run.shared.rooms.get(run.session.account, noun.text,
+                                noun.get("maxParticipants", 250))
+    try:
+        part = room.join(run.session.id, ch, muted=noun.get("muted", False),
+                         start_on_enter=noun.get("startConferenceOnEnter", True),
+                         end_on_exit=noun.get("endConferenceOnExit", False),
+                         beep=noun.get("beep", "true"))
+    except (RoomFull, ValueError) as exc:
+        run.error({"code": 13225, "reason": f"<Conference>{noun.text}: {exc}",
+                   "line": noun.line, "verb": "Conference"})
+        return run.dial_done(verb, "failed", 0, "")
+    run.participant = part
+    run.note("conference", {"event": "join", "name": noun.text, "sid": room.sid,
+                            "size": len(room)})
+    t0 = time.monotonic()
+    if not room.started:
+        wait = noun.get("waitUrl")
+        how = await hold(run, run.resolve(wait) if wait else None,
+                         noun.get("waitMethod", "POST"), part.started,
+                         lambda: {"ConferenceSid": room.sid, "FriendlyName": noun.text})
+        if how != "done":
+            part.leave("left")
+    reason = await in_room(run, verb, part)
+    run.participant = None
+    if not run.active:
+        return STOP
+    run.note("conference", {"event": "leave", "name": noun.text, "sid": room.sid,
+                            "reason": reason})
+    return run.dial_done(verb, "completed", int(round(time.monotonic() - t0)), room.sid)
+
+
+async def in_room(run, verb: Verb, part) -> str:
+    """Stay in a room until leaving it: the room ends, `*` (hangupOnStar), timeLimit."""
+    run.heard = True
+    deadline = run.loop.time() + verb.get("timeLimit", 14400)
+    star = verb.get("hangupOnStar", False)
+    run.events.clear()
+    while run.active and not part.ended.done():
+        left = deadline - run.loop.time()
+        if left <= 0:
+            part.leave("time-limit")
+            break
+        waiter = run.loop.create_task(run.next_event(left))
+        done, _ = await asyncio.wait({waiter, part.ended},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
+            waiter.cancel()
+            break
+        ev = waiter.result()
+        if ev is not None and ev[0] == "dtmf" and ev[1] == "*" and star:
+            part.leave("hangup-on-star")
+            break
+    if not part.ended.done():
+        part.leave("left")
+    return part.ended.result() if part.ended.done() and not part.ended.cancelled() else "left"
+
+
+async def hold(run, url: str | None, method: str, until: asyncio.Future, stats) -> str:
+    """Run a wait document (or silence) in a loop until `until` resolves.
+    Returns "done" when `until` resolved, "leave" or "hangup" from the document."""
+    task = run.loop.create_task(_wait_loop(run, url, method, stats)) if url else None
+    waits = {until} if task is None else {until, task}
+    try:
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        run.stop_player()
+    if until in done:
+        return "done"
+    return task.result() if task is not None and not task.cancelled() else "done"
+
+
+async def _wait_loop(run, url: str, method: str, stats) -> str:
+    """The verbs a wait document may use: Say, Play, Pause, Redirect, Leave, Hangup."""
+    while run.active:
+        t0 = run.loop.time()
+        try:
+            doc = await run.fetch_doc(url, method, stats())
+        except (FetchError, DocumentError) as exc:
+            run.report(exc, url)
+            await asyncio.sleep(3600)
+            continue
+        nxt = url
+        for verb in doc.verbs:
+            if not run.active:
+                return "hangup"
+            if verb.name in ("Say", "Play", "Pause"):
+                saved, run.doc = run.doc, doc
+                try:
+                    await run.run_verb(verb)
+                finally:
+                    run.doc = saved
+            elif verb.name == "Leave":
+                return "leave"
+            elif verb.name == "Hangup":
+                run.ctl.hangup("instructions-hangup")
+                return "hangup"
+            elif verb.name == "Redirect":
+                nxt = urljoin(url, verb.text.strip())
+                method = verb.get("method", "POST")
+                break
+            else:
+                run.error({"code": 12200, "reason": f"<{verb.name}> is not allowed in "
+                                                    f"a wait document",
+                           "line": verb.line, "verb": verb.name, "url": url})
+        url = nxt
+        if run.loop.time() - t0 < 1.0:
+            # A document that plays nothing must not turn into a request flood.
+            await asyncio.sleep(1.0)
+    return "hangup"

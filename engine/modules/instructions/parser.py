@@ -249,7 +249,7 @@ def _beep(v: str) -> str:
 
 
 def _voice(v: str) -> str:
-    from engine.media.audio import AudioError, espeak_voice
+    from engine.media.tts import AudioError, espeak_voice
 
     try:
         espeak_voice(v)
@@ -259,7 +259,7 @@ def _voice(v: str) -> str:
 
 
 def _language(v: str) -> str:
-    from engine.media.audio import AudioError, espeak_voice
+    from engine.media.tts import AudioError, espeak_voice
 
     try:
         espeak_voice("en", v)

@@ -5,6 +5,9 @@ when empty. They know nothing about SIP or media: a member is a session id
 with a `connect` future that whoever takes the member from the queue
 resolves with what it connects to, so a call-centre service can reuse them
 (`Queues.take` to pick the next caller, `Queues.wait_member` to wait for one).
+`verb_enqueue` and `dial_queue` are the TwiML verbs on them, run for an
+instructions `Runner` (verbs.py); a connected caller and agent meet in a
+private conference room (conference.py).
 """
 from __future__ import annotations
 
@@ -14,6 +17,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
+
+from engine.modules.instructions.conference import Room, RoomFull, hold, in_room
+from engine.modules.instructions.flow import STOP, Fetch
+from engine.modules.instructions.parser import Verb
 
 __all__ = ["Queues", "CallQueue", "Member", "QueueFull"]
 
@@ -198,3 +205,111 @@ class Queues:
         return [{"account": q.account, "name": q.name, "size": len(q.members),
                  "max_size": q.max_size, "average_wait": q.average_wait}
                 for q in self.queues.values()]
+
+
+# -- <Enqueue> and <Dial><Queue> (Runner `run` of verbs.py) ----------------------------
+
+
+async def verb_enqueue(run, verb: Verb):
+    if not run.answer():
+        return STOP
+    name = verb.text or str(verb.get("workflowSid"))
+    queues = run.shared.queues
+    account = run.session.account
+    t0 = time.monotonic()
+    result = "system-error"
+    qsid = ""
+    try:
+        member = queues.enqueue(account, name, run.session.id, verb.get("maxQueueSize"))
+    except QueueFull:
+        result = "queue-full"
+        member = None
+    if member is not None:
+        run.member = member
+        q = queues.get(account, name)
+        qsid = q.sid if q is not None else ""
+        run.note("queue", {"event": "enqueued", "queue": name, "position":
+                           q.position(member) if q is not None else 0})
+
+        def stats() -> dict:
+            cq = queues.get(account, name)
+            return cq.stats(member) if cq is not None else {}
+
+        wait = verb.get("waitUrl")
+        how = await hold(run, run.resolve(wait) if wait else None,
+                         verb.get("waitUrlMethod", "POST"), member.connect, stats)
+        if not run.active:
+            return STOP
+        if member.connect.done() and not member.connect.cancelled():
+            room: Room = member.connect.result()
+            part = _join_private(run, room, member.info.get("agent", ""))
+            if part is not None:
+                run.participant = part
+                run.note("queue", {"event": "bridged", "queue": name,
+                                   "agent": member.info.get("agent", "")})
+                await in_room(run, Verb("Dial", {}, "", 0), part)
+                run.participant = None
+                result = "bridged"
+        else:
+            queues.leave(member)
+            result = "leave" if how == "leave" else "hangup" if how == "hangup" \
+                else "system-error"
+        run.member = None
+    if not run.active:
+        return STOP
+    params = {"QueueResult": result, "QueueSid": qsid,
+              "QueueTime": int(time.monotonic() - t0)}
+    run.session.params["QueueResult"] = result
+    run.note("queue", {"event": "result", "queue": name, "result": result})
+    action = verb.get("action")
+    if action:
+        return Fetch(run.resolve(action), verb.get("method", "POST"), params)
+    return None
+
+
+def _join_private(run, room: Room, agent: str):
+    try:
+        return room.join(run.session.id, run.ctl.caller.channel, end_on_exit=True,
+                         beep="false")
+    except (RoomFull, ValueError) as exc:
+        run.error({"code": 13225, "reason": f"queue connection failed: {exc}"})
+        room.end()
+        return None
+
+
+async def dial_queue(run, verb: Verb, noun: Verb):
+    if not run.answer():
+        return STOP
+    queues = run.shared.queues
+    account = run.session.account
+    timeout = float(verb.get("timeout", 30))
+    deadline = run.loop.time() + timeout
+    while run.active:
+        member = await queues.wait_member(account, noun.text,
+                                          max(0.0, deadline - run.loop.time()))
+        if not run.active:
+            if member is not None:
+                # Taken while this call ended: the caller keeps its place.
+                queues.requeue_front(member)
+            return STOP
+        if member is None:
+            return run.dial_done(verb, "no-answer", 0, "")
+        other = run.engine.sessions.get(member.session_id)
+        if other is None or other.ended or member.connect.done():
+            continue
+        room = run.shared.rooms.private(2)
+        part = room.join(run.session.id, run.ctl.caller.channel, end_on_exit=True,
+                         beep="false")
+        member.info["agent"] = run.session.id
+        member.connect.set_result(room)
+        run.participant = part
+        run.note("queue", {"event": "dequeued", "queue": noun.text,
+                           "caller": member.session_id})
+        t0 = time.monotonic()
+        await in_room(run, verb, part)
+        run.participant = None
+        if not run.active:
+            return STOP
+        return run.dial_done(verb, "completed", int(round(time.monotonic() - t0)),
+                             member.session_id)
+    return STOP

@@ -23,17 +23,18 @@ import re
 import secrets
 import time
 import weakref
-from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urljoin, urlsplit
 
 from engine.media.commands.gather import Gather
 from ext.sip_message import valid_text
 from engine.modules.base import answer_caller, operator_param
-from engine.modules.instructions.conference import Room, RoomFull, Rooms
+from engine.modules.instructions import conference, queues
+from engine.modules.instructions.conference import Rooms
 from engine.modules.instructions.fetch import Fetcher, FetchError
 from engine.modules.instructions.parser import Document, DocumentError, Verb, parse
 from engine.sip.uri import party
-from engine.modules.instructions.queues import QueueFull, Queues
+from engine.modules.instructions.flow import STOP, Fetch
+from engine.modules.instructions.queues import Queues
 from engine.media.files import NO_SUCH_FILE, account_roots, confine, find_recording, recording_path
 
 log = logging.getLogger("baton.instructions")
@@ -46,22 +47,6 @@ INTERNAL_PARAMS = {"url", "twiml", "method", "fallback_url", "fallback_method", 
                    "connect_timeout", "trunk", "voice", "sounds_dir"}
 MAX_IDLE_DOCUMENTS = 25     # documents in a row with nothing heard: a Redirect loop
 _RECORDING_RE = re.compile(r"RE[0-9a-f]{32}")
-
-
-class _Stop:
-    def __repr__(self) -> str:
-        return "STOP"
-
-
-STOP = _Stop()
-
-
-@dataclass
-class Fetch:
-    """Load and run the document at `url`, sending `params` with the request."""
-    url: str
-    method: str = "POST"
-    params: dict | None = None
 
 
 class Shared:
@@ -402,7 +387,7 @@ class Runner:
                 err = exc
         if not self.active:
             return None
-        self._report(err, url)
+        self.report(err, url)
         fb = self.params.get("fallback_url")
         if fb and self.active:
             code = getattr(err, "code", 11200)
@@ -415,10 +400,10 @@ class Runner:
                 return doc
             except (FetchError, DocumentError) as exc:
                 if self.active:
-                    self._report(exc, str(fb))
+                    self.report(exc, str(fb))
         return None
 
-    def _report(self, err: Exception, url: str) -> None:
+    def report(self, err: Exception, url: str) -> None:
         if isinstance(err, DocumentError):
             d = err.detail()
         else:
@@ -438,7 +423,7 @@ class Runner:
         self.note("fallback", {"default": "apology"})
         if self.answer():
             try:
-                from engine.modules.menu import render
+                from engine.media.commands.prompt import render
 
                 pcm = await render(self.ctl, APOLOGY, None, "en")
                 await self.play_pcm(pcm)
@@ -483,7 +468,7 @@ class Runner:
     async def verb_say(self, verb: Verb, interrupt: bool = False):
         if not self.answer():
             return STOP
-        from engine.modules.menu import render
+        from engine.media.commands.prompt import render
 
         voice = verb.get("voice") or self.params.get("voice") or "en"
         try:
@@ -523,7 +508,7 @@ class Runner:
     async def audio(self, ref: str):
         """PCM of a Play target: an http(s) URL (cached), a recording of this engine, or
         a `file:` path inside the engine's sounds or recordings directory."""
-        from engine.media.audio import AudioError, load_wav
+        from engine.media.wav import AudioError, load_wav
 
         url = self.resolve(ref)
         parts = urlsplit(url)
@@ -759,7 +744,7 @@ class Runner:
     def _strip_operator_params(self, verb: Verb, target: str, q: list) -> list:
         """A document may not set the operator's parameters (a trunk, a sounds
         directory, timeouts): they are dropped, with an error event saying so."""
-        from engine.modules.dialing import OPERATOR_PARAMS, operator_params
+        from engine.sessions.dialing import OPERATOR_PARAMS, operator_params
 
         dropped = operator_params(dict(q))
         if not dropped:
@@ -837,9 +822,9 @@ class Runner:
                                                  "is not recorded", "line": verb.line,
                         "attribute": "record", "verb": "Dial"})
         if noun.name == "Conference":
-            return await self.dial_conference(verb, noun)
+            return await conference.dial_conference(self, verb, noun)
         if noun.name == "Queue":
-            return await self.dial_queue(verb, noun)
+            return await queues.dial_queue(self, verb, noun)
         if not verb.get("answerOnBridge", False) and not self.answer():
             return STOP
         to, trunk = self._dial_target(noun)
@@ -847,7 +832,7 @@ class Runner:
             self.error({"code": 13223, "reason": f"<Dial><{noun.name}>{noun.text}: cannot "
                                                  f"be dialled from here", "line": noun.line,
                         "verb": noun.name})
-            return self._dial_done(verb, "failed", 0, "")
+            return self.dial_done(verb, "failed", 0, "")
         if verb.get("hangupOnStar"):
             log.info("session %s: hangupOnStar is not available on a relayed call",
                      self.session.id)
@@ -872,7 +857,7 @@ class Runner:
             return number, str(trunk)
         return None, None
 
-    def _dial_done(self, verb: Verb, status: str, duration: int, sid: str):
+    def dial_done(self, verb: Verb, status: str, duration: int, sid: str):
         params = {"DialCallStatus": status, "DialCallDuration": duration, "DialCallSid": sid}
         self.note("dial", {"status": status, "duration": duration})
         action = verb.get("action")
@@ -907,223 +892,9 @@ class Runner:
             _watch_bridge(session, bridge_ctl, info)
         return STOP
 
-    # -- Conference -----------------------------------------------------------------
-    async def dial_conference(self, verb: Verb, noun: Verb):
-        if not self.answer():
-            return STOP
-        ch = self.ctl.caller.channel
-        room = self.shared.rooms.get(self.session.account, noun.text,
-                                     noun.get("maxParticipants", 250))
-        try:
-            part = room.join(self.session.id, ch, muted=noun.get("muted", False),
-                             start_on_enter=noun.get("startConferenceOnEnter", True),
-                             end_on_exit=noun.get("endConferenceOnExit", False),
-                             beep=noun.get("beep", "true"))
-        except (RoomFull, ValueError) as exc:
-            self.error({"code": 13225, "reason": f"<Conference>{noun.text}: {exc}",
-                        "line": noun.line, "verb": "Conference"})
-            return self._dial_done(verb, "failed", 0, "")
-        self.participant = part
-        self.note("conference", {"event": "join", "name": noun.text, "sid": room.sid,
-                                 "size": len(room)})
-        t0 = time.monotonic()
-        if not room.started:
-            wait = noun.get("waitUrl")
-            how = await self._hold(self.resolve(wait) if wait else None,
-                                   noun.get("waitMethod", "POST"), part.started,
-                                   lambda: {"ConferenceSid": room.sid, "FriendlyName": noun.text})
-            if how != "done":
-                part.leave("left")
-        reason = await self._in_room(verb, part)
-        self.participant = None
-        if not self.active:
-            return STOP
-        self.note("conference", {"event": "leave", "name": noun.text, "sid": room.sid,
-                                 "reason": reason})
-        return self._dial_done(verb, "completed", int(round(time.monotonic() - t0)), room.sid)
-
-    async def _in_room(self, verb: Verb, part) -> str:
-        """Stay in a room until leaving it: the room ends, `*` (hangupOnStar), timeLimit."""
-        self.heard = True
-        deadline = self.loop.time() + verb.get("timeLimit", 14400)
-        star = verb.get("hangupOnStar", False)
-        self.events.clear()
-        while self.active and not part.ended.done():
-            left = deadline - self.loop.time()
-            if left <= 0:
-                part.leave("time-limit")
-                break
-            waiter = self.loop.create_task(self.next_event(left))
-            done, _ = await asyncio.wait({waiter, part.ended},
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if waiter not in done:
-                waiter.cancel()
-                break
-            ev = waiter.result()
-            if ev is not None and ev[0] == "dtmf" and ev[1] == "*" and star:
-                part.leave("hangup-on-star")
-                break
-        if not part.ended.done():
-            part.leave("left")
-        return part.ended.result() if part.ended.done() and not part.ended.cancelled() else "left"
-
-    async def _hold(self, url: str | None, method: str, until: asyncio.Future, stats) -> str:
-        """Run a wait document (or silence) in a loop until `until` resolves.
-        Returns "done" when `until` resolved, "leave" or "hangup" from the document."""
-        task = self.loop.create_task(self._wait_loop(url, method, stats)) if url else None
-        waits = {until} if task is None else {until, task}
-        try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if task is not None and not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            self.stop_player()
-        if until in done:
-            return "done"
-        return task.result() if task is not None and not task.cancelled() else "done"
-
-    async def _wait_loop(self, url: str, method: str, stats) -> str:
-        """The verbs a wait document may use: Say, Play, Pause, Redirect, Leave, Hangup."""
-        while self.active:
-            t0 = self.loop.time()
-            try:
-                doc = await self.fetch_doc(url, method, stats())
-            except (FetchError, DocumentError) as exc:
-                self._report(exc, url)
-                await asyncio.sleep(3600)
-                continue
-            nxt = url
-            for verb in doc.verbs:
-                if not self.active:
-                    return "hangup"
-                if verb.name in ("Say", "Play", "Pause"):
-                    saved, self.doc = self.doc, doc
-                    try:
-                        await self.run_verb(verb)
-                    finally:
-                        self.doc = saved
-                elif verb.name == "Leave":
-                    return "leave"
-                elif verb.name == "Hangup":
-                    self.ctl.hangup("instructions-hangup")
-                    return "hangup"
-                elif verb.name == "Redirect":
-                    nxt = urljoin(url, verb.text.strip())
-                    method = verb.get("method", "POST")
-                    break
-                else:
-                    self.error({"code": 12200, "reason": f"<{verb.name}> is not allowed in "
-                                                         f"a wait document",
-                                "line": verb.line, "verb": verb.name, "url": url})
-            url = nxt
-            if self.loop.time() - t0 < 1.0:
-                # A document that plays nothing must not turn into a request flood.
-                await asyncio.sleep(1.0)
-        return "hangup"
-
-    # -- Queues ---------------------------------------------------------------------
+    # -- Conference and Queue (conference.py, queues.py) -----------------------------
     async def verb_enqueue(self, verb: Verb):
-        if not self.answer():
-            return STOP
-        name = verb.text or str(verb.get("workflowSid"))
-        queues = self.shared.queues
-        account = self.session.account
-        t0 = time.monotonic()
-        result = "system-error"
-        qsid = ""
-        try:
-            member = queues.enqueue(account, name, self.session.id, verb.get("maxQueueSize"))
-        except QueueFull:
-            result = "queue-full"
-            member = None
-        if member is not None:
-            self.member = member
-            q = queues.get(account, name)
-            qsid = q.sid if q is not None else ""
-            self.note("queue", {"event": "enqueued", "queue": name, "position":
-                                q.position(member) if q is not None else 0})
-
-            def stats() -> dict:
-                cq = queues.get(account, name)
-                return cq.stats(member) if cq is not None else {}
-
-            wait = verb.get("waitUrl")
-            how = await self._hold(self.resolve(wait) if wait else None,
-                                   verb.get("waitUrlMethod", "POST"), member.connect, stats)
-            if not self.active:
-                return STOP
-            if member.connect.done() and not member.connect.cancelled():
-                room: Room = member.connect.result()
-                part = self._join_private(room, member.info.get("agent", ""))
-                if part is not None:
-                    self.participant = part
-                    self.note("queue", {"event": "bridged", "queue": name,
-                                        "agent": member.info.get("agent", "")})
-                    await self._in_room(Verb("Dial", {}, "", 0), part)
-                    self.participant = None
-                    result = "bridged"
-            else:
-                queues.leave(member)
-                result = "leave" if how == "leave" else "hangup" if how == "hangup" \
-                    else "system-error"
-            self.member = None
-        if not self.active:
-            return STOP
-        params = {"QueueResult": result, "QueueSid": qsid,
-                  "QueueTime": int(time.monotonic() - t0)}
-        self.session.params["QueueResult"] = result
-        self.note("queue", {"event": "result", "queue": name, "result": result})
-        action = verb.get("action")
-        if action:
-            return Fetch(self.resolve(action), verb.get("method", "POST"), params)
-        return None
-
-    def _join_private(self, room: Room, agent: str):
-        try:
-            return room.join(self.session.id, self.ctl.caller.channel, end_on_exit=True,
-                             beep="false")
-        except (RoomFull, ValueError) as exc:
-            self.error({"code": 13225, "reason": f"queue connection failed: {exc}"})
-            room.end()
-            return None
-
-    async def dial_queue(self, verb: Verb, noun: Verb):
-        if not self.answer():
-            return STOP
-        queues = self.shared.queues
-        account = self.session.account
-        timeout = float(verb.get("timeout", 30))
-        deadline = self.loop.time() + timeout
-        while self.active:
-            member = await queues.wait_member(account, noun.text,
-                                              max(0.0, deadline - self.loop.time()))
-            if not self.active:
-                if member is not None:
-                    # Taken while this call ended: the caller keeps its place.
-                    queues.requeue_front(member)
-                return STOP
-            if member is None:
-                return self._dial_done(verb, "no-answer", 0, "")
-            other = self.engine.sessions.get(member.session_id)
-            if other is None or other.ended or member.connect.done():
-                continue
-            room = self.shared.rooms.private(2)
-            part = room.join(self.session.id, self.ctl.caller.channel, end_on_exit=True,
-                             beep="false")
-            member.info["agent"] = self.session.id
-            member.connect.set_result(room)
-            self.participant = part
-            self.note("queue", {"event": "dequeued", "queue": noun.text,
-                                "caller": member.session_id})
-            t0 = time.monotonic()
-            await self._in_room(verb, part)
-            self.participant = None
-            if not self.active:
-                return STOP
-            return self._dial_done(verb, "completed", int(round(time.monotonic() - t0)),
-                                   member.session_id)
-        return STOP
+        return await queues.verb_enqueue(self, verb)
 
     # -- letting go -------------------------------------------------------------------
     def stop(self, reason: str) -> None:

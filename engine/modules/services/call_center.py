@@ -46,7 +46,7 @@ from engine.sip.errors import SdpError
 from engine.sip.uac import OutgoingCall, UacOwner
 from engine.modules.base import Module, answer_caller
 from engine.modules.instructions.queues import Queues, QueueFull
-from engine.modules.menu import render, start_player
+from engine.media.commands.prompt import render_or_none, start_player
 
 log = logging.getLogger("baton.services.call_center")
 
@@ -772,10 +772,7 @@ class CallCenterModule(Module):
                 texts.append(w.announcement)
         pcm = None
         if texts:
-            try:
-                pcm = await render(ctl, " ".join(texts), voice=qc.voice)
-            except Exception as exc:
-                log.warning("session %s: queue announcement failed: %s", ctl.session.id, exc)
+            pcm = await render_or_none(ctl, "queue announcement", " ".join(texts), voice=qc.voice)
         if not ctl.active or w.member is None:
             return
         if pcm is not None:
@@ -795,7 +792,7 @@ class CallCenterModule(Module):
             if qc.hold_music == "tones":
                 music = hold_tones()
             else:
-                from engine.media.audio import load_wav
+                from engine.media.wav import load_wav
 
                 try:
                     music = await load_wav(qc.hold_music)

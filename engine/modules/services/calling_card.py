@@ -531,7 +531,7 @@ class CallingCardModule(PromptingModule):
         if ctl.params.get("announce_time", True):
             billed, _funds, _plan = policy.limit_for(ctl.session, BRIDGE, "basic")
             if billed is not None:
-                from engine.sessions.policy import limit_seconds
+                from engine.sessions.prepaid import limit_seconds
 
                 out.append(self._p(ctl, "time_text").replace(
                     "{time}", spoken_time(int(limit_seconds(billed) or 0))))

@@ -18,7 +18,8 @@ import os
 from engine.media.commands import gather as gathering
 from engine.media.commands.digits import EVENTS as KEYS
 from engine.modules.base import Module, answer_caller
-from engine.modules.menu import PromptState, render, start_player
+from engine.media.commands.prompt import render, start_player
+from engine.modules.menu import PromptState
 
 log = logging.getLogger("baton.modules.services")
 

@@ -1,0 +1,107 @@
+"""The ledger in PostgreSQL through psycopg 3 (an optional `schema=NAME` query
+parameter of the URL selects, and creates, a schema); several accountants may
+share it, serialised by an advisory lock and fenced (`Ledger.acquire_fence`)."""
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from engine.accounting.ledger import (_DDL, _PG_GUARDS, _PG_LOCK, DEFAULT_NODE, SCHEMA_VERSION,
+                                      TXN_ROW_COLUMNS, Ledger, LedgerError, _split_sql)
+
+
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def _pg_conninfo(url: str) -> tuple[str, str | None]:
+    """Split `schema=NAME` out of a postgresql:// URL."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schema = None
+    rest = []
+    for k, v in query:
+        if k == "schema":
+            schema = v
+        else:
+            rest.append((k, v))
+    if schema is not None and not _SCHEMA_NAME.match(schema):
+        raise LedgerError(f"schema {schema!r} is not a plain SQL identifier")
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest))), schema
+
+
+class PostgresLedger(Ledger):
+    """The ledger in PostgreSQL through psycopg 3; rows are loaded with COPY."""
+
+    _FOR_UPDATE = " FOR UPDATE"
+
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError as exc:  # pragma: no cover - psycopg is a dependency
+            raise LedgerError("the PostgreSQL ledger needs psycopg 3 (pip install "
+                              "'psycopg[binary]')") from exc
+        self._psycopg = psycopg
+        self.url = url
+        conninfo, self.schema = _pg_conninfo(url)
+        self._lock = threading.RLock()
+        self._classes: dict[tuple, int] = {}
+        self._conn = psycopg.connect(conninfo, autocommit=True, row_factory=dict_row)
+        if self.schema:
+            self._conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            self._conn.execute(f'SET search_path TO "{self.schema}"')
+        with self._tx():
+            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
+            for stmt in _split_sql(_DDL.format(entries_suffix="", state_suffix="", blob="BYTEA",
+                                               id_type="BIGINT",
+                                               create_view="CREATE OR REPLACE VIEW")):
+                self._conn.execute(stmt)
+            self._conn.execute(_PG_GUARDS)
+            self._conn.execute("INSERT INTO meta (name, value) VALUES ('schema_version', %s) "
+                               "ON CONFLICT DO NOTHING", (str(SCHEMA_VERSION),))
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        with self._conn.transaction():
+            yield
+
+    def _next_id(self) -> int:
+        # Writers are serialised so ids are dense and allocated without a sequence.
+        self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
+        return super()._next_id()
+
+    def _exec(self, sql: str, params: Sequence = ()) -> None:
+        self._conn.execute(sql.replace("?", "%s"), params)
+
+    def _executemany(self, sql: str, rows: list[tuple]) -> None:
+        with self._conn.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), rows)
+
+    def _query(self, sql: str, params: Sequence = ()) -> list[dict[str, Any]]:
+        return list(self._conn.execute(sql.replace("?", "%s"), params).fetchall())
+
+    def _insert_txns(self, first_id: int, rows: list[tuple]) -> None:
+        with self._conn.cursor() as cur:
+            with cur.copy(f"COPY txns (id, {', '.join(TXN_ROW_COLUMNS)}) FROM STDIN") as cp:
+                for i, row in enumerate(rows, first_id):
+                    cp.write_row((i,) + row)
+
+    def _is_conflict(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._psycopg.errors.UniqueViolation)
+
+    def try_lock_writer(self, node: str = DEFAULT_NODE) -> bool:
+        """Take the session-level lock that makes this the only accountant of
+        `node` writing to the schema; False if another holds it. Accountants of
+        other nodes write beside it (their batches serialised per transaction)."""
+        row = self._query("SELECT pg_try_advisory_lock(hashtext(current_schema()), "
+                          "hashtext(%s)) AS ok", (node,))
+        return bool(row[0]["ok"])
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None  # type: ignore[assignment]
