@@ -55,7 +55,7 @@ class Reservations:
 
     def __init__(self, url: str, node: str, slice_micro: int, ttl: float = 60.0,
                  timeout: float = 1.0):
-        from engine.accounting.ledger import _pg_conninfo
+        from engine.accounting.ledger_pg import _pg_conninfo
 
         self.conninfo, self.schema = _pg_conninfo(url)
         self.node = node
