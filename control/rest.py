@@ -151,6 +151,7 @@ class RestApi:
         self.recordings: OrderedDict[str, dict] = OrderedDict()
         self.tasks: set[asyncio.Task] = set()
         self.http = None
+        self._client = None          # aiohttp client of the cluster's other nodes
         self.callbacks_sent = 0
         self.callbacks_failed = 0
         accounts = engine.cfg.raw.get("accounts", {}) or {}
@@ -630,7 +631,50 @@ class RestApi:
                 if last:
                     return
 
+    async def elsewhere(self, request, sid: str):
+        """The owner node's answer to this request about call `sid` when another node of
+        the cluster holds it (docs/cluster.md), sent with the caller's own credentials so
+        the owner checks them as if asked directly; None when no other node does."""
+        import aiohttp
+        from aiohttp import web
+
+        from control.forward import FORWARDED
+        from engine.sessions.directory import DirectoryUnavailable
+
+        directory = self.engine.directory
+        if directory is None or FORWARDED in request.headers:
+            return None                      # one hop only: the directory was stale
+        try:
+            owner = await directory.owner(sid)
+        except DirectoryUnavailable as exc:
+            raise RestError(503, 20503, f"Call {sid} is not on this node and the cluster's "
+                                        f"session directory cannot be reached ({exc})") from None
+        node = self.engine.cfg.node_id
+        if owner is None or owner.node == node:
+            return None
+        if not self.engine.cfg.cluster.forward or not owner.http:
+            raise RestError(409, 20409, f"Call {sid} lives on node {owner.node!r} (REST "
+                                        f"{owner.http or 'not served'}); ask that node")
+        headers = {k: request.headers[k] for k in ("Authorization", "Content-Type", "Accept")
+                   if k in request.headers}
+        headers[FORWARDED] = node
+        if self._client is None:
+            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        try:
+            async with self._client.request(request.method, f"http://{owner.http}{request.rel_url}",
+                                            data=await request.read(), headers=headers,
+                                            allow_redirects=False) as r:
+                body = await r.read()
+                return web.Response(status=r.status, body=body, content_type=r.content_type,
+                                    headers={FORWARDED: owner.node})
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise RestError(503, 20503, f"Call {sid} lives on node {owner.node!r} "
+                                        f"({owner.http}), which did not answer: "
+                                        f"{exc or type(exc).__name__}") from None
+
     async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
         if self._on_event in self.engine.listeners:
             self.engine.listeners.remove(self._on_event)
         for t in list(self.tasks):
@@ -790,7 +834,17 @@ def add_routes(app, engine) -> RestApi:
                 # Yield once holding a place: handlers that never await would
                 # otherwise all run in the loop iteration that received them.
                 await asyncio.sleep(0)
-                return await handler(request)
+                try:
+                    return await handler(request)
+                except RestError as exc:
+                    # A call another node of the cluster holds: that node answers.
+                    sid = request.match_info.get("sid")
+                    fwd = await api.elsewhere(request, sid) if exc.status == 404 and sid \
+                        and request.path.startswith(f"{API}/Accounts/") and "/Calls/" in \
+                        request.path else None
+                    if fwd is None:
+                        raise
+                    return fwd
         except RestError as exc:
             return failure(exc.status, exc.code, exc.message, exc.headers)
         except web.HTTPRequestEntityTooLarge:

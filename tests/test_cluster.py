@@ -1,6 +1,8 @@
 """A Baton cluster behind Kamailio's dispatcher (issue 19): `baton cluster up`
 with the real Kamailio, PostgreSQL and SIPp; calls land on every node, a
-drained node fails no call, a killed node's share of failed calls is bounded."""
+drained node fails no call, a killed node's share of failed calls is bounded,
+its calls in flight are billed to their last stamp once it is back, and the
+consolidated invoices equal a recount of every node's stamps."""
 from __future__ import annotations
 
 import csv
@@ -15,12 +17,25 @@ import uuid
 import pytest
 
 from tests.helpers import BATON, free_port
+from tests.test_accounting_crash import CONFIG
 from tests.test_accounting_ledger import PG_URL, _drop_schema, _pg_unreachable
+from tests.test_cluster_ledger import _expected
 
 SIPP = shutil.which("sipp")
 SCENARIO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sipp", "cluster_uac.xml")
 KAMAILIO = shutil.which("kamailio") or ("/usr/sbin/kamailio" if os.path.exists("/usr/sbin/kamailio")
                                         else None)
+# The nodes' config: number 1000 holds the call (basic level), priced by the plans the
+# recount (tests/test_accounting_crash.py `expected_ledger`) knows.
+NODE_CONFIG = """
+[accounts.demo]
+currency = "USD"
+
+[accounts.demo.numbers]
+"1000" = { module = "baton.hold" }
+""" + CONFIG.split("[vendors.acme]")[0].format(pipeline="false")
+# The recount prices a module by its name; these nodes' modules are priced by level.
+RECOUNT_MODULE = {"basic": "baton.bridge", "application": "baton.menu"}
 pytestmark = [pytest.mark.interop,
               pytest.mark.skipif(not (SIPP and KAMAILIO), reason="needs sipp and kamailio")]
 
@@ -50,8 +65,11 @@ def cluster(tmp_path):
         if all(_bindable(h, p) for h in nodes for p in (sip, grpc)) and sip != grpc:
             break
     base = tmp_path / "cluster"
+    config = tmp_path / "nodes.toml"
+    config.write_text(NODE_CONFIG)
     out = open(tmp_path / "cluster-up.txt", "wb")
     proc = subprocess.Popen([BATON, "cluster", "up", "--nodes", "2", "--port", str(front),
+                             "--config", str(config),
                              "--node-port", str(sip), "--grpc-port", str(grpc), "--dir", str(base),
                              "--store", f"{PG_URL}?schema={schema}", "--ping-interval", "1",
                              "--prefix", f"baton-test:{schema}:"],
@@ -66,23 +84,28 @@ def cluster(tmp_path):
         info["proc"] = proc
         info["port"] = front
         info["schema"] = schema
+        info["store"] = f"{PG_URL}?schema={schema}"
         time.sleep(1.5)                      # a first round of OPTIONS probes
         yield info
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(40)
-            except subprocess.TimeoutExpired:
-                pass
-        # Whatever happened: nothing of this cluster outlives the test.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        _stop_cluster(proc)
         out.close()
         _drop_schema(schema)
+
+
+def _stop_cluster(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(40)
+        except subprocess.TimeoutExpired:
+            pass
+    # Whatever happened: nothing of this cluster outlives the test.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _sipp(tmp_path, name: str, port: int, *args: str) -> subprocess.Popen:
@@ -139,8 +162,12 @@ def test_calls_land_on_every_node_and_a_drained_node_fails_none(cluster, tmp_pat
     assert drained == []                     # every call node1 had ended by itself
 
 
-def test_a_killed_node_fails_a_bounded_share_and_new_calls_go_on(cluster, tmp_path):
+def test_a_killed_node_fails_a_bounded_share_and_is_billed_in_full(cluster, tmp_path):
     n1, n2 = cluster["nodes"]
+    base = tmp_path / "cluster"
+    # Two long calls, one on each node (round-robin): node1's is in flight when it dies.
+    long = _sipp(tmp_path, "long", cluster["port"], "-m", "2", "-r", "2", "-d", "6000")
+    time.sleep(1.0)
     sipp = _sipp(tmp_path, "kill", cluster["port"], "-m", "30", "-r", "5", "-d", "500")
     time.sleep(2.0)
     os.kill(n1["pid"], signal.SIGKILL)
@@ -153,6 +180,68 @@ def test_a_killed_node_fails_a_bounded_share_and_new_calls_go_on(cluster, tmp_pa
     sipp = _sipp(tmp_path, "after", cluster["port"], "-m", "6", "-r", "6", "-d", "200")
     _finish(sipp)
     assert _counts(tmp_path, "after") == (6, 0)
+    _finish(long)
+    assert _counts(tmp_path, "long") == (1, 1)          # node2's ended, node1's died with it
+    # node1 comes back (`baton cluster up` restarts it); then the whole cluster stops, each
+    # accountant draining its ring into the one ledger.
+    _restarted(n1, base, n1["pid"])
+    _stop_cluster(cluster["proc"])
+    in_flight = set()
+    want: dict[str, tuple[int, int]] = {}
+    for node in cluster["nodes"]:
+        stamps, stale = _recount_stamps(os.path.join(node["data_dir"], "ring", "ring.dat"))
+        want.update(_expected(node["id"], stamps))
+        in_flight |= {f"{node['id']}:stale:{sid}" for sid in stale}
+    from engine.accounting.invoices import invoice
+    from engine.accounting.ledger import PostgresLedger
+
+    with PostgresLedger(cluster["store"]) as led:
+        txns = led.transactions()
+        assert led.check() == []
+        invoiced = sum(invoice(led, a, p)["total_micro"]
+                       for a in {t["account"] for t in txns} for p in {t["period"] for t in txns})
+    # node1's calls in flight at the kill: billed to their last stamp once it restarted.
+    assert in_flight and {k for k in in_flight if k.startswith("node1:")} == in_flight
+    assert in_flight <= {t["key"] for t in txns}
+    print(f"{len(txns)} ledger lines, {len(in_flight)} closed at node1's last stamp, "
+          f"invoiced {invoiced} micro-units")
+    # The consolidated invoices equal the recount of every node's stamps, to the micro-unit.
+    assert sorted(t["amount"] for t in txns) == sorted(v[0] for v in want.values())
+    assert invoiced == sum(v[0] for v in want.values())
+
+
+def _recount_stamps(ring_path: str) -> tuple[list[tuple], set[str]]:
+    """A node's ring as the recount's stamps (tests/test_accounting_crash.py `generate`),
+    and the sessions it had in flight when its engine died. A restart ends those at the
+    last moment the node's stamps prove it alive, as the accountant must."""
+    import msgpack
+
+    from ext.kernels import ring
+
+    stamps: list[tuple] = []
+    live: dict[str, str] = {}                # session -> account, in control of a module
+    stale: set[str] = set()
+    last = 0
+    for _seq, payload in ring.retained(ring_path):
+        rec = msgpack.unpackb(payload)
+        kind, sid = rec["type"], rec.get("session", "")
+        if kind == "node":
+            stale |= set(live)
+            stamps += [("end", s, acc, last) for s, acc in live.items()]
+            live.clear()
+            continue
+        assert kind in ("session", "transition"), rec       # no counted actions here
+        last = max(last, rec["mono_ns"])
+        if kind == "transition":
+            stamps.append(("go", sid, rec["account"], rec["from"],
+                           RECOUNT_MODULE[rec["level"]], rec["level"], rec["mono_ns"]))
+            live[sid] = rec["account"]
+        else:
+            stamps.append((rec["kind"], sid, rec["account"], rec["mono_ns"]))
+            if rec["kind"] == "end":
+                live.pop(sid, None)
+    assert not live, f"sessions never ended: {sorted(live)}"
+    return stamps, stale
 
 
 def _restarted(node: dict, base, old_pid: int, timeout: float = 60) -> dict:

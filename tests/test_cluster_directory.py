@@ -21,6 +21,8 @@ from tests.helpers import BATON, DEMO, BlockingPeer, EngineProcess, free_port
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TOKEN = "demo-api-token-change-me-0123456789"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
+REST_SID = "AC0000000000000000000000000000demo"
+REST_AUTH = (REST_SID, "demo-auth-token-change-me-0123456789")
 sp = pb.sessions_pb2
 
 
@@ -60,9 +62,11 @@ def _redis():
 def _node(host: str, node: str, prefix: str, config: str = DEMO,
           redis_url: str = REDIS_URL) -> tuple[EngineProcess, str]:
     grpc_addr = f"{host}:{free_port(socket.SOCK_STREAM, host=host)}"
+    http_addr = f"{host}:{free_port(socket.SOCK_STREAM, host=host)}"
     e = EngineProcess(config, host=host, extra=[
         "--grpc-addr", grpc_addr, "--node-id", node, "--media-addr", host,
-        "--redis", redis_url, "--cluster-prefix", prefix])
+        "--redis", redis_url, "--cluster-prefix", prefix, "--http-addr", http_addr])
+    e.rest = http_addr
     return e, grpc_addr
 
 
@@ -129,7 +133,7 @@ def test_a_transition_and_a_cost_query_sent_to_the_wrong_node_work(two_nodes, pr
         assert len(sessions) == 1
         sid = sessions[0].session_id
         entry = _wait(lambda: r.get(f"{prefix}session:{sid}"), "the directory entry")
-        assert json.loads(entry) == {"node": "n1", "grpc": g1}
+        assert json.loads(entry) == {"node": "n1", "grpc": g1, "http": n1.rest}
         assert 0 < r.pttl(f"{prefix}session:{sid}") <= 30_000
         listed = subprocess.run([BATON, "sessions", "list", "--cluster", REDIS_URL, "--prefix",
                                  prefix, "--format", "json"], capture_output=True, text=True,
@@ -167,6 +171,46 @@ def test_a_transition_and_a_cost_query_sent_to_the_wrong_node_work(two_nodes, pr
                 pb.sessions_pb2_grpc.SessionsStub(ch).Transition(
                     sp.TransitionRequest(session_id=sid, target="baton.hold"), metadata=AUTH)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        peer.close()
+        r.close()
+
+
+def test_rest_requests_sent_to_the_wrong_node_are_forwarded(two_nodes, prefix):
+    import requests
+
+    (n1, g1), (n2, _g2) = two_nodes
+    r = _redis()
+    peer = _caller(n1)
+    base = f"http://{n2.rest}/2010-04-01/Accounts/{REST_SID}/Calls"
+    try:
+        call = peer.answered_call("1000")
+        with grpc.insecure_channel(g1) as ch:
+            sid = pb.sessions_pb2_grpc.SessionsStub(ch).List(
+                sp.ListRequest(), metadata=AUTH).sessions[0].session_id
+        _wait(lambda: r.get(f"{prefix}session:{sid}"), "the directory entry")
+        # Node 2 does not hold the call: node 1 answers through it.
+        got = requests.get(f"{base}/{sid}.json", auth=REST_AUTH, timeout=15)
+        assert got.status_code == 200 and got.json()["status"] == "in-progress"
+        assert got.headers["baton-forwarded"] == "n1"
+        moved = requests.post(f"{base}/{sid}.json", data={"Module": "baton.echo"},
+                              auth=REST_AUTH, timeout=15)
+        assert moved.status_code == 200, moved.text
+        cost = _wait(lambda: (c := requests.get(f"{base}/{sid}/Cost.json", auth=REST_AUTH,
+                                                timeout=15)).status_code == 200 and c,
+                     "the cost through node 2", timeout=30)
+        assert cost.json()["call_sid"] == sid and cost.json()["live"] is True
+        # The caller's credentials travel with the request: wrong ones stay wrong.
+        bad = requests.get(f"{base}/{sid}.json", auth=(REST_SID, "wrong-token"), timeout=15)
+        assert bad.status_code == 401
+        with grpc.insecure_channel(g1) as ch:
+            info = pb.sessions_pb2_grpc.SessionsStub(ch).Get(sp.GetRequest(session_id=sid),
+                                                            metadata=AUTH)
+            assert info.module == "baton.echo"            # the owner really moved the call
+        peer.hang_up(call)
+        _wait(lambda: r.get(f"{prefix}session:{sid}") is None, "the entry outlived the call")
+        gone = requests.get(f"{base}/{sid}.json", auth=REST_AUTH, timeout=15)
+        assert gone.status_code == 404 and gone.json()["code"] == 20404
     finally:
         peer.close()
         r.close()

@@ -132,8 +132,9 @@ class Engine:
             from control.server import grpc_target
 
             grpc = grpc_target(self)     # bound to a wildcard: set cluster.grpc_advertise
+        http = self.http.url.removeprefix("http://") if self.http is not None else ""
         self.directory = SessionDirectory(c.redis, c.prefix, self.cfg.node_id, grpc,
-                                          self.sessions.keys, ttl=c.directory_ttl)
+                                          self.sessions.keys, ttl=c.directory_ttl, http=http)
         for sid in self.sessions:        # calls that came in while the API was starting
             self.directory.add(sid)
         self.directory.start()

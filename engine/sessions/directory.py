@@ -1,8 +1,8 @@
 """The cluster's session directory: live session id -> the node that owns it, in Redis
 (`[cluster] redis`, docs/cluster.md).
 
-Each node writes `PREFIX session:ID` = {"node": NODE_ID, "grpc": HOST:PORT} when a session
-starts and deletes it when the session ends; every key carries a TTL (`[cluster]
+Each node writes `PREFIX session:ID` = {"node": NODE_ID, "grpc": HOST:PORT} (and "http":
+HOST:PORT when it serves the REST API) when a session starts and deletes it when the session ends; every key carries a TTL (`[cluster]
 directory_ttl`) that the node refreshes while the session is live, so the entries of a node
 that died expire by themselves. Writes go through one background task in pipelined
 batches: the call path never waits for Redis. The directory routes control requests only,
@@ -30,6 +30,7 @@ class DirectoryUnavailable(Exception):
 class Owner:
     node: str
     grpc: str
+    http: str = ""          # the node's REST API (HOST:PORT), when it serves one
 
 
 class SessionDirectory:
@@ -37,7 +38,7 @@ class SessionDirectory:
 
     def __init__(self, url: str, prefix: str, node: str, grpc: str,
                  live_ids: Callable[[], Iterable[str]], ttl: float = 30.0,
-                 timeout: float = 1.0):
+                 timeout: float = 1.0, http: str = ""):
         import redis.asyncio as aioredis
 
         self.prefix = prefix
@@ -45,7 +46,8 @@ class SessionDirectory:
         self.grpc = grpc
         self.ttl = ttl
         self.live_ids = live_ids
-        self.value = json.dumps({"node": node, "grpc": grpc}, separators=(",", ":"))
+        entry = {"node": node, "grpc": grpc, **({"http": http} if http else {})}
+        self.value = json.dumps(entry, separators=(",", ":"))
         self.redis = aioredis.from_url(url, socket_timeout=timeout,
                                        socket_connect_timeout=timeout, decode_responses=True)
         self.pending: dict[str, bool] = {}     # session id -> True: write, False: delete
@@ -167,6 +169,6 @@ def _owner(raw: str | None) -> Owner | None:
         return None
     try:
         d = json.loads(raw)
-        return Owner(str(d["node"]), str(d["grpc"]))
+        return Owner(str(d["node"]), str(d["grpc"]), str(d.get("http") or ""))
     except (ValueError, KeyError, TypeError):
         return None
