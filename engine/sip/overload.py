@@ -1,0 +1,164 @@
+"""Overload control: refuse new calls early and cheaply when the engine is past capacity.
+
+Past capacity every call costs more than it brings: a caller whose INVITE waits too long
+retransmits it, and the engine spends its time on calls that will fail anyway (SIP
+congestion collapse, RFC 6357). So the engine watches what it can measure, with
+hysteresis (it enters overload above a high-water mark and leaves only once every input is
+below its low-water mark):
+
+- event-loop lag: how late a periodic timer fires;
+- calls in setup: initial INVITEs received and not yet answered or failed;
+- receive backlog: SIP datagrams handled in one turn of the event loop.
+
+While overloaded, a new out-of-dialog INVITE is answered `503 Service Unavailable` with
+`Retry-After` (RFC 3261 21.5.4) before any transaction, dialog or session exists, and the
+refusal is remembered for a while (by transaction key) so that the caller's
+retransmissions get the same 503 again without new work. Every other request (ACK, BYE,
+CANCEL, re-INVITE and all in-dialog requests, OPTIONS, REGISTER) goes its ordinary way.
+RFC 7339 (`oc` Via parameters) is not implemented.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass
+
+LAG_INTERVAL = 0.05    # seconds between two looks at the event loop's lag
+
+
+@dataclass
+class OverloadLimits:
+    """The knobs (`[overload]` in the config, docs/operators-guide.md)."""
+
+    enabled: bool = True
+    max_calls_in_setup: int = 1000     # enter overload at this many calls in setup ...
+    max_loop_lag_ms: float = 200.0     # ... or at this much event-loop lag ...
+    max_rx_backlog: int = 2000         # ... or this many datagrams in one loop turn
+    low_water: float = 0.5             # leave once every input is below this share of its mark
+    retry_after: int = 2               # seconds, in the 503's Retry-After
+    remember: float = 32.0             # seconds a refusal is remembered (64*T1, timer H)
+    max_remembered: int = 65536        # refusals remembered at most
+
+
+class Overload:
+    """The admission check of new calls and what it measures."""
+
+    __slots__ = ("limits", "active", "calls_in_setup", "loop_lag", "rx_backlog",
+                 "rx_turn", "refused", "absorbed", "entered", "_refusals", "_handle",
+                 "_expected", "_loop", "_turn_pending", "_max_turn", "lag_inflation")
+
+    def __init__(self, limits: OverloadLimits | None = None):
+        self.limits = limits or OverloadLimits()
+        self.active = False          # refusing new INVITEs now
+        self.calls_in_setup = 0
+        self.loop_lag = 0.0          # seconds, the last measurement
+        self.rx_backlog = 0          # datagrams in the busiest loop turn since the last look
+        self.rx_turn = 0             # datagrams handled in the current loop turn
+        self.refused = 0             # INVITEs refused (retransmissions not counted)
+        self.absorbed = 0            # retransmissions of refused INVITEs answered from memory
+        self.entered = 0             # times the engine entered overload
+        self.lag_inflation = 0.0     # seconds added to every lag measurement (tests only)
+        # transaction key -> (expiry, the 503's octets); insertion order is expiry order
+        self._refusals: collections.OrderedDict = collections.OrderedDict()
+        self._handle = None
+        self._expected = 0.0
+        self._loop = None
+        self._turn_pending = False
+        self._max_turn = 0
+
+    # -- measuring ---------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._handle is not None or not self.limits.enabled:
+            return
+        self._loop = loop
+        self._expected = loop.time() + LAG_INTERVAL
+        self._handle = loop.call_at(self._expected, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        loop = self._loop
+        now = loop.time()
+        self.loop_lag = max(0.0, now - self._expected) + self.lag_inflation
+        self.rx_backlog = self._max_turn
+        self._max_turn = 0
+        self.update()
+        self._expected = now + LAG_INTERVAL
+        self._handle = loop.call_at(self._expected, self._tick)
+
+    def datagram(self) -> None:
+        """Count one datagram of this loop turn (the transport calls it per datagram)."""
+        self.rx_turn += 1
+        if not self._turn_pending and self._loop is not None:
+            # Runs once the loop has drained what was ready: the turn's count is complete.
+            self._turn_pending = True
+            self._loop.call_soon(self._end_turn)
+
+    def _end_turn(self) -> None:
+        self._turn_pending = False
+        if self.rx_turn > self._max_turn:
+            self._max_turn = self.rx_turn
+        if self.rx_turn >= self.limits.max_rx_backlog and not self.active:
+            self.rx_backlog = self.rx_turn
+            self.update()
+        self.rx_turn = 0
+
+    def setup_started(self) -> None:
+        self.calls_in_setup += 1
+        if self.calls_in_setup >= self.limits.max_calls_in_setup and not self.active:
+            self.update()
+
+    def setup_ended(self) -> None:
+        self.calls_in_setup -= 1
+        if self.active:
+            self.update()
+
+    def update(self) -> None:
+        """Enter or leave overload (hysteresis: in above any high mark, out below all low)."""
+        lim = self.limits
+        if not lim.enabled:
+            self.active = False
+            return
+        lag_ms = self.loop_lag * 1000.0
+        if not self.active:
+            if (self.calls_in_setup >= lim.max_calls_in_setup or lag_ms >= lim.max_loop_lag_ms
+                    or self.rx_backlog >= lim.max_rx_backlog):
+                self.active = True
+                self.entered += 1
+            return
+        low = lim.low_water
+        if (self.calls_in_setup <= lim.max_calls_in_setup * low
+                and lag_ms <= lim.max_loop_lag_ms * low
+                and self.rx_backlog <= lim.max_rx_backlog * low):
+            self.active = False
+
+    # -- refusing ----------------------------------------------------------------------
+    def remembered(self, key: str):
+        """The 503 already sent for this transaction key, or None."""
+        entry = self._refusals.get(key)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            del self._refusals[key]
+            return None
+        self.absorbed += 1
+        return entry[1]
+
+    def remember(self, key: str, data: bytes) -> None:
+        self.refused += 1
+        refusals = self._refusals
+        now = time.monotonic()
+        # Forget what has expired (oldest first) and keep the table bounded.
+        while refusals:
+            first = next(iter(refusals.values()))
+            if first[0] >= now and len(refusals) < self.limits.max_remembered:
+                break
+            refusals.popitem(last=False)
+        refusals[key] = (now + self.limits.remember, data)
+
+    def refusals_held(self) -> int:
+        return len(self._refusals)
