@@ -57,16 +57,22 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario(
         "cps-ramp", "sip_cps.py",
-        "SIP calls per second answered and released (SIPp uac: INVITE, 200, ACK, BYE, 200) at "
-        "rising rates against number 1000, failed calls, server CPU µs per call",
+        "SIP calls per second answered and released (SIPp uac: INVITE, 200, ACK, BYE, 200) "
+        "against number 1000, ramped up until Baton fails a call (the knee), then at 1.5x and "
+        "2x the knee (several SIPp processes where one cannot offer enough): goodput, failed "
+        "calls, server CPU µs per call at every step",
         "Kamailio as a stateless responder (bench/baseline/kamailio-responder.cfg) under the "
-        "same SIPp load, started in the same run",
-        (Figure("cps", "best_zero_fail_cps", "calls/s with no failed call", "calls/s",
-                "kamailio_cps", "Kamailio stateless"),
+        "same SIPp load at the same rates, started in the same run",
+        (Figure("cps", "best_zero_fail_cps", "calls/s with no failed call (the knee)",
+                "calls/s", "kamailio_cps", "Kamailio stateless"),
+         Figure("goodput_2x", "ramp.baton.at_2x.cps", "goodput at 2x the knee", "calls/s",
+                "ramp.kamailio.at_2x.cps", "Kamailio stateless"),
          Figure("cpu_per_call", "baton_cpu_us_per_call", "server CPU per call", "µs",
                 "kamailio_cpu_us_per_call", "Kamailio stateless", higher_is_better=False)),
-        quick=("--rates", "100,200", "--seconds", "2", "--settle", "0.3"),
-        engine=True, minutes="1"),
+        args=("--ramp",),
+        quick=("--ramp", "--start", "100", "--step", "100", "--max-rate", "200",
+               "--seconds", "2", "--settle", "0.3"),
+        engine=True, minutes="3-6"),
     Scenario(
         "density", "rtp_density.py",
         "concurrent bridged G.711 calls (both legs, 20 ms ptime) Baton's RTP relay carries "

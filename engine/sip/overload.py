@@ -6,7 +6,7 @@ congestion collapse, RFC 6357). So the engine watches what it can measure, with
 hysteresis (it enters overload above a high-water mark and leaves only once every input is
 below its low-water mark):
 
-- event-loop lag: how late a periodic timer fires;
+- event-loop lag: how late a periodic timer fires, sustained over a few looks in a row;
 - calls in setup: initial INVITEs received and not yet answered or failed;
 - receive backlog: SIP datagrams handled in one turn of the event loop.
 
@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 
 LAG_INTERVAL = 0.05    # seconds between two looks at the event loop's lag
+LAG_WINDOW = 4         # the lag counted is the least of this many looks in a row: sustained
+                       # lateness, not one slow callback (a first import, a GC pause)
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Overload:
 
     __slots__ = ("limits", "active", "calls_in_setup", "loop_lag", "rx_backlog",
                  "rx_turn", "refused", "absorbed", "entered", "_refusals", "_handle",
-                 "_expected", "_loop", "_turn_pending", "_max_turn", "lag_inflation")
+                 "_expected", "_loop", "_turn_pending", "_max_turn", "_lags")
 
     def __init__(self, limits: OverloadLimits | None = None):
         self.limits = limits or OverloadLimits()
@@ -58,7 +60,7 @@ class Overload:
         self.refused = 0             # INVITEs refused (retransmissions not counted)
         self.absorbed = 0            # retransmissions of refused INVITEs answered from memory
         self.entered = 0             # times the engine entered overload
-        self.lag_inflation = 0.0     # seconds added to every lag measurement (tests only)
+        self._lags = collections.deque([0.0] * LAG_WINDOW, LAG_WINDOW)
         # transaction key -> (expiry, the 503's octets); insertion order is expiry order
         self._refusals: collections.OrderedDict = collections.OrderedDict()
         self._handle = None
@@ -83,7 +85,8 @@ class Overload:
     def _tick(self) -> None:
         loop = self._loop
         now = loop.time()
-        self.loop_lag = max(0.0, now - self._expected) + self.lag_inflation
+        self._lags.append(max(0.0, now - self._expected))
+        self.loop_lag = min(self._lags)
         self.rx_backlog = self._max_turn
         self._max_turn = 0
         self.update()
