@@ -375,7 +375,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ramp", action="store_true",
                    help="ignore --rates: from --start, add --step calls/s until Baton fails "
                         "a call or falls short (the knee is the last rate before), then offer "
-                        "1.5x and 2x the knee; Kamailio gets the same rates")
+                        "1.5x, 2x and 3x the knee; Kamailio gets the same rates")
     p.add_argument("--start", type=float, default=1000.0,
                    help="--ramp: first offered rate (default: %(default)s)")
     p.add_argument("--step", type=float, default=500.0,
@@ -573,7 +573,7 @@ def ramp_rates(args: argparse.Namespace, steps: list[dict[str, Any]]):
         rate += args.step
     if args.knee is None:
         return
-    for name, factor in (("at_1_5x", 1.5), ("at_2x", 2.0)):
+    for name, factor in (("at_1_5x", 1.5), ("at_2x", 2.0), ("at_3x", 3.0)):
         over = round(args.knee * factor)
         args.over.append((name, over))
         yield over

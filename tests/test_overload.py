@@ -57,7 +57,7 @@ def overload_config(far_port: int) -> dict:
     raw = engine_config()
     raw["accounts"]["demo"]["numbers"]["2000"] = {"endpoint": f"sip:bob@127.0.0.1:{far_port}"}
     raw["overload"] = {"max_calls_in_setup": 3, "low_water": 0.5, "retry_after": 7,
-                       "max_loop_lag_ms": 60000, "max_rx_backlog": 100000}
+                       "max_loop_lag_ms": 60000, "max_rx_queue_kb": 1 << 20}
     raw["accounts"]["demo"]["api_tokens"] = ["overload-token-0123456789abcdef"]
     return raw
 

@@ -74,6 +74,22 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                "--seconds", "2", "--settle", "0.3"),
         engine=True, minutes="3-6"),
     Scenario(
+        "capacity", "capacity.py",
+        "how many calls one box holds: engine memory per idle held session (10,000 held "
+        "without media by default; the floor is under 2 GB) and per session with media, and "
+        "the most concurrent calls with G.711 media (SIPp playing a pcap, baton.echo sending "
+        "it back) with no failed call, no packet lost and no late media tick",
+        "none: absolute figures of this machine (the CPS figures' Kamailio is the reference "
+        "for signalling)",
+        (Figure("idle_kb", "idle_kb_per_session", "memory per idle held session", "KiB",
+                higher_is_better=False),
+         Figure("media_calls", "max_media_calls_clean",
+                "calls with media, no loss, no late tick", "calls"),
+         Figure("media_kb", "media_kb_per_session", "memory per session with media", "KiB",
+                higher_is_better=False)),
+        quick=("--idle", "200", "--idle-rate", "200", "--media", "20", "--media-seconds", "2"),
+        minutes="2"),
+    Scenario(
         "density", "rtp_density.py",
         "concurrent bridged G.711 calls (both legs, 20 ms ptime) Baton's RTP relay carries "
         "under 0.1 % packet loss; load from bench/baseline/rtpload.c",

@@ -173,8 +173,9 @@ class EngineCollector:
                                                  "answered or failed", ov.calls_in_setup)
         yield _gauge("baton_sip_loop_lag_seconds", "Event-loop lag: how late the last "
                                                    "periodic check ran", ov.loop_lag)
-        yield _gauge("baton_sip_rx_backlog", "SIP datagrams handled in the busiest event-loop "
-                                             "turn of the last check interval", ov.rx_backlog)
+        yield _gauge("baton_sip_rx_queue_bytes", "Octets waiting in the SIP/UDP sockets' "
+                                                 "kernel receive queues, the last look",
+                     ov.rx_queue)
         tl = sip.transactions
         yield _gauge("baton_sip_transactions", "SIP transactions held, by side",
                      labels=["side"], rows=[(("server",), len(tl.server)),

@@ -141,8 +141,8 @@ SCHEMA = {
                                     "received, not yet answered or failed (default 1000)"),
         "max_loop_lag_ms": ((int, float), "enter overload at this event-loop lag, in ms "
                                           "(default 200)"),
-        "max_rx_backlog": (int, "enter overload at this many SIP datagrams handled in one "
-                                "event-loop turn (default 2000)"),
+        "max_rx_queue_kb": (int, "enter overload at this many KiB waiting in the SIP/UDP "
+                                 "sockets' receive queues (default 1024)"),
         "low_water": ((int, float), "leave overload once every input is below this share of "
                                     "its mark (default 0.5)"),
         "retry_after": (int, "seconds in the 503's Retry-After (default 2)"),

@@ -8,7 +8,9 @@ below its low-water mark):
 
 - event-loop lag: how late a periodic timer fires, sustained over a few looks in a row;
 - calls in setup: initial INVITEs received and not yet answered or failed;
-- receive backlog: SIP datagrams handled in one turn of the event loop.
+- receive backlog: octets waiting in the SIP/UDP sockets' kernel receive queues (Linux
+  SO_MEMINFO): the event loop interleaves its timers with reading, so a queue seconds deep
+  shows no loop lag, yet every answer it holds comes late and makes callers retransmit.
 
 While overloaded, a new out-of-dialog INVITE is answered `503 Service Unavailable` with
 `Retry-After` (RFC 3261 21.5.4) before any transaction, dialog or session exists, and the
@@ -21,10 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
+import struct
 import time
 from dataclasses import dataclass
 
 LAG_INTERVAL = 0.05    # seconds between two looks at the event loop's lag
+SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)   # Linux 4.6: struct sk_meminfo, u32[9]
 LAG_WINDOW = 4         # the lag counted is the least of this many looks in a row: sustained
                        # lateness, not one slow callback (a first import, a GC pause)
 
@@ -36,7 +41,7 @@ class OverloadLimits:
     enabled: bool = True
     max_calls_in_setup: int = 1000     # enter overload at this many calls in setup ...
     max_loop_lag_ms: float = 200.0     # ... or at this much event-loop lag ...
-    max_rx_backlog: int = 2000         # ... or this many datagrams in one loop turn
+    max_rx_queue_kb: int = 1024        # ... or this many KiB queued in the SIP/UDP sockets
     low_water: float = 0.5             # leave once every input is below this share of its mark
     retry_after: int = 2               # seconds, in the 503's Retry-After
     remember: float = 32.0             # seconds a refusal is remembered (64*T1, timer H)
@@ -46,17 +51,17 @@ class OverloadLimits:
 class Overload:
     """The admission check of new calls and what it measures."""
 
-    __slots__ = ("limits", "active", "calls_in_setup", "loop_lag", "rx_backlog",
-                 "rx_turn", "refused", "absorbed", "entered", "_refusals", "_handle",
-                 "_expected", "_loop", "_turn_pending", "_max_turn", "_lags")
+    __slots__ = ("limits", "active", "calls_in_setup", "loop_lag", "rx_queue", "sockets",
+                 "refused", "absorbed", "entered", "_refusals", "_handle", "_expected",
+                 "_loop", "_lags")
 
     def __init__(self, limits: OverloadLimits | None = None):
         self.limits = limits or OverloadLimits()
         self.active = False          # refusing new INVITEs now
         self.calls_in_setup = 0
         self.loop_lag = 0.0          # seconds, the last measurement
-        self.rx_backlog = 0          # datagrams in the busiest loop turn since the last look
-        self.rx_turn = 0             # datagrams handled in the current loop turn
+        self.rx_queue = 0            # octets in the receive queues, the last look
+        self.sockets: list = []      # the SIP/UDP sockets whose queues are looked at
         self.refused = 0             # INVITEs refused (retransmissions not counted)
         self.absorbed = 0            # retransmissions of refused INVITEs answered from memory
         self.entered = 0             # times the engine entered overload
@@ -66,8 +71,6 @@ class Overload:
         self._handle = None
         self._expected = 0.0
         self._loop = None
-        self._turn_pending = False
-        self._max_turn = 0
 
     # -- measuring ---------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -87,28 +90,21 @@ class Overload:
         now = loop.time()
         self._lags.append(max(0.0, now - self._expected))
         self.loop_lag = min(self._lags)
-        self.rx_backlog = self._max_turn
-        self._max_turn = 0
+        self.rx_queue = self._queued()
         self.update()
         self._expected = now + LAG_INTERVAL
         self._handle = loop.call_at(self._expected, self._tick)
 
-    def datagram(self) -> None:
-        """Count one datagram of this loop turn (the transport calls it per datagram)."""
-        self.rx_turn += 1
-        if not self._turn_pending and self._loop is not None:
-            # Runs once the loop has drained what was ready: the turn's count is complete.
-            self._turn_pending = True
-            self._loop.call_soon(self._end_turn)
-
-    def _end_turn(self) -> None:
-        self._turn_pending = False
-        if self.rx_turn > self._max_turn:
-            self._max_turn = self.rx_turn
-        if self.rx_turn >= self.limits.max_rx_backlog and not self.active:
-            self.rx_backlog = self.rx_turn
-            self.update()
-        self.rx_turn = 0
+    def _queued(self) -> int:
+        total = 0
+        for sock in self.sockets:
+            try:
+                # sk_meminfo[0]: SK_MEMINFO_RMEM_ALLOC, what the receive queue holds
+                total += struct.unpack_from("I", sock.getsockopt(socket.SOL_SOCKET,
+                                                                 SO_MEMINFO, 36))[0]
+            except OSError:
+                pass  # closed, or a kernel without SO_MEMINFO: the other inputs decide
+        return total
 
     def setup_started(self) -> None:
         self.calls_in_setup += 1
@@ -129,14 +125,14 @@ class Overload:
         lag_ms = self.loop_lag * 1000.0
         if not self.active:
             if (self.calls_in_setup >= lim.max_calls_in_setup or lag_ms >= lim.max_loop_lag_ms
-                    or self.rx_backlog >= lim.max_rx_backlog):
+                    or self.rx_queue >= lim.max_rx_queue_kb * 1024):
                 self.active = True
                 self.entered += 1
             return
         low = lim.low_water
         if (self.calls_in_setup <= lim.max_calls_in_setup * low
                 and lag_ms <= lim.max_loop_lag_ms * low
-                and self.rx_backlog <= lim.max_rx_backlog * low):
+                and self.rx_queue <= lim.max_rx_queue_kb * 1024 * low):
             self.active = False
 
     # -- refusing ----------------------------------------------------------------------

@@ -69,13 +69,13 @@ class UdpTransport(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.local = ("", 0)
         self._flows: dict = {}
-        self._count = core.overload.datagram
         self.rcvbuf = 0     # the receive buffer the kernel granted (octets, as getsockopt says)
 
     def connection_made(self, transport):
         self.transport = transport
         sock = transport.get_extra_info("socket")
         self.rcvbuf = size_buffers(sock, self.core.udp_rcvbuf)
+        self.core.overload.sockets.append(sock)   # its receive queue is a load input
         self.local = transport.get_extra_info("sockname")[:2]
 
     def datagram_received(self, data, addr):
@@ -87,7 +87,6 @@ class UdpTransport(asyncio.DatagramProtocol):
             if len(flows) >= FLOW_CACHE:
                 flows.clear()
             flow = flows[addr] = Flow(self, addr[:2])
-        self._count()   # the receive backlog of this loop turn (overload control)
         self.core.on_message(data, flow, False)
 
     def error_received(self, exc):
@@ -109,6 +108,12 @@ class UdpTransport(asyncio.DatagramProtocol):
 
     def close(self):
         if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            sockets = self.core.overload.sockets
+            for i, s in enumerate(sockets):
+                if s is sock:
+                    del sockets[i]
+                    break
             self.transport.close()
 
 
