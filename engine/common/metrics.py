@@ -165,8 +165,9 @@ class EngineCollector:
         yield _counter("baton_sip_overload_absorbed", "Retransmissions of refused INVITEs "
                                                       "answered again without new work",
                        ov.absorbed)
-        yield _counter("baton_sip_overload_entered", "Times the engine entered overload",
-                       ov.entered)
+        yield _counter("baton_sip_overload_entered", "Times the engine entered overload, by "
+                                                     "the input that crossed its mark",
+                       labels=["cause"], rows=sorted(((k,), v) for k, v in ov.entered.items()))
         yield _gauge("baton_sip_overloaded", "1 while new INVITEs are refused for overload",
                      int(ov.active))
         yield _gauge("baton_sip_calls_in_setup", "Calls in setup: INVITEs received, not yet "

@@ -250,7 +250,7 @@ class SipCore:
         rflow = self.response_flow(msg, flow)
         data = ov.remembered(key)
         if data is None:
-            if not ov.active:
+            if not ov.active or ov.admit():
                 return False
             to = msg.get("to")
             tag = None if to is not None and parse_name_addr(to) is None else build.new_tag()

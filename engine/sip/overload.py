@@ -30,6 +30,9 @@ from dataclasses import dataclass
 
 LAG_INTERVAL = 0.05    # seconds between two looks at the event loop's lag
 SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)   # Linux 4.6: struct sk_meminfo, u32[9]
+MIN_RATE = 5.0         # calls/s admitted at least while throttled
+RATE_DOWN = 0.85       # the admitted rate's cut per look while an input is above its low mark
+RATE_UP = 1.05         # its rise per look while every input is below
 LAG_WINDOW = 4         # the lag counted is the least of this many looks in a row: sustained
                        # lateness, not one slow callback (a first import, a GC pause)
 
@@ -49,28 +52,52 @@ class OverloadLimits:
 
 
 class Overload:
-    """The admission check of new calls and what it measures."""
+    """The admission check of new calls and what it measures.
 
-    __slots__ = ("limits", "active", "calls_in_setup", "loop_lag", "rx_queue", "sockets",
-                 "refused", "absorbed", "entered", "_refusals", "_handle", "_expected",
-                 "_loop", "_lags")
+    Two states, either of which makes `active` true:
+    - setup full: calls in setup reached their mark; every new INVITE is refused until they
+      are down to the low-water share (a hard bound on what setup may hold);
+    - throttled: loop lag or the receive queue reached its mark; new INVITEs are admitted
+      at `admit_rate` calls/s (a token bucket) and the rest refused. The rate starts a little
+      below what the engine was admitting and is adjusted every look: cut while the queue
+      above its low-water mark still grows (or the lag is past its mark), held while such a
+      queue shrinks, raised while every input is below its low mark; the engine leaves the
+      state once all are below and a whole look refused nothing.
+    Refusing every INVITE while the queue drains would swing between taking too much and
+    taking nothing; admitting at the rate the engine keeps up with holds goodput near its best.
+    """
+
+    __slots__ = ("limits", "active", "setup_full", "throttled", "admit_rate", "calls_in_setup",
+                 "loop_lag", "rx_queue", "sockets", "refused", "absorbed", "entered",
+                 "_refusals", "_handle", "_expected", "_loop", "_lags", "_tokens", "_last",
+                 "_admitted", "_rate", "_refused_tick", "_prev_queue")
 
     def __init__(self, limits: OverloadLimits | None = None):
         self.limits = limits or OverloadLimits()
-        self.active = False          # refusing new INVITEs now
+        self.active = False          # refusing some or all new INVITEs now
+        self.setup_full = False
+        self.throttled = False
+        self.admit_rate = 0.0        # calls/s admitted while throttled
         self.calls_in_setup = 0
         self.loop_lag = 0.0          # seconds, the last measurement
         self.rx_queue = 0            # octets in the receive queues, the last look
         self.sockets: list = []      # the SIP/UDP sockets whose queues are looked at
         self.refused = 0             # INVITEs refused (retransmissions not counted)
         self.absorbed = 0            # retransmissions of refused INVITEs answered from memory
-        self.entered = 0             # times the engine entered overload
+        # times the engine entered overload, by the input that crossed its mark
+        self.entered = collections.Counter()
         self._lags = collections.deque([0.0] * LAG_WINDOW, LAG_WINDOW)
         # transaction key -> (expiry, the 503's octets); insertion order is expiry order
         self._refusals: collections.OrderedDict = collections.OrderedDict()
         self._handle = None
         self._expected = 0.0
         self._loop = None
+        self._tokens = 0.0
+        self._last = 0.0
+        self._admitted = 0           # INVITEs admitted since the last look
+        self._rate = 0.0             # INVITEs admitted per second, smoothed
+        self._refused_tick = 0       # INVITEs refused since the last look
+        self._prev_queue = 0
 
     # -- measuring ---------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -91,7 +118,9 @@ class Overload:
         self._lags.append(max(0.0, now - self._expected))
         self.loop_lag = min(self._lags)
         self.rx_queue = self._queued()
-        self.update()
+        self._rate += 0.2 * (self._admitted / LAG_INTERVAL - self._rate)
+        self._throttle()
+        self._admitted = self._refused_tick = 0
         self._expected = now + LAG_INTERVAL
         self._handle = loop.call_at(self._expected, self._tick)
 
@@ -106,34 +135,72 @@ class Overload:
                 pass  # closed, or a kernel without SO_MEMINFO: the other inputs decide
         return total
 
+    def _throttle(self) -> None:
+        """Enter, adjust or leave the throttled state from loop lag and the receive queue."""
+        lim = self.limits
+        lag_ms = self.loop_lag * 1000.0
+        queue = self.rx_queue
+        if not self.throttled:
+            if lag_ms >= lim.max_loop_lag_ms:
+                cause = "loop_lag"
+            elif queue >= lim.max_rx_queue_kb * 1024:
+                cause = "rx_queue"
+            else:
+                self._prev_queue = queue
+                return
+            if not lim.enabled:
+                return
+            self.entered[cause] += 1
+            self.throttled = True
+            self.admit_rate = max(MIN_RATE, 0.9 * self._rate)
+            self._tokens = 0.0
+            self._last = time.monotonic()
+        else:
+            low = lim.low_water
+            calm = lag_ms <= lim.max_loop_lag_ms * low and queue <= lim.max_rx_queue_kb * 1024 * low
+            if calm and self._refused_tick == 0:
+                self.throttled = False
+            elif calm:
+                self.admit_rate *= RATE_UP
+            elif queue > self._prev_queue or lag_ms >= lim.max_loop_lag_ms:
+                # Still falling behind: cut. A queue above its low mark that shrinks is
+                # being worked off at this rate: hold it.
+                self.admit_rate = max(MIN_RATE, self.admit_rate * RATE_DOWN)
+        self._prev_queue = queue
+        self.active = self.setup_full or self.throttled
+
     def setup_started(self) -> None:
         self.calls_in_setup += 1
-        if self.calls_in_setup >= self.limits.max_calls_in_setup and not self.active:
-            self.update()
+        self._admitted += 1
+        if self.calls_in_setup >= self.limits.max_calls_in_setup and not self.setup_full \
+                and self.limits.enabled:
+            self.setup_full = self.active = True
+            self.entered["calls_in_setup"] += 1
 
     def setup_ended(self) -> None:
         self.calls_in_setup -= 1
-        if self.active:
-            self.update()
+        if self.setup_full and \
+                self.calls_in_setup <= self.limits.max_calls_in_setup * self.limits.low_water:
+            self.setup_full = False
+            self.active = self.throttled
 
-    def update(self) -> None:
-        """Enter or leave overload (hysteresis: in above any high mark, out below all low)."""
-        lim = self.limits
-        if not lim.enabled:
-            self.active = False
-            return
-        lag_ms = self.loop_lag * 1000.0
-        if not self.active:
-            if (self.calls_in_setup >= lim.max_calls_in_setup or lag_ms >= lim.max_loop_lag_ms
-                    or self.rx_queue >= lim.max_rx_queue_kb * 1024):
-                self.active = True
-                self.entered += 1
-            return
-        low = lim.low_water
-        if (self.calls_in_setup <= lim.max_calls_in_setup * low
-                and lag_ms <= lim.max_loop_lag_ms * low
-                and self.rx_queue <= lim.max_rx_queue_kb * 1024 * low):
-            self.active = False
+    def admit(self) -> bool:
+        """While active: may this new INVITE go on? (False: refuse it.)"""
+        if self.setup_full:
+            self._refused_tick += 1
+            return False
+        if not self.throttled:
+            return True
+        now = time.monotonic()
+        rate = self.admit_rate
+        # A bucket of a tenth of a second's worth: admitted calls come evenly, not in bursts.
+        self._tokens = min(rate * 0.1 + 1.0, self._tokens + (now - self._last) * rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        self._refused_tick += 1
+        return False
 
     # -- refusing ----------------------------------------------------------------------
     def remembered(self, key: str):
