@@ -170,6 +170,9 @@ class EngineCollector:
                        labels=["cause"], rows=sorted(((k,), v) for k, v in ov.entered.items()))
         yield _gauge("baton_sip_overloaded", "1 while new INVITEs are refused for overload",
                      int(ov.active))
+        yield _gauge("baton_sip_overload_admit_rate", "New INVITEs per second admitted while "
+                                                      "throttled (0 when not throttled)",
+                     ov.admit_rate if ov.throttled else 0.0)
         yield _gauge("baton_sip_calls_in_setup", "Calls in setup: INVITEs received, not yet "
                                                  "answered or failed", ov.calls_in_setup)
         yield _gauge("baton_sip_loop_lag_seconds", "Event-loop lag: how late the last "

@@ -32,8 +32,8 @@ LAG_INTERVAL = 0.05    # seconds between two looks at the event loop's lag
 SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)   # Linux 4.6: struct sk_meminfo, u32[9]
 MIN_RATE = 5.0         # calls/s admitted at least while throttled
 RATE_DOWN = 0.85       # the admitted rate's cut per look while an input is above its low mark
-RATE_UP = 1.25         # its rise per look while every input is below: back to a rate 10x
-                       # higher within half a second once a stall has passed
+RATE_UP = 1.1          # its rise per look while every input is below: back to a rate 10x
+                       # higher within 1.2 s once a stall has passed
 LAG_WINDOW = 4         # the lag counted is the least of this many looks in a row: sustained
                        # lateness, not one slow callback (a first import, a GC pause)
 
