@@ -34,6 +34,7 @@ MIN_RATE = 5.0         # calls/s admitted at least while throttled
 RATE_DOWN = 0.85       # the admitted rate's cut per look while an input is above its low mark
 RATE_UP = 1.1          # its rise per look while every input is below: back to a rate 10x
                        # higher within 1.2 s once a stall has passed
+GROWTH = 0.1           # a queue grew when it gained this share of its mark in one look
 LAG_WINDOW = 4         # the lag counted is the least of this many looks in a row: sustained
                        # lateness, not one slow callback (a first import, a GC pause)
 
@@ -163,9 +164,10 @@ class Overload:
                 self.throttled = False
             elif calm:
                 self.admit_rate *= RATE_UP
-            elif queue > self._prev_queue or lag_ms >= lim.max_loop_lag_ms:
-                # Still falling behind: cut. A queue above its low mark that shrinks is
-                # being worked off at this rate: hold it.
+            elif queue - self._prev_queue > lim.max_rx_queue_kb * 1024 * GROWTH \
+                    or lag_ms >= lim.max_loop_lag_ms:
+                # Still falling behind: cut. A queue above its low mark that shrinks (or
+                # only wobbles) is being worked off at this rate: hold it.
                 self.admit_rate = max(MIN_RATE, self.admit_rate * RATE_DOWN)
         self._prev_queue = queue
         self.active = self.setup_full or self.throttled
