@@ -7,6 +7,8 @@ engine:
 
 1. idle: SIPp's uac holds --idle calls open without RTP; the engine's RSS before and with
    them all up gives the memory per idle held session (the floor: 10,000 in under 2 GB).
+   Each session holds two sockets (RTP, RTCP): the process's descriptor limit must allow
+   twice the sessions (the result names the hard limit).
 2. media: for each count in --media, SIPp holds that many calls, each playing G.711 A-law
    (sip-tester's g711a.pcap) that the engine echoes back; with every call up, the engine's
    /metrics give packets lost on the way in (RFC 3550 A.3) and late 20 ms media ticks. The
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -140,6 +143,8 @@ def idle_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         held = int(m.get("baton_sip_dialogs", 0))
         common.stop_process(proc, timeout=5.0)
         return {"calls": args.idle, "held": held, "all_up": up,
+                # each session holds an RTP and an RTCP socket: the descriptors bound it
+                "fd_hard_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
                 "rss_before_mb": round(rss0 / 2**20, 1), "rss_held_mb": round(rss1 / 2**20, 1),
                 "kb_per_session": round((rss1 - rss0) / max(held, 1) / 1024, 1),
                 "under_2gb": rss1 < 2 * 2**30}

@@ -20,12 +20,14 @@ import argparse
 import concurrent.futures
 import json
 import math
+import re
 import shutil
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +82,9 @@ class BatonServer:
         self.address = (common.LOOPBACK, common.free_port())
         self.log = self.workdir / "baton.log"
         # A gRPC port of its own too: the config's fixed one may be taken by another engine.
+        self.metrics_port = common.free_port()
         argv = [baton, "serve", "--config", config,
+                "--metrics-addr", f"{common.LOOPBACK}:{self.metrics_port}",
                 "--sip-addr", f"{self.address[0]}:{self.address[1]}",
                 "--grpc-addr", f"{common.LOOPBACK}:{common.free_port()}",
                 "--data-dir", self.workdir / "data"]
@@ -213,6 +217,7 @@ def run_step(server: Server, rate: float, args: argparse.Namespace, rep: int,
         return step
     # An external engine given without --target-pids has no CPU figure at all.
     meter = common.CpuMeter(server.pids).start() if server.pids() else None
+    before = overload_counters(server)
     limit = args.call_limit
     if limit is None and scenario is not None:
         # Calls with media stay up for their audio: allow for that many more in flight.
@@ -220,6 +225,10 @@ def run_step(server: Server, rate: float, args: argparse.Namespace, rep: int,
     result = run_sipps(server.address, rate, args, workdir / f"{server.name}-{rate:g}-{rep}",
                        limit, scenario, tick)
     cpu = meter.stop() if meter is not None else None
+    after = overload_counters(server)
+    if before is not None and after is not None:
+        # What the engine's overload control did during the step (docs/operators-guide.md).
+        step["overload"] = {k: after[k] - before.get(k, 0) for k in after}
     ok = (not result.error and result.failed == 0 and result.successful > 0
           and result.cps >= BEST_MIN_ACHIEVED * rate)
     step.update(
@@ -233,6 +242,26 @@ def run_step(server: Server, rate: float, args: argparse.Namespace, rep: int,
     if result.error:
         step["error"] = result.error
     return step
+
+
+def overload_counters(server: Server) -> dict[str, int] | None:
+    """The engine's overload counters from its /metrics (a self-started Baton only)."""
+    port = getattr(server, "metrics_port", None)
+    if port is None or not server.alive():
+        return None
+    try:
+        with urllib.request.urlopen(f"http://{common.LOOPBACK}:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        m = re.match(r'^baton_sip_overload_(refused|absorbed|entered)_total(?:\{cause="(\w+)"\})? '
+                     r'([0-9.e+]+)$', line)
+        if m:
+            key = m.group(1) if m.group(2) is None else f"entered_{m.group(2)}"
+            out[key] = int(float(m.group(3)))
+    return out
 
 
 def run_sipps(address: tuple[str, int], rate: float, args: argparse.Namespace, workdir: Path,
