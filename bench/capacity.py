@@ -110,6 +110,13 @@ class Engine:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def refusals(m: dict[str, float]) -> dict[str, Any]:
+    """What overload control refused (a held-calls figure is only good without refusals)."""
+    return {"refused_503": int(m.get("baton_sip_overload_refused_total", 0)),
+            "overload_entered": {k.split('"')[1]: int(v) for k, v in m.items()
+                                 if k.startswith("baton_sip_overload_entered_total{")}}
+
+
 def hold_calls(eng: Engine, calls: int, rate: float, hold_ms: int, workdir: Path,
                scenario: Path | None, up_timeout: float) -> tuple[subprocess.Popen[bytes], bool]:
     """Start SIPp placing CALLS calls that each stay up HOLD_MS; wait until all are up."""
@@ -142,7 +149,9 @@ def idle_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         rss1 = eng.rss()
         held = int(m.get("baton_sip_dialogs", 0))
         common.stop_process(proc, timeout=5.0)
+        stat = common._parse_sipp_stat(work / "idle" / "stat.csv")
         return {"calls": args.idle, "held": held, "all_up": up,
+                "failed": int(stat.get("FailedCall(C)", "0") or 0), **refusals(m),
                 # each session holds an RTP and an RTCP socket: the descriptors bound it
                 "fd_hard_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
                 "rss_before_mb": round(rss0 / 2**20, 1), "rss_held_mb": round(rss1 / 2**20, 1),
@@ -174,7 +183,7 @@ def media_run(args: argparse.Namespace, calls: int, work: Path) -> dict[str, Any
                     - m0.get("baton_rtp_expected_packets_total", 0))
         late = m1.get("baton_media_late_ticks_total", 0) - m0.get("baton_media_late_ticks_total", 0)
         held = int(m1.get("baton_sip_dialogs", 0))
-        return {"calls": calls, "all_up": up, "held": held, "failed": failed,
+        return {"calls": calls, "all_up": up, "held": held, "failed": failed, **refusals(m1),
                 "rtp_expected": int(expected), "rtp_lost": int(lost), "late_ticks": int(late),
                 "rss_mb": round(rss1 / 2**20, 1),
                 "kb_per_session": round((rss1 - rss0) / max(held, 1) / 1024, 1),
