@@ -81,13 +81,11 @@ class Engine:
                 "--sip-addr", f"{self.address[0]}:{self.address[1]}",
                 "--grpc-addr", f"{common.LOOPBACK}:{common.free_port()}",
                 "--data-dir", self.workdir / "data"]
-        self.proc = common.spawn(argv, log=self.log, cwd=common.REPO_DIR)
         try:
-            common.wait_sip_ready(*self.address, timeout=ready_timeout, proc=self.proc)
-        except BenchError as exc:
-            tail = common.log_tail(self.log)
-            self.stop()
-            raise BenchError(f"baton did not start: {exc}\n{tail}") from None
+            self.proc = common.start_ready(argv, self.log, self.address, ready_timeout)
+        except BenchError:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
 
     def metrics(self) -> dict[str, float]:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -242,9 +240,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(default: %(default)s)")
     p.add_argument("--media-seconds", type=float, default=6.0,
                    help="media per call, at most 7 (the pcap's length) (default: %(default)s)")
-    p.add_argument("--baton", type=Path, default=common.REPO_DIR / ".venv" / "bin" / "baton",
-                   help="baton executable (default: .venv/bin/baton)")
-    p.add_argument("--ready-timeout", type=float, default=30.0)
+    common.add_baton_args(p)
     common.add_result_file_args(p)
     args = p.parse_args(argv)
     try:

@@ -88,14 +88,12 @@ class BatonServer:
                 "--sip-addr", f"{self.address[0]}:{self.address[1]}",
                 "--grpc-addr", f"{common.LOOPBACK}:{common.free_port()}",
                 "--data-dir", self.workdir / "data"]
-        self.proc: subprocess.Popen[bytes] | None = common.spawn(argv, log=self.log,
-                                                                 cwd=common.REPO_DIR)
+        self.proc: subprocess.Popen[bytes] | None = None
         try:
-            common.wait_sip_ready(*self.address, timeout=ready_timeout, proc=self.proc)
-        except BenchError as exc:
-            tail = common.log_tail(self.log)
+            self.proc = common.start_ready(argv, self.log, self.address, ready_timeout)
+        except BenchError:
             self.stop()
-            raise BenchError(f"baton did not start: {exc}\n{tail}") from None
+            raise
 
     def pids(self) -> list[int]:
         return common.process_tree([self.proc.pid]) if self.proc else []
@@ -430,8 +428,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="number called, the SIPp -s value (default: %(default)s)")
     p.add_argument("--config", type=Path, default=common.REPO_DIR / "examples" / "demo.toml",
                    help="config for the self-started Baton (default: examples/demo.toml)")
-    p.add_argument("--baton", type=Path, default=common.REPO_DIR / ".venv" / "bin" / "baton",
-                   help="baton executable (default: .venv/bin/baton)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the Kamailio stateless responder (default: on)")
     p.add_argument("--rtp", action=argparse.BooleanOptionalAction, default=False,
@@ -443,8 +439,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="SIPp -l, calls in flight at most (default: 3 s worth, at least 1000)")
     p.add_argument("--call-timeout-ms", type=int, default=5000,
                    help="a call with no answer for this long fails (default: %(default)s)")
-    p.add_argument("--ready-timeout", type=float, default=30.0,
-                   help="seconds a started server gets to answer OPTIONS (default: %(default)s)")
+    common.add_baton_args(p)
     p.add_argument("--settle", type=float, default=1.0,
                    help="pause between runs, seconds (default: %(default)s)")
     common.add_result_file_args(p)
