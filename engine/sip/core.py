@@ -212,7 +212,7 @@ class SipCore:
         ov = self.overload
         # Overload: a new INVITE is refused before any transaction, dialog or session
         # exists; the raw octets tell which datagrams need the check at all.
-        check = (ov.active or ov._refusals) and _initial_invite(data)
+        check = (ov.active or ov.refusals) and _initial_invite(data)
         try:
             msg = _sip_kernel.parse_message(data, stream)
         except SipParseError as exc:

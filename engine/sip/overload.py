@@ -71,7 +71,7 @@ class Overload:
 
     __slots__ = ("limits", "active", "setup_full", "throttled", "admit_rate", "calls_in_setup",
                  "loop_lag", "rx_queue", "sockets", "refused", "absorbed", "entered",
-                 "_refusals", "_handle", "_expected", "_loop", "_lags", "_tokens", "_last",
+                 "refusals", "_handle", "_expected", "_loop", "_lags", "_tokens", "_last",
                  "_admitted", "_rate", "_refused_tick", "_prev_queue")
 
     def __init__(self, limits: OverloadLimits | None = None):
@@ -90,7 +90,7 @@ class Overload:
         self.entered = collections.Counter()
         self._lags = collections.deque([0.0] * LAG_WINDOW, LAG_WINDOW)
         # transaction key -> (expiry, the 503's octets); insertion order is expiry order
-        self._refusals: collections.OrderedDict = collections.OrderedDict()
+        self.refusals: collections.OrderedDict = collections.OrderedDict()
         self._handle = None
         self._expected = 0.0
         self._loop = None
@@ -123,6 +123,11 @@ class Overload:
         self._rate += 0.2 * (self._admitted / LAG_INTERVAL - self._rate)
         self._throttle()
         self._admitted = self._refused_tick = 0
+        refusals = self.refusals
+        mono = time.monotonic()
+        # Forget expired refusals, so the look at each INVITE stops once overload is over.
+        while refusals and next(iter(refusals.values()))[0] < mono:
+            refusals.popitem(last=False)
         self._expected = now + LAG_INTERVAL
         self._handle = loop.call_at(self._expected, self._tick)
 
@@ -208,18 +213,18 @@ class Overload:
     # -- refusing ----------------------------------------------------------------------
     def remembered(self, key: str):
         """The 503 already sent for this transaction key, or None."""
-        entry = self._refusals.get(key)
+        entry = self.refusals.get(key)
         if entry is None:
             return None
         if entry[0] < time.monotonic():
-            del self._refusals[key]
+            del self.refusals[key]
             return None
         self.absorbed += 1
         return entry[1]
 
     def remember(self, key: str, data: bytes) -> None:
         self.refused += 1
-        refusals = self._refusals
+        refusals = self.refusals
         now = time.monotonic()
         # Forget what has expired (oldest first) and keep the table bounded.
         while refusals:
@@ -228,6 +233,3 @@ class Overload:
                 break
             refusals.popitem(last=False)
         refusals[key] = (now + self.limits.remember, data)
-
-    def refusals_held(self) -> int:
-        return len(self._refusals)
