@@ -157,14 +157,14 @@ class Engine:
             sip_port=self.address[1], grpc_port=common.free_port(), data_dir=self.data,
             rtp_min=rtp_min, rtp_max=rtp_min + 5998, pipeline=str(pipeline).lower()))
         self.log = self.workdir / "baton.log"
-        self.proc = common.spawn([baton, "serve", "--config", self.config,
-                                  "--log-level", "warning"], log=self.log, cwd=common.REPO_DIR)
+        self.proc = None
         try:
-            common.wait_sip_ready(*self.address, timeout=ready_timeout, proc=self.proc)
-        except BenchError as exc:
-            tail = common.log_tail(self.log)
+            self.proc = common.start_ready([baton, "serve", "--config", self.config,
+                                            "--log-level", "warning"], self.log, self.address,
+                                           ready_timeout)
+        except BenchError:
             self.stop()
-            raise BenchError(f"baton did not start: {exc}\n{tail}") from None
+            raise
         self.ledger = Ledger(self.data / "accounting" / "ledger.db")
 
     def accountant_pids(self) -> list[int]:
@@ -309,10 +309,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="200 calls/s for 3 s after 2 s at 10 calls/s, calls of 200 ms")
     p.add_argument("--call-timeout-ms", type=int, default=5000,
                    help="a call with no answer for this long fails (default: %(default)s)")
-    p.add_argument("--ready-timeout", type=float, default=30.0,
-                   help="seconds the engine gets to answer OPTIONS (default: %(default)s)")
-    p.add_argument("--baton", type=Path, default=common.REPO_DIR / ".venv" / "bin" / "baton",
-                   help="baton executable (default: .venv/bin/baton)")
+    common.add_baton_args(p)
     common.add_result_file_args(p)
     args = p.parse_args(argv)
     if args.quick:

@@ -297,6 +297,28 @@ def last_json_line(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def start_ready(argv: Sequence[str | os.PathLike[str]], log: Path, address: tuple[str, int],
+                ready_timeout: float, name: str = "baton") -> subprocess.Popen[bytes]:
+    """Spawn a SIP server and wait until it answers OPTIONS at ADDRESS; if it does not,
+    stop it and raise BenchError with the end of its log."""
+    proc = spawn(argv, log=log, cwd=REPO_DIR)
+    try:
+        wait_sip_ready(*address, timeout=ready_timeout, proc=proc)
+    except BenchError as exc:
+        tail = log_tail(log)
+        stop_process(proc)
+        raise BenchError(f"{name} did not start: {exc}\n{tail}") from None
+    return proc
+
+
+def add_baton_args(p: Any) -> None:
+    """--baton and --ready-timeout, for a benchmark that starts `baton serve`."""
+    p.add_argument("--baton", type=Path, default=REPO_DIR / ".venv" / "bin" / "baton",
+                   help="baton executable (default: .venv/bin/baton)")
+    p.add_argument("--ready-timeout", type=float, default=30.0,
+                   help="seconds the engine gets to answer OPTIONS (default: %(default)s)")
+
+
 def log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -17,13 +17,17 @@ Prints one JSON line on stdout and writes it, with a plot, to bench/results/.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import math
+import re
 import shutil
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,18 +82,18 @@ class BatonServer:
         self.address = (common.LOOPBACK, common.free_port())
         self.log = self.workdir / "baton.log"
         # A gRPC port of its own too: the config's fixed one may be taken by another engine.
+        self.metrics_port = common.free_port()
         argv = [baton, "serve", "--config", config,
+                "--metrics-addr", f"{common.LOOPBACK}:{self.metrics_port}",
                 "--sip-addr", f"{self.address[0]}:{self.address[1]}",
                 "--grpc-addr", f"{common.LOOPBACK}:{common.free_port()}",
                 "--data-dir", self.workdir / "data"]
-        self.proc: subprocess.Popen[bytes] | None = common.spawn(argv, log=self.log,
-                                                                 cwd=common.REPO_DIR)
+        self.proc: subprocess.Popen[bytes] | None = None
         try:
-            common.wait_sip_ready(*self.address, timeout=ready_timeout, proc=self.proc)
-        except BenchError as exc:
-            tail = common.log_tail(self.log)
+            self.proc = common.start_ready(argv, self.log, self.address, ready_timeout)
+        except BenchError:
             self.stop()
-            raise BenchError(f"baton did not start: {exc}\n{tail}") from None
+            raise
 
     def pids(self) -> list[int]:
         return common.process_tree([self.proc.pid]) if self.proc else []
@@ -211,17 +215,18 @@ def run_step(server: Server, rate: float, args: argparse.Namespace, rep: int,
         return step
     # An external engine given without --target-pids has no CPU figure at all.
     meter = common.CpuMeter(server.pids).start() if server.pids() else None
+    before = overload_counters(server)
     limit = args.call_limit
     if limit is None and scenario is not None:
         # Calls with media stay up for their audio: allow for that many more in flight.
         limit = int(max(1000, rate * (3 + args.rtp_seconds)))
-    result = common.run_sipp(server.address, rate, args.seconds,
-                             workdir / f"{server.name}-{rate:g}-{rep}",
-                             service=args.service, call_limit=limit,
-                             recv_timeout_ms=args.call_timeout_ms, scenario=scenario,
-                             hold_s=args.rtp_seconds if scenario is not None else 0.0,
-                             tick=tick)
+    result = run_sipps(server.address, rate, args, workdir / f"{server.name}-{rate:g}-{rep}",
+                       limit, scenario, tick)
     cpu = meter.stop() if meter is not None else None
+    after = overload_counters(server)
+    if before is not None and after is not None:
+        # What the engine's overload control did during the step (docs/operators-guide.md).
+        step["overload"] = {k: after[k] - before.get(k, 0) for k in after}
     ok = (not result.error and result.failed == 0 and result.successful > 0
           and result.cps >= BEST_MIN_ACHIEVED * rate)
     step.update(
@@ -235,6 +240,82 @@ def run_step(server: Server, rate: float, args: argparse.Namespace, rep: int,
     if result.error:
         step["error"] = result.error
     return step
+
+
+def overload_counters(server: Server) -> dict[str, int] | None:
+    """The engine's overload counters from its /metrics (a self-started Baton only)."""
+    port = getattr(server, "metrics_port", None)
+    if port is None or not server.alive():
+        return None
+    try:
+        with urllib.request.urlopen(f"http://{common.LOOPBACK}:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        m = re.match(r'^baton_sip_overload_(refused|absorbed|entered)_total(?:\{cause="(\w+)"\})? '
+                     r'([0-9.e+]+)$', line)
+        if m:
+            key = m.group(1) if m.group(2) is None else f"entered_{m.group(2)}"
+            out[key] = int(float(m.group(3)))
+    return out
+
+
+def run_sipps(address: tuple[str, int], rate: float, args: argparse.Namespace, workdir: Path,
+              limit: int | None, scenario: Path | None,
+              tick: Callable[[float], None]) -> common.SippResult:
+    """Offer RATE with as many SIPp processes as --sipp-max asks (one SIPp process tops out
+    near 6,000 calls/s on 2 cores), all at once, and add up what they saw."""
+    n = max(1, math.ceil(rate / args.sipp_max))
+    share = rate / n
+
+    def one(i: int) -> common.SippResult:
+        return common.run_sipp(address, share, args.seconds, workdir / f"sipp{i}",
+                               service=args.service,
+                               call_limit=None if limit is None else max(1, limit // n),
+                               recv_timeout_ms=args.call_timeout_ms, scenario=scenario,
+                               hold_s=args.rtp_seconds if scenario is not None else 0.0,
+                               tick=tick if i == 0 else None)
+
+    if n == 1:
+        return one(0)
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        parts = list(pool.map(one, range(n)))
+    total = common.SippResult(
+        offered_rate=rate, calls=sum(r.calls for r in parts),
+        successful=sum(r.successful for r in parts), failed=sum(r.failed for r in parts),
+        wall_s=max(r.wall_s for r in parts),
+        returncode=None if any(r.returncode is None for r in parts)
+        else max(r.returncode for r in parts),
+        retransmissions=sum(r.retransmissions for r in parts),
+        timed_out=any(r.timed_out for r in parts),
+        error="; ".join(r.error for r in parts if r.error), hold_s=parts[0].hold_s)
+    return total
+
+
+def ramp_summary(steps: Sequence[dict[str, Any]], knee: float | None,
+                 over: Sequence[tuple[str, float]]) -> dict[str, Any]:
+    """The knee (best offered rate Baton carried with no failed call) and, for each server,
+    its goodput and CPU per call at the knee and at the rates past it."""
+    out: dict[str, Any] = {"knee_offered": knee}
+    for server in dict.fromkeys(s["server"] for s in steps):
+        rows = {s["offered_rate"]: s for s in steps if s["server"] == server}
+        at_knee = rows.get(knee) if knee is not None else None
+        base = at_knee.get("cps") if at_knee else None
+        entry: dict[str, Any] = {"knee_cps": base,
+                                 "knee_cpu_us_per_call": at_knee.get("cpu_us_per_call")
+                                 if at_knee else None}
+        for name, rate in over:
+            st = rows.get(rate)
+            if st is None:
+                continue
+            entry[name] = {"offered": rate, "cps": st.get("cps"), "failed": st.get("failed"),
+                           "cpu_us_per_call": st.get("cpu_us_per_call"),
+                           "goodput_pct_of_knee": round(100 * st["cps"] / base, 1)
+                           if base and st.get("cps") is not None else None}
+        out[server] = entry
+    return out
 
 
 def best_of(steps: Sequence[dict[str, Any]], server: str) -> dict[str, Any] | None:
@@ -318,6 +399,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rates", default="500,1000,1500,2000,3000",
                    help="offered calls/s, comma-separated, run in rising order "
                         "(default: %(default)s)")
+    p.add_argument("--ramp", action="store_true",
+                   help="ignore --rates: from --start, add --step calls/s until Baton fails "
+                        "a call or falls short (the knee is the last rate before), then offer "
+                        "1.5x, 2x and 3x the knee; Kamailio gets the same rates")
+    p.add_argument("--start", type=float, default=1000.0,
+                   help="--ramp: first offered rate (default: %(default)s)")
+    p.add_argument("--step", type=float, default=500.0,
+                   help="--ramp: added to the offered rate per step (default: %(default)s)")
+    p.add_argument("--max-rate", type=float, default=15000.0,
+                   help="--ramp: the ramp stops here even without a failure; that rate "
+                        "counts as the knee (default: %(default)s)")
+    p.add_argument("--sipp-max", type=float, default=2500.0,
+                   help="calls/s one SIPp process offers at most; higher rates run several "
+                        "at once (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=5.0,
                    help="length of each rate step (default: %(default)s)")
     p.add_argument("--repeat", type=int, default=1,
@@ -333,8 +428,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="number called, the SIPp -s value (default: %(default)s)")
     p.add_argument("--config", type=Path, default=common.REPO_DIR / "examples" / "demo.toml",
                    help="config for the self-started Baton (default: examples/demo.toml)")
-    p.add_argument("--baton", type=Path, default=common.REPO_DIR / ".venv" / "bin" / "baton",
-                   help="baton executable (default: .venv/bin/baton)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the Kamailio stateless responder (default: on)")
     p.add_argument("--rtp", action=argparse.BooleanOptionalAction, default=False,
@@ -346,8 +439,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="SIPp -l, calls in flight at most (default: 3 s worth, at least 1000)")
     p.add_argument("--call-timeout-ms", type=int, default=5000,
                    help="a call with no answer for this long fails (default: %(default)s)")
-    p.add_argument("--ready-timeout", type=float, default=30.0,
-                   help="seconds a started server gets to answer OPTIONS (default: %(default)s)")
+    common.add_baton_args(p)
     p.add_argument("--settle", type=float, default=1.0,
                    help="pause between runs, seconds (default: %(default)s)")
     common.add_result_file_args(p)
@@ -361,6 +453,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--rates needs at least one positive rate")
     if args.seconds <= 0 or args.repeat < 1:
         p.error("--seconds must be positive and --repeat at least 1")
+    args.knee, args.over = None, []
+    if args.ramp and (args.start <= 0 or args.step <= 0 or args.max_rate < args.start):
+        p.error("--ramp needs a positive --start and --step, and --max-rate >= --start")
+    if args.sipp_max <= 0:
+        p.error("--sipp-max must be positive")
     if args.target_pids and not args.target:
         p.error("--target-pids goes with --target")
     try:
@@ -405,10 +502,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not servers:
             raise BenchError("no server to measure")
 
-        runs_total = len(args.rate_list) * args.repeat * len(servers)
+        if args.ramp:
+            n_ramp = int((args.max_rate - args.start) // args.step) + 3
+            runs_total = n_ramp * args.repeat * len(servers)
+        else:
+            runs_total = len(args.rate_list) * args.repeat * len(servers)
         progress = Progress(total=runs_total * args.seconds)
         done = 0
-        for rate in args.rate_list:
+        for rate in ramp_rates(args, steps) if args.ramp else args.rate_list:
             for rep in range(args.repeat):
                 for server in servers:
                     label = f"{server.name} {rate:g} cps"
@@ -438,6 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
+    if args.ramp:
+        result["ramp"] = ramp_summary(steps, args.knee, args.over)
     baton_best = best_of(steps, "baton")
     kam_best = best_of(steps, "kamailio")
     baton_cps, kam_cps = median_of(baton_best, "cps"), median_of(kam_best, "cps")
@@ -453,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu_ratio": ratio(baton_cpu, kam_cpu),
         "best": {"baton": baton_best, "kamailio": kam_best},
         "target": args.target or "self-started baton",
-        "rates": args.rate_list,
+        "rates": sorted({s["offered_rate"] for s in steps}) if args.ramp else args.rate_list,
         "seconds": args.seconds,
         "repeat": args.repeat,
         "rtp": args.rtp,
@@ -478,6 +581,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         common.write_json(json_path, record)
     print(json.dumps(result), flush=True)
     return 0 if not errors else 1
+
+
+def ramp_rates(args: argparse.Namespace, steps: list[dict[str, Any]]):
+    """The offered rates of --ramp, decided as the steps come in (a generator reading STEPS):
+    up by --step while Baton carries every call, then 1.5x and 2x the knee."""
+    args.knee, args.over = None, []
+    rate = args.start
+    while rate <= args.max_rate:
+        yield rate
+        mine = [s for s in steps if s["server"] == "baton" and s["offered_rate"] == rate]
+        if not mine or not all(s.get("ok") for s in mine):
+            break
+        args.knee = rate
+        rate += args.step
+    if args.knee is None:
+        return
+    for name, factor in (("at_1_5x", 1.5), ("at_2x", 2.0), ("at_3x", 3.0)):
+        over = round(args.knee * factor)
+        args.over.append((name, over))
+        yield over
 
 
 def _describe(step: dict[str, Any]) -> str:

@@ -45,7 +45,7 @@ def _select(name: str, twin, kernel_names: tuple[str, ...], shared: tuple[str, .
 # loads neither the media kernels nor numpy.
 def _sip():
     from ext import sip_py
-    return _select("sip", sip_py, ("parse_message", "frame_length"))
+    return _select("sip", sip_py, ("parse_message", "frame_length", "initial_invite"))
 
 
 def _ring():

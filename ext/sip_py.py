@@ -540,3 +540,21 @@ def parse_message(data: bytes, stream: bool = False) -> SipMessage:
                 break
     msg.error = err
     return msg
+
+
+_TO_TAG = re.compile(rb";[ \t]*tag[ \t]*=", re.I)
+
+
+def initial_invite(data: bytes) -> bool:
+    """The overload check's look at a raw datagram, before any parsing: False when it is
+    surely not an out-of-dialog INVITE (another method, or a To header with a tag), True
+    when it may be one (the parsed message decides)."""
+    if not data.startswith(b"INVITE "):
+        return False
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[:end]
+    for line in head.split(b"\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() in (b"to", b"t"):
+            return _TO_TAG.search(value) is None
+    return True

@@ -165,3 +165,36 @@ def test_scenarios_map_to_driver_json():
             for path in filter(None, (fig.path, fig.baseline)):
                 leaf = path.split(".")[-1]
                 assert leaf in source or leaf.split("_", 1)[1] in source, (scenario.name, path)
+
+
+SIPP_AND_KAMAILIO = pytest.mark.skipif(
+    shutil.which("sipp") is None or shutil.which("kamailio", path="/usr/sbin:/usr/bin") is None,
+    reason="sipp or kamailio is not installed")
+
+
+@pytest.mark.interop
+@SIPP_AND_KAMAILIO
+def test_cps_ramp_quick_ramps_then_offers_past_the_knee(tmp_path):
+    r = bench("cps-ramp", "--quick", "--results-dir", str(tmp_path), timeout=240)
+    record = result_of(r, tmp_path)
+    result = record["runs"][0]["result"]
+    ramp = result["ramp"]
+    # 100 and 200 calls/s, the ramp's end without a failure here, then 1.5x, 2x and 3x.
+    assert ramp["knee_offered"] == 200
+    assert sorted({s["offered_rate"] for s in result["steps"]}) == [100, 200, 300, 400, 600]
+    for server in ("baton", "kamailio"):
+        assert {"at_1_5x", "at_2x", "at_3x"} <= set(ramp[server])
+        assert ramp[server]["at_2x"]["offered"] == 400
+        assert all(s.get("cpu_us_per_call") for s in result["steps"] if s["server"] == server)
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp is not installed")
+def test_capacity_quick_holds_calls_and_measures_memory(tmp_path):
+    r = bench("capacity", "--quick", "--results-dir", str(tmp_path), timeout=180)
+    record = result_of(r, tmp_path)
+    result = record["runs"][0]["result"]
+    assert result["idle"]["calls"] == 200 and result["idle"]["held"] == 200
+    assert result["idle"]["under_2gb"] and result["idle_kb_per_session"] > 0
+    media = result["media"][0]
+    assert media["calls"] == 20 and media["held"] == 20 and media["rtp_expected"] > 0

@@ -57,16 +57,38 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario(
         "cps-ramp", "sip_cps.py",
-        "SIP calls per second answered and released (SIPp uac: INVITE, 200, ACK, BYE, 200) at "
-        "rising rates against number 1000, failed calls, server CPU µs per call",
+        "SIP calls per second answered and released (SIPp uac: INVITE, 200, ACK, BYE, 200) "
+        "against number 1000, ramped up until Baton fails a call (the knee), then at 1.5x and "
+        "2x the knee (several SIPp processes where one cannot offer enough): goodput, failed "
+        "calls, server CPU µs per call at every step",
         "Kamailio as a stateless responder (bench/baseline/kamailio-responder.cfg) under the "
-        "same SIPp load, started in the same run",
-        (Figure("cps", "best_zero_fail_cps", "calls/s with no failed call", "calls/s",
-                "kamailio_cps", "Kamailio stateless"),
+        "same SIPp load at the same rates, started in the same run",
+        (Figure("cps", "best_zero_fail_cps", "calls/s with no failed call (the knee)",
+                "calls/s", "kamailio_cps", "Kamailio stateless"),
+         Figure("goodput_2x", "ramp.baton.at_2x.cps", "goodput at 2x the knee", "calls/s",
+                "ramp.kamailio.at_2x.cps", "Kamailio stateless"),
          Figure("cpu_per_call", "baton_cpu_us_per_call", "server CPU per call", "µs",
                 "kamailio_cpu_us_per_call", "Kamailio stateless", higher_is_better=False)),
-        quick=("--rates", "100,200", "--seconds", "2", "--settle", "0.3"),
-        engine=True, minutes="1"),
+        args=("--ramp",),
+        quick=("--ramp", "--start", "100", "--step", "100", "--max-rate", "200",
+               "--seconds", "2", "--settle", "0.3"),
+        engine=True, minutes="3-6"),
+    Scenario(
+        "capacity", "capacity.py",
+        "how many calls one box holds: engine memory per idle held session (10,000 held "
+        "without media by default; the floor is under 2 GB) and per session with media, and "
+        "the most concurrent calls with G.711 media (SIPp playing a pcap, baton.echo sending "
+        "it back) with no failed call, no packet lost and no late media tick",
+        "none: absolute figures of this machine (the CPS figures' Kamailio is the reference "
+        "for signalling)",
+        (Figure("idle_kb", "idle_kb_per_session", "memory per idle held session", "KiB",
+                higher_is_better=False),
+         Figure("media_calls", "max_media_calls_clean",
+                "calls with media, no loss, no late tick", "calls"),
+         Figure("media_kb", "media_kb_per_session", "memory per session with media", "KiB",
+                higher_is_better=False)),
+        quick=("--idle", "200", "--idle-rate", "200", "--media", "20", "--media-seconds", "2"),
+        minutes="2"),
     Scenario(
         "density", "rtp_density.py",
         "concurrent bridged G.711 calls (both legs, 20 ms ptime) Baton's RTP relay carries "

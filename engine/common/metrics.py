@@ -158,6 +158,28 @@ class EngineCollector:
                        stats.get("tcp_refused", 0))
         yield _counter("baton_sip_tcp_idle_closed", "SIP/TCP connections closed as idle",
                        stats.get("tcp_idle_closed", 0))
+        ov = sip.overload
+        yield _counter("baton_sip_overload_refused", "New INVITEs refused with 503 for "
+                                                     "overload (retransmissions not counted)",
+                       ov.refused)
+        yield _counter("baton_sip_overload_absorbed", "Retransmissions of refused INVITEs "
+                                                      "answered again without new work",
+                       ov.absorbed)
+        yield _counter("baton_sip_overload_entered", "Times the engine entered overload, by "
+                                                     "the input that crossed its mark",
+                       labels=["cause"], rows=sorted(((k,), v) for k, v in ov.entered.items()))
+        yield _gauge("baton_sip_overloaded", "1 while new INVITEs are refused for overload",
+                     int(ov.active))
+        yield _gauge("baton_sip_overload_admit_rate", "New INVITEs per second admitted while "
+                                                      "throttled (0 when not throttled)",
+                     ov.admit_rate if ov.throttled else 0.0)
+        yield _gauge("baton_sip_calls_in_setup", "Calls in setup: INVITEs received, not yet "
+                                                 "answered or failed", ov.calls_in_setup)
+        yield _gauge("baton_sip_loop_lag_seconds", "Event-loop lag: how late the last "
+                                                   "periodic check ran", ov.loop_lag)
+        yield _gauge("baton_sip_rx_queue_bytes", "Octets waiting in the SIP/UDP sockets' "
+                                                 "kernel receive queues, the last look",
+                     ov.rx_queue)
         tl = sip.transactions
         yield _gauge("baton_sip_transactions", "SIP transactions held, by side",
                      labels=["side"], rows=[(("server",), len(tl.server)),

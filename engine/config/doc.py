@@ -42,7 +42,7 @@ CALL_CENTER_AGENT_KEYS = {
 }
 
 # The order sections appear in; anything else the schema gains follows.
-ORDER = ("engine", "media", "sip", "registrar", "users.NAME", "accounts.ID",
+ORDER = ("engine", "media", "sip", "overload", "registrar", "users.NAME", "accounts.ID",
          "accounts.ID.numbers.NUMBER", "accounts.ID.billing", "accounts.ID.outbound",
          "apps.NAME", "apps.NAME.nodes.NODE", "modules.CODE", "trunks.NAME", "policy",
          "policy.accounts.ID", "vendors.ID", "vendors.ID.outbound", "plans.NAME", "billing",
@@ -64,7 +64,9 @@ def sections() -> dict[str, tuple[str, dict[str, tuple[str, str]]]]:
     out: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {}
     summaries = {"engine": "the engine process: addresses, data, logs, the control API",
                  "media": "RTP: the address, the port range, inactivity timeouts",
-                 "sip": "SIP transport limits (docs/security.md)",
+                 "sip": "SIP transport limits (docs/security.md) and UDP buffers",
+                 "overload": "overload control: when new INVITEs get 503 + Retry-After "
+                             "(docs/operators-guide.md)",
                  "registrar": "SIP REGISTER handling and its limits (docs/security.md)",
                  "webhooks": "signed HTTP notifications of billing events (docs/billing.md)"}
     for name, keys in SCHEMA.items():

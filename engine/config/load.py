@@ -107,6 +107,8 @@ class Config:
     realm: str = "baton"
     registrar_limits: dict = field(default_factory=dict)  # [registrar] bounds (RegistrarLimits)
     tcp_limits: dict = field(default_factory=dict)        # [sip] TCP bounds (transport.TcpLimits)
+    udp_rcvbuf: int = 4 << 20                             # [sip] udp_rcvbuf
+    overload: dict = field(default_factory=dict)          # [overload] (sip.overload.OverloadLimits)
     users: dict = field(default_factory=dict)      # username -> password
     accounts: dict = field(default_factory=dict)   # id -> Account
     numbers: dict = field(default_factory=dict)    # number -> NumberRoute (all accounts)
@@ -164,6 +166,24 @@ SCHEMA = {
                                            "complete message or keep-alive (default 120)"),
         "tcp_max_connections": (int, "SIP/TCP connections in all (default 4096)"),
         "tcp_max_per_source": (int, "SIP/TCP connections per source IP address (default 64)"),
+        "udp_rcvbuf": (int, "octets of receive buffer asked for each SIP/UDP socket "
+                            "(default 4194304; capped by net.core.rmem_max)"),
+    },
+    "overload": {
+        "enabled": (bool, "refuse new INVITEs with 503 + Retry-After when overloaded "
+                          "(default true)"),
+        "max_calls_in_setup": (int, "enter overload at this many calls in setup: INVITEs "
+                                    "received, not yet answered or failed (default 1000)"),
+        "max_loop_lag_ms": ((int, float), "enter overload at this event-loop lag, in ms "
+                                          "(default 200)"),
+        "max_rx_queue_kb": (int, "enter overload at this many KiB waiting in the SIP/UDP "
+                                 "sockets' receive queues (default 1024)"),
+        "low_water": ((int, float), "leave overload once every input is below this share of "
+                                    "its mark (default 0.5)"),
+        "retry_after": (int, "seconds in the 503's Retry-After (default 2)"),
+        "remember": ((int, float), "seconds a refused INVITE is remembered, so its "
+                                   "retransmissions get the same 503 without new work "
+                                   "(default 32)"),
     },
     "messaging": {
         "idle_timeout": ((int, float), "seconds without a message after which a conversation "
@@ -531,6 +551,19 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             if sip[key] <= 0:
                 raise ConfigError(path, f"sip.{key}", "must be positive")
             cfg.tcp_limits[key.removeprefix("tcp_")] = sip[key]
+    if "udp_rcvbuf" in sip:
+        if sip["udp_rcvbuf"] <= 0:
+            raise ConfigError(path, "sip.udp_rcvbuf", "must be positive")
+        cfg.udp_rcvbuf = sip["udp_rcvbuf"]
+    ov = raw.get("overload", {})
+    for key, value in ov.items():
+        if key == "enabled":
+            cfg.overload[key] = value
+            continue
+        if value <= 0 or (key == "low_water" and value >= 1):
+            raise ConfigError(path, f"overload.{key}",
+                              "must be between 0 and 1" if key == "low_water" else "must be positive")
+        cfg.overload[key] = value
 
     users = raw.get("users", {})
     if not isinstance(users, dict):

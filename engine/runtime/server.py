@@ -19,6 +19,7 @@ from engine.sessions.dispatcher import Registry
 from engine.sessions.conversations import Messaging
 from engine.sessions.session import Leg, Session
 from engine.sip.core import SipCore
+from engine.sip.overload import OverloadLimits
 from ext.sip_message import valid_text
 from engine.sip.registrar import Registrar, RegistrarLimits
 from engine.sip.transport import TcpLimits
@@ -43,7 +44,8 @@ class Engine:
                                   limits=RegistrarLimits(**cfg.registrar_limits))
         self.sip = SipCore(self, advertise=cfg.advertise,
                            user_agent=cfg.user_agent or f"Baton/{__version__}",
-                           registrar=registrar, tcp_limits=TcpLimits(**cfg.tcp_limits))
+                           registrar=registrar, tcp_limits=TcpLimits(**cfg.tcp_limits),
+                           overload=OverloadLimits(**cfg.overload), udp_rcvbuf=cfg.udp_rcvbuf)
         self.sessions: dict[str, Session] = {}
         self.messaging = Messaging(self)   # text conversations (SIP MESSAGE)
         self.sip_port = 0

@@ -16,7 +16,9 @@ from engine.sip.dialog import CONFIRMED, EARLY, Dialog
 from engine.sip.errors import SipError
 from ext.sip_message import SipParseError
 from ext.kernels import sip as _sip_kernel
+_initial_invite = _sip_kernel.initial_invite
 from ext.sip_py import parse_name_addr
+from engine.sip.overload import Overload, OverloadLimits
 from engine.sip.timers import TimerQueues
 from engine.sip.transaction import (ACCEPTED, PROCEEDING, Flow, TransactionLayer, client_key,
                           server_key)
@@ -36,6 +38,7 @@ SUPPORTED_OPTIONS: frozenset = frozenset()  # every Require tag gets 420 (RFC 32
 SDP_TYPES = ("application/sdp",)
 HOUSEKEEPING = 10.0     # seconds between sweeps of idle connections and expired bindings
 ACCEPT_OK = ("application/sdp", "application/*", "*/*")
+UDP_RCVBUF = 4 << 20    # octets asked for each SIP/UDP socket's receive buffer (SO_RCVBUF)
 
 
 def content_type_of(msg) -> str:
@@ -49,8 +52,11 @@ class SipCore:
     """One SIP user agent core over any number of UDP/TCP listeners."""
 
     def __init__(self, app, *, advertise: str | None = None, user_agent: str = "Baton",
-                 registrar=None, tcp_limits: TcpLimits | None = None):
+                 registrar=None, tcp_limits: TcpLimits | None = None,
+                 overload: OverloadLimits | None = None, udp_rcvbuf: int = UDP_RCVBUF):
         self.app = app
+        self.overload = Overload(overload)
+        self.udp_rcvbuf = udp_rcvbuf
         self.tcp_limits = tcp_limits or TcpLimits()
         self._housekeeping = None
         self.advertise = advertise
@@ -75,6 +81,7 @@ class SipCore:
         loop = asyncio.get_running_loop()
         if not self.timers._handle:
             self.timers.start(loop)
+        self.overload.start(loop)
         if self._housekeeping is None:
             self._housekeeping = loop.call_later(self._housekeeping_interval(), self._tidy)
         tries = 20 if port == 0 else 1
@@ -137,6 +144,7 @@ class SipCore:
 
     def close(self) -> None:
         self.timers.stop()
+        self.overload.stop()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             self._housekeeping = None
@@ -207,12 +215,18 @@ class SipCore:
 
     # -- input ----------------------------------------------------------------
     def on_message(self, data: bytes, flow: Flow, stream: bool) -> None:
+        ov = self.overload
+        # Overload: a new INVITE is refused before any transaction, dialog or session
+        # exists; the raw octets tell which datagrams need the check at all.
+        check = (ov.active or ov.refusals) and _initial_invite(data)
         try:
             msg = _sip_kernel.parse_message(data, stream)
         except SipParseError as exc:
             # RFC 4475 3.1.2: nothing goes back to an unparseable message's sender.
             self.stats["parse_errors"] += 1
             log.debug("dropped unparseable message from %s: %s", flow.addr, exc)
+            return
+        if check and self._refuse_for_overload(msg, flow):
             return
         try:
             if msg.is_request:
@@ -227,6 +241,34 @@ class SipCore:
                     self.stateless(msg, flow, 500)
                 except Exception:
                     log.exception("could not answer 500")
+
+    def _refuse_for_overload(self, msg, flow: Flow) -> bool:
+        """Answer a new INVITE 503 + Retry-After statelessly (RFC 3261 21.5.4) if the engine
+        is overloaded or refused it already (a retransmission: the same 503 again, no new
+        work). False: the request goes its ordinary way."""
+        if msg.error is not None or msg.to_tag is not None or msg.method != "INVITE" \
+                or msg.version != "SIP/2.0":
+            return False
+        key = server_key(msg)
+        if key in self.transactions.server:
+            return False  # a retransmission of a call accepted before the overload
+        ov = self.overload
+        rflow = self.response_flow(msg, flow)
+        data = ov.remembered(key)
+        if data is None:
+            if not ov.active or ov.admit():
+                return False
+            to = msg.get("to")
+            tag = None if to is not None and parse_name_addr(to) is None else build.new_tag()
+            data = build.response(msg, 503, flow.addr, tag,
+                                  headers=[("retry-after", str(ov.limits.retry_after))],
+                                  server=self.user_agent)
+            ov.remember(key, data)
+            self.stats["sent_503"] += 1
+        self.stats["requests"] += 1
+        self.rx_methods["INVITE"] += 1
+        rflow.send_or_drop(data)
+        return True
 
     def stateless(self, msg, flow: Flow, status: int, reason=None, headers=()) -> None:
         rflow = self.response_flow(msg, flow)
@@ -364,6 +406,7 @@ class SipCore:
         st.tu = d
         st.on_timeout = _on_no_ack
         self.stats["invites"] += 1
+        self.overload.setup_started()
         self.app.on_invite(d)
         # RFC 3261 17.2.1: 100 Trying unless the TU answered straight away.
         if st.state == PROCEEDING and st.last is None:

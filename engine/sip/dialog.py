@@ -128,6 +128,8 @@ class Dialog:
         data = build.response(self.invite, 200, self.source, self.local_tag,
                               headers=headers, body=sdp, server=self.core.user_agent)
         self.state = CONFIRMED
+        if self.is_uas:
+            self.core.overload.setup_ended()
         self.ok_data = data
         self.core.stats["sent_200"] += 1
         self.invite_st.respond(200, data)
@@ -221,6 +223,8 @@ class Dialog:
     def _terminate(self, reason: str) -> None:
         if self.state == TERMINATED:
             return
+        if self.state == EARLY and self.is_uas:
+            self.core.overload.setup_ended()
         self.state = TERMINATED
         self.ok_gen += 1
         self.ok_data = None

@@ -35,6 +35,30 @@ class TcpLimits:
 
 
 
+def size_buffers(sock: socket.socket, rcvbuf: int) -> int:
+    """Ask for `rcvbuf` octets of receive buffer (and as much send buffer) so a burst of
+    datagrams waits in the kernel instead of being dropped. Linux caps SO_RCVBUF at
+    net.core.rmem_max; with CAP_NET_ADMIN, SO_RCVBUFFORCE passes the cap. Returns what
+    the kernel granted (getsockopt reports twice the usable size)."""
+    for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+        if opt is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
+            break
+        except OSError:
+            continue
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
+    except OSError:
+        pass
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if granted // 2 < rcvbuf:
+        log.warning("SIP/UDP receive buffer is %d octets, %d asked: raise net.core.rmem_max "
+                    "(docs/operators-guide.md)", granted // 2, rcvbuf)
+    return granted
+
+
 class UdpTransport(asyncio.DatagramProtocol):
     name = "UDP"
     reliable = False
@@ -45,15 +69,13 @@ class UdpTransport(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.local = ("", 0)
         self._flows: dict = {}
+        self.rcvbuf = 0     # the receive buffer the kernel granted (octets, as getsockopt says)
 
     def connection_made(self, transport):
         self.transport = transport
         sock = transport.get_extra_info("socket")
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        except OSError:
-            pass
+        self.rcvbuf = size_buffers(sock, self.core.udp_rcvbuf)
+        self.core.overload.sockets.append(sock)   # its receive queue is a load input
         self.local = transport.get_extra_info("sockname")[:2]
 
     def datagram_received(self, data, addr):
@@ -86,6 +108,12 @@ class UdpTransport(asyncio.DatagramProtocol):
 
     def close(self):
         if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            sockets = self.core.overload.sockets
+            for i, s in enumerate(sockets):
+                if s is sock:
+                    del sockets[i]
+                    break
             self.transport.close()
 
 

@@ -1,0 +1,190 @@
+"""Overload control: past its calls-in-setup mark the engine refuses new INVITEs with
+503 + Retry-After before any transaction, dialog or session exists, answers the refused
+INVITEs' retransmissions from memory, keeps serving calls it holds, OPTIONS and the gRPC
+API, and accepts calls again once the load is gone (hysteresis).
+
+The overload is made deterministic: a mark of 3 calls in setup and a far end that rings
+forever, so three calls to it stay in setup until they are cancelled."""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+
+import pytest
+
+from ext import sip_py
+from ext.kernels import load
+from tests.helpers import SDP_OFFER, UdpClient, engine_config, options, running_engine
+from tests.test_bridge import far_end
+from tests.test_sessions import Caller
+
+IMPLS = [pytest.param(sip_py, id="py")]
+if load("sip") is not None:
+    IMPLS.insert(0, pytest.param(load("sip"), id="c"))
+
+HEAD = "INVITE sip:1000@h SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("data,initial", [
+    (HEAD + "To: <sip:1000@h>\r\nCall-ID: a\r\n\r\n", True),
+    (HEAD + "To: <sip:1000@h>;tag=9\r\n\r\n", False),
+    (HEAD + "t: <sip:1000@h> ; TAG = 9\r\n\r\n", False),           # compact form, spaces
+    (HEAD + "To: \"Montag\" <sip:1000@h>\r\n\r\nv=0;tag=1", True),  # tag only in the body
+    (HEAD.replace("INVITE", "BYE", 1) + "To: <sip:1000@h>\r\n\r\n", False),
+    ("OPTIONS sip:h SIP/2.0\r\nTo: <sip:h>\r\n\r\n", False),
+    ("INVITE", False),
+])
+def test_initial_invite_peek(impl, data, initial):
+    assert impl.initial_invite(data.encode()) is initial
+
+
+async def cancelled(c: Caller) -> None:
+    """CANCEL a call in setup; wait for its 487 (RFC 3261 9.2)."""
+    c.call.to_tag = None
+    c.c.send(c.call.request("CANCEL", branch=c.call.branch))
+    while True:
+        m = await c.c.recv(timeout=3)
+        if not m.is_request and m.cseq_method == "INVITE" and m.status >= 200:
+            assert m.status == 487
+            c.call.to_tag = m.to_tag
+            c.c.send(c.call.request("ACK", branch=c.call.branch))
+            return
+
+
+def overload_config(far_port: int) -> dict:
+    raw = engine_config()
+    raw["accounts"]["demo"]["numbers"]["2000"] = {"endpoint": f"sip:bob@127.0.0.1:{far_port}"}
+    raw["overload"] = {"max_calls_in_setup": 3, "low_water": 0.5, "retry_after": 7,
+                       "max_loop_lag_ms": 60000, "max_rx_queue_kb": 1 << 20}
+    raw["accounts"]["demo"]["api_tokens"] = ["overload-token-0123456789abcdef"]
+    return raw
+
+
+async def test_overload_refuses_new_invites_and_keeps_the_rest_working():
+    import grpc
+
+    from proto import pb
+
+    transport, far = await far_end(final=None)  # rings forever
+    try:
+        async with running_engine(overload_config(far.port)) as eng:
+            ov = eng.sip.overload
+            # A call answered before the overload (baton.hold on 1000).
+            held = Caller(eng, "1000")
+            await held.dial()
+            assert ov.calls_in_setup == 0 and not ov.active
+
+            # Three calls that stay in setup: the engine enters overload.
+            ringing = [Caller(eng, "2000") for _ in range(3)]
+            for c in ringing:
+                c.c.send(c.call.request("INVITE", SDP_OFFER.format(port=c.media.getsockname()[1])))
+                await c.c.expect(100, skip_provisional=False)
+            assert ov.calls_in_setup == 3 and ov.active
+
+            # A new INVITE: 503 with Retry-After, and no transaction, dialog or session.
+            before = (len(eng.sip.transactions.server), len(eng.sip.dialogs), len(eng.sessions),
+                      eng.sip.stats["invites"])
+            new = Caller(eng, "1000")
+            invite = new.call.request("INVITE", SDP_OFFER.format(port=new.media.getsockname()[1]))
+            new.c.send(invite)
+            m = await new.c.expect(503, skip_provisional=False)
+            assert m.get("retry-after") == "7" and m.to_tag and m.call_id == new.call.call_id
+            assert ov.refused == 1
+            # Its retransmissions: the same 503 again, from memory, without new work.
+            for n in range(3):
+                new.c.send(invite)
+                again = await new.c.expect(503, skip_provisional=False)
+                assert again.to_tag == m.to_tag
+            assert ov.refused == 1 and ov.absorbed == 3
+            after = (len(eng.sip.transactions.server), len(eng.sip.dialogs), len(eng.sessions),
+                     eng.sip.stats["invites"])
+            assert after == before
+            # The ACK of the 503 is taken quietly.
+            new.call.to_tag = m.to_tag
+            new.c.send(new.call.request("ACK", branch=new.call.branch))
+            assert await new.c.silent(0.3)
+
+            # The call held: a re-INVITE and an in-dialog OPTIONS are answered.
+            held.call.cseq += 1
+            held.c.send(held.call.request("INVITE", SDP_OFFER.format(
+                port=held.media.getsockname()[1])))
+            await held.c.expect(200)
+            held.c.send(held.call.request("ACK"))
+            held.call.cseq += 1
+            held.c.send(held.call.request("OPTIONS", ""))
+            await held.c.expect(200)
+            # An out-of-dialog OPTIONS probe too.
+            probe = UdpClient("127.0.0.1", eng.sip_port)
+            probe.send(options("127.0.0.1", eng.sip_port, probe.local_port))
+            await probe.expect(200)
+            probe.close()
+            # And the gRPC API.
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{eng.grpc_port}") as ch:
+                sp = pb.sessions_pb2
+                stub = pb.sessions_pb2_grpc.SessionsStub(ch)
+                listed = await stub.List(sp.ListRequest(), metadata=(
+                    ("authorization", "Bearer overload-token-0123456789abcdef"),))
+                assert len(listed.sessions) == len(eng.sessions) == 4
+
+            # Load drops: one call cancelled leaves 2 in setup, still above the low mark.
+            cancel = cancelled
+            await cancel(ringing[0])
+            assert ov.calls_in_setup == 2 and ov.active
+            refused = Caller(eng, "1000")
+            await refused.dial(expect=503)
+            # Below the low mark (3 * 0.5): the engine leaves overload and takes calls.
+            await cancel(ringing[1])
+            assert ov.calls_in_setup == 1 and not ov.active and ov.entered == {"calls_in_setup": 1}
+            fresh = Caller(eng, "1000")
+            await fresh.dial()
+            await fresh.bye()
+            await held.bye()
+            await cancel(ringing[2])
+            assert ov.calls_in_setup == 0 and ov.refused == 2
+            for c in [held, new, refused, fresh, *ringing]:
+                c.c.close()
+                c.media.close()
+    finally:
+        transport.close()
+
+
+SIPP = shutil.which("sipp")
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(SIPP is None, reason="sipp is not installed")
+async def test_sipp_calls_get_503_while_overloaded_and_200_after(tmp_path):
+    from tests.test_interop_sipp import SCENARIOS, run_sipp
+
+    class Target:  # what run_sipp needs of an engine
+        def __init__(self, eng):
+            self.port = eng.sip_port
+
+        def output(self):
+            return ""
+
+    transport, far = await far_end(final=None)
+    try:
+        async with running_engine(overload_config(far.port)) as eng:
+            ringing = [Caller(eng, "2000") for _ in range(3)]
+            for c in ringing:
+                c.c.send(c.call.request("INVITE", SDP_OFFER.format(port=c.media.getsockname()[1])))
+                await c.c.expect(100, skip_provisional=False)
+            assert eng.sip.overload.active
+            stats = await asyncio.to_thread(run_sipp, Target(eng), tmp_path, "-r", "20",
+                                            scenario="overload_503.xml", calls=20)
+            assert stats["messages"].count("SIP/2.0 503 Service Unavailable") >= 20
+            assert eng.sip.overload.refused == 20 and eng.sip.stats["invites"] == 3
+            for c in ringing:
+                await cancelled(c)
+                c.c.close()
+                c.media.close()
+            assert not eng.sip.overload.active
+            # SIPp's own uac scenario: every call answered and released.
+            await asyncio.to_thread(run_sipp, Target(eng), tmp_path, "-s", "1000", "-r", "20",
+                                    calls=20)
+            assert os.path.isdir(SCENARIOS)
+    finally:
+        transport.close()
