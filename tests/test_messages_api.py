@@ -18,7 +18,7 @@ from twilio.rest import Client  # noqa: E402
 from tests.helpers import EngineProcess, UdpClient, free_port  # noqa: E402
 from tests.test_messaging import answer, message, next_request  # noqa: E402
 from tests.test_messaging_services import register  # noqa: E402
-from tests.test_rest import AppServer, raw, wait_for  # noqa: E402
+from tests.test_rest import app_server, raw, wait_for  # noqa: E402,F401  (a fixture)
 
 SID = "AC0123456789abcdef0123456789abcdef"
 TOKEN = "acme-auth-token-0123456789abcdef"
@@ -27,13 +27,6 @@ OTHER_TOKEN = "other-auth-token-0123456789abcdef"
 API = "acme-grpc-token-0123456789abcdef"
 OTHER_API = "other-grpc-token-0123456789abcdef"
 PASSWORD = "alice-secret-0123"
-
-
-@pytest.fixture(scope="module")
-def app_server():
-    s = AppServer()
-    yield s
-    s.close()
 
 
 @pytest.fixture(scope="module")
