@@ -87,6 +87,9 @@ ROUTES = (
                                    "EndDate, Category)"),
     ("GET", "/IncomingPhoneNumbers.json", "the account's numbers"),
     ("GET", "/Applications.json", "the config's apps"),
+    ("POST", "/Messages.json", "send a text (To, From, Body, StatusCallback)"),
+    ("GET", "/Messages.json", "list texts (To, From, Status, DateSent)"),
+    ("GET", "/Messages/{MessageSid}.json", "fetch a text"),
 )
 
 
@@ -589,15 +592,21 @@ class RestApi:
             form["CallDuration"] = form["Duration"] = str(dur)
             if rc.sip_status:
                 form["SipResponseCode"] = str(rc.sip_status)
+        self.enqueue_callback(rc, url, method, form, event == "completed")
+
+    def enqueue_callback(self, rc, url: str, method: str, form: dict, last: bool) -> None:
+        """Send `form` to `url` after `rc`'s earlier callbacks (`rc`: a RestCall, or
+        anything with its `sid`, `account`, `queue` and `sender`); `last` ends them."""
         if rc.queue is None:
             rc.queue = asyncio.Queue()
             rc.sender = self.engine.loop.create_task(self._send_callbacks(rc))
             self.tasks.add(rc.sender)
             rc.sender.add_done_callback(self.tasks.discard)
-        rc.queue.put_nowait((url, method, form, event == "completed"))
+        rc.queue.put_nowait((url, method, form, last))
 
     async def _send_callbacks(self, rc: RestCall) -> None:
-        """One call's callbacks, one at a time in order, each retried with back-off."""
+        """One call's (or text's) callbacks, one at a time in order, each retried
+        with back-off."""
         import aiohttp
 
         _, token, secret = self.creds[rc.account]
@@ -624,7 +633,7 @@ class RestApi:
                         error = f"{type(exc).__name__}: {exc}"
                     if attempt == len(CALLBACK_DELAYS):
                         self.callbacks_failed += 1
-                        log.warning("call %s: status callback to %s failed %d times: %s",
+                        log.warning("%s: status callback to %s failed %d times: %s",
                                     rc.sid, url, attempt + 1, error)
                         break
                     await asyncio.sleep(CALLBACK_DELAYS[attempt])
@@ -877,6 +886,9 @@ def add_routes(app, engine) -> RestApi:
         if not _SID.fullmatch(sid):
             raise RestError(404, 20404, "The requested resource was not found")
         return api.authenticate(request, sid)
+
+    # What the routes of other resources' files (control/rest_messages.py) answer with.
+    api.auth, api.form_of, api.answer = auth, form_of, answer
 
     async def account(request):
         acc = auth(request)

@@ -1,4 +1,5 @@
-"""The gRPC control server: ModuleHost, Sessions, health checking and reflection.
+"""The gRPC control server: ModuleHost, Sessions, Billing, the services, Messages,
+health checking and reflection.
 
 It runs on the engine's own event loop (grpc.aio), so a vendor's command
 reaches the session and its media channel without crossing threads. The
@@ -35,6 +36,7 @@ from control.billing import BillingService  # noqa: E402
 from control.sessions_api import SessionsService  # noqa: E402
 from control.call_center_api import CallCenterService  # noqa: E402
 from control.services_api import SurveyService, VerifyService  # noqa: E402
+from control.messages_api import MessagesService  # noqa: E402
 from control.vendor import ControlHub, VendorProcess  # noqa: E402
 
 log = logging.getLogger("baton.control")
@@ -166,12 +168,14 @@ class ControlServer:
         pb.services_pb2_grpc.add_SurveyServicer_to_server(SurveyService(engine, self.authority),
                                                           server)
         pb.services_pb2_grpc.add_VerifyServicer_to_server(self.verify, server)
+        pb.messages_pb2_grpc.add_MessagesServicer_to_server(
+            MessagesService(engine, self.authority), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (pb.SERVICE_MODULE_HOST, pb.SERVICE_SESSIONS, health.SERVICE_NAME,
                  reflection.SERVICE_NAME)
         names += (pb.SERVICE_CALL_CENTER,)
         names += (pb.SERVICE_BILLING,)
-        names += (pb.SERVICE_SURVEY, pb.SERVICE_VERIFY)
+        names += (pb.SERVICE_SURVEY, pb.SERVICE_VERIFY, pb.SERVICE_MESSAGES)
         reflection.enable_server_reflection(names, server)
         addr = engine.cfg.grpc_addr
         creds = server_credentials(engine.cfg.raw.get("engine", {}))

@@ -20,7 +20,7 @@ GEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_gen")
 _OUT = ("common_pb2.py", "module_host_pb2.py", "module_host_pb2_grpc.py", "sessions_pb2.py",
         "sessions_pb2_grpc.py", "billing_pb2.py", "billing_pb2_grpc.py",
         "call_center_pb2.py", "call_center_pb2_grpc.py", "services_pb2.py",
-        "services_pb2_grpc.py")
+        "services_pb2_grpc.py", "messages_pb2.py", "messages_pb2_grpc.py")
 
 
 def _protos() -> list[str]:
@@ -81,6 +81,7 @@ from baton.v1 import sessions_pb2, sessions_pb2_grpc  # noqa: E402
 from baton.v1 import billing_pb2, billing_pb2_grpc  # noqa: E402
 from baton.v1 import call_center_pb2, call_center_pb2_grpc  # noqa: E402
 from baton.v1 import services_pb2, services_pb2_grpc  # noqa: E402
+from baton.v1 import messages_pb2, messages_pb2_grpc  # noqa: E402
 
 SERVICE_MODULE_HOST = "baton.v1.ModuleHost"
 SERVICE_SESSIONS = "baton.v1.Sessions"
@@ -88,12 +89,14 @@ SERVICE_BILLING = "baton.v1.Billing"
 SERVICE_CALL_CENTER = "baton.v1.CallCenter"
 SERVICE_SURVEY = "baton.v1.Survey"
 SERVICE_VERIFY = "baton.v1.Verify"
+SERVICE_MESSAGES = "baton.v1.Messages"
 
 __all__ = ["common_pb2", "module_host_pb2", "module_host_pb2_grpc", "sessions_pb2",
            "sessions_pb2_grpc", "billing_pb2", "billing_pb2_grpc", "generate",
            "SERVICE_MODULE_HOST", "SERVICE_SESSIONS", "SERVICE_BILLING"]
 __all__ += ["call_center_pb2", "call_center_pb2_grpc", "SERVICE_CALL_CENTER"]
 __all__ += ["services_pb2", "services_pb2_grpc", "SERVICE_SURVEY", "SERVICE_VERIFY"]
+__all__ += ["messages_pb2", "messages_pb2_grpc", "SERVICE_MESSAGES"]
 
 
 # -- google.protobuf.Struct <-> Python ------------------------------------------------

@@ -91,3 +91,44 @@ async def test_texts_further_apart_than_the_idle_timeout_are_two_conversations()
         assert first.ended and first.end_reason == "idle" and len(first.messages) == 4
         assert not second.ended and len(second.messages) == 2
         c.close()
+
+
+async def test_call_centre_texts_its_agents_when_a_caller_waits_too_long():
+    from tests.helpers import SDP_OFFER, free_port
+
+    raw = control_config()
+    raw["users"] = {"alice": {"password": "alice-secret-1"}}
+    raw["call_center"] = {"agents": {"alice": {"user": "alice"}},
+                          "queues": {"q": {"account": "demo", "agents": ["alice"],
+                                           "ring_timeout": 60, "text_agents_after": 1,
+                                           "announce_position": False}}}
+    raw["apps"] = {"cc": {"start": "n", "nodes": {"n": {"module": "baton.call_center",
+                                                        "params": {"queue": "q"}}}}}
+    raw["accounts"]["demo"]["numbers"]["3000"] = {"app": "cc"}
+    async with running_engine(raw) as eng:
+        agent = UdpClient("127.0.0.1", eng.sip_port)
+        caller = UdpClient("127.0.0.1", eng.sip_port)
+        try:
+            await register(agent, eng.sip_port, "alice", "alice-secret-1")
+            call = Call(caller, "3000")
+            caller.send(call.request("INVITE", body=SDP_OFFER.format(port=free_port())))
+            ok = await caller.expect(200, timeout=5)
+            call.to_tag = ok.get("to").split("tag=")[1]
+            caller.send(call.request("ACK", cseq=call.cseq))
+            # The agent is rung (and does not pick up); after a second, a text.
+            req = await next_request(agent, timeout=5)
+            assert req.body.decode() == "A caller has waited 1 s in queue q (1 waiting)."
+            answer(agent, req)
+            for _ in range(100):
+                (m,) = [m for m in eng.messaging.messages.values() if m.direction == "outbound"]
+                if m.status == "delivered":
+                    break
+                await asyncio.sleep(0.02)
+            assert (m.status, m.module, m.account, m.session) == (
+                "delivered", "baton.call_center", "demo", "")
+            call.cseq += 1
+            caller.send(call.request("BYE"))
+            await caller.expect(200)
+        finally:
+            agent.close()
+            caller.close()

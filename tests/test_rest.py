@@ -376,7 +376,7 @@ def test_openapi_lists_every_route(engine):
     # Every documented route answers (401 without credentials: it exists).
     for method, path in sorted(documented):
         url = path.replace("{AccountSid}", SID).replace("{CallSid}", "Sx") \
-            .replace("{RecordingSid}", "RE" + "0" * 32)
+            .replace("{RecordingSid}", "RE" + "0" * 32).replace("{MessageSid}", "SM" + "0" * 32)
         assert raw(engine, method, url, auth=None, data=b"" if method == "POST" else None)[0] \
             == 401, (method, url)
 

@@ -91,8 +91,10 @@ async def start_http(engine, addr: str | None = None) -> HttpServer:
     rest = None
     if engine.cfg.raw.get("engine", {}).get("rest", True):
         from control.rest import add_routes
+        from control.rest_messages import add_message_routes
 
         rest = add_routes(app, engine)
+        add_message_routes(app, rest)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)

@@ -98,6 +98,9 @@ class Messaging:
         self.conversations: dict[tuple[str, str], Session] = {}
         self.messages: collections.OrderedDict[str, TextMessage] = collections.OrderedDict()
         self.counts = collections.Counter()     # (direction, status) for /metrics and tests
+        # Called with each text when it is kept and at each change of its status
+        # (the gRPC Messages.Watch streams, the REST status callbacks).
+        self.watchers: list = []
 
     # -- receiving ----------------------------------------------------------------
     def on_text(self, msg, st) -> None:
@@ -366,6 +369,11 @@ class Messaging:
                 log.exception("status callback of %s failed", m.sid)
 
     def _notify(self, m: TextMessage) -> None:
+        for watch in list(self.watchers):
+            try:
+                watch(m)
+            except Exception:
+                log.exception("a watcher of text %s failed", m.sid)
         engine = self.engine
         s = engine.sessions.get(m.session)
         if s is not None and engine.listeners:

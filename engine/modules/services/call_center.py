@@ -73,6 +73,8 @@ QUEUE_KEYS = {
     "max_size": "callers the queue holds; one more leaves through `full`",
     "timeout": "seconds a caller waits at most; then the `timeout` outlet",
     "handle_time": "expected seconds per call, for the wait estimate before any was served",
+    "text_agents_after": "seconds a caller waits before the queue's agents get a text "
+                         "about it (0: never)",
 }
 NODE_KEYS = ("queue", "timeout")
 
@@ -100,6 +102,7 @@ class QueueConfig:
     max_size: int = 50
     timeout: float = 600.0
     handle_time: float = 120.0
+    text_agents_after: float = 0.0
 
 
 @dataclass
@@ -191,7 +194,8 @@ def load_config(raw, users: dict, accounts: dict, registrar_mode: str = "open",
             music = path
         qc.hold_music = music
         for k, lo, hi in (("announce_every", 0, 3600), ("ring_timeout", 1, 300),
-                          ("wrap_up", 0, 3600), ("timeout", 1, 86400), ("handle_time", 1, 86400)):
+                          ("wrap_up", 0, 3600), ("timeout", 1, 86400), ("handle_time", 1, 86400),
+                          ("text_agents_after", 0, 86400)):
             if k in q:
                 setattr(qc, k, float(_number(f"{key}.{k}", q[k], lo, hi)))
         if "max_size" in q:
@@ -752,8 +756,26 @@ class CallCenterModule(Module):
         center.watch()
         session.params["queue"] = qc.name
         ctl.later(float(ctl.params.get("timeout", qc.timeout)), self._timeout, ctl)
+        if qc.text_agents_after:
+            ctl.later(qc.text_agents_after, self._text_agents, ctl)
         w.task = self.engine.loop.create_task(self._announce(ctl, first=True))
         center.dispatch()
+
+    def _text_agents(self, ctl) -> None:
+        """The caller is still waiting after `text_agents_after`: text each of the
+        queue's agents (a user where it registered, an agent's `uri` as the
+        account's outbound rules allow), metered as this module's `message_out`."""
+        w = ctl.state
+        center = CallCenter.of(self.engine)
+        qc = w.qc
+        cfg = self.engine.cfg
+        waiting = sum(1 for x in center.waiting.values() if x.qc is qc)
+        body = (f"A caller has waited {int(qc.text_agents_after)} s in queue {qc.name} "
+                f"({waiting} waiting).")
+        for name in qc.agents:
+            a = center.cfg.agents[name]
+            to = a.uri or f"sip:{a.user}@{cfg.advertise or cfg.sip_host}"
+            self.engine.messaging.notify(qc.account, to, body, module=self.code)
 
     # -- what the caller hears --------------------------------------------------------
     async def _announce(self, ctl, first: bool = False) -> None:
