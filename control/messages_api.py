@@ -18,7 +18,7 @@ import re
 
 import grpc
 
-from engine.modules.dialing import OutboundDenied, permit
+from engine.sessions.dialing import OutboundDenied, permit
 from engine.sip.uri import check_uri_text, sip_uri
 from proto import pb
 from control.auth import AuthError, Authority
