@@ -1,0 +1,135 @@
+"""The REST API's outbound reach and what outlives a call, on an engine in this
+process: `POST Calls.json` to a phone number through a trunk the account may use
+(a raw UDP socket plays the trunk), to a registered user (a raw UDP socket that
+REGISTERed with `[users]` credentials), and the toll-fraud refusals."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+
+import aiohttp
+
+from tests.helpers import UdpClient, engine_config, free_port, running_engine
+from tests.test_messaging_services import register
+
+SID = "AC0123456789abcdef0123456789abcdef"
+TOKEN = "acme-auth-token-0123456789abcdef"
+OTHER = "ACfedcba9876543210fedcba9876543210"
+OTHER_TOKEN = "other-auth-token-0123456789abcdef"
+TWIML = "<Response><Pause length=\"5\"/></Response>"
+
+
+def rest_config(trunk_port: int, **engine) -> dict:
+    raw = engine_config(http_addr=f"127.0.0.1:{free_port(__import__('socket').SOCK_STREAM)}",
+                        **engine)
+    raw["registrar"] = {"mode": "auth"}
+    raw["users"] = {"alice": {"password": "alice-secret-1"}}
+    raw["trunks"] = {"carrier": {"proxy": f"127.0.0.1:{trunk_port}"},
+                     "spare": {"proxy": f"127.0.0.1:{trunk_port}", "prefix": "00"}}
+    raw["accounts"] = {
+        "acme": {"sid": SID, "auth_token": TOKEN,
+                 "numbers": {"1000": {"module": "baton.hold"}},
+                 "outbound": {"trunks": ["carrier", "spare"], "allow": ["+1"]}},
+        "other": {"sid": OTHER, "auth_token": OTHER_TOKEN},
+    }
+    return raw
+
+
+class Rest:
+    """Form-encoded requests to the engine's REST API, as the twilio client sends them."""
+
+    def __init__(self, eng, sid=SID, token=TOKEN):
+        self.base = f"{eng.http.url}/2010-04-01/Accounts/{sid}"
+        self.headers = {"Authorization": "Basic " + base64.b64encode(
+            f"{sid}:{token}".encode()).decode()}
+
+    async def __call__(self, method: str, path: str, **form) -> tuple[int, dict]:
+        async with aiohttp.ClientSession(headers=self.headers) as http:
+            async with http.request(method, self.base + path, data=form or None) as r:
+                body = await r.json(content_type=None) if r.status != 204 else {}
+                return r.status, body
+
+
+async def invite_at(peer: UdpClient, timeout: float = 5.0):
+    while True:
+        m = await peer.recv(timeout)
+        if m.is_request and m.method == "INVITE":
+            return m
+
+
+def busy(peer: UdpClient, req, port: int) -> None:
+    """486 to the engine's SIP `port`, from `peer`."""
+    vias = "".join(f"Via: {v}\r\n" for v in req.headers["via"])
+    peer.sock.sendto((f"SIP/2.0 486 Busy Here\r\n{vias}From: {req.get('from')}\r\n"
+               f"To: {req.get('to')};tag={secrets.token_hex(4)}\r\nCall-ID: {req.call_id}\r\n"
+               f"CSeq: {req.cseq} INVITE\r\nContent-Length: 0\r\n\r\n").encode(),
+                     ("127.0.0.1", port))
+
+
+async def until_status(rest: Rest, sid: str, status: str) -> dict:
+    for _ in range(200):
+        code, call = await rest("GET", f"/Calls/{sid}.json")
+        assert code == 200, call
+        if call["status"] == status:
+            return call
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"call {sid} is {call['status']}, not {status}")
+
+
+async def test_calls_reach_trunks_and_registered_users_with_the_toll_fraud_checks():
+    trunk = UdpClient("127.0.0.1", 9)          # sends nothing: only receives the trunk's INVITEs
+    async with running_engine(rest_config(trunk.local_port)) as eng:
+        rest = Rest(eng)
+        # A number that is not the engine's goes out through the account's first trunk.
+        code, call = await rest("POST", "/Calls.json", To="+15551234567", From="+15550100",
+                                Twiml=TWIML)
+        assert code == 201, call
+        req = await invite_at(trunk)
+        assert req.uri == "sip:+15551234567@127.0.0.1"
+        busy(trunk, req, eng.sip_port)
+        await until_status(rest, call["sid"], "busy")
+        # `Trunk` names another of the account's trunks (its prefix stands for the "+").
+        code, call = await rest("POST", "/Calls.json", To="+15551234567", From="+15550100",
+                                Twiml=TWIML, Trunk="spare")
+        assert code == 201, call
+        req = await invite_at(trunk)
+        assert req.uri == "sip:0015551234567@127.0.0.1"
+        busy(trunk, req, eng.sip_port)
+        await until_status(rest, call["sid"], "busy")
+
+        # The toll-fraud checks `Dial` passes: a destination outside `allow`, a
+        # trunk the account may not use, an account with no trunk at all.
+        code, err = await rest("POST", "/Calls.json", To="+442079460000", From="+15550100",
+                               Twiml=TWIML)
+        assert (code, err["code"]) == (403, 21215) and "allowed destination" in err["message"]
+        code, err = await rest("POST", "/Calls.json", To="+15551234567", From="+15550100",
+                               Twiml=TWIML, Trunk="nosuch")
+        assert (code, err["code"]) == (403, 21215) and "nosuch" in err["message"]
+        code, err = await Rest(eng, OTHER, OTHER_TOKEN)(
+            "POST", "/Calls.json", To="+15551234567", From="+15550100", Twiml=TWIML)
+        assert (code, err["code"]) == (403, 21215) and "no trunk" in err["message"]
+
+        # A registered user is rung where they registered from.
+        code, err = await rest("POST", "/Calls.json", To="client:alice", From="+15550100",
+                               Twiml=TWIML)
+        assert code == 400 and "not registered" in err["message"]
+        alice = UdpClient("127.0.0.1", eng.sip_port)
+        await register(alice, eng.sip_port, "alice", "alice-secret-1")
+        for to in ("client:alice", "alice", "sip:alice@127.0.0.1"):
+            code, call = await rest("POST", "/Calls.json", To=to, From="+15550100", Twiml=TWIML)
+            assert code == 201, call
+            req = await invite_at(alice)
+            assert req.uri == f"sip:tester@127.0.0.1:{alice.local_port}"
+            busy(alice, req, eng.sip_port)
+            await until_status(rest, call["sid"], "busy")
+        # Nothing went to the trunk meanwhile, and no outbound call is left counted.
+        while True:
+            try:
+                m = await trunk.recv(0.2)
+            except asyncio.TimeoutError:
+                break
+            assert m.method == "ACK", m      # the 486s' ACKs, nothing else
+        assert eng.outbound_calls["acme"] == 0
+        alice.close()
+    trunk.close()
