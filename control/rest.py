@@ -56,6 +56,7 @@ MAX_BODY = 64 * 1024          # bytes of a request body (Twiml included)
 HANDLERS = 4                  # REST handlers running at once (the rest wait their turn)
 MAX_CALLS = 10_000            # call records kept for Calls.json besides the engine's
 MAX_RECORDINGS = 10_000
+RECORD_MAX = 1800             # seconds of a Record=true recording (8 kHz, 16-bit in memory)
 CALLBACK_DELAYS = (0.5, 1.0, 2.0, 4.0)   # seconds before each retry of a status callback
 CALLBACK_EVENTS = ("initiated", "ringing", "answered", "completed")
 MORE_INFO = "https://www.twilio.com/docs/errors/{}"
@@ -129,6 +130,8 @@ class RestCall:
         self.seq = 0
         self.queue: asyncio.Queue | None = None
         self.sender: asyncio.Task | None = None
+        self.record = False                    # Record=true: the whole call is recorded
+        self.recording = None                  # its engine.media.recording.Recording
 
 
 class RestApi:
@@ -343,9 +346,8 @@ class RestApi:
             _check_url("StatusCallback", callback, 21609)
         cb_method = _method(form, "StatusCallbackMethod")
         record = _one(form, "Record").lower()
-        if record not in ("", "false"):
-            raise bad("Record", "recording a whole call is not supported yet; use <Record> in "
-                                "the call's TwiML" if record == "true" else "true or false", 21229)
+        if record not in ("", "false", "true"):
+            raise bad("Record", f"{record[:20]!r} is not true or false", 21229)
         trunk = _one(form, "Trunk")
         if trunk and not _SID.fullmatch(trunk):
             raise bad("Trunk", f"{trunk[:60]!r} is not a trunk name", 21211)
@@ -359,6 +361,7 @@ class RestApi:
         o = Origination(engine, account, to_uri, party(to_uri), from_uri, target, app, params,
                         float(timeout), grant, progress, route)
         rc = RestCall(o.session.id, account, party(to), party(from_uri), o)
+        rc.record = record == "true"
         if callback:
             rc.callback = (callback, cb_method, set(events or ["completed"]))
         self._keep(rc)
@@ -395,6 +398,8 @@ class RestApi:
         if step == "ringing":
             self._callback(rc, "ringing")
         elif step == "answered":
+            if rc.record:
+                self._record_call(rc)
             self._callback(rc, "answered")
         else:
             self._callback(rc, "completed")
@@ -403,13 +408,41 @@ class RestApi:
         if event == "ended":
             rc = self.calls.get(session.id)
             if rc is not None:
+                if rc.recording is not None:
+                    rc.recording.stop("hangup")
                 self._progress(rc, "completed")
         elif event == "recording" and detail.get("sid"):
-            self.recordings[detail["sid"]] = {
-                "sid": detail["sid"], "call_sid": session.id, "account": session.account,
-                "duration": detail.get("duration") or 0, "wall_ns": clock.wall_ns()}
-            while len(self.recordings) > MAX_RECORDINGS:
-                self.recordings.popitem(last=False)
+            self._add_recording(detail["sid"], session.id, session.account,
+                                detail.get("duration") or 0, "RecordVerb")
+
+    def _add_recording(self, sid: str, call: str, account: str, duration: float,
+                       source: str) -> None:
+        self.recordings[sid] = {"sid": sid, "call_sid": call, "account": account,
+                                "duration": duration, "wall_ns": clock.wall_ns(),
+                                "source": source}
+        while len(self.recordings) > MAX_RECORDINGS:
+            self.recordings.popitem(last=False)
+
+    def _record_call(self, rc: RestCall) -> None:
+        """Record=true: the engine's recorder on the answered leg, from the answer
+        to the hang-up (what the called party sends, 8 kHz mono WAV, at most
+        RECORD_MAX seconds); it is one of the call's Recordings once written."""
+        from engine.media.files import recording_path
+        from engine.media.recording import Recording
+
+        session = rc.origination.session
+        if not session.legs:
+            return
+        path = recording_path(self.engine.cfg.data_dir, rc.account)
+        sid = os.path.basename(path)[:-4]
+
+        def written(result: dict) -> None:
+            if result["reason"] != "write-failed":
+                self._add_recording(sid, rc.sid, rc.account, result["duration"], "OutboundAPI")
+
+        rc.recording = Recording(session.legs[0], path, max_length=RECORD_MAX, silence=0,
+                                 finish_on_key="", beep=False, on_done=written)
+        rc.recording.start()
 
     def find(self, account: str, sid: str):
         """(RestCall or None, Session or None) of the account's call `sid`; 404 otherwise."""
@@ -609,7 +642,8 @@ class RestApi:
         return {"sid": r["sid"], "account_sid": self.account_sid(account),
                 "call_sid": r["call_sid"], "date_created": rfc2822(r["wall_ns"]),
                 "date_updated": rfc2822(r["wall_ns"]), "start_time": rfc2822(r["wall_ns"]),
-                "duration": str(int(round(r["duration"]))), "channels": 1, "source": "RecordVerb",
+                "duration": str(int(round(r["duration"]))), "channels": 1,
+                "source": r.get("source", "RecordVerb"),
                 "status": "completed", "price": None, "price_unit": "USD",
                 "api_version": "2010-04-01", "uri": base + ".json",
                 "media_url": f"{self.http_base()}{base}.wav" if self.http_base() else None}
@@ -981,9 +1015,19 @@ def add_routes(app, engine) -> RestApi:
         return answer(page_json("recordings", f"{api.base(acc)}/Calls/{sid}/Recordings.json",
                                 recordings_of(acc, sid), page, size, {}))
 
+    public = bool((engine.cfg.raw.get("engine", {}) or {}).get("rest_recordings_public", False))
+
     async def recording(request):
-        acc = auth(request)
         sid, ext = request.match_info["rsid"], request.match_info["ext"]
+        if public and request.method == "GET" and ext == "wav":
+            # `[engine] rest_recordings_public`: the media needs no credentials (its
+            # name is 128-bit random); the account in the URL must still own it.
+            acc = api.by_sid.get(request.match_info["account"])
+            if acc is None or not _RECORDING.fullmatch(sid):
+                raise RestError(404, 20404, "The requested resource was not found")
+            _, path = api.recording(acc, sid)
+            return web.FileResponse(path, headers={"Content-Type": "audio/wav"})
+        acc = auth(request)
         if not _RECORDING.fullmatch(sid):
             raise RestError(404, 20404, f"The requested resource Recording {sid[:40]} was "
                                         "not found")

@@ -133,3 +133,49 @@ async def test_calls_reach_trunks_and_registered_users_with_the_toll_fraud_check
         assert eng.outbound_calls["acme"] == 0
         alice.close()
     trunk.close()
+
+
+async def recorded_call(eng) -> tuple[dict, str]:
+    """A Record=true call to the engine's own number 1000 (held: it hears music on
+    hold) that its TwiML ends after 2 s; (its recording's JSON, the media's URL)."""
+    rest = Rest(eng)
+    code, call = await rest("POST", "/Calls.json", To="1000", From="+15550100", Record="true",
+                            Twiml='<Response><Pause length="2"/><Hangup/></Response>')
+    assert code == 201, call
+    await until_status(rest, call["sid"], "completed")
+    for _ in range(100):
+        code, page = await rest("GET", f"/Calls/{call['sid']}/Recordings.json")
+        if page["recordings"]:
+            break
+        await asyncio.sleep(0.05)
+    (rec,) = page["recordings"]
+    assert rec["call_sid"] == call["sid"] and rec["source"] == "OutboundAPI"
+    # The whole answered call: about the 2 s its TwiML kept it up.
+    assert 1 <= int(rec["duration"]) <= 4, rec
+    return rec, rec["media_url"]
+
+
+async def test_record_true_records_the_whole_call_and_public_recordings_need_no_credentials():
+    async with running_engine(rest_config(free_port())) as eng:
+        rec, media = await recorded_call(eng)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(media) as r:
+                assert r.status == 401          # the default: the account's credentials
+            async with http.get(media, headers=Rest(eng).headers) as r:
+                assert r.status == 200 and r.headers["Content-Type"] == "audio/wav"
+                wav = await r.read()
+        assert wav[:4] == b"RIFF" and len(wav) > 8000 * 2   # more than a second of 16-bit audio
+        code, err = await Rest(eng)("POST", "/Calls.json", To="1000", From="+1555",
+                                    Twiml="<Response/>", Record="maybe")
+        assert code == 400 and err["code"] == 21229 and "Record" in err["message"]
+
+    async with running_engine(rest_config(free_port(), rest_recordings_public=True)) as eng:
+        rec, media = await recorded_call(eng)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(media) as r:
+                assert r.status == 200 and (await r.read())[:4] == b"RIFF"
+            # Public media only: the recording's JSON, and other accounts' URLs, are not.
+            async with http.get(media[:-4] + ".json") as r:
+                assert r.status == 401
+            async with http.get(media.replace(SID, OTHER)) as r:
+                assert r.status == 404
