@@ -598,7 +598,7 @@ class RestApi:
                 "currency": b.balance.currency}
 
     async def usage(self, account: str, start: str, end: str, category: str) -> list[dict]:
-        """Usage records: one per (period, module, item) of the account's invoices,
+        """Usage records: one per (period, module, level, item) of the account's invoices,
         as the accountant rated them (gRPC `Billing.Invoice`)."""
         from engine.accounting.config import PeriodClock
 
@@ -623,11 +623,14 @@ class RestApi:
             inv = await _servicer(self.billing.Invoice, bp.InvoiceRequest(account=account,
                                                                           period=label), account)
             for line in inv.lines:
-                cat = f"{line.module}/{line.item}"
-                if category and category not in (cat, line.module):
+                cat = usage_category(line.module, line.level, line.item)
+                if category and category not in (cat, line.module, line.level):
                     continue
+                level = f" at {line.level} level" if line.level else ""
                 out.append({"account_sid": self.account_sid(account), "category": cat,
-                            "description": f"{line.module}: {line.item} ({line.plan})",
+                            "description": f"{line.module}: {line.item}{level} ({line.plan})",
+                            "baton_module": line.module, "baton_level": line.level or None,
+                            "baton_item": line.item,
                             "start_date": label, "end_date": label, "count": str(line.transactions),
                             "count_unit": "transactions", "usage": line.quantity,
                             "usage_unit": line.unit, "price": line.amount.amount,
@@ -730,6 +733,15 @@ class RestApi:
 
 
 CALL_FINAL = ("completed", "busy", "no-answer", "failed", "canceled")
+
+
+def usage_category(module: str, level: str, item: str) -> str:
+    """A usage record's category, the seed's view of usage: time in control per
+    module and level (`baton.bridge/basic`, `acme.survey/service`), counted actions
+    per module and item (`baton.api.KEY/api_call`)."""
+    if item == "time" and level:
+        return f"{module}/{level}"
+    return f"{module}/{item}"
 
 
 def _unauthorized(message: str) -> RestError:
