@@ -41,6 +41,7 @@ from control.sessions_api import SessionsService
 from engine.common import clock
 from engine.media.files import find_recording
 from engine.common.net import format_hostport
+from engine.common.webhooks import Message, Outbox
 from engine.modules.dialing import OutboundDenied, permit, trunk_route
 from engine.modules.instructions.fetch import signed_headers, twilio_signature, with_query
 from engine.sessions.originate import Origination, PortsExhausted
@@ -129,7 +130,6 @@ class RestCall:
         self.callback: tuple | None = None     # (url, method, events)
         self.seq = 0
         self.queue: asyncio.Queue | None = None
-        self.sender: asyncio.Task | None = None
         self.record = False                    # Record=true: the whole call is recorded
         self.recording = None                  # its engine.media.recording.Recording
 
@@ -167,6 +167,8 @@ class RestApi:
             self.by_sid.setdefault(acc_id, acc_id)
             self.creds[acc_id] = (sid, raw.get("auth_token"), raw.get("secret"))
         engine.listeners.append(self._on_event)
+        self.outbox = callback_outbox(engine.cfg.data_dir)
+        self._resume_callbacks()
 
     # -- auth -------------------------------------------------------------------------
     def authenticate(self, request, url_sid: str) -> str:
@@ -682,21 +684,59 @@ class RestApi:
             form["CallDuration"] = form["Duration"] = str(dur)
             if rc.sip_status:
                 form["SipResponseCode"] = str(rc.sip_status)
+        last = event == "completed"
+        # Stored before it is sent, deleted once answered 2xx: a callback pending when
+        # the engine stops is sent when it starts again (`_resume_callbacks`).
+        msg_id = f"{rc.sid}:{rc.seq - 1:06d}"
+        body = json.dumps({"call": rc.sid, "method": method, "form": form, "last": last})
+        if not self.outbox.exists():
+            # Created private before SQLite opens it (its -wal and -shm files follow).
+            os.makedirs(os.path.dirname(self.outbox.path), mode=0o700, exist_ok=True)
+            os.close(os.open(self.outbox.path, os.O_CREAT | os.O_RDWR, 0o600))
+        self.outbox.add(Message(msg_id, "call.status", rc.account, url, "", body.encode()),
+                        time.time())
         if rc.queue is None:
-            rc.queue = asyncio.Queue()
-            rc.sender = self.engine.loop.create_task(self._send_callbacks(rc))
-            self.tasks.add(rc.sender)
-            rc.sender.add_done_callback(self.tasks.discard)
-        rc.queue.put_nowait((url, method, form, event == "completed"))
+            rc.queue = self._callback_sender(rc.account, rc.sid)
+        rc.queue.put_nowait((msg_id, url, method, form, last))
 
-    async def _send_callbacks(self, rc: RestCall) -> None:
+    def _callback_sender(self, account: str, sid: str) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        sender = self.engine.loop.create_task(self._send_callbacks(account, sid, queue))
+        self.tasks.add(sender)
+        sender.add_done_callback(self.tasks.discard)
+        return queue
+
+    def _resume_callbacks(self) -> None:
+        """The status callbacks a previous run left undelivered, each call's in order."""
+        if not self.outbox.exists():
+            return
+        queues: dict[str, asyncio.Queue] = {}
+        for m in sorted(self.outbox.due(float("inf"), MAX_CALLS * 8), key=lambda m: m.id):
+            try:
+                d = json.loads(m.body)
+                call, method, form, last = d["call"], d["method"], d["form"], d["last"]
+            except (ValueError, KeyError, TypeError):
+                log.warning("status callback %s: unreadable, dropped", m.id)
+                self.outbox.delivered(m.id)
+                continue
+            if m.account not in self.creds:
+                log.warning("status callback %s: account %s is gone, dropped", m.id, m.account)
+                self.outbox.delivered(m.id)
+                continue
+            if call not in queues:
+                queues[call] = self._callback_sender(m.account, call)
+            queues[call].put_nowait((m.id, m.url, method, form, last))
+        if queues:
+            log.info("resuming the status callbacks of %d calls", len(queues))
+
+    async def _send_callbacks(self, account: str, sid: str, queue: asyncio.Queue) -> None:
         """One call's callbacks, one at a time in order, each retried with back-off."""
         import aiohttp
 
-        _, token, secret = self.creds[rc.account]
+        _, token, secret = self.creds[account]
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             while True:
-                url, method, form, last = await rc.queue.get()
+                msg_id, url, method, form, last = await queue.get()
                 target = with_query(url, form) if method == "GET" else url
                 body = {} if method == "GET" else form
                 for attempt in range(len(CALLBACK_DELAYS) + 1):
@@ -709,6 +749,7 @@ class RestApi:
                             await resp.read()
                             if 200 <= resp.status < 300:
                                 self.callbacks_sent += 1
+                                self.outbox.delivered(msg_id)
                                 break
                             error = f"HTTP {resp.status}"
                     except asyncio.CancelledError:
@@ -718,7 +759,10 @@ class RestApi:
                     if attempt == len(CALLBACK_DELAYS):
                         self.callbacks_failed += 1
                         log.warning("call %s: status callback to %s failed %d times: %s",
-                                    rc.sid, url, attempt + 1, error)
+                                    sid, url, attempt + 1, error)
+                        # Kept in the outbox as failed, not sent again.
+                        self.outbox.retry(Message(msg_id, "call.status", account, url, "", b"",
+                                                  attempt + 1), error, None)
                         break
                     await asyncio.sleep(CALLBACK_DELAYS[attempt])
                 if last:
@@ -730,9 +774,16 @@ class RestApi:
         for t in list(self.tasks):
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.outbox.close()
 
 
 CALL_FINAL = ("completed", "busy", "no-answer", "failed", "canceled")
+
+
+def callback_outbox(data_dir: str) -> Outbox:
+    """The status callbacks not delivered yet: `DATA/rest/callbacks.db` (0600, in a
+    0700 directory; no secrets in it: signatures are made when sent)."""
+    return Outbox(os.path.join(data_dir, "rest", "callbacks.db"))
 
 
 def usage_category(module: str, level: str, item: str) -> str:

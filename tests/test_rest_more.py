@@ -179,3 +179,51 @@ async def test_record_true_records_the_whole_call_and_public_recordings_need_no_
                 assert r.status == 401
             async with http.get(media.replace(SID, OTHER)) as r:
                 assert r.status == 404
+
+
+async def test_status_callbacks_pending_at_stop_are_delivered_after_a_restart():
+    import os
+    import socket
+
+    from aiohttp import web
+    from twilio.request_validator import RequestValidator
+
+    port = free_port(socket.SOCK_STREAM)
+    url = f"http://127.0.0.1:{port}/status"      # nothing listens yet: every attempt fails
+    raw = rest_config(free_port())
+    async with running_engine(raw) as eng:
+        rest = Rest(eng)
+        code, call = await rest("POST", "/Calls.json", To="1000", From="+15550100",
+                                Twiml="<Response><Hangup/></Response>", StatusCallback=url,
+                                StatusCallbackEvent=["initiated", "answered", "completed"])
+        assert code == 201, call
+        await until_status(rest, call["sid"], "completed")
+    outbox = os.path.join(raw["engine"]["data_dir"], "rest", "callbacks.db")
+    assert os.stat(outbox).st_mode & 0o777 == 0o600
+
+    got: list[tuple[dict, str]] = []
+
+    async def status(request):
+        got.append((dict(await request.post()), request.headers.get("X-Twilio-Signature", "")))
+        return web.Response(text="")
+
+    app = web.Application()
+    app.router.add_post("/status", status)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with running_engine(raw):
+            for _ in range(200):
+                if len(got) >= 3:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+    finally:
+        await runner.cleanup()
+    # Each once, in the call's order, signed as Twilio signs them.
+    assert [(f["CallSid"], f["SequenceNumber"], f["CallStatus"]) for f, _ in got] == [
+        (call["sid"], "0", "initiated"), (call["sid"], "1", "in-progress"),
+        (call["sid"], "2", "completed")]
+    validator = RequestValidator(TOKEN)
+    assert all(validator.validate(url, form, sig) for form, sig in got)
