@@ -51,11 +51,19 @@ class Rest:
                 return r.status, body
 
 
-async def invite_at(peer: UdpClient, timeout: float = 5.0):
+async def rung_busy(eng, peer: UdpClient, uri: str, **form) -> None:
+    """POST Calls.json with `form`: `peer` gets the INVITE for `uri`, answers busy,
+    and the call ends `busy`."""
+    rest = Rest(eng)
+    code, call = await rest("POST", "/Calls.json", From="+15550100", Twiml=TWIML, **form)
+    assert code == 201, call
     while True:
-        m = await peer.recv(timeout)
-        if m.is_request and m.method == "INVITE":
-            return m
+        req = await peer.recv(5.0)
+        if req.is_request and req.method == "INVITE":
+            break
+    assert req.uri == uri
+    busy(peer, req, eng.sip_port)
+    await until_status(rest, call["sid"], "busy")
 
 
 def busy(peer: UdpClient, req, port: int) -> None:
@@ -82,21 +90,10 @@ async def test_calls_reach_trunks_and_registered_users_with_the_toll_fraud_check
     async with running_engine(rest_config(trunk.local_port)) as eng:
         rest = Rest(eng)
         # A number that is not the engine's goes out through the account's first trunk.
-        code, call = await rest("POST", "/Calls.json", To="+15551234567", From="+15550100",
-                                Twiml=TWIML)
-        assert code == 201, call
-        req = await invite_at(trunk)
-        assert req.uri == "sip:+15551234567@127.0.0.1"
-        busy(trunk, req, eng.sip_port)
-        await until_status(rest, call["sid"], "busy")
+        await rung_busy(eng, trunk, "sip:+15551234567@127.0.0.1", To="+15551234567")
         # `Trunk` names another of the account's trunks (its prefix stands for the "+").
-        code, call = await rest("POST", "/Calls.json", To="+15551234567", From="+15550100",
-                                Twiml=TWIML, Trunk="spare")
-        assert code == 201, call
-        req = await invite_at(trunk)
-        assert req.uri == "sip:0015551234567@127.0.0.1"
-        busy(trunk, req, eng.sip_port)
-        await until_status(rest, call["sid"], "busy")
+        await rung_busy(eng, trunk, "sip:0015551234567@127.0.0.1", To="+15551234567",
+                        Trunk="spare")
 
         # The toll-fraud checks `Dial` passes: a destination outside `allow`, a
         # trunk the account may not use, an account with no trunk at all.
@@ -117,12 +114,7 @@ async def test_calls_reach_trunks_and_registered_users_with_the_toll_fraud_check
         alice = UdpClient("127.0.0.1", eng.sip_port)
         await register(alice, eng.sip_port, "alice", "alice-secret-1")
         for to in ("client:alice", "alice", "sip:alice@127.0.0.1"):
-            code, call = await rest("POST", "/Calls.json", To=to, From="+15550100", Twiml=TWIML)
-            assert code == 201, call
-            req = await invite_at(alice)
-            assert req.uri == f"sip:tester@127.0.0.1:{alice.local_port}"
-            busy(alice, req, eng.sip_port)
-            await until_status(rest, call["sid"], "busy")
+            await rung_busy(eng, alice, f"sip:tester@127.0.0.1:{alice.local_port}", To=to)
         # Nothing went to the trunk meanwhile, and no outbound call is left counted.
         while True:
             try:
