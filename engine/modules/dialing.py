@@ -52,19 +52,20 @@ class OutboundDenied(Exception):
 class Outbound:
     """One account's (or vendor's) `outbound` table."""
     trunks: frozenset = frozenset()
-    trunk_order: tuple = ()     # the same trunks in the config's order (the first is the default)
     allow: tuple = ()
     deny: tuple = ()
     premium: bool = False
     sip_hosts: tuple = ()
     max_concurrent: int | None = None
     max_spend_per_hour: int | None = None   # micro-units of the account's currency
+    trunk_order: tuple = ()     # the same trunks in the config's order (the first is the default)
 
 
 DENY_ALL = Outbound()
 
 KEYS = {
-    "trunks": ("list of strings", "[trunks.NAME] this account may dial through (default: none)"),
+    "trunks": ("list of strings", "[trunks.NAME] this account may dial through (default: none; "
+                                  "the first is the REST API's trunk when a call names none)"),
     "allow": ("list of strings", "E.164 prefixes it may dial through a trunk, e.g. \"+1\", "
                                  "\"+44\" (default: none)"),
     "deny": ("list of strings", "E.164 prefixes refused even when allowed, e.g. \"+1268\""),
