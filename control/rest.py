@@ -41,7 +41,8 @@ from control.sessions_api import SessionsService
 from engine.common import clock
 from engine.media.files import find_recording
 from engine.common.net import format_hostport
-from engine.sessions.dialing import OutboundDenied, permit
+from engine.common.webhooks import Message, Outbox
+from engine.sessions.dialing import OutboundDenied, permit, trunk_route
 from engine.modules.instructions.fetch import signed_headers, twilio_signature, with_query
 from engine.sessions.originate import Origination, PortsExhausted
 from engine.sip.uri import party
@@ -56,6 +57,7 @@ MAX_BODY = 64 * 1024          # bytes of a request body (Twiml included)
 HANDLERS = 4                  # REST handlers running at once (the rest wait their turn)
 MAX_CALLS = 10_000            # call records kept for Calls.json besides the engine's
 MAX_RECORDINGS = 10_000
+RECORD_MAX = 1800             # seconds of a Record=true recording (8 kHz, 16-bit in memory)
 CALLBACK_DELAYS = (0.5, 1.0, 2.0, 4.0)   # seconds before each retry of a status callback
 CALLBACK_EVENTS = ("initiated", "ringing", "answered", "completed")
 MORE_INFO = "https://www.twilio.com/docs/errors/{}"
@@ -131,7 +133,8 @@ class RestCall:
         self.callback: tuple | None = None     # (url, method, events)
         self.seq = 0
         self.queue: asyncio.Queue | None = None
-        self.sender: asyncio.Task | None = None
+        self.record = False                    # Record=true: the whole call is recorded
+        self.recording = None                  # its engine.media.recording.Recording
 
 
 class RestApi:
@@ -168,6 +171,8 @@ class RestApi:
             self.by_sid.setdefault(acc_id, acc_id)
             self.creds[acc_id] = (sid, raw.get("auth_token"), raw.get("secret"))
         engine.listeners.append(self._on_event)
+        self.outbox = callback_outbox(engine.cfg.data_dir)
+        self._resume_callbacks()
 
     # -- auth -------------------------------------------------------------------------
     def authenticate(self, request, url_sid: str) -> str:
@@ -212,30 +217,88 @@ class RestApi:
         return f"{API}/Accounts/{self.account_sid(account)}"
 
     # -- calls ------------------------------------------------------------------------
-    def _to_uri(self, to: str) -> str:
+    def _destination(self, account: str, to: str, trunk: str) -> tuple[str, dict, object]:
+        """(Request-URI, OutgoingCall route, outbound Grant) of calling `To`, as `Dial`
+        reaches it: a number of this engine, a registered user (`client:NAME`, a
+        `[users]` name, or `sip:NAME@` this engine with a binding), a SIP URI, or a
+        phone number through a trunk (`Trunk`, else the first of the account's
+        `outbound.trunks`), each checked by `dialing.permit`."""
         engine = self.engine
+        cfg = engine.cfg
+        own = format_hostport(cfg.advertise, engine.sip_port)
         low = to.lower()
+        if low.startswith("client:") or (to in cfg.users and to not in cfg.numbers):
+            user = to.split(":", 1)[1] if low.startswith("client:") else to
+            return self._registered(account, to, user, f"sip:{user}@{own}")
         if low.startswith(("sip:", "sips:")):
-            from engine.sip.uri import sip_uri
+            from engine.sip.uri import parse_uri, sip_uri
 
             try:
                 sip_uri(to, "To")
+                u = parse_uri(to)
             except ValueError as exc:
                 raise bad("To", f"{to[:60]!r} is not a SIP URI ({exc})", 21211) from None
-            return to
+            host = (u.host or "").lower().strip("[]")
+            if u.user and host in (cfg.advertise.lower(), cfg.sip_host.lower()) \
+                    and u.user not in cfg.numbers and self._bindings(to, u.user):
+                return self._registered(account, to, u.user, to)
+            return to, {}, self._permit(account, to, to, None)
         number = to[4:] if low.startswith("tel:") else to
         if not _NUMBER.fullmatch(number):
-            raise bad("To", f"{to[:60]!r} is not a phone number or SIP URI", 21211)
-        if number in engine.cfg.numbers:
-            return f"sip:{number}@{format_hostport(engine.cfg.advertise, engine.sip_port)}"
-        raise bad("To", f"{number} is not a number of this engine (give a SIP URI for "
-                        "anything else)", 21211)
+            raise bad("To", f"{to[:60]!r} is not a phone number, client or SIP URI", 21211)
+        if number in cfg.numbers:
+            if trunk:
+                raise bad("Trunk", f"{number} is a number of this engine, not dialled "
+                                   "through a trunk", 21211)
+            uri = f"sip:{number}@{own}"
+            return uri, {}, self._permit(account, to, uri, None)
+        perm = getattr(cfg.accounts[account], "outbound", None)
+        order = perm.trunk_order if perm is not None else ()
+        name = trunk or (order[0] if order else "")
+        if not name:
+            raise RestError(403, 21215, f"To: {number} is not a number of this engine and "
+                                        f"account {account} may dial through no trunk")
+        grant = self._permit(account, to, number, name)
+        try:
+            uri, dest, transport, creds, _ = trunk_route(cfg, name, number)
+        except ValueError as exc:
+            grant.release()
+            raise bad("To", f"{number}: {exc}", 21211) from None
+        return uri, {"destination": dest, "transport": transport, "credentials": creds}, grant
+
+    def _bindings(self, aor: str, user: str) -> list:
+        reg = self.engine.sip.registrar
+        if reg is None:
+            return []
+        return reg.bindings_of(user) or reg.lookup(aor)
+
+    def _registered(self, account: str, to: str, user: str, aor: str):
+        """A registered user of this engine: dialled where their newest binding is."""
+        from engine.sip.uri import check_user_part
+
+        try:
+            check_user_part(user, "To")
+        except ValueError as exc:
+            raise bad("To", str(exc), 21211) from None
+        found = self._bindings(aor, user)
+        if not found:
+            raise bad("To", f"{user[:60]!r} is not registered with this engine now", 21217)
+        b = max(found, key=lambda b: b.expires_at)
+        grant = self._permit(account, to, aor, None)
+        return b.contact, {"destination": b.source, "transport": b.transport}, grant
+
+    def _permit(self, account: str, to: str, dialled: str, trunk: str | None):
+        """`dialing.permit` (the toll-fraud checks every dial passes); 403 when refused."""
+        try:
+            return permit(self.engine, account, dialled, trunk)
+        except OutboundDenied as exc:
+            raise RestError(403, 21215, f"To: {to[:60]}: {exc}") from None
 
     async def create_call(self, account: str, form) -> RestCall:
         engine = self.engine
         allowed = {"To", "From", "Url", "Method", "Twiml", "ApplicationSid", "FallbackUrl",
                    "FallbackMethod", "StatusCallback", "StatusCallbackEvent",
-                   "StatusCallbackMethod", "Timeout", "Record", "CallerId"}
+                   "StatusCallbackMethod", "Timeout", "Record", "CallerId", "Trunk"}
         _only(form, allowed)
         to = _one(form, "To")
         if not to:
@@ -243,7 +306,6 @@ class RestApi:
         frm = _one(form, "From") or _one(form, "CallerId")
         if not frm:
             raise bad("From", "required", 21213)
-        to_uri = self._to_uri(to)
         if frm.lower().startswith(("sip:", "sips:")):
             from engine.sip.uri import from_address
 
@@ -290,13 +352,12 @@ class RestApi:
             _check_url("StatusCallback", callback, 21609)
         cb_method = _method(form, "StatusCallbackMethod")
         record = _one(form, "Record").lower()
-        if record not in ("", "false"):
-            raise bad("Record", "recording a whole call is not supported yet; use <Record> in "
-                                "the call's TwiML" if record == "true" else "true or false", 21229)
-        try:
-            grant = permit(engine, account, to_uri.replace("{self}", ""))
-        except OutboundDenied as exc:
-            raise RestError(403, 21215, f"To: {to}: {exc}") from None
+        if record not in ("", "false", "true"):
+            raise bad("Record", f"{record[:20]!r} is not true or false", 21229)
+        trunk = _one(form, "Trunk")
+        if trunk and not _SID.fullmatch(trunk):
+            raise bad("Trunk", f"{trunk[:60]!r} is not a trunk name", 21211)
+        to_uri, route, grant = self._destination(account, to, trunk)
         rc: RestCall | None = None
 
         def progress(step: str) -> None:
@@ -304,8 +365,9 @@ class RestApi:
                 self._progress(rc, step)
 
         o = Origination(engine, account, to_uri, party(to_uri), from_uri, target, app, params,
-                        float(timeout), grant, progress)
+                        float(timeout), grant, progress, route)
         rc = RestCall(o.session.id, account, party(to), party(from_uri), o)
+        rc.record = record == "true"
         if callback:
             rc.callback = (callback, cb_method, set(events or ["completed"]))
         self._keep(rc)
@@ -342,6 +404,8 @@ class RestApi:
         if step == "ringing":
             self._callback(rc, "ringing")
         elif step == "answered":
+            if rc.record:
+                self._record_call(rc)
             self._callback(rc, "answered")
         else:
             self._callback(rc, "completed")
@@ -350,13 +414,41 @@ class RestApi:
         if event == "ended":
             rc = self.calls.get(session.id)
             if rc is not None:
+                if rc.recording is not None:
+                    rc.recording.stop("hangup")
                 self._progress(rc, "completed")
         elif event == "recording" and detail.get("sid"):
-            self.recordings[detail["sid"]] = {
-                "sid": detail["sid"], "call_sid": session.id, "account": session.account,
-                "duration": detail.get("duration") or 0, "wall_ns": clock.wall_ns()}
-            while len(self.recordings) > MAX_RECORDINGS:
-                self.recordings.popitem(last=False)
+            self._add_recording(detail["sid"], session.id, session.account,
+                                detail.get("duration") or 0, "RecordVerb")
+
+    def _add_recording(self, sid: str, call: str, account: str, duration: float,
+                       source: str) -> None:
+        self.recordings[sid] = {"sid": sid, "call_sid": call, "account": account,
+                                "duration": duration, "wall_ns": clock.wall_ns(),
+                                "source": source}
+        while len(self.recordings) > MAX_RECORDINGS:
+            self.recordings.popitem(last=False)
+
+    def _record_call(self, rc: RestCall) -> None:
+        """Record=true: the engine's recorder on the answered leg, from the answer
+        to the hang-up (what the called party sends, 8 kHz mono WAV, at most
+        RECORD_MAX seconds); it is one of the call's Recordings once written."""
+        from engine.media.files import recording_path
+        from engine.media.recording import Recording
+
+        session = rc.origination.session
+        if not session.legs:
+            return
+        path = recording_path(self.engine.cfg.data_dir, rc.account)
+        sid = os.path.basename(path)[:-4]
+
+        def written(result: dict) -> None:
+            if result["reason"] != "write-failed":
+                self._add_recording(sid, rc.sid, rc.account, result["duration"], "OutboundAPI")
+
+        rc.recording = Recording(session.legs[0], path, max_length=RECORD_MAX, silence=0,
+                                 finish_on_key="", beep=False, on_done=written)
+        rc.recording.start()
 
     def find(self, account: str, sid: str):
         """(RestCall or None, Session or None) of the account's call `sid`; 404 otherwise."""
@@ -512,7 +604,7 @@ class RestApi:
                 "currency": b.balance.currency}
 
     async def usage(self, account: str, start: str, end: str, category: str) -> list[dict]:
-        """Usage records: one per (period, module, item) of the account's invoices,
+        """Usage records: one per (period, module, level, item) of the account's invoices,
         as the accountant rated them (gRPC `Billing.Invoice`)."""
         from engine.accounting.config import PeriodClock
 
@@ -537,11 +629,14 @@ class RestApi:
             inv = await _servicer(self.billing.Invoice, bp.InvoiceRequest(account=account,
                                                                           period=label), account)
             for line in inv.lines:
-                cat = f"{line.module}/{line.item}"
-                if category and category not in (cat, line.module):
+                cat = usage_category(line.module, line.level, line.item)
+                if category and category not in (cat, line.module, line.level):
                     continue
+                level = f" at {line.level} level" if line.level else ""
                 out.append({"account_sid": self.account_sid(account), "category": cat,
-                            "description": f"{line.module}: {line.item} ({line.plan})",
+                            "description": f"{line.module}: {line.item}{level} ({line.plan})",
+                            "baton_module": line.module, "baton_level": line.level or None,
+                            "baton_item": line.item,
                             "start_date": label, "end_date": label, "count": str(line.transactions),
                             "count_unit": "transactions", "usage": line.quantity,
                             "usage_unit": line.unit, "price": line.amount.amount,
@@ -556,7 +651,8 @@ class RestApi:
         return {"sid": r["sid"], "account_sid": self.account_sid(account),
                 "call_sid": r["call_sid"], "date_created": rfc2822(r["wall_ns"]),
                 "date_updated": rfc2822(r["wall_ns"]), "start_time": rfc2822(r["wall_ns"]),
-                "duration": str(int(round(r["duration"]))), "channels": 1, "source": "RecordVerb",
+                "duration": str(int(round(r["duration"]))), "channels": 1,
+                "source": r.get("source", "RecordVerb"),
                 "status": "completed", "price": None, "price_unit": "USD",
                 "api_version": "2010-04-01", "uri": base + ".json",
                 "media_url": f"{self.http_base()}{base}.wav" if self.http_base() else None}
@@ -596,23 +692,59 @@ class RestApi:
 
     def enqueue_callback(self, rc, url: str, method: str, form: dict, last: bool) -> None:
         """Send `form` to `url` after `rc`'s earlier callbacks (`rc`: a RestCall, or
-        anything with its `sid`, `account`, `queue` and `sender`); `last` ends them."""
+        anything with its `sid`, `account` and `queue`); `last` ends them. Stored before
+        it is sent, deleted once answered 2xx: a callback pending when the engine stops
+        is sent when it starts again (`_resume_callbacks`)."""
+        msg_id = f"{rc.sid}:{max(0, getattr(rc, 'seq', 1) - 1):06d}"
+        body = json.dumps({"call": rc.sid, "method": method, "form": form, "last": last})
+        if not self.outbox.exists():
+            # Created private before SQLite opens it (its -wal and -shm files follow).
+            os.makedirs(os.path.dirname(self.outbox.path), mode=0o700, exist_ok=True)
+            os.close(os.open(self.outbox.path, os.O_CREAT | os.O_RDWR, 0o600))
+        self.outbox.add(Message(msg_id, "call.status", rc.account, url, "", body.encode()),
+                        time.time())
         if rc.queue is None:
-            rc.queue = asyncio.Queue()
-            rc.sender = self.engine.loop.create_task(self._send_callbacks(rc))
-            self.tasks.add(rc.sender)
-            rc.sender.add_done_callback(self.tasks.discard)
-        rc.queue.put_nowait((url, method, form, last))
+            rc.queue = self._callback_sender(rc.account, rc.sid)
+        rc.queue.put_nowait((msg_id, url, method, form, last))
 
-    async def _send_callbacks(self, rc: RestCall) -> None:
-        """One call's (or text's) callbacks, one at a time in order, each retried
-        with back-off."""
+    def _callback_sender(self, account: str, sid: str) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        sender = self.engine.loop.create_task(self._send_callbacks(account, sid, queue))
+        self.tasks.add(sender)
+        sender.add_done_callback(self.tasks.discard)
+        return queue
+
+    def _resume_callbacks(self) -> None:
+        """The status callbacks a previous run left undelivered, each call's in order."""
+        if not self.outbox.exists():
+            return
+        queues: dict[str, asyncio.Queue] = {}
+        for m in sorted(self.outbox.due(float("inf"), MAX_CALLS * 8), key=lambda m: m.id):
+            try:
+                d = json.loads(m.body)
+                call, method, form, last = d["call"], d["method"], d["form"], d["last"]
+            except (ValueError, KeyError, TypeError):
+                log.warning("status callback %s: unreadable, dropped", m.id)
+                self.outbox.delivered(m.id)
+                continue
+            if m.account not in self.creds:
+                log.warning("status callback %s: account %s is gone, dropped", m.id, m.account)
+                self.outbox.delivered(m.id)
+                continue
+            if call not in queues:
+                queues[call] = self._callback_sender(m.account, call)
+            queues[call].put_nowait((m.id, m.url, method, form, last))
+        if queues:
+            log.info("resuming the status callbacks of %d calls", len(queues))
+
+    async def _send_callbacks(self, account: str, sid: str, queue: asyncio.Queue) -> None:
+        """One call's callbacks, one at a time in order, each retried with back-off."""
         import aiohttp
 
-        _, token, secret = self.creds[rc.account]
+        _, token, secret = self.creds[account]
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             while True:
-                url, method, form, last = await rc.queue.get()
+                msg_id, url, method, form, last = await queue.get()
                 target = with_query(url, form) if method == "GET" else url
                 body = {} if method == "GET" else form
                 for attempt in range(len(CALLBACK_DELAYS) + 1):
@@ -625,6 +757,7 @@ class RestApi:
                             await resp.read()
                             if 200 <= resp.status < 300:
                                 self.callbacks_sent += 1
+                                self.outbox.delivered(msg_id)
                                 break
                             error = f"HTTP {resp.status}"
                     except asyncio.CancelledError:
@@ -634,7 +767,10 @@ class RestApi:
                     if attempt == len(CALLBACK_DELAYS):
                         self.callbacks_failed += 1
                         log.warning("%s: status callback to %s failed %d times: %s",
-                                    rc.sid, url, attempt + 1, error)
+                                    sid, url, attempt + 1, error)
+                        # Kept in the outbox as failed, not sent again.
+                        self.outbox.retry(Message(msg_id, "call.status", account, url, "", b"",
+                                                  attempt + 1), error, None)
                         break
                     await asyncio.sleep(CALLBACK_DELAYS[attempt])
                 if last:
@@ -689,9 +825,25 @@ class RestApi:
         for t in list(self.tasks):
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.outbox.close()
 
 
 CALL_FINAL = ("completed", "busy", "no-answer", "failed", "canceled")
+
+
+def callback_outbox(data_dir: str) -> Outbox:
+    """The status callbacks not delivered yet: `DATA/rest/callbacks.db` (0600, in a
+    0700 directory; no secrets in it: signatures are made when sent)."""
+    return Outbox(os.path.join(data_dir, "rest", "callbacks.db"))
+
+
+def usage_category(module: str, level: str, item: str) -> str:
+    """A usage record's category, the seed's view of usage: time in control per
+    module and level (`baton.bridge/basic`, `acme.survey/service`), counted actions
+    per module and item (`baton.api.KEY/api_call`)."""
+    if item == "time" and level:
+        return f"{module}/{level}"
+    return f"{module}/{item}"
 
 
 def _unauthorized(message: str) -> RestError:
@@ -990,9 +1142,19 @@ def add_routes(app, engine) -> RestApi:
         return answer(page_json("recordings", f"{api.base(acc)}/Calls/{sid}/Recordings.json",
                                 recordings_of(acc, sid), page, size, {}))
 
+    public = bool((engine.cfg.raw.get("engine", {}) or {}).get("rest_recordings_public", False))
+
     async def recording(request):
-        acc = auth(request)
         sid, ext = request.match_info["rsid"], request.match_info["ext"]
+        if public and request.method == "GET" and ext == "wav":
+            # `[engine] rest_recordings_public`: the media needs no credentials (its
+            # name is 128-bit random); the account in the URL must still own it.
+            acc = api.by_sid.get(request.match_info["account"])
+            if acc is None or not _RECORDING.fullmatch(sid):
+                raise RestError(404, 20404, "The requested resource was not found")
+            _, path = api.recording(acc, sid)
+            return web.FileResponse(path, headers={"Content-Type": "audio/wav"})
+        acc = auth(request)
         if not _RECORDING.fullmatch(sid):
             raise RestError(404, 20404, f"The requested resource Recording {sid[:40]} was "
                                         "not found")

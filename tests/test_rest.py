@@ -263,10 +263,14 @@ def test_call_lifecycle_with_the_twilio_client(engine, app_server):
     assert exc.value.status == 404 and exc.value.code == 20404
     assert raw(engine, "GET", f"/2010-04-01/Accounts/{OTHER}/Recordings/{recs[0].sid}.json",
                auth=(OTHER, OTHER_TOKEN))[0] == 404
-    # Usage as the accountant metered it: the instructions module's time, per module.
+    # Usage per module and level (the seed's view): the TwiML's time is application level.
     records = wait_for(lambda: [r for r in client.usage.records.list()
-                                if r.category == "baton.instructions/time"], what="usage")
+                                if r.category == "baton.instructions/application"], what="usage")
     assert float(records[0].usage) > 0 and records[0].usage_unit
+    status, _, body = raw(engine, "GET", f"/2010-04-01/Accounts/{SID}/Usage/Records.json"
+                                          "?Category=application")
+    rows = json.loads(body)["usage_records"]
+    assert status == 200 and rows and {r["baton_level"] for r in rows} == {"application"}
     # Its cost, as the accountant priced it (the gRPC Sessions.Cost servicer's answer).
     cost = client.request("GET", f"{engine.http_url}/2010-04-01/Accounts/{SID}/Calls/"
                                  f"{call.sid}/Cost.json")

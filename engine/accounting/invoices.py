@@ -45,7 +45,7 @@ def invoice(ledger: Ledger, account: str, period: str, currency: str | None = No
         cur = r["currency"]
         amount = int(r["amount"])
         lines.append({
-            "module": r["module"], "item": r["item"], "plan": r["plan"],
+            "module": r["module"], "level": r["level"], "item": r["item"], "plan": r["plan"],
             "quantity": _quantity(int(r["quantity"]), r["unit"]), "unit": r["unit"],
             "unit_price": format_money(int(up)) if up is not None else None,
             "price": format_money(int(up)) if up is not None else r["plan"],

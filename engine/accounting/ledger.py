@@ -682,16 +682,18 @@ class Ledger:
             "JOIN classes c ON c.id = s.class_id GROUP BY c.account, c.currency, c.period")
 
     def invoice_rows(self, account: str, period: str) -> list[dict[str, Any]]:
-        """An account's transactions of a period summed per (module, item, plan,
-        unit, unit price, currency), from the summary table."""
+        """An account's transactions of a period summed per (module, level, item,
+        plan, unit, unit price, currency), from the summary table."""
         rows = self._query(
-            "SELECT c.module AS module, c.item AS item, c.plan AS plan, c.unit AS unit, "
+            "SELECT c.module AS module, c.level AS level, c.item AS item, c.plan AS plan, "
+            "c.unit AS unit, "
             "c.unit_price AS unit_price, c.currency AS currency, SUM(s.quantity) AS quantity, "
             "SUM(s.usage) AS usage, SUM(s.amount) AS amount, SUM(s.n) AS n "
             "FROM summary s JOIN classes c ON c.id = s.class_id "
             "WHERE c.account = ? AND c.period = ? "
-            "GROUP BY c.module, c.item, c.plan, c.unit, c.unit_price, c.currency "
-            "ORDER BY c.module, c.item, c.plan, c.unit, c.unit_price", (account, period))
+            "GROUP BY c.module, c.level, c.item, c.plan, c.unit, c.unit_price, c.currency "
+            "ORDER BY c.module, c.level, c.item, c.plan, c.unit, c.unit_price",
+            (account, period))
         for r in rows:
             if r["unit_price"] == NO_PRICE:
                 r["unit_price"] = None

@@ -98,7 +98,8 @@ def invoice_pb(doc: dict):
     out = bp.AccountInvoice(account=doc["account"], period=doc["period"],
                             currency=doc["currency"] or "")
     for ln in doc["lines"]:
-        line = bp.InvoiceLine(module=ln["module"], item=ln["item"], plan=ln["plan"],
+        line = bp.InvoiceLine(module=ln["module"], level=ln.get("level", ""), item=ln["item"],
+                              plan=ln["plan"],
                               quantity=ln["quantity"], unit=ln["unit"],
                               amount=money_pb(ln["amount_micro"], ln["currency"]),
                               transactions=ln["transactions"])

@@ -147,6 +147,8 @@ SCHEMA = {
         "accountant_metrics_addr": (str, "HOST:PORT serving /metrics of the accountant child"),
         "grpc": (bool, "serve the gRPC control API (default true)"),
         "rest": (bool, "serve the REST API on http_addr (default true)"),
+        "rest_recordings_public": (bool, "REST Recordings/{Sid}.wav is served without credentials "
+                                         "(default false: the account's credentials)"),
         "http_addr": (str, "HTTP address HOST:PORT: recordings (RecordingUrl) and the REST API"),
         "grpc_tls_cert": (str, "PEM certificate for the gRPC server (enables TLS)"),
         "grpc_tls_key": (str, "PEM private key for the gRPC server"),

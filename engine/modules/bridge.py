@@ -24,7 +24,7 @@ from engine.sip.errors import SdpError
 from engine.sip.uac import OutgoingCall, UacOwner
 from engine.sip.uri import check_user_part, sip_uri
 from engine.modules.base import Module, answer_media
-from engine.sessions.dialing import OutboundDenied, permit
+from engine.sessions.dialing import OutboundDenied, permit, trunk_route
 
 log = logging.getLogger("baton.modules.bridge")
 
@@ -168,18 +168,7 @@ class BridgeModule(Module):
         trunk_name = ctl.params.get("trunk")
         cfg = self.engine.cfg
         if trunk_name:
-            trunk = cfg.trunks.get(trunk_name)
-            if trunk is None:
-                raise ValueError(f"no trunk {trunk_name!r}")
-            number = to[4:] if to.startswith("tel:") else to
-            if trunk.prefix and number.startswith("+"):
-                number = number[1:]  # the prefix (e.g. "00") stands for the "+"
-            number = trunk.prefix + number
-            check_user_part(number, "to")
-            target = f"sip:{number}@{trunk.domain}"
-            creds = (trunk.username, trunk.password) if trunk.username else None
-            return (target, (trunk.host, trunk.port), trunk.transport.upper(), creds,
-                    trunk.domain, to)
+            return (*trunk_route(cfg, trunk_name, to), to)
         if not to.startswith(("sip:", "sips:")):
             raise ValueError(f"cannot dial {to[:60]!r} without a trunk")
         sip_uri(to, "to")

@@ -58,12 +58,14 @@ class Outbound:
     sip_hosts: tuple = ()
     max_concurrent: int | None = None
     max_spend_per_hour: int | None = None   # micro-units of the account's currency
+    trunk_order: tuple = ()     # the same trunks in the config's order (the first is the default)
 
 
 DENY_ALL = Outbound()
 
 KEYS = {
-    "trunks": ("list of strings", "[trunks.NAME] this account may dial through (default: none)"),
+    "trunks": ("list of strings", "[trunks.NAME] this account may dial through (default: none; "
+                                  "the first is the REST API's trunk when a call names none)"),
     "allow": ("list of strings", "E.164 prefixes it may dial through a trunk, e.g. \"+1\", "
                                  "\"+44\" (default: none)"),
     "deny": ("list of strings", "E.164 prefixes refused even when allowed, e.g. \"+1268\""),
@@ -119,7 +121,8 @@ def parse(table, where: str, account: bool = True) -> Outbound:
         if amount is None or not amount.is_finite() or amount < 0:
             raise ValueError(f"{where}.max_spend_per_hour: an amount such as \"5.00\"")
         micro = int(amount * 1_000_000)
-    return Outbound(trunks=frozenset(strings("trunks")), allow=prefixes["allow"],
+    return Outbound(trunks=frozenset(strings("trunks")), trunk_order=tuple(strings("trunks")),
+                    allow=prefixes["allow"],
                     deny=prefixes["deny"], premium=premium,
                     sip_hosts=tuple(h.lower() for h in strings("sip_hosts")),
                     max_concurrent=conc, max_spend_per_hour=micro)
@@ -229,6 +232,24 @@ def permit(engine, account: str, to: str, trunk: str | None = None,
         return None
     counts[account] += 1
     return Grant(counts, account)
+
+
+def trunk_route(cfg, name: str, to: str) -> tuple[str, tuple, str, tuple | None, str]:
+    """(Request-URI, (host, port), transport, credentials, domain) of dialling the
+    number `to` through `[trunks.NAME]`; ValueError for an unknown trunk or a bad number."""
+    from engine.sip.uri import check_user_part
+
+    trunk = cfg.trunks.get(name)
+    if trunk is None:
+        raise ValueError(f"no trunk {name!r}")
+    number = to[4:] if to.startswith("tel:") else to
+    if trunk.prefix and number.startswith("+"):
+        number = number[1:]  # the prefix (e.g. "00") stands for the "+"
+    number = trunk.prefix + number
+    check_user_part(number, "to")
+    creds = (trunk.username, trunk.password) if trunk.username else None
+    return (f"sip:{number}@{trunk.domain}", (trunk.host, trunk.port), trunk.transport.upper(),
+            creds, trunk.domain)
 
 
 def new_counters():

@@ -4,7 +4,8 @@ REST `POST Calls.json` both run this.
 `Origination(engine, ...)` makes the session at once (its id is the CallSid
 the REST API answers before the far end does); `await run()` dials, waits for
 the outcome and, when answered, starts the session in its app or module.
-`progress` (optional) hears each step: "ringing", "answered", or the failure
+`route` (optional) is where the INVITE goes when not to the URI's host: a
+trunk's proxy or a registered user's binding. `progress` (optional) hears each step: "ringing", "answered", or the failure
 outcome ("busy", "no-answer", "failed", "canceled").
 """
 from __future__ import annotations
@@ -41,8 +42,11 @@ class Origination(UacOwner):
 
     def __init__(self, engine, account: str, to: str, user: str, from_uri: str, target: str,
                  app, params: dict, ring: float, grant,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, route: dict | None = None):
         self.engine = engine
+        # OutgoingCall's destination, transport and credentials: a trunk's proxy, or
+        # where a registered user's binding came from.
+        self.route = route or {}
         self.to = to
         self.target = target
         self.app = app
@@ -94,7 +98,8 @@ class Origination(UacOwner):
             raise
         leg.sdp_version = 1
         offer = sdp.build(engine.media_address, leg.ports.port, None, leg.sdp_id, 1)
-        call = OutgoingCall(engine.sip, self.to, from_uri=session.from_uri, sdp=offer, owner=self)
+        call = OutgoingCall(engine.sip, self.to, from_uri=session.from_uri, sdp=offer, owner=self,
+                            **self.route)
         leg.call = call
         if self.canceled:
             leg.release()
