@@ -153,6 +153,10 @@ class LoadCall(UacOwner):
         media = self.gen.media
         self.stream = media.stream(self.ports.rtp, neg.payload_type, neg.dtmf_pt)
         self.stream.set_remote(self.gen.media_address(neg.remote_addr), neg.remote_port)
+        if self.gen.opts.media_to:
+            # Through a relay: latching onto the far end's own address (RFC 4961) would
+            # go around it, so only what comes from the relay is taken.
+            self.stream.symmetric = False
         self.ch = media.channel(self.stream, self)
         self.ch.silence()           # a continuous stream from the answer on: loss is measurable
         if self.gen.inband:
