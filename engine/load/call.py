@@ -63,6 +63,7 @@ class CallRecord:
     prompts_heard: int = 0
     outcome: str = ""                    # the scenario's path: node:outlet, ...
     codec: str = ""
+    late_ticks: int = 0                  # generator media ticks skipped while the call had media
     error: str = ""
     path: list = field(default_factory=list)
 
@@ -86,6 +87,7 @@ class LoadCall(UacOwner):
         self.ports = None
         self.stream = None
         self.ch = None
+        self.late0 = 0
         self.t0 = 0.0
         self.t_answer = 0.0
         self.digits_heard: list[str] = []
@@ -153,8 +155,13 @@ class LoadCall(UacOwner):
         media = self.gen.media
         self.stream = media.stream(self.ports.rtp, neg.payload_type, neg.dtmf_pt)
         self.stream.set_remote(self.gen.media_address(neg.remote_addr), neg.remote_port)
+        if self.gen.opts.media_to:
+            # Through a relay: latching onto the far end's own address (RFC 4961) would
+            # go around it, so only what comes from the relay is taken.
+            self.stream.symmetric = False
         self.ch = media.channel(self.stream, self)
         self.ch.silence()           # a continuous stream from the answer on: loss is measurable
+        self.late0 = media.late_ticks
         if self.gen.inband:
             self.ch.detect_dtmf(True)
 
@@ -249,6 +256,9 @@ class LoadCall(UacOwner):
                 rec.r_factor = round(emodel.r_factor(rec.loss_pct or 0.0, d, rec.codec), 2)
                 rec.mos = round(emodel.mos(rec.r_factor), 3)
             if self.ch is not None:
+                # A skipped tick sent nothing and heard nothing: this call's audio has a
+                # hole the generator made, not the target (the media figures are suspect).
+                rec.late_ticks = self.gen.media.late_ticks - self.late0
                 self.ch.recorder = None
                 self.gen.media.drop_channel(self.ch)
             self.gen.media.release(self.stream)

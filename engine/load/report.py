@@ -84,6 +84,7 @@ def summary(gen) -> dict:
         # Ticks of the generator's own media clock it ran too late to send: when not 0,
         # the generator (not the target) lost audio, and the media figures say so.
         "generator_late_ticks": gen.media.late_ticks if gen.media is not None else None,
+        "calls_with_late_ticks": sum(1 for r in answered if r.late_ticks),
         "elapsed_s": round(gen.elapsed, 3),
     }
 
