@@ -150,6 +150,10 @@ class SpeechCache:
         self.renders = 0
         self.hits = 0
         self._sem = asyncio.Semaphore(max_concurrent)
+        # One tenant may hold all but one espeak-ng slot, so another tenant's prompt
+        # never waits behind a flood of someone else's renderings.
+        self.per_tenant = max(1, max_concurrent - 1)
+        self._tenant_sems: dict[str, asyncio.Semaphore] = {}
         self._memory = LRU(memory_items, memory_bytes)
         self._inflight: dict[Hashable, asyncio.Task] = {}
         self._variants: frozenset[str] | None = None
@@ -165,13 +169,15 @@ class SpeechCache:
         return hashlib.sha256(blob.encode()).hexdigest()[:40]
 
     async def say(self, text: str, voice: str = "en", rate_wpm: int = 160,
-                  pitch: int | None = None, language: str | None = None) -> np.ndarray:
+                  pitch: int | None = None, language: str | None = None,
+                  tenant: str | None = None) -> np.ndarray:
         """Speech for text as 8 kHz int16 (read-only, shared: copy to modify).
 
         voice and language are mapped by `espeak_voice`. rate_wpm is 80..450,
         pitch 0..99 (espeak-ng's default 50 when None). Raises AudioError for
         empty or over-long text, an unknown voice, or a failed or timed-out
-        rendering.
+        rendering. `tenant` (an account) may hold at most `per_tenant` of the
+        espeak-ng slots at once.
         """
         if not isinstance(text, str) or not text.strip():
             raise AudioError("nothing to say: empty text")
@@ -188,10 +194,11 @@ class SpeechCache:
             self.hits += 1
             return pcm
         return await shared_load(self._inflight, key,
-                             lambda: self._fetch(key, text, voice, ev, int(rate_wpm), pitch))
+                             lambda: self._fetch(key, text, voice, ev, int(rate_wpm), pitch,
+                                                 tenant))
 
     async def _fetch(self, key: str, text: str, voice: str, ev: str, rate: int,
-                     pitch: int | None) -> np.ndarray:
+                     pitch: int | None, tenant: str | None = None) -> np.ndarray:
         loop = asyncio.get_running_loop()
         path = os.path.join(self.cache_dir, key + ".wav")
         pcm = await loop.run_in_executor(None, _read_cached, path)
@@ -199,7 +206,7 @@ class SpeechCache:
             self.hits += 1
             await loop.run_in_executor(None, self._disk_used, path)
         else:
-            pcm = await self._render(text, voice, ev, rate, pitch, key)
+            pcm = await self._render(text, voice, ev, rate, pitch, key, tenant)
             try:
                 await loop.run_in_executor(None, write_wav_sync, path, pcm, RATE)
                 await loop.run_in_executor(None, self._disk_used, path)
@@ -238,7 +245,7 @@ class SpeechCache:
                     pass
 
     async def _render(self, text: str, voice: str, ev: str, rate: int, pitch: int | None,
-                      key: str) -> np.ndarray:
+                      key: str, tenant: str | None = None) -> np.ndarray:
         await self._check_variant(voice, ev)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, functools.partial(os.makedirs, self.cache_dir, exist_ok=True))
@@ -249,7 +256,10 @@ class SpeechCache:
         # Text on stdin, not argv: it stays out of `ps` and cannot look like an option.
         cmd += ["-w", tmp, "--stdin"]
         try:
-            async with self._sem:
+            mine = self._tenant_sems.get(tenant or "")
+            if mine is None:
+                mine = self._tenant_sems[tenant or ""] = asyncio.Semaphore(self.per_tenant)
+            async with mine, self._sem:
                 self.renders += 1
                 rc, _, err = await _run(cmd, text.encode("utf-8"), self.timeout)
             if rc != 0:

@@ -23,7 +23,7 @@ async def render(ctl, text: str | None = None, file: str | None = None, voice: s
             if file is None:
                 raise AudioError(NO_SUCH_FILE)
         return await load_wav(file)
-    kwargs = {"voice": voice}
+    kwargs = {"voice": voice, "tenant": ctl.session.account}
     if language:
         kwargs["language"] = language
     pcm = await engine.speech.say(text or "", **kwargs)
