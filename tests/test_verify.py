@@ -24,6 +24,7 @@ PROMPT = "Please enter your verification code, then press pound."
 INVALID = "That code is not correct. Please try again."
 VERIFIED = "Thank you. Your code is verified."
 FAILED = "Sorry, the code could not be verified. Goodbye."
+MISSING = "Sorry, there is no code to verify for this number. Goodbye."
 EXPIRED = "Sorry, this code has expired. Goodbye."
 DIGITS = [str(d) for d in range(10)]
 
@@ -34,7 +35,7 @@ start = "check"
 [apps.verify.nodes.check]
 module = "baton.verify"
 outlets = { verified = "welcome", failed = "hangup", expired = "hangup" }
-params = { timeout = 3, retries = 1 }
+params = { timeout = 3, retries = 1, trust_from = true }
 
 [apps.verify.nodes.welcome]
 module = "baton.play"
@@ -42,8 +43,8 @@ params = { text = "Welcome." }
 """
 
 
-def _config(tmp_path) -> str:
-    return write_config(tmp_path, APP, {"2300": '{ app = "verify" }'})
+def _config(tmp_path, app: str = APP) -> str:
+    return write_config(tmp_path, app, {"2300": '{ app = "verify" }'})
 
 
 def _stubs(ch):
@@ -61,6 +62,7 @@ def _stubs(ch):
     ({"prompt": ""}, "params.prompt: a non-empty string"),
     ({"timeout": 0}, "params.timeout: a number from 0.5 to 120"),
     ({"pin": "1234"}, "params.pin: unknown key"),
+    ({"trust_from": "yes"}, "params.trust_from: true or false"),
 ])
 def test_bad_params_are_refused_at_load(params, error):
     cfg = engine_config()
@@ -468,4 +470,30 @@ async def test_codes_expire(tmp_path):
                                       metadata=metadata())
             assert info.end_reason == "outlet:expired"
             assert pb.from_struct(info.params)["VerifyStatus"] == "expired"
+        finish(eng)
+
+
+@pytest.mark.interop
+async def test_an_inbound_callers_from_proves_nothing_unless_trusted(tmp_path):
+    # Without trust_from, and not from a trusted trunk, anyone could send the number's
+    # From: the module refuses before it asks for a code, and the code stays pending.
+    pytest.importorskip("pjsua2")
+    with engine_process(_config(tmp_path, APP.replace(", trust_from = true", ""))) as eng:
+        await prerender(eng, MISSING)
+        async with control(eng) as ch, Watcher(ch) as w:
+            pb, verify, sessions = _stubs(ch)
+            sv = pb.services_pb2
+            v = await _create_inbound(verify, sv)
+            r = await peer("call", "--number", "2300", "--steps", f"w1.5,{v.code},w6",
+                           engine=eng, log=tmp_path / "pjsip.log")
+            assert r["hung_up_by"] == "engine", r["_context"]
+            await w.wait(lambda: w.of("ended"), what="the end of the call")
+            sid = w.of("ended")[0].session_id
+            info = await sessions.Get(pb.sessions_pb2.GetRequest(session_id=sid),
+                                      metadata=metadata())
+            assert pb.from_struct(info.params)["VerifyReason"] == "untrusted-caller"
+            assert info.end_reason == "outlet:failed"
+            got = await verify.Get(sv.VerifyGetRequest(verification_id=v.verification_id),
+                                   metadata=metadata())
+            assert got.status == "pending" and got.attempts == 0
         finish(eng)

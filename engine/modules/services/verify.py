@@ -23,7 +23,12 @@ address cancels its earlier pending codes. Every outcome (`verified`,
 `failed`, `expired`) is a `verify.result` session event (Watch); the module
 also leaves through the outlet of the same name.
 
-Node params (collect mode): `prompt`, `invalid_prompt`, `verified_prompt`,
+An inbound call proves its number only where the From can be believed: the
+call came from a trunk marked `trusted = true`, or the node sets `trust_from =
+true` because an authenticating front door (an SBC) asserts the From before the
+engine; otherwise the module ends `failed` (VerifyReason `untrusted-caller`).
+
+Node params (collect mode): `trust_from`, `prompt`, `invalid_prompt`, `verified_prompt`,
 `failed_prompt`, `expired_prompt`, `missing_prompt` (no code is pending for
 the caller), `timeout` (seconds, default 10), `retries` (prompts repeated
 when nothing is keyed in, default 2), `voice`, `language`. Keys end with `#`
@@ -45,6 +50,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from engine.common.guard import trusted_source
 from engine.modules.services.prompting import (Prompter, PromptingModule, check_common, check_keys, check_number,
                         check_text)
 
@@ -59,7 +65,7 @@ MIN_TTL, MAX_TTL = 1, 86400
 MAX_ATTEMPTS = 20
 NODE_KEYS = ("mode", "prompt", "invalid_prompt", "verified_prompt", "failed_prompt",
              "expired_prompt", "missing_prompt", "message", "repeat", "timeout", "retries",
-             "voice", "language", "verification_id")
+             "voice", "language", "verification_id", "trust_from")
 PROMPTS = {
     "prompt": "Please enter your verification code, then press pound.",
     "invalid_prompt": "That code is not correct. Please try again.",
@@ -437,6 +443,8 @@ class VerifyModule(PromptingModule):
             raise ValueError("message: must contain {code} once")
         check_number(params, "repeat", 1, 5, integer=True)
         check_text(params, "verification_id")
+        if not isinstance(params.get("trust_from", False), bool):
+            raise ValueError("trust_from: true or false")
 
     def _p(self, ctl, key: str):
         return ctl.params.get(key) or PROMPTS.get(key)
@@ -468,7 +476,16 @@ class VerifyModule(PromptingModule):
         if vid:
             v = await svc.run(svc.get, session.account, str(vid))
         else:
-            # The caller proves the number they call from.
+            # The caller proves the number they call from: only where the From can be
+            # believed (docs/security.md) — a trusted trunk asserted it, or the operator
+            # says an authenticating front door (an SBC) stands before the engine.
+            if not self._from_believed(ctl):
+                log.warning("session %s: verification by an inbound call from %s refused: "
+                            "the caller's From is not asserted by a trusted trunk",
+                            session.id, session.from_uri)
+                self._end(ctl, "failed", self._p(ctl, "missing_prompt"),
+                          reason="untrusted-caller")
+                return
             v = await svc.run(svc.pending_for, session.account, session.from_uri or "")
         if not ctl.active:
             return
@@ -483,6 +500,15 @@ class VerifyModule(PromptingModule):
             self._end(ctl, "expired", self._p(ctl, "expired_prompt"))
             return
         self._ask(ctl)
+
+    @staticmethod
+    def _from_believed(ctl) -> bool:
+        if ctl.params.get("trust_from") is True:
+            return True
+        leg = ctl.session.legs[0] if ctl.session.legs else None
+        d = leg.dialog if leg is not None else None
+        source = d.source[0] if d is not None and d.source else ""
+        return bool(source) and trusted_source(ctl.engine.cfg, source)
 
     @staticmethod
     async def _attach(ctl, svc: VerifyService, v: Verification) -> bool:
