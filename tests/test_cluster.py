@@ -193,7 +193,7 @@ def test_a_killed_node_fails_a_bounded_share_and_is_billed_in_full(cluster, tmp_
         want.update(_expected(node["id"], stamps))
         in_flight |= {f"{node['id']}:stale:{sid}" for sid in stale}
     from engine.accounting.invoices import invoice
-    from engine.accounting.ledger import PostgresLedger
+    from engine.accounting.ledger_pg import PostgresLedger
 
     with PostgresLedger(cluster["store"]) as led:
         txns = led.transactions()

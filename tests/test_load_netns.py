@@ -146,7 +146,8 @@ def test_measured_delay_and_jitter_match_the_relay(ns, tmp_path, delay_ms, jitte
     back. Stated tolerances: one-way delay (half the echo's round trip) within
     [D, D + 20 + W] ms per call (the two media clocks round the round trip up to their
     20 ms ticks); the mean RFC 3550 jitter within 3 ms of the jitter the relay really
-    put on what it sent; the mean MOS within 0.05 of the E-model's for what was injected."""
+    put on what it sent; the mean MOS within 0.05 of the E-model's for the delays that
+    band allows."""
     drop_rtp(ns, 0)
     s, injected = run_through_relay(ns, tmp_path, delay_ms, jitter_ms)
     rows = list(csv.DictReader(open(tmp_path / "calls.csv")))
@@ -159,10 +160,14 @@ def test_measured_delay_and_jitter_match_the_relay(ns, tmp_path, delay_ms, jitte
     if jitter_ms:
         # Independent U(0, W) holds: E|X - Y| = W / 3 (a relay that held nothing fails).
         assert put_on == pytest.approx(jitter_ms / 3, abs=4.0)
-    # Mean one-way delay injected: D forward, D + W/2 back.
+    # Mean one-way delay injected: D forward, D + W/2 back. The measured delay may sit
+    # anywhere in the stated band above it (the clocks' rounding), so the MOS must lie
+    # between the E-model's at the band's two ends, within 0.05.
     predicted = emodel.mos(emodel.r_factor(0, emodel.mouth_to_ear(delay_ms + jitter_ms / 4,
                                                                   put_on)))
-    assert s["quality"]["mos"]["mean"] == pytest.approx(predicted, abs=0.05)
+    worst = emodel.mos(emodel.r_factor(0, emodel.mouth_to_ear(delay_ms + 20 + jitter_ms,
+                                                              put_on)))
+    assert worst - 0.05 <= s["quality"]["mos"]["mean"] <= predicted + 0.05, (worst, predicted)
     clean = emodel.mos(emodel.r_factor(0, emodel.mouth_to_ear(0, 0)))
     if delay_ms:
         assert s["quality"]["mos"]["mean"] < clean - (clean - predicted) / 2
