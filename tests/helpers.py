@@ -113,7 +113,10 @@ class EngineProcess:
             if self.netns or self._options_answered():
                 if self.netns:
                     time.sleep(1.0)
-                return self
+                # SIP answers as soon as it listens; the banner comes once the gRPC,
+                # HTTP and metrics servers and the accountant are up too.
+                if " serving SIP on " in self.output() or self.netns:
+                    return self
             time.sleep(0.1)
         raise RuntimeError(f"engine did not answer OPTIONS:\n{self.output()}")
 
