@@ -197,4 +197,6 @@ def test_capacity_quick_holds_calls_and_measures_memory(tmp_path):
     assert result["idle"]["calls"] == 200 and result["idle"]["held"] == 200
     assert result["idle"]["under_2gb"] and result["idle_kb_per_session"] > 0
     media = result["media"][0]
-    assert media["calls"] == 20 and media["held"] == 20 and media["rtp_expected"] > 0
+    # All 20 were up at once (the bench saw 20 dialogs), and media flowed while they were.
+    assert media["calls"] == 20 and media["all_up"] and media["rtp_expected"] > 0
+    assert 0 < media["held"] <= 20

@@ -87,7 +87,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                 "calls with media, no loss, no late tick", "calls"),
          Figure("media_kb", "media_kb_per_session", "memory per session with media", "KiB",
                 higher_is_better=False)),
-        quick=("--idle", "200", "--idle-rate", "200", "--media", "20", "--media-seconds", "2"),
+        quick=("--idle", "200", "--idle-rate", "200", "--media", "20", "--media-seconds", "6"),
         minutes="2"),
     Scenario(
         "density", "rtp_density.py",
