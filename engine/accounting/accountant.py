@@ -771,9 +771,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logs(args.log_level, args.log_format or "text")
     # While it waits for the accountant lock, a stop or the engine's death ends the wait.
     stopping: list[int] = []
+    started: list[Accountant] = []
 
     def stop_waiting(signum, _frame) -> None:
         stopping.append(signum)
+        if started and signum != signal.SIGUSR1:
+            # A stop that lands after start-up checked for one but before run_forever
+            # put in its own handler still stops the loop (a plain flag, as there).
+            started[0]._on_signal()
 
     if not args.once:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -804,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("holding the accountant lock %s, fencing token %d", acct.lock.path, acct.fence)
     tune_gc()
     acct.watch_parent(parent)
+    started.append(acct)
     if any(sig != signal.SIGUSR1 for sig in stopping):
         acct.stop()                    # asked to stop while it was starting
     service = None

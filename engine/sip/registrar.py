@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from engine.sip.digest import DigestServer
 from ext.sip_py import parse_name_addr
-from engine.sip.uri import parse_uri, strip_brackets
+from engine.sip.uri import check_uri_text, parse_uri, strip_brackets
 
 DEFAULT_EXPIRES = 3600
 MIN_EXPIRES = 60
@@ -275,6 +275,12 @@ class Registrar:
                     core.respond(st, msg, 400, reason="Bad Contact")
                     return
                 uri = strip_brackets(c) if "<" in c else na[1]
+                try:
+                    # A binding is written back in the 200 and in every INVITE to it.
+                    check_uri_text(uri, "Contact")
+                except ValueError:
+                    core.respond(st, msg, 400, reason="Bad Contact")
+                    return
                 exp = dict(na[2]).get("expires") or expires_hdr
                 try:
                     seconds = int(exp) if exp is not None else DEFAULT_EXPIRES
