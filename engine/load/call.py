@@ -20,6 +20,10 @@ from ext.kernels import rtp
 RATE = 8000
 FRAME = 160
 POLL = 0.04                       # how often a waiting step looks at what it heard
+# After the call ends the stream stops sending but listens this long before its figures are
+# read: a packet the path reordered behind the last one heard is still on its way, not lost
+# (RFC 3550 counts loss against the highest sequence number seen).
+LINGER = 0.25
 PROBE_SECONDS = 0.4
 
 
@@ -198,6 +202,7 @@ class LoadCall(UacOwner):
                 rec.ended_by = "local"
                 return rec
             await self._run_scenario()
+            await self._linger()
             return rec
         except asyncio.CancelledError:
             rec.ended_by = rec.ended_by or "stopped"
@@ -224,6 +229,19 @@ class LoadCall(UacOwner):
         else:
             rec.ended_by = rec.ended_by or "remote"
 
+    async def _linger(self) -> None:
+        """Stop sending (the dialog is over), keep receiving for LINGER, then let
+        _finish read the figures."""
+        if self.t_answer:
+            self.rec.duration_s = time.monotonic() - self.t_answer
+        if self.ch is None:
+            return
+        self.rec.late_ticks = self.gen.media.late_ticks - self.late0
+        self.ch.recorder = None
+        self.gen.media.drop_channel(self.ch)
+        self.ch = None
+        await asyncio.sleep(LINGER)
+
     async def _walk(self, node) -> None:
         while node is not None and not self.ended.is_set():
             step = STEPS[node.module]
@@ -237,7 +255,7 @@ class LoadCall(UacOwner):
 
     def _finish(self) -> None:
         rec = self.rec
-        if self.t_answer:
+        if self.t_answer and rec.duration_s is None:
             rec.duration_s = time.monotonic() - self.t_answer
         if self.stream is not None:
             st = self.stream.stats()
