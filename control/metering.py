@@ -29,13 +29,12 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import time
 from typing import Any
 
 from engine.accounting.config import PeriodClock
 from engine.accounting.money import format_money
 from engine.common import clock
-from engine.config.api_keys import API_MODULE_PREFIX, ApiKey, token_digest
+from engine.config.api_keys import ApiKey, token_digest
 
 log = logging.getLogger("baton.control.metering")
 

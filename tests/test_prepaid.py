@@ -600,3 +600,35 @@ def test_a_payer_change_counts_the_time_so_far_against_the_previous_payer(tmp_pa
     assert d.allow and d.cost == 960_000
     assert snap.available(other_card, 1_000_000) == 1_000_000 - d.cost
     assert 640_000 <= snap.available(other_op, 1_000_000) <= 700_000
+
+
+class FakeClusterFunds:
+    """engine/sessions/reservations.py's contract: grant(free) under the row lock."""
+
+    def __init__(self, free: int):
+        self.free = free
+        self.reserved: list[int] = []
+
+    def reserve(self, account, session, funds_micro, grant):
+        cost = grant(self.free)
+        if cost == 0:
+            return None
+        self.reserved.append(cost)
+        return cost
+
+
+def test_cluster_funds_that_outlast_the_horizon_grant_an_unlimited_call(tmp_path):
+    """A card whose cluster-wide funds last longer than prepaid.HORIZON: the call is
+    allowed without a cut-off and the horizon's cost is what gets reserved."""
+    from engine.sessions.prepaid import HORIZON
+
+    raw = {**RAW, "accounts": {"rich": {"billing": {"prepaid_balance": "50000.00"}}}}
+    snap = snapshot_with(tmp_path, {"rich": {"funds_left_micro": 50_000 * M,
+                                             "balance_micro": 50_000 * M}})
+    snap.cluster = FakeClusterFunds(50_000 * M)
+    eng = fake_engine(raw)
+    bridge = types.SimpleNamespace(code="baton.bridge", level="basic")
+    d = snap.check(fake_session(eng, "rich"), types.SimpleNamespace(params={}), bridge)
+    assert d.allow and d.limit is None, d
+    # 3 cents a second over the horizon
+    assert snap.cluster.reserved == [HORIZON * 30_000]

@@ -9,7 +9,6 @@ DIR/cluster.json, and stops it all on Ctrl-C or SIGTERM.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ipaddress
 import json

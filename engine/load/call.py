@@ -14,7 +14,7 @@ from engine.media.ports import PortsExhausted
 from engine.sessions.apps import HANGUP
 from engine.sip import sdp
 from engine.sip.errors import SdpError
-from engine.sip.uac import CallState, OutgoingCall, UacOwner
+from engine.sip.uac import OutgoingCall, UacOwner
 from ext.kernels import rtp
 
 RATE = 8000

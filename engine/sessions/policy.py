@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from engine.sessions.prepaid import affordable, limit_seconds, segment_cost
+from engine.sessions.prepaid import HORIZON, affordable, limit_seconds, segment_cost
 
 log = logging.getLogger("baton.policy")
 
