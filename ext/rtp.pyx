@@ -23,7 +23,9 @@ from ext.includes.sockets cimport (sockaddr, sockaddr_storage, sockaddr_in, sock
                                    socklen_t, iovec, msghdr, mmsghdr, timespec, recvmmsg,
                                    sendmmsg, sendto, recvfrom, MSG_DONTWAIT, AF_INET, AF_INET6, htons,
                                    ntohs, htonl, ntohl, inet_pton, errno, EAGAIN, EINTR,
-                                   clock_gettime, CLOCK_MONOTONIC)
+                                   clock_gettime, CLOCK_MONOTONIC, cmsghdr, CMSG_FIRSTHDR,
+                                   CMSG_NXTHDR, CMSG_DATA, setsockopt, SOL_SOCKET,
+                                   SO_TIMESTAMPNS, SCM_TIMESTAMPNS)
 from ext.includes.epoll cimport (epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN,
                                  EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CLOEXEC, close)
 from ext.g711 cimport ulaw_encode_buffer, ulaw_decode_buffer, alaw_encode_buffer, alaw_decode_buffer
@@ -42,6 +44,7 @@ cdef enum:
     FIFO = 1600          # queued G.711 octets per stream: 200 ms
     MAXEVENTS = 256
     MAX_BATCHES = 8      # recvmmsg batches per stream per wake-up
+    CTRL = 64            # control bytes per datagram: one SCM_TIMESTAMPNS (cmsghdr + timespec)
 
 # The enums (stream_mode, stream_law, channel_source) are declared in ext/rtp.pxd.
 
@@ -77,6 +80,7 @@ cdef uint8_t rx_bufs[BATCH][MAXPKT]
 cdef iovec rx_iov[BATCH]
 cdef mmsghdr rx_msgs[BATCH]
 cdef sockaddr_storage rx_addrs[BATCH]
+cdef uint8_t rx_ctrl[BATCH][CTRL]
 cdef mmsghdr tx_msgs[BATCH]
 cdef iovec tx_iov[BATCH]
 cdef uint8_t tx_frame[12 + MAXPKT]
@@ -94,6 +98,24 @@ cdef void init_rx_headers() noexcept:
         rx_msgs[i].msg_hdr.msg_iovlen = 1
         rx_msgs[i].msg_hdr.msg_name = &rx_addrs[i]
         rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+        rx_msgs[i].msg_hdr.msg_control = rx_ctrl[i]
+        rx_msgs[i].msg_hdr.msg_controllen = CTRL
+
+
+cdef inline int64_t kernel_stamp(msghdr* h) noexcept nogil:
+    """The kernel's receive time of a datagram (SO_TIMESTAMPNS, CLOCK_REALTIME ns), or
+    -1 when it carries none (it arrived before the socket asked for stamps)."""
+    cdef cmsghdr* c
+    cdef timespec* ts
+    if h.msg_controllen == 0:
+        return -1
+    c = CMSG_FIRSTHDR(h)
+    while c != NULL:
+        if c.cmsg_level == SOL_SOCKET and c.cmsg_type == SCM_TIMESTAMPNS:
+            ts = <timespec*>CMSG_DATA(c)
+            return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+        c = CMSG_NXTHDR(h, c)
+    return -1
 
 
 init_rx_headers()
@@ -229,6 +251,7 @@ cdef class RtpStream:
     cdef uint32_t base_seq
     cdef int64_t transit
     cdef readonly double jitter
+    cdef readonly bint kernel_ts   # jitter from the kernel's receive times (SO_TIMESTAMPNS)
     # queued G.711 payload for the clock
     cdef uint8_t fifo[FIFO]
     cdef int fifo_head
@@ -273,6 +296,17 @@ cdef class RtpStream:
         to_sockaddr(host, port, &self.remote)
         self.has_remote = True
         self.latched = False
+
+    def use_kernel_timestamps(self):
+        """Time arrivals for the RFC 3550 jitter by the kernel's receive stamp
+        (SO_TIMESTAMPNS) rather than by when the reactor read the packet: a busy
+        reactor then adds nothing to the jitter it reports. Call before the first
+        packet (one clock per stream). False when the kernel refuses."""
+        cdef int on = 1
+        if setsockopt(self.fd, SOL_SOCKET, SO_TIMESTAMPNS, &on, sizeof(on)) != 0:
+            return False
+        self.kernel_ts = True
+        return True
 
     @property
     def mode(self):
@@ -379,6 +413,8 @@ cdef class RtpStream:
             self.max_seq = seq
         else:
             self.rx_reordered += 1
+        if now < 0:
+            return      # no receive time on one clock with the others: no jitter sample
         # RFC 3550 A.8 interarrival jitter, in timestamp units.
         arrival = (now // 125000)
         transit = arrival - ts
@@ -402,9 +438,6 @@ cdef class RtpStream:
                 n = recvmmsg(self.fd, rx_msgs, BATCH, MSG_DONTWAIT, NULL)
             if n <= 0:
                 return got
-            for i in range(n):
-                # recvmmsg rewrote the address lengths; the rest of the headers stay set.
-                rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
             got += n
             batches += 1
             now = now_ns()
@@ -423,7 +456,8 @@ cdef class RtpStream:
                 self.rx_packets += 1
                 self.rx_bytes += plen
                 self.last_rx_ns = now
-                self.rx_stats(p, now)
+                self.rx_stats(p, kernel_stamp(&rx_msgs[i].msg_hdr) if self.kernel_ts
+                              else now)
                 if peer is not None:
                     if peer.can_send():
                         peer.rewrite(p, now)
@@ -447,6 +481,10 @@ cdef class RtpStream:
                     if plen <= hlen:
                         continue
                     self.on_payload(p, p + hlen, plen - hlen)
+            for i in range(n):
+                # recvmmsg rewrote the address and control lengths: set them back.
+                rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+                rx_msgs[i].msg_hdr.msg_controllen = CTRL
             if out:
                 sent = 0
                 while sent < out:

@@ -396,3 +396,28 @@ async def test_engine_sends_sender_reports_and_reads_receiver_reports():
         c.close()
         media.close()
         ctrl.close()
+
+
+def test_jitter_from_kernel_receive_stamps_ignores_a_late_reader():
+    """Packets sent with RTP timestamps that match their real send times, to two
+    sockets, then read in one late batch: timed by the reader, they seem to arrive at
+    once (jitter climbs towards their 10 ms spacing); timed by the kernel's receive
+    stamps, the jitter stays near 0 (whatever delays the sender, both streams see)."""
+    hub = rtp.RtpHub()
+    socks, x = (udp(), udp()), udp()
+    read_time, stamped = (rtp.RtpStream(s) for s in socks)
+    assert stamped.use_kernel_timestamps() and stamped.kernel_ts and not read_time.kernel_ts
+    for s in (read_time, stamped):
+        hub.add(s)
+        s.terminate()
+    t0 = time.monotonic()
+    for i in range(40):
+        p = packet(i, int((time.monotonic() - t0) * 8000))   # the sender's own clock
+        for s in socks:
+            x.sendto(p, s.getsockname())
+        time.sleep(0.01)
+    time.sleep(0.05)
+    hub.poll()
+    a, b = read_time.stats(), stamped.stats()
+    assert a["rx_packets"] == b["rx_packets"] == 40
+    assert a["jitter_ms"] > 6.0 and b["jitter_ms"] < a["jitter_ms"] / 4, (a, b)

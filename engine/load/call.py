@@ -158,6 +158,8 @@ class LoadCall(UacOwner):
         self.rec.codec = neg.codec
         media = self.gen.media
         self.stream = media.stream(self.ports.rtp, neg.payload_type, neg.dtmf_pt)
+        # Jitter timed by the kernel's receive stamps: a busy generator adds none.
+        self.stream.use_kernel_timestamps()
         self.stream.set_remote(self.gen.media_address(neg.remote_addr), neg.remote_port)
         if self.gen.opts.media_to:
             # Through a relay: latching onto the far end's own address (RFC 4961) would

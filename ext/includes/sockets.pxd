@@ -32,6 +32,16 @@ cdef extern from "<sys/socket.h>" nogil:
         long tv_sec
         long tv_nsec
 
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+
+    cmsghdr* CMSG_FIRSTHDR(msghdr* msgh)
+    cmsghdr* CMSG_NXTHDR(msghdr* msgh, cmsghdr* cmsg)
+    unsigned char* CMSG_DATA(cmsghdr* cmsg)
+    int setsockopt(int sockfd, int level, int optname, const void* optval, socklen_t optlen)
+
     int recvmmsg(int sockfd, mmsghdr* msgvec, unsigned int vlen, int flags, timespec* timeout)
     int sendmmsg(int sockfd, mmsghdr* msgvec, unsigned int vlen, int flags)
     ssize_t sendto(int sockfd, const void* buf, size_t len, int flags,
@@ -42,6 +52,9 @@ cdef extern from "<sys/socket.h>" nogil:
         MSG_DONTWAIT
         AF_INET
         AF_INET6
+        SOL_SOCKET
+        SO_TIMESTAMPNS
+        SCM_TIMESTAMPNS
 
 cdef extern from "<netinet/in.h>" nogil:
     struct in_addr:
