@@ -42,9 +42,8 @@ from engine.common import clock
 from engine.media.files import find_recording
 from engine.common.net import format_hostport
 from engine.common.webhooks import Message, Outbox
-from engine.sessions.dialing import OutboundDenied, permit, trunk_route
 from engine.modules.instructions.fetch import signed_headers, twilio_signature, with_query
-from engine.sessions.originate import Origination, PortsExhausted
+from engine.sessions.originate import Origination, PortsExhausted, Undialable, destination
 from engine.sip.uri import party
 from proto import pb
 
@@ -218,81 +217,15 @@ class RestApi:
 
     # -- calls ------------------------------------------------------------------------
     def _destination(self, account: str, to: str, trunk: str) -> tuple[str, dict, object]:
-        """(Request-URI, OutgoingCall route, outbound Grant) of calling `To`, as `Dial`
-        reaches it: a number of this engine, a registered user (`client:NAME`, a
-        `[users]` name, or `sip:NAME@` this engine with a binding), a SIP URI, or a
-        phone number through a trunk (`Trunk`, else the first of the account's
-        `outbound.trunks`), each checked by `dialing.permit`."""
-        engine = self.engine
-        cfg = engine.cfg
-        own = format_hostport(cfg.advertise, engine.sip_port)
-        low = to.lower()
-        if low.startswith("client:") or (to in cfg.users and to not in cfg.numbers):
-            user = to.split(":", 1)[1] if low.startswith("client:") else to
-            return self._registered(account, to, user, f"sip:{user}@{own}")
-        if low.startswith(("sip:", "sips:")):
-            from engine.sip.uri import parse_uri, sip_uri
-
-            try:
-                sip_uri(to, "To")
-                u = parse_uri(to)
-            except ValueError as exc:
-                raise bad("To", f"{to[:60]!r} is not a SIP URI ({exc})", 21211) from None
-            host = (u.host or "").lower().strip("[]")
-            if u.user and host in (cfg.advertise.lower(), cfg.sip_host.lower()) \
-                    and u.user not in cfg.numbers and self._bindings(to, u.user):
-                return self._registered(account, to, u.user, to)
-            return to, {}, self._permit(account, to, to, None)
-        number = to[4:] if low.startswith("tel:") else to
-        if not _NUMBER.fullmatch(number):
-            raise bad("To", f"{to[:60]!r} is not a phone number, client or SIP URI", 21211)
-        if number in cfg.numbers:
-            if trunk:
-                raise bad("Trunk", f"{number} is a number of this engine, not dialled "
-                                   "through a trunk", 21211)
-            uri = f"sip:{number}@{own}"
-            return uri, {}, self._permit(account, to, uri, None)
-        perm = getattr(cfg.accounts[account], "outbound", None)
-        order = perm.trunk_order if perm is not None else ()
-        name = trunk or (order[0] if order else "")
-        if not name:
-            raise RestError(403, 21215, f"To: {number} is not a number of this engine and "
-                                        f"account {account} may dial through no trunk")
-        grant = self._permit(account, to, number, name)
+        """`originate.destination` (as `Dial` reaches `To`), its refusals in Twilio's
+        codes: 400/21211 malformed, 403/21215 not permitted, 400/21217 not
+        registered."""
         try:
-            uri, dest, transport, creds, _ = trunk_route(cfg, name, number)
-        except ValueError as exc:
-            grant.release()
-            raise bad("To", f"{number}: {exc}", 21211) from None
-        return uri, {"destination": dest, "transport": transport, "credentials": creds}, grant
-
-    def _bindings(self, aor: str, user: str) -> list:
-        reg = self.engine.sip.registrar
-        if reg is None:
-            return []
-        return reg.bindings_of(user) or reg.lookup(aor)
-
-    def _registered(self, account: str, to: str, user: str, aor: str):
-        """A registered user of this engine: dialled where their newest binding is."""
-        from engine.sip.uri import check_user_part
-
-        try:
-            check_user_part(user, "To")
-        except ValueError as exc:
-            raise bad("To", str(exc), 21211) from None
-        found = self._bindings(aor, user)
-        if not found:
-            raise bad("To", f"{user[:60]!r} is not registered with this engine now", 21217)
-        b = max(found, key=lambda b: b.expires_at)
-        grant = self._permit(account, to, aor, None)
-        return b.contact, {"destination": b.source, "transport": b.transport}, grant
-
-    def _permit(self, account: str, to: str, dialled: str, trunk: str | None):
-        """`dialing.permit` (the toll-fraud checks every dial passes); 403 when refused."""
-        try:
-            return permit(self.engine, account, dialled, trunk)
-        except OutboundDenied as exc:
-            raise RestError(403, 21215, f"To: {to[:60]}: {exc}") from None
+            return destination(self.engine, account, to, trunk, ("To", "Trunk"))
+        except Undialable as exc:
+            status, code = {"denied": (403, 21215),
+                            "unregistered": (400, 21217)}.get(exc.kind, (400, 21211))
+            raise RestError(status, code, f"{exc.field}: {exc.message}") from None
 
     async def create_call(self, account: str, form) -> RestCall:
         engine = self.engine

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from engine.sessions import apps as apps_mod
-from engine.sessions.dialing import OutboundDenied, operator_params, permit
-from engine.sessions.originate import Origination, PortsExhausted
-from engine.sip.uri import from_address, sip_uri
+from engine.sessions.dialing import operator_params
+from engine.sessions.originate import Origination, PortsExhausted, Undialable, destination
+from engine.sip.uri import from_address, parse_uri
 
 from proto import pb
 from control.auth import AuthError, Authority, _bearer, in_scope
@@ -241,10 +241,8 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
             await abort(grpc.StatusCode.PERMISSION_DENIED,
                         f"account: the token belongs to account {account!r}")
         to = request.to.strip()
-        try:
-            uri = sip_uri(to, "to")
-        except ValueError as exc:
-            await abort(bad, f"to: {to[:60]!r} is not a SIP URI ({exc})")
+        if not to:
+            await abort(bad, "to: a destination is required")
         target = request.target.strip()
         if not target:
             await abort(bad, "target: an app name or module code is required")
@@ -270,15 +268,22 @@ class SessionsService(pb.sessions_pb2_grpc.SessionsServicer):
             from_uri = f"<sip:{account}@{format_hostport(engine.cfg.advertise, engine.sip_port)}>"
         params = await _caller_params(context, pb.from_struct(request.params))
         try:
-            grant = permit(engine, account, to)
-        except OutboundDenied as exc:
-            await abort(grpc.StatusCode.PERMISSION_DENIED, f"to: {to}: {exc}")
-        return await self._originate(grant, context, account, to, uri.user or "", target, app,
-                                     from_uri, params, ring)
+            to_uri, route, grant = destination(engine, account, to, request.trunk.strip())
+        except Undialable as exc:
+            code = {"denied": grpc.StatusCode.PERMISSION_DENIED,
+                    "unregistered": grpc.StatusCode.FAILED_PRECONDITION}.get(exc.kind, bad)
+            await abort(code, f"{exc.field}: {exc.message}")
+        try:
+            user = parse_uri(to_uri).user or ""
+        except ValueError:
+            user = ""
+        return await self._originate(grant, context, account, to_uri, user, target, app,
+                                     from_uri, params, ring, route)
 
     async def _originate(self, grant, context, account, to, user, target, app, from_uri, params,
-                         ring) -> sp.OriginateResponse:
-        o = Origination(self.engine, account, to, user, from_uri, target, app, params, ring, grant)
+                         ring, route=None) -> sp.OriginateResponse:
+        o = Origination(self.engine, account, to, user, from_uri, target, app, params, ring, grant,
+                        route=route)
         try:
             outcome, status = await o.run()
         except PortsExhausted:

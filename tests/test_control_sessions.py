@@ -211,3 +211,51 @@ async def test_originate_to_a_second_engine_and_failures():
                 assert r.outcome == "no-answer"
                 await wait_until(lambda: not callee.sessions)
             assert eng.ports.in_use == 0
+
+
+async def test_originate_dials_numbers_through_trunks_as_rest_does():
+    """gRPC Originate reaches what REST's Calls.json reaches, by the same rules: a
+    phone number goes out through the account's first trunk (or the one named), a
+    trunk the account may not use is PERMISSION_DENIED, a user with no binding
+    FAILED_PRECONDITION, a malformed destination INVALID_ARGUMENT naming `to`."""
+    from tests.helpers import UdpClient
+    from tests.test_rest_more import busy
+
+    trunk = UdpClient("127.0.0.1", 9)            # plays the trunk: answers busy
+    raw = control_config()
+    raw["trunks"] = {"carrier": {"proxy": f"127.0.0.1:{trunk.local_port}"},
+                     "spare": {"proxy": f"127.0.0.1:{trunk.local_port}", "prefix": "00"},
+                     "closed": {"proxy": f"127.0.0.1:{trunk.local_port}"}}
+    raw["users"] = {"alice": {"password": "alice-secret-1"}}
+    raw["accounts"]["demo"]["outbound"] = {"trunks": ["carrier", "spare"], "allow": ["+1"]}
+    try:
+        async with running_engine(raw) as eng:
+            async with grpc.aio.insecure_channel(target(eng)) as ch:
+                stub = pb.sessions_pb2_grpc.SessionsStub(ch)
+                for trunk_name, uri in (("", "sip:+15551234567@127.0.0.1"),
+                                        ("spare", "sip:0015551234567@127.0.0.1")):
+                    call = asyncio.ensure_future(stub.Originate(sp.OriginateRequest(
+                        to="+15551234567", target="baton.echo", trunk=trunk_name),
+                        metadata=bearer()))
+                    while True:
+                        req = await trunk.recv(5.0)
+                        if req.is_request and req.method == "INVITE":
+                            break
+                    assert req.uri == uri
+                    busy(trunk, req, eng.sip_port)
+                    r = await call
+                    assert (r.outcome, r.sip_status) == ("busy", 486)
+                for req, code, field in (
+                        (dict(to="+15551234567", trunk="closed"), "PERMISSION_DENIED", "to"),
+                        (dict(to="+445551234567"), "PERMISSION_DENIED", "to"),
+                        (dict(to="client:alice"), "FAILED_PRECONDITION", "to"),
+                        (dict(to="not a destination"), "INVALID_ARGUMENT", "to"),
+                        (dict(to="1000", trunk="carrier"), "INVALID_ARGUMENT", "trunk")):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await stub.Originate(sp.OriginateRequest(target="baton.echo", **req),
+                                             metadata=bearer())
+                    assert err.value.code().name == code, (req, err.value.details())
+                    assert err.value.details().startswith(f"{field}:"), err.value.details()
+            assert eng.ports.in_use == 0
+    finally:
+        trunk.close()

@@ -44,7 +44,8 @@ TIME_UNITS = ("second", "minute", "hour")
 # Every per-unit price becomes a price per base unit over this denominator:
 # per second *3600, per minute *60, per hour *1, per action *3600.
 DEN = 3600
-_SCALE = {"second": DEN, "minute": DEN // 60, "hour": DEN // 3600, "action": DEN}
+UNIT_SCALE = {"second": DEN, "minute": DEN // 60, "hour": DEN // 3600, "action": DEN}
+_SCALE = UNIT_SCALE
 NS = 1_000_000_000
 KINDS = ("per_unit", "graduated", "volume", "subscription")
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|sec|min|seconds?|minutes?|hours?)?\s*$")

@@ -19,7 +19,7 @@ from engine.accounting.ledger import Line
 from engine.accounting.money import split_share
 from engine.common.levels import OFFER
 from engine.accounting.meter import Action, OpenSession, Segment
-from engine.accounting.plans import DEN, NS, PerUnitPlan, SubscriptionPlan, UsagePlan
+from engine.accounting.plans import DEN, NS, UNIT_SCALE, PerUnitPlan, SubscriptionPlan, UsagePlan
 from engine.common import clock
 
 __all__ = ["Rater", "usage_key"]
@@ -164,7 +164,7 @@ class Rater:
         if plan.__class__ is PerUnitPlan and plan.cap is None and plan.is_time:
             inc = plan.increment
             fast = (inc.first * NS, inc.next * NS, inc.first, inc.next,
-                    plan.price * plan.scale, plan.connect_fee * DEN, plan.minimum,
+                    plan.price * UNIT_SCALE[plan.unit], plan.connect_fee * DEN, plan.minimum,
                     plan.unit, plan.name, plan.price)
         ctx = (plan, book.account(account).currency, vendor, share.numerator, share.denominator,
                fast)

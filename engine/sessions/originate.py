@@ -5,20 +5,25 @@ REST `POST Calls.json` both run this.
 the REST API answers before the far end does); `await run()` dials, waits for
 the outcome and, when answered, starts the session in its app or module.
 `route` (optional) is where the INVITE goes when not to the URI's host: a
-trunk's proxy or a registered user's binding. `progress` (optional) hears each step: "ringing", "answered", or the failure
+trunk's proxy or a registered user's binding; `destination()` works out the
+Request-URI, route and outbound grant of what the caller dialled, the same way for
+both APIs. `progress` (optional) hears each step: "ringing", "answered", or the failure
 outcome ("busy", "no-answer", "failed", "canceled").
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 
 from engine.common import clock
+from engine.common.net import format_hostport
 from engine.media.ports import PortsExhausted
 from engine.sessions import apps as apps_mod
 from engine.sessions.apps import Node
+from engine.sessions.dialing import OutboundDenied, permit, trunk_route
 from engine.sessions.session import Leg, Session
 from engine.sip import sdp
 from engine.sip.errors import SdpError
@@ -26,10 +31,110 @@ from engine.sip.uac import OutgoingCall, UacOwner
 
 log = logging.getLogger("baton.originate")
 
-__all__ = ["Origination", "PortsExhausted", "BUSY", "NO_ANSWER", "outcome_of"]
+__all__ = ["Origination", "PortsExhausted", "BUSY", "NO_ANSWER", "outcome_of", "destination",
+           "Undialable"]
 
 BUSY = (486, 600, 603)
 NO_ANSWER = (408, 480, 487)
+_NUMBER = re.compile(r"\+?[0-9*#]{1,32}")
+
+
+class Undialable(Exception):
+    """What the caller asked to dial cannot be dialled. `field` names the request's
+    field; `kind` is "invalid" (malformed), "denied" (the account may not dial it) or
+    "unregistered" (a user with no binding now); each API maps it to its own answer."""
+
+    def __init__(self, field: str, message: str, kind: str = "invalid"):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.kind = kind
+
+
+def destination(engine, account: str, to: str, trunk: str = "",
+                fields: tuple[str, str] = ("to", "trunk")) -> tuple[str, dict, object]:
+    """(Request-URI, OutgoingCall route, outbound Grant) of dialling `to` for
+    `account`, as `Dial` reaches it: a number of this engine, a registered user
+    (`client:NAME`, a `[users]` name, or `sip:NAME@` this engine with a binding), a
+    SIP URI, or a phone number through a trunk (`trunk`, else the first of the
+    account's `outbound.trunks`), each checked by `dialing.permit`. Undialable when
+    not. `fields` are the API's names of the two fields, for its errors."""
+    from engine.sip.uri import parse_uri, sip_uri
+
+    cfg = engine.cfg
+    own = format_hostport(cfg.advertise, engine.sip_port)
+    low = to.lower()
+    if low.startswith("client:") or (to in cfg.users and to not in cfg.numbers):
+        user = to.split(":", 1)[1] if low.startswith("client:") else to
+        return _registered(engine, account, to, user, f"sip:{user}@{own}", fields[0])
+    if low.startswith(("sip:", "sips:")):
+        try:
+            sip_uri(to, fields[0])
+            u = parse_uri(to)
+        except ValueError as exc:
+            raise Undialable(fields[0], f"{to[:60]!r} is not a SIP URI ({exc})") from None
+        host = (u.host or "").lower().strip("[]")
+        if u.user and host in (cfg.advertise.lower(), cfg.sip_host.lower()) \
+                and u.user not in cfg.numbers and _bindings(engine, to, u.user):
+            return _registered(engine, account, to, u.user, to, fields[0])
+        if trunk:
+            raise Undialable(fields[1], "a SIP URI is dialled directly, not through a trunk")
+        return to, {}, _permit(engine, account, to, to, None, fields[0])
+    number = to[4:] if low.startswith("tel:") else to
+    if not _NUMBER.fullmatch(number):
+        raise Undialable(fields[0], f"{to[:60]!r} is not a phone number, client or SIP URI")
+    if number in cfg.numbers:
+        if trunk:
+            raise Undialable(fields[1], f"{number} is a number of this engine, not dialled "
+                                      "through a trunk")
+        uri = f"sip:{number}@{own}"
+        return uri, {}, _permit(engine, account, to, uri, None, fields[0])
+    perm = getattr(cfg.accounts.get(account), "outbound", None)
+    order = perm.trunk_order if perm is not None else ()
+    name = trunk or (order[0] if order else "")
+    if not name:
+        raise Undialable(fields[0], f"{number} is not a number of this engine and account "
+                               f"{account} may dial through no trunk", "denied")
+    grant = _permit(engine, account, to, number, name, fields[0])
+    try:
+        uri, dest, transport, creds, _ = trunk_route(cfg, name, number)
+    except ValueError as exc:
+        if grant is not None:
+            grant.release()
+        raise Undialable(fields[0], f"{number}: {exc}") from None
+    return uri, {"destination": dest, "transport": transport, "credentials": creds}, grant
+
+
+def _bindings(engine, aor: str, user: str) -> list:
+    reg = engine.sip.registrar
+    if reg is None:
+        return []
+    return reg.bindings_of(user) or reg.lookup(aor)
+
+
+def _registered(engine, account: str, to: str, user: str, aor: str, field: str):
+    """A registered user of this engine: dialled where their newest binding is."""
+    from engine.sip.uri import check_user_part
+
+    try:
+        check_user_part(user, field)
+    except ValueError as exc:
+        raise Undialable(field, str(exc)) from None
+    found = _bindings(engine, aor, user)
+    if not found:
+        raise Undialable(field, f"{user[:60]!r} is not registered with this engine now",
+                         "unregistered")
+    b = max(found, key=lambda b: b.expires_at)
+    grant = _permit(engine, account, to, aor, None, field)
+    return b.contact, {"destination": b.source, "transport": b.transport}, grant
+
+
+def _permit(engine, account: str, to: str, dialled: str, trunk: str | None, field: str):
+    """`dialing.permit` (the toll-fraud checks every dial passes)."""
+    try:
+        return permit(engine, account, dialled, trunk)
+    except OutboundDenied as exc:
+        raise Undialable(field, f"{to[:60]}: {exc}", "denied") from None
 
 
 def outcome_of(status: int) -> str:
