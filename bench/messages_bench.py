@@ -323,12 +323,22 @@ async def measure(a, engine_addr, kamailio, work: Path, progress) -> dict[str, A
     out: dict[str, Any] = {"steps": steps}
     for name in steps:
         b = best(steps[name])
+        first = steps[name][0] if steps[name] else {}
         out[name] = {"best_rate": b["achieved_rate"] if b else None,
                      "best_offered": b["offered_rate"] if b else None,
                      "accept_p99_ms": b.get("accept_p99_ms") if b else None,
                      "reply_p50_ms": b.get("reply_p50_ms") if b else None,
                      "reply_p99_ms": b.get("reply_p99_ms") if b else None,
-                     "cpu_us_per_message": b.get("cpu_us_per_message") if b else None}
+                     "cpu_us_per_message": b.get("cpu_us_per_message") if b else None,
+                     # At the first (lowest) rate: latency without the knee's queueing.
+                     "first_rate": first.get("offered_rate"),
+                     "first_reply_p99_ms": first.get("reply_p99_ms"),
+                     "first_accept_p99_ms": first.get("accept_p99_ms")}
+    # Kamailio's 202 p99 at the rate each Baton target's figure was measured at.
+    for name in ("module", "instructions"):
+        rate = out[name]["best_offered"]
+        same = [s for s in steps.get("kamailio", []) if s["offered_rate"] == rate]
+        out[name]["kamailio_accept_p99_ms"] = same[0]["accept_p99_ms"] if same else None
     return out
 
 
@@ -417,13 +427,18 @@ def main(argv: list[str] | None = None) -> int:
            "module_reply_p99_ms": mod.get("reply_p99_ms"),
            "module_accept_p99_ms": mod.get("accept_p99_ms"),
            "module_cpu_us_per_message": mod.get("cpu_us_per_message"),
+           "module_reply_p99_ms_at_first_rate": mod.get("first_reply_p99_ms"),
+           "kamailio_accept_p99_ms_at_module_rate": mod.get("kamailio_accept_p99_ms"),
            "instructions_rate": ins.get("best_rate"),
            "instructions_reply_p50_ms": ins.get("reply_p50_ms"),
            "instructions_reply_p99_ms": ins.get("reply_p99_ms"),
            "instructions_accept_p99_ms": ins.get("accept_p99_ms"),
            "instructions_cpu_us_per_message": ins.get("cpu_us_per_message"),
+           "instructions_reply_p99_ms_at_first_rate": ins.get("first_reply_p99_ms"),
+           "kamailio_accept_p99_ms_at_instructions_rate": ins.get("kamailio_accept_p99_ms"),
            "kamailio_rate": kam.get("best_rate"),
            "kamailio_accept_p99_ms": kam.get("accept_p99_ms"),
+           "kamailio_accept_p99_ms_at_first_rate": kam.get("first_accept_p99_ms"),
            "kamailio_cpu_us_per_message": kam.get("cpu_us_per_message"),
            "kamailio_sipp_rate": ksipp.get("best_rate"),
            "rates": a.rate_list, "seconds": a.seconds, "senders": a.senders,
