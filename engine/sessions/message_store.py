@@ -24,8 +24,8 @@ CREATE TABLE IF NOT EXISTS messages (
     session TEXT NOT NULL,
     account TEXT NOT NULL,
     direction TEXT NOT NULL,
-    frm TEXT NOT NULL,
-    too TEXT NOT NULL,
+    from_addr TEXT NOT NULL,
+    to_addr TEXT NOT NULL,
     body TEXT NOT NULL,
     status TEXT NOT NULL,
     sip_code INTEGER NOT NULL,
@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_created ON messages (created_wall_ns);
 """
 
+# The table's columns in order, named as TextMessage's fields (from_addr, to_addr: frm, to).
 COLUMNS = ("sid", "session", "account", "direction", "frm", "to", "body", "status",
            "sip_code", "module", "error", "segments", "encoding", "created_wall_ns",
            "updated_wall_ns")
