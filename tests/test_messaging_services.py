@@ -153,6 +153,9 @@ async def test_survey_runs_over_texts():
 
     raw = text_config()
     raw["accounts"]["demo"]["numbers"]["2200"] = {"messaging": {"app": "feedback"}}
+    # The module straight on a number, its params the number's other keys.
+    raw["accounts"]["demo"]["numbers"]["2201"] = {"messaging": "baton.survey", "name": "quick",
+                                                  **SURVEY}
     raw["apps"]["feedback"] = {"start": "survey", "nodes": {
         "survey": {"module": "baton.survey", "params": {"name": "csat", **SURVEY}}}}
     async with running_engine(raw) as eng:
@@ -188,4 +191,9 @@ async def test_survey_runs_over_texts():
         assert [(a["question"], a["answer"], a["attempts"]) for a in
                 runs["sip:alice"]["answers"]] == [("resolved", "1", 2), ("score", "9", 2)]
         assert runs["sip:bob"]["status"] == "abandoned" and runs["sip:bob"]["answers"] == []
+        c.send(message(c, b"hi", number="2201", from_user="carol"))
+        await c.expect(202)
+        req = await next_request(c)
+        answer(c, req)
+        assert req.body == b"Two quick questions.\nWas it solved? Reply 1 for yes, 2 for no."
         c.close()
