@@ -115,3 +115,26 @@ password = "{PASSWORD}"
         assert gone.error_code == 30008
         assert get(second, "SM" + "0" * 32)[0] == 404
         assert second.stop() == 0, second.output()
+
+
+async def test_a_text_no_longer_in_memory_is_read_from_the_file(monkeypatch):
+    from engine.sessions import conversations
+    from tests.helpers import engine_config, running_engine
+
+    monkeypatch.setattr(conversations, "MAX_KEPT", 2)
+    raw = engine_config()
+    raw["accounts"]["demo"]["numbers"]["2000"] = {"messaging": "baton.bot"}   # no reply
+    async with running_engine(raw) as eng:
+        c = UdpClient("127.0.0.1", eng.sip_port)
+        for body in (b"one", b"two", b"three"):
+            c.send(message(c, body, number="2000"))
+            await c.expect(202)
+        await asyncio.sleep(0.3)            # the writer's batch
+        kept = list(eng.messaging.messages.values())
+        assert [m.body for m in kept] == ["two", "three"]
+        (first,) = [r for r in eng.messaging.store.newest(10) if r["body"] == "one"]
+        m = eng.messaging.get(first["sid"])
+        assert (m.body, m.status, m.direction, m.session) == ("one", "received", "inbound",
+                                                              kept[0].session)
+        assert eng.messaging.get("SM" + "0" * 32) is None
+        c.close()

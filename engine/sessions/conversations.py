@@ -106,14 +106,14 @@ class Messaging:
     # -- the record ---------------------------------------------------------------
     def open_store(self, path: str) -> None:
         """Keep every text in `path` too, and take back the newest of earlier runs."""
-        from engine.sessions.message_store import STOPPED, MessageStore
+        from engine.sessions.message_store import MessageStore
 
         self.store = MessageStore(path, self.engine.loop)
         for row in self.store.newest(MAX_KEPT):
             m = TextMessage(**row)
             self.messages[m.sid] = m
-            if row["error"] == STOPPED:
-                self.store.record(m)        # an unfinished one of a stopped run, now failed
+        if self.store.ended:
+            log.info("%d texts of an earlier run were never sent: failed", self.store.ended)
 
     def close_store(self) -> None:
         if self.store is not None:

@@ -6,7 +6,7 @@ texts go to a writer thread once per BATCH_SECONDS, each written once in its
 latest state. At start the newest texts are read back, so the APIs
 (`Messages.Get`/`List`, REST `Messages/{Sid}.json`, `Messages.json`) answer
 for texts of earlier runs; an outbound text an earlier run left `queued` or
-`sending` never got a final status and is read back `failed`.
+`sending` never got a final status: it is made `failed` (STOPPED) first.
 """
 from __future__ import annotations
 
@@ -44,7 +44,6 @@ COLUMNS = ("sid", "session", "account", "direction", "frm", "to", "body", "statu
            "sip_code", "module", "error", "segments", "encoding", "created_wall_ns",
            "updated_wall_ns")
 BATCH_SECONDS = 0.1
-UNFINISHED = ("queued", "sending")
 STOPPED = "the engine stopped before the text was sent"
 
 
@@ -59,6 +58,11 @@ class MessageStore:
         conn = _connect(path)
         try:
             conn.executescript(SCHEMA)
+            # Texts an earlier run left on their way never got a final status.
+            with conn:
+                self.ended = conn.execute(
+                    "UPDATE messages SET status = 'failed', error = ? WHERE direction = "
+                    "'outbound' AND status IN ('queued', 'sending')", (STOPPED,)).rowcount
         finally:
             conn.close()
         # Reads (a text older than those kept in memory) happen on the loop's thread.
@@ -68,15 +72,15 @@ class MessageStore:
         self.thread.start()
 
     def newest(self, limit: int) -> list[dict]:
-        """The newest `limit` texts, oldest first, unfinished ones ended as `failed`."""
+        """The newest `limit` texts, oldest first."""
         rows = self._reader.execute(
             "SELECT * FROM (SELECT * FROM messages ORDER BY created_wall_ns DESC, rowid DESC "
             "LIMIT ?) ORDER BY created_wall_ns, rowid", (limit,)).fetchall()
-        return [_ended(dict(zip(COLUMNS, r))) for r in rows]
+        return [dict(zip(COLUMNS, r)) for r in rows]
 
     def get(self, sid: str) -> dict | None:
         r = self._reader.execute("SELECT * FROM messages WHERE sid = ?", (sid,)).fetchone()
-        return _ended(dict(zip(COLUMNS, r))) if r is not None else None
+        return dict(zip(COLUMNS, r)) if r is not None else None
 
     def record(self, m) -> None:
         """Mark text `m` to be written (its state when the batch is handed over)."""
@@ -123,12 +127,6 @@ def _row(m) -> tuple:
     return (m.sid, m.session, m.account, m.direction, m.frm, m.to, m.body, m.status,
             m.sip_code, m.module, m.error, m.segments, m.encoding, m.created_wall_ns,
             m.updated_wall_ns)
-
-
-def _ended(d: dict) -> dict:
-    if d["direction"] == "outbound" and d["status"] in UNFINISHED:
-        d["status"], d["error"] = "failed", STOPPED
-    return d
 
 
 def _connect(path: str) -> sqlite3.Connection:
