@@ -107,7 +107,7 @@ def message_pb(m) -> "mp.TextMessage":
 
 def find(engine, account: str | None, sid: str):
     """The text `sid` when `account` (None: any) may see it, else None."""
-    m = engine.messaging.messages.get(sid)
+    m = engine.messaging.get(sid)
     if m is None or (account is not None and m.account != account):
         return None
     return m

@@ -1111,15 +1111,26 @@ def add_routes(app, engine) -> RestApi:
     async def numbers(request):
         acc = auth(request)
         page, size = _paging(request)
+        voice = engine.cfg.accounts[acc].numbers
+        texts = {n: r for n, r in engine.cfg.messaging_numbers.items() if r.account == acc}
+
+        def target(route):
+            return {"kind": route.kind, "target": route.target,
+                    "module": route.module} if route is not None else None
+
         rows = []
-        for number, route in sorted(engine.cfg.accounts[acc].numbers.items()):
+        for number in sorted(set(voice) | set(texts)):
+            route, text = voice.get(number), texts.get(number)
             rows.append({"sid": f"PN{number}", "account_sid": api.account_sid(acc),
                          "phone_number": number, "friendly_name": number,
-                         "voice_application_sid": route.target if route.kind == "app" else None,
-                         "voice_url": route.target if route.kind == "instructions" else None,
-                         "voice_method": "POST", "capabilities": {"voice": True, "sms": False},
-                         "baton_target": {"kind": route.kind, "target": route.target,
-                                          "module": route.module},
+                         "voice_application_sid": _target_of(route, "app"),
+                         "voice_url": _target_of(route, "instructions"), "voice_method": "POST",
+                         # Twilio's sms_* fields: what a text (SIP MESSAGE) to it runs.
+                         "sms_application_sid": _target_of(text, "app"),
+                         "sms_url": _target_of(text, "instructions"), "sms_method": "POST",
+                         "capabilities": {"voice": route is not None, "sms": text is not None,
+                                          "mms": False, "fax": False},
+                         "baton_target": target(route), "baton_messaging_target": target(text),
                          "api_version": "2010-04-01",
                          "uri": f"{api.base(acc)}/IncomingPhoneNumbers/PN{number}.json"})
         return answer(page_json("incoming_phone_numbers",
@@ -1171,6 +1182,11 @@ def add_routes(app, engine) -> RestApi:
     r.add_get(a + "/Applications.json", applications)
     r.add_get("/openapi.json", openapi)
     return api
+
+
+def _target_of(route, kind: str) -> str | None:
+    """A number route's target when it is of `kind` (app name, instruction URI)."""
+    return route.target if route is not None and route.kind == kind else None
 
 
 def _dumps(obj) -> str:

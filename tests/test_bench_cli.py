@@ -200,3 +200,28 @@ def test_capacity_quick_holds_calls_and_measures_memory(tmp_path):
     # All 20 were up at once (the bench saw 20 dialogs), and media flowed while they were.
     assert media["calls"] == 20 and media["all_up"] and media["rtp_expected"] > 0
     assert 0 < media["held"] <= 20
+
+
+@pytest.mark.interop
+@SIPP_AND_KAMAILIO
+def test_messages_quick_every_text_gets_its_202_and_its_reply(tmp_path):
+    r = bench("messages", "--quick", "--results-dir", str(tmp_path), timeout=180)
+    record = result_of(r, tmp_path)
+    result = record["runs"][0]["result"]
+    steps = result["steps"]
+    assert result["errors"] == [] and result["senders"] == 20
+    for name in ("module", "instructions"):
+        # Each text the client sent was accepted (202) and answered by a reply MESSAGE
+        # carrying its own token: the bot's echo, the app's <Message>{Body}</Message>.
+        assert steps[name] and steps[name][0]["offered_rate"] == 50
+        for step in steps[name]:
+            assert step["sent"] == step["accepted"] == step["replied"] > 0, (name, step)
+            assert step["refused"] == 0
+            assert 0 < step["reply_p50_ms"] <= step["reply_p99_ms"]
+    # Kamailio answered the same stream, and SIPp's, with 202 statelessly.
+    for name in ("kamailio", "kamailio_sipp"):
+        assert steps[name] and all(s["sent"] == s["accepted"] > 0 for s in steps[name])
+    figures = record["figures"]
+    assert figures["module_rate"]["median"] > 0 and figures["instructions_rate"]["median"] > 0
+    assert figures["module_rate"]["baseline"]["label"] == "Kamailio stateless (SIPp, 202)"
+    assert figures["module_p99"]["baseline"]["median"] > 0

@@ -6,6 +6,7 @@ refused recipients, other accounts' texts not found."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
 import pytest
@@ -46,6 +47,8 @@ api_tokens = ["{API}"]
 
 [accounts.acme.numbers]
 "1000" = {{ messaging = {{ module = "baton.bot", reply = "bot heard: {{Body}}" }} }}
+"1001" = {{ module = "baton.hold", messaging = "http://127.0.0.1:9/sms" }}
+"1002" = {{ module = "baton.hold" }}
 
 [accounts.other]
 sid = "{OTHER}"
@@ -209,3 +212,27 @@ async def test_rest_messages_with_the_twilio_client(engine, app_server):
                                 == "delivered", 10, "delivered")
     finally:
         c.close()
+
+
+def test_numbers_show_their_sms_capability_with_the_twilio_client(engine):
+    numbers = {n.phone_number: n for n in client_for(engine).incoming_phone_numbers.list()}
+    # Every number of the account, those for texts only too; never another account's.
+    assert set(numbers) == {"1000", "1001", "1002"}
+    texts_only, both, voice_only = numbers["1000"], numbers["1001"], numbers["1002"]
+    assert texts_only.capabilities == {"voice": False, "sms": True, "mms": False, "fax": False}
+    assert both.capabilities == {"voice": True, "sms": True, "mms": False, "fax": False}
+    assert voice_only.capabilities == {"voice": True, "sms": False, "mms": False, "fax": False}
+    # An instruction app answering texts is the number's SmsUrl, as Twilio names it.
+    assert (both.sms_url, both.sms_method) == ("http://127.0.0.1:9/sms", "POST")
+    assert texts_only.sms_url is None and voice_only.sms_url is None
+    assert texts_only.voice_url is None and texts_only.sms_application_sid is None
+    status, _, body = raw(engine, "GET", f"/2010-04-01/Accounts/{SID}/IncomingPhoneNumbers.json",
+                          auth=(SID, TOKEN))
+    rows = {r["phone_number"]: r for r in json.loads(body)["incoming_phone_numbers"]}
+    assert status == 200
+    assert rows["1000"]["baton_messaging_target"] == {"kind": "module", "target": "baton.bot",
+                                                      "module": "baton.bot"}
+    assert rows["1000"]["baton_target"] is None
+    assert rows["1002"]["baton_messaging_target"] is None
+    other = client_for(engine, OTHER, OTHER_TOKEN).incoming_phone_numbers.list()
+    assert [(n.phone_number, n.capabilities["sms"]) for n in other] == [("4999", False)]

@@ -14,7 +14,7 @@ def text_config(**messaging) -> dict:
     raw["accounts"]["demo"]["numbers"]["2000"] = {
         "messaging": {"app": "texts"}}
     raw["accounts"]["demo"]["numbers"]["1000"]["messaging"] = "baton.bot"
-    raw["accounts"]["demo"]["numbers"]["1000"]["reply"] = "unused voice param"
+    raw["accounts"]["demo"]["numbers"]["1000"]["reply"] = "number 1000 heard: {Body}"
     raw["apps"] = {"texts": {"start": "bot", "nodes": {
         "bot": {"module": "baton.bot",
                 "params": {"reply": "bot heard: {Body}", "keywords": {"AGENT": "agent"}},
@@ -284,3 +284,46 @@ def test_segments_follow_the_carrier_rule():
     assert (encoding("€uro"), segments("€" * 80), segments("€" * 81)) == ("GSM-7", 1, 2)
     assert "".join(split("ж" * 135)) == "ж" * 135
     assert segments("😀" * 35) == 1 and segments("😀" * 36) == 2
+
+
+async def test_number_keys_are_the_messaging_modules_params():
+    """A number entry's other keys go to its messaging module as to its voice module;
+    a key of the messaging table itself wins."""
+    raw = engine_config()
+    raw["accounts"]["demo"]["numbers"].update({
+        "2100": {"messaging": "baton.bot", "reply": "texts only: {Body}"},
+        "2101": {"module": "baton.hold", "messaging": {"module": "baton.bot"},
+                 "reply": "shared: {Body}", "keywords": {"STOP": "done"}},
+        "2102": {"messaging": {"module": "baton.bot", "reply": "own: {Body}"},
+                 "reply": "not this"},
+    })
+    async with running_engine(raw) as eng:
+        c = UdpClient("127.0.0.1", eng.sip_port)
+        for number, want in (("2100", b"texts only: hi"), ("2101", b"shared: hi"),
+                             ("2102", b"own: hi")):
+            c.send(message(c, b"hi", number=number))
+            await c.expect(202)
+            req = await next_request(c)
+            assert req.body == want, number
+            answer(c, req)
+        # The number's keywords too: STOP leaves the bot through its outlet (the number's
+        # node has none, so the conversation ends) and gets no reply.
+        (first,) = {m.session for m in eng.messaging.messages.values() if m.to == "2101"}
+        assert first in eng.sessions
+        c.send(message(c, b"stop", number="2101"))
+        await c.expect(202)
+        await asyncio.sleep(0.2)
+        assert first not in eng.sessions
+        assert not [m for m in eng.messaging.messages.values()
+                    if m.session == first and m.body == "shared: stop"]
+        c.close()
+
+
+def test_number_keys_are_checked_as_the_messaging_modules_params():
+    from engine.config.load import ConfigError, from_dict
+
+    raw = engine_config()
+    raw["accounts"]["demo"]["numbers"]["2100"] = {"messaging": "baton.bot", "reply": 7}
+    with pytest.raises(ConfigError) as exc:
+        from_dict(raw, "t.toml")
+    assert "accounts.demo.numbers.2100.messaging.reply" in str(exc.value)

@@ -132,3 +132,68 @@ async def test_call_centre_texts_its_agents_when_a_caller_waits_too_long():
         finally:
             agent.close()
             caller.close()
+
+
+SURVEY = {
+    "intro": "Two quick questions.", "outro": "Thank you!",
+    "invalid_prompt": "Sorry, that is not a valid answer.",
+    "questions": [
+        {"id": "resolved", "say": "Was it solved? Press 1 for yes, 2 for no.",
+         "text": "Was it solved? Reply 1 for yes, 2 for no.", "allowed": "12"},
+        {"id": "score", "say": "From 0 to 10, how likely are you to recommend us?",
+         "min": 0, "max": 10},
+    ]}
+
+
+async def test_survey_runs_over_texts():
+    """The survey by text: the first text starts it (and is no answer), wrong answers
+    get the invalid prompt and the question again, the answers are stored and the
+    run is completed; a second sender's run is its own."""
+    from engine.modules.services.survey import store_for
+
+    raw = text_config()
+    raw["accounts"]["demo"]["numbers"]["2200"] = {"messaging": {"app": "feedback"}}
+    # The module straight on a number, its params the number's other keys.
+    raw["accounts"]["demo"]["numbers"]["2201"] = {"messaging": "baton.survey", "name": "quick",
+                                                  **SURVEY}
+    raw["apps"]["feedback"] = {"start": "survey", "nodes": {
+        "survey": {"module": "baton.survey", "params": {"name": "csat", **SURVEY}}}}
+    async with running_engine(raw) as eng:
+        c = UdpClient("127.0.0.1", eng.sip_port)
+
+        async def say(body: bytes, from_user: str = "alice") -> bytes:
+            c.send(message(c, body, number="2200", from_user=from_user))
+            await c.expect(202)
+            req = await next_request(c)
+            answer(c, req)
+            return req.body
+
+        # "2" would answer the first question: sent first, it only starts the survey.
+        assert await say(b"2") == b"Two quick questions.\nWas it solved? Reply 1 for yes, 2 for no."
+        assert await say(b"yes") == (b"Sorry, that is not a valid answer.\n"
+                                     b"Was it solved? Reply 1 for yes, 2 for no.")
+        assert await say(b" 1 ") == b"From 0 to 10, how likely are you to recommend us?"
+        assert await say(b"11") == (b"Sorry, that is not a valid answer.\n"
+                                    b"From 0 to 10, how likely are you to recommend us?")
+        assert await say(b"9#") == b"Thank you!"
+        # The survey released the conversation (done, not wired: it ended).
+        await asyncio.sleep(0.1)
+        assert not [s for s in eng.sessions.values() if s.number == "2200"]
+        # Bob leaves after the first question: his run is abandoned when the
+        # conversation ends.
+        assert (await say(b"hello", "bob")).endswith(b"Reply 1 for yes, 2 for no.")
+        bob, = [s for s in eng.sessions.values() if s.number == "2200"]
+        bob.end("idle")
+        store = store_for(eng)
+        await asyncio.to_thread(lambda: store.submit(lambda: None).result(5))
+        runs = {r["caller"].split("@")[0]: r for r in store.results("demo", survey="csat")}
+        assert runs["sip:alice"]["status"] == "completed"
+        assert [(a["question"], a["answer"], a["attempts"]) for a in
+                runs["sip:alice"]["answers"]] == [("resolved", "1", 2), ("score", "9", 2)]
+        assert runs["sip:bob"]["status"] == "abandoned" and runs["sip:bob"]["answers"] == []
+        c.send(message(c, b"hi", number="2201", from_user="carol"))
+        await c.expect(202)
+        req = await next_request(c)
+        answer(c, req)
+        assert req.body == b"Two quick questions.\nWas it solved? Reply 1 for yes, 2 for no."
+        c.close()

@@ -189,6 +189,34 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         quick=("--quick",),
         minutes="0.5"),
     Scenario(
+        "messages", "messages_bench.py",
+        "inbound SIP MESSAGEs per second answered by a module (baton.bot) and by an "
+        "instruction app (a MessagingResponse on a local aiohttp server), at rising rates "
+        "until a text goes unanswered or the replies fall behind; p50/p99 from each MESSAGE "
+        "to its 202 and to the reply text Baton sends back (this driver's UDP client answers "
+        "it 200), at the highest rate carried and at the first; server CPU per text",
+        "Kamailio's stateless responder (bench/baseline/kamailio-responder.cfg, 202 for "
+        "MESSAGE) under the same MESSAGE stream from the same client, and the same rates "
+        "from SIPp, in the same run",
+        (Figure("module_rate", "module_rate", "texts/s answered by a module (reply sent)",
+                "texts/s", "kamailio_sipp_rate", "Kamailio stateless (SIPp, 202)"),
+         Figure("instructions_rate", "instructions_rate",
+                "texts/s answered by an instruction app", "texts/s", "kamailio_sipp_rate",
+                "Kamailio stateless (SIPp, 202)"),
+         Figure("module_p99", "module_reply_p99_ms", "module: MESSAGE to reply p99", "ms",
+                "kamailio_accept_p99_ms_at_module_rate", "Kamailio 202 p99, same rate",
+                higher_is_better=False),
+         Figure("instructions_p99", "instructions_reply_p99_ms",
+                "instruction app: MESSAGE to reply p99", "ms",
+                "kamailio_accept_p99_ms_at_instructions_rate", "Kamailio 202 p99, same rate",
+                higher_is_better=False),
+         Figure("module_p99_low", "module_reply_p99_ms_at_first_rate",
+                "module: reply p99 at the first rate", "ms",
+                "kamailio_accept_p99_ms_at_first_rate", "Kamailio 202 p99, same rate",
+                higher_is_better=False)),
+        quick=("--quick",),
+        minutes="3"),
+    Scenario(
         "accountant-lag", "accountant_lag.py",
         "lag from a stamp to its committed ledger row (SQLite) p50/p99 with SIPp calling "
         "`baton serve` at 1,000 calls/s (calls of 1 s); accountant CPU share",

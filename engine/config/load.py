@@ -276,7 +276,9 @@ TABLES = {
         "trunk": ("string", "with endpoint: the [trunks.NAME] the number is dialled through"),
         "messaging": ("string or table", "what a text (SIP MESSAGE) to the number starts: an "
                                          "http(s):// instruction URI, an app name, a module "
-                                         "code, or { app | module | instructions = ... }"),
+                                         "code, or { app | module | instructions = ... }; "
+                                         "the number's other keys are its first module's "
+                                         "params too (under the table's own)"),
     }),
     "apps.NAME": ("an app: nodes (modules with their params) wired by outlets", {
         "start": ("string", "the node a call starts in (required)"),
@@ -624,8 +626,12 @@ def from_dict(raw: dict, path: str = "<dict>", overrides: dict | None = None) ->
             texting = None
             if isinstance(target, dict) and "messaging" in target:
                 target = dict(target)
+                # The entry's other keys are the number's params: the messaging
+                # module gets them as the voice one does (its own table's win).
+                extra = {k: v for k, v in target.items()
+                         if k not in TARGET_KINDS and k != "messaging"}
                 texting = _messaging_route(cfg, path, f"{nkey}.messaging", acc_id, number,
-                                           target.pop("messaging"))
+                                           target.pop("messaging"), extra)
                 cfg.messaging_numbers[number] = texting
                 if not any(k in target for k in TARGET_KINDS):
                     continue        # a number for texts only
@@ -864,8 +870,9 @@ def _number_route(cfg: Config, path: str, key: str, account: str, number: str, t
 
 
 def _messaging_route(cfg: Config, path: str, key: str, account: str, number: str,
-                     target) -> NumberRoute:
-    """A number's `messaging` target: the kinds a call's target has, but an endpoint."""
+                     target, extra: dict | None = None) -> NumberRoute:
+    """A number's `messaging` target: the kinds a call's target has, but an endpoint.
+    `extra`: the number entry's other keys, params under the target table's own."""
     if isinstance(target, str):
         if target.startswith(("http://", "https://")):
             target = {"instructions": target}
@@ -876,6 +883,8 @@ def _messaging_route(cfg: Config, path: str, key: str, account: str, number: str
     if isinstance(target, dict) and "endpoint" in target:
         raise ConfigError(path, f"{key}.endpoint", "texts start an app, a module or an "
                                                    "instruction URI")
+    if isinstance(target, dict) and extra:
+        target = {**extra, **target}
     route = _number_route(cfg, path, key, account, number, target)
     if route.kind == "module":
         from engine.modules.catalog import builtin_modules

@@ -93,6 +93,7 @@ class Engine:
 
         self.store = SessionStore(os.path.join(self.cfg.data_dir, "sessions.db"),
                                   self.stamper.retained())
+        self.messaging.open_store(os.path.join(self.cfg.data_dir, "messages.db"))
         self.media = MediaEngine(self.loop, self.cfg.rtp_timeout, self.cfg.rtp_hold_timeout)
         self.media.start()
         await self.webhooks.start()
@@ -197,6 +198,7 @@ class Engine:
         self.stamper.close()
         if self.store is not None:
             self.store.close()
+        self.messaging.close_store()
         for attr in ("verify_service", "survey_store", "calling_card_lockouts"):  # SQLite files
             svc = getattr(self, attr, None)
             if svc is not None:

@@ -101,6 +101,32 @@ class Messaging:
         # Called with each text when it is kept and at each change of its status
         # (the gRPC Messages.Watch streams, the REST status callbacks).
         self.watchers: list = []
+        self.store = None       # DATA/messages.db (message_store.py), from open_store
+
+    # -- the record ---------------------------------------------------------------
+    def open_store(self, path: str) -> None:
+        """Keep every text in `path` too, and take back the newest of earlier runs."""
+        from engine.sessions.message_store import MessageStore
+
+        self.store = MessageStore(path, self.engine.loop)
+        for row in self.store.newest(MAX_KEPT):
+            m = TextMessage(**row)
+            self.messages[m.sid] = m
+        if self.store.ended:
+            log.info("%d texts of an earlier run were never sent: failed", self.store.ended)
+
+    def close_store(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def get(self, sid: str) -> TextMessage | None:
+        """Text `sid`: one of the newest MAX_KEPT, else from the record."""
+        m = self.messages.get(sid)
+        if m is None and self.store is not None:
+            row = self.store.get(sid)
+            m = TextMessage(**row) if row is not None else None
+        return m
 
     # -- receiving ----------------------------------------------------------------
     def on_text(self, msg, st) -> None:
@@ -346,6 +372,8 @@ class Messaging:
         if s is not None:
             s.messages.append(m.sid)
         self.counts[m.direction, m.status] += 1
+        if self.store is not None:
+            self.store.record(m)
         self._notify(m)
         return m
 
@@ -355,6 +383,8 @@ class Messaging:
         m.error = error
         m.updated_wall_ns = clock.wall_ns()
         self.counts[m.direction, status] += 1
+        if self.store is not None:
+            self.store.record(m)
         self._notify(m)
 
     def _final(self, m, status, code, error, on_status) -> None:

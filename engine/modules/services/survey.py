@@ -33,6 +33,13 @@ signature, engine/common/webhooks.py) to `webhook_url`, else to the account's we
 The status is `completed` (then `outro` and the `done` outlet), `incomplete`
 (the `incomplete` outlet) or `abandoned` (the caller hung up or control moved
 away mid-survey).
+
+Over texts (a number's `messaging` target, or a conversation handed to the
+node) the same survey runs by message: `intro` and each question are texted
+(a question's `text`, else its `say`, else its id), each text that comes back
+is the answer (checked as keys would be, a trailing `finish_on_key` dropped),
+`invalid_prompt` and the question again after a wrong one; no timeout (the
+conversation's idle timeout ends it, `abandoned`); `outro` is texted at the end.
 """
 from __future__ import annotations
 
@@ -56,10 +63,11 @@ MAX_DIGITS = 32
 NODE_KEYS = ("name", "questions", "intro", "intro_file", "outro", "outro_file", "invalid_prompt",
              "invalid_prompt_file", "webhook_url", "webhook_secret", "voice", "language",
              "timeout", "retries")
-QUESTION_KEYS = ("id", "say", "play", "allowed", "answers", "min", "max", "max_digits",
+QUESTION_KEYS = ("id", "say", "play", "text", "allowed", "answers", "min", "max", "max_digits",
                  "finish_on_key", "required", "invalid_prompt", "invalid_prompt_file", "voice",
                  "language", "timeout", "retries")
 DEFAULT_INVALID = "Sorry, that is not a valid answer."
+MAX_TEXT = 1600             # characters of a question's `text` (ten carrier segments)
 
 
 # -- the results store --------------------------------------------------------------------
@@ -226,9 +234,22 @@ class SurveyState(Prompter):
         self.finished = False
 
 
+class SurveyTexts:
+    """A survey run over a text conversation: no media, the answers come as texts."""
+
+    def __init__(self):
+        self.run_id = 0
+        self.index = 0
+        self.tries = 0
+        self.answers: dict = {}
+        self.finished = False
+        self.asked = False      # the first question is out: texts from now on are answers
+
+
 class SurveyModule(PromptingModule):
     code = "baton.survey"
     level = "service"
+    texting = True              # runs over text conversations too (on_text)
     outlets = ("done", "incomplete")
 
     @classmethod
@@ -272,6 +293,11 @@ class SurveyModule(PromptingModule):
                 raise ValueError(f"{where}id: {qid!r} is used twice")
             seen.add(qid)
             check_prompt(q, where, required=True, text="say", file="play")
+            text = q.get("text")
+            if text is not None and (not isinstance(text, str) or not text.strip()
+                                     or len(text) > MAX_TEXT):
+                raise ValueError(f"{where}text: the question as texted, 1 to {MAX_TEXT} "
+                                 f"characters")
             check_prompt(q, where, text="invalid_prompt", file="invalid_prompt_file")
             check_common(q, where)
             check_bool(q, "required", where)
@@ -306,9 +332,11 @@ class SurveyModule(PromptingModule):
 
     # -- the calls ----------------------------------------------------------------
     def take(self, ctl) -> None:
-        state = self.begin(ctl, SurveyState)
+        texts = ctl.session.kind == "messaging"
+        state = SurveyTexts() if texts else self.begin(ctl, SurveyState)
         if state is None:
             return
+        ctl.state = state
         session = ctl.session
         try:
             store = store_for(ctl.engine)
@@ -322,7 +350,13 @@ class SurveyModule(PromptingModule):
         session.params["SurveyStatus"] = "running"
         p = ctl.params
         intro = (p.get("intro"), p.get("intro_file"))
-        self._ask(ctl, None if intro == (None, None) else intro)
+        prefix = None if intro == (None, None) else intro
+        if texts:
+            # The text that started the conversation (or handed it here) reaches
+            # on_text right after take: it is no answer. Ask once it has passed.
+            ctl.engine.loop.call_soon(lambda: ctl.active and self._ask(ctl, prefix))
+            return
+        self._ask(ctl, prefix)
 
     @staticmethod
     def _name(ctl) -> str:
@@ -342,6 +376,11 @@ class SurveyModule(PromptingModule):
         state = ctl.state
         q = ctl.params["questions"][state.index]
         state.tries += 1
+        if isinstance(state, SurveyTexts):
+            state.asked = True
+            self._text(ctl, [prefix[0] if prefix else None,
+                             q.get("text") or q.get("say") or q["id"]])
+            return
         parts = [prefix] if prefix is not None else []
         parts.append((q.get("say"), q.get("play")))
         n = self._max_digits(q)
@@ -349,6 +388,24 @@ class SurveyModule(PromptingModule):
         state.ask(parts, lambda digits, why: self._answer(ctl, digits, why), max_digits=n,
                   finish_on_key=finish, timeout=float(self.opt(ctl, q, "timeout", 5)),
                   voice=self.opt(ctl, q, "voice", "en"), language=self.opt(ctl, q, "language"))
+
+    @staticmethod
+    def _text(ctl, lines) -> None:
+        body = "\n".join(x for x in lines if x)
+        if body:
+            ctl.engine.messaging.send(ctl.session, body)
+
+    def on_text(self, ctl, message) -> None:
+        """A text of the conversation: the answer to the question asked."""
+        state = ctl.state
+        if not isinstance(state, SurveyTexts) or state.finished or not state.asked:
+            return
+        q = ctl.params["questions"][state.index]
+        answer = message.body.strip()
+        finish = q.get("finish_on_key", "#") if self._max_digits(q) > 1 else ""
+        if finish and answer[-1:] in finish:
+            answer = answer[:-1].rstrip()
+        self._answer(ctl, answer, "text")
 
     @staticmethod
     def valid(q: dict, digits: str) -> bool:
@@ -406,6 +463,10 @@ class SurveyModule(PromptingModule):
             return
         p = ctl.params
         outro = (p.get("outro"), p.get("outro_file"))
+        if isinstance(state, SurveyTexts):
+            self._text(ctl, [outro[0]])
+            ctl.release("done", SurveyStatus=status)
+            return
         if outro == (None, None):
             ctl.release("done", SurveyStatus=status)
             return
@@ -449,7 +510,7 @@ class SurveyModule(PromptingModule):
     def revoke(self, ctl, reason: str) -> None:
         super().revoke(ctl, reason)
         state = ctl.state
-        if isinstance(state, SurveyState) and not state.finished:
+        if isinstance(state, (SurveyState, SurveyTexts)) and not state.finished:
             self._report(ctl, state, "abandoned")
 
 
