@@ -3,7 +3,7 @@ and `baton node drain` (docs/cluster.md).
 
 `cluster up` fills in deploy/kamailio/kamailio.cfg, starts Kamailio on the front
 address (127.0.0.10) and N `baton serve` nodes on 127.0.0.11, .12, ..., each with
-its own data directory and node id, all posting into one ledger (`--store`, one
+its own data directory and node id, SIP, gRPC and HTTP (REST) on its own address, all posting into one ledger (`--store`, one
 PostgreSQL schema per cluster), prints where everything is, writes it to
 DIR/cluster.json, and stops it all on Ctrl-C or SIGTERM.
 """
@@ -109,7 +109,8 @@ def up(args) -> int:
     for i in range(args.nodes):
         addr = str(first + i)
         nodes.append({"id": f"node{i + 1}", "address": addr, "sip_port": args.node_port,
-                      "grpc": f"{addr}:{args.grpc_port}", "data_dir": os.path.join(base, f"node{i + 1}"),
+                      "grpc": f"{addr}:{args.grpc_port}", "http": f"{addr}:{args.http_port}",
+                      "data_dir": os.path.join(base, f"node{i + 1}"),
                       "log": os.path.join(base, f"node{i + 1}.log")})
     ds_list = os.path.join(base, "dispatcher.list")
     with open(ds_list, "w") as f:
@@ -135,7 +136,7 @@ def up(args) -> int:
             os.makedirs(n["data_dir"], exist_ok=True)
             cmd = [baton, "serve", "--config", args.config, "--node-id", n["id"],
                    "--sip-addr", f"{n['address']}:{n['sip_port']}", "--media-addr", n["address"],
-                   "--grpc-addr", n["grpc"], "--data-dir", n["data_dir"], "--store", args.store,
+                   "--grpc-addr", n["grpc"], "--http-addr", n["http"], "--data-dir", n["data_dir"], "--store", args.store,
                    "--drain-timeout", str(args.drain_timeout)]
             if args.redis:
                 cmd += ["--redis", args.redis, "--cluster-prefix", args.prefix]
@@ -174,7 +175,7 @@ def up(args) -> int:
               f" (config {cfg_path}, log {klog})", flush=True)
         for n in nodes:
             print(f"  {n['id']}: sip:{n['address']}:{n['sip_port']}  grpc {n['grpc']}  "
-                  f"data {n['data_dir']}  log {n['log']}  pid {n['pid']}", flush=True)
+                  f"http://{n['http']}  data {n['data_dir']}  log {n['log']}  pid {n['pid']}", flush=True)
         if args.redis:
             print(f"  session directory: {args.redis} (prefix {args.prefix!r}); every node's "
                   f"calls: baton sessions list --cluster {args.redis} --prefix '{args.prefix}'",
@@ -285,6 +286,8 @@ def add_parsers(sub) -> None:
                                                               "next nodes take the next ones")
     u.add_argument("--node-port", type=int, default=5060, help="every node's SIP port")
     u.add_argument("--grpc-port", type=int, default=50051, help="every node's gRPC port")
+    u.add_argument("--http-port", type=int, default=8080,
+                   help="every node's HTTP port: its REST API and recordings (default 8080)")
     u.add_argument("--config", default=os.path.join(ROOT, "examples", "demo.toml"),
                    help="the nodes' TOML config (default: examples/demo.toml)")
     u.add_argument("--store", default=os.environ.get("BATON_CLUSTER_STORE", DEFAULT_STORE),
