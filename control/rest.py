@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import time
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -36,7 +37,7 @@ import grpc
 
 from control.auth import Aborted, ServicerContext
 from control.billing import BillingService
-from control.metering import ApiMeter
+from control.metering import ApiMeter, CountsUnavailable
 from control.sessions_api import SessionsService
 from engine.common import clock
 from engine.media.files import find_recording
@@ -175,7 +176,7 @@ class RestApi:
         self._resume_callbacks()
 
     # -- auth -------------------------------------------------------------------------
-    def authenticate(self, request, url_sid: str) -> str:
+    async def authenticate(self, request, url_sid: str) -> str:
         """The account the request acts for; RestError 401/404/429 otherwise."""
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
@@ -200,7 +201,13 @@ class RestApi:
             key = self.meter.key_for_token(password)
             if key is not None and hmac.compare_digest(key.id.encode(), user.encode("utf-8", "replace")):
                 account = key.account
-                refusal = self.meter.admit(key, "REST " + request.method + " " + request.path[:100])
+                try:
+                    refusal = await self.meter.admit_async(
+                        key, "REST " + request.method + " " + request.path[:100])
+                except (sqlite3.Error, CountsUnavailable):
+                    # The count cannot be kept: refuse rather than serve unmetered.
+                    raise RestError(503, 20503, "API usage cannot be recorded; retry later") \
+                        from None
                 if refusal is not None:
                     raise RestError(429, 20429, refusal)
         if account is None:
@@ -1033,29 +1040,29 @@ def add_routes(app, engine) -> RestApi:
                                         "application/x-www-form-urlencoded")
         return await request.post()
 
-    def auth(request) -> str:
+    async def auth(request) -> str:
         sid = request.match_info["account"]
         if not _SID.fullmatch(sid):
             raise RestError(404, 20404, "The requested resource was not found")
-        return api.authenticate(request, sid)
+        return await api.authenticate(request, sid)
 
     # What the routes of other resources' files (control/rest_messages.py) answer with.
     api.auth, api.form_of, api.answer = auth, form_of, answer
 
     async def account(request):
-        acc = auth(request)
+        acc = await auth(request)
         a = engine.cfg.accounts[acc]
         return answer({"sid": api.account_sid(acc), "friendly_name": a.name or acc,
                        "status": "active", "type": "Full", "owner_account_sid": api.account_sid(acc),
                        "uri": api.base(acc) + ".json"})
 
     async def calls_create(request):
-        acc = auth(request)
+        acc = await auth(request)
         rc = await api.create_call(acc, await form_of(request))
         return answer(api.call_json(acc, rc, None), 201)
 
     async def calls_list(request):
-        acc = auth(request)
+        acc = await auth(request)
         q = request.query
         known = {"To", "From", "Status", "StartTime", "StartTime<", "StartTime>", "Page",
                  "PageSize", "PageToken", "page", "page_size", "ParentCallSid", "EndTime",
@@ -1090,17 +1097,17 @@ def add_routes(app, engine) -> RestApi:
                                 lambda t: api.call_json(acc, *t)))
 
     async def call_fetch(request):
-        acc = auth(request)
+        acc = await auth(request)
         rc, session = api.find(acc, request.match_info["sid"])
         return answer(api.call_json(acc, rc, session))
 
     async def call_update(request):
-        acc = auth(request)
+        acc = await auth(request)
         form = await form_of(request)
         return answer(await api.update_call(acc, request.match_info["sid"], form))
 
     async def call_delete(request):
-        acc = auth(request)
+        acc = await auth(request)
         sid = request.match_info["sid"]
         rc, session = api.find(acc, sid)
         if session is not None and not session.ended or \
@@ -1111,11 +1118,11 @@ def add_routes(app, engine) -> RestApi:
         return web.Response(status=204)
 
     async def call_history(request):
-        acc = auth(request)
+        acc = await auth(request)
         return answer(await api.history(acc, request.match_info["sid"]))
 
     async def call_cost(request):
-        acc = auth(request)
+        acc = await auth(request)
         return answer(await api.cost(acc, request.match_info["sid"]))
 
     def recordings_of(acc: str, call: str | None) -> list[dict]:
@@ -1125,7 +1132,7 @@ def add_routes(app, engine) -> RestApi:
         return rows
 
     async def recordings_list(request):
-        acc = auth(request)
+        acc = await auth(request)
         _only(request.query, {"CallSid", "Page", "PageSize", "PageToken", "page", "page_size",
                               "DateCreated", "DateCreated<", "DateCreated>"})
         page, size = _paging(request)
@@ -1135,7 +1142,7 @@ def add_routes(app, engine) -> RestApi:
                                 {"CallSid": call} if call else {}))
 
     async def call_recordings(request):
-        acc = auth(request)
+        acc = await auth(request)
         sid = request.match_info["sid"]
         api.find(acc, sid)
         page, size = _paging(request)
@@ -1154,7 +1161,7 @@ def add_routes(app, engine) -> RestApi:
                 raise RestError(404, 20404, "The requested resource was not found")
             _, path = api.recording(acc, sid)
             return web.FileResponse(path, headers={"Content-Type": "audio/wav"})
-        acc = auth(request)
+        acc = await auth(request)
         if not _RECORDING.fullmatch(sid):
             raise RestError(404, 20404, f"The requested resource Recording {sid[:40]} was "
                                         "not found")
@@ -1172,11 +1179,11 @@ def add_routes(app, engine) -> RestApi:
         return answer(api.recording_json(acc, r))
 
     async def balance(request):
-        acc = auth(request)
+        acc = await auth(request)
         return answer(await api.balance(acc))
 
     async def numbers(request):
-        acc = auth(request)
+        acc = await auth(request)
         page, size = _paging(request)
         rows = []
         for number, route in sorted(engine.cfg.accounts[acc].numbers.items()):
@@ -1193,7 +1200,7 @@ def add_routes(app, engine) -> RestApi:
                                 f"{api.base(acc)}/IncomingPhoneNumbers.json", rows, page, size, {}))
 
     async def applications(request):
-        acc = auth(request)
+        acc = await auth(request)
         page, size = _paging(request)
         rows = [{"sid": name, "account_sid": api.account_sid(acc), "friendly_name": name,
                  "api_version": "2010-04-01", "voice_url": None, "voice_method": "POST",
@@ -1204,7 +1211,7 @@ def add_routes(app, engine) -> RestApi:
                                 page, size, {}))
 
     async def usage(request):
-        acc = auth(request)
+        acc = await auth(request)
         q = request.query
         _only(q, {"StartDate", "EndDate", "Category", "IncludeSubaccounts", "Page", "PageSize",
                   "PageToken", "page", "page_size"})
