@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sqlite3
 import time
 from typing import Any
@@ -43,7 +44,14 @@ from engine.config.api_keys import API_MODULE_PREFIX, ApiKey, token_digest
 
 log = logging.getLogger("baton.control.metering")
 
-__all__ = ["ApiMeter", "SharedCounts", "CountsUnavailable", "metering_interceptor"]
+__all__ = ["ApiMeter", "SharedCounts", "CountsUnavailable", "COUNTED", "bearer",
+           "metering_interceptor"]
+
+# A request one node counted and forwards to the session's owner carries a one-time ticket
+# under this name (gRPC metadata, HTTP header): the owner redeems it instead of counting
+# the call again. Tickets live in the cluster's Redis only, 128 random bits, used once.
+COUNTED = "baton-counted"
+TICKET_TTL_MS = 30_000
 
 # Services of the control API a key's calls are metered on; vendors attach
 # with their own secrets and are billed for time in control instead.
@@ -117,6 +125,25 @@ class SharedCounts:
             log.info("API-key quotas: Redis answers again")
             self.down = False
         return bool(ok), int(calls), int(tops), bool(topped)
+
+    async def ticket(self) -> str | None:
+        """A one-time ticket saying "counted already" for a forwarded request (None:
+        Redis did not take it, and the owner counts the request again)."""
+        t = secrets.token_hex(16)
+        try:
+            await self.redis.set(f"{self.prefix}counted:{t}", b"1", px=TICKET_TTL_MS)
+        except Exception:
+            return None
+        return t
+
+    async def redeem(self, ticket: str) -> bool:
+        """Whether `ticket` was issued by a node and not used yet (it is used now)."""
+        if not ticket or len(ticket) > 64:
+            return False
+        try:
+            return await self.redis.getdel(f"{self.prefix}counted:{ticket}") is not None
+        except Exception:
+            return False
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -228,6 +255,17 @@ class ApiMeter:
         self._stamp_call(key, method, wall)
         return None
 
+    async def ticket_for(self, token: str | None) -> str | None:
+        """A ticket for forwarding a request made with bearer/basic secret `token` to
+        another node, when this node counted it in the shared counts; else None."""
+        if self.counts is None or not token or self.key_for_token(token) is None:
+            return None
+        return await self.counts.ticket()
+
+    async def forwarded_counted(self, ticket: str | None) -> bool:
+        """Whether a forwarded request was counted by the node that forwarded it."""
+        return bool(ticket) and self.counts is not None and await self.counts.redeem(ticket)
+
     def admit(self, key: ApiKey, method: str = "") -> str | None:
         """Count one call of `key`; None when it may proceed, else the refusal
         (a message naming the key and its quota)."""
@@ -305,7 +343,7 @@ class ApiMeter:
             await self.counts.close()
 
 
-def _bearer(metadata) -> str | None:
+def bearer(metadata) -> str | None:
     for k, v in metadata or ():
         if k.lower() == "authorization":
             v = v.decode() if isinstance(v, bytes) else v
@@ -331,10 +369,14 @@ def metering_interceptor(meter: ApiMeter):
             if handler is None or not method.startswith(METERED_PREFIX) or \
                     method.startswith(UNMETERED) or not meter.keys:
                 return handler
-            token = _bearer(details.invocation_metadata)
+            token = bearer(details.invocation_metadata)
             key = meter.key_for_token(token) if token else None
             if key is None:
                 return handler
+            ticket = next((v for k, v in details.invocation_metadata or () if k == COUNTED),
+                          None)
+            if ticket is not None and await meter.forwarded_counted(ticket):
+                return handler                # counted by the node that forwarded it
             try:
                 refusal = await meter.admit_async(key, method)
             except (sqlite3.Error, CountsUnavailable) as exc:

@@ -37,7 +37,7 @@ import grpc
 
 from control.auth import Aborted, ServicerContext
 from control.billing import BillingService
-from control.metering import ApiMeter, CountsUnavailable
+from control.metering import COUNTED, ApiMeter, CountsUnavailable
 from control.sessions_api import SessionsService
 from engine.common import clock
 from engine.media.files import find_recording
@@ -201,13 +201,10 @@ class RestApi:
             key = self.meter.key_for_token(password)
             if key is not None and hmac.compare_digest(key.id.encode(), user.encode("utf-8", "replace")):
                 account = key.account
-                try:
-                    refusal = await self.meter.admit_async(
-                        key, "REST " + request.method + " " + request.path[:100])
-                except (sqlite3.Error, CountsUnavailable):
-                    # The count cannot be kept: refuse rather than serve unmetered.
-                    raise RestError(503, 20503, "API usage cannot be recorded; retry later") \
-                        from None
+                if await self.meter.forwarded_counted(request.headers.get(COUNTED)):
+                    refusal = None           # counted by the node that forwarded it
+                else:
+                    refusal = await self._count(key, request)
                 if refusal is not None:
                     raise RestError(429, 20429, refusal)
         if account is None:
@@ -216,6 +213,15 @@ class RestApi:
             # Another account's resources are not there, for this caller.
             raise RestError(404, 20404, f"The requested resource {request.path} was not found")
         return account
+
+    async def _count(self, key, request) -> str | None:
+        """Count an API key's request (None: it may proceed; else the refusal)."""
+        try:
+            return await self.meter.admit_async(
+                key, "REST " + request.method + " " + request.path[:100])
+        except (sqlite3.Error, CountsUnavailable):
+            # The count cannot be kept: refuse rather than serve unmetered.
+            raise RestError(503, 20503, "API usage cannot be recorded; retry later") from None
 
     def account_sid(self, account: str) -> str:
         return self.creds[account][0]
@@ -810,6 +816,10 @@ class RestApi:
         headers = {k: request.headers[k] for k in ("Authorization", "Content-Type", "Accept")
                    if k in request.headers}
         headers[FORWARDED] = node
+        # An API key's request was counted here: the owner must not count it again.
+        ticket = await self.meter.ticket_for(_basic_password(request))
+        if ticket is not None:
+            headers[COUNTED] = ticket
         if self._client is None:
             self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         try:
@@ -851,6 +861,17 @@ def usage_category(module: str, level: str, item: str) -> str:
     if item == "time" and level:
         return f"{module}/{level}"
     return f"{module}/{item}"
+
+
+def _basic_password(request) -> str | None:
+    """The password of a request's HTTP Basic credentials, if it has some."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+    except (binascii.Error, UnicodeDecodeError):
+        return None
 
 
 def _unauthorized(message: str) -> RestError:

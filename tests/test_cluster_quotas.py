@@ -12,12 +12,13 @@ import pytest
 
 from proto import pb
 from tests.helpers import DEMO, free_port
-from tests.test_cluster_directory import (REDIS_URL, REST_SID, _node, _ready, _redis,  # noqa: F401
-                                          prefix)
+from tests.test_cluster_directory import (REDIS_URL, REST_SID, _caller, _node,  # noqa: F401
+                                          _ready, _redis, _wait, prefix)
 
 sp = pb.sessions_pb2
 KEY = "partner-key-token-0123456789"
 TOPPED = "topped-key-token-0123456789"
+FWD = "forward-key-token-0123456789"
 QUOTA = 7
 KEYS = f"""
 [api_keys.partner]
@@ -32,6 +33,12 @@ token = "{TOPPED}"
 quota = 2
 period = "day"
 auto_top_up = {{ calls = 2, price = "5.00" }}
+
+[api_keys.fwd]
+account = "demo"
+token = "{FWD}"
+quota = 100
+period = "day"
 """
 
 
@@ -108,6 +115,32 @@ def test_an_api_key_quota_holds_across_two_nodes(prefix, config):
         logs = n1.output() + n2.output()
         assert logs.count("topped up 2 calls") == 2
         assert "top-up 1 of" in logs and "top-up 2 of" in logs
+        # A request about a call on node 1 sent to node 2 is forwarded, and counted once:
+        # node 2 counts it and hands node 1 a one-time ticket instead of a second count.
+        peer = _caller(n1)
+        try:
+            call = peer.answered_call("1000")
+            sid = _wait(lambda: next(iter(r.scan_iter(match=f"{prefix}session:*")), None),
+                        "the directory entry").rsplit(":", 1)[1]
+            with grpc.insecure_channel(g2) as ch:
+                stub = pb.sessions_pb2_grpc.SessionsStub(ch)
+                for _ in range(2):
+                    info = stub.Get(sp.GetRequest(session_id=sid),
+                                    metadata=(("authorization", f"Bearer {FWD}"),))
+                    assert info.live
+                # A ticket the caller makes up counts nothing off: the call is counted.
+                stub.List(sp.ListRequest(), metadata=(("authorization", f"Bearer {FWD}"),
+                                                      ("baton-counted", "0" * 32)))
+            url = f"http://{n2.rest}/2010-04-01/Accounts/{REST_SID}/Calls/{sid}.json"
+            for _ in range(2):
+                got = requests.get(url, auth=("fwd", FWD), timeout=15)
+                assert got.status_code == 200 and got.headers["baton-forwarded"] == "n1"
+            [key] = r.keys(f"{prefix}apikey:fwd:*")
+            assert r.hget(key, "calls") == "5"            # 2 + 1 + 2, none twice
+            assert list(r.scan_iter(match=f"{prefix}counted:*")) == []   # each ticket used
+            peer.hang_up(call)
+        finally:
+            peer.close()
     finally:
         r.close()
         _stop(n1, n2)
