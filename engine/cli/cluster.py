@@ -231,11 +231,17 @@ def drain(args) -> int:
     return 0
 
 
-def list_cluster_sessions(url: str, prefix: str, limit: int, fmt: str) -> int:
-    """`baton sessions list --cluster URL`: every live session of the cluster and its node."""
+def list_cluster_sessions(url: str, prefix: str, limit: int, fmt: str,
+                          token: str | None = None, account: str | None = None) -> int:
+    """`baton sessions list --cluster URL`: every live session of the cluster and its node,
+    from the session directory; with `token`, each node's control API adds what the
+    call is (account, number, module, duration): the view of `baton top --cluster`."""
     import asyncio
 
     from engine.sessions.directory import DirectoryUnavailable, SessionDirectory
+
+    if token:
+        return _list_cluster_calls(url, prefix, limit, fmt, token, account)
 
     async def read() -> dict:
         d = SessionDirectory(url, prefix, "", "", list)
@@ -263,6 +269,48 @@ def list_cluster_sessions(url: str, prefix: str, limit: int, fmt: str) -> int:
     print(f"{'SESSION':<20} {'NODE':<10} GRPC")
     for r in rows:
         print(f"{r['id']:<20} {r['node']:<10} {r['grpc']}")
+    return 0
+
+
+def _list_cluster_calls(url: str, prefix: str, limit: int, fmt: str, token: str,
+                        account: str | None) -> int:
+    import asyncio
+    import time as _time
+
+    from engine.cli.top import Cluster, Frame, TopError
+
+    async def read() -> Frame:
+        cluster = Cluster(url, prefix)
+        frame = Frame(taken=_time.monotonic())
+        try:
+            await cluster.fill(token, 10_000, False, frame)
+        finally:
+            await cluster.close()
+        return frame
+
+    try:
+        frame = asyncio.run(read())
+    except TopError as exc:
+        print(f"baton sessions: {exc}", file=sys.stderr)
+        return 1
+    calls = [r for r in frame.rows if not account or r.account == account][:limit]
+    for note in frame.notes:
+        print(f"baton sessions: {note}", file=sys.stderr)
+    if fmt == "json":
+        print(json.dumps([{"id": r.session_id, "node": r.node, "account": r.account,
+                           "number": r.number, "caller": r.caller, "module": r.module,
+                           "level": r.level, "seconds": round(r.seconds, 1)} for r in calls],
+                         indent=2))
+        return 0
+    print(f"{frame.live} live calls on {len(frame.nodes)} nodes: " + ", ".join(
+        f"{n} {'DOWN' if c is None else c}" for n, c in frame.nodes.items()))
+    print(f"{'SESSION':<20} {'NODE':<10} {'ACCOUNT':<14} {'NUMBER':<10} {'MODULE':<22} "
+          f"{'DURATION':>9}")
+    for r in calls:
+        s = int(r.seconds)
+        print(f"{r.session_id:<20} {r.node[:10]:<10} {(r.account or '-')[:14]:<14} "
+              f"{r.number[:10]:<10} {r.module[:22]:<22} "
+              f"{s // 3600:>3}:{s % 3600 // 60:02d}:{s % 60:02d}")
     return 0
 
 
