@@ -178,8 +178,9 @@ def up(args) -> int:
                   f"http://{n['http']}  data {n['data_dir']}  log {n['log']}  pid {n['pid']}", flush=True)
         if args.redis:
             print(f"  session directory: {args.redis} (prefix {args.prefix!r}); every node's "
-                  f"calls: baton sessions list --cluster {args.redis} --prefix '{args.prefix}'",
-                  flush=True)
+                  f"calls: baton sessions list --cluster {args.redis} --prefix '{args.prefix}'"
+                  f"\n  live view of every node: baton top --cluster {args.redis} "
+                  f"--prefix '{args.prefix}' --token TOKEN", flush=True)
         print(f"  ledger: {args.store}\n"
               f"  call it: sipp -sn uac {args.front}:{args.port} -s 1000 -m 10 -d 2000 "
               f"-i 127.0.0.1\n"
