@@ -14,6 +14,7 @@ import logging
 
 import grpc
 
+from control.metering import COUNTED, ApiMeter, bearer
 from proto import pb
 
 log = logging.getLogger("baton.control.forward")
@@ -75,8 +76,12 @@ class Forwarder:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"session_id: session {sid!r} lives on node {owner.node!r} "
                                 f"(gRPC {owner.grpc or 'not reachable'}); ask that node")
-        passed = [(k, v) for k, v in md if not k.startswith(_HOP)]
+        passed = [(k, v) for k, v in md if not k.startswith(_HOP) and k != COUNTED]
         passed.append((FORWARDED, self.engine.cfg.node_id))
+        # An API key's call was counted here: the owner must not count it again.
+        ticket = await ApiMeter.shared(self.engine).ticket_for(bearer(md))
+        if ticket is not None:
+            passed.append((COUNTED, ticket))
         stub = pb.sessions_pb2_grpc.SessionsStub(self._channel(owner.grpc))
         try:
             reply = await getattr(stub, method)(request, metadata=passed, timeout=TIMEOUT)

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import time
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -36,7 +37,7 @@ import grpc
 
 from control.auth import Aborted, ServicerContext
 from control.billing import BillingService
-from control.metering import ApiMeter
+from control.metering import COUNTED, ApiMeter, CountsUnavailable
 from control.sessions_api import SessionsService
 from engine.common import clock
 from engine.media.files import find_recording
@@ -174,7 +175,7 @@ class RestApi:
         self._resume_callbacks()
 
     # -- auth -------------------------------------------------------------------------
-    def authenticate(self, request, url_sid: str) -> str:
+    async def authenticate(self, request, url_sid: str) -> str:
         """The account the request acts for; RestError 401/404/429 otherwise."""
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
@@ -199,7 +200,10 @@ class RestApi:
             key = self.meter.key_for_token(password)
             if key is not None and hmac.compare_digest(key.id.encode(), user.encode("utf-8", "replace")):
                 account = key.account
-                refusal = self.meter.admit(key, "REST " + request.method + " " + request.path[:100])
+                if await self.meter.forwarded_counted(request.headers.get(COUNTED)):
+                    refusal = None           # counted by the node that forwarded it
+                else:
+                    refusal = await self._count(key, request)
                 if refusal is not None:
                     raise RestError(429, 20429, refusal)
         if account is None:
@@ -208,6 +212,15 @@ class RestApi:
             # Another account's resources are not there, for this caller.
             raise RestError(404, 20404, f"The requested resource {request.path} was not found")
         return account
+
+    async def _count(self, key, request) -> str | None:
+        """Count an API key's request (None: it may proceed; else the refusal)."""
+        try:
+            return await self.meter.admit_async(
+                key, "REST " + request.method + " " + request.path[:100])
+        except (sqlite3.Error, CountsUnavailable):
+            # The count cannot be kept: refuse rather than serve unmetered.
+            raise RestError(503, 20503, "API usage cannot be recorded; retry later") from None
 
     def account_sid(self, account: str) -> str:
         return self.creds[account][0]
@@ -736,6 +749,10 @@ class RestApi:
         headers = {k: request.headers[k] for k in ("Authorization", "Content-Type", "Accept")
                    if k in request.headers}
         headers[FORWARDED] = node
+        # An API key's request was counted here: the owner must not count it again.
+        ticket = await self.meter.ticket_for(_basic_password(request))
+        if ticket is not None:
+            headers[COUNTED] = ticket
         if self._client is None:
             self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         try:
@@ -777,6 +794,17 @@ def usage_category(module: str, level: str, item: str) -> str:
     if item == "time" and level:
         return f"{module}/{level}"
     return f"{module}/{item}"
+
+
+def _basic_password(request) -> str | None:
+    """The password of a request's HTTP Basic credentials, if it has some."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+    except (binascii.Error, UnicodeDecodeError):
+        return None
 
 
 def _unauthorized(message: str) -> RestError:
@@ -966,29 +994,29 @@ def add_routes(app, engine) -> RestApi:
                                         "application/x-www-form-urlencoded")
         return await request.post()
 
-    def auth(request) -> str:
+    async def auth(request) -> str:
         sid = request.match_info["account"]
         if not _SID.fullmatch(sid):
             raise RestError(404, 20404, "The requested resource was not found")
-        return api.authenticate(request, sid)
+        return await api.authenticate(request, sid)
 
     # What the routes of other resources' files (control/rest_messages.py) answer with.
     api.auth, api.form_of, api.answer = auth, form_of, answer
 
     async def account(request):
-        acc = auth(request)
+        acc = await auth(request)
         a = engine.cfg.accounts[acc]
         return answer({"sid": api.account_sid(acc), "friendly_name": a.name or acc,
                        "status": "active", "type": "Full", "owner_account_sid": api.account_sid(acc),
                        "uri": api.base(acc) + ".json"})
 
     async def calls_create(request):
-        acc = auth(request)
+        acc = await auth(request)
         rc = await api.create_call(acc, await form_of(request))
         return answer(api.call_json(acc, rc, None), 201)
 
     async def calls_list(request):
-        acc = auth(request)
+        acc = await auth(request)
         q = request.query
         known = {"To", "From", "Status", "StartTime", "StartTime<", "StartTime>", "Page",
                  "PageSize", "PageToken", "page", "page_size", "ParentCallSid", "EndTime",
@@ -1023,17 +1051,17 @@ def add_routes(app, engine) -> RestApi:
                                 lambda t: api.call_json(acc, *t)))
 
     async def call_fetch(request):
-        acc = auth(request)
+        acc = await auth(request)
         rc, session = api.find(acc, request.match_info["sid"])
         return answer(api.call_json(acc, rc, session))
 
     async def call_update(request):
-        acc = auth(request)
+        acc = await auth(request)
         form = await form_of(request)
         return answer(await api.update_call(acc, request.match_info["sid"], form))
 
     async def call_delete(request):
-        acc = auth(request)
+        acc = await auth(request)
         sid = request.match_info["sid"]
         rc, session = api.find(acc, sid)
         if session is not None and not session.ended or \
@@ -1044,11 +1072,11 @@ def add_routes(app, engine) -> RestApi:
         return web.Response(status=204)
 
     async def call_history(request):
-        acc = auth(request)
+        acc = await auth(request)
         return answer(await api.history(acc, request.match_info["sid"]))
 
     async def call_cost(request):
-        acc = auth(request)
+        acc = await auth(request)
         return answer(await api.cost(acc, request.match_info["sid"]))
 
     def recordings_of(acc: str, call: str | None) -> list[dict]:
@@ -1058,7 +1086,7 @@ def add_routes(app, engine) -> RestApi:
         return rows
 
     async def recordings_list(request):
-        acc = auth(request)
+        acc = await auth(request)
         _only(request.query, {"CallSid", "Page", "PageSize", "PageToken", "page", "page_size",
                               "DateCreated", "DateCreated<", "DateCreated>"})
         page, size = _paging(request)
@@ -1068,7 +1096,7 @@ def add_routes(app, engine) -> RestApi:
                                 {"CallSid": call} if call else {}))
 
     async def call_recordings(request):
-        acc = auth(request)
+        acc = await auth(request)
         sid = request.match_info["sid"]
         api.find(acc, sid)
         page, size = _paging(request)
@@ -1087,7 +1115,7 @@ def add_routes(app, engine) -> RestApi:
                 raise RestError(404, 20404, "The requested resource was not found")
             _, path = api.recording(acc, sid)
             return web.FileResponse(path, headers={"Content-Type": "audio/wav"})
-        acc = auth(request)
+        acc = await auth(request)
         if not _RECORDING.fullmatch(sid):
             raise RestError(404, 20404, f"The requested resource Recording {sid[:40]} was "
                                         "not found")
@@ -1105,11 +1133,11 @@ def add_routes(app, engine) -> RestApi:
         return answer(api.recording_json(acc, r))
 
     async def balance(request):
-        acc = auth(request)
+        acc = await auth(request)
         return answer(await api.balance(acc))
 
     async def numbers(request):
-        acc = auth(request)
+        acc = await auth(request)
         page, size = _paging(request)
         voice = engine.cfg.accounts[acc].numbers
         texts = {n: r for n, r in engine.cfg.messaging_numbers.items() if r.account == acc}
@@ -1137,7 +1165,7 @@ def add_routes(app, engine) -> RestApi:
                                 f"{api.base(acc)}/IncomingPhoneNumbers.json", rows, page, size, {}))
 
     async def applications(request):
-        acc = auth(request)
+        acc = await auth(request)
         page, size = _paging(request)
         rows = [{"sid": name, "account_sid": api.account_sid(acc), "friendly_name": name,
                  "api_version": "2010-04-01", "voice_url": None, "voice_method": "POST",
@@ -1148,7 +1176,7 @@ def add_routes(app, engine) -> RestApi:
                                 page, size, {}))
 
     async def usage(request):
-        acc = auth(request)
+        acc = await auth(request)
         q = request.query
         _only(q, {"StartDate", "EndDate", "Category", "IncludeSubaccounts", "Page", "PageSize",
                   "PageToken", "page", "page_size"})

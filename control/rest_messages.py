@@ -84,7 +84,7 @@ def add_message_routes(app, api) -> None:
         return done
 
     async def create(request):
-        acc = api.auth(request)
+        acc = await api.auth(request)
         form = await api.form_of(request)
         _only(form, {"To", "From", "Body", "StatusCallback", "StatusCallbackMethod",
                      "MessagingServiceSid", "ApplicationSid", "ValidityPeriod"})
@@ -110,7 +110,7 @@ def add_message_routes(app, api) -> None:
         return api.answer(message_json(api, m), 201)
 
     async def list_(request):
-        acc = api.auth(request)
+        acc = await api.auth(request)
         q = request.query
         _only(q, {"To", "From", "DateSent", "DateSent<", "DateSent>", "Page", "PageSize",
                   "PageToken", "page", "page_size"})
@@ -129,7 +129,7 @@ def add_message_routes(app, api) -> None:
                                     size, query, lambda m: message_json(api, m)))
 
     async def fetch(request):
-        acc = api.auth(request)
+        acc = await api.auth(request)
         sid = request.match_info["msid"]
         m = find(engine, acc, sid) if _MESSAGE_SID.fullmatch(sid) else None
         if m is None:

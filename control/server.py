@@ -214,7 +214,7 @@ class ControlServer:
             await self.server.stop(grace)
             self.server = None
         if getattr(self, "metering", None) is not None:
-            self.metering.close()
+            await self.metering.aclose()
         client = getattr(self.engine, "accountant_client", None)
         if hasattr(client, "close"):
             await client.close()

@@ -30,6 +30,8 @@ KAMAILIO = shutil.which("kamailio") or ("/usr/sbin/kamailio" if os.path.exists("
 NODE_CONFIG = """
 [accounts.demo]
 currency = "USD"
+sid = "AC0000000000000000000000000000demo"
+auth_token = "demo-auth-token-change-me-0123456789"
 
 [accounts.demo.numbers]
 "1000" = { module = "baton.hold" }
@@ -60,9 +62,10 @@ def cluster(tmp_path):
     schema = f"baton_cl_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     nodes = ("127.0.0.11", "127.0.0.12")
     while True:
-        front, sip, grpc = (free_port(host="127.0.0.10"), free_port(host=nodes[0]),
-                            free_port(host=nodes[0]))
-        if all(_bindable(h, p) for h in nodes for p in (sip, grpc)) and sip != grpc:
+        front, sip, grpc, http = (free_port(host="127.0.0.10"), free_port(host=nodes[0]),
+                                  free_port(host=nodes[0]), free_port(host=nodes[0]))
+        if all(_bindable(h, p) for h in nodes for p in (sip, grpc, http)) and \
+                len({sip, grpc, http}) == 3:
             break
     base = tmp_path / "cluster"
     config = tmp_path / "nodes.toml"
@@ -70,7 +73,8 @@ def cluster(tmp_path):
     out = open(tmp_path / "cluster-up.txt", "wb")
     proc = subprocess.Popen([BATON, "cluster", "up", "--nodes", "2", "--port", str(front),
                              "--config", str(config),
-                             "--node-port", str(sip), "--grpc-port", str(grpc), "--dir", str(base),
+                             "--node-port", str(sip), "--grpc-port", str(grpc),
+                             "--http-port", str(http), "--dir", str(base),
                              "--store", f"{PG_URL}?schema={schema}", "--ping-interval", "1",
                              "--prefix", f"baton-test:{schema}:"],
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -85,6 +89,7 @@ def cluster(tmp_path):
         info["port"] = front
         info["schema"] = schema
         info["store"] = f"{PG_URL}?schema={schema}"
+        info["output"] = tmp_path / "cluster-up.txt"
         time.sleep(1.5)                      # a first round of OPTIONS probes
         yield info
     finally:
@@ -271,3 +276,50 @@ def test_a_rolling_restart_fails_no_call(cluster, tmp_path):
         time.sleep(1.5)                   # a probe marks it active again in the dispatcher
     _finish(sipp)
     assert _counts(tmp_path, "rolling") == (60, 0)
+
+
+def test_rest_on_any_node_of_cluster_up_reaches_the_owner(cluster, tmp_path):
+    """`baton cluster up` gives every node its REST API on its own address (printed and in
+    cluster.json); a REST request about a call sent to the node that does not hold it is
+    forwarded to the owner."""
+    import redis
+    import requests
+
+    sid_ac, token = "AC0000000000000000000000000000demo", "demo-auth-token-change-me-0123456789"
+    nodes = {n["id"]: n for n in cluster["nodes"]}
+    printed = cluster["output"].read_text()
+    for n in nodes.values():
+        assert n["http"].startswith(n["address"] + ":")
+        assert f"http://{n['http']}" in printed
+    call = _sipp(tmp_path, "rest", cluster["port"], "-m", "1", "-d", "6000")
+    r = redis.Redis.from_url("redis://127.0.0.1:6379/0", decode_responses=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not (keys := list(r.scan_iter(match=f"{cluster['prefix']}session:*"))):
+            assert time.monotonic() < deadline, "the call never reached the directory"
+            time.sleep(0.1)
+        sid = keys[0].rsplit(":", 1)[1]
+        owner = json.loads(r.get(keys[0]))
+        assert owner["http"] == nodes[owner["node"]]["http"]
+        other = next(n for n in nodes.values() if n["id"] != owner["node"])
+        base = f"http://{other['http']}/2010-04-01/Accounts/{sid_ac}/Calls/{sid}"
+        got = requests.get(f"{base}.json", auth=(sid_ac, token), timeout=15)
+        assert got.status_code == 200, got.text
+        assert got.json()["status"] == "in-progress"
+        assert got.headers["baton-forwarded"] == owner["node"]
+        history = requests.get(f"{base}/History.json", auth=(sid_ac, token), timeout=15)
+        assert history.status_code == 200, history.text
+        assert history.headers["baton-forwarded"] == owner["node"]
+        bad = requests.get(f"{base}.json", auth=(sid_ac, "not-the-token-0123456789"), timeout=15)
+        assert bad.status_code == 401 and "code" in bad.json()
+        # Hung up through the wrong node: the owner ends the call, the caller sees a BYE.
+        hung = requests.post(f"{base}.json", data={"Status": "completed"}, auth=(sid_ac, token),
+                             timeout=15)
+        assert hung.status_code == 200, hung.text
+        deadline = time.monotonic() + 5          # well before the caller's own BYE at 6 s
+        while r.get(keys[0]) is not None:
+            assert time.monotonic() < deadline, "the call outlived its hang-up"
+            time.sleep(0.05)
+        _finish(call, 30)
+    finally:
+        r.close()

@@ -315,3 +315,64 @@ def test_entries_expire_without_their_node_and_come_back_with_redis(prefix):
             await other.close()
 
     asyncio.run(main())
+
+
+def test_top_and_sessions_list_show_every_node(two_nodes, prefix):
+    """`baton top --cluster` and `baton sessions list --cluster --token` find both nodes in
+    the directory and ask each one's API: every call, with the node that holds it; a node
+    that stops answering is named, the other's calls still shown."""
+    (n1, g1), (n2, g2) = two_nodes
+    r = _redis()
+    p1, p2 = _caller(n1), _caller(n2)
+    try:
+        calls = [p1.answered_call("1000"), p2.answered_call("1001"), p2.answered_call("1000")]
+        _wait(lambda: len(list(r.scan_iter(match=f"{prefix}session:*"))) == 3,
+              "three directory entries")
+        assert {json.loads(v)["node"] for v in
+                r.mget(list(r.scan_iter(match=f"{prefix}node:*")))} == {"n1", "n2"}
+        top = subprocess.run([BATON, "top", "--once", "--no-cost", "--cluster", REDIS_URL,
+                              "--prefix", prefix, "--token", TOKEN],
+                             capture_output=True, text=True, timeout=60)
+        assert top.returncode == 0, top.stderr
+        assert "calls: 3 live" in top.stdout and "nodes: 2   n1 1 live, n2 2 live" in top.stdout
+        header = next(line for line in top.stdout.splitlines() if line.startswith("SESSION"))
+        assert header.split()[:3] == ["SESSION", "NODE", "ACCOUNT"]
+        rows = sorted([f[1], next(m for m in f if m.startswith("baton."))]
+                      for f in (line.split() for line in top.stdout.splitlines()
+                                if line.startswith("S") and not line.startswith("SESSION")))
+        assert rows == [["n1", "baton.hold"], ["n2", "baton.echo"], ["n2", "baton.hold"]]
+        listed = subprocess.run([BATON, "sessions", "list", "--cluster", REDIS_URL, "--prefix",
+                                 prefix, "--token", TOKEN, "--format", "json"],
+                                capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        got = json.loads(listed.stdout)
+        assert sorted((c["node"], c["number"], c["module"]) for c in got) == [
+            ("n1", "1000", "baton.hold"), ("n2", "1000", "baton.hold"),
+            ("n2", "1001", "baton.echo")]
+        assert all(c["account"] == "demo" for c in got)
+        # Node 2 dies outright: its entries outlive it (TTL), its API does not answer.
+        n2.proc.kill()
+        n2.proc.wait()
+        top = subprocess.run([BATON, "top", "--once", "--no-cost", "--cluster", REDIS_URL,
+                              "--prefix", prefix, "--token", TOKEN],
+                             capture_output=True, text=True, timeout=60)
+        assert top.returncode == 0, top.stderr
+        assert "nodes: 2   n1 1 live, n2 DOWN" in top.stdout
+        assert f"node n2 ({g2}): cannot reach" in top.stdout
+        assert "calls: 1 live" in top.stdout
+        p1.hang_up(calls[0])
+    finally:
+        p1.close()
+        p2.close()
+        r.close()
+
+
+def test_top_cluster_needs_a_token_and_a_redis_url():
+    for args, words in ((["--cluster", REDIS_URL], "--cluster needs --token"),
+                        (["--cluster", "127.0.0.1:6379", "--token", TOKEN], "not a Redis URL"),
+                        (["--cluster", REDIS_URL, "--engine", "127.0.0.1:1", "--token", TOKEN],
+                         "not both")):
+        got = subprocess.run([BATON, "top", "--once", *args], capture_output=True, text=True,
+                             timeout=60, env={k: v for k, v in os.environ.items()
+                                              if k != "BATON_TOKEN"})
+        assert got.returncode == 2 and words in got.stderr, got.stderr

@@ -51,11 +51,13 @@ class PostgresLedger(Ledger):
         self._lock = threading.RLock()
         self._classes: dict[tuple, int] = {}
         self._conn = psycopg.connect(conninfo, autocommit=True, row_factory=dict_row)
-        if self.schema:
-            self._conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-            self._conn.execute(f'SET search_path TO "{self.schema}"')
         with self._tx():
+            # Processes starting together (every node's accountant, the nodes'
+            # reservations) would race on CREATE ... IF NOT EXISTS: one at a time.
             self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
+            if self.schema:
+                self._conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                self._conn.execute(f'SET search_path TO "{self.schema}"')
             for stmt in _split_sql(_DDL.format(entries_suffix="", state_suffix="", blob="BYTEA",
                                                id_type="BIGINT",
                                                create_view="CREATE OR REPLACE VIEW")):

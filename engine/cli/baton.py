@@ -131,7 +131,8 @@ def _sessions(args) -> int:
     if getattr(args, "cluster", None):
         from engine.cli.cluster import list_cluster_sessions
 
-        return list_cluster_sessions(args.cluster, args.prefix, args.limit, args.format)
+        return list_cluster_sessions(args.cluster, args.prefix, args.limit, args.format,
+                                     args.token, args.account)
     try:
         if args.sessions_command == "list":
             live = True if args.live else False if args.finished else None
@@ -280,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "directory (e.g. redis://127.0.0.1:6379/0; docs/cluster.md)")
     sl.add_argument("--prefix", default="baton:", help="with --cluster: the cluster's key "
                                                        "prefix (cluster.prefix)")
+    sl.add_argument("--token", default=os.environ.get("BATON_TOKEN"),
+                    help="with --cluster: an API token (default $BATON_TOKEN); each node's "
+                         "control API then adds account, number, module and duration")
     sh = ssub.add_parser("history", help="one session's modules, levels and reasons")
     sh.add_argument("session_id", metavar="SESSION_ID")
     for p_ in (sl, sh):

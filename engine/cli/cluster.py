@@ -3,7 +3,7 @@ and `baton node drain` (docs/cluster.md).
 
 `cluster up` fills in deploy/kamailio/kamailio.cfg, starts Kamailio on the front
 address (127.0.0.10) and N `baton serve` nodes on 127.0.0.11, .12, ..., each with
-its own data directory and node id, all posting into one ledger (`--store`, one
+its own data directory and node id, SIP, gRPC and HTTP (REST) on its own address, all posting into one ledger (`--store`, one
 PostgreSQL schema per cluster), prints where everything is, writes it to
 DIR/cluster.json, and stops it all on Ctrl-C or SIGTERM.
 """
@@ -108,7 +108,8 @@ def up(args) -> int:
     for i in range(args.nodes):
         addr = str(first + i)
         nodes.append({"id": f"node{i + 1}", "address": addr, "sip_port": args.node_port,
-                      "grpc": f"{addr}:{args.grpc_port}", "data_dir": os.path.join(base, f"node{i + 1}"),
+                      "grpc": f"{addr}:{args.grpc_port}", "http": f"{addr}:{args.http_port}",
+                      "data_dir": os.path.join(base, f"node{i + 1}"),
                       "log": os.path.join(base, f"node{i + 1}.log")})
     ds_list = os.path.join(base, "dispatcher.list")
     with open(ds_list, "w") as f:
@@ -134,7 +135,7 @@ def up(args) -> int:
             os.makedirs(n["data_dir"], exist_ok=True)
             cmd = [baton, "serve", "--config", args.config, "--node-id", n["id"],
                    "--sip-addr", f"{n['address']}:{n['sip_port']}", "--media-addr", n["address"],
-                   "--grpc-addr", n["grpc"], "--data-dir", n["data_dir"], "--store", args.store,
+                   "--grpc-addr", n["grpc"], "--http-addr", n["http"], "--data-dir", n["data_dir"], "--store", args.store,
                    "--drain-timeout", str(args.drain_timeout)]
             if args.redis:
                 cmd += ["--redis", args.redis, "--cluster-prefix", args.prefix]
@@ -173,11 +174,12 @@ def up(args) -> int:
               f" (config {cfg_path}, log {klog})", flush=True)
         for n in nodes:
             print(f"  {n['id']}: sip:{n['address']}:{n['sip_port']}  grpc {n['grpc']}  "
-                  f"data {n['data_dir']}  log {n['log']}  pid {n['pid']}", flush=True)
+                  f"http://{n['http']}  data {n['data_dir']}  log {n['log']}  pid {n['pid']}", flush=True)
         if args.redis:
             print(f"  session directory: {args.redis} (prefix {args.prefix!r}); every node's "
-                  f"calls: baton sessions list --cluster {args.redis} --prefix '{args.prefix}'",
-                  flush=True)
+                  f"calls: baton sessions list --cluster {args.redis} --prefix '{args.prefix}'"
+                  f"\n  live view of every node: baton top --cluster {args.redis} "
+                  f"--prefix '{args.prefix}' --token TOKEN", flush=True)
         print(f"  ledger: {args.store}\n"
               f"  call it: sipp -sn uac {args.front}:{args.port} -s 1000 -m 10 -d 2000 "
               f"-i 127.0.0.1\n"
@@ -229,11 +231,17 @@ def drain(args) -> int:
     return 0
 
 
-def list_cluster_sessions(url: str, prefix: str, limit: int, fmt: str) -> int:
-    """`baton sessions list --cluster URL`: every live session of the cluster and its node."""
+def list_cluster_sessions(url: str, prefix: str, limit: int, fmt: str,
+                          token: str | None = None, account: str | None = None) -> int:
+    """`baton sessions list --cluster URL`: every live session of the cluster and its node,
+    from the session directory; with `token`, each node's control API adds what the
+    call is (account, number, module, duration): the view of `baton top --cluster`."""
     import asyncio
 
     from engine.sessions.directory import DirectoryUnavailable, SessionDirectory
+
+    if token:
+        return _list_cluster_calls(url, prefix, limit, fmt, token, account)
 
     async def read() -> dict:
         d = SessionDirectory(url, prefix, "", "", list)
@@ -264,6 +272,48 @@ def list_cluster_sessions(url: str, prefix: str, limit: int, fmt: str) -> int:
     return 0
 
 
+def _list_cluster_calls(url: str, prefix: str, limit: int, fmt: str, token: str,
+                        account: str | None) -> int:
+    import asyncio
+    import time as _time
+
+    from engine.cli.top import Cluster, Frame, TopError
+
+    async def read() -> Frame:
+        cluster = Cluster(url, prefix)
+        frame = Frame(taken=_time.monotonic())
+        try:
+            await cluster.fill(token, 10_000, False, frame)
+        finally:
+            await cluster.close()
+        return frame
+
+    try:
+        frame = asyncio.run(read())
+    except TopError as exc:
+        print(f"baton sessions: {exc}", file=sys.stderr)
+        return 1
+    calls = [r for r in frame.rows if not account or r.account == account][:limit]
+    for note in frame.notes:
+        print(f"baton sessions: {note}", file=sys.stderr)
+    if fmt == "json":
+        print(json.dumps([{"id": r.session_id, "node": r.node, "account": r.account,
+                           "number": r.number, "caller": r.caller, "module": r.module,
+                           "level": r.level, "seconds": round(r.seconds, 1)} for r in calls],
+                         indent=2))
+        return 0
+    print(f"{frame.live} live calls on {len(frame.nodes)} nodes: " + ", ".join(
+        f"{n} {'DOWN' if c is None else c}" for n, c in frame.nodes.items()))
+    print(f"{'SESSION':<20} {'NODE':<10} {'ACCOUNT':<14} {'NUMBER':<10} {'MODULE':<22} "
+          f"{'DURATION':>9}")
+    for r in calls:
+        s = int(r.seconds)
+        print(f"{r.session_id:<20} {r.node[:10]:<10} {(r.account or '-')[:14]:<14} "
+              f"{r.number[:10]:<10} {r.module[:22]:<22} "
+              f"{s // 3600:>3}:{s % 3600 // 60:02d}:{s % 60:02d}")
+    return 0
+
+
 def _is_baton(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -284,6 +334,8 @@ def add_parsers(sub) -> None:
                                                               "next nodes take the next ones")
     u.add_argument("--node-port", type=int, default=5060, help="every node's SIP port")
     u.add_argument("--grpc-port", type=int, default=50051, help="every node's gRPC port")
+    u.add_argument("--http-port", type=int, default=8080,
+                   help="every node's HTTP port: its REST API and recordings (default 8080)")
     u.add_argument("--config", default=os.path.join(ROOT, "examples", "demo.toml"),
                    help="the nodes' TOML config (default: examples/demo.toml)")
     u.add_argument("--store", default=os.environ.get("BATON_CLUSTER_STORE", DEFAULT_STORE),

@@ -7,6 +7,10 @@ Sources (either or both):
   start) and its count of sessions started (an operator token's: every
   account's); `Sessions.Cost` each call's running cost
   ("-" while the accountant cannot answer: UNAVAILABLE, FAILED_PRECONDITION).
+- `--cluster REDIS_URL --token TOKEN`: every node of a cluster (docs/cluster.md),
+  found in its session directory (the nodes' own entries, `PREFIX node:ID`, and the
+  owners of its live sessions), each asked as `--engine` is; a NODE column says
+  which node holds each call, and a node that does not answer is named in a note.
 - `--metrics URL`: the engine's Prometheus `/metrics` (engine-wide: calls by
   module and level, sessions started, SIP, RTP, media clock, ring, policy).
 
@@ -61,6 +65,7 @@ class Frame:
     metrics: dict | None = None       # metric name -> {labels tuple: value}
     cps: float | None = None
     notes: list = field(default_factory=list)
+    nodes: dict | None = None         # a cluster's view: node id -> its live calls
 
 
 # -- sources -------------------------------------------------------------------------
@@ -136,6 +141,79 @@ async def from_engine(stub, token: str, limit: int, costs: bool, frame: Frame) -
             frame.notes.append("running cost: the accountant is not answering")
 
 
+class Cluster:
+    """The nodes of a cluster as `baton top --cluster` and `baton sessions list --cluster`
+    reach them: its session directory in Redis, one gRPC channel per node."""
+
+    def __init__(self, url: str, prefix: str, tls_ca: str | None = None) -> None:
+        from engine.sessions.directory import SessionDirectory
+
+        self.url = url
+        self.directory = SessionDirectory(url, prefix, "", "", list)
+        self.tls_ca = tls_ca
+        self.channels: dict = {}
+
+    def stub(self, target: str):
+        from proto import pb
+
+        ch = self.channels.get(target)
+        if ch is None:
+            ch = self.channels[target] = _open_channel(target, self.tls_ca)
+        return pb.sessions_pb2_grpc.SessionsStub(ch)
+
+    async def nodes(self) -> dict:
+        """node id -> Owner (its gRPC address): every node that announced itself, and
+        the owner of every live session (TopError when Redis cannot be read)."""
+        from engine.sessions.directory import DirectoryUnavailable
+
+        try:
+            nodes = await self.directory.nodes()
+            for o in (await self.directory.entries()).values():
+                nodes.setdefault(o.node, o)
+        except DirectoryUnavailable as exc:
+            raise TopError(f"cannot read the session directory at {self.url}: {exc}") from None
+        return nodes
+
+    async def fill(self, token: str, limit: int, costs: bool, frame: Frame) -> None:
+        """Fill `frame` with every node's calls, each row naming its node."""
+        nodes = await self.nodes()
+
+        async def one(node: str, owner) -> Frame:
+            part = Frame(taken=frame.taken)
+            try:
+                await from_engine(self.stub(owner.grpc), token, limit, costs, part)
+            except TopError as exc:
+                part.live = None
+                part.notes = [f"node {node} ({owner.grpc}): {exc}"]
+            return part
+
+        ids = sorted(nodes)
+        parts = await asyncio.gather(*(one(n, nodes[n]) for n in ids))
+        frame.nodes = {}
+        frame.live = frame.started = 0
+        for node, part in zip(ids, parts):
+            frame.notes.extend(part.notes)
+            if part.live is None:
+                frame.nodes[node] = None
+                continue
+            frame.nodes[node] = part.live
+            frame.live += part.live
+            frame.started += part.started or 0
+            for row in part.rows:
+                row.node = node
+            frame.rows.extend(part.rows)
+        frame.rows.sort(key=lambda r: (r.node, -r.seconds))
+        del frame.rows[limit:]
+        if not nodes:
+            frame.notes.append(f"no node has announced itself in {self.url}")
+
+    async def close(self) -> None:
+        for ch in self.channels.values():
+            await ch.close()
+        self.channels.clear()
+        await self.directory.redis.aclose()
+
+
 async def from_metrics(http, url: str, frame: Frame) -> None:
     """Fill `frame.metrics` from a Prometheus text exposition at `url`."""
     import aiohttp
@@ -185,6 +263,9 @@ def render(frame: Frame, source: str, max_rows: int | None = None) -> str:
     cps = "-" if frame.cps is None else f"{frame.cps:.1f}"
     if frame.live is not None:
         lines.append(f"calls: {frame.live} live   {_num(frame.started)} started   CPS {cps}")
+    if frame.nodes is not None:
+        lines.append(f"nodes: {len(frame.nodes)}   " + ", ".join(
+            f"{n} {'DOWN' if c is None else f'{c} live'}" for n, c in frame.nodes.items()))
     if m is not None:
         live = _m(m, "baton_sessions_active") or 0
         started = _m(m, "baton_sessions_started_total")
@@ -218,11 +299,15 @@ def render(frame: Frame, source: str, max_rows: int | None = None) -> str:
     if frame.live is not None:
         # ACCOUNT is always there, so the columns stay put as calls come and go
         # (an operator token's view spans every account).
-        lines.append(f"{'SESSION':<16} {'ACCOUNT':<14} {'NUMBER':<10} {'CALLER':<16} "
+        # A cluster's view names the node of each call.
+        node = frame.nodes is not None
+        lines.append(f"{'SESSION':<16} " + (f"{'NODE':<10} " if node else "") +
+                     f"{'ACCOUNT':<14} {'NUMBER':<10} {'CALLER':<16} "
                      f"{'MODULE':<22} {'LEVEL':<11} {'DURATION':>9} {'COST':>14}")
         rows = frame.rows if max_rows is None else frame.rows[:max_rows]
         for r in rows:
-            lines.append(f"{r.session_id:<16} {(r.account or '-')[:14]:<14} "
+            lines.append(f"{r.session_id:<16} " + (f"{r.node[:10]:<10} " if node else "") +
+                         f"{(r.account or '-')[:14]:<14} "
                          f"{r.number[:10]:<10} {r.caller[:16]:<16} {r.module[:22]:<22} "
                          f"{r.level[:11]:<11} {_duration(r.seconds):>9} {r.cost:>14}")
         hidden = (frame.live or 0) - len(rows)
@@ -244,12 +329,15 @@ def render(frame: Frame, source: str, max_rows: int | None = None) -> str:
 
 # -- the loop ------------------------------------------------------------------------
 
-async def collect(stub, http, args, prev: Frame | None, rows: int | None = None) -> Frame:
+async def collect(stub, http, args, prev: Frame | None, rows: int | None = None,
+                  cluster: Cluster | None = None) -> Frame:
     """One frame from the configured sources (at most `rows` calls listed), with CPS
     against `prev`."""
     frame = Frame(taken=time.monotonic())
-    if stub is not None:
-        limit = args.limit if rows is None else min(args.limit, rows)
+    limit = args.limit if rows is None else min(args.limit, rows)
+    if cluster is not None:
+        await cluster.fill(args.token, limit, not args.no_cost, frame)
+    elif stub is not None:
         await from_engine(stub, args.token, limit, not args.no_cost, frame)
     if args.metrics:
         await from_metrics(http, args.metrics, frame)
@@ -266,14 +354,18 @@ async def collect(stub, http, args, prev: Frame | None, rows: int | None = None)
     return frame
 
 
-def _channel(args):
+def _open_channel(target: str, tls_ca: str | None):
     import grpc
 
-    if args.tls_ca:
-        with open(args.tls_ca, "rb") as f:
+    if tls_ca:
+        with open(tls_ca, "rb") as f:
             creds = grpc.ssl_channel_credentials(root_certificates=f.read())
-        return grpc.aio.secure_channel(args.engine, creds)
-    return grpc.aio.insecure_channel(args.engine)
+        return grpc.aio.secure_channel(target, creds)
+    return grpc.aio.insecure_channel(target)
+
+
+def _channel(args):
+    return _open_channel(args.engine, args.tls_ca)
 
 
 async def run(args, out=None) -> int:
@@ -282,9 +374,13 @@ async def run(args, out=None) -> int:
     out = out or sys.stdout
     tty = out.isatty() and not args.once
     source = " + ".join(x for x in (f"engine {args.engine}" if args.engine else "",
+                                    f"cluster {args.cluster} ({args.prefix})"
+                                    if args.cluster else "",
                                     args.metrics or "") if x)
-    channel = stub = None
-    if args.engine:
+    channel = stub = cluster = None
+    if args.cluster:
+        cluster = Cluster(args.cluster, args.prefix, args.tls_ca)
+    elif args.engine:
         from proto import pb
 
         channel = _channel(args)
@@ -297,7 +393,7 @@ async def run(args, out=None) -> int:
             if tty:
                 rows = max(1, shutil.get_terminal_size((120, 40)).lines - 10)
             try:
-                frame = await collect(stub, http, args, prev, rows)
+                frame = await collect(stub, http, args, prev, rows, cluster)
             except TopError as exc:
                 print(f"baton top: {exc}", file=sys.stderr)
                 return 1
@@ -322,6 +418,8 @@ async def run(args, out=None) -> int:
             await http.close()
         if channel is not None:
             await channel.close()
+        if cluster is not None:
+            await cluster.close()
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -333,6 +431,11 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", metavar="URL",
                    help="the engine's /metrics URL (e.g. http://127.0.0.1:9090/metrics): "
                         "engine-wide counters")
+    p.add_argument("--cluster", metavar="REDIS_URL",
+                   help="every node of a cluster (with --token), found in its session "
+                        "directory (docs/cluster.md), with a NODE column")
+    p.add_argument("--prefix", default="baton:",
+                   help="with --cluster: the cluster's Redis key prefix (default baton:)")
     p.add_argument("--tls-ca", metavar="PEM", help="CA bundle when the control API uses TLS")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between frames (1)")
     p.add_argument("--limit", type=int, default=1000, help="at most this many calls (1000)")
@@ -353,10 +456,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def _check(args) -> str | None:
-    if not args.engine and not args.metrics:
-        return "give --engine HOST:PORT --token TOKEN, or --metrics URL, or both"
-    if args.engine and not args.token:
-        return "--engine needs --token (an account API token), or set BATON_TOKEN"
+    if not args.engine and not args.metrics and not args.cluster:
+        return ("give --engine HOST:PORT --token TOKEN (or --cluster REDIS_URL --token TOKEN), "
+                "or --metrics URL, or both")
+    if args.engine and args.cluster:
+        return "--engine or --cluster, not both"
+    if (args.engine or args.cluster) and not args.token:
+        return (f"{'--engine' if args.engine else '--cluster'} needs --token (an account API "
+                "token), or set BATON_TOKEN")
+    if args.cluster and not args.cluster.startswith(("redis://", "rediss://", "unix://")):
+        return f"--cluster: {args.cluster!r} is not a Redis URL (redis://HOST:PORT/DB)"
     if args.metrics and not args.metrics.startswith(("http://", "https://")):
         return f"--metrics: {args.metrics!r} is not an http:// URL"
     if not 0.1 <= args.interval <= 3600:

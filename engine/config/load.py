@@ -70,6 +70,7 @@ class Cluster:
     reservations: str = ""          # "": each node counts prepaid funds alone
     slice: str = "1.00"
     reservation_ttl: float = 60.0
+    shared_quotas: bool = True      # API-key quotas counted in `redis` (when it is set)
 
     def slice_micro(self) -> int:
         """The slice in micro-units (0 if it is not an amount)."""
@@ -236,6 +237,10 @@ SCHEMA = {
                        "(default \"1.00\"): the overspend bound, docs/cluster.md"),
         "reservation_ttl": ((int, float), "seconds a dead node's reservations outlive it "
                                           "(default 60)"),
+        "shared_quotas": (bool, "count API-key quotas in the cluster's Redis, so they hold "
+                                "across nodes; Redis unreachable: API-key calls are refused "
+                                "(default true when redis is set; false: each node counts "
+                                "alone)"),
     },
 }
 

@@ -1,8 +1,9 @@
 """The cluster's session directory: live session id -> the node that owns it, in Redis
 (`[cluster] redis`, docs/cluster.md).
 
-Each node writes `PREFIX session:ID` = {"node": NODE_ID, "grpc": HOST:PORT} (and "http":
-HOST:PORT when it serves the REST API) when a session starts and deletes it when the session ends; every key carries a TTL (`[cluster]
+Each node announces itself as `PREFIX node:NODE_ID` = {"node": NODE_ID, "grpc": HOST:PORT}
+(and "http": HOST:PORT when it serves the REST API), so the cluster-wide views find every
+node, with calls or not, and writes `PREFIX session:ID` = the same value when a session starts and deletes it when the session ends; every key carries a TTL (`[cluster]
 directory_ttl`) that the node refreshes while the session is live, so the entries of a node
 that died expire by themselves. Writes go through one background task in pipelined
 batches: the call path never waits for Redis. The directory routes control requests only,
@@ -52,6 +53,7 @@ class SessionDirectory:
                                        socket_connect_timeout=timeout, decode_responses=True)
         self.pending: dict[str, bool] = {}     # session id -> True: write, False: delete
         self.wake = asyncio.Event()
+        self.announce = True                   # (re)write this node's own entry
         self.down = False                      # Redis failed the last write
         self.writes = 0                        # Redis commands sent (for the bench)
         self.tasks: list[asyncio.Task] = []
@@ -59,17 +61,27 @@ class SessionDirectory:
     def key(self, sid: str) -> str:
         return f"{self.prefix}session:{sid}"
 
+    def node_key(self, node: str) -> str:
+        return f"{self.prefix}node:{node}"
+
     def start(self) -> None:
         self.tasks = [asyncio.ensure_future(self._writer()),
                       asyncio.ensure_future(self._refresher())]
+        self.wake.set()                    # this node's own entry, at once
 
     async def close(self) -> None:
-        """Write what is pending (at most one timeout's wait), then let go of Redis."""
+        """Write what is pending (at most one timeout's wait), take this node's entry
+        out, then let go of Redis."""
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.pending:
             await self._flush()
+        if self.tasks and not self.down:
+            try:
+                await self.redis.delete(self.node_key(self.node))
+            except Exception:     # it expires by itself
+                pass
         await self.redis.aclose()
 
     # -- the owner's side: called on the event loop, never waits ----------------------
@@ -86,11 +98,13 @@ class SessionDirectory:
             await self.wake.wait()
             self.wake.clear()
             await self._flush()
-            if self.pending:               # Redis is away: try again a little later
+            if self.pending or (self.announce and self.node):   # Redis is away: try again later
                 await asyncio.sleep(min(1.0, self.ttl / 3))
                 self.wake.set()
 
     async def _flush(self) -> None:
+        if self.announce and self.node:
+            self.announce = not await self._send([], announce=True)
         batch, self.pending = self.pending, {}
         items = list(batch.items())
         for i in range(0, len(items), BATCH):
@@ -101,10 +115,12 @@ class SessionDirectory:
                     self.pending.setdefault(sid, add)
                 return
 
-    async def _send(self, chunk: list[tuple[str, bool]]) -> bool:
+    async def _send(self, chunk: list[tuple[str, bool]], announce: bool = False) -> bool:
         ttl_ms = int(self.ttl * 1000)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
+                if announce:
+                    pipe.set(self.node_key(self.node), self.value, px=ttl_ms)
                 for sid, add in chunk:
                     if add:
                         pipe.set(self.key(sid), self.value, px=ttl_ms)
@@ -117,7 +133,7 @@ class SessionDirectory:
                             "control requests for other nodes' sessions cannot be routed", exc)
             self.down = True
             return False
-        self.writes += len(chunk)
+        self.writes += len(chunk) + announce
         if self.down:
             self.down = False
             log.info("session directory: Redis is back")
@@ -132,6 +148,7 @@ class SessionDirectory:
             await asyncio.sleep(self.ttl / 3)
             for sid in self.live_ids():
                 self.pending.setdefault(sid, True)
+            self.announce = True
             self.wake.set()
 
     # -- any node's side: lookups ---------------------------------------------------------
@@ -159,6 +176,22 @@ class SessionDirectory:
                     o = _owner(raw)
                     if o is not None:
                         out[k[head:]] = o
+        except Exception as exc:
+            raise DirectoryUnavailable(str(exc)) from exc
+        return out
+
+
+    async def nodes(self) -> dict[str, Owner]:
+        """Every node that announced itself (its entry outlives it by at most the TTL)."""
+        out: dict[str, Owner] = {}
+        try:
+            keys = [k async for k in self.redis.scan_iter(match=self.node_key("*"), count=1000)]
+            for i in range(0, len(keys), BATCH):
+                chunk = keys[i:i + BATCH]
+                for raw in await self.redis.mget(chunk):
+                    o = _owner(raw)
+                    if o is not None:
+                        out[o.node] = o
         except Exception as exc:
             raise DirectoryUnavailable(str(exc)) from exc
         return out

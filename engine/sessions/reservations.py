@@ -71,18 +71,27 @@ class Reservations:
     def _connect(self):
         import psycopg
 
+        from engine.accounting.ledger_pg import _PG_LOCK
+
         if self.conn is not None and not self.conn.closed:
             return self.conn
+        conn = None
         try:
             conn = psycopg.connect(self.conninfo, autocommit=True,
                                    connect_timeout=max(1, int(self.timeout)),
                                    options=f"-c statement_timeout={int(self.timeout * 1000)}")
-            if self.schema:
-                conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-                conn.execute(f'SET search_path TO "{self.schema}"')
             with conn.transaction():
+                # Nodes starting together would race on CREATE ... IF NOT EXISTS (a
+                # unique violation in the catalog): one creates, the others (and the
+                # accountants' ledger, which takes the same lock) wait.
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
+                if self.schema:
+                    conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                    conn.execute(f'SET search_path TO "{self.schema}"')
                 conn.execute(_SCHEMA)
         except psycopg.Error as exc:
+            if conn is not None:
+                conn.close()
             raise ReservationError(str(exc)) from exc
         self.conn = conn
         return conn

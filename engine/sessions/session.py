@@ -323,7 +323,11 @@ class Session:
         if engine.listeners:
             engine.notify(self, "transition", {"from": prev_module, "to": module.code,
                                                "level": module.level, "reason": reason})
-        self._arm_limit(ctl, decision)
+        # The first module's metered time runs from the session's start (the meter
+        # bills the whole session), so what passed before this transition (the
+        # policy check itself, a cluster's reservation) is spent from its limit.
+        self._arm_limit(ctl, decision, 0.0 if prev_module else
+                        max(0, ctl.span.start_mono - self.started_mono) / 1e9)
         # The new module attaches its media first; the old one lets go after.
         if old is not None:
             old.deactivate()
@@ -351,9 +355,10 @@ class Session:
         if not ctl.event("limit"):
             self.end("limit")
 
-    def _arm_limit(self, ctl: Control, decision) -> None:
+    def _arm_limit(self, ctl: Control, decision, spent: float = 0.0) -> None:
         """The policy's usage limit: the cut-off at zero, and the warning
-        `decision.warn_before` seconds before it (at once when less is left)."""
+        `decision.warn_before` seconds before it (at once when less is left);
+        `spent`: seconds of the limit already used (metered before now)."""
         ctl.limit = decision.limit
         # A new decision (the account changed) replaces the earlier limit.
         for h in ctl.limit_timers:
@@ -361,12 +366,13 @@ class Session:
         ctl.limit_timers = ()
         if decision.limit is None:
             return
-        timers = [ctl.later(decision.limit, self._limit_reached, ctl)]
+        left = max(0.0, decision.limit - spent)
+        timers = [ctl.later(left, self._limit_reached, ctl)]
         warn_before = getattr(decision, "warn_before", 0)
         if warn_before and warn_before > 0:
             from engine.sessions.warning import warn
 
-            timers.append(ctl.later(max(0.0, decision.limit - warn_before), warn, ctl, decision))
+            timers.append(ctl.later(max(0.0, left - warn_before), warn, ctl, decision))
         ctl.limit_timers = tuple(timers)
 
     def taken(self, ctl: Control, reason: str = "take") -> None:
