@@ -8,6 +8,11 @@ that died expire by themselves. Writes go through one background task in pipelin
 batches: the call path never waits for Redis. The directory routes control requests only,
 it is never the truth for money: when Redis is lost the node logs it once and goes on
 (calls and stamps are untouched), and rewrites every live session when Redis is back.
+
+A node with a gRPC API also lists itself as `PREFIX node:NODE_ID` = {"node", "grpc"}
+(same TTL, refreshed at the same pace) and reads the others' entries: the cluster's
+nodes, told to vendor processes so that one that attaches to a node learns every node
+it should attach to (`nodes`, `on_nodes`; docs/cluster.md, Vendors).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("baton.directory")
 
@@ -55,21 +61,35 @@ class SessionDirectory:
         self.down = False                      # Redis failed the last write
         self.writes = 0                        # Redis commands sent (for the bench)
         self.tasks: list[asyncio.Task] = []
+        self.nodes: dict[str, str] = {}        # the cluster's nodes: node id -> gRPC address
+        # Called with the new `nodes` whenever a node joins or leaves (the vendor hub).
+        self.on_nodes: Callable[[dict[str, str]], Any] | None = None
 
     def key(self, sid: str) -> str:
         return f"{self.prefix}session:{sid}"
 
+    def node_key(self, node: str) -> str:
+        return f"{self.prefix}node:{node}"
+
     def start(self) -> None:
         self.tasks = [asyncio.ensure_future(self._writer()),
                       asyncio.ensure_future(self._refresher())]
+        if self.grpc:
+            self.tasks.append(asyncio.ensure_future(self._members()))
 
     async def close(self) -> None:
-        """Write what is pending (at most one timeout's wait), then let go of Redis."""
+        """Write what is pending (at most one timeout's wait), leave the node list, then
+        let go of Redis."""
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.pending:
             await self._flush()
+        if self.grpc and not self.down:
+            try:
+                await self.redis.delete(self.node_key(self.node))
+            except Exception:   # Redis away: the entry expires by itself
+                pass
         await self.redis.aclose()
 
     # -- the owner's side: called on the event loop, never waits ----------------------
@@ -133,6 +153,46 @@ class SessionDirectory:
             for sid in self.live_ids():
                 self.pending.setdefault(sid, True)
             self.wake.set()
+
+    # -- the cluster's nodes ----------------------------------------------------------------
+    async def _members(self) -> None:
+        # List this node and read the others' at the pace of the session refresh: a node
+        # that joins is seen by the others within a third of the TTL, one that died
+        # leaves the list when its entry expires.
+        value = json.dumps({"node": self.node, "grpc": self.grpc}, separators=(",", ":"))
+        while True:
+            try:
+                await self.redis.set(self.node_key(self.node), value, px=int(self.ttl * 1000))
+                await self.cluster_nodes()
+            except DirectoryUnavailable:
+                pass       # the writer logs the outage once; the last list stands meanwhile
+            except Exception as exc:
+                log.debug("session directory: node list: %s", exc)
+            await asyncio.sleep(self.ttl / 3)
+
+    async def cluster_nodes(self) -> dict[str, str]:
+        """The cluster's nodes now (node id -> gRPC address), read from Redis; `on_nodes`
+        is told when they changed. Raises DirectoryUnavailable (the last list stands)."""
+        found: dict[str, str] = {}
+        head = len(self.node_key(""))
+        try:
+            keys = [k async for k in self.redis.scan_iter(match=self.node_key("*"), count=1000)]
+            for k, raw in zip(keys, await self.redis.mget(keys) if keys else []):
+                o = _owner(raw)
+                if o is not None and o.grpc:
+                    found[k[head:]] = o.grpc
+        except Exception as exc:
+            raise DirectoryUnavailable(str(exc)) from exc
+        if self.grpc:
+            found.setdefault(self.node, self.grpc)    # this node, whatever Redis says
+        if found != self.nodes:
+            self.nodes = found
+            if self.on_nodes is not None:
+                try:
+                    self.on_nodes(dict(found))
+                except Exception:
+                    log.exception("session directory: the node list's listener failed")
+        return dict(found)
 
     # -- any node's side: lookups ---------------------------------------------------------
     async def owner(self, sid: str) -> Owner | None:

@@ -1,0 +1,145 @@
+"""Vendors across a cluster (issue 19, docs/cluster.md): a vendor process attached to one
+node with the SDK's `discover` learns every node from the session directory in Redis,
+attaches to each (one that joins later too), takes the calls of every node, and when it
+is killed the sessions it held on every node follow their fallback outlet."""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+
+from proto import pb
+from tests.helpers import DEMO, ROOT
+from tests.test_cluster_directory import AUTH, _caller, _node, _ready, _wait, prefix  # noqa: F401
+
+SECRET = "acme-demo-secret-change-me"      # examples/demo.toml [vendors.acme]
+sp = pb.sessions_pb2
+
+
+class Vendor:
+    """tests/vendor_procs/basic.py as a child process; its lines read in a thread."""
+
+    def __init__(self, target: str):
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tests", "vendor_procs", "basic.py"),
+             "--engine", target, "--code", "acme.survey", "--secret", SECRET,
+             "--mode", "hold", "--discover"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def expect(self, head: str, timeout: float = 15.0) -> str:
+        """The next line starting with `head` (earlier lines are kept in `seen`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0 and self.proc.poll() is None or not self.lines.empty(), \
+                f"no {head!r} line from the vendor:\n" + "\n".join(self.seen)
+            try:
+                line = self.lines.get(timeout=max(0.05, min(left, 0.5)))
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if line.startswith(head):
+                return line
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _spans(grpc_addr: str, sid: str) -> list[tuple[str, str]]:
+    with grpc.insecure_channel(grpc_addr) as ch:
+        h = pb.sessions_pb2_grpc.SessionsStub(ch).History(sp.HistoryRequest(session_id=sid),
+                                                         metadata=AUTH)
+    return [(s.module, s.reason) for s in h.spans]
+
+
+def test_a_vendor_attached_once_serves_every_node_and_falls_back_on_every_node(prefix,
+                                                                                tmp_path):
+    with open(DEMO) as f:
+        text = f.read()
+    cfg = tmp_path / "nodes.toml"
+    # A short TTL: the node list is read every third of it, so a node that joins is
+    # told to the vendor within 0.5 s.
+    cfg.write_text(text + "\n[cluster]\ndirectory_ttl = 1.5\n")
+    n1, g1 = _node("127.0.0.11", "n1", prefix, str(cfg))
+    n2 = vendor = None
+    peers = []
+    try:
+        _ready((n1, g1))
+        vendor = Vendor(g1)
+        vendor.expect("READY")
+        assert vendor.expect("NODES") == "NODES n1"
+        # A node that joins after the vendor attached: node 1 tells the vendor about it.
+        n2, g2 = _node("127.0.0.12", "n2", prefix, str(cfg))
+        _ready((n2, g2))
+        assert vendor.expect("NODES") == "NODES n1,n2"
+        _wait(lambda: "vendor acme attached" in n2.output(), "the vendor never reached n2")
+
+        # One call to number 3000 (acme.survey, fallback "sorry") on each node.
+        owners = {}
+        for engine, addr in ((n1, g1), (n2, g2)):
+            peer = _caller(engine)
+            peers.append(peer)
+            peer.answered_call("3000")         # the vendor answered it
+            sid = vendor.expect("TAKEN").split()[1]
+            owners[sid] = addr
+        for sid, addr in owners.items():
+            with grpc.insecure_channel(addr) as ch:
+                info = pb.sessions_pb2_grpc.SessionsStub(ch).Get(sp.GetRequest(session_id=sid),
+                                                                metadata=AUTH)
+            assert info.live and info.module == "acme.survey", (addr, info)
+
+        # The vendor dies: each node sees its own stream go and sends its session to
+        # the fallback outlet.
+        vendor.kill()
+        for sid, addr in owners.items():
+            spans = _wait(lambda: s if len(s := _spans(addr, sid)) >= 2 else None,
+                          f"session {sid} on {addr} did not fall back")
+            assert spans[:2] == [("acme.survey", "initial"),
+                                 ("baton.play", "fallback:stream-lost")], (addr, spans)
+        for engine in (n1, n2):
+            assert "Traceback" not in engine.output(), engine.output()
+    finally:
+        if vendor is not None:
+            vendor.kill()
+        for peer in peers:
+            peer.close()
+        for n in (n1, n2):
+            if n is None:
+                continue
+            try:
+                n.stop(20)
+            finally:
+                n.__exit__()
+
+
+async def test_a_lone_node_lists_no_cluster_and_discover_changes_nothing():
+    """Without [cluster] redis, Registered lists no nodes: the client stays on its one."""
+    from control.sdk import VendorClient
+    from tests.helpers import running_engine
+    from tests.vendor_procs.harness import SECRET_A, control_config, target
+
+    async with running_engine(control_config()) as eng:
+        v = VendorClient(target(eng), "acme.survey", SECRET_A, discover=True)
+        await v.start()
+        try:
+            assert v.node_id == eng.cfg.node_id
+            assert v.nodes == {v.node_id: target(eng)} and v.peers == {}
+        finally:
+            await v.close()
