@@ -143,3 +143,54 @@ async def test_a_lone_node_lists_no_cluster_and_discover_changes_nothing():
             assert v.nodes == {v.node_id: target(eng)} and v.peers == {}
         finally:
             await v.close()
+
+
+async def test_the_sdk_lets_a_node_go_when_it_leaves_and_follows_it_back_elsewhere(prefix):
+    """In-process nodes sharing Redis: node b stops (its entry goes, the vendor's stream
+    to it is let go), then comes back on another port: the vendor attaches there and
+    b's calls reach the vendor's one handler again."""
+    from control.sdk import VendorClient
+    from tests.helpers import running_engine
+    from tests.test_cluster_directory import REDIS_URL
+    from tests.test_sessions import Caller
+    from tests.vendor_procs.harness import SECRET_A, control_config, target, wait_until
+
+    def config(node: str, rtp_base: int) -> dict:
+        raw = control_config(node_id=node)
+        raw["media"].update(rtp_port_min=rtp_base, rtp_port_max=rtp_base + 200)
+        raw["cluster"] = {"redis": REDIS_URL, "prefix": prefix, "directory_ttl": 1.5}
+        return raw
+
+    base = 30000 + (os.getpid() * 97 % 20000) // 2 * 2
+    taken: list[tuple[str, str]] = []
+    async with running_engine(config("a", base)) as a:
+        v = VendorClient(target(a), "acme.survey", SECRET_A, discover=True,
+                         backoff_initial=0.05, backoff_max=0.2)
+
+        @v.on_offer
+        async def on(offer):
+            call = await offer.take()
+            taken.append((offer.session_id, call.client.node_id))
+            await call.answer()
+
+        await v.start()
+        try:
+            assert v.nodes == {"a": target(a)}
+            async with running_engine(config("b", base + 400)) as b:
+                assert await wait_until(lambda: v.nodes.get("b") == target(b), 5), v.nodes
+                first = v.peers["b"]
+            # b stopped: it left the list, and the vendor let its stream go.
+            assert await wait_until(lambda: "b" not in v.peers, 5), v.peers
+            assert first.registered.is_set() is False and v.nodes == {"a": target(a)}
+            async with running_engine(config("b", base + 800)) as b2:
+                assert target(b2) != first.target
+                assert await wait_until(lambda: v.nodes.get("b") == target(b2), 5), v.nodes
+                caller = Caller(b2, "4000")
+                await caller.dial()
+                assert await wait_until(lambda: taken, 5)
+                assert taken[0][1] == "b" and taken[0][0] in b2.sessions
+                await caller.bye()
+                caller.close()
+        finally:
+            await v.close()
+        assert v.peers == {} and not v.registered.is_set()

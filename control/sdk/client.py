@@ -321,6 +321,7 @@ class VendorClient:
         self.node_id = ""           # the node this stream is attached to (from Registered)
         # With `discover`: the clients of the cluster's other nodes, by node id.
         self.peers: dict[str, VendorClient] = {}
+        self._listed: dict[str, str] = {}     # the cluster's last list: node id -> address
         self._root: VendorClient = self
         self._secret = secret
         self._secret_in_metadata = secret_in_metadata
@@ -400,6 +401,8 @@ class VendorClient:
                 log.info("stream to %s ended: %s", self.target, exc)
             if self._closing or not self.reconnect:
                 return
+            if self._root is not self and not self._root._keeps(self):
+                return                # a peer whose node the cluster no longer lists
             delay = min(self.backoff_max, self.backoff_initial * (2 ** failures))
             failures += 1
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
@@ -593,9 +596,16 @@ class VendorClient:
         if not self.discover or self._closing:
             return
         listed = {n.node_id: n.grpc_addr for n in nodes if n.node_id and n.grpc_addr}
+        self._listed = listed
         for node, addr in listed.items():
-            if node == self.node_id or node in self.peers:
+            if node == self.node_id:
                 continue
+            old = self.peers.get(node)
+            if old is not None:
+                if old.target == addr or old.registered.is_set():
+                    continue
+                del self.peers[node]             # back at another address
+                self._spawn(old.close())
             peer = VendorClient(addr, self.module_code, self._secret, vendor=self.vendor,
                                 instance=self.instance, max_sessions=self.max_sessions,
                                 credentials=self.credentials,
@@ -612,6 +622,18 @@ class VendorClient:
                 log.info("cluster node %s left: no longer attaching to %s", node, peer.target)
                 del self.peers[node]
                 self._spawn(peer.close())
+
+    def _keeps(self, peer: "VendorClient") -> bool:
+        """Whether `peer`, whose stream just went down, should reconnect: only while the
+        cluster still lists its node at its address (a node that left is let go)."""
+        node = next((n for n, p in self.peers.items() if p is peer), None)
+        if node is not None and self._listed.get(node) == peer.target and not self._closing:
+            return True
+        if node is not None:
+            del self.peers[node]
+            log.info("cluster node %s (%s) is listed no more: not reconnecting", node,
+                     peer.target)
+        return False
 
     async def _run_peer(self, node: str, peer: "VendorClient") -> None:
         try:
