@@ -61,6 +61,9 @@ class SessionDirectory:
         self.down = False                      # Redis failed the last write
         self.writes = 0                        # Redis commands sent (for the bench)
         self.tasks: list[asyncio.Task] = []
+        # Set by close(): the loops stop even when a Redis call swallowed their
+        # cancellation (redis-py may turn it into a connection error).
+        self.closing = asyncio.Event()
         self.nodes: dict[str, str] = {}        # the cluster's nodes: node id -> gRPC address
         # Called with the new `nodes` whenever a node joins or leaves (the vendor hub).
         self.on_nodes: Callable[[dict[str, str]], Any] | None = None
@@ -80,6 +83,7 @@ class SessionDirectory:
     async def close(self) -> None:
         """Write what is pending (at most one timeout's wait), leave the node list, then
         let go of Redis."""
+        self.closing.set()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -102,12 +106,12 @@ class SessionDirectory:
         self.wake.set()
 
     async def _writer(self) -> None:
-        while True:
+        while not self.closing.is_set():
             await self.wake.wait()
             self.wake.clear()
             await self._flush()
             if self.pending:               # Redis is away: try again a little later
-                await asyncio.sleep(min(1.0, self.ttl / 3))
+                await self._pause(min(1.0, self.ttl / 3))
                 self.wake.set()
 
     async def _flush(self) -> None:
@@ -149,7 +153,9 @@ class SessionDirectory:
     async def _refresher(self) -> None:
         # Refresh each live entry at a third of its TTL: one missed round never expires it.
         while True:
-            await asyncio.sleep(self.ttl / 3)
+            await self._pause(self.ttl / 3)
+            if self.closing.is_set():
+                return
             for sid in self.live_ids():
                 self.pending.setdefault(sid, True)
             self.wake.set()
@@ -160,7 +166,7 @@ class SessionDirectory:
         # that joins is seen by the others within a third of the TTL, one that died
         # leaves the list when its entry expires.
         value = json.dumps({"node": self.node, "grpc": self.grpc}, separators=(",", ":"))
-        while True:
+        while not self.closing.is_set():
             try:
                 await self.redis.set(self.node_key(self.node), value, px=int(self.ttl * 1000))
                 await self.cluster_nodes()
@@ -168,7 +174,14 @@ class SessionDirectory:
                 pass       # the writer logs the outage once; the last list stands meanwhile
             except Exception as exc:
                 log.debug("session directory: node list: %s", exc)
-            await asyncio.sleep(self.ttl / 3)
+            await self._pause(self.ttl / 3)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less if the directory is closing."""
+        try:
+            await asyncio.wait_for(self.closing.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
 
     async def cluster_nodes(self) -> dict[str, str]:
         """The cluster's nodes now (node id -> gRPC address), read from Redis; `on_nodes`
