@@ -202,3 +202,21 @@ async def test_the_sdk_lets_a_node_go_when_it_leaves_and_follows_it_back_elsewhe
         finally:
             await v.close()
         assert v.peers == {} and not v.registered.is_set()
+
+
+async def test_with_redis_unreachable_a_vendor_still_attaches():
+    """The node list is routing only: a node whose Redis does not answer still registers
+    a vendor, listing what it last knew (here nothing: the vendor stays on this node)."""
+    from control.sdk import VendorClient
+    from tests.helpers import running_engine
+    from tests.vendor_procs.harness import SECRET_A, control_config, target
+
+    raw = control_config(node_id="a")
+    raw["cluster"] = {"redis": f"redis://127.0.0.1:{free_port(socket.SOCK_STREAM)}/0"}
+    async with running_engine(raw) as a:
+        v = VendorClient(target(a), "acme.survey", SECRET_A, discover=True)
+        await v.start(timeout=10)
+        try:
+            assert v.nodes == {"a": target(a)} and v.peers == {}
+        finally:
+            await v.close()

@@ -77,6 +77,8 @@ class ControlHub:
         directory = self.engine.directory
         if directory is None:
             return []
+        if directory.down:                # Redis is away: do not make the vendor wait
+            return _nodes_pb(directory.nodes)
         try:
             nodes = await asyncio.wait_for(directory.cluster_nodes(), 2.0)
         except (DirectoryUnavailable, asyncio.TimeoutError):
