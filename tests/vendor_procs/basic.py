@@ -74,14 +74,15 @@ def main() -> int:
         await client.start()
         print("READY", client.process_id, flush=True)
         nodes: list[str] = []
-        while not stop.is_set():
-            if args.discover and sorted(client.nodes) != nodes:
+        while args.discover and not stop.is_set():
+            if sorted(client.nodes) != nodes:
                 nodes = sorted(client.nodes)
                 print("NODES", ",".join(nodes), flush=True)
             try:
                 await asyncio.wait_for(stop.wait(), 0.05)
             except asyncio.TimeoutError:
                 pass
+        await stop.wait()
         await client.close()
         print("STATS", json.dumps(stats), flush=True)
 
