@@ -94,13 +94,14 @@ class ModuleHostService(pb.module_host_pb2_grpc.ModuleHostServicer):
             await context.abort(exc.code, exc.message)
         proc = VendorProcess(hub, code, vendor.id, reg.instance, reg.max_sessions,
                              vendor.offer_timeout, context.peer())
+        nodes = await hub.cluster_nodes()
         hub.attach(proc)
         reader = asyncio.get_running_loop().create_task(self._read(proc, it))
         try:
             yield mh.EngineMessage(registered=mh.Registered(
                 process_id=proc.id, module_code=code, vendor=vendor.id,
                 node_id=hub.engine.cfg.node_id, offer_timeout_ms=int(vendor.offer_timeout * 1000),
-                engine_version=__version__))
+                engine_version=__version__, cluster_nodes=nodes))
             outbox = proc.outbox
             while True:
                 msg = await outbox.get()

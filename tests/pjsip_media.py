@@ -170,7 +170,8 @@ def run_scenario(peer: MediaPeer, scenario, args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("scenario", choices=sorted(SCENARIOS))
-    ap.add_argument("--engine", required=True, help="HOST:PORT of the engine")
+    ap.add_argument("--engine", required=True,
+                    help="HOST:PORT of the engine, or of a proxy in front of it (Kamailio)")
     ap.add_argument("--number", required=True)
     ap.add_argument("--play", help="8 kHz mono WAV to send")
     ap.add_argument("--record", help="WAV to record what comes back into")
@@ -179,8 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--after", type=float, default=1.5, help="seconds after the key")
     ap.add_argument("--log", help="PJSIP log file (with SIP messages)")
     args = ap.parse_args(argv)
-    if not re.fullmatch(r"127\.0\.0\.1:\d+", args.engine):
-        ap.error("the engine must be on 127.0.0.1")
+    if not re.fullmatch(r"127\.\d{1,3}\.\d{1,3}\.\d{1,3}:\d+", args.engine):
+        ap.error("the engine (or the proxy in front of it) must be on a 127.x loopback address")
     if args.scenario == "echo" and not (args.play and args.record):
         ap.error("echo needs --play and --record")
     return run_scenario(MediaPeer(("udp",), log_file=args.log), SCENARIOS[args.scenario], args)

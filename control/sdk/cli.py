@@ -1,5 +1,6 @@
 """The command line every vendor program shares: where the engine is, which
-module code to serve, the secret, TLS and an instance name."""
+module code to serve, the secret, TLS, an instance name, and whether to attach to
+every node of a cluster."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,8 @@ def vendor_argument_parser(description: str, code: str) -> argparse.ArgumentPars
                     help="the vendor secret (default $BATON_VENDOR_SECRET)")
     ap.add_argument("--tls-ca", default="", help="CA certificate: connect with TLS")
     ap.add_argument("--instance", default="", help="a name for this process in the engine's logs")
+    ap.add_argument("--discover", action="store_true",
+                    help="--engine is one node of a cluster: attach to every node it lists")
     return ap
 
 
@@ -29,4 +32,4 @@ def client_from_args(args: argparse.Namespace) -> VendorClient:
         with open(args.tls_ca, "rb") as f:
             creds = grpc.ssl_channel_credentials(f.read())
     return VendorClient(args.engine, args.code, args.secret, credentials=creds,
-                        instance=args.instance or "")
+                        instance=args.instance or "", discover=getattr(args, "discover", False))

@@ -11,6 +11,11 @@
 
     await client.run()          # connects, registers, reconnects with backoff
 
+With `discover=True` the client also attaches to every other node of the engine's
+cluster (the nodes the engine lists in `Registered` and whenever one joins), one
+stream per node, all offers going to the same handler: a vendor attaches once and
+serves the whole cluster (docs/cluster.md, Vendors).
+
 Each offer runs its handler in a task of its own. Every command is awaitable:
 it returns the engine's `Ack` or raises a typed `ControlError`; once control
 of the session ends, pending and later commands raise `ControlLost`.
@@ -287,7 +292,9 @@ class VendorClient:
     """One vendor process's connection to an engine, for one module code.
 
     `target` is the engine's gRPC address (host:port); `credentials` are
-    `grpc.ssl_channel_credentials(...)` for TLS (None: plaintext).
+    `grpc.ssl_channel_credentials(...)` for TLS (None: plaintext). With `discover`,
+    `target` is one node of a cluster and the client attaches to every node the
+    cluster lists, with the same settings (`peers`, `nodes`).
     """
 
     def __init__(self, target: str, module_code: str, secret: str, *, vendor: str = "",
@@ -295,7 +302,7 @@ class VendorClient:
                  credentials: grpc.ChannelCredentials | None = None,
                  secret_in_metadata: bool = False, reconnect: bool = True,
                  backoff_initial: float = 0.2, backoff_max: float = 10.0,
-                 ack_timeout: float = 30.0):
+                 ack_timeout: float = 30.0, discover: bool = False):
         self.target = target
         self.module_code = module_code
         self.vendor = vendor
@@ -310,6 +317,12 @@ class VendorClient:
         self.offer_timeout_ms = 0
         self.registered = asyncio.Event()
         self.connections = 0
+        self.discover = discover
+        self.node_id = ""           # the node this stream is attached to (from Registered)
+        # With `discover`: the clients of the cluster's other nodes, by node id.
+        self.peers: dict[str, VendorClient] = {}
+        self._listed: dict[str, str] = {}     # the cluster's last list: node id -> address
+        self._root: VendorClient = self
         self._secret = secret
         self._secret_in_metadata = secret_in_metadata
         self._offer_handler: OfferHandler | None = None
@@ -339,8 +352,20 @@ class VendorClient:
 
     @property
     def calls(self) -> dict[str, Call]:
-        """The calls this process controls now, by offer id."""
-        return dict(self._calls)
+        """The calls this process controls now, by offer id (on every node)."""
+        out = dict(self._calls)
+        for peer in self.peers.values():
+            out.update(peer._calls)
+        return out
+
+    @property
+    def nodes(self) -> dict[str, str]:
+        """The nodes this client is registered with now: node id -> gRPC address."""
+        out = {self.node_id: self.target} if self.registered.is_set() else {}
+        for node, peer in self.peers.items():
+            if peer.registered.is_set():
+                out[node] = peer.target
+        return out
 
     # -- running --------------------------------------------------------------------
     async def start(self, timeout: float = 10.0) -> None:
@@ -376,6 +401,8 @@ class VendorClient:
                 log.info("stream to %s ended: %s", self.target, exc)
             if self._closing or not self.reconnect:
                 return
+            if self._root is not self and not self._root._keeps(self):
+                return                # a peer whose node the cluster no longer lists
             delay = min(self.backoff_max, self.backoff_initial * (2 ** failures))
             failures += 1
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
@@ -400,8 +427,12 @@ class VendorClient:
             raise runner.exception()
 
     async def close(self) -> None:
-        """Close the stream (sessions held follow their fallback on the engine)."""
+        """Close the stream, and every peer's (sessions held follow their fallback on
+        the engine)."""
         self._closing = True
+        peers, self.peers = list(self.peers.values()), {}
+        for peer in peers:
+            await peer.close()
         stream = self._stream
         if stream is not None:
             stream.cancel()
@@ -453,12 +484,14 @@ class VendorClient:
                     raise ConnectionError("the engine closed the stream before registering")
                 reg = first.registered
                 self.process_id = reg.process_id
+                self.node_id = reg.node_id
                 self.offer_timeout_ms = reg.offer_timeout_ms
                 self.connections += 1
                 self._out = out
                 self.registered.set()
-                log.info("registered %s as %s with %s", self.module_code, reg.process_id,
-                         self.target)
+                log.info("registered %s as %s with %s (node %s)", self.module_code,
+                         reg.process_id, self.target, reg.node_id)
+                self._root._cluster(reg.cluster_nodes)
                 writer = loop.create_task(self._write_loop(stream, out))
                 while True:
                     msg = await stream.read()
@@ -542,7 +575,7 @@ class VendorClient:
             call = self._calls.get(msg.event.offer_id)
             if call is not None:
                 call._on_event(ev)
-                if self._event_handler is not None:
+                if self._root._event_handler is not None:
                     self._spawn(self._call_event_handler(call, ev))
         elif kind == "offer":
             info = OfferInfo.from_pb(msg.offer)
@@ -552,6 +585,62 @@ class VendorClient:
         elif kind == "offer_withdrawn":
             log.debug("offer %s withdrawn: %s", msg.offer_withdrawn.offer_id,
                       msg.offer_withdrawn.reason)
+        elif kind == "cluster_nodes":
+            self._root._cluster(msg.cluster_nodes.nodes)
+
+    # -- the cluster's other nodes (discover) -----------------------------------------
+    def _cluster(self, nodes) -> None:
+        """Attach to every listed node not attached yet; let go of a peer the cluster no
+        longer lists only while it is not attached (a live stream is never cut: it
+        holds sessions)."""
+        if not self.discover or self._closing:
+            return
+        listed = {n.node_id: n.grpc_addr for n in nodes if n.node_id and n.grpc_addr}
+        self._listed = listed
+        for node, addr in listed.items():
+            if node == self.node_id:
+                continue
+            old = self.peers.get(node)
+            if old is not None:
+                if old.target == addr or old.registered.is_set():
+                    continue
+                del self.peers[node]             # back at another address
+                self._spawn(old.close())
+            peer = VendorClient(addr, self.module_code, self._secret, vendor=self.vendor,
+                                instance=self.instance, max_sessions=self.max_sessions,
+                                credentials=self.credentials,
+                                secret_in_metadata=self._secret_in_metadata,
+                                backoff_initial=self.backoff_initial,
+                                backoff_max=self.backoff_max, ack_timeout=self.ack_timeout)
+            peer._root = self
+            self.peers[node] = peer
+            log.info("cluster node %s at %s: attaching %s there too", node, addr,
+                     self.module_code)
+            peer._run_task = self._loop.create_task(self._run_peer(node, peer))
+        for node, peer in list(self.peers.items()):
+            if node not in listed and not peer.registered.is_set():
+                log.info("cluster node %s left: no longer attaching to %s", node, peer.target)
+                del self.peers[node]
+                self._spawn(peer.close())
+
+    def _keeps(self, peer: "VendorClient") -> bool:
+        """Whether `peer`, whose stream just went down, should reconnect: only while the
+        cluster still lists its node at its address (a node that left is let go)."""
+        node = next((n for n, p in self.peers.items() if p is peer), None)
+        if node is not None and self._listed.get(node) == peer.target and not self._closing:
+            return True
+        if node is not None:
+            del self.peers[node]
+            log.info("cluster node %s (%s) is listed no more: not reconnecting", node,
+                     peer.target)
+        return False
+
+    async def _run_peer(self, node: str, peer: "VendorClient") -> None:
+        try:
+            await peer.run()
+        except RegistrationError as exc:   # that node refuses what the first accepted
+            log.warning("cluster node %s (%s) refused the registration: %s", node,
+                        peer.target, exc)
 
     def _spawn(self, coro) -> None:
         task = self._loop.create_task(coro)
@@ -560,14 +649,14 @@ class VendorClient:
 
     async def _call_event_handler(self, call: Call, ev: Event) -> None:
         try:
-            r = self._event_handler(call, ev)
+            r = self._root._event_handler(call, ev)
             if asyncio.iscoroutine(r):
                 await r
         except Exception:
             log.exception("event handler failed")
 
     async def _serve_offer(self, offer: Offer) -> None:
-        handler = self._offer_handler
+        handler = self._root._offer_handler
         try:
             if handler is None:
                 await offer.decline("no offer handler")

@@ -2,6 +2,7 @@
 conferences, resumable state and the audio caches the vendors share."""
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -66,6 +67,29 @@ class ControlHub:
             # Nobody serves the code now: new sessions follow their fallback outlet.
             del self.engine.registry.vendors[proc.code]
         log.info("vendor process %s of %s detached (%s)", proc.label(), proc.code, why)
+
+    # -- the cluster's nodes (docs/cluster.md, Vendors) ----------------------------------
+    async def cluster_nodes(self) -> list:
+        """The cluster's nodes for a `Registered`: read afresh from the session directory
+        (the last list known when Redis does not answer); [] when the node stands alone."""
+        from engine.sessions.directory import DirectoryUnavailable
+
+        directory = self.engine.directory
+        if directory is None:
+            return []
+        if directory.down:                # Redis is away: do not make the vendor wait
+            return _nodes_pb(directory.known_nodes)
+        try:
+            nodes = await asyncio.wait_for(directory.cluster_nodes(), 2.0)
+        except (DirectoryUnavailable, asyncio.TimeoutError):
+            nodes = directory.known_nodes
+        return _nodes_pb(nodes)
+
+    def cluster_changed(self, nodes: dict[str, str]) -> None:
+        """A node joined or left: every attached process hears the whole list again."""
+        msg = mh.EngineMessage(cluster_nodes=mh.ClusterNodes(nodes=_nodes_pb(nodes)))
+        for proc in list(self.processes.values()):
+            proc.send(msg)
 
     def cost_warning(self, session_id: str, cost_micros: int, currency: str,
                      threshold_micros: int) -> bool:
@@ -139,3 +163,7 @@ class ControlHub:
             entry[1] -= 1
         if entry[1] <= 0:
             del self.conferences[key]
+
+
+def _nodes_pb(nodes: dict[str, str]) -> list:
+    return [mh.ClusterNode(node_id=n, grpc_addr=addr) for n, addr in sorted(nodes.items())]

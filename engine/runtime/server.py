@@ -140,6 +140,8 @@ class Engine:
                                           self.sessions.keys, ttl=c.directory_ttl, http=http)
         for sid in self.sessions:        # calls that came in while the API was starting
             self.directory.add(sid)
+        if self.control is not None:     # vendor processes learn every node of the cluster
+            self.directory.on_nodes = self.control.hub.cluster_changed
         self.directory.start()
         log.info("session directory: %s (prefix %r), this node's gRPC %s", c.redis, c.prefix,
                  grpc or "off")

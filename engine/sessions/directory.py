@@ -9,6 +9,10 @@ that died expire by themselves. Writes go through one background task in pipelin
 batches: the call path never waits for Redis. The directory routes control requests only,
 it is never the truth for money: when Redis is lost the node logs it once and goes on
 (calls and stamps are untouched), and rewrites every live session when Redis is back.
+
+A node with a gRPC API also reads the other nodes' entries at the same pace: the
+cluster's nodes, told to vendor processes so that one that attaches to a node learns
+every node it should attach to (`known_nodes`, `on_nodes`; docs/cluster.md, Vendors).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("baton.directory")
 
@@ -57,6 +62,12 @@ class SessionDirectory:
         self.down = False                      # Redis failed the last write
         self.writes = 0                        # Redis commands sent (for the bench)
         self.tasks: list[asyncio.Task] = []
+        # Set by close(): the loops stop even when a Redis call swallowed their
+        # cancellation (redis-py may turn it into a connection error).
+        self.closing = asyncio.Event()
+        self.known_nodes: dict[str, str] = {}  # the cluster's nodes: node id -> gRPC address
+        # Called with the new `known_nodes` whenever a node joins or leaves (the vendor hub).
+        self.on_nodes: Callable[[dict[str, str]], Any] | None = None
 
     def key(self, sid: str) -> str:
         return f"{self.prefix}session:{sid}"
@@ -67,11 +78,14 @@ class SessionDirectory:
     def start(self) -> None:
         self.tasks = [asyncio.ensure_future(self._writer()),
                       asyncio.ensure_future(self._refresher())]
+        if self.grpc:
+            self.tasks.append(asyncio.ensure_future(self._members()))
         self.wake.set()                    # this node's own entry, at once
 
     async def close(self) -> None:
         """Write what is pending (at most one timeout's wait), take this node's entry
         out, then let go of Redis."""
+        self.closing.set()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -94,12 +108,12 @@ class SessionDirectory:
         self.wake.set()
 
     async def _writer(self) -> None:
-        while True:
+        while not self.closing.is_set():
             await self.wake.wait()
             self.wake.clear()
             await self._flush()
             if self.pending or (self.announce and self.node):   # Redis is away: try again later
-                await asyncio.sleep(min(1.0, self.ttl / 3))
+                await self._pause(min(1.0, self.ttl / 3))
                 self.wake.set()
 
     async def _flush(self) -> None:
@@ -145,11 +159,48 @@ class SessionDirectory:
     async def _refresher(self) -> None:
         # Refresh each live entry at a third of its TTL: one missed round never expires it.
         while True:
-            await asyncio.sleep(self.ttl / 3)
+            await self._pause(self.ttl / 3)
+            if self.closing.is_set():
+                return
             for sid in self.live_ids():
                 self.pending.setdefault(sid, True)
             self.announce = True
             self.wake.set()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less if the directory is closing."""
+        try:
+            await asyncio.wait_for(self.closing.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    # -- the cluster's nodes, for the vendor hub ------------------------------------------
+    async def _members(self) -> None:
+        # Read the others' entries at the pace of the refresh: a node that joins is seen
+        # within a third of the TTL, one that died leaves the list when its entry expires.
+        while not self.closing.is_set():
+            try:
+                await self.cluster_nodes()
+            except DirectoryUnavailable:
+                pass       # the writer logs the outage once; the last list stands meanwhile
+            except Exception as exc:
+                log.debug("session directory: node list: %s", exc)
+            await self._pause(self.ttl / 3)
+
+    async def cluster_nodes(self) -> dict[str, str]:
+        """The cluster's nodes now (node id -> gRPC address), read from Redis; `on_nodes`
+        is told when they changed. Raises DirectoryUnavailable (the last list stands)."""
+        found = {node: o.grpc for node, o in (await self.nodes()).items() if o.grpc}
+        if self.grpc:
+            found.setdefault(self.node, self.grpc)    # this node, whatever Redis says
+        if found != self.known_nodes:
+            self.known_nodes = found
+            if self.on_nodes is not None:
+                try:
+                    self.on_nodes(dict(found))
+                except Exception:
+                    log.exception("session directory: the node list's listener failed")
+        return dict(found)
 
     # -- any node's side: lookups ---------------------------------------------------------
     async def owner(self, sid: str) -> Owner | None:

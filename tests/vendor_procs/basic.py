@@ -3,7 +3,8 @@
 - say-release: answers, says a greeting to its end, releases through `done`;
 - silent: never answers an offer;
 - decline: declines every offer;
-and with --take-after S waits S seconds before it takes.
+and with --take-after S waits S seconds before it takes; with --discover it attaches
+to every node of the engine's cluster (`NODES n1,n2` whenever that set changes).
 It prints one line per event it cares about (`TAKEN sid`, `RELEASED sid`) and,
 on SIGTERM, `STATS {json}`."""
 from __future__ import annotations
@@ -29,13 +30,14 @@ def main() -> int:
     ap.add_argument("--mode", default="hold", choices=("hold", "say-release", "silent",
                                                         "decline"))
     ap.add_argument("--take-after", type=float, default=0.0)
+    ap.add_argument("--discover", action="store_true")
     ap.add_argument("--text", default="Please hold, a vendor module has your call.")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     stats = {"offers": 0, "taken": 0, "released": 0, "lost": 0, "errors": 0}
 
     async def run() -> None:
-        client = VendorClient(args.engine, args.code, args.secret)
+        client = VendorClient(args.engine, args.code, args.secret, discover=args.discover)
 
         @client.on_offer
         async def on(offer: Offer) -> None:
@@ -71,6 +73,15 @@ def main() -> int:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         await client.start()
         print("READY", client.process_id, flush=True)
+        nodes: list[str] = []
+        while args.discover and not stop.is_set():
+            if sorted(client.nodes) != nodes:
+                nodes = sorted(client.nodes)
+                print("NODES", ",".join(nodes), flush=True)
+            try:
+                await asyncio.wait_for(stop.wait(), 0.05)
+            except asyncio.TimeoutError:
+                pass
         await stop.wait()
         await client.close()
         print("STATS", json.dumps(stats), flush=True)
