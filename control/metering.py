@@ -34,6 +34,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import time
 from typing import Any
 
 from engine.accounting.config import PeriodClock
