@@ -190,6 +190,13 @@ class LoadCall(UacOwner):
             if msg is None:
                 return rec
             rec.answered = True
+            if not (msg.body or b"").strip():
+                # A 200 with no SDP answer (a stateless responder, signalling only): the
+                # call is up without media; the report says so (audio none), and steps
+                # that need media end the scenario with `no-media`.
+                rec.audio = "none"
+                await self._run_scenario()
+                return rec
             try:
                 self._start_media(msg.body)
             except SdpError as exc:
@@ -227,6 +234,9 @@ class LoadCall(UacOwner):
     async def _walk(self, node) -> None:
         while node is not None and not self.ended.is_set():
             step = STEPS[node.module]
+            if self.ch is None and node.module not in NO_MEDIA_STEPS:
+                self.rec.path.append(f"{node.name}:no-media")
+                return
             outlet = await _until_ended(self, step(self, node.params))
             if outlet is None:
                 self.rec.path.append(f"{node.name}:ended")
@@ -419,6 +429,7 @@ async def step_hangup(call: LoadCall, p: dict):
     return "hangup"
 
 
+NO_MEDIA_STEPS = ("load.hold", "load.hangup")
 STEPS = {"load.hold": step_hold, "load.play": step_play, "load.wait": step_wait,
          "load.digits": step_digits, "load.expect_digits": step_expect_digits,
          "load.echo_check": step_echo_check, "load.hangup": step_hangup}

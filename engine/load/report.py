@@ -55,6 +55,8 @@ def summary(gen) -> dict:
                  "short_of_offered": short, "ramp_s": opts.ramp},
         "calls": {"planned": offered_total, "started": gen.started, "completed": len(recs),
                   "answered": len(answered),
+                  # Answered with no SDP (a signalling-only target): up, but no media.
+                  "answered_without_sdp": sum(1 for r in answered if not r.codec),
                   "asr_pct": round(100.0 * len(answered) / len(recs), 2) if recs else None,
                   "codes": dict(sorted(codes.items())),
                   "max_concurrent": max((s[3] for s in gen.samples), default=0),
@@ -86,6 +88,8 @@ def summary(gen) -> dict:
         "generator_late_ticks": gen.media.late_ticks if gen.media is not None else None,
         "calls_with_late_ticks": sum(1 for r in answered if r.late_ticks),
         "elapsed_s": round(gen.elapsed, 3),
+        # Unix time of the run's start: a call's `started` (s) is counted from it.
+        "started_unix": round(gen.wall_start, 3),
     }
 
 
