@@ -263,7 +263,7 @@ def baton_media(args: argparse.Namespace, eng: Engine, calls: int,
     ok = (answered == calls and up and loss is not None and loss < LOSS_LIMIT_PCT
           and back is not None and back < LOSS_LIMIT_PCT)
     return {"generator": "baton", "calls": calls, "all_up": up, "failed": calls - answered,
-            "engine_rx_expected": expected, "engine_rx_loss_pct": loss,
+            "codes": s["calls"]["codes"], "engine_rx_expected": expected, "engine_rx_loss_pct": loss,
             "return_loss_pct": back, "engine_late_ticks": late,
             "generator_late_ticks": s["generator_late_ticks"],
             "echo_passed": s["echo"]["passed"], "mos_mean": s["quality"]["mos"]["mean"],
@@ -356,7 +356,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "generator at its first failed step (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=4.0,
                    help="signalling: seconds per rate step (default: %(default)s)")
-    p.add_argument("--media", default="50,100,200,400,600",
+    p.add_argument("--media", default="50,100,200,400,600,800,1000",
                    help="media: concurrent calls with RTP per level (default: %(default)s)")
     p.add_argument("--media-seconds", type=float, default=6.0,
                    help="media: seconds each call holds RTP, at most 7 (the pcap's length) "

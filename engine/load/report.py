@@ -102,8 +102,7 @@ def live_line(gen) -> str:
     """One line of the live view: progress, rate, concurrency, failures by code, PDD, MOS."""
     recs = gen.records
     t = gen.elapsed
-    window = getattr(gen, "launch_end", None) or t
-    rate = gen.started / window if window >= 0.5 else 0.0
+    rate = gen.achieved_rate
     fails = collections.Counter(str(r.code or r.error or "none") for r in recs if not r.answered)
     pdd = [r.t200 for r in recs[-2000:] if r.t200 is not None]
     mos = [r.mos for r in recs[-2000:] if r.mos is not None]
