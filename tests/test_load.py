@@ -50,13 +50,17 @@ def scrape(url: str) -> dict:
     return out
 
 
-class LateTicks:
-    """Watches a Baton process's `baton_media_late_ticks_total` (every 0.1 s, in a thread):
-    the wall-clock spans in which its media clock skipped ticks."""
+class MediaClockWatch:
+    """Watches a Baton process's media clock on its /metrics (every 0.1 s, in a thread):
+    the wall-clock spans in which it skipped a tick (`baton_media_late_ticks_total`) or a
+    channel slipped a frame (`baton_media_slips_total`: a packet that came after the tick
+    that should have played it)."""
+
+    COUNTERS = ("baton_media_late_ticks_total", "baton_media_slips_total")
 
     def __init__(self, url: str):
         self.url = url
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, tuple]] = []
         self.running = True
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -64,18 +68,17 @@ class LateTicks:
     def _run(self) -> None:
         while self.running:
             try:
-                value = scrape(self.url)["baton_media_late_ticks_total"]
+                m = scrape(self.url)
+                self.samples.append((time.time(), tuple(m[k] for k in self.COUNTERS)))
             except OSError:
-                value = None
-            if value is not None:
-                self.samples.append((time.time(), value))
+                pass
             time.sleep(0.1)
 
     def stop(self) -> list[tuple[float, float]]:
-        """The spans (from, to) in which the count rose."""
+        """The spans (from, to) in which either count rose."""
         self.running = False
         self.thread.join()
-        return [(a[0], b[0]) for a, b in zip(self.samples, self.samples[1:]) if b[1] > a[1]]
+        return [(a[0], b[0]) for a, b in zip(self.samples, self.samples[1:]) if b[1] != a[1]]
 
 
 def media_window(row: dict, started_unix: float) -> tuple[float, float]:
@@ -94,50 +97,76 @@ COMPILED_MEDIA = pytest.mark.skipif(os.environ.get("BATON_NO_EXTENSIONS") == "1"
                                     reason="media quality is measured on the compiled kernels")
 
 
-@COMPILED_MEDIA
-@pytest.mark.parametrize("transport", ["udp", "tcp"])
-def test_echo_check_against_the_demo(demo, tmp_path, transport):
-    watch = LateTicks(demo.metrics_url)
+def undisturbed(rows: list, s: dict, target_spans: list) -> list:
+    """The calls whose media neither side's clock disturbed.
+
+    A media tick skipped on either side (a busy machine), or a packet that came after the
+    tick that should have played it (a frame heard as silence and the rest 20 ms later: a
+    slip), puts a hole into what was sent, echoed or recorded. The generator counts its
+    own per call (late_ticks, slips); the far engine's were watched on its /metrics
+    (MediaClockWatch), and a call whose media span overlaps a rise there is set aside."""
+    clean = []
+    for row in rows:
+        lo, hi = media_window(row, s["started_unix"])
+        if row["late_ticks"] == "0" and row["slips"] == "0" and not any(
+                a < hi + 0.1 and b > lo - 0.1 for a, b in target_spans):
+            clean.append(row)
+    return clean
+
+
+def run_watched(demo, tmp_path, args: list) -> tuple:
+    """`baton load` against the demo with its media clock watched: (result, spans)."""
+    watch = MediaClockWatch(demo.metrics_url)
     try:
-        r = load([f"127.0.0.1:{demo.port}", "--number", "1001", "--rate", "10", "--calls",
-                  "20", "--hold", "1", "--scenario", "echo-check", "--transport", transport,
-                  "--json"], tmp_path)
+        r = load([f"127.0.0.1:{demo.port}", "--number", "1001", *args], tmp_path)
     finally:
         spans = watch.stop()
     assert r.returncode == 0, r.stderr
-    s = json.loads(r.stdout)
-    assert s == summary_of(tmp_path)
-    assert s["calls"]["codes"] == {"200": 20} and s["calls"]["asr_pct"] == 100.0
-    assert s["echo"]["checked"] == 20
-    assert s["audio"] == {"two-way": 20}
-    assert s["rtp"]["received"] > 20 * 40
-    assert s["quality"]["mos"]["p50"] > 4.3          # clean loopback, G.711: R ~ 92
-    assert s["pdd_ms"]["t200"]["p50"] is not None
-    rows = list(csv.DictReader(open(tmp_path / "calls.csv")))
-    assert len(rows) == 20 and {row["code"] for row in rows} == {"200"}
-    # A media tick skipped on either side (a busy machine: the generator's clock or the
-    # echo's) leaves a hole in what was sent or echoed, and the probe's echo may then
-    # not match. Such calls are told apart: the generator counts its own per call, the
-    # echo's engine's were watched on its /metrics. Every call neither clock disturbed
-    # must echo the probe back intact.
-    target_late = spans
-    disturbed = set()
-    for row in rows:
-        lo, hi = media_window(row, s["started_unix"])
-        if row["late_ticks"] != "0" or any(a < hi + 0.1 and b > lo - 0.1
-                                           for a, b in target_late):
-            disturbed.add(row["index"])
-    clean = [row for row in rows if row["index"] not in disturbed]
-    assert len(clean) >= 5, (f"generator_late_ticks {s['generator_late_ticks']}, "
-                             f"target late spans {target_late}")
-    assert all(float(row["echo_correlation"]) > 0.9 for row in clean), clean
-    assert all(row["outcome"] == "check:pass hold:done" for row in clean)
-    assert all(row["rtp_lost"] == "0" for row in clean)
-    if not disturbed:
-        assert s["echo"] == {"checked": 20, "passed": 20} and s["rtp"]["loss_pct"] == 0.0
-    assert s["calls_with_late_ticks"] == sum(1 for row in rows if row["late_ticks"] != "0")
-    assert (tmp_path / "load.png").stat().st_size > 10_000
-    assert "rate" in r.stderr and "MOS" in r.stderr       # the live view
+    return r, spans
+
+
+# Every undisturbed call must pass, in every run; on a busy machine most calls may be
+# disturbed, so up to RUNS runs gather at least NEED undisturbed calls to judge.
+RUNS, NEED = 3, 5
+
+
+@COMPILED_MEDIA
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_echo_check_against_the_demo(demo, tmp_path, transport):
+    judged = []
+    for attempt in range(RUNS):
+        report = tmp_path / f"run{attempt}"
+        r, spans = run_watched(demo, report, ["--rate", "10", "--calls", "20", "--hold", "1",
+                                              "--scenario", "echo-check",
+                                              "--transport", transport, "--json"])
+        s = json.loads(r.stdout)
+        assert s == summary_of(report)
+        assert s["calls"]["codes"] == {"200": 20} and s["calls"]["asr_pct"] == 100.0
+        assert s["echo"]["checked"] == 20
+        assert s["audio"] == {"two-way": 20}
+        assert s["rtp"]["received"] > 20 * 40
+        assert s["quality"]["mos"]["p50"] > 4.3          # clean loopback, G.711: R ~ 92
+        assert s["pdd_ms"]["t200"]["p50"] is not None
+        assert (report / "load.png").stat().st_size > 10_000
+        assert "rate" in r.stderr and "MOS" in r.stderr       # the live view
+        rows = list(csv.DictReader(open(report / "calls.csv")))
+        assert len(rows) == 20 and {row["code"] for row in rows} == {"200"}
+        assert s["calls_with_late_ticks"] == sum(1 for row in rows if row["late_ticks"] != "0")
+        assert s["calls_with_slips"] == sum(1 for row in rows if row["slips"] != "0")
+        clean = undisturbed(rows, s, spans)
+        # The probe comes back intact on every call neither clock disturbed.
+        brief = [{k: row[k] for k in ("index", "echo_correlation", "rtp_lost", "slips",
+                                      "late_ticks", "outcome")} for row in rows]
+        why = f"far engine's spans {spans}, started {s['started_unix']}: {brief}"
+        assert all(float(row["echo_correlation"]) > 0.9 for row in clean), why
+        assert all(row["outcome"] == "check:pass hold:done" for row in clean), why
+        assert all(row["rtp_lost"] == "0" for row in clean), why
+        if len(clean) == len(rows):
+            assert s["echo"] == {"checked": 20, "passed": 20} and s["rtp"]["loss_pct"] == 0.0
+        judged += clean
+        if len(judged) >= NEED:
+            break
+    assert len(judged) >= NEED, f"only {len(judged)} undisturbed calls in {RUNS} runs"
 
 
 def test_prometheus_metrics_while_it_runs(demo, tmp_path):
@@ -198,20 +227,25 @@ def test_metrics_addr_that_cannot_be_served(tmp_path):
 
 @COMPILED_MEDIA
 def test_dtmf_roundtrip_is_all_detected(demo, tmp_path):
-    r = load([f"127.0.0.1:{demo.port}", "--number", "1001", "--rate", "10", "--calls", "10",
-              "--hold", "1", "--scenario", "dtmf-roundtrip", "--quiet"], tmp_path)
-    assert r.returncode == 0, r.stderr
-    s = summary_of(tmp_path)
-    assert s["dtmf"]["sent"] == 120
-    # Every key of every call whose media clock kept time is detected; a call the
-    # generator itself skipped ticks on (a busy machine) is reported, not counted.
-    rows = list(csv.DictReader(open(tmp_path / "calls.csv")))
-    kept_time = [row for row in rows if row["late_ticks"] == "0"]
-    assert len(kept_time) >= 5, f"generator_late_ticks {s['generator_late_ticks']}"
-    assert all(row["dtmf_detected"] == "1234567890*#" for row in kept_time)
-    assert all(row["outcome"] == "send:done expect:matched hold:done" for row in kept_time)
-    if len(kept_time) == len(rows):
-        assert s["dtmf"] == {"sent": 120, "detected": 120, "detected_pct": 100.0}
+    judged = []
+    for attempt in range(RUNS):
+        report = tmp_path / f"run{attempt}"
+        _r, spans = run_watched(demo, report, ["--rate", "10", "--calls", "10", "--hold", "1",
+                                               "--scenario", "dtmf-roundtrip", "--quiet"])
+        s = summary_of(report)
+        assert s["dtmf"]["sent"] == 120
+        # Every key of every call neither media clock disturbed is detected; a disturbed
+        # call is reported, not judged.
+        rows = list(csv.DictReader(open(report / "calls.csv")))
+        clean = undisturbed(rows, s, spans)
+        assert all(row["dtmf_detected"] == "1234567890*#" for row in clean), rows
+        assert all(row["outcome"] == "send:done expect:matched hold:done" for row in clean)
+        if len(clean) == len(rows):
+            assert s["dtmf"] == {"sent": 120, "detected": 120, "detected_pct": 100.0}
+        judged += clean
+        if len(judged) >= NEED:
+            break
+    assert len(judged) >= NEED, f"only {len(judged)} undisturbed calls in {RUNS} runs"
 
 
 def test_ctrl_c_stops_cleanly_with_a_report(demo, tmp_path):

@@ -193,6 +193,7 @@ class EngineCollector:
         rx, tx = r["rx_packets"], r["tx_packets"]
         rxb, txb = r["rx_bytes"], r["tx_bytes"]
         lost, expected = r["lost"], r["expected"]
+        slips = r["slips"]
         jitter_sum, jitter_max, receiving = 0.0, 0.0, 0
         for s in list(media.streams.values()):
             st = s.stats()
@@ -202,6 +203,7 @@ class EngineCollector:
             txb += st["tx_bytes"]
             lost += st["lost"]
             expected += st["expected"]
+            slips += st["underruns"] + st["trimmed"]
             if st["rx_packets"]:
                 j = s.jitter / RTP_CLOCK
                 receiving += 1
@@ -226,6 +228,9 @@ class EngineCollector:
                                              "recorders, mixers)", len(media.channels))
         yield _counter("baton_media_late_ticks", "20 ms media ticks that ran more than a frame "
                                                  "late (skipped)", media.late_ticks)
+        yield _counter("baton_media_slips", "20 ms frames a channel's clock heard as silence "
+                                            "because their packet came after its tick, or "
+                                            "dropped with more than two queued", slips)
 
     @staticmethod
     def _ring(stamper):
@@ -373,6 +378,9 @@ class LoadCollector:
         yield _counter("baton_load_media_late_ticks", "Ticks of the generator's own 20 ms "
                                                       "media clock skipped (it ran late)",
                        g.media.late_ticks if g.media is not None else 0)
+        yield _counter("baton_load_media_slips", "20 ms frames ended calls heard as silence "
+                                                 "(their packet came after the tick) or "
+                                                 "dropped (over two queued)", t.slips)
 
 
 def _histogram(name: str, doc: str, hist) -> HistogramMetricFamily:

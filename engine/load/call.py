@@ -64,6 +64,8 @@ class CallRecord:
     outcome: str = ""                    # the scenario's path: node:outlet, ...
     codec: str = ""
     late_ticks: int = 0                  # generator media ticks skipped while the call had media
+    slips: int = 0                       # frames heard as silence (the packet came after our
+                                         # tick) or dropped (over two queued): 20 ms slips
     error: str = ""
     path: list = field(default_factory=list)
 
@@ -256,6 +258,7 @@ class LoadCall(UacOwner):
             rec.rtp_expected = st["expected"]
             rec.rtp_duplicate = st.get("duplicate", 0)
             rec.rtp_reordered = st.get("reordered", 0)
+            rec.slips = st.get("underruns", 0) + st.get("trimmed", 0)
             # Duplicates are not deliveries: lost = expected - distinct packets received.
             rec.rtp_lost = max(st["expected"] - (st["rx_packets"] - rec.rtp_duplicate), 0)
             rec.jitter_ms = round(st["jitter_ms"], 3) if st["rx_packets"] > 1 else None

@@ -82,6 +82,7 @@ class Tally:
         self.pdd = Histogram(PDD_BOUNDS)
         self.mos = Histogram(MOS_BOUNDS)
         self.rtp_sent = self.rtp_received = self.rtp_expected = self.rtp_lost = 0
+        self.slips = 0
 
     def add(self, rec: CallRecord) -> None:
         self.codes[str(rec.code or rec.error or "none")] += 1
@@ -95,6 +96,7 @@ class Tally:
         self.rtp_received += rec.rtp_received
         self.rtp_expected += rec.rtp_expected
         self.rtp_lost += rec.rtp_lost
+        self.slips += rec.slips
 
 
 def due_time(i: int, rate: float, ramp: float) -> float:

@@ -87,6 +87,9 @@ def summary(gen) -> dict:
         # the generator (not the target) lost audio, and the media figures say so.
         "generator_late_ticks": gen.media.late_ticks if gen.media is not None else None,
         "calls_with_late_ticks": sum(1 for r in answered if r.late_ticks),
+        # A frame that came after the generator's tick was heard as 20 ms of silence (and
+        # the stream runs 20 ms later from there): what it recorded slipped.
+        "calls_with_slips": sum(1 for r in answered if r.slips),
         "elapsed_s": round(gen.elapsed, 3),
         # Unix time of the run's start: a call's `started` (s) is counted from it.
         "started_unix": round(gen.wall_start, 3),
