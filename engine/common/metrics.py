@@ -203,7 +203,7 @@ class EngineCollector:
             txb += st["tx_bytes"]
             lost += st["lost"]
             expected += st["expected"]
-            slips += st["underruns"] + st["trimmed"]
+            slips += st.get("underruns", 0) + st.get("trimmed", 0)
             if st["rx_packets"]:
                 j = s.jitter / RTP_CLOCK
                 receiving += 1

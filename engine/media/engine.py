@@ -86,7 +86,7 @@ class MediaEngine:
             r = self.retired
             for k in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "lost", "expected"):
                 r[k] += st[k]
-            r["slips"] += st["underruns"] + st["trimmed"]
+            r["slips"] += st.get("underruns", 0) + st.get("trimmed", 0)
             r["streams"] += 1
         self.watch.pop(id(stream), None)
         self.rtcp.pop(id(stream), None)
