@@ -128,7 +128,8 @@ def write(gen, data: dict, directory: str) -> list[str]:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for r in sorted(gen.records, key=lambda r: r.index):
-            row = {k: v for k, v in dataclasses.asdict(r).items() if k != "path"}
+            # The fields as they are (dataclasses.asdict deep-copies: ~1 ms a call).
+            row = {k: getattr(r, k) for k in CSV_FIELDS[:-1]}
             row["loss_pct"] = None if r.loss_pct is None else round(r.loss_pct, 3)
             w.writerow(row)
     written = [str(out / "summary.json"), str(out / "calls.csv")]
