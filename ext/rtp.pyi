@@ -51,6 +51,7 @@ class RtpStream:
     tx_bytes: int
     tx_dropped: int
     rx_trimmed: int
+    rx_underruns: int
     rx_foreign: int
     rx_invalid: int
     rx_duplicate: int

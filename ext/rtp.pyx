@@ -239,6 +239,8 @@ cdef class RtpStream:
     cdef readonly uint64_t tx_bytes
     cdef readonly uint64_t tx_dropped
     cdef readonly uint64_t rx_trimmed
+    cdef readonly uint64_t rx_underruns    # a tick found no frame queued, and audio came after
+    cdef bint rx_starved
     cdef readonly uint64_t rx_foreign
     cdef readonly uint64_t rx_invalid
     cdef readonly int64_t last_rx_ns
@@ -366,6 +368,7 @@ cdef class RtpStream:
                 "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
                 "rx_foreign": self.rx_foreign, "rx_invalid": self.rx_invalid,
                 "tx_dropped": self.tx_dropped, "duplicate": self.rx_duplicate,
+                "underruns": self.rx_underruns, "trimmed": self.rx_trimmed,
                 "reordered": self.rx_reordered,
                 "expected": expected, "lost": max(lost, 0), "jitter_ms": self.jitter / 8.0,
                 "ext_seq": extended, "rx_ssrc": self.rx_ssrc if self.seq_init else None,
@@ -541,6 +544,11 @@ cdef class RtpStream:
         if pt != 0 and pt != 8:
             return
         self.fifo_law = C_LAW_ALAW if pt == 8 else C_LAW_ULAW
+        if self.rx_starved:
+            # The clock heard silence where this audio belonged: a 20 ms slip mid-stream
+            # (a gap only the end of the stream follows is not one).
+            self.rx_underruns += 1
+            self.rx_starved = False
         if n > FIFO:
             data += n - FIFO
             n = FIFO
@@ -578,6 +586,8 @@ cdef class RtpStream:
         cdef int n = FRAME, first
         if self.fifo_len < FRAME:
             memset(pcm, 0, FRAME * sizeof(int16_t))
+            if self.rx_packets:
+                self.rx_starved = True
             return 0
         first = FIFO - self.fifo_head
         if first >= n:

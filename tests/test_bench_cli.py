@@ -225,3 +225,30 @@ def test_messages_quick_every_text_gets_its_202_and_its_reply(tmp_path):
     assert figures["module_rate"]["median"] > 0 and figures["instructions_rate"]["median"] > 0
     assert figures["module_rate"]["baseline"]["label"] == "Kamailio stateless (SIPp, 202)"
     assert figures["module_p99"]["baseline"]["median"] > 0
+
+
+def test_load_quick_sets_baton_load_beside_sipp(tmp_path):
+    r = bench("load", "--quick", "--results-dir", str(tmp_path), timeout=240)
+    record = result_of(r, tmp_path)
+    result = record["runs"][0]["result"]
+    assert result["errors"] == []
+    steps = result["signalling"]["steps"]
+    # Both generators offered 50 and 100 calls/s to the same Kamailio in the same run.
+    for gen in ("baton", "sipp"):
+        mine = [s for s in steps if s["generator"] == gen]
+        assert [s["offered_rate"] for s in mine][:1] == [50]
+        assert all(s["cpu_us_per_call"] > 0 for s in mine)
+        assert mine[0]["answered"] == mine[0]["calls"] == 75
+    # Kamailio answers without SDP: baton load says there was no audio, not that it failed.
+    assert all(s["audio"] == {"none": s["calls"]} for s in steps if s["generator"] == "baton")
+    levels = result["media"]["levels"]
+    assert [(x["generator"], x["calls"]) for x in levels] == [("sipp", 10), ("baton", 10)]
+    sipp, baton = levels
+    assert sipp["engine_rx_expected"] > 0 and sipp["return_loss_pct"] is None
+    # What SIPp cannot tell: baton load measured the echo it got back, and rated it.
+    assert baton["engine_rx_expected"] > 0 and baton["return_loss_pct"] is not None
+    assert baton["echo_passed"] >= 1 and baton["mos_mean"] > 1
+    assert baton["cpu_us_per_call"] > 0 and sipp["cpu_us_per_call"] > 0
+    figs = record["figures"]
+    assert figs["cps"]["baseline"]["label"] == "SIPp uac"
+    assert figs["media_cpu"]["higher_is_better"] is False

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -29,11 +30,61 @@ def load(args: list, report, timeout: float = 60, **kw) -> subprocess.CompletedP
 
 @pytest.fixture(scope="module")
 def demo():
-    engine = EngineProcess(DEMO)
+    metrics_port = free_port(socket.SOCK_STREAM)
+    engine = EngineProcess(DEMO, extra=["--metrics-addr", f"127.0.0.1:{metrics_port}"])
+    engine.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         yield engine.wait_ready()
     finally:
         engine.stop()
+
+
+def scrape(url: str) -> dict:
+    """Prometheus text as {"name{labels}": value}."""
+    out = {}
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+    return out
+
+
+class MediaClockWatch:
+    """Watches a Baton process's media clock on its /metrics (every 0.1 s, in a thread):
+    the wall-clock spans in which it skipped a tick (`baton_media_late_ticks_total`) or a
+    channel slipped a frame (`baton_media_slips_total`: a packet that came after the tick
+    that should have played it)."""
+
+    COUNTERS = ("baton_media_late_ticks_total", "baton_media_slips_total")
+
+    def __init__(self, url: str):
+        self.url = url
+        self.samples: list[tuple[float, tuple]] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while self.running:
+            try:
+                m = scrape(self.url)
+                self.samples.append((time.time(), tuple(m[k] for k in self.COUNTERS)))
+            except OSError:
+                pass
+            time.sleep(0.1)
+
+    def stop(self) -> list[tuple[float, float]]:
+        """The spans (from, to) in which either count rose."""
+        self.running = False
+        self.thread.join()
+        return [(a[0], b[0]) for a, b in zip(self.samples, self.samples[1:]) if b[1] != a[1]]
+
+
+def media_window(row: dict, started_unix: float) -> tuple[float, float]:
+    """Wall-clock span of a call's media: from its answer to its end."""
+    answered = started_unix + float(row["started"]) + float(row["t200"]) / 1000.0
+    return answered, answered + float(row["duration_s"])
 
 
 def summary_of(report) -> dict:
@@ -46,50 +97,155 @@ COMPILED_MEDIA = pytest.mark.skipif(os.environ.get("BATON_NO_EXTENSIONS") == "1"
                                     reason="media quality is measured on the compiled kernels")
 
 
+def undisturbed(rows: list, s: dict, target_spans: list) -> list:
+    """The calls whose media neither side's clock disturbed.
+
+    A media tick skipped on either side (a busy machine), or a packet that came after the
+    tick that should have played it (a frame heard as silence and the rest 20 ms later: a
+    slip), puts a hole into what was sent, echoed or recorded. The generator counts its
+    own per call (late_ticks, slips); the far engine's were watched on its /metrics
+    (MediaClockWatch), and a call whose media span overlaps a rise there is set aside."""
+    clean = []
+    for row in rows:
+        lo, hi = media_window(row, s["started_unix"])
+        if row["late_ticks"] == "0" and row["slips"] == "0" and not any(
+                a < hi + 0.1 and b > lo - 0.1 for a, b in target_spans):
+            clean.append(row)
+    return clean
+
+
+def run_watched(demo, tmp_path, args: list) -> tuple:
+    """`baton load` against the demo with its media clock watched: (result, spans)."""
+    watch = MediaClockWatch(demo.metrics_url)
+    try:
+        r = load([f"127.0.0.1:{demo.port}", "--number", "1001", *args], tmp_path)
+    finally:
+        spans = watch.stop()
+    assert r.returncode == 0, r.stderr
+    return r, spans
+
+
+# Every undisturbed call must pass, in every run; on a busy machine most calls may be
+# disturbed, so up to RUNS runs gather at least NEED undisturbed calls to judge.
+RUNS, NEED = 3, 5
+
+
 @COMPILED_MEDIA
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 def test_echo_check_against_the_demo(demo, tmp_path, transport):
-    r = load([f"127.0.0.1:{demo.port}", "--number", "1001", "--rate", "10", "--calls", "20",
-              "--hold", "1", "--scenario", "echo-check", "--transport", transport, "--json"],
-             tmp_path)
-    assert r.returncode == 0, r.stderr
-    s = json.loads(r.stdout)
-    assert s == summary_of(tmp_path)
-    assert s["calls"]["codes"] == {"200": 20} and s["calls"]["asr_pct"] == 100.0
-    assert s["echo"] == {"checked": 20, "passed": 20}
-    assert s["audio"] == {"two-way": 20}
-    assert s["rtp"]["loss_pct"] == 0.0 and s["rtp"]["received"] > 20 * 40
-    assert s["quality"]["mos"]["p50"] > 4.3          # clean loopback, G.711: R ~ 92
-    assert s["pdd_ms"]["t200"]["p50"] is not None
-    rows = list(csv.DictReader(open(tmp_path / "calls.csv")))
-    assert len(rows) == 20 and {row["code"] for row in rows} == {"200"}
-    # A tick the generator's media clock skipped (a busy machine) leaves a hole in what it
-    # sent and heard; the echo of a call whose clock kept time must match the probe. The
-    # echo's engine skips ticks too on a busy machine: ~10 calls up at once, not 30.
-    kept_time = [row for row in rows if row["late_ticks"] == "0"]
-    assert len(kept_time) >= 10, f"generator_late_ticks {s['generator_late_ticks']}"
-    assert all(float(row["echo_correlation"]) > 0.9 for row in kept_time)
-    assert s["calls_with_late_ticks"] == len(rows) - len(kept_time)
-    assert (tmp_path / "load.png").stat().st_size > 10_000
-    assert "rate" in r.stderr and "MOS" in r.stderr       # the live view
+    judged = []
+    for attempt in range(RUNS):
+        report = tmp_path / f"run{attempt}"
+        r, spans = run_watched(demo, report, ["--rate", "10", "--calls", "20", "--hold", "1",
+                                              "--scenario", "echo-check",
+                                              "--transport", transport, "--json"])
+        s = json.loads(r.stdout)
+        assert s == summary_of(report)
+        assert s["calls"]["codes"] == {"200": 20} and s["calls"]["asr_pct"] == 100.0
+        assert s["echo"]["checked"] == 20
+        assert s["audio"] == {"two-way": 20}
+        assert s["rtp"]["received"] > 20 * 40
+        assert s["quality"]["mos"]["p50"] > 4.3          # clean loopback, G.711: R ~ 92
+        assert s["pdd_ms"]["t200"]["p50"] is not None
+        assert (report / "load.png").stat().st_size > 10_000
+        assert "rate" in r.stderr and "MOS" in r.stderr       # the live view
+        rows = list(csv.DictReader(open(report / "calls.csv")))
+        assert len(rows) == 20 and {row["code"] for row in rows} == {"200"}
+        assert s["calls_with_late_ticks"] == sum(1 for row in rows if row["late_ticks"] != "0")
+        assert s["calls_with_slips"] == sum(1 for row in rows if row["slips"] != "0")
+        clean = undisturbed(rows, s, spans)
+        # The probe comes back intact on every call neither clock disturbed.
+        brief = [{k: row[k] for k in ("index", "echo_correlation", "rtp_lost", "slips",
+                                      "late_ticks", "outcome")} for row in rows]
+        why = f"far engine's spans {spans}, started {s['started_unix']}: {brief}"
+        assert all(float(row["echo_correlation"]) > 0.9 for row in clean), why
+        assert all(row["outcome"] == "check:pass hold:done" for row in clean), why
+        assert all(row["rtp_lost"] == "0" for row in clean), why
+        if len(clean) == len(rows):
+            assert s["echo"] == {"checked": 20, "passed": 20} and s["rtp"]["loss_pct"] == 0.0
+        judged += clean
+        if len(judged) >= NEED:
+            break
+    assert len(judged) >= NEED, f"only {len(judged)} undisturbed calls in {RUNS} runs"
+
+
+def test_prometheus_metrics_while_it_runs(demo, tmp_path):
+    """`--metrics-addr`: /metrics is scraped during the run and agrees with itself and with
+    the final report."""
+    proc = subprocess.Popen([BATON, "load", f"127.0.0.1:{demo.port}", "--number", "1001",
+                             "--rate", "10", "--calls", "20", "--hold", "2", "--quiet",
+                             "--metrics-addr", "127.0.0.1:0", "--report", str(tmp_path),
+                             "--rtp-ports", rtp_range()],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "metrics at http://127.0.0.1:" in line, line + proc.stderr.read()
+        url = line.split()[-1]
+        m = scrape(url)
+        while m.get('baton_load_calls_ended_total{code="200"}', 0) < 5:
+            time.sleep(0.2)
+            m = scrape(url)
+        during = m
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    s = summary_of(tmp_path)
+    assert during["baton_load_offered_rate"] == 10.0
+    assert during["baton_load_achieved_rate"] > 0
+    assert 5 <= during["baton_load_calls_started_total"] <= 20
+    # Calls are 2 s long at 10 a second: some are up while others have ended.
+    assert during["baton_load_calls_up"] >= 1
+    answered = during["baton_load_calls_answered_total"]
+    assert answered == during['baton_load_calls_ended_total{code="200"}'] >= 5
+    assert during["baton_load_pdd_seconds_count"] == answered
+    assert during['baton_load_pdd_seconds_bucket{le="+Inf"}'] == answered
+    assert during["baton_load_pdd_seconds_sum"] > 0
+    # Every answered call of the echo received RTP and was rated.
+    assert during["baton_load_mos_count"] == answered
+    assert during['baton_load_mos_bucket{le="4"}'] <= answered
+    assert during['baton_load_rtp_packets_total{direction="in"}'] > answered * 50
+    assert during["baton_load_rtp_expected_packets_total"] > 0
+    assert "baton_load_rtp_lost_packets_total" in during
+    assert "baton_load_media_late_ticks_total" in during
+    assert s["calls"]["codes"] == {"200": 20}
+    assert during["baton_load_calls_started_total"] <= s["calls"]["started"]
+
+
+def test_metrics_addr_that_cannot_be_served(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = load(["127.0.0.1:5", "--metrics-addr", f"127.0.0.1:{taken.getsockname()[1]}",
+                  "--calls", "1"], tmp_path)
+    assert r.returncode == 2 and "--metrics-addr" in r.stderr, r.stderr
+    r = load(["127.0.0.1:5", "--metrics-addr", "nohost:port", "--calls", "1"], tmp_path)
+    assert r.returncode == 2 and "--metrics-addr" in r.stderr, r.stderr
 
 
 @COMPILED_MEDIA
 def test_dtmf_roundtrip_is_all_detected(demo, tmp_path):
-    r = load([f"127.0.0.1:{demo.port}", "--number", "1001", "--rate", "10", "--calls", "10",
-              "--hold", "1", "--scenario", "dtmf-roundtrip", "--quiet"], tmp_path)
-    assert r.returncode == 0, r.stderr
-    s = summary_of(tmp_path)
-    assert s["dtmf"]["sent"] == 120
-    # Every key of every call whose media clock kept time is detected; a call the
-    # generator itself skipped ticks on (a busy machine) is reported, not counted.
-    rows = list(csv.DictReader(open(tmp_path / "calls.csv")))
-    kept_time = [row for row in rows if row["late_ticks"] == "0"]
-    assert len(kept_time) >= 5, f"generator_late_ticks {s['generator_late_ticks']}"
-    assert all(row["dtmf_detected"] == "1234567890*#" for row in kept_time)
-    assert all(row["outcome"] == "send:done expect:matched hold:done" for row in kept_time)
-    if len(kept_time) == len(rows):
-        assert s["dtmf"] == {"sent": 120, "detected": 120, "detected_pct": 100.0}
+    judged = []
+    for attempt in range(RUNS):
+        report = tmp_path / f"run{attempt}"
+        _r, spans = run_watched(demo, report, ["--rate", "10", "--calls", "10", "--hold", "1",
+                                               "--scenario", "dtmf-roundtrip", "--quiet"])
+        s = summary_of(report)
+        assert s["dtmf"]["sent"] == 120
+        # Every key of every call neither media clock disturbed is detected; a disturbed
+        # call is reported, not judged.
+        rows = list(csv.DictReader(open(report / "calls.csv")))
+        clean = undisturbed(rows, s, spans)
+        assert all(row["dtmf_detected"] == "1234567890*#" for row in clean), rows
+        assert all(row["outcome"] == "send:done expect:matched hold:done" for row in clean)
+        if len(clean) == len(rows):
+            assert s["dtmf"] == {"sent": 120, "detected": 120, "detected_pct": 100.0}
+        judged += clean
+        if len(judged) >= NEED:
+            break
+    assert len(judged) >= NEED, f"only {len(judged)} undisturbed calls in {RUNS} runs"
 
 
 def test_ctrl_c_stops_cleanly_with_a_report(demo, tmp_path):

@@ -163,6 +163,37 @@ def test_terminated_audio_reaches_the_recorder():
     hub.close()
 
 
+def test_a_frame_that_comes_after_its_tick_is_a_slip():
+    """A tick that finds no frame queued hears silence; when audio follows that gap the
+    stream has slipped a frame (`underruns`). More than two frames queued after a tick
+    drops one (`trimmed`). A gap that only the end of the stream follows is no slip."""
+    hub = rtp.RtpHub()
+    clock = rtp.MediaClock()
+    s_sock, x = udp(), udp()
+    s = rtp.RtpStream(s_sock)
+    hub.add(s)
+    ch = rtp.Channel(1, s)
+    s.terminate()
+    clock.add(ch)
+    dest = s_sock.getsockname()
+    clock.tick()                      # before any packet: not a slip
+    x.sendto(packet(0, 0), dest)
+    settle(hub, clock, ticks=1)       # frame 0 played on time
+    clock.tick()                      # frame 1 is late: silence heard
+    assert s.stats()["underruns"] == 0
+    x.sendto(packet(1, 160), dest)
+    settle(hub, clock, ticks=1)
+    assert s.stats()["underruns"] == 1 and s.stats()["trimmed"] == 0
+    for i in range(2, 6):             # a burst of four frames
+        x.sendto(packet(i, 160 * i), dest)
+    settle(hub, clock, ticks=1)
+    assert s.stats()["trimmed"] == 1
+    for _ in range(4):                # the far end stops: silence, and no more audio
+        clock.tick()
+    assert s.stats()["underruns"] == 1
+    hub.close()
+
+
 def test_player_loops_and_reports_done():
     import numpy as np
 

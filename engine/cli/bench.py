@@ -230,6 +230,29 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         quick=("--quick",),
         minutes="0.6"),
     Scenario(
+        "load", "load_bench.py",
+        "the load generator: `baton load` against SIPp on the same targets in the same run. "
+        "Signalling (Kamailio's stateless responder): SIPp uac vs `baton load` answer-hold "
+        "--hold 0 up a ladder of rates, the highest with every call answered and the rate "
+        "kept, and generator CPU per call. Media (Baton's echo): SIPp uac with the "
+        "sip-tester G.711 pcap vs `baton load` echo-check, the most concurrent calls with "
+        "RTP under 0.1 % loss, and generator CPU per call",
+        "SIPp (uac, and uac with pcap media) against the same Kamailio and the same engine, "
+        "in the same run",
+        (Figure("cps", "baton_best_cps", "calls/s with no generator-side failure", "calls/s",
+                "sipp_best_cps", "SIPp uac"),
+         Figure("signalling_cpu", "baton_signalling_cpu_us_per_call",
+                "generator CPU per call, signalling", "µs",
+                "sipp_signalling_cpu_us_per_call", "SIPp uac", higher_is_better=False),
+         Figure("media_calls", "baton_media_calls", "concurrent calls with media < 0.1 % loss",
+                "calls", "sipp_media_calls", "SIPp uac + pcap"),
+         Figure("media_cpu", "baton_media_cpu_us_per_call", "generator CPU per media call",
+                "µs", "sipp_media_cpu_us_per_call", "SIPp uac + pcap",
+                higher_is_better=False)),
+        quick=("--rates", "50,100", "--seconds", "1.5", "--media", "10",
+               "--media-seconds", "3"),
+        minutes="3-6"),
+    Scenario(
         "cluster", "cluster_cps.py",
         "calls per second through Kamailio's dispatcher to 1, 2 and 3 nodes (`baton cluster "
         "up`), CPU per call per node and Kamailio's own, PostgreSQL rows and Redis commands "

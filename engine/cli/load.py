@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end any call after this many seconds (default hold + 30)")
     p.add_argument("--no-probe", action="store_true",
                    help="do not send OPTIONS first to check the target is up")
+    p.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics while it runs "
+                        "(port 0: any free port, printed on stderr)")
     p.add_argument("--quiet", action="store_true", help="no live view")
     return p
 
@@ -136,6 +139,13 @@ def main(argv=None) -> int:
                    concurrent=args.concurrent, hold=args.hold, ramp=args.ramp,
                    max_call=args.max_call or args.hold + 30.0, local_host=args.local,
                    rtp_ports=(lo, hi), media_to=args.media_to, probe=not args.no_probe)
+    if args.metrics_addr:
+        from engine.common.metrics import parse_addr
+
+        try:
+            parse_addr(args.metrics_addr)
+        except ValueError as exc:
+            return _fail(f"--metrics-addr: {exc}")
     report_dir = args.report or time.strftime("baton-load-%Y%m%d-%H%M%S")
     tty = sys.stderr.isatty()
 
@@ -154,36 +164,51 @@ def main(argv=None) -> int:
             await gen.open()
         except OSError as exc:
             return _fail(f"cannot bind {args.local}: {exc}")
+        metrics = None
+        if args.metrics_addr:
+            from engine.common.metrics import start_load_metrics
+
+            try:
+                metrics = await start_load_metrics(gen, args.metrics_addr)
+            except OSError as exc:
+                await gen.close()
+                return _fail(f"--metrics-addr {args.metrics_addr}: {exc.strerror or exc}")
+            print(f"baton load: metrics at {metrics.url}", file=sys.stderr, flush=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, gen.stop)
         try:
-            if opts.probe:
-                try:
-                    await gen.probe()
-                except TargetError as exc:
-                    return _fail(str(exc), EXIT_UNREACHABLE)
-            await gen.run()
-            await asyncio.sleep(0.1)        # the last BYEs leave before the sockets close
+            try:
+                if opts.probe:
+                    try:
+                        await gen.probe()
+                    except TargetError as exc:
+                        return _fail(str(exc), EXIT_UNREACHABLE)
+                await gen.run()
+                await asyncio.sleep(0.1)        # the last BYEs leave before the sockets close
+            finally:
+                await gen.close()
+            if tty and not args.quiet:
+                print(file=sys.stderr)
+            view(gen)
+            data = summary = report.summary(gen)
+            files = report.write(gen, data, report_dir)
+            rate = summary["rate"]
+            if rate["short_of_offered"]:
+                print(f"baton load: could not produce {rate['offered']:g} calls/s: achieved "
+                      f"{rate['achieved_steady']:g} calls/s (this machine, or --concurrent "
+                      f"{opts.concurrent}, is the limit)", file=sys.stderr)
+            if args.json:
+                print(json.dumps(data, indent=2))
+            c = summary["calls"]
+            print(f"baton load: {c['completed']} calls, {c['answered']} answered "
+                  f"(ASR {c['asr_pct']} %), codes {c['codes']}; loss "
+                  f"{summary['rtp']['loss_pct']} %, MOS mean {summary['quality']['mos']['mean']}; "
+                  f"report: {', '.join(files)}", file=sys.stderr)
+            return EXIT_INTERRUPTED if gen.interrupted else 0
         finally:
-            await gen.close()
-        if tty and not args.quiet:
-            print(file=sys.stderr)
-        view(gen)
-        data = summary = report.summary(gen)
-        files = report.write(gen, data, report_dir)
-        rate = summary["rate"]
-        if rate["short_of_offered"]:
-            print(f"baton load: could not produce {rate['offered']:g} calls/s: achieved "
-                  f"{rate['achieved_steady']:g} calls/s (this machine, or --concurrent "
-                  f"{opts.concurrent}, is the limit)", file=sys.stderr)
-        if args.json:
-            print(json.dumps(data, indent=2))
-        c = summary["calls"]
-        print(f"baton load: {c['completed']} calls, {c['answered']} answered "
-              f"(ASR {c['asr_pct']} %), codes {c['codes']}; loss "
-              f"{summary['rtp']['loss_pct']} %, MOS mean {summary['quality']['mos']['mean']}; "
-              f"report: {', '.join(files)}", file=sys.stderr)
-        return EXIT_INTERRUPTED if gen.interrupted else 0
+            # Up until the final report is written: a last scrape sees the whole run.
+            if metrics is not None:
+                await metrics.stop()
 
     return run_loop(run())

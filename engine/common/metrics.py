@@ -21,14 +21,16 @@ import logging
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, GCCollector,
                                PlatformCollector, ProcessCollector, generate_latest)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                   HistogramMetricFamily)
 
 from engine import __version__
 
 log = logging.getLogger("baton.metrics")
 
-__all__ = ["EngineCollector", "AccountantCollector", "engine_registry", "accountant_registry",
-           "start_metrics", "serve_accountant_metrics", "MetricsServer", "parse_addr"]
+__all__ = ["EngineCollector", "AccountantCollector", "LoadCollector", "engine_registry",
+           "accountant_registry", "load_registry", "start_metrics", "start_load_metrics",
+           "serve_accountant_metrics", "MetricsServer", "parse_addr"]
 
 RTP_CLOCK = 8000.0   # G.711 timestamp units per second (jitter is kept in them)
 
@@ -191,6 +193,7 @@ class EngineCollector:
         rx, tx = r["rx_packets"], r["tx_packets"]
         rxb, txb = r["rx_bytes"], r["tx_bytes"]
         lost, expected = r["lost"], r["expected"]
+        slips = r["slips"]
         jitter_sum, jitter_max, receiving = 0.0, 0.0, 0
         for s in list(media.streams.values()):
             st = s.stats()
@@ -200,6 +203,7 @@ class EngineCollector:
             txb += st["tx_bytes"]
             lost += st["lost"]
             expected += st["expected"]
+            slips += st.get("underruns", 0) + st.get("trimmed", 0)
             if st["rx_packets"]:
                 j = s.jitter / RTP_CLOCK
                 receiving += 1
@@ -224,6 +228,9 @@ class EngineCollector:
                                              "recorders, mixers)", len(media.channels))
         yield _counter("baton_media_late_ticks", "20 ms media ticks that ran more than a frame "
                                                  "late (skipped)", media.late_ticks)
+        yield _counter("baton_media_slips", "20 ms frames a channel's clock heard as silence "
+                                            "because their packet came after its tick, or "
+                                            "dropped with more than two queued", slips)
 
     @staticmethod
     def _ring(stamper):
@@ -290,10 +297,13 @@ class MetricsServer:
 async def start_metrics(engine, addr: str) -> MetricsServer:
     """Serve `GET /metrics` (Prometheus text format) for `engine` on `addr` (HOST:PORT,
     port 0 for any free port), on the running loop."""
+    return await _serve(engine_registry(engine), addr, "engine.metrics_addr")
+
+
+async def _serve(registry: CollectorRegistry, addr: str, key: str) -> MetricsServer:
     from aiohttp import web
 
     host, port = parse_addr(addr)
-    registry = engine_registry(engine)
 
     async def metrics(_request: web.Request) -> web.Response:
         body = generate_latest(registry)
@@ -313,7 +323,7 @@ async def start_metrics(engine, addr: str) -> MetricsServer:
     except OSError as exc:
         await runner.cleanup()
         err = OSError(exc.errno, exc.strerror)
-        err.config_key = f"engine.metrics_addr {addr}"    # what `baton serve` names
+        err.config_key = f"{key} {addr}"    # what `baton serve` names
         raise err from None
     bound = port
     for s in runner.addresses:
@@ -322,6 +332,77 @@ async def start_metrics(engine, addr: str) -> MetricsServer:
     server = MetricsServer(runner, host, bound)
     log.info("serving metrics at %s", server.url, extra={"url": server.url})
     return server
+
+
+# -- the load generator (`baton load --metrics-addr`) ---------------------------------
+
+class LoadCollector:
+    """Reads a running `LoadGenerator` (engine/load/generator.py) at scrape time, on its
+    loop: its tally (kept as calls end, so a scrape costs the same after a million calls)
+    and its live figures."""
+
+    def __init__(self, gen) -> None:
+        self.gen = gen
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        g = self.gen
+        t = g.tally
+        yield _gauge("baton_load_offered_rate", "Calls per second asked for (--rate)",
+                     g.opts.rate)
+        yield _gauge("baton_load_achieved_rate", "Calls per second placed since the start "
+                                                 "(calls started / seconds placing them)",
+                     round(g.achieved_rate, 3))
+        yield _counter("baton_load_calls_started", "Calls placed (INVITEs sent)", g.started)
+        yield _gauge("baton_load_calls_up", "Calls in progress (placed, not yet ended)",
+                     len(g.active))
+        yield _counter("baton_load_calls_ended", "Calls ended, by final response code (or "
+                                                 "the failure when no response came)",
+                       labels=["code"], rows=sorted(((c,), n) for c, n in t.codes.items()))
+        yield _counter("baton_load_calls_answered", "Calls answered (2xx)", t.answered)
+        yield _histogram("baton_load_pdd_seconds", "Post-dial delay: INVITE to 200, of "
+                                                   "answered calls", t.pdd)
+        yield _histogram("baton_load_mos", "Estimated MOS per call (ITU-T G.107 E-model), "
+                                           "of answered calls that received RTP", t.mos)
+        yield _counter("baton_load_rtp_packets", "RTP packets sent (out) and received (in) by "
+                                                 "ended calls", labels=["direction"],
+                       rows=[(("in",), t.rtp_received), (("out",), t.rtp_sent)])
+        yield _counter("baton_load_rtp_expected_packets", "RTP packets the far ends sent to "
+                                                          "ended calls (RFC 3550 A.3)",
+                       t.rtp_expected)
+        yield _counter("baton_load_rtp_lost_packets", "RTP packets lost on the way to ended "
+                                                      "calls (loss ratio = lost / expected)",
+                       t.rtp_lost)
+        yield _counter("baton_load_media_late_ticks", "Ticks of the generator's own 20 ms "
+                                                      "media clock skipped (it ran late)",
+                       g.media.late_ticks if g.media is not None else 0)
+        yield _counter("baton_load_media_slips", "20 ms frames ended calls heard as silence "
+                                                 "(their packet came after the tick) or "
+                                                 "dropped (over two queued)", t.slips)
+
+
+def _histogram(name: str, doc: str, hist) -> HistogramMetricFamily:
+    h = HistogramMetricFamily(name, doc)
+    buckets, acc = [], 0
+    for bound, n in zip(hist.bounds, hist.counts):
+        acc += n
+        buckets.append((f"{bound:g}", acc))
+    buckets.append(("+Inf", hist.count))
+    h.add_metric([], buckets, hist.total)
+    return h
+
+
+def load_registry(gen) -> CollectorRegistry:
+    reg = _base_registry()
+    reg.register(LoadCollector(gen))
+    return reg
+
+
+async def start_load_metrics(gen, addr: str) -> MetricsServer:
+    """Serve `GET /metrics` for a running load generator on `addr` (HOST:PORT)."""
+    return await _serve(load_registry(gen), addr, "--metrics-addr")
 
 
 # -- the accountant -----------------------------------------------------------------

@@ -68,6 +68,8 @@ class CallRecord:
     outcome: str = ""                    # the scenario's path: node:outlet, ...
     codec: str = ""
     late_ticks: int = 0                  # generator media ticks skipped while the call had media
+    slips: int = 0                       # frames heard as silence (the packet came after our
+                                         # tick) or dropped (over two queued): 20 ms slips
     error: str = ""
     path: list = field(default_factory=list)
 
@@ -196,6 +198,13 @@ class LoadCall(UacOwner):
             if msg is None:
                 return rec
             rec.answered = True
+            if not (msg.body or b"").strip():
+                # A 200 with no SDP answer (a stateless responder, signalling only): the
+                # call is up without media; the report says so (audio none), and steps
+                # that need media end the scenario with `no-media`.
+                rec.audio = "none"
+                await self._run_scenario()
+                return rec
             try:
                 self._start_media(msg.body)
             except SdpError as exc:
@@ -247,6 +256,9 @@ class LoadCall(UacOwner):
     async def _walk(self, node) -> None:
         while node is not None and not self.ended.is_set():
             step = STEPS[node.module]
+            if self.ch is None and node.module not in NO_MEDIA_STEPS:
+                self.rec.path.append(f"{node.name}:no-media")
+                return
             outlet = await _until_ended(self, step(self, node.params))
             if outlet is None:
                 self.rec.path.append(f"{node.name}:ended")
@@ -266,6 +278,7 @@ class LoadCall(UacOwner):
             rec.rtp_expected = st["expected"]
             rec.rtp_duplicate = st.get("duplicate", 0)
             rec.rtp_reordered = st.get("reordered", 0)
+            rec.slips = st.get("underruns", 0) + st.get("trimmed", 0)
             # Duplicates are not deliveries: lost = expected - distinct packets received.
             rec.rtp_lost = max(st["expected"] - (st["rx_packets"] - rec.rtp_duplicate), 0)
             rec.jitter_ms = round(st["jitter_ms"], 3) if st["rx_packets"] > 1 else None
@@ -439,6 +452,7 @@ async def step_hangup(call: LoadCall, p: dict):
     return "hangup"
 
 
+NO_MEDIA_STEPS = ("load.hold", "load.hangup")
 STEPS = {"load.hold": step_hold, "load.play": step_play, "load.wait": step_wait,
          "load.digits": step_digits, "load.expect_digits": step_expect_digits,
          "load.echo_check": step_echo_check, "load.hangup": step_hangup}

@@ -7,6 +7,8 @@ One uvloop reactor drives everything, as in the engine: Baton's SIP core (its UA
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
 import math
 import time
 from dataclasses import dataclass
@@ -49,6 +51,54 @@ class Target:
     from_domain: str = ""
 
 
+class Histogram:
+    """Counts per bucket (`counts[i]`: values in (bounds[i-1], bounds[i]]) plus those above
+    the last bound, their number and sum: what a Prometheus histogram is made of."""
+
+    def __init__(self, bounds: tuple):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.count = 0
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        i = bisect.bisect_left(self.bounds, value)
+        if i < len(self.counts):
+            self.counts[i] += 1
+        self.count += 1
+        self.total += value
+
+
+PDD_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MOS_BOUNDS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 3.75, 4.0, 4.1, 4.2, 4.3, 4.4, 4.5)
+
+
+class Tally:
+    """The run so far, kept as each call ends (the Prometheus view of `baton load`)."""
+
+    def __init__(self):
+        self.codes: collections.Counter = collections.Counter()
+        self.answered = 0
+        self.pdd = Histogram(PDD_BOUNDS)
+        self.mos = Histogram(MOS_BOUNDS)
+        self.rtp_sent = self.rtp_received = self.rtp_expected = self.rtp_lost = 0
+        self.slips = 0
+
+    def add(self, rec: CallRecord) -> None:
+        self.codes[str(rec.code or rec.error or "none")] += 1
+        if rec.answered:
+            self.answered += 1
+            if rec.t200 is not None:
+                self.pdd.add(rec.t200 / 1000.0)
+            if rec.mos is not None:
+                self.mos.add(rec.mos)
+        self.rtp_sent += rec.rtp_sent
+        self.rtp_received += rec.rtp_received
+        self.rtp_expected += rec.rtp_expected
+        self.rtp_lost += rec.rtp_lost
+        self.slips += rec.slips
+
+
 def due_time(i: int, rate: float, ramp: float) -> float:
     """When call `i` (from 0) is due: the rate rises linearly over `ramp` seconds,
     then holds. Under the ramp n(t) = rate t^2 / (2 ramp)."""
@@ -74,6 +124,7 @@ class LoadGenerator:
         self.inband = uses_inband_detection(scenario)
         self.sdp_id = sdp.new_session_id()
         self.records: list[CallRecord] = []
+        self.tally = Tally()
         self.active: dict[int, asyncio.Task] = {}
         self.offered = 0
         self.started = 0
@@ -87,6 +138,7 @@ class LoadGenerator:
         self.media = None
         self.ports = None
         self.t_start = 0.0
+        self.wall_start = 0.0               # time.time() at t_start: calls' times in wall time
         self.t_end = 0.0
 
     # -- what calls ask of the generator ------------------------------------------------
@@ -170,6 +222,7 @@ class LoadGenerator:
     async def run(self) -> None:
         opts = self.opts
         self.t_start = time.monotonic()
+        self.wall_start = time.time()
         self.loop.call_soon(self._sample)
         total = opts.calls if opts.calls is not None else math.inf
         i = 0
@@ -208,6 +261,7 @@ class LoadGenerator:
     def _done(self, i: int, call: LoadCall) -> None:
         self.active.pop(i, None)
         self.records.append(call.rec)
+        self.tally.add(call.rec)
 
     def _sample(self) -> None:
         if self.t_end:
@@ -217,6 +271,12 @@ class LoadGenerator:
         if self.view is not None:
             self.view(self)
         self.loop.call_later(1.0, self._sample)
+
+    @property
+    def achieved_rate(self) -> float:
+        """Calls started per second of placing them (the whole run once it stopped placing)."""
+        window = getattr(self, "launch_end", None) or self.elapsed
+        return self.started / window if window >= 0.5 else 0.0
 
     @property
     def elapsed(self) -> float:

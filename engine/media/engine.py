@@ -43,7 +43,7 @@ class MediaEngine:
         self.streams: dict[int, object] = {}        # id(stream) -> live stream (for /metrics)
         # Counters of released streams, so totals never go back when a call ends.
         self.retired = {"rx_packets": 0, "tx_packets": 0, "rx_bytes": 0, "tx_bytes": 0,
-                        "lost": 0, "expected": 0, "streams": 0}
+                        "lost": 0, "expected": 0, "slips": 0, "streams": 0}
 
     def start(self) -> None:
         self.loop.add_reader(self.hub.fd, self.hub.poll)
@@ -86,6 +86,7 @@ class MediaEngine:
             r = self.retired
             for k in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "lost", "expected"):
                 r[k] += st[k]
+            r["slips"] += st.get("underruns", 0) + st.get("trimmed", 0)
             r["streams"] += 1
         self.watch.pop(id(stream), None)
         self.rtcp.pop(id(stream), None)

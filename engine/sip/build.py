@@ -168,9 +168,15 @@ def request(method: str, uri: str, headers: list, body: bytes = b"") -> bytes:
     any header, whoever supplied it."""
     if _UNSAFE_NAME.search(method) or _UNSAFE.search(uri) or " " in uri:
         raise HeaderInjectionError("request line", f"{method} {uri}")
+    # One search over all the names and one over all the values (joined by HTAB, which
+    # a value may hold); only a message that fails them is checked header by header,
+    # for the error that names the header.
+    names = [name for name, _ in headers]
+    if (not all(names) or _UNSAFE_NAME.search("".join(names))
+            or _UNSAFE.search("\t".join([value for _, value in headers]))):
+        for name, value in headers:
+            check_header(name, value)
     out = [f"{method} {uri} SIP/2.0"]
-    for name, value in headers:
-        check_header(name, value)
-        out.append(f"{pretty(name)}: {value}")
+    out += [f"{pretty(name)}: {value}" for name, value in headers]
     out.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
