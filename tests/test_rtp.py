@@ -430,12 +430,15 @@ async def test_engine_sends_sender_reports_and_reads_receiver_reports():
 
 
 def test_jitter_from_kernel_receive_stamps_ignores_a_late_reader():
-    """Packets sent with RTP timestamps that match their real send times, to two
-    sockets, then read in one late batch: timed by the reader, they seem to arrive at
-    once (jitter climbs towards their 10 ms spacing); timed by the kernel's receive
-    stamps, the jitter stays near 0 (whatever delays the sender, both streams see)."""
+    """The same packets, sent with RTP timestamps of their real send times, reach three
+    sockets and are read in one late batch. Timed by the reader they seem to arrive at
+    once (the jitter climbs towards their 10 ms spacing); timed by the kernel's receive
+    stamps the stream's jitter is the RFC 3550 jitter of those stamps, which the test
+    works out itself from a third socket's (recvmsg, SO_TIMESTAMPNS)."""
+    so_timestampns = 35          # Linux (asm-generic and x86): SO_TIMESTAMPNS = SCM_TIMESTAMPNS
     hub = rtp.RtpHub()
-    socks, x = (udp(), udp()), udp()
+    socks, ref, x = (udp(), udp()), udp(), udp()
+    ref.setsockopt(socket.SOL_SOCKET, so_timestampns, 1)
     read_time, stamped = (rtp.RtpStream(s) for s in socks)
     assert stamped.use_kernel_timestamps() and stamped.kernel_ts and not read_time.kernel_ts
     for s in (read_time, stamped):
@@ -444,11 +447,21 @@ def test_jitter_from_kernel_receive_stamps_ignores_a_late_reader():
     t0 = time.monotonic()
     for i in range(40):
         p = packet(i, int((time.monotonic() - t0) * 8000))   # the sender's own clock
-        for s in socks:
+        for s in (*socks, ref):
             x.sendto(p, s.getsockname())
         time.sleep(0.01)
     time.sleep(0.05)
     hub.poll()
+    jitter, prev = 0.0, None
+    for _ in range(40):
+        data, anc, _flags, _addr = ref.recvmsg(2048, 64)
+        (stamp,) = [struct.unpack("qq", d[:16]) for lvl, typ, d in anc
+                    if lvl == socket.SOL_SOCKET and typ == so_timestampns]
+        transit = (stamp[0] * 1_000_000_000 + stamp[1]) // 125000 - header(data)["ts"]
+        if prev is not None:
+            jitter += (abs(transit - prev) - jitter) / 16
+        prev = transit
     a, b = read_time.stats(), stamped.stats()
     assert a["rx_packets"] == b["rx_packets"] == 40
-    assert a["jitter_ms"] > 6.0 and b["jitter_ms"] < a["jitter_ms"] / 4, (a, b)
+    assert b["jitter_ms"] == pytest.approx(jitter / 8, abs=0.2), (b, jitter / 8)
+    assert a["jitter_ms"] > 6.0 and a["jitter_ms"] > b["jitter_ms"] + 3.0, (a, b)
