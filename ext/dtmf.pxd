@@ -15,7 +15,7 @@ from libc.stdint cimport int16_t, int64_t
 cdef enum:
     DTMF_BINS = 8          # 4 row + 4 column tones
     DTMF_ON_WINDOWS = 4    # consecutive hits that make a digit
-    DTMF_OFF_WINDOWS = 7   # consecutive misses that end it
+    DTMF_OFF_WINDOWS = 9   # consecutive misses that end it
 
 ctypedef struct dtmf_config:
     int rate

@@ -22,8 +22,8 @@ A window is a *hit* for a digit when the strongest row and column bins pass:
 A digit is reported once ON_WINDOWS (4) consecutive hits agree and their
 measured frequencies stay within 6 Hz of each other (speech glides, keys do
 not). With 5 ms hops and a 20 ms window this accepts tones of 40 ms and
-rejects 23 ms (the cut-off is near 28 ms). The digit ends after OFF_WINDOWS (7) windows without it, so a
-10 ms dropout keeps the digit while a 40 ms pause ends it.
+rejects 23 ms (the cut-off is near 28 ms). The digit ends after OFF_WINDOWS (9) windows without it, so a
+20 ms dropout (one RTP frame lost or late) keeps the digit while a 40 ms pause ends it.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ NEIGHBOUR_DB = 6.0
 HARMONIC_DB = 10.0
 DRIFT_HZ = 6.0
 ON_WINDOWS = 4
-OFF_WINDOWS = 7
+OFF_WINDOWS = 9
 
 _NEIGHBOUR = 10.0 ** (NEIGHBOUR_DB / 10.0)
 _HARMONIC = 10.0 ** (HARMONIC_DB / 10.0)

@@ -440,3 +440,17 @@ def test_talk_off_on_speech(Detector, talkoff_speech):
     print(f"talk-off: {minutes:.1f} minutes of speech, {len(found)} detections")
     assert minutes >= TALKOFF_MIN_MINUTES
     assert found == []
+
+
+def test_a_lost_20ms_frame_inside_a_tone_is_one_digit(Detector):
+    """One RTP frame lost or late (20 ms of nothing, on the 20 ms frame grid) must not
+    split a key into two: Q.24 leaves interruptions between 10 and 40 ms to the
+    receiver, and over packet voice a single lost frame is the common one."""
+    rng = np.random.default_rng(11)
+    for digit in ALL_DIGITS:
+        for frame in (2, 3, 4, 5):
+            t = tone(digit, 160, rng=rng)
+            t[frame * 160:(frame + 1) * 160] = 0.0
+            for lead in (20.0, 21.7, 23.4):
+                x = pcm(np.concatenate([silence(lead), t, silence(60)]))
+                assert digits(Detector, x) == digit, (digit, frame, lead)
