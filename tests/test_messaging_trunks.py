@@ -157,3 +157,20 @@ async def test_long_texts_go_to_a_trunk_in_parts_and_whole_to_others():
             await next_request(trunk, timeout=0.2)
         alice.close()
     trunk.close()
+
+
+@pytest.mark.parametrize("keys,field,why", [
+    ({"message_split": "words"}, "message_split", "segments or none"),
+    ({"message_max": 0}, "message_max", "from 1 to 65536"),
+    ({"message_max": "10"}, "message_max", "from 1 to 65536"),
+])
+def test_trunk_text_rules_are_checked(keys, field, why):
+    from engine.config.load import ConfigError, from_dict
+
+    raw = rest_config(5090)
+    raw["trunks"]["carrier"].update(keys)
+    with pytest.raises(ConfigError, match=f"trunks.carrier.{field}.*{why}"):
+        from_dict(raw, "<test>")
+    raw["trunks"]["carrier"] = {"proxy": "127.0.0.1:5090", "message_split": "none"}
+    t = from_dict(raw, "<test>").trunks["carrier"]
+    assert (t.message_split, t.message_max) == ("none", 1300)

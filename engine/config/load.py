@@ -175,8 +175,8 @@ SCHEMA = {
                             "(default 4194304; capped by net.core.rmem_max)"),
     },
     "overload": {
-        "enabled": (bool, "refuse new INVITEs with 503 + Retry-After when overloaded "
-                          "(default true)"),
+        "enabled": (bool, "refuse new INVITEs and out-of-dialog MESSAGEs with 503 + "
+                          "Retry-After when overloaded (default true)"),
         "max_calls_in_setup": (int, "enter overload at this many calls in setup: INVITEs "
                                     "received, not yet answered or failed (default 1000)"),
         "max_loop_lag_ms": ((int, float), "enter overload at this event-loop lag, in ms "
@@ -186,7 +186,7 @@ SCHEMA = {
         "low_water": ((int, float), "leave overload once every input is below this share of "
                                     "its mark (default 0.5)"),
         "retry_after": (int, "seconds in the 503's Retry-After (default 2)"),
-        "remember": ((int, float), "seconds a refused INVITE is remembered, so its "
+        "remember": ((int, float), "seconds a refused INVITE or MESSAGE is remembered, so its "
                                    "retransmissions get the same 503 without new work "
                                    "(default 32)"),
     },

@@ -137,6 +137,7 @@ class Messaging:
         """A MESSAGE outside any dialog: answer it, and hand it to its conversation."""
         engine = self.engine
         core = engine.sip
+        core.overload.admitted()        # new work past the overload check, as a call's setup
         if self.settings.get("auth"):
             if core.registrar is None or core.registrar.authenticate(core, msg, st) is None:
                 if core.registrar is None:
