@@ -49,7 +49,11 @@ def trunk_config(port: int) -> dict:
     raw = rest_config(port)
     raw["trunks"]["carrier"]["message_max"] = 3
     raw["trunks"]["spare"].update(message_split="none", message_max=200)
+    raw["accounts"]["acme"]["api_tokens"] = [API]
     return raw
+
+
+API = "acme-grpc-token-0123456789abcdef"
 
 
 async def parts_received(trunk: UdpClient, n: int, statuses=()) -> list:
@@ -120,6 +124,24 @@ async def test_long_texts_go_to_a_trunk_in_parts_and_whole_to_others():
         code, err = await rest("POST", "/Messages.json", To="+15551234567", From="1000",
                                Body="y" * (153 * 3 + 1))
         assert (code, err["code"]) == (400, 21617) and "4 segments" in err["message"], err
+        # gRPC Messages.Send: the same rule, the same refusal naming `body`.
+        import grpc
+
+        from proto import pb
+
+        mp = pb.messages_pb2
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{eng.grpc_port}") as ch:
+            api = pb.messages_pb2_grpc.MessagesStub(ch)
+            md = (("authorization", f"Bearer {API}"),)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await api.Send(mp.MessagesSendRequest(to="+15551234567", body="y" * 460), metadata=md)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details().startswith("body: trunk carrier: the text takes 4")
+            sent = await api.Send(mp.MessagesSendRequest(to="+15551234567", body="v" * 200,
+                                                 trunk="carrier"), metadata=md)
+            assert sent.segments == 2
+            got = await parts_received(trunk, 2)
+            assert [r.body for r in got] == [b"v" * 153, b"v" * 47]
         # A module's text over the limit fails with 413, nothing sent.
         m = eng.messaging.notify("acme", "+15551234567", "y" * 500, module="baton.bot",
                                  trunk="carrier")
