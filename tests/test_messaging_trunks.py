@@ -150,6 +150,16 @@ async def test_long_texts_go_to_a_trunk_in_parts_and_whole_to_others():
                 break
             await asyncio.sleep(0.01)
         assert (m.status, m.sip_code) == ("failed", 413) and "limit of 3" in m.error
+        # A module's text to a + number with no trunk named takes the account's first
+        # trunk (a verification code, a call centre's notice), by its rule.
+        m = eng.messaging.notify("acme", "+15551234567", "u" * 170, module="baton.verify")
+        got = await parts_received(trunk, 2)
+        assert [r.body for r in got] == [b"u" * 153, b"u" * 17]
+        for _ in range(100):
+            if m.status == "sent":
+                break
+            await asyncio.sleep(0.01)
+        assert (m.status, m.segments) == ("sent", 2)
 
         # A trunk that takes texts whole: one MESSAGE up to its 200 octets.
         body = "z" * 190

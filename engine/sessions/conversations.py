@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ log = logging.getLogger("baton.messaging")
 
 MAX_KEPT = 10000        # messages kept in memory for the API and tests
 MAX_HANDOFFS = 8        # modules a single message may pass through
+_E164 = re.compile(r"\+[0-9]{2,32}")
 
 
 @dataclass
@@ -277,6 +279,8 @@ class Messaging:
         peer = party if to is None or (party and aor(to) == aor(party.uri)) else None
         target = to if to is not None else (peer.uri if peer else session.from_uri)
         number = frm or session.number
+        if peer is None:
+            trunk = self._trunk_for(session.account, target, trunk)
         m = self._keep(TextMessage(new_sid(), session.id, session.account, "outbound",
                                    number, _party(target), body, "queued",
                                    module=session.module.code if session.module else "",
@@ -292,12 +296,26 @@ class Messaging:
         """A text of no conversation (a verification code, a notice to an agent): sent
         for `account` by `module` (metered as its `message_out`) from `frm` (default:
         the account id) to `to`, which the account's outbound rules must allow."""
+        trunk = self._trunk_for(account, to, trunk)
         m = self._keep(TextMessage(new_sid(), "", account, "outbound", frm or account,
                                    _party(to), body, "queued", module=module,
                                    segments=segments(body), encoding=encoding(body)))
         if self._permitted(m, to, trunk, on_status):
             self.engine.loop.create_task(self._send(None, m, to, None, trunk, on_status))
         return m
+
+    def _trunk_for(self, account: str, target: str, trunk: str | None) -> str | None:
+        """`trunk`, else for a `+` number that is neither this engine's nor a user's the
+        first of the account's `outbound.trunks` (as a call to it goes), else None."""
+        if trunk:
+            return trunk
+        cfg = self.engine.cfg
+        number = _bare(target)
+        if not _E164.fullmatch(number) or number in cfg.numbers or number in cfg.users:
+            return None
+        perm = getattr(cfg.accounts.get(account), "outbound", None)
+        order = perm.trunk_order if perm is not None else ()
+        return order[0] if order else None
 
     def _permitted(self, m: TextMessage, target: str, trunk: str | None, on_status) -> bool:
         from engine.sessions import dialing
