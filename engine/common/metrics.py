@@ -172,7 +172,8 @@ class EngineCollector:
         yield _counter("baton_sip_overload_entered", "Times the engine entered overload, by "
                                                      "the input that crossed its mark",
                        labels=["cause"], rows=sorted(((k,), v) for k, v in ov.entered.items()))
-        yield _gauge("baton_sip_overloaded", "1 while new INVITEs are refused for overload",
+        yield _gauge("baton_sip_overloaded", "1 while new INVITEs and texts are refused for "
+                                             "overload",
                      int(ov.active))
         yield _gauge("baton_sip_overload_admit_rate", "New INVITEs per second admitted while "
                                                       "throttled (0 when not throttled)",
