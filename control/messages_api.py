@@ -18,6 +18,7 @@ import re
 
 import grpc
 
+from engine.common.segments import parts
 from engine.sessions.dialing import OutboundDenied, permit
 from engine.sip.uri import check_uri_text, sip_uri
 from proto import pb
@@ -33,6 +34,7 @@ WATCH_QUEUE = 1000              # status changes a slow watcher may fall behind 
 FINAL = ("sent", "delivered", "undelivered", "failed", "received")
 STATUSES = ("received", "queued", "sending", "sent", "delivered", "undelivered", "failed")
 _USER = re.compile(r"\+?[A-Za-z0-9._~-]{1,64}")
+_E164 = re.compile(r"\+[0-9]{2,32}")
 
 
 class TextRefused(Exception):
@@ -52,7 +54,9 @@ def _bad(field: str, message: str) -> TextRefused:
 def send_text(engine, account: str, to: str, frm: str, body: str, trunk: str = "",
               on_status=None):
     """Queue a text from `account` to `to` (a SIP URI, a user registered here, or a
-    number when `trunk` is given); the TextMessage at once, TextRefused otherwise."""
+    number through `trunk`; a `+` number goes through the account's first trunk when
+    no trunk is named); the TextMessage at once, TextRefused otherwise (a body longer
+    than the trunk's `message_max` is refused naming `body`)."""
     cfg = engine.cfg
     to, frm, trunk = to.strip(), frm.strip(), trunk.strip()
     if not body:
@@ -64,11 +68,21 @@ def send_text(engine, account: str, to: str, frm: str, body: str, trunk: str = "
         raise _bad("to", "required")
     if len(to) > MAX_ADDRESS:
         raise _bad("to", f"longer than {MAX_ADDRESS} characters")
+    if not trunk and _E164.fullmatch(to) and to not in cfg.users and to not in cfg.numbers:
+        # A phone number goes out through the account's first trunk, as a call does.
+        perm = getattr(cfg.accounts.get(account), "outbound", None)
+        order = perm.trunk_order if perm is not None else ()
+        trunk = order[0] if order else ""
     if trunk:
         if trunk not in cfg.trunks:
             raise _bad("trunk", f"no trunk {trunk[:40]!r}")
         if not _USER.fullmatch(to):
             raise _bad("to", f"{to[:60]!r} is not a number to send through a trunk")
+        t = cfg.trunks[trunk]
+        try:
+            parts(body, t.message_split, t.message_max)
+        except ValueError as exc:
+            raise _bad("body", f"trunk {trunk}: {exc}") from None
     elif to.lower().startswith(("sip:", "sips:")):
         try:
             sip_uri(to, "to")

@@ -38,7 +38,7 @@ def error_code(m) -> int | None:
     """Twilio's error code of a text that did not get through (None when it did)."""
     if m.status not in ("failed", "undelivered"):
         return None
-    return {403: 30007, 404: 30005, 408: 30003, 503: 30003, 416: 30005,
+    return {403: 30007, 404: 30005, 408: 30003, 503: 30003, 416: 30005, 413: 21617,
             480: 30003, 486: 30003}.get(m.sip_code, 30008)
 
 
@@ -87,7 +87,7 @@ def add_message_routes(app, api) -> None:
         acc = await api.auth(request)
         form = await api.form_of(request)
         _only(form, {"To", "From", "Body", "StatusCallback", "StatusCallbackMethod",
-                     "MessagingServiceSid", "ApplicationSid", "ValidityPeriod"})
+                     "MessagingServiceSid", "ApplicationSid", "ValidityPeriod", "Trunk"})
         to, frm, body = _one(form, "To"), _one(form, "From"), _one(form, "Body")
         if not to:
             raise bad("To", "required", 21604)
@@ -101,11 +101,12 @@ def add_message_routes(app, api) -> None:
             _check_url("StatusCallback", url, 21609)
             callback = status_callback(url, _method(form, "StatusCallbackMethod"), acc)
         try:
-            m = send_text(engine, acc, to, frm, body, on_status=callback)
+            m = send_text(engine, acc, to, frm, body, _one(form, "Trunk"), on_status=callback)
         except TextRefused as exc:
             if exc.code == grpc.StatusCode.PERMISSION_DENIED:
                 raise RestError(403, 21610, str(exc)) from None
-            code = {"to": 21211, "from": 21606, "body": 21617}.get(exc.field, 21200)
+            code = {"to": 21211, "from": 21606, "body": 21617, "trunk": 21211}.get(exc.field,
+                                                                                   21200)
             raise bad(exc.field.capitalize(), exc.message, code) from None
         return api.answer(message_json(api, m), 201)
 

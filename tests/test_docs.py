@@ -84,7 +84,8 @@ def test_config_check_command(tmp_path):
     r = baton("config", "check", str(bad))
     assert r.returncode == 2
     assert r.stderr.strip() == (f"{bad}: trunks.pstn.prefx: unknown key (known: domain, "
-                                "password, prefix, proxy, transport, trusted, username)")
+                                "message_max, message_split, password, prefix, proxy, "
+                                "transport, trusted, username)")
     bad.write_text('[plans.x]\nprice = "0.01"\n[billing]\nperiod = "year"\n')
     r = baton("config", "check", str(bad))
     assert r.returncode == 2 and r.stderr.startswith(f"{bad}: billing.period: ")

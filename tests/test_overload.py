@@ -188,3 +188,82 @@ async def test_sipp_calls_get_503_while_overloaded_and_200_after(tmp_path):
             assert os.path.isdir(SCENARIOS)
     finally:
         transport.close()
+
+
+async def test_overload_refuses_new_texts_and_keeps_texts_inside_calls():
+    """Past the mark, a MESSAGE outside any dialog gets 503 + Retry-After before anything
+    is made of it (no transaction, conversation or text), its retransmissions the same
+    503 from memory; a MESSAGE inside a held call's dialog is still taken (202); the
+    refusals are counted by method in /metrics; after the overload texts are taken again."""
+    from tests.test_messaging import message
+    from tests.test_metrics import scrape, value
+
+    transport, far = await far_end(final=None)  # rings forever
+    raw = overload_config(far.port)
+    raw["engine"]["metrics_addr"] = "127.0.0.1:0"
+    raw["accounts"]["demo"]["numbers"]["1000"].update(messaging="baton.bot",
+                                                     reply="heard: {Body}")
+    try:
+        async with running_engine(raw) as eng:
+            ov = eng.sip.overload
+            held = Caller(eng, "1000")
+            await held.dial()
+            ringing = [Caller(eng, "2000") for _ in range(3)]
+            for c in ringing:
+                c.c.send(c.call.request("INVITE", SDP_OFFER.format(port=c.media.getsockname()[1])))
+                await c.c.expect(100, skip_provisional=False)
+            assert ov.active
+
+            # A new text: 503 with Retry-After, and nothing made of it.
+            texter = UdpClient("127.0.0.1", eng.sip_port)
+            before = (len(eng.sip.transactions.server), len(eng.sessions),
+                      len(eng.messaging.conversations))
+            data = message(texter, b"are you there?", number="1000")
+            texter.send(data)
+            m = await texter.expect(503)
+            assert m.get("retry-after") == "7" and m.cseq_method == "MESSAGE"
+            for _ in range(2):          # its retransmissions (RFC 3261 17.1.2.2, Timer E)
+                texter.send(data)
+                again = await texter.expect(503)
+                assert again.to_tag == m.to_tag
+            assert (len(eng.sip.transactions.server), len(eng.sessions),
+                    len(eng.messaging.conversations)) == before
+            assert not eng.messaging.messages
+            assert ov.refused_by == {"MESSAGE": 1} and ov.absorbed == 2 and ov.refused == 0
+            # A text inside the held call's dialog goes its ordinary way.
+            held.call.cseq += 1
+            held.c.send(message(held.c, b"during the call", number="1000", call=held.call))
+            await held.c.expect(202)
+            (text,) = eng.messaging.messages.values()
+            call = eng.sessions[text.session]
+            assert text.body == "during the call" and call.kind != "messaging" \
+                and call.number == "1000"
+            # A new INVITE is refused too, counted apart.
+            refused = Caller(eng, "1000")
+            await refused.dial(expect=503)
+            metrics = await scrape(eng.metrics.url)
+            name = "baton_sip_overload_refused_requests_total"
+            assert (value(metrics, name, method="MESSAGE"), value(metrics, name, method="INVITE"),
+                    value(metrics, "baton_sip_overload_refused_total")) == (1, 1, 1)
+
+            # The overload passes: a new text is taken (202) and answered by the bot.
+            for c in ringing[:2]:
+                await cancelled(c)
+            assert not ov.active
+            fresh = UdpClient("127.0.0.1", eng.sip_port)
+            fresh.send(message(fresh, b"hello again", number="1000"))
+            await fresh.expect(202)
+            while True:
+                req = await fresh.recv(3)
+                if req.is_request and req.method == "MESSAGE":
+                    assert req.body == b"heard: hello again"
+                    break
+            await held.bye()
+            await cancelled(ringing[2])
+            for c in [held, refused, *ringing]:
+                c.c.close()
+                c.media.close()
+            texter.close()
+            fresh.close()
+    finally:
+        transport.close()

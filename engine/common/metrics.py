@@ -164,13 +164,18 @@ class EngineCollector:
         yield _counter("baton_sip_overload_refused", "New INVITEs refused with 503 for "
                                                      "overload (retransmissions not counted)",
                        ov.refused)
-        yield _counter("baton_sip_overload_absorbed", "Retransmissions of refused INVITEs "
+        yield _counter("baton_sip_overload_refused_requests", "New requests refused with 503 "
+                       "for overload, by method: INVITE, MESSAGE outside a dialog "
+                       "(retransmissions not counted)", labels=["method"],
+                       rows=sorted(((k,), v) for k, v in ov.refused_by.items()))
+        yield _counter("baton_sip_overload_absorbed", "Retransmissions of refused requests "
                                                       "answered again without new work",
                        ov.absorbed)
         yield _counter("baton_sip_overload_entered", "Times the engine entered overload, by "
                                                      "the input that crossed its mark",
                        labels=["cause"], rows=sorted(((k,), v) for k, v in ov.entered.items()))
-        yield _gauge("baton_sip_overloaded", "1 while new INVITEs are refused for overload",
+        yield _gauge("baton_sip_overloaded", "1 while new INVITEs and texts are refused for "
+                                             "overload",
                      int(ov.active))
         yield _gauge("baton_sip_overload_admit_rate", "New INVITEs per second admitted while "
                                                       "throttled (0 when not throttled)",

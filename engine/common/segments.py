@@ -9,7 +9,7 @@ per segment when concatenated. A character outside the BMP takes two code units.
 """
 from __future__ import annotations
 
-__all__ = ["GSM7_BASIC", "GSM7_EXTENDED", "encoding", "segments", "split"]
+__all__ = ["GSM7_BASIC", "GSM7_EXTENDED", "encoding", "segments", "split", "parts"]
 
 GSM7_BASIC = frozenset(
     "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
@@ -51,3 +51,20 @@ def split(text: str) -> list[str]:
 def segments(text: str) -> int:
     """How many segments `text` takes (an empty text still takes one)."""
     return len(split(text)) if text else 1
+
+
+def parts(text: str, rule: str, most: int) -> list[str]:
+    """The MESSAGE bodies a trunk with this rule (`[trunks.NAME] message_split`,
+    `message_max`) takes `text` in, in order; ValueError saying why when it is too long.
+
+    "segments": one body per carrier segment (`split`), at most `most` of them;
+    "none": the whole text in one body of at most `most` UTF-8 octets."""
+    if rule == "none":
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > most:
+            raise ValueError(f"the text is {size} octets, over the trunk's limit of {most}")
+        return [text]
+    out = split(text)
+    if len(out) > most:
+        raise ValueError(f"the text takes {len(out)} segments, over the trunk's limit of {most}")
+    return out

@@ -65,7 +65,7 @@ def sections() -> dict[str, tuple[str, dict[str, tuple[str, str]]]]:
     summaries = {"engine": "the engine process: addresses, data, logs, the control API",
                  "media": "RTP: the address, the port range, inactivity timeouts",
                  "sip": "SIP transport limits (docs/security.md) and UDP buffers",
-                 "overload": "overload control: when new INVITEs get 503 + Retry-After "
+                 "overload": "overload control: when new INVITEs and texts get 503 + Retry-After "
                              "(docs/operators-guide.md)",
                  "registrar": "SIP REGISTER handling and its limits (docs/security.md)",
                  "webhooks": "signed HTTP notifications of billing events (docs/billing.md)"}

@@ -46,6 +46,8 @@ class Trunk:
     prefix: str = ""
     domain: str = ""
     trusted: bool = False
+    message_split: str = "segments"   # how a long text goes out: "segments" or "none"
+    message_max: int = 10             # segments with "segments", UTF-8 octets with "none"
 
 
 @dataclass
@@ -173,8 +175,8 @@ SCHEMA = {
                             "(default 4194304; capped by net.core.rmem_max)"),
     },
     "overload": {
-        "enabled": (bool, "refuse new INVITEs with 503 + Retry-After when overloaded "
-                          "(default true)"),
+        "enabled": (bool, "refuse new INVITEs and out-of-dialog MESSAGEs with 503 + "
+                          "Retry-After when overloaded (default true)"),
         "max_calls_in_setup": (int, "enter overload at this many calls in setup: INVITEs "
                                     "received, not yet answered or failed (default 1000)"),
         "max_loop_lag_ms": ((int, float), "enter overload at this event-loop lag, in ms "
@@ -184,7 +186,7 @@ SCHEMA = {
         "low_water": ((int, float), "leave overload once every input is below this share of "
                                     "its mark (default 0.5)"),
         "retry_after": (int, "seconds in the 503's Retry-After (default 2)"),
-        "remember": ((int, float), "seconds a refused INVITE is remembered, so its "
+        "remember": ((int, float), "seconds a refused INVITE or MESSAGE is remembered, so its "
                                    "retransmissions get the same 503 without new work "
                                    "(default 32)"),
     },
@@ -313,6 +315,13 @@ TABLES = {
         "domain": ("string", "host part of the Request-URI (default: the proxy host)"),
         "trusted": ("bool", "media is sent to its SDP address at once, before any RTP comes "
                             "from there; no per-source setup limit (default false)"),
+        "message_split": ("string", "how a text longer than one carrier segment goes out: "
+                                    "segments (one MESSAGE per part of 153 GSM-7 / 67 UCS-2 "
+                                    "characters) or none (the whole body in one MESSAGE) "
+                                    "(default segments)"),
+        "message_max": ("int", "the longest text the trunk takes: parts with message_split = "
+                               "segments (default 10), body octets with none (default 1300); "
+                               "a longer text fails"),
     }),
     "policy": ("the local policy hook, consulted on every hand-off of control", {
         "deny_modules": ("table", "account -> list of module codes it may not use"),
@@ -714,9 +723,18 @@ def _load_trunks(cfg: Config, raw: dict, path: str) -> None:
         transport = t.get("transport", "udp").lower()
         if transport not in ("udp", "tcp"):
             raise ConfigError(path, f"{key}.transport", "udp or tcp")
+        split = t.get("message_split", "segments")
+        if split not in ("segments", "none"):
+            raise ConfigError(path, f"{key}.message_split", "segments or none")
+        # RFC 3428 6: a MESSAGE outside a congestion-controlled transport stays
+        # under 1300 octets unless the path MTU is known to be larger.
+        most = t.get("message_max", 10 if split == "segments" else 1300)
+        if isinstance(most, bool) or not isinstance(most, int) or not 1 <= most <= 65536:
+            raise ConfigError(path, f"{key}.message_max", "a whole number from 1 to 65536")
         cfg.trunks[name] = Trunk(name, host, port, transport, t.get("username", ""),
                                  t.get("password", ""), t.get("prefix", ""),
-                                 t.get("domain", "") or host, t.get("trusted", False) is True)
+                                 t.get("domain", "") or host, t.get("trusted", False) is True,
+                                 split, most)
 
 
 def _check_target(cfg: Config, path: str, key: str, target, app_nodes) -> None:

@@ -11,7 +11,11 @@ message too.
 Every message is a `TextMessage` with Twilio's statuses: inbound ones are
 `received`; outbound ones go `queued` → `sending` → `sent` (202) or
 `delivered` (200), else `undelivered` (the far end refused it, its SIP code
-kept) or `failed` (never reached anyone: a timeout, no route, not allowed).
+kept) or `failed` (never reached anyone: a timeout, no route, not allowed,
+longer than its trunk takes: 413). A text to a trunk goes out by the trunk's
+rule (`message_split`): with "segments", one MESSAGE per carrier segment, in
+order, and it is sent or delivered only once every part was accepted;
+registered users and SIP URIs get the whole body in one MESSAGE.
 Each is stamped as two counted actions of the module in control:
 `message_in` / `message_out` (1) and `message_in_segments` /
 `message_out_segments` (its carrier segments), so plans price either.
@@ -20,11 +24,12 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import secrets
 from dataclasses import dataclass, field
 
 from engine.common import clock
-from engine.common.segments import encoding, segments
+from engine.common.segments import encoding, parts, segments
 from engine.sessions.session import Session
 from engine.sip import pager
 from engine.sip.uri import parse_uri
@@ -35,6 +40,7 @@ log = logging.getLogger("baton.messaging")
 
 MAX_KEPT = 10000        # messages kept in memory for the API and tests
 MAX_HANDOFFS = 8        # modules a single message may pass through
+_E164 = re.compile(r"\+[0-9]{2,32}")
 
 
 @dataclass
@@ -133,6 +139,7 @@ class Messaging:
         """A MESSAGE outside any dialog: answer it, and hand it to its conversation."""
         engine = self.engine
         core = engine.sip
+        core.overload.admitted()        # new work past the overload check, as a call's setup
         if self.settings.get("auth"):
             if core.registrar is None or core.registrar.authenticate(core, msg, st) is None:
                 if core.registrar is None:
@@ -272,6 +279,8 @@ class Messaging:
         peer = party if to is None or (party and aor(to) == aor(party.uri)) else None
         target = to if to is not None else (peer.uri if peer else session.from_uri)
         number = frm or session.number
+        if peer is None:
+            trunk = self._trunk_for(session.account, target, trunk)
         m = self._keep(TextMessage(new_sid(), session.id, session.account, "outbound",
                                    number, _party(target), body, "queued",
                                    module=session.module.code if session.module else "",
@@ -287,12 +296,26 @@ class Messaging:
         """A text of no conversation (a verification code, a notice to an agent): sent
         for `account` by `module` (metered as its `message_out`) from `frm` (default:
         the account id) to `to`, which the account's outbound rules must allow."""
+        trunk = self._trunk_for(account, to, trunk)
         m = self._keep(TextMessage(new_sid(), "", account, "outbound", frm or account,
                                    _party(to), body, "queued", module=module,
                                    segments=segments(body), encoding=encoding(body)))
         if self._permitted(m, to, trunk, on_status):
             self.engine.loop.create_task(self._send(None, m, to, None, trunk, on_status))
         return m
+
+    def _trunk_for(self, account: str, target: str, trunk: str | None) -> str | None:
+        """`trunk`, else for a `+` number that is neither this engine's nor a user's the
+        first of the account's `outbound.trunks` (as a call to it goes), else None."""
+        if trunk:
+            return trunk
+        cfg = self.engine.cfg
+        number = _bare(target)
+        if not _E164.fullmatch(number) or number in cfg.numbers or number in cfg.users:
+            return None
+        perm = getattr(cfg.accounts.get(account), "outbound", None)
+        order = perm.trunk_order if perm is not None else ()
+        return order[0] if order else None
 
     def _permitted(self, m: TextMessage, target: str, trunk: str | None, on_status) -> bool:
         from engine.sessions import dialing
@@ -315,17 +338,36 @@ class Messaging:
         except ValueError as exc:
             self._final(m, "failed", 404 if "registered" in str(exc) else 416, str(exc), on_status)
             return
+        bodies = [m.body]
+        if trunk:
+            t = engine.cfg.trunks[trunk]
+            try:
+                bodies = parts(m.body, t.message_split, t.message_max)
+            except ValueError as exc:
+                self._final(m, "failed", 413, f"trunk {trunk}: {exc}", on_status)
+                return
         self._status(m, "sending")
         self._stamp(session, m, "out")
-        out = pager.OutgoingMessage(core, uri, from_uri=from_uri, body=m.body,
-                                    to_uri=f"<{_bare(target)}>", **kw)
-        status = await out.send()
+        # A number sent through a trunk is addressed as the Request-URI names it.
+        to_uri = f"<{uri}>" if trunk else f"<{_bare(target)}>"
+        # One MESSAGE per part, each sent once the one before it was accepted: the
+        # parts arrive in order, and the first refusal stops the rest.
+        delivered, reason = True, ""
+        for i, body in enumerate(bodies, 1):
+            out = pager.OutgoingMessage(core, uri, from_uri=from_uri, body=body,
+                                        to_uri=to_uri, **kw)
+            status = await out.send()
+            if not 200 <= status < 300:
+                reason = out.reason if len(bodies) == 1 else \
+                    f"part {i} of {len(bodies)}: {status} {out.reason}".rstrip()
+                break
+            delivered = delivered and status == 200
         if 200 <= status < 300:
-            self._final(m, "delivered" if status == 200 else "sent", status, "", on_status)
+            self._final(m, "delivered" if delivered else "sent", status, "", on_status)
         elif status in (408, 503, 416):
-            self._final(m, "failed", status, out.reason, on_status)
+            self._final(m, "failed", status, reason, on_status)
         else:
-            self._final(m, "undelivered", status, out.reason, on_status)
+            self._final(m, "undelivered", status, reason, on_status)
 
     def _route(self, target: str, peer, trunk: str | None) -> tuple[str, dict]:
         """(Request-URI, OutgoingMessage keywords) of a text to `target`."""
@@ -333,11 +375,10 @@ class Messaging:
         if trunk:
             from engine.sessions import dialing
 
-            t = engine.cfg.trunks[trunk]
+            # The number as a call through this trunk dials it (its prefix for the "+").
             number = dialing.normalize(_dialable(target)) or ""
-            uri = f"sip:{t.prefix}{number}@{t.domain or t.host}"
-            creds = (t.username, t.password) if t.username else None
-            return uri, {"destination": (t.host, t.port), "transport": t.transport,
+            uri, dest, transport, creds, _ = dialing.trunk_route(engine.cfg, trunk, number)
+            return uri, {"destination": dest, "transport": transport,
                          "credentials": creds}
         bare = _bare(target)
         if peer is not None and peer.flow is not None:

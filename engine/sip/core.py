@@ -216,9 +216,10 @@ class SipCore:
     # -- input ----------------------------------------------------------------
     def on_message(self, data: bytes, flow: Flow, stream: bool) -> None:
         ov = self.overload
-        # Overload: a new INVITE is refused before any transaction, dialog or session
-        # exists; the raw octets tell which datagrams need the check at all.
-        check = (ov.active or ov.refusals) and _initial_invite(data)
+        # Overload: a new INVITE or MESSAGE is refused before any transaction, dialog or
+        # session exists; the raw octets tell which datagrams need the check at all.
+        check = (ov.active or ov.refusals) and (_initial_invite(data)
+                                                or data.startswith(b"MESSAGE "))
         try:
             msg = _sip_kernel.parse_message(data, stream)
         except SipParseError as exc:
@@ -243,11 +244,13 @@ class SipCore:
                     log.exception("could not answer 500")
 
     def _refuse_for_overload(self, msg, flow: Flow) -> bool:
-        """Answer a new INVITE 503 + Retry-After statelessly (RFC 3261 21.5.4) if the engine
-        is overloaded or refused it already (a retransmission: the same 503 again, no new
-        work). False: the request goes its ordinary way."""
-        if msg.error is not None or msg.to_tag is not None or msg.method != "INVITE" \
-                or msg.version != "SIP/2.0":
+        """Answer a new INVITE, or a MESSAGE outside any dialog, 503 + Retry-After
+        statelessly (RFC 3261 21.5.4) if the engine is overloaded or refused it already (a
+        retransmission: the same 503 again, no new work). False: the request goes its
+        ordinary way."""
+        method = msg.method
+        if msg.error is not None or msg.to_tag is not None or msg.version != "SIP/2.0" \
+                or method not in ("INVITE", "MESSAGE"):
             return False
         key = server_key(msg)
         if key in self.transactions.server:
@@ -263,10 +266,10 @@ class SipCore:
             data = build.response(msg, 503, flow.addr, tag,
                                   headers=[("retry-after", str(ov.limits.retry_after))],
                                   server=self.user_agent)
-            ov.remember(key, data)
+            ov.remember(key, data, method)
             self.stats["sent_503"] += 1
         self.stats["requests"] += 1
-        self.rx_methods["INVITE"] += 1
+        self.rx_methods[method] += 1
         rflow.send_or_drop(data)
         return True
 

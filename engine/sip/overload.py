@@ -12,11 +12,14 @@ below its low-water mark):
   SO_MEMINFO): the event loop interleaves its timers with reading, so a queue seconds deep
   shows no loop lag, yet every answer it holds comes late and makes callers retransmit.
 
-While overloaded, a new out-of-dialog INVITE is answered `503 Service Unavailable` with
-`Retry-After` (RFC 3261 21.5.4) before any transaction, dialog or session exists, and the
-refusal is remembered for a while (by transaction key) so that the caller's
-retransmissions get the same 503 again without new work. Every other request (ACK, BYE,
-CANCEL, re-INVITE and all in-dialog requests, OPTIONS, REGISTER) goes its ordinary way.
+While overloaded, a new out-of-dialog INVITE, and a MESSAGE outside any dialog (RFC 3428
+pager mode: each one is new work, a conversation's module run, a text recorded), is
+answered `503 Service Unavailable` with `Retry-After` (RFC 3261 21.5.4) before any
+transaction, dialog or session exists, and the refusal is remembered for a while (by
+transaction key) so that the sender's retransmissions get the same 503 again without new
+work. Both draw on the one admission rate while throttled. Every other request (ACK, BYE,
+CANCEL, re-INVITE and all in-dialog requests, a MESSAGE inside a call's dialog, OPTIONS,
+REGISTER) goes its ordinary way.
 RFC 7339 (`oc` Via parameters) is not implemented.
 """
 from __future__ import annotations
@@ -70,7 +73,7 @@ class Overload:
     """
 
     __slots__ = ("limits", "active", "setup_full", "throttled", "admit_rate", "calls_in_setup",
-                 "loop_lag", "rx_queue", "sockets", "refused", "absorbed", "entered",
+                 "loop_lag", "rx_queue", "sockets", "refused", "refused_by", "absorbed", "entered",
                  "refusals", "_handle", "_expected", "_loop", "_lags", "_tokens", "_last",
                  "_admitted", "_rate", "_refused_tick", "_prev_queue")
 
@@ -85,6 +88,7 @@ class Overload:
         self.rx_queue = 0            # octets in the receive queues, the last look
         self.sockets: list = []      # the SIP/UDP sockets whose queues are looked at
         self.refused = 0             # INVITEs refused (retransmissions not counted)
+        self.refused_by = collections.Counter()   # requests refused, by method (INVITE, MESSAGE)
         self.absorbed = 0            # retransmissions of refused INVITEs answered from memory
         # times the engine entered overload, by the input that crossed its mark
         self.entered = collections.Counter()
@@ -193,7 +197,8 @@ class Overload:
             self.active = self.throttled
 
     def admit(self) -> bool:
-        """While active: may this new INVITE go on? (False: refuse it.)"""
+        """While active: may this new INVITE (or out-of-dialog MESSAGE) go on? (False:
+        refuse it.)"""
         if self.setup_full:
             self._refused_tick += 1
             return False
@@ -222,8 +227,15 @@ class Overload:
         self.absorbed += 1
         return entry[1]
 
-    def remember(self, key: str, data: bytes) -> None:
-        self.refused += 1
+    def admitted(self) -> None:
+        """A new request other than an INVITE (a MESSAGE) was taken: it counts in the
+        admitted rate the throttle starts from, as a call's setup does."""
+        self._admitted += 1
+
+    def remember(self, key: str, data: bytes, method: str = "INVITE") -> None:
+        self.refused_by[method] += 1
+        if method == "INVITE":
+            self.refused += 1
         refusals = self.refusals
         now = time.monotonic()
         # Forget what has expired (oldest first) and keep the table bounded.
