@@ -1,0 +1,261 @@
+"""Plan caps and period tiers shared by two nodes (issue 19, docs/cluster.md "Limits
+across nodes: plan caps and period tiers"): two real `baton serve` nodes on 127.0.0.11
+and .12 post into one PostgreSQL ledger. A module capped at 6 s a period, used on both
+nodes at once, is reserved from the cluster in 2 s slices and never used past its cap
+(each node counting alone would allow 6 s each); a graduated plan with period tiers
+prices the units past its first tier at the second tier's price once the two nodes'
+usage together crosses the boundary."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+
+import pytest
+
+from tests.helpers import BlockingPeer, Call, EngineProcess, SDP_OFFER, free_port
+from tests.test_accounting_ledger import PG_URL, _drop_schema, _pg_unreachable
+
+CAP = 6                  # seconds of baton.hold a period
+INCREMENT = 1            # the plan's increment (1/1): a late cut-off bills one more
+TIER_1 = 3               # seconds at $1.00, then $0.10 a second
+CONFIG = """
+[engine]
+transports = ["udp"]
+[media]
+rtp_port_min = 31000
+rtp_port_max = 31999
+[plans.capped]
+price = "0.60"
+unit = "minute"
+cap = {cap}
+at_cap = "deny"
+[plans.tiered]
+kind = "graduated"
+unit = "second"
+tier_scope = "period"
+tiers = [{{ up_to = {tier}, price = "1.00" }}, {{ price = "0.10" }}]
+[accounts.acme]
+[accounts.acme.billing]
+plans = {{ "baton.hold" = "capped", "baton.echo" = "tiered" }}
+[accounts.acme.numbers]
+"2000" = {{ module = "baton.hold" }}
+"2001" = {{ module = "baton.echo" }}
+[cluster]
+reservations = "{url}"
+reservation_ttl = 30
+cap_slice = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = _pg_unreachable()
+    if reason:
+        pytest.skip(reason)
+    schema = f"baton_caps_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    url = f"{PG_URL}?schema={schema}"
+    cfg = tmp_path_factory.mktemp("caps") / "caps.toml"
+    cfg.write_text(CONFIG.format(url=url, cap=CAP, tier=TIER_1))
+    nodes = []
+    try:
+        for i, host in enumerate(("127.0.0.11", "127.0.0.12")):
+            nodes.append(EngineProcess(str(cfg), host=host, extra=[
+                "--grpc-addr", f"{host}:{free_port(socket.SOCK_STREAM, host=host)}",
+                "--node-id", f"n{i + 1}", "--media-addr", host, "--store", url]))
+        for n in nodes:
+            n.wait_ready(30)
+        yield nodes, schema, str(cfg)
+    finally:
+        for n in nodes:
+            try:
+                n.stop(20)
+            finally:
+                n.__exit__()
+        _drop_schema(schema)
+
+
+def _rows(schema: str, module: str) -> list[tuple]:
+    """(node, quantity, amount, note) of the ledger's lines of `module`."""
+    import psycopg
+
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        if not conn.execute("SELECT to_regclass(%s)", (f'"{schema}".lines',)).fetchone()[0]:
+            return []
+        return [tuple(r) for r in conn.execute(
+            f'SELECT node, quantity, amount, note FROM "{schema}".lines WHERE account = %s '
+            f"AND module = %s ORDER BY id", ("acme", module)).fetchall()]
+
+
+def _settled(schema: str, module: str, lines: int) -> list[tuple]:
+    """The module's lines once both accountants have posted `lines` and stopped moving."""
+    deadline = time.monotonic() + 30
+    last, stable = None, 0
+    while stable < 3:
+        assert time.monotonic() < deadline, f"the ledger did not settle: {last}"
+        now = _rows(schema, module)
+        stable = stable + 1 if now == last and len(now) >= lines else 0
+        last = now
+        time.sleep(0.3)
+    return last
+
+
+def _invite(engine: EngineProcess, number: str) -> tuple[BlockingPeer, Call]:
+    peer = BlockingPeer(engine, timeout=5)
+    peer.host = engine.host
+    call = Call(peer, number)
+    peer.send(call.request("INVITE", SDP_OFFER.format(port=40000)))
+    return peer, call
+
+
+def _outcome(peer: BlockingPeer, call: Call) -> int:
+    while True:
+        m = peer.recv()
+        if not m.is_request and m.status >= 200:
+            break
+    if m.status == 200:
+        call.to_tag = m.to_tag
+        peer.send(call.request("ACK"))
+    return m.status
+
+
+def _hang_up(calls, outcomes) -> None:
+    for (p, c), status in zip(calls, outcomes):
+        if status == 200:
+            c.cseq += 1
+            p.send(c.request("BYE"))
+
+
+def test_a_cap_used_on_two_nodes_at_once_holds_across_the_cluster(cluster):
+    nodes, schema, _cfg = cluster
+    calls = [_invite(n, "2000") for n in nodes]
+    try:
+        outcomes = [_outcome(p, c) for p, c in calls]
+        assert outcomes == [200, 200], outcomes
+        # Each call takes 2 s slices while the cap has room: 6 s in all, then both are cut
+        # off (each node alone would allow 6 s, so 12 s in all, by 8 s).
+        time.sleep(8.0)
+        _hang_up(calls, outcomes)
+        rows = _settled(schema, "baton.hold", 2)
+        used = sum(q for _n, q, _a, _note in rows)
+        print(f"capped module used {used} s of a {CAP} s cap on two nodes: {rows}")
+        assert {n for n, *_ in rows} == {"n1", "n2"}, rows
+        assert CAP - 2 <= used <= CAP + 2 * INCREMENT, rows
+        # The cap is used up across the cluster: a new call on either node gets no time.
+        for n in nodes:
+            p, c = _invite(n, "2000")
+            calls.append((p, c))
+            if _outcome(p, c) == 200:
+                time.sleep(0.5)
+                c.cseq += 1
+                p.send(c.request("BYE"))
+        time.sleep(1.5)
+        after = sum(q for _n, q, _a, _note in _rows(schema, "baton.hold"))
+        assert after <= CAP + 2 * INCREMENT, _rows(schema, "baton.hold")
+    finally:
+        for p, _c in calls:
+            p.close()
+
+
+def test_period_tiers_price_the_clusters_total(cluster):
+    nodes, schema, cfg = cluster
+    calls = [_invite(n, "2001") for n in nodes]
+    try:
+        outcomes = [_outcome(p, c) for p, c in calls]
+        assert outcomes == [200, 200], outcomes
+        time.sleep(2.2)
+        _hang_up(calls, outcomes)
+        rows = _settled(schema, "baton.echo", 2)
+    finally:
+        for p, _c in calls:
+            p.close()
+    total = sum(q for _n, q, _a, _note in rows)
+    charged = sum(a for _n, _q, a, _note in rows)
+    print(f"tiered module: {total} s over two nodes charged {charged / 1e6:.2f}: {rows}")
+    assert {n for n, *_ in rows} == {"n1", "n2"}, rows
+    assert all(q < TIER_1 + 1 for _n, q, _a, _note in rows) and total > TIER_1, rows
+    # The first 3 s of the period (whichever node used them) at $1.00, the rest at $0.10;
+    # each node pricing its own usage from the first unit would charge $1.00 for each.
+    assert charged == TIER_1 * 1_000_000 + (total - TIER_1) * 100_000, rows
+    # The consolidated invoice says the same.
+    import json
+    import subprocess
+    import sys
+
+    from engine.accounting.config import PeriodClock
+    from engine.common import clock
+
+    period = PeriodClock("month").of(clock.wall_ns())
+    url = f"{PG_URL}?schema={schema}"
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "bill", "invoice", "--account", "acme",
+         "--period", period, "--store", url, "--config", cfg, "--format", "json"],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 0, out.stderr
+    inv = json.loads(out.stdout)
+    echo = [ln for ln in inv["lines"] if ln["module"] == "baton.echo"]
+    assert sum(int(ln["amount_micro"]) for ln in echo) == charged, inv
+
+
+@pytest.fixture
+def store():
+    reason = _pg_unreachable()
+    if reason:
+        pytest.skip(reason)
+    schema = f"baton_caps_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    yield f"{PG_URL}?schema={schema}"
+    _drop_schema(schema)
+
+
+def test_two_accountants_claim_disjoint_places_on_the_period_and_a_replay_the_same(store):
+    from engine.accounting.ledger_pg import PeriodUsage
+
+    a, b = PeriodUsage(store), PeriodUsage(store)
+    try:
+        assert a.claim("n1:5", "acme", "baton.echo", "2026-11", 3) == 0
+        assert b.claim("n2:9", "acme", "baton.echo", "2026-11", 4) == 3
+        # n1's accountant restarted before its batch was committed: the same place.
+        assert PeriodUsage(store).claim("n1:5", "acme", "baton.echo", "2026-11", 3) == 0
+        assert a.claim("n1:6", "acme", "baton.echo", "2026-11", 1) == 7
+        assert a.claim("n1:7", "acme", "baton.echo", "2026-12", 2) == 0   # a new period
+        assert b.used("2026-11") == {("acme", "baton.echo", "2026-11"): 8}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_cap_units_reserved_by_two_nodes_never_exceed_the_cap(store):
+    from engine.sessions.reservations import Reservations
+
+    n1, n2 = Reservations(store, "n1", 100_000), Reservations(store, "n2", 100_000)
+    try:
+        args = ("acme", "baton.hold", "2026-11")
+        assert n1.reserve_units(*args, "s1", 10, 4) == 4
+        assert n2.reserve_units(*args, "s2", 10, 4) == 4
+        assert n1.reserve_units(*args, "s1", 10, 4) == 6       # renewed: 2 were left
+        assert n2.reserve_units(*args, "s2", 10, 4) == 4       # nothing left
+        assert n2.reserve_units(*args, "s3", 10, 4) == 0
+        assert n1.holds("s1") and not n2.holds("s3")
+        # Another account's cap and another period are apart.
+        assert n2.reserve_units("other", "baton.hold", "2026-11", "s4", 10, 4) == 4
+        assert n2.reserve_units("acme", "baton.hold", "2026-12", "s5", 10, 4) == 4
+        # s1 ended: held until its node's accountant posts past its end (no ledger yet).
+        n1.ended("s1", 7)
+        assert not n1.holds("s1")
+        assert n2.reserve_units(*args, "s3", 10, 4) == 0
+    finally:
+        n1.close()
+        n2.close()
+
+
+def test_a_cap_slice_that_is_not_positive_is_refused_naming_the_key():
+    from engine.common.errors import ConfigError
+    from engine.config.load import from_dict
+
+    with pytest.raises(ConfigError) as exc:
+        from_dict({"cluster": {"cap_slice": 0}})
+    assert exc.value.key == "cluster.cap_slice"
+    with pytest.raises(ConfigError) as exc:
+        from_dict({"cluster": {"cap_slice": "1m"}})
+    assert "cap_slice" in str(exc.value)
