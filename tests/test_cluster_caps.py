@@ -259,3 +259,53 @@ def test_a_cap_slice_that_is_not_positive_is_refused_naming_the_key():
     with pytest.raises(ConfigError) as exc:
         from_dict({"cluster": {"cap_slice": "1m"}})
     assert "cap_slice" in str(exc.value)
+
+
+VOLUME_BOOK = {
+    "plans": {
+        "sms-volume": {"kind": "volume", "unit": "action",
+                       "tiers": [{"up_to": 5, "price": "0.10"}, {"price": "0.05"}]},
+        "sms-capped": {"price": "0.01", "unit": "action", "cap": 4, "at_cap": "deny"},
+    },
+    "accounts": {"acme": {"billing": {"plans": {"baton.bot:message": "sms-volume",
+                                                  "baton.bot:message_out": "sms-capped"}}}},
+}
+
+
+def test_volume_tiers_and_a_cap_rated_by_two_accountants_price_the_clusters_total(store):
+    """Two nodes' raters (their accountants) share the period's counters: volume lines
+    add up to the volume price of the cluster's total, and a cap counts both nodes."""
+    from engine.accounting.config import BillingConfig
+    from engine.accounting.ledger_pg import PeriodUsage
+    from engine.accounting.meter import Action
+    from engine.accounting.rater import Rater
+
+    wall = 1_790_000_000 * 10**9           # 2026-09
+    book = BillingConfig.from_dict(VOLUME_BOOK)
+    raters, shared = [], []
+    for _ in range(2):
+        r = Rater(book)
+        r.shared = PeriodUsage(store)
+        raters.append(r)
+        shared.append(r.shared)
+    try:
+        lines = []
+        for seq in range(1, 5):            # 4 texts on each node, interleaved: 8 in all
+            for i, r in enumerate(raters):
+                r.rate([Action(f"n{i + 1}", seq, f"s{i}", "acme", "baton.bot", "message", 1, wall)],
+                       lines)
+                r.rate([Action(f"n{i + 1}", 100 + seq, f"s{i}", "acme", "baton.bot", "message_out",
+                               1, wall)], lines)
+        volume = [ln for ln in lines if ln.module == "baton.bot" and ln.item == "message"]
+        capped = [ln for ln in lines if ln.item == "message_out"]
+        # 8 texts reach the second tier: all 8 at $0.05 = $0.40 (each node alone: 4 at
+        # $0.10 each, $0.80 in all).
+        assert sum(ln.amount for ln in volume) == 400_000, volume
+        # A cap of 4 over both nodes: 4 texts at $0.01, the other 4 at zero.
+        assert sum(ln.amount for ln in capped) == 40_000, capped
+        assert sum(1 for ln in capped if ln.note == "over-cap") == 4, capped
+        caps = raters[0].caps("2026-09")["acme"]["baton.bot:message_out"]
+        assert caps["used"] == 8 and caps["reached"], caps
+    finally:
+        for s in shared:
+            s.close()
