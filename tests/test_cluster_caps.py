@@ -220,6 +220,15 @@ def test_two_accountants_claim_disjoint_places_on_the_period_and_a_replay_the_sa
         assert a.claim("n1:6", "acme", "baton.echo", "2026-11", 1) == 7
         assert a.claim("n1:7", "acme", "baton.echo", "2026-12", 2) == 0   # a new period
         assert b.used("2026-11") == {("acme", "baton.echo", "2026-11"): 8}
+        # PostgreSQL drops the connection: the claim fails (its batch is rated again),
+        # the next one reconnects and gets its place.
+        import psycopg
+
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (a._conn.info.backend_pid,))
+        with pytest.raises(psycopg.Error):
+            a.claim("n1:8", "acme", "baton.echo", "2026-11", 2)
+        assert a.claim("n1:8", "acme", "baton.echo", "2026-11", 2) == 8
     finally:
         a.close()
         b.close()

@@ -139,43 +139,72 @@ class PeriodUsage:
     def __init__(self, url: str) -> None:
         import psycopg
 
-        conninfo, schema = _pg_conninfo(url)
+        self._psycopg = psycopg
+        self._conninfo, self._schema = _pg_conninfo(url)
         self._lock = threading.Lock()
-        self._conn = psycopg.connect(conninfo, autocommit=True)
-        with self._conn.transaction():
-            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
-            if schema:
-                self._conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-                self._conn.execute(f'SET search_path TO "{schema}"')
-            for stmt in _split_sql(_PERIOD_USAGE_DDL):
-                self._conn.execute(stmt)
+        self._conn = None
+        self._connect()
+
+    def _connect(self):
+        """The connection, (re)opened when PostgreSQL was lost."""
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        conn = self._psycopg.connect(self._conninfo, autocommit=True)
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
+                if self._schema:
+                    conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
+                    conn.execute(f'SET search_path TO "{self._schema}"')
+                for stmt in _split_sql(_PERIOD_USAGE_DDL):
+                    conn.execute(stmt)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _lost(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def claim(self, key: str, account: str, target: str, period: str, quantity: int) -> int:
         """The cluster's usage of `target` in `period` before this line (`key`), having
         added its `quantity` to the counter (once per key)."""
-        with self._lock, self._conn.transaction():
-            row = self._conn.execute("SELECT prior FROM period_claims WHERE key = %s",
-                                     (key,)).fetchone()
-            if row is not None:
-                return int(row[0])
-            used = self._conn.execute(
-                "INSERT INTO period_usage (account, target, period, used) "
-                "VALUES (%s, %s, %s, %s) ON CONFLICT (account, target, period) "
-                "DO UPDATE SET used = period_usage.used + EXCLUDED.used RETURNING used",
-                (account, target, period, quantity)).fetchone()[0]
-            prior = int(used) - quantity
-            self._conn.execute("INSERT INTO period_claims (key, prior) VALUES (%s, %s)",
-                               (key, prior))
-            return prior
+        with self._lock:
+            try:
+                conn = self._connect()
+                with conn.transaction():
+                    row = conn.execute("SELECT prior FROM period_claims WHERE key = %s",
+                                       (key,)).fetchone()
+                    if row is not None:
+                        return int(row[0])
+                    used = conn.execute(
+                        "INSERT INTO period_usage (account, target, period, used) "
+                        "VALUES (%s, %s, %s, %s) ON CONFLICT (account, target, period) "
+                        "DO UPDATE SET used = period_usage.used + EXCLUDED.used RETURNING used",
+                        (account, target, period, quantity)).fetchone()[0]
+                    prior = int(used) - quantity
+                    conn.execute("INSERT INTO period_claims (key, prior) VALUES (%s, %s)",
+                                 (key, prior))
+                    return prior
+            except self._psycopg.Error:
+                self._lost()        # the batch fails and is rated again: the claim is kept
+                raise
 
     def used(self, period: str) -> dict[tuple[str, str, str], int]:
         """Every counter of `period`: (account, target, period) -> units used."""
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT account, target, used FROM period_usage WHERE period = %s",
-                (period,)).fetchall()
+            try:
+                rows = self._connect().execute(
+                    "SELECT account, target, used FROM period_usage WHERE period = %s",
+                    (period,)).fetchall()
+            except self._psycopg.Error:
+                self._lost()
+                raise
         return {(a, t, period): int(u) for a, t, u in rows}
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            self._lost()
