@@ -133,9 +133,9 @@ def test_a_cap_used_on_two_nodes_at_once_holds_across_the_cluster(cluster):
     try:
         outcomes = [_outcome(p, c) for p, c in calls]
         assert outcomes == [200, 200], outcomes
-        # Each call takes 2 s slices while the cap has room: 6 s in all, then both are cut
-        # off (each node alone would allow 6 s, so 12 s in all, by 8 s).
-        time.sleep(8.0)
+        # Each call takes 2 s slices while the cap has room: 6 s in all, so both are cut
+        # off by 4 s (each node alone would allow 6 s, so both would last until the BYE).
+        time.sleep(5.5)
         _hang_up(calls, outcomes)
         rows = _settled(schema, "baton.hold", 2)
         used = sum(q for _n, q, _a, _note in rows)

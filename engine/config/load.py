@@ -231,9 +231,9 @@ SCHEMA = {
                           "(default true; false: FAILED_PRECONDITION naming the owner)"),
         "grpc_advertise": (str, "HOST:PORT other nodes reach this node's gRPC API at "
                                 "(default: engine.grpc_addr as bound)"),
-        "reservations": (str, "postgresql:// URL (the cluster's ledger) prepaid grants are "
-                              "reserved from, so the nodes share each prepaid balance "
-                              "(default: none)"),
+        "reservations": (str, "postgresql:// URL (the cluster's ledger) prepaid grants and "
+                              "capped time are reserved from, so the nodes share each "
+                              "prepaid balance and plan cap (default: none)"),
         "slice": (str, "reservations are whole slices of this amount, e.g. \"0.50\" "
                        "(default \"1.00\"): the overspend bound, docs/cluster.md"),
         "reservation_ttl": ((int, float), "seconds a dead node's reservations outlive it "
