@@ -49,7 +49,7 @@ import msgpack
 from engine.accounting.config import BillingConfig, BillingConfigError
 from engine.accounting.invoices import FORMATS, invoice, payouts, render
 from engine.accounting.ledger import DEFAULT_NODE, Ledger, LedgerError, LedgerFenced, Line
-from engine.accounting.ledger_pg import PostgresLedger
+from engine.accounting.ledger_pg import PeriodUsage, PostgresLedger
 from engine.accounting.ledgers import open_ledger
 from engine.accounting.lock import AccountantLock, lock_holder, lock_path
 from engine.accounting.meter import Meter, OpenSession
@@ -235,6 +235,9 @@ class Accountant:
             raise LedgerError(f"another accountant of node {self.fence_node} is writing to "
                               f"this PostgreSQL ledger")
         self.fence = self.ledger.acquire_fence(self.fence_node)
+        # Caps and period tiers count every node's usage in a shared ledger.
+        self.period_usage = PeriodUsage(self.ledger.url) \
+            if isinstance(self.ledger, PostgresLedger) else None
         self.batch_records = self.book.batch_records
         self.batch_seconds = self.book.batch_ms / 1000.0
         self.reader = None
@@ -268,6 +271,7 @@ class Accountant:
         """(Re)build the in-memory state from what the ledger store committed."""
         self.meter = Meter()
         self.rater = Rater(self.book)
+        self.rater.shared = self.period_usage
         rows = self.ledger.load_state()
         # In a shared ledger, the open sessions of other fenced nodes are their
         # accountants' to close, not this one's.
@@ -719,6 +723,8 @@ class Accountant:
             self.reader.close()
             self.reader = None
         self.ledger.close()
+        if self.period_usage is not None:
+            self.period_usage.close()
         self.lock.close()
 
     def __enter__(self) -> Accountant:

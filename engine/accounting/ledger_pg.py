@@ -107,3 +107,104 @@ class PostgresLedger(Ledger):
         if self._conn is not None:
             self._conn.close()
             self._conn = None  # type: ignore[assignment]
+
+
+_PERIOD_USAGE_DDL = """
+CREATE TABLE IF NOT EXISTS period_usage (
+    account TEXT NOT NULL,
+    target TEXT NOT NULL,
+    period TEXT NOT NULL,
+    used BIGINT NOT NULL,
+    PRIMARY KEY (account, target, period)
+);
+CREATE TABLE IF NOT EXISTS period_claims (
+    key TEXT PRIMARY KEY,
+    prior BIGINT NOT NULL
+);
+"""
+
+
+class PeriodUsage:
+    """The period usage counters of a shared ledger (docs/cluster.md "Limits across
+    nodes"): what plans with a cap, period tiers or volume tiers count, per account,
+    target (module or module:action) and period, summed over every node's accountant.
+
+    A rated line claims its quantity's place on the period's axis (`claim`): the
+    counter grows by the quantity under its row lock and the line is priced from the
+    usage before it, so the lines of all nodes cover the axis once, in the order they
+    were rated, and tiers, volume and caps price the cluster's total. A claim is kept
+    under the line's ledger key, so a line rated again (an accountant restarted
+    before its batch was committed) gets the same place."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        self._conninfo, self._schema = _pg_conninfo(url)
+        self._lock = threading.Lock()
+        self._conn = None
+        self._connect()
+
+    def _connect(self):
+        """The connection, (re)opened when PostgreSQL was lost."""
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        conn = self._psycopg.connect(self._conninfo, autocommit=True)
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
+                if self._schema:
+                    conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
+                    conn.execute(f'SET search_path TO "{self._schema}"')
+                for stmt in _split_sql(_PERIOD_USAGE_DDL):
+                    conn.execute(stmt)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _lost(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def claim(self, key: str, account: str, target: str, period: str, quantity: int) -> int:
+        """The cluster's usage of `target` in `period` before this line (`key`), having
+        added its `quantity` to the counter (once per key)."""
+        with self._lock:
+            try:
+                conn = self._connect()
+                with conn.transaction():
+                    row = conn.execute("SELECT prior FROM period_claims WHERE key = %s",
+                                       (key,)).fetchone()
+                    if row is not None:
+                        return int(row[0])
+                    used = conn.execute(
+                        "INSERT INTO period_usage (account, target, period, used) "
+                        "VALUES (%s, %s, %s, %s) ON CONFLICT (account, target, period) "
+                        "DO UPDATE SET used = period_usage.used + EXCLUDED.used RETURNING used",
+                        (account, target, period, quantity)).fetchone()[0]
+                    prior = int(used) - quantity
+                    conn.execute("INSERT INTO period_claims (key, prior) VALUES (%s, %s)",
+                                 (key, prior))
+                    return prior
+            except self._psycopg.Error:
+                self._lost()        # the batch fails and is rated again: the claim is kept
+                raise
+
+    def used(self, period: str) -> dict[tuple[str, str, str], int]:
+        """Every counter of `period`: (account, target, period) -> units used."""
+        with self._lock:
+            try:
+                rows = self._connect().execute(
+                    "SELECT account, target, used FROM period_usage WHERE period = %s",
+                    (period,)).fetchall()
+            except self._psycopg.Error:
+                self._lost()
+                raise
+        return {(a, t, period): int(u) for a, t, u in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            self._lost()

@@ -7,9 +7,15 @@ plans need: usage so far per (account, target, period), where target is the
 module for time in control and "module:action" for actions, plus the
 subscription fees already posted. A line's period is that of the wall-clock
 time its segment began (or of its action).
+
+With a shared PostgreSQL ledger (`shared`, engine/accounting/ledger_pg.py
+`PeriodUsage`), the lines of plans that count the period (a cap, period tiers,
+volume tiers) are priced from the usage of every node's accountant, so a cluster's
+caps and tiers count its total, not each node's.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import msgpack
@@ -19,10 +25,13 @@ from engine.accounting.ledger import Line
 from engine.accounting.money import split_share
 from engine.common.levels import OFFER
 from engine.accounting.meter import Action, OpenSession, Segment
-from engine.accounting.plans import DEN, NS, UNIT_SCALE, PerUnitPlan, SubscriptionPlan, UsagePlan
+from engine.accounting.plans import (DEN, NS, UNIT_SCALE, GraduatedPlan, PerUnitPlan,
+                                     SubscriptionPlan, UsagePlan, VolumePlan)
 from engine.common import clock
 
 __all__ = ["Rater", "usage_key"]
+
+log = logging.getLogger("baton.accountant")
 
 _SEP = "\x1f"
 # A session's own usage (`OpenSession.usage`, for tiers counted per session)
@@ -50,6 +59,16 @@ class Rater:
         self._ctx: dict[tuple[str, str, str], tuple] = {}
         # The plan each (account, target) was last rated with, for cap reports.
         self.last_plan: dict[tuple[str, str], UsagePlan] = {}
+        self.shared = None      # a cluster's period usage (ledger_pg.PeriodUsage), or None
+
+    def _prior(self, plan: UsagePlan, key: str, uk: tuple[str, str, str], q: int) -> int:
+        """The period's usage before a line: this accountant's count, or, for a plan
+        that counts the period, the cluster's (the line's quantity claimed with it)."""
+        shared = self.shared
+        if shared is not None and (plan.cap is not None or plan.__class__ is VolumePlan or (
+                plan.__class__ is GraduatedPlan and plan.tier_scope == "period")):
+            return shared.claim(key, uk[0], uk[1], uk[2], q)
+        return self.usage.get(uk, 0)
 
     # -- state ---------------------------------------------------------------
     def load(self, usage: dict[tuple[str, str, str], int], fees: Iterable[str]) -> None:
@@ -218,7 +237,7 @@ class Rater:
         q = plan.segment_quantity(ns)
         period = self.clock.of(seg.start_wall)
         uk = (account, module, period)
-        prior = self.usage.get(uk, 0)
+        prior = self._prior(plan, seg.key, uk, q)
         o = seg.owner
         sk = account + SK + module
         prior_s = o.usage.get(sk, 0) if o is not None else 0
@@ -264,11 +283,11 @@ class Rater:
         wall = act.wall_ns or clock.wall_ns()
         period = self.clock.of(wall)
         uk = (account, target, period)
-        prior = self.usage.get(uk, 0)
+        q = act.count
+        prior = self._prior(plan, act.key, uk, q)
         o = act.owner
         sk = account + SK + target
         prior_s = o.usage.get(sk, 0) if o is not None else 0
-        q = act.count
         paid = True
         if plan.__class__ is SubscriptionPlan:
             paid = self._paid(account, module, plan, period, wall, act.node, act.seq,
@@ -336,6 +355,14 @@ class Rater:
         """Per account, per capped target used this period: used, cap, at_cap
         and whether the cap is reached."""
         out: dict[str, dict[str, dict[str, object]]] = {}
+        if self.shared is not None:
+            # The cluster's counters (every node's rated usage): what the policy denies on.
+            try:
+                for uk, used in self.shared.used(period).items():
+                    if used > self.usage.get(uk, 0):
+                        self.usage[uk] = used
+            except Exception as exc:
+                log.warning("the cluster's period usage cannot be read: %s", exc)
         for (account, target, p), used in self.usage.items():
             if p != period:
                 continue

@@ -245,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cluster-prefix", metavar="PREFIX",
                    help="prefix of the cluster's Redis keys (overrides cluster.prefix)")
     s.add_argument("--reservations", metavar="URL",
-                   help="reserve prepaid grants from this PostgreSQL (the cluster's ledger; "
-                        "overrides cluster.reservations)")
+                   help="reserve prepaid grants and capped time from this PostgreSQL (the "
+                        "cluster's ledger; overrides cluster.reservations)")
     s.add_argument("--no-accountant", action="store_true",
                    help="do not start the accountant process (run `baton accountant` yourself)")
     s.set_defaults(func=_serve)

@@ -140,7 +140,7 @@ def up(args) -> int:
             if args.redis:
                 cmd += ["--redis", args.redis, "--cluster-prefix", args.prefix]
             if args.store.startswith(("postgresql://", "postgres://")):
-                cmd += ["--reservations", args.store]   # prepaid funds shared by the nodes
+                cmd += ["--reservations", args.store]   # prepaid funds and caps shared by the nodes
             n["cmd"] = cmd
             procs.append(_start_node(n))
         klog = os.path.join(base, "kamailio.log")

@@ -72,6 +72,7 @@ class Cluster:
     reservations: str = ""          # "": each node counts prepaid funds alone
     slice: str = "1.00"
     reservation_ttl: float = 60.0
+    cap_slice: int = 60             # seconds of a capped module reserved per grant
     shared_quotas: bool = True      # API-key quotas counted in `redis` (when it is set)
 
     def slice_micro(self) -> int:
@@ -232,13 +233,16 @@ SCHEMA = {
                           "(default true; false: FAILED_PRECONDITION naming the owner)"),
         "grpc_advertise": (str, "HOST:PORT other nodes reach this node's gRPC API at "
                                 "(default: engine.grpc_addr as bound)"),
-        "reservations": (str, "postgresql:// URL (the cluster's ledger) prepaid grants are "
-                              "reserved from, so the nodes share each prepaid balance "
-                              "(default: none)"),
+        "reservations": (str, "postgresql:// URL (the cluster's ledger) prepaid grants and "
+                              "capped time are reserved from, so the nodes share each "
+                              "prepaid balance and plan cap (default: none)"),
         "slice": (str, "reservations are whole slices of this amount, e.g. \"0.50\" "
                        "(default \"1.00\"): the overspend bound, docs/cluster.md"),
         "reservation_ttl": ((int, float), "seconds a dead node's reservations outlive it "
                                           "(default 60)"),
+        "cap_slice": (int, "seconds of a capped module's time (a plan's cap with at_cap = "
+                           "\"deny\") reserved from the cluster per grant, renewed while the "
+                           "call lasts (default 60)"),
         "shared_quotas": (bool, "count API-key quotas in the cluster's Redis, so they hold "
                                 "across nodes; Redis unreachable: API-key calls are refused "
                                 "(default true when redis is set; false: each node counts "
@@ -423,6 +427,8 @@ def _load_cluster(sect: dict, path: str) -> Cluster:
             raise ConfigError(path, f"cluster.{key}", "must be a positive number of seconds")
     if c.reservations and not c.reservations.startswith(("postgresql://", "postgres://")):
         raise ConfigError(path, "cluster.reservations", "a postgresql:// URL")
+    if c.cap_slice <= 0:
+        raise ConfigError(path, "cluster.cap_slice", "must be a positive number of seconds")
     if c.slice_micro() <= 0:
         raise ConfigError(path, "cluster.slice", f"a positive amount such as \"1.00\", "
                                                  f"not {c.slice!r}")

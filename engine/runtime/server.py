@@ -152,6 +152,7 @@ class Engine:
         c = self.cfg.cluster
         res = self.policy.cluster = Reservations(c.reservations, self.cfg.node_id,
                                                  c.slice_micro(), ttl=c.reservation_ttl)
+        self.policy.cap_slice = c.cap_slice
 
         async def refresh() -> None:
             while True:
@@ -159,7 +160,8 @@ class Engine:
                 await self.loop.run_in_executor(None, res.refresh, list(self.sessions))
 
         self._reservations_task = asyncio.ensure_future(refresh())
-        log.info("prepaid funds reserved from the cluster's PostgreSQL in slices of %s", c.slice)
+        log.info("prepaid funds reserved from the cluster's PostgreSQL in slices of %s, "
+                 "capped time in slices of %d s", c.slice, c.cap_slice)
 
     def session_added(self, session: Session) -> None:
         """A session is live on this node: the engine's table and the cluster's directory."""
@@ -294,8 +296,11 @@ class Engine:
         self.setup_done(session.id)
         if self.sessions.pop(session.id, None) is not None and self.directory is not None:
             self.directory.remove(session.id)
+        forget = getattr(self.policy, "ended", None)
+        if forget is not None:
+            forget(session)
         res = self.policy.cluster
-        if res is not None and session.id in res.held:
+        if res is not None and res.holds(session.id):
             writer = getattr(self.stamper, "writer", None)
             end_seq = writer.next_seq - 1 if writer is not None else None
             self.loop.run_in_executor(None, res.ended, session.id, end_seq)

@@ -16,11 +16,12 @@ in control costs at most, and so how long the funds last, is engine/sessions/pre
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 
-from engine.sessions.prepaid import HORIZON, affordable, limit_seconds, segment_cost
+from engine.sessions.prepaid import GUARD, HORIZON, affordable, limit_seconds, segment_cost
 
 log = logging.getLogger("baton.policy")
 
@@ -78,6 +79,31 @@ class Rules:
 
 # -- the snapshot ---------------------------------------------------------------------
 
+class _CapGrant:
+    """A session's grant of a capped module's time from the cluster (docs/cluster.md):
+    the units it held before its current span (`base`), the units it holds now, and the
+    rest of its decision (the limit set by funds or rules, its warning)."""
+
+    __slots__ = ("target", "period", "cap", "plan", "base", "units", "other", "decision",
+                 "first")
+
+    def __init__(self, target, period, cap, plan, base, units, first):
+        self.target, self.period, self.cap, self.plan = target, period, cap, plan
+        self.base, self.units, self.first = base, units, first
+        self.other: float | None = None     # the limit of funds or rules (seconds)
+        self.decision: Decision | None = None
+
+    def seconds(self) -> float:
+        """Seconds of the current span the units held pay for: the largest billed
+        quantity on the plan's increment grid within them, less the guard."""
+        room = self.units - self.base
+        inc = self.plan.increment
+        if room < inc.first:
+            return 0.0
+        return inc.first + (room - inc.first) // inc.next * inc.next - GUARD
+
+
+
 class _Hold:
     """What the engine counts against an account beyond the snapshot for one
     session: the cost of its granted limit, and costs already incurred that
@@ -114,6 +140,8 @@ class Snapshot:
         self._book_of = None
         self._holds: dict[str, _Hold] = {}
         self.cluster = None     # engine/sessions/reservations.py: funds shared by a cluster
+        self.cap_slice = 60     # seconds of a capped module reserved per grant ([cluster])
+        self._caps: dict[str, _CapGrant] = {}
 
     # -- reading ----------------------------------------------------------------------
     def _refresh(self, force: bool = False) -> None:
@@ -293,8 +321,24 @@ class Snapshot:
         decision = self.rules.check(session, node, module)
         if not decision.allow:
             return decision
+        grant = None
+        if self.cluster is not None:
+            try:
+                grant = self._cluster_cap(session, module)
+            except Exception:
+                log.exception("session %s: no cap reservation for %s", session.id, module.code)
+                return Decision(False, f"{module.code}: cap usage unavailable")
+            if grant is not None:
+                if grant.seconds() <= 0:
+                    return Decision(False, f"{module.code}: cap of account {session.account} "
+                                           f"reached across the cluster")
+                grant.other = decision.limit
+                decision = dataclasses.replace(decision, limit=self._min(
+                    decision.limit, grant.seconds()))
         shared = self._cluster_funds(session)
         if shared is None and (acc is None or acc.get("funds_left_micro") is None):
+            if grant is not None:
+                grant.decision = decision
             return decision
         try:
             if shared is not None:
@@ -306,6 +350,8 @@ class Snapshot:
             log.exception("session %s: no prepaid limit for %s", session.id, module.code)
             return Decision(False, f"account {session.account}: limit unavailable")
         if plan is None:
+            if grant is not None:
+                grant.decision = decision
             return decision
         if billed == 0:
             return Decision(False, f"account {session.account}: funds left do not pay for the "
@@ -313,12 +359,85 @@ class Snapshot:
         limit = limit_seconds(billed)
         cost = segment_cost(plan, billed) if billed is not None else 0
         self._grant(session, cost, split)
+        if grant is not None:
+            grant.other = self._min(grant.other, limit)
         if decision.limit is not None and (limit is None or decision.limit < limit):
             limit = decision.limit
         if limit is None:
             return decision
         warn_before, text, voice = self.warning_settings(session, node)
-        return Decision(True, decision.reason, limit, warn_before, text, voice, cost)
+        decision = Decision(True, decision.reason, limit, warn_before, text, voice, cost)
+        if grant is not None:
+            grant.decision = decision
+        return decision
+
+    @staticmethod
+    def _min(a: float | None, b: float | None) -> float | None:
+        return b if a is None else a if b is None else min(a, b)
+
+    # -- a cluster's shared caps (docs/cluster.md) --------------------------------------
+    def _cluster_cap(self, session, module) -> _CapGrant | None:
+        """Reserve the next slice of a capped module's time from the cluster (a plan with
+        a `cap` and `at_cap = "deny"`); None when the module has no such cap."""
+        book = self.billing(session.engine)
+        if book is None:
+            return None
+        plan = book.plan_for(session.account, module.code, module.level)
+        if plan.cap is None or plan.at_cap != "deny" or not plan.is_time:
+            return None
+        from engine.accounting.config import PeriodClock
+        from engine.common import clock
+
+        period = PeriodClock(book.period).of(clock.wall_ns())
+        base = self.cluster.units.get((session.id, session.account, module.code, period), 0)
+        # A slice shorter than the first increment would never pay for it.
+        units = self.cluster.reserve_units(session.account, module.code, period, session.id,
+                                           plan.cap, max(self.cap_slice, plan.increment.first))
+        grant = _CapGrant(module.code, period, plan.cap, plan, base, units,
+                          session.module is None)
+        self._caps[session.id] = grant
+        return grant
+
+    def renew(self, session, ctl) -> Decision | None:
+        """`session` used up the limit of its current grant: when that limit was the
+        cluster's cap slice, reserve the next one. The new Decision (its limit counted
+        from the start of the span, as at the grant), or None: the limit stands."""
+        grant = self._caps.get(session.id)
+        if (grant is None or grant.decision is None or self.cluster is None
+                or session.module is None or session.module.code != grant.target):
+            return None
+        had = grant.seconds()
+        if grant.other is not None and grant.other <= had:
+            return None         # funds or rules, not the cap, set this limit
+        try:
+            grant.units = self.cluster.reserve_units(
+                session.account, grant.target, grant.period, session.id, grant.cap,
+                max(self.cap_slice, grant.plan.increment.next))
+        except Exception:
+            log.exception("session %s: no cap reservation for %s", session.id, grant.target)
+            return None
+        now = grant.seconds()
+        if now <= had:
+            return None
+        d = grant.decision
+        limit = self._min(grant.other, now)
+        # Warn only before the limit of funds (the cap's slices renew unheard).
+        warn = d.warn_before if grant.other is not None and limit == grant.other else 0.0
+        grant.decision = dataclasses.replace(d, limit=limit, warn_before=warn)
+        return grant.decision
+
+    def spent(self, session, ctl) -> float:
+        """Seconds of the current span's limit used: from the span's start, or for the
+        session's first module from the session's (the meter bills it from there)."""
+        grant = self._caps.get(session.id)
+        start = ctl.span.start_mono if ctl.span is not None else session.started_mono
+        if grant is not None and grant.first:
+            start = session.started_mono
+        return max(0, time.monotonic_ns() - start) / 1e9
+
+    def ended(self, session) -> None:
+        """Forget a session's cap grant."""
+        self._caps.pop(session.id, None)
 
     # -- a cluster's shared funds (docs/cluster.md) -------------------------------------
     def _cluster_funds(self, session) -> int | None:

@@ -20,7 +20,17 @@ after that (the node came back later), their cost was not held meanwhile. Each l
 session's reservation is its grant's cost rounded up to a slice, hence the bound in
 docs/cluster.md.
 
-PostgreSQL unreachable: a prepaid grant is denied (never unlimited by accident); calls of
+Plan caps (`cap` with `at_cap = "deny"`, per account, module and period) are held the
+same way, in base units (billed seconds) instead of money (`reserve_units`, table
+`cap_reservations`): what a session may still use of a capped module is
+
+    cap - the period's usage of the module posted to the shared ledger (all nodes)
+        - every outstanding cap reservation (this session's earlier grants included)
+
+and a grant takes at most `[cluster] cap_slice` seconds of it; a live session asks for the
+next slice when it has used the last one (engine/sessions/policy.py `Snapshot.renew`).
+
+PostgreSQL unreachable: a prepaid or capped grant is denied (never unlimited by accident); calls of
 accounts without a prepaid balance do not ask.
 """
 from __future__ import annotations
@@ -43,6 +53,18 @@ CREATE TABLE IF NOT EXISTS reservations (
     PRIMARY KEY (account, session)
 );
 CREATE INDEX IF NOT EXISTS reservations_node ON reservations (node);
+CREATE TABLE IF NOT EXISTS cap_reservations (
+    account TEXT NOT NULL,
+    target TEXT NOT NULL,
+    period TEXT NOT NULL,
+    session TEXT NOT NULL,
+    node TEXT NOT NULL,
+    units BIGINT NOT NULL,
+    end_seq BIGINT,
+    expires_ns BIGINT NOT NULL,
+    PRIMARY KEY (account, target, period, session)
+);
+CREATE INDEX IF NOT EXISTS cap_reservations_node ON cap_reservations (node);
 """
 
 
@@ -65,6 +87,9 @@ class Reservations:
         self.lock = threading.Lock()
         self.conn = None
         self.held: dict[str, int] = {}     # this node's live sessions -> micro-units reserved
+        # (session, account, target, period) of this node's live sessions -> cap units held
+        self.units: dict[tuple[str, str, str, str], int] = {}
+        self.capped: set[str] = set()      # sessions with cap units reserved
         self.asked = 0                     # reservations taken (for the bench)
 
     # -- the connection ----------------------------------------------------------------
@@ -158,25 +183,100 @@ class Reservations:
             self.asked += 1
             return amount
 
+    def reserve_units(self, account: str, target: str, period: str, session: str,
+                      cap: int, want: int, item: str = "time") -> int:
+        """Reserve up to `want` more units of `account`'s capped `target` (a module) in
+        `period` for `session`. Returns the units the session now holds in all (its
+        earlier grants of the period included); the same as before when nothing was free."""
+        import psycopg
+
+        with self.lock:
+            try:
+                conn = self._connect()
+                with conn.transaction():
+                    lock = f"cap\x1f{account}\x1f{target}\x1f{period}"
+                    conn.execute("INSERT INTO prepaid_locks (account) VALUES (%s) "
+                                 "ON CONFLICT DO NOTHING", (lock,))
+                    conn.execute("SELECT account FROM prepaid_locks WHERE account = %s "
+                                 "FOR UPDATE", (lock,))
+                    now = time.time_ns()
+                    mine = conn.execute(
+                        "SELECT units FROM cap_reservations WHERE account = %s AND target = %s "
+                        "AND period = %s AND session = %s",
+                        (account, target, period, session)).fetchone()
+                    mine = int(mine[0]) if mine else 0
+                    if self._ledger(conn):
+                        used = conn.execute(
+                            "SELECT COALESCE(SUM(s.quantity), 0) FROM summary s "
+                            "JOIN classes c ON c.id = s.class_id WHERE c.account = %s AND "
+                            "c.period = %s AND c.module = %s AND c.item = %s",
+                            (account, period, target, item)).fetchone()[0]
+                        held = conn.execute(
+                            "SELECT COALESCE(SUM(r.units), 0) FROM cap_reservations r "
+                            "LEFT JOIN positions p ON p.node = r.node "
+                            "WHERE r.account = %s AND r.target = %s AND r.period = %s "
+                            "AND r.session <> %s AND r.expires_ns > %s "
+                            "AND (r.end_seq IS NULL OR p.seq IS NULL OR p.seq < r.end_seq)",
+                            (account, target, period, session, now)).fetchone()[0]
+                    else:                  # no accountant has posted yet
+                        used = 0
+                        held = conn.execute(
+                            "SELECT COALESCE(SUM(units), 0) FROM cap_reservations WHERE "
+                            "account = %s AND target = %s AND period = %s AND session <> %s "
+                            "AND expires_ns > %s",
+                            (account, target, period, session, now)).fetchone()[0]
+                    # The session's own grants count whole: the part of them already
+                    # posted is counted twice (a re-entered module gets less, never more).
+                    free = cap - int(used) - int(held) - mine
+                    got = mine + max(0, min(want, free))
+                    if got > mine:
+                        conn.execute(
+                            "INSERT INTO cap_reservations (account, target, period, session, "
+                            "node, units, end_seq, expires_ns) VALUES (%s, %s, %s, %s, %s, %s, "
+                            "NULL, %s) ON CONFLICT (account, target, period, session) DO UPDATE "
+                            "SET units = EXCLUDED.units, node = EXCLUDED.node, end_seq = NULL, "
+                            "expires_ns = EXCLUDED.expires_ns",
+                            (account, target, period, session, self.node, got,
+                             now + self.ttl_ns))
+            except psycopg.Error as exc:
+                self._lost()
+                raise ReservationError(str(exc)) from exc
+            if got:
+                self.units[(session, account, target, period)] = got
+                self.capped.add(session)
+            self.asked += 1
+            return got
+
     def ended(self, session: str, end_seq: int | None) -> None:
-        """`session` ended with ring record `end_seq`: its reservation lasts until this
+        """`session` ended with ring record `end_seq`: its reservations last until this
         node's accountant has posted past it."""
-        if self.held.pop(session, None) is None:
-            return
-        self._write("UPDATE reservations SET end_seq = %s WHERE session = %s AND node = %s",
-                    (end_seq if end_seq is not None else 0, session, self.node))
+        seq = end_seq if end_seq is not None else 0
+        if self.held.pop(session, None) is not None:
+            self._write("UPDATE reservations SET end_seq = %s WHERE session = %s AND node = %s",
+                        (seq, session, self.node))
+        if session in self.capped:
+            self.capped.discard(session)
+            for key in [k for k in self.units if k[0] == session]:
+                del self.units[key]
+            self._write("UPDATE cap_reservations SET end_seq = %s WHERE session = %s AND "
+                        "node = %s", (seq, session, self.node))
+
+    def holds(self, session: str) -> bool:
+        """`session` holds a reservation of this node (funds or cap units)."""
+        return session in self.held or session in self.capped
 
     def refresh(self, live: list[str]) -> None:
         """Keep the live sessions' reservations from expiring; forget the posted ones."""
         now = time.time_ns()
-        ids = [s for s in live if s in self.held]
-        if ids:
-            self._write("UPDATE reservations SET expires_ns = %s WHERE node = %s AND "
-                        "session = ANY(%s)", (now + self.ttl_ns, self.node, ids))
-        self._write("DELETE FROM reservations WHERE expires_ns < %s", (now - self.ttl_ns,))
-        self._write("DELETE FROM reservations r USING positions p WHERE r.node = %s AND "
-                    "p.node = r.node AND r.end_seq IS NOT NULL AND p.seq >= r.end_seq",
-                    (self.node,), ledger=True)
+        for table, mine in (("reservations", self.held), ("cap_reservations", self.capped)):
+            ids = [s for s in live if s in mine]
+            if ids:
+                self._write(f"UPDATE {table} SET expires_ns = %s WHERE node = %s AND "
+                            "session = ANY(%s)", (now + self.ttl_ns, self.node, ids))
+            self._write(f"DELETE FROM {table} WHERE expires_ns < %s", (now - self.ttl_ns,))
+            self._write(f"DELETE FROM {table} r USING positions p WHERE r.node = %s AND "
+                        "p.node = r.node AND r.end_seq IS NOT NULL AND p.seq >= r.end_seq",
+                        (self.node,), ledger=True)
 
     @staticmethod
     def _ledger(conn) -> bool:

@@ -352,6 +352,13 @@ class Session:
                 log.exception("session %s: module %s failed to let go", self.id, old.module.code)
 
     def _limit_reached(self, ctl: Control) -> None:
+        # A limit set by a cluster's cap slice is renewed while the cap has room.
+        renew = getattr(self.engine.policy, "renew", None)
+        if renew is not None and ctl.active and not self.ended:
+            decision = renew(self, ctl)
+            if decision is not None:
+                self._arm_limit(ctl, decision, self.engine.policy.spent(self, ctl))
+                return
         if not ctl.event("limit"):
             self.end("limit")
 
