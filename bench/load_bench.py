@@ -321,6 +321,9 @@ def media(args: argparse.Namespace, work: Path, progress) -> dict[str, Any]:
 # --------------------------------------------------------------------------- baresip
 
 BARESIP_MODULES = Path("/usr/lib/baresip/modules")
+# baresip 1.0 numbers a user agent's calls 1 to 255 and answers the 256th with a 500
+# ("could not assign linenumber"): above that a level would measure baresip.
+BARESIP_MAX_CALLS = 255
 
 
 class BaresipEcho:
@@ -477,6 +480,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             or min(args.media_list) <= 0 or not args.baresip_list \
             or min(args.baresip_list) <= 0:
         p.error("--rates, --media and --baresip need positive numbers")
+    if max(args.baresip_list) > BARESIP_MAX_CALLS:
+        p.error(f"--baresip levels are at most {BARESIP_MAX_CALLS}: baresip numbers a user "
+                f"agent's calls 1 to {BARESIP_MAX_CALLS} and refuses more")
     if not 0 < args.media_seconds <= 7:
         p.error("--media-seconds must be in (0, 7]")
     if args.seconds <= 0:
