@@ -14,6 +14,12 @@
    with none failed and the RTP the engine received lost under 0.1 % (for `baton load` the
    echo it got back too: SIPp cannot tell). Figures: the most concurrent calls with media
    of each, and each generator's CPU per call at the largest level both passed.
+3. Media against baresip: its `echo` module (it answers every call and sends back what it
+   hears, through an `aubridge` device per call; a fresh baresip per level) and `baton
+   load` echo-check alone, since SIPp cannot tell what came back and baresip keeps no
+   counters to read: the most concurrent calls with every call answered and up at once
+   and the echo `baton load` got back under 0.1 % loss, with its echo checks passed, MOS,
+   jitter, round trip and CPU per call at each level.
 
 A generator's CPU is that of its process while it places calls: SIPp's from the kernel's
 accounting of the reaped child (start-up included, a few ms), `baton load`'s from its own
@@ -312,6 +318,101 @@ def media(args: argparse.Namespace, work: Path, progress) -> dict[str, Any]:
             "sipp_cpu_us_per_call": cpu_at("sipp")}
 
 
+# --------------------------------------------------------------------------- baresip
+
+BARESIP_MODULES = Path("/usr/lib/baresip/modules")
+# baresip 1.0 numbers a user agent's calls 1 to 255 and answers the 256th with a 500
+# ("could not assign linenumber"): above that a level would measure baresip.
+BARESIP_MAX_CALLS = 255
+
+
+class BaresipEcho:
+    """A headless baresip on loopback whose `echo` module answers every call to
+    sip:echo@127.0.0.1:PORT and sends back what it hears."""
+
+    def __init__(self, work: Path, calls: int, timeout: float = 15.0):
+        binary = common.find_binary("baresip")
+        self.dir = work / f"baresip-{calls}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = common.free_port()
+        rtp = common.free_port(tcp_too=False)
+        rtp -= rtp % 2
+        (self.dir / "config").write_text("\n".join([
+            "poll_method epoll",
+            f"sip_listen {common.LOOPBACK}:{self.port}",
+            f"net_interface {common.LOOPBACK}",
+            f"dns_server {common.LOOPBACK}:53",
+            # baresip answers 486 beyond call_max_calls (default 4) calls at once.
+            f"call_max_calls {calls + 16}",
+            "audio_source aubridge,echo",
+            "audio_player aubridge,echo",
+            f"rtp_ports {rtp}-{min(rtp + 4 * calls + 64, 65534)}",
+            f"module_path {BARESIP_MODULES}",
+            "module g711.so",
+            "module aubridge.so",
+            "module_app account.so",
+            "module_app echo.so",
+            "",
+        ]))
+        (self.dir / "accounts").write_text(f"<sip:echo@{common.LOOPBACK}>;regint=0\n")
+        (self.dir / "contacts").write_text("")
+        self.proc = common.spawn([binary, "-f", self.dir], log=self.dir / "baresip.log",
+                                 cwd=self.dir)
+        try:
+            common.wait_sip_ready(common.LOOPBACK, self.port, timeout, proc=self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        common.stop_process(self.proc)
+
+
+def baresip_level(args: argparse.Namespace, calls: int, work: Path) -> dict[str, Any]:
+    peer = BaresipEcho(work, calls)
+    try:
+        rate = max(float(calls) / 2.0, 1.0)
+        r = run_baton_load(args.baton, f"{common.LOOPBACK}:{peer.port}",
+                           ["--number", "echo", "--rate", f"{rate:g}", "--calls", str(calls),
+                            "--concurrent", str(calls), "--hold", f"{args.media_seconds:g}",
+                            "--scenario", "echo-check"],
+                           work / f"baton-baresip-{calls}",
+                           timeout=args.media_seconds + calls / rate + 90)
+    finally:
+        peer.stop()
+    s = r["summary"]
+    answered = s["calls"]["codes"].get("200", 0)
+    back = s["rtp"]["loss_pct"]
+    up = s["calls"]["max_concurrent"] >= calls
+    ok = answered == calls and up and back is not None and back < LOSS_LIMIT_PCT
+    return {"generator": "baton", "calls": calls, "all_up": up, "failed": calls - answered,
+            "codes": s["calls"]["codes"], "return_loss_pct": back,
+            "echo_checked": s["echo"]["checked"], "echo_passed": s["echo"]["passed"],
+            "mos_mean": s["quality"]["mos"]["mean"],
+            "jitter_p50_ms": s["rtp"]["jitter_ms"]["p50"],
+            "delay_p50_ms": s["rtp"]["delay_ms"]["p50"],
+            "generator_late_ticks": s["generator_late_ticks"],
+            "cpu_s": r["cpu_s"], "cpu_us_per_call": r["cpu_us_per_call"], "ok": ok}
+
+
+def baresip_media(args: argparse.Namespace, work: Path, progress) -> dict[str, Any]:
+    if shutil.which("baresip") is None or not (BARESIP_MODULES / "echo.so").exists():
+        sys.stderr.write("load bench: baresip (and its echo module) is not installed: "
+                         "its part is skipped\n")
+        return {"skipped": "baresip is not installed", "baton_max_calls": None}
+    levels: list[dict[str, Any]] = []
+    for calls in args.baresip_list:
+        progress(f"baresip {calls} calls")
+        row = baresip_level(args, calls, work)
+        levels.append(row)
+        sys.stderr.write(f"load bench: baresip {json.dumps(row)}\n")
+        if not row["ok"]:
+            break
+    return {"target": "baresip, its echo module (aubridge)",
+            "media_seconds": args.media_seconds, "levels": levels,
+            "baton_max_calls": max((x["calls"] for x in levels if x["ok"]), default=None)}
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -361,18 +462,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--media-seconds", type=float, default=6.0,
                    help="media: seconds each call holds RTP, at most 7 (the pcap's length) "
                         "(default: %(default)s)")
-    p.add_argument("--skip", choices=("signalling", "media"), help="leave one part out")
+    p.add_argument("--baresip", default="50,100,200",
+                   help="media against baresip's echo: concurrent calls per level "
+                        "(default: %(default)s)")
+    p.add_argument("--skip", choices=("signalling", "media", "baresip"),
+                   help="leave one part out")
     common.add_baton_args(p)
     common.add_result_file_args(p)
     args = p.parse_args(argv)
     try:
         args.rate_list = sorted({float(x) for x in args.rates.split(",") if x.strip()})
         args.media_list = sorted({int(x) for x in args.media.split(",") if x.strip()})
+        args.baresip_list = sorted({int(x) for x in args.baresip.split(",") if x.strip()})
     except ValueError:
-        p.error("--rates and --media take numbers separated by commas")
+        p.error("--rates, --media and --baresip take numbers separated by commas")
     if not args.rate_list or min(args.rate_list) <= 0 or not args.media_list \
-            or min(args.media_list) <= 0:
-        p.error("--rates and --media need positive numbers")
+            or min(args.media_list) <= 0 or not args.baresip_list \
+            or min(args.baresip_list) <= 0:
+        p.error("--rates, --media and --baresip need positive numbers")
+    if max(args.baresip_list) > BARESIP_MAX_CALLS:
+        p.error(f"--baresip levels are at most {BARESIP_MAX_CALLS}: baresip numbers a user "
+                f"agent's calls 1 to {BARESIP_MAX_CALLS} and refuses more")
     if not 0 < args.media_seconds <= 7:
         p.error("--media-seconds must be in (0, 7]")
     if args.seconds <= 0:
@@ -386,9 +496,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="baton-load-bench-"))
     started = time.time()
     errors: list[str] = []
-    result: dict[str, Any] = {"bench": "load", "signalling": None, "media": None}
+    result: dict[str, Any] = {"bench": "load", "signalling": None, "media": None,
+                              "baresip": None}
     total = (0 if args.skip == "signalling" else 2 * len(args.rate_list)) + \
-        (0 if args.skip == "media" else 2 * len(args.media_list))
+        (0 if args.skip == "media" else 2 * len(args.media_list)) + \
+        (0 if args.skip == "baresip" else len(args.baresip_list))
     bar = common.Progress(max(total, 1))
     done = [0]
 
@@ -402,6 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["signalling"] = signalling(args, work, progress)
         if args.skip != "media":
             result["media"] = media(args, work, progress)
+        if args.skip != "baresip":
+            result["baresip"] = baresip_media(args, work, progress)
     except BenchError as exc:
         errors.append(str(exc))
         sys.stderr.write(f"load bench: {exc}\n")
@@ -419,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sipp_media_calls": med.get("sipp_max_calls"),
         "baton_media_cpu_us_per_call": med.get("baton_cpu_us_per_call"),
         "sipp_media_cpu_us_per_call": med.get("sipp_cpu_us_per_call"),
+        "baton_baresip_calls": (result["baresip"] or {}).get("baton_max_calls"),
         "errors": errors,
     })
     if not args.no_files:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -249,6 +250,13 @@ def test_load_quick_sets_baton_load_beside_sipp(tmp_path):
     assert baton["engine_rx_expected"] > 0 and baton["return_loss_pct"] is not None
     assert baton["echo_passed"] >= 1 and baton["mos_mean"] > 1
     assert baton["cpu_us_per_call"] > 0 and sipp["cpu_us_per_call"] > 0
+    # baresip's echo module as the media target: baton load alone, echo checked and rated.
+    if shutil.which("baresip") and os.path.exists("/usr/lib/baresip/modules/echo.so"):
+        (level,) = result["baresip"]["levels"]
+        assert level["calls"] == 10 and level["codes"] == {"200": 10}, level
+        assert level["return_loss_pct"] is not None and level["echo_checked"] == 10
+        assert level["echo_passed"] >= 1 and level["mos_mean"] > 1
+        assert result["baton_baresip_calls"] == (10 if level["ok"] else None)
     figs = record["figures"]
     assert figs["cps"]["baseline"]["label"] == "SIPp uac"
     assert figs["media_cpu"]["higher_is_better"] is False

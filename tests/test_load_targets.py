@@ -1,6 +1,7 @@
 """`baton load` against real targets on loopback, a few calls each: Kamailio as a stateless
 responder (signalling only: a 200 without SDP) and as a stateful proxy in front of Baton, a
-PJSIP endpoint answering, a Twilio-style IVR walked with `ivr-walk`, and a digest-challenging
+PJSIP endpoint answering, baresip answering (its own tone, and its echo module), a
+Twilio-style IVR walked with `ivr-walk`, and a digest-challenging
 trunk (SIPp) named as `trunk:NAME` from a config with its credentials."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import time
 
 import pytest
 
+from tests.baresip_ua import Baresip, needs_baresip
 from tests.helpers import BATON, DEMO, ROOT, EngineProcess, free_port, options
 
 KAMAILIO = shutil.which("kamailio") or ("/usr/sbin/kamailio"
@@ -203,6 +206,84 @@ def test_pjsip_endpoint_answers_and_keys_digits(tmp_path):
     assert float(row["mos"]) > 4.0
     result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
     assert result.get("hung_up_by") == "engine", result      # our BYE reached it
+
+
+# -- baresip ----------------------------------------------------------------------------
+
+SDP_ADDRESS = re.compile(r"^[co]=IN IP4 (\S+)", re.M)
+BYE_OK = re.compile(r"SIP/2\.0 200 OK\r?\n(?:[^\r\n]+\r?\n)*?CSeq: *\d+ BYE")
+
+
+def baresip_ended_every_call(ua: Baresip, calls: int) -> None:
+    """baresip took every call and answered each BYE, and all SDP on the wire
+    (its own and the generator's) named 127.0.0.1."""
+    trace = ua.output()
+    assert len(re.findall(r"Call with \S+ terminated", trace)) == calls, trace[-4000:]
+    assert len(BYE_OK.findall(trace)) == calls, trace[-4000:]
+    assert set(SDP_ADDRESS.findall(trace)) == {"127.0.0.1"}, trace[-4000:]
+
+
+@pytest.mark.interop
+@needs_baresip
+@COMPILED_MEDIA
+def test_baresip_auto_answers_with_its_tone(tmp_path):
+    """baresip's account answers by itself (`answermode=auto`) and sends its audio source, a
+    440 Hz tone from `aufile`: the scenario waits for the tone, then holds. RTP both ways,
+    nothing lost on loopback, every call rated."""
+    scenario = tmp_path / "tone.toml"
+    scenario.write_text(
+        'start = "tone"\n'
+        '[nodes.tone]\nmodule = "load.wait"\n'
+        'params = { for = "tone", timeout = 5 }\noutlets = { heard = "hold" }\n'
+        '[nodes.hold]\nmodule = "load.hold"\nparams = { seconds = 1 }\n')
+    with Baresip(tmp_path, auto_answer=True) as ua:
+        r = load([f"127.0.0.1:{ua.port}", "--number", Baresip.USER, "--rate", "5",
+                  "--calls", "3", "--scenario", str(scenario)], tmp_path / "r")
+        assert r.returncode == 0, r.stderr + ua.output()[-4000:]
+        s = summary_of(tmp_path / "r")
+        assert s["calls"]["codes"] == {"200": 3}, ua.output()[-4000:]
+        assert s["outcomes"] == {"tone:heard hold:done": 3}
+        assert s["audio"] == {"two-way": 3}
+        assert s["rtp"]["expected"] > 100 and s["rtp"]["lost"] == 0
+        assert s["rtp"]["loss_pct"] == 0.0
+        assert s["rtp"]["jitter_ms"]["p50"] is not None
+        assert s["quality"]["mos"]["mean"] > 4.0
+        for row in rows_of(tmp_path / "r"):
+            assert row["ended_by"] == "local" and row["codec"] in ("PCMU", "PCMA"), row
+            assert int(row["rtp_received"]) > 40 and row["rtp_lost"] == "0", row
+            assert float(row["jitter_ms"]) >= 0 and float(row["mos"]) > 4.0, row
+        baresip_ended_every_call(ua, 3)
+        assert ua.quit() == 0, ua.output()[-4000:]
+
+
+@pytest.mark.interop
+@needs_baresip
+@COMPILED_MEDIA
+def test_baresip_echo_module_passes_echo_check(tmp_path):
+    """baresip's `echo` module answers and sends back what it hears: echo-check finds the
+    probe in what comes back and measures the round trip."""
+    with Baresip(tmp_path, echo=True) as ua:
+        r = load([f"127.0.0.1:{ua.port}", "--number", Baresip.USER, "--rate", "5",
+                  "--calls", "3", "--hold", "2", "--scenario", "echo-check"], tmp_path / "r")
+        assert r.returncode == 0, r.stderr + ua.output()[-4000:]
+        s = summary_of(tmp_path / "r")
+        assert s["calls"]["codes"] == {"200": 3}, ua.output()[-4000:]
+        assert s["audio"] == {"two-way": 3}
+        assert s["rtp"]["expected"] > 200 and s["rtp"]["lost"] == 0
+        assert s["rtp"]["loss_pct"] == 0.0
+        assert s["rtp"]["jitter_ms"]["p50"] is not None
+        assert s["quality"]["mos"]["mean"] > 4.0
+        assert s["echo"]["checked"] == 3
+        rows = rows_of(tmp_path / "r")
+        assert all(row["ended_by"] == "local" for row in rows), rows
+        # A call our own media clock disturbed (late ticks, slips) has a hole we made.
+        kept_time = [row for row in rows if row["late_ticks"] == "0" and row["slips"] == "0"]
+        assert kept_time, rows
+        for row in kept_time:
+            assert row["outcome"] == "check:pass hold:done", row
+            assert float(row["echo_correlation"]) > 0.9 and float(row["delay_ms"]) > 0, row
+        baresip_ended_every_call(ua, 3)
+        assert ua.quit() == 0, ua.output()[-4000:]
 
 
 # -- a TwiML IVR walked with ivr-walk ---------------------------------------------------

@@ -236,7 +236,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         "--hold 0 up a ladder of rates, the highest with every call answered and the rate "
         "kept, and generator CPU per call. Media (Baton's echo): SIPp uac with the "
         "sip-tester G.711 pcap vs `baton load` echo-check, the most concurrent calls with "
-        "RTP under 0.1 % loss, and generator CPU per call",
+        "RTP under 0.1 % loss, and generator CPU per call. Media against baresip's echo "
+        "module: `baton load` echo-check alone, the most concurrent calls under 0.1 % loss",
         "SIPp (uac, and uac with pcap media) against the same Kamailio and the same engine, "
         "in the same run",
         (Figure("cps", "baton_best_cps", "calls/s with no generator-side failure", "calls/s",
@@ -250,7 +251,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                 "µs", "sipp_media_cpu_us_per_call", "SIPp uac + pcap",
                 higher_is_better=False)),
         quick=("--rates", "50,100", "--seconds", "1.5", "--media", "10",
-               "--media-seconds", "3"),
+               "--media-seconds", "3", "--baresip", "10"),
         minutes="3-6"),
     Scenario(
         "cluster", "cluster_cps.py",
