@@ -60,6 +60,7 @@ class RtpStream:
     rx_ssrc: int
     jitter: float
     kernel_ts: bool
+    playout: int
     def __init__(self, sock: socket.socket, payload_type: int = 0, dtmf_pt: int = -1,
                  symmetric: bool = True) -> None: ...
     @property

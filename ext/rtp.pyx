@@ -241,6 +241,8 @@ cdef class RtpStream:
     cdef readonly uint64_t rx_trimmed
     cdef readonly uint64_t rx_underruns    # a tick found no frame queued, and audio came after
     cdef bint rx_starved
+    cdef public int playout        # frames a receiver queues before it plays (jitter buffer)
+    cdef bint priming              # waiting for `playout` + 1 frames before playing again
     cdef readonly uint64_t rx_foreign
     cdef readonly uint64_t rx_invalid
     cdef readonly int64_t last_rx_ns
@@ -282,6 +284,7 @@ cdef class RtpStream:
         self.tx_seq = int.from_bytes(r[4:6], "big") & 0x7FFF
         self.tx_ts = int.from_bytes(r[6:10], "big") & 0x7FFFFFFF
         self.resync = True
+        self.priming = True
         self.events = []
 
     # -- configuration ---------------------------------------------------------
@@ -584,10 +587,16 @@ cdef class RtpStream:
         """One frame of received audio as PCM; silence when nothing arrived."""
         cdef uint8_t frame[FRAME]
         cdef int n = FRAME, first
+        if self.priming and self.fifo_len < (self.playout + 1) * FRAME:
+            # Filling the jitter buffer: the silence is the buffer's delay, not a slip.
+            memset(pcm, 0, FRAME * sizeof(int16_t))
+            return 0
+        self.priming = False
         if self.fifo_len < FRAME:
             memset(pcm, 0, FRAME * sizeof(int16_t))
             if self.rx_packets:
                 self.rx_starved = True
+                self.priming = self.playout > 0
             return 0
         first = FIFO - self.fifo_head
         if first >= n:
@@ -597,7 +606,7 @@ cdef class RtpStream:
             memcpy(frame + first, &self.fifo[0], n - first)
         self.fifo_head = (self.fifo_head + n) % FIFO
         self.fifo_len -= n
-        if self.fifo_len > 2 * FRAME:
+        if self.fifo_len > (2 + self.playout) * FRAME:
             # More than two frames still queued: the far end's clock runs ahead of
             # ours (or a burst arrived). Drop one so the delay shrinks back
             # instead of only ever growing.

@@ -194,6 +194,41 @@ def test_a_frame_that_comes_after_its_tick_is_a_slip():
     hub.close()
 
 
+def test_a_jitter_buffer_plays_frames_a_tick_late_without_a_slip():
+    """With `playout = 2` a stream queues three frames before it plays the first, so a
+    frame that comes one tick late is still played in order: no silence, no slip."""
+    import numpy as np
+
+    from ext.g711_py import ulaw_decode
+
+    hub = rtp.RtpHub()
+    clock = rtp.MediaClock()
+    s_sock, x = udp(), udp()
+    s = rtp.RtpStream(s_sock)
+    s.playout = 2
+    hub.add(s)
+    ch = rtp.Channel(1, s)
+    s.terminate()
+    clock.add(ch)
+    buf = np.zeros(160 * 12, dtype=np.int16)
+    ch.recorder = rtp.Recorder(buf)
+    dest = s_sock.getsockname()
+    frames = [bytes([0x80 + i]) * 160 for i in range(8)]    # each frame its own level
+    for i in range(3):                     # three ticks, a frame each: the buffer fills
+        x.sendto(packet(i, 160 * i, payload=frames[i]), dest)
+        settle(hub, clock, ticks=1)
+    clock.tick()                           # frame 3 is a tick late: frame 1 plays
+    for i in (3, 4):
+        x.sendto(packet(i, 160 * i, payload=frames[i]), dest)
+    settle(hub, clock, ticks=2)
+    heard = np.asarray(ch.recorder.samples())
+    levels = [int(heard[k * 160]) for k in range(6)]
+    decoded = [int(np.frombuffer(ulaw_decode(f[:1]), dtype=np.int16)[0]) for f in frames]
+    assert levels == [0, 0, decoded[0], decoded[1], decoded[2], decoded[3]], levels
+    assert s.stats()["underruns"] == 0 and s.stats()["trimmed"] == 0
+    hub.close()
+
+
 def test_player_loops_and_reports_done():
     import numpy as np
 

@@ -24,6 +24,7 @@ POLL = 0.04                       # how often a waiting step looks at what it he
 # read: a packet the path reordered behind the last one heard is still on its way, not lost
 # (RFC 3550 counts loss against the highest sequence number seen).
 LINGER = 0.25
+PLAYOUT_FRAMES = 2                # the generator's jitter buffer: 40 ms of received audio
 PROBE_SECONDS = 0.4
 
 
@@ -162,6 +163,9 @@ class LoadCall(UacOwner):
         self.stream = media.stream(self.ports.rtp, neg.payload_type, neg.dtmf_pt)
         # Jitter timed by the kernel's receive stamps: a busy generator adds none.
         self.stream.use_kernel_timestamps()
+        # What it hears goes through a small jitter buffer, as a phone's does: a frame
+        # a few ms late (either side's clock, or the path) is played, not lost.
+        self.stream.playout = PLAYOUT_FRAMES
         self.stream.set_remote(self.gen.media_address(neg.remote_addr), neg.remote_port)
         if self.gen.opts.media_to:
             # Through a relay: latching onto the far end's own address (RFC 4961) would
@@ -432,7 +436,9 @@ async def step_echo_check(call: LoadCall, p: dict) -> str:
     call.rec.echo_correlation = round(rho, 3)
     if rho < float(p.get("min_correlation", 0.5)):
         return "fail"
-    call.rec.delay_ms = round(lag / RATE * 1000.0 / 2.0, 1)
+    # The round trip heard includes our own jitter buffer's delay: not the path's.
+    rtt_ms = lag / RATE * 1000.0 - PLAYOUT_FRAMES * FRAME / RATE * 1000.0
+    call.rec.delay_ms = round(max(rtt_ms, 0.0) / 2.0, 1)
     return "pass"
 
 
