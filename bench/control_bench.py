@@ -138,7 +138,7 @@ def engine_config(data: str, sip_port: int) -> dict:
         "media": {"address": "127.0.0.1", "rtp_port_min": 30000, "rtp_port_max": 42000,
                   "rtp_timeout": 600},
         "vendors": {"bench": {"secret": SECRET, "modules": ["bench.play", "bench.next"],
-                              "offer_timeout": 5.0}},
+                              "offer_timeout": 5.0, "files_dir": data}},
         "modules": {"bench.play": {"vendor": "bench"}, "bench.next": {"vendor": "bench"}},
         "apps": {"handoff": {"start": "a", "nodes": {
             "a": {"module": "bench.play", "outlets": {"next": "b"}},

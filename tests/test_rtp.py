@@ -396,3 +396,97 @@ async def test_engine_sends_sender_reports_and_reads_receiver_reports():
         c.close()
         media.close()
         ctrl.close()
+
+
+def _clock_run(send_thread: bool, ticks: int = 12):
+    """Three channels (player, echo, silence) run `ticks` ticks; what each far end got,
+    the streams' counters and the clock's own."""
+    import numpy as np
+
+    hub = rtp.RtpHub()
+    clock = rtp.MediaClock(send_thread=send_thread)
+    assert clock.send_thread is send_thread
+    far, streams, chans = [], [], []
+    for i in range(3):
+        s_sock, y = udp(), udp()
+        s = rtp.RtpStream(s_sock)
+        hub.add(s)
+        s.set_remote("127.0.0.1", y.getsockname()[1])
+        ch = rtp.Channel(i + 1, s)
+        s.terminate()
+        clock.add(ch)
+        far.append(y)
+        streams.append((s, s_sock))
+        chans.append(ch)
+    pcm = (np.sin(np.arange(800) / 3) * 8000).astype(np.int16)   # 5 frames
+    chans[0].play(rtp.Player(pcm, 1))
+    chans[1].echo()
+    for i in range(ticks):            # the echo hears nothing: it sends silence
+        if i == 6:
+            chans[2].mute_output()      # the far end holds the call: nothing sent
+        events = clock.tick()
+        assert events in (None, [(1, "play-done", None)])
+    clock.sync()
+    got = []
+    for y in far:
+        packets = drain_all(y)
+        first = header(packets[0])["seq"]
+        got.append([((header(p)["seq"] - first) & 0xFFFF, p[1], p[12:]) for p in packets])
+    counters = [(s.tx_packets, s.tx_bytes) for s, _ in streams]
+    # Removing a channel waits for its frame in flight: then its socket may close.
+    for ch in chans:
+        clock.remove(ch)
+    for s, sock in streams:
+        hub.remove(s)
+        sock.close()
+    clock.close()
+    assert not clock.send_thread
+    hub.close()
+    return got, counters, clock.frames_sent, clock.ticks
+
+
+def drain_all(sock):
+    time.sleep(0.005)
+    return drain(sock)
+
+
+def test_media_clock_sender_thread_sends_what_the_tick_sends_itself():
+    inline = _clock_run(False)
+    threaded = _clock_run(True)
+    got, counters, frames, ticks = threaded
+    assert ticks == 12
+    assert [len(g) for g in got] == [12, 12, 6]   # the muted channel stopped after 6
+    assert [seq for seq, _, _ in got[0]] == list(range(12))
+    assert len({payload for _, _, payload in got[0][:5]}) == 5     # the player's 5 frames
+    assert counters == [(12, 12 * 172), (12, 12 * 172), (6, 6 * 172)]
+    assert frames == 30
+    # Same octets (payload, marker and payload type), same sequence steps as without the thread.
+    assert threaded == inline
+
+
+def test_media_clock_sender_thread_keeps_the_tick_grid_under_the_engine():
+    """The engine's clock sends from the sender thread; a removed channel's frames are
+    counted before its stream's figures are retired."""
+    import asyncio as _asyncio
+
+    from engine.media.engine import MediaEngine
+
+    loop = _asyncio.new_event_loop()
+    try:
+        media = MediaEngine(loop)
+        assert media.clock.send_thread
+        s_sock, y = udp(), udp()
+        s = media.stream(s_sock)
+        s.set_remote("127.0.0.1", y.getsockname()[1])
+        ch = media.channel(s, owner=None)
+        media.start()
+        loop.run_until_complete(_asyncio.sleep(0.25))
+        media.drop_channel(ch)
+        media.release(s)
+        sent = media.retired["tx_packets"]
+        assert sent >= 5 and sent == media.clock.frames_sent == len(drain_all(y))
+        media.stop()
+        assert not media.clock.send_thread
+        s_sock.close()
+    finally:
+        loop.close()

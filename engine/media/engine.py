@@ -3,7 +3,9 @@
 One epoll fd (the Cython `RtpHub`) carries every RTP socket, so the event
 loop sees one reader however many calls there are. One drift-free timer
 (absolute deadlines) drives every terminating channel through
-`MediaClock.tick()`.
+`MediaClock.tick()`. The tick encodes every channel's frame and hands the
+batch to the clock's sender thread (in the kernel, without the GIL), so the
+loop is back to SIP and the control API while the frames are being sent.
 """
 from __future__ import annotations
 
@@ -22,10 +24,10 @@ LAW_OF_PT = {0: rtp.LAW_ULAW, 8: rtp.LAW_ALAW}
 
 class MediaEngine:
     def __init__(self, loop: asyncio.AbstractEventLoop, inactivity_timeout: float = 60.0,
-                 hold_timeout: float = 3600.0):
+                 hold_timeout: float = 3600.0, send_thread: bool = True):
         self.loop = loop
         self.hub = rtp.RtpHub()
-        self.clock = rtp.MediaClock()
+        self.clock = rtp.MediaClock(send_thread=send_thread)
         self.inactivity_timeout = inactivity_timeout
         self.hold_timeout = hold_timeout
         self._ids = itertools.count(1)
@@ -67,6 +69,7 @@ class MediaEngine:
             self.loop.remove_reader(self.hub.fd)
         except (RuntimeError, ValueError, OSError) as exc:    # the loop is closed already
             log.debug("media: RTP hub reader not removed: %s", exc)
+        self.clock.close()
         self.hub.close()
 
     # -- streams and channels ----------------------------------------------------
