@@ -8,7 +8,10 @@ engine:
 1. idle: SIPp's uac holds --idle calls open without RTP; the engine's RSS before and with
    them all up gives the memory per idle held session (the floor: 10,000 in under 2 GB).
    Each session holds two sockets (RTP, RTCP): the process's descriptor limit must allow
-   twice the sessions (the result names the hard limit).
+   twice the sessions. The engine raises its soft limit to the hard one at start; run as
+   root (as CI does), this script first raises the hard limit that SIPp and the engine
+   inherit to what the count needs (prlimit); otherwise the result names the hard limit
+   that bounded it.
 2. media: for each count in --media, SIPp holds that many calls, each playing G.711 A-law
    (sip-tester's g711a.pcap) that the engine echoes back; with every call up, the engine's
    /metrics give packets lost on the way in (RFC 3550 A.3) and late 20 ms media ticks. The
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
 import shutil
@@ -135,7 +139,27 @@ def hold_calls(eng: Engine, calls: int, rate: float, hold_ms: int, workdir: Path
     return proc, False
 
 
+def raise_fd_limit(sessions: int) -> dict[str, Any]:
+    """Descriptors for `sessions` held calls (two sockets each, plus the engine's own and
+    SIPp's): the soft limit up to the hard one, and, when privileged, the hard limit up
+    (children inherit both). What the limits were and became."""
+    want = 2 * sessions + 4096
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    out: dict[str, Any] = {"fd_limit_before": [soft, hard]}
+    if hard < want and os.geteuid() == 0:
+        try:
+            resource.prlimit(0, resource.RLIMIT_NOFILE, (want, want))
+        except (ValueError, OSError) as exc:   # above fs.nr_open, or no CAP_SYS_RESOURCE
+            out["fd_limit_error"] = str(exc)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < min(want, hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    out["fd_limit"] = list(resource.getrlimit(resource.RLIMIT_NOFILE))
+    return out
+
+
 def idle_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    limits = raise_fd_limit(args.idle)
     eng = Engine(args.baton, 2 * args.idle + 64, args.ready_timeout)
     try:
         time.sleep(1.0)
@@ -151,7 +175,7 @@ def idle_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         return {"calls": args.idle, "held": held, "all_up": up,
                 "failed": int(stat.get("FailedCall(C)", "0") or 0), **refusals(m),
                 # each session holds an RTP and an RTCP socket: the descriptors bound it
-                "fd_hard_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+                "fd_hard_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1], **limits,
                 "rss_before_mb": round(rss0 / 2**20, 1), "rss_held_mb": round(rss1 / 2**20, 1),
                 "kb_per_session": round((rss1 - rss0) / max(held, 1) / 1024, 1),
                 "under_2gb": rss1 < 2 * 2**30}

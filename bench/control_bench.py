@@ -159,6 +159,8 @@ async def run_main(args) -> dict:
     write_tone(tone)
     eng = Engine(from_dict(engine_config(data, sip_port), "<bench>"))
     await eng.start()
+    if args.inline_send:
+        eng.media.clock.close()    # the baseline: every tick sends its frames on the loop
     applied: dict[str, int] = {}
     eng.control.hub.trace = lambda what, sid, cid, t: applied.__setitem__(cid, t)
     ticks = TimedClock(eng.media.clock)
@@ -217,7 +219,7 @@ async def run_main(args) -> dict:
         wire = [p["wire_ms"] for p in res["plays"] if p.get("wire_ms") is not None]
         missed = sum(1 for p in res["plays"] if p.get("wire_ms") is None)
         return {
-            "bench": "control", "sessions": held,
+            "bench": "control", "sessions": held, "send_thread": not args.inline_send,
             "probe_sessions": args.probes, "plays": len(res["plays"]),
             "plays_without_onset": missed,
             "command_to_media_control": summary(control),
@@ -478,6 +480,8 @@ def main(argv=None) -> int:
     p.add_argument("--rate-seconds", type=float, default=5.0,
                    help="each background session gets a play this often")
     p.add_argument("--no-files", action="store_true", help="print only, write no result file")
+    p.add_argument("--inline-send", action="store_true",
+                   help="the media clock sends its frames on the event loop (no sender thread)")
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--sip", help=argparse.SUPPRESS)
     p.add_argument("--tone", help=argparse.SUPPRESS)
