@@ -961,12 +961,13 @@ cdef class MediaClock:
         cdef sender_state* st = self.sender
         if st is NULL:
             return
-        with nogil:
-            pthread_mutex_lock(&st.mu)
-            st.stop = True
-            pthread_cond_signal(&st.work)
-            pthread_mutex_unlock(&st.mu)
-            pthread_join(self.sender_thread, NULL)
+        # The GIL stays held here and below: the sender never takes it, and giving it up
+        # on the loop's thread would let another thread keep it for a switch interval.
+        pthread_mutex_lock(&st.mu)
+        st.stop = True
+        pthread_cond_signal(&st.work)
+        pthread_mutex_unlock(&st.mu)
+        pthread_join(self.sender_thread, NULL)
         self._reap()
         self.sender = NULL
         pthread_cond_destroy(&st.done)
@@ -995,11 +996,10 @@ cdef class MediaClock:
         cdef sender_state* st = self.sender
         if st is NULL:
             return
-        with nogil:
-            pthread_mutex_lock(&st.mu)
-            while st.pending:
-                pthread_cond_wait(&st.done, &st.mu)
-            pthread_mutex_unlock(&st.mu)
+        pthread_mutex_lock(&st.mu)
+        while st.pending:
+            pthread_cond_wait(&st.done, &st.mu)
+        pthread_mutex_unlock(&st.mu)
         self._reap()
 
     @property
@@ -1143,11 +1143,10 @@ cdef class MediaClock:
                 staged += 1
                 self.frames_sent += 1
         if staged:
-            with nogil:
-                pthread_mutex_lock(&st.mu)
-                st.n = staged
-                st.pending = True
-                pthread_cond_signal(&st.work)
-                pthread_mutex_unlock(&st.mu)
+            pthread_mutex_lock(&st.mu)
+            st.n = staged
+            st.pending = True
+            pthread_cond_signal(&st.work)
+            pthread_mutex_unlock(&st.mu)
             self.send_batches += 1
         return events
