@@ -116,6 +116,12 @@ ctypedef struct tx_entry:
     sockaddr_storage addr
     uint8_t data[12 + FRAME]
 
+ctypedef struct detect_entry:
+    dtmf_state* dtmf    # the channel's detector (the channel is kept alive meanwhile)
+    int nev
+    int16_t pcm[FRAME]
+    dtmf_event events[8]
+
 ctypedef struct sender_state:
     pthread_mutex_t mu
     pthread_cond_t work
@@ -124,6 +130,8 @@ ctypedef struct sender_state:
     bint stop
     int n
     tx_entry* entries
+    int n_detect        # in-band DTMF detection of the same tick, after the sends
+    detect_entry* detects
 
 
 cdef void* sender_main(void* arg) noexcept nogil:
@@ -145,6 +153,11 @@ cdef void* sender_main(void* arg) noexcept nogil:
             e = &st.entries[i]
             e.result = sendto(e.fd, e.data, e.length, MSG_DONTWAIT, <sockaddr*>&e.addr,
                               e.addrlen)
+        # In-band DTMF (ITU-T Q.24) is the tick's costliest work per channel: it runs
+        # here too, and its digits are reported with the next tick.
+        for i in range(st.n_detect):
+            st.detects[i].nev = dtmf_process(st.detects[i].dtmf, st.detects[i].pcm, FRAME,
+                                             st.detects[i].events, 8)
         pthread_mutex_lock(&st.mu)
         st.pending = False
         pthread_cond_broadcast(&st.done)
@@ -834,6 +847,7 @@ cdef class Channel:
     cdef public bint receiving
     cdef dtmf_state* dtmf
     cdef dtmf_event dtmf_events[8]
+    cdef object clock              # the MediaClock it is on (its sender may use `dtmf`)
 
     def __init__(self, int id, RtpStream stream):
         self.id = id
@@ -889,6 +903,8 @@ cdef class Channel:
 
     def detect_dtmf(self, bint on=True):
         """In-band DTMF detection (ITU-T Q.24) on what this channel hears."""
+        if self.clock is not None and (on != (self.dtmf is not NULL)):
+            self.clock.sync()    # the sender thread may be running this detector
         if on and self.dtmf is NULL:
             self.dtmf = <dtmf_state*>malloc(sizeof(dtmf_state))
             if self.dtmf is NULL or dtmf_init(self.dtmf, 8000) != 0:
@@ -921,12 +937,16 @@ cdef class MediaClock:
     cdef pthread_t sender_thread
     cdef int capacity            # entries allocated in sender.entries
     cdef list in_flight          # the RtpStream of each entry handed over (kept alive)
+    cdef list detecting          # the Channel of each detection handed over (kept alive)
+    cdef list held_events        # digits the sender detected, reported by the next tick
     cdef readonly uint64_t send_batches
 
     def __cinit__(self):
         self.sender = NULL
         self.capacity = 0
         self.in_flight = []
+        self.detecting = []
+        self.held_events = []
 
     def __init__(self, bint send_thread=False):
         """`send_thread`: send each tick's frames from a thread of the kernel's own
@@ -974,23 +994,34 @@ cdef class MediaClock:
         pthread_cond_destroy(&st.work)
         pthread_mutex_destroy(&st.mu)
         free(st.entries)
+        free(st.detects)
         free(st)
         self.capacity = 0
 
     cdef void _reap(self) noexcept:
         """Count what the last batch sent on each stream (the batch is done)."""
         cdef RtpStream s
+        cdef Channel ch
         cdef tx_entry* e
+        cdef detect_entry* d
         cdef Py_ssize_t i
-        if not self.in_flight:
-            return
-        for i in range(len(self.in_flight)):
-            s = <RtpStream>self.in_flight[i]
-            e = &self.sender.entries[i]
-            if e.result > 0:
-                s.tx_packets += 1
-                s.tx_bytes += e.length
-        self.in_flight = []
+        cdef int k
+        if self.in_flight:
+            for i in range(len(self.in_flight)):
+                s = <RtpStream>self.in_flight[i]
+                e = &self.sender.entries[i]
+                if e.result > 0:
+                    s.tx_packets += 1
+                    s.tx_bytes += e.length
+            self.in_flight = []
+        if self.detecting:
+            for i in range(len(self.detecting)):
+                ch = <Channel>self.detecting[i]
+                d = &self.sender.detects[i]
+                for k in range(d.nev):
+                    self.held_events.append((ch.id, "dtmf", chr(d.events[k].digit)))
+            self.detecting = []
+            self.sender.n_detect = 0
 
     cdef void _wait(self) noexcept:
         cdef sender_state* st = self.sender
@@ -1020,6 +1051,7 @@ cdef class MediaClock:
     def add(self, Channel ch):
         if ch.id not in self.channels:
             self.channels[ch.id] = ch
+            ch.clock = self
             self.order.append(ch)
             if ch.conference is not None:
                 self._track(ch.conference, 1)
@@ -1029,6 +1061,7 @@ cdef class MediaClock:
         # be waiting for the sender thread (whose fd could then be reused).
         self._wait()
         if self.channels.pop(ch.id, None) is not None:
+            ch.clock = None
             self.order.remove(ch)
             if ch.conference is not None:
                 self._track(ch.conference, -1)
@@ -1069,7 +1102,25 @@ cdef class MediaClock:
         cdef int staged = 0
         cdef sender_state* st = self.sender
         cdef tx_entry* grown
+        cdef detect_entry* grown_d
+        cdef int detects = 0
         self.ticks += 1
+        if st is not NULL:
+            self._wait()     # the last tick's batch (long gone at 20 ms a tick)
+            if self.held_events:
+                events = self.held_events
+                self.held_events = []
+            if self.capacity < len(self.order):
+                n = len(self.order) + 64
+                grown = <tx_entry*>realloc(st.entries, n * sizeof(tx_entry))
+                if grown is NULL:
+                    raise MemoryError()
+                st.entries = grown
+                grown_d = <detect_entry*>realloc(st.detects, n * sizeof(detect_entry))
+                if grown_d is NULL:
+                    raise MemoryError()
+                st.detects = grown_d
+                self.capacity = n
         # 1. what everyone hears
         for ch in self.order:
             s = ch.stream
@@ -1081,7 +1132,13 @@ cdef class MediaClock:
                     events = []
                 for digit, duration in s.take_events():
                     events.append((ch.id, "dtmf", digit))
-            if ch.dtmf is not NULL:
+            if ch.dtmf is not NULL and st is not NULL:
+                st.detects[detects].dtmf = ch.dtmf
+                memcpy(st.detects[detects].pcm, ch.rx_pcm, sizeof(ch.rx_pcm))
+                st.detects[detects].nev = 0
+                self.detecting.append(ch)
+                detects += 1
+            elif ch.dtmf is not NULL:
                 n = dtmf_process(ch.dtmf, ch.rx_pcm, FRAME, ch.dtmf_events, 8)
                 for i in range(n):
                     if events is None:
@@ -1104,15 +1161,6 @@ cdef class MediaClock:
             conf = entry[0]
             conf_mix(conf)
         # 3. what everyone is sent
-        if st is not NULL:
-            self._wait()     # the last tick's batch (long gone at 20 ms a tick)
-            if self.capacity < len(self.order):
-                n = len(self.order) + 64
-                grown = <tx_entry*>realloc(st.entries, n * sizeof(tx_entry))
-                if grown is NULL:
-                    raise MemoryError()
-                st.entries = grown
-                self.capacity = n
         for ch in self.order:
             s = ch.stream
             if ch._source == C_SOURCE_SILENCE:
@@ -1142,9 +1190,10 @@ cdef class MediaClock:
                 self.in_flight.append(s)
                 staged += 1
                 self.frames_sent += 1
-        if staged:
+        if staged or detects:
             pthread_mutex_lock(&st.mu)
             st.n = staged
+            st.n_detect = detects
             st.pending = True
             pthread_cond_signal(&st.work)
             pthread_mutex_unlock(&st.mu)

@@ -308,13 +308,16 @@ def test_states_are_named_enums_and_refuse_other_values():
     b.close()
 
 
-def test_inband_dtmf_detected_on_the_clock():
+@pytest.mark.parametrize("send_thread", [False, True], ids=["tick", "sender"])
+def test_inband_dtmf_detected_on_the_clock(send_thread):
+    """Detected on the tick itself, or on the sender thread (then the digit comes with
+    the next tick: one tick later, never lost or doubled)."""
     import numpy as np
 
     from ext.g711_py import ulaw_encode
 
     hub = rtp.RtpHub()
-    clock = rtp.MediaClock()
+    clock = rtp.MediaClock(send_thread=send_thread)
     s_sock, x = udp(), udp()
     s = rtp.RtpStream(s_sock)
     hub.add(s)
@@ -326,12 +329,22 @@ def test_inband_dtmf_detected_on_the_clock():
     digit7 = (6000 * (np.sin(2 * np.pi * 852 * t) + np.sin(2 * np.pi * 1209 * t))).astype(np.int16)
     audio = np.concatenate([digit7, np.zeros(160 * 5, dtype=np.int16)])
     events = []
+    at = []
     for k in range(10):
         x.sendto(packet(k, 160 * k, payload=ulaw_encode(audio[160 * k:160 * (k + 1)])),
                  s_sock.getsockname())
         settle(hub)
-        events += clock.tick() or []
-    assert [e for e in events if e[1] == "dtmf"] == [(3, "dtmf", "7")]
+        got = [e for e in clock.tick() or [] if e[1] == "dtmf"]
+        events += got
+        at += [k] * len(got)
+    events += [e for e in clock.tick() or [] if e[1] == "dtmf"]
+    assert events == [(3, "dtmf", "7")]
+    tick_of_digit = at[0] if at else 10
+    assert tick_of_digit == (2 if send_thread else 1), at
+    # Switching detection off waits for the sender: the detector is never freed under it.
+    ch.detect_dtmf(False)
+    assert not ch.detecting
+    clock.close()
     hub.close()
 
 
