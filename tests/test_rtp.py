@@ -503,3 +503,49 @@ def test_media_clock_sender_thread_keeps_the_tick_grid_under_the_engine():
         s_sock.close()
     finally:
         loop.close()
+
+
+async def test_a_call_without_media_holds_no_rtcp_socket_until_rtp_arrives():
+    """One descriptor per held call: the RTCP port (RTP + 1) is bound only once the far
+    end's RTP has arrived, and then sender reports go out from it."""
+    from engine.media import rtcp
+
+    async with running_engine() as eng:
+        eng.media.rtcp_interval = 0.1
+        eng.media._rtcp_handle.cancel()
+        eng.media._rtcp_handle = asyncio.get_running_loop().call_later(0.1, eng.media._rtcp)
+        c = UdpClient("127.0.0.1", eng.sip_port)
+        media = udp()
+        port = media.getsockname()[1]
+        ctrl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            ctrl.bind(("127.0.0.1", port + 1))
+        except OSError:
+            pytest.skip("RTCP port of the test endpoint is taken")
+        ctrl.setblocking(False)
+        call = Call(c)
+        c.send(call.request("INVITE", SDP_OFFER.format(port=port)))
+        ok = await c.expect(200)
+        call.to_tag = ok.to_tag
+        c.send(call.request("ACK"))
+        engine_rtp = int(ok.body.split(b"m=audio ")[1].split()[0])
+        leg = next(iter(eng.sessions.values())).legs[0]
+        await asyncio.sleep(0.5)                 # five RTCP rounds without media
+        assert leg.ports.rtcp is None and not drain(ctrl)
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", engine_rtp + 1))   # the port is not held meanwhile
+        probe.close()
+        for i in range(15):
+            media.sendto(packet(i, 160 * i), ("127.0.0.1", engine_rtp))
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        assert leg.ports.rtcp is not None
+        assert leg.ports.rtcp.getsockname()[1] == engine_rtp + 1
+        got = drain(ctrl)
+        assert got and got[-1][1] == rtcp.SR
+        call.cseq = 2
+        c.send(call.request("BYE"))
+        await c.expect(200)
+        c.close()
+        media.close()
+        ctrl.close()

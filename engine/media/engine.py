@@ -75,6 +75,8 @@ class MediaEngine:
     # -- streams and channels ----------------------------------------------------
     def stream(self, sock, payload_type: int = 0, dtmf_pt: int | None = None,
                rtcp_sock=None, owner=None):
+        """`rtcp_sock`: the RTCP socket, or a callable that binds it (called once the
+        far end's RTP has arrived: a call without media holds no RTCP socket)."""
         s = rtp.RtpStream(sock, payload_type, -1 if dtmf_pt is None else dtmf_pt)
         self.hub.add(s)
         self.streams[id(s)] = s
@@ -107,6 +109,16 @@ class MediaEngine:
 
     def _rtcp_stream(self, rtcp, entry: list) -> None:
         stream, sock, owner, _last_sr = entry
+        if callable(sock):
+            # Bound once the far end's RTP arrives: a call held without media (the far end
+            # silent) keeps one descriptor, not two, however long it lasts.
+            if not stream.rx_packets:
+                return
+            sock = sock()
+            if sock is None:
+                self.rtcp.pop(id(stream), None)    # the port is taken: no RTCP for this call
+                return
+            entry[1] = sock
         try:
             while True:
                 data = sock.recv(2048)
