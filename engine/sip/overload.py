@@ -22,8 +22,8 @@ RFC 7339 (loss-based overload control): a peer that puts `oc` in its Via says it
 itself. While the engine is overloaded, every response to such a request carries in its top
 Via `oc=<percent>;oc-algo="loss";oc-validity=<ms>;oc-seq=<seconds>`: the share of new
 requests the peer should not send for the next `oc-validity` milliseconds. Once overload is
-over, responses say `oc=0;oc-validity=0` for a while (RFC 7339 5.2: control ends). A peer
-whose `oc-algo` list does not name "loss" gets nothing (loss is the only algorithm here).
+over, responses say `oc=0;oc-validity=0` for a while (an oc-validity of 0 ends the control).
+A peer whose `oc-algo` list does not name "loss" gets nothing (the only algorithm here).
 """
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ class Overload:
             self.oc_until = time.monotonic() + OC_LINGER
         if reduction != self.oc_reduction or not self.oc_seq:
             self.oc_reduction = reduction
-            # oc-seq only grows (RFC 7339 5.2): a peer keeps the newest value it saw
+            # oc-seq only grows (RFC 7339): a peer keeps the newest value it saw
             self.oc_seq = _oc_seq(self.oc_seq)
 
     def via_params(self, msg) -> str:
