@@ -137,6 +137,8 @@ def engine_config(data: str, sip_port: int) -> dict:
                    "data_dir": data, "log_level": "warning"},
         "media": {"address": "127.0.0.1", "rtp_port_min": 30000, "rtp_port_max": 42000,
                   "rtp_timeout": 600},
+        # One SIPp source places every held call: not a flood from one caller.
+        "security": {"max_setup_per_source": 0},
         "vendors": {"bench": {"secret": SECRET, "modules": ["bench.play", "bench.next"],
                               "offer_timeout": 5.0, "files_dir": data}},
         "modules": {"bench.play": {"vendor": "bench"}, "bench.next": {"vendor": "bench"}},
