@@ -134,6 +134,7 @@ class MediaClock:
     ticks: int
     frames_sent: int
     send_batches: int      # batches handed to the sender thread
+    send_thread_min: int   # fewer channels: the tick sends (and detects DTMF) itself
     def __init__(self, send_thread: bool = False) -> None: ...
     @property
     def send_thread(self) -> bool: ...

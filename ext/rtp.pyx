@@ -940,10 +940,12 @@ cdef class MediaClock:
     cdef list detecting          # the Channel of each detection handed over (kept alive)
     cdef list held_events        # digits the sender detected, reported by the next tick
     cdef readonly uint64_t send_batches
+    cdef public int send_thread_min   # fewer channels than this: the tick sends and detects itself
 
     def __cinit__(self):
         self.sender = NULL
         self.capacity = 0
+        self.send_thread_min = 0
         self.in_flight = []
         self.detecting = []
         self.held_events = []
@@ -1110,6 +1112,11 @@ cdef class MediaClock:
             if self.held_events:
                 events = self.held_events
                 self.held_events = []
+        if st is not NULL and len(self.order) < self.send_thread_min:
+            # A few channels cost the loop next to nothing, and frames sent from the tick
+            # itself leave on its grid, without the thread's wake-up jitter.
+            st = NULL
+        if st is not NULL:
             if self.capacity < len(self.order):
                 n = len(self.order) + 64
                 grown = <tx_entry*>realloc(st.entries, n * sizeof(tx_entry))

@@ -19,6 +19,9 @@ from ext.kernels import rtp
 log = logging.getLogger("baton.media")
 
 PTIME = 0.020
+# Below this many channels a tick sends its frames itself (well under a millisecond): the
+# sender thread's wake-up, late on a busy machine, would only jitter them.
+SEND_THREAD_MIN = 128
 LAW_OF_PT = {0: rtp.LAW_ULAW, 8: rtp.LAW_ALAW}
 
 
@@ -28,6 +31,7 @@ class MediaEngine:
         self.loop = loop
         self.hub = rtp.RtpHub()
         self.clock = rtp.MediaClock(send_thread=send_thread)
+        self.clock.send_thread_min = SEND_THREAD_MIN
         self.inactivity_timeout = inactivity_timeout
         self.hold_timeout = hold_timeout
         self._ids = itertools.count(1)
