@@ -7,8 +7,11 @@ engine:
 
 1. idle: SIPp's uac holds --idle calls open without RTP; the engine's RSS before and with
    them all up gives the memory per idle held session (the floor: 10,000 in under 2 GB).
-   Each session holds two sockets (RTP, RTCP): the process's descriptor limit must allow
-   twice the sessions (the result names the hard limit).
+   Each session holds one socket (RTP; its RTCP socket is bound only once RTP arrives),
+   so the process's descriptor limit must allow the sessions and a few thousand more. The
+   engine raises its soft limit to the hard one at start; where it may (root with
+   CAP_SYS_RESOURCE, as in CI), this script first raises the hard limit that SIPp and the
+   engine inherit (prlimit); the result gives the limits it ran with (`fd_limit`).
 2. media: for each count in --media, SIPp holds that many calls, each playing G.711 A-law
    (sip-tester's g711a.pcap) that the engine echoes back; with every call up, the engine's
    /metrics give packets lost on the way in (RFC 3550 A.3) and late 20 ms media ticks. The
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
 import shutil
@@ -53,6 +57,10 @@ rtp_hold_timeout = 3600
 
 [overload]
 max_calls_in_setup = 100000
+
+[security]
+# One SIPp source places every call: its burst is not a flood from one caller.
+max_setup_per_source = 0
 
 [accounts.bench.numbers."1000"]
 module = "baton.echo"
@@ -135,12 +143,90 @@ def hold_calls(eng: Engine, calls: int, rate: float, hold_ms: int, workdir: Path
     return proc, False
 
 
+def raise_fd_limit(sessions: int) -> dict[str, Any]:
+    """Descriptors for `sessions` held calls (two sockets each, plus the engine's own and
+    SIPp's): the soft limit up to the hard one, and, when privileged, the hard limit up
+    (children inherit both). What the limits were and became."""
+    want = 2 * sessions + 4096
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    out: dict[str, Any] = {"fd_limit_before": [soft, hard]}
+    if hard < want and os.geteuid() == 0:
+        try:
+            resource.prlimit(0, resource.RLIMIT_NOFILE, (want, want))
+        except (ValueError, OSError) as exc:   # above fs.nr_open, or no CAP_SYS_RESOURCE
+            out["fd_limit_error"] = str(exc)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < min(want, hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    out["fd_limit"] = list(resource.getrlimit(resource.RLIMIT_NOFILE))
+    return out
+
+
+def write_inactive_scenario(workdir: Path, hold_ms: int) -> Path:
+    """A uac scenario whose offer is `a=inactive` (RFC 3264 6.1: the caller holds the call):
+    neither side sends RTP; BYE after HOLD_MS."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    head = """      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>{to_tag}
+      Call-ID: [call_id]
+      CSeq: {cseq}
+      Contact: sip:sipp@[local_ip]:[local_port]
+      Max-Forwards: 70"""
+    scenario = workdir / "uac_inactive.xml"
+    scenario.write_text(f"""<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="uac holding the call without media">
+  <send retrans="500">
+    <![CDATA[
+      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+{head.format(to_tag="", cseq="1 INVITE")}
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=sipp 1 1 IN IP[local_ip_type] [local_ip]
+      s=-
+      c=IN IP[media_ip_type] [media_ip]
+      t=0 0
+      m=audio [media_port] RTP/AVP 0
+      a=rtpmap:0 PCMU/8000
+      a=inactive
+    ]]>
+  </send>
+  <recv response="100" optional="true"/>
+  <recv response="180" optional="true"/>
+  <recv response="183" optional="true"/>
+  <recv response="200" rtd="true"/>
+  <send>
+    <![CDATA[
+      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+{head.format(to_tag="[peer_tag_param]", cseq="1 ACK")}
+      Content-Length: 0
+    ]]>
+  </send>
+  <pause milliseconds="{hold_ms}"/>
+  <send retrans="500">
+    <![CDATA[
+      BYE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+{head.format(to_tag="[peer_tag_param]", cseq="2 BYE")}
+      Content-Length: 0
+    ]]>
+  </send>
+  <recv response="200" crlf="true"/>
+</scenario>
+""")
+    return scenario
+
+
 def idle_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    eng = Engine(args.baton, 2 * args.idle + 64, args.ready_timeout)
+    limits = raise_fd_limit(args.idle)
+    scenario = write_inactive_scenario(work / "idle", 3_600_000) if args.idle_inactive else None
+    # Spare pairs: ports other processes hold in the range are skipped, not waited for.
+    eng = Engine(args.baton, 2 * args.idle + 2048, args.ready_timeout)
     try:
         time.sleep(1.0)
         rss0 = eng.rss()
-        proc, up = hold_calls(eng, args.idle, args.idle_rate, 3_600_000, work / "idle", None,
+        proc, up = hold_calls(eng, args.idle, args.idle_rate, 3_600_000, work / "idle", scenario,
                               args.idle / args.idle_rate * 3 + 30)
         time.sleep(1.0)
         m = eng.metrics()
@@ -149,9 +235,11 @@ def idle_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         common.stop_process(proc, timeout=5.0)
         stat = common._parse_sipp_stat(work / "idle" / "stat.csv")
         return {"calls": args.idle, "held": held, "all_up": up,
+                "offer": "a=inactive" if args.idle_inactive else "sendrecv",
+                "engine_rtp_out": int(m.get('baton_rtp_packets_total{direction="out"}', 0)),
                 "failed": int(stat.get("FailedCall(C)", "0") or 0), **refusals(m),
-                # each session holds an RTP and an RTCP socket: the descriptors bound it
-                "fd_hard_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+                # each session holds its RTP socket: the descriptors bound the count
+                "fd_hard_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1], **limits,
                 "rss_before_mb": round(rss0 / 2**20, 1), "rss_held_mb": round(rss1 / 2**20, 1),
                 "kb_per_session": round((rss1 - rss0) / max(held, 1) / 1024, 1),
                 "under_2gb": rss1 < 2 * 2**30}
@@ -232,6 +320,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="calls held without media (default: %(default)s; 0: skip)")
     p.add_argument("--idle-rate", type=float, default=500.0,
                    help="calls/s placing them (default: %(default)s)")
+    p.add_argument("--idle-inactive", action="store_true",
+                   help="the held calls offer a=inactive (held by the caller: no RTP either "
+                        "way); by default they offer sendrecv and send nothing, and the engine "
+                        "sends its module's silence")
     p.add_argument("--media", default="100,200,400,600,800",
                    help="concurrent calls with media, comma-separated, each measured on a "
                         "fresh engine (default: %(default)s)")

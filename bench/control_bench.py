@@ -137,8 +137,10 @@ def engine_config(data: str, sip_port: int) -> dict:
                    "data_dir": data, "log_level": "warning"},
         "media": {"address": "127.0.0.1", "rtp_port_min": 30000, "rtp_port_max": 42000,
                   "rtp_timeout": 600},
+        # One SIPp source places every held call: not a flood from one caller.
+        "security": {"max_setup_per_source": 0},
         "vendors": {"bench": {"secret": SECRET, "modules": ["bench.play", "bench.next"],
-                              "offer_timeout": 5.0}},
+                              "offer_timeout": 5.0, "files_dir": data}},
         "modules": {"bench.play": {"vendor": "bench"}, "bench.next": {"vendor": "bench"}},
         "apps": {"handoff": {"start": "a", "nodes": {
             "a": {"module": "bench.play", "outlets": {"next": "b"}},
@@ -159,6 +161,8 @@ async def run_main(args) -> dict:
     write_tone(tone)
     eng = Engine(from_dict(engine_config(data, sip_port), "<bench>"))
     await eng.start()
+    if args.inline_send:
+        eng.media.clock.close()    # the baseline: every tick sends its frames on the loop
     applied: dict[str, int] = {}
     eng.control.hub.trace = lambda what, sid, cid, t: applied.__setitem__(cid, t)
     ticks = TimedClock(eng.media.clock)
@@ -217,7 +221,7 @@ async def run_main(args) -> dict:
         wire = [p["wire_ms"] for p in res["plays"] if p.get("wire_ms") is not None]
         missed = sum(1 for p in res["plays"] if p.get("wire_ms") is None)
         return {
-            "bench": "control", "sessions": held,
+            "bench": "control", "sessions": held, "send_thread": not args.inline_send,
             "probe_sessions": args.probes, "plays": len(res["plays"]),
             "plays_without_onset": missed,
             "command_to_media_control": summary(control),
@@ -478,6 +482,8 @@ def main(argv=None) -> int:
     p.add_argument("--rate-seconds", type=float, default=5.0,
                    help="each background session gets a play this often")
     p.add_argument("--no-files", action="store_true", help="print only, write no result file")
+    p.add_argument("--inline-send", action="store_true",
+                   help="the media clock sends its frames on the event loop (no sender thread)")
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--sip", help=argparse.SUPPRESS)
     p.add_argument("--tone", help=argparse.SUPPRESS)

@@ -31,7 +31,12 @@ from ext.includes.epoll cimport (epoll_event, epoll_create1, epoll_ctl, epoll_wa
 from ext.g711 cimport ulaw_encode_buffer, ulaw_decode_buffer, alaw_encode_buffer, alaw_decode_buffer
 from ext.mix cimport Conference, conf_put_pcm, conf_mix, conf_out_pcm
 from ext.dtmf cimport dtmf_state, dtmf_event, dtmf_init, dtmf_process, dtmf_free
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, free, realloc
+from ext.includes.pthread cimport (pthread_t, pthread_mutex_t, pthread_cond_t, pthread_create,
+                                   pthread_join, pthread_mutex_init, pthread_mutex_destroy,
+                                   pthread_mutex_lock, pthread_mutex_unlock, pthread_cond_init,
+                                   pthread_cond_destroy, pthread_cond_wait, pthread_cond_signal,
+                                   pthread_cond_broadcast)
 
 import enum as _enum
 import os
@@ -119,6 +124,66 @@ cdef inline int64_t kernel_stamp(msghdr* h) noexcept nogil:
 
 
 init_rx_headers()
+
+
+# The media clock's sender thread. A tick encodes every channel's frame into a
+# batch and hands it over; the thread sends it with no Python (and no GIL) in
+# the way, so the event loop goes back to its other work (SIP, the control
+# API) while the kernel delivers the frames. One batch is in flight at a time.
+ctypedef struct tx_entry:
+    int fd
+    socklen_t addrlen
+    int length
+    ssize_t result
+    sockaddr_storage addr
+    uint8_t data[12 + FRAME]
+
+ctypedef struct detect_entry:
+    dtmf_state* dtmf    # the channel's detector (the channel is kept alive meanwhile)
+    int nev
+    int16_t pcm[FRAME]
+    dtmf_event events[8]
+
+ctypedef struct sender_state:
+    pthread_mutex_t mu
+    pthread_cond_t work
+    pthread_cond_t done
+    bint pending        # a batch is handed over and not yet sent
+    bint stop
+    int n
+    tx_entry* entries
+    int n_detect        # in-band DTMF detection of the same tick, after the sends
+    detect_entry* detects
+
+
+cdef void* sender_main(void* arg) noexcept nogil:
+    cdef sender_state* st = <sender_state*>arg
+    cdef tx_entry* e
+    cdef int i, n
+    while True:
+        pthread_mutex_lock(&st.mu)
+        while not st.pending and not st.stop:
+            pthread_cond_wait(&st.work, &st.mu)
+        if not st.pending:
+            pthread_mutex_unlock(&st.mu)
+            return NULL
+        n = st.n
+        pthread_mutex_unlock(&st.mu)
+        # Linux has no send call that spans sockets (sendmmsg is one socket's
+        # batch, and every channel has its own): one sendto per channel, here.
+        for i in range(n):
+            e = &st.entries[i]
+            e.result = sendto(e.fd, e.data, e.length, MSG_DONTWAIT, <sockaddr*>&e.addr,
+                              e.addrlen)
+        # In-band DTMF (ITU-T Q.24) is the tick's costliest work per channel: it runs
+        # here too, and its digits are reported with the next tick.
+        for i in range(st.n_detect):
+            st.detects[i].nev = dtmf_process(st.detects[i].dtmf, st.detects[i].pcm, FRAME,
+                                             st.detects[i].events, 8)
+        pthread_mutex_lock(&st.mu)
+        st.pending = False
+        pthread_cond_broadcast(&st.done)
+        pthread_mutex_unlock(&st.mu)
 
 
 cdef inline int64_t now_ns() noexcept nogil:
@@ -619,11 +684,12 @@ cdef class RtpStream:
             ulaw_decode_buffer(frame, pcm, FRAME)
         return 1
 
-    cdef int send_pcm(self, const int16_t* pcm, int64_t now) noexcept nogil:
-        """Encode one frame and send it with the next sequence number and timestamp."""
-        cdef uint8_t* p = tx_frame
+    cdef int frame_pcm(self, const int16_t* pcm, int64_t now, uint8_t* p) noexcept nogil:
+        """Encode one frame into `p` (12 + FRAME octets) with the next sequence number
+        and timestamp; 0 when this stream sends nothing."""
         cdef int64_t elapsed
         cdef uint32_t step = FRAME
+        cdef uint8_t marker = 0
         if not self.can_send():
             return 0
         if self.resync:
@@ -631,22 +697,37 @@ cdef class RtpStream:
                 elapsed = (now - self.tx_last_ns) // 125000
                 if elapsed > FRAME:
                     step = <uint32_t>(elapsed if elapsed < 8000 * 60 else 8000 * 60)
-            p[1] = 0x80
+            marker = 0x80
             self.resync = False
-        else:
-            p[1] = 0
         self.tx_seq = <uint16_t>(self.tx_seq + 1)
         self.tx_ts = self.tx_ts + step
         self.tx_last_ns = now
-        put_header(p, p[1] | (self.payload_type & 0x7F), self.tx_seq, self.tx_ts, self.tx_ssrc)
+        put_header(p, marker | (self.payload_type & 0x7F), self.tx_seq, self.tx_ts, self.tx_ssrc)
         if self._law == C_LAW_ALAW:
             alaw_encode_buffer(pcm, p + 12, FRAME)
         else:
             ulaw_encode_buffer(pcm, p + 12, FRAME)
-        if sendto(self.fd, p, 12 + FRAME, MSG_DONTWAIT, <sockaddr*>&self.remote,
+        return 1
+
+    cdef int send_pcm(self, const int16_t* pcm, int64_t now) noexcept nogil:
+        """Encode one frame and send it now (the clock without a sender thread)."""
+        if not self.frame_pcm(pcm, now, tx_frame):
+            return 0
+        if sendto(self.fd, tx_frame, 12 + FRAME, MSG_DONTWAIT, <sockaddr*>&self.remote,
                   addr_len(&self.remote)) > 0:
             self.tx_packets += 1
             self.tx_bytes += 12 + FRAME
+        return 1
+
+    cdef int stage_pcm(self, const int16_t* pcm, int64_t now, tx_entry* e) noexcept nogil:
+        """Encode one frame into a sender batch entry (sent by the sender thread)."""
+        if not self.frame_pcm(pcm, now, e.data):
+            return 0
+        e.fd = self.fd
+        e.addr = self.remote
+        e.addrlen = addr_len(&self.remote)
+        e.length = 12 + FRAME
+        e.result = -1
         return 1
 
     def send_event(self, int code, int duration, bint end, bint first, int volume=10):
@@ -823,6 +904,7 @@ cdef class Channel:
     cdef public bint receiving
     cdef dtmf_state* dtmf
     cdef dtmf_event dtmf_events[8]
+    cdef object clock              # the MediaClock it is on (its sender may use `dtmf`)
 
     def __init__(self, int id, RtpStream stream):
         self.id = id
@@ -878,6 +960,8 @@ cdef class Channel:
 
     def detect_dtmf(self, bint on=True):
         """In-band DTMF detection (ITU-T Q.24) on what this channel hears."""
+        if self.clock is not None and (on != (self.dtmf is not NULL)):
+            self.clock.sync()    # the sender thread may be running this detector
         if on and self.dtmf is NULL:
             self.dtmf = <dtmf_state*>malloc(sizeof(dtmf_state))
             if self.dtmf is NULL or dtmf_init(self.dtmf, 8000) != 0:
@@ -906,21 +990,137 @@ cdef class MediaClock:
     cdef dict conferences   # id(conference) -> [conference, members]
     cdef readonly uint64_t ticks
     cdef readonly uint64_t frames_sent
+    cdef sender_state* sender    # NULL: each tick sends its frames itself
+    cdef pthread_t sender_thread
+    cdef int capacity            # entries allocated in sender.entries
+    cdef list in_flight          # the RtpStream of each entry handed over (kept alive)
+    cdef list detecting          # the Channel of each detection handed over (kept alive)
+    cdef list held_events        # digits the sender detected, reported by the next tick
+    cdef readonly uint64_t send_batches
+    cdef public int send_thread_min   # fewer channels than this: the tick sends and detects itself
 
-    def __init__(self):
+    def __cinit__(self):
+        self.sender = NULL
+        self.capacity = 0
+        self.send_thread_min = 0
+        self.in_flight = []
+        self.detecting = []
+        self.held_events = []
+
+    def __init__(self, bint send_thread=False):
+        """`send_thread`: send each tick's frames from a thread of the kernel's own
+        (the tick returns once they are encoded) instead of on the caller's."""
         self.channels = {}
         self.order = []
         self.conferences = {}
+        if send_thread and self.sender is NULL:
+            self._start_sender()
+
+    def __dealloc__(self):
+        self._stop_sender()
+
+    cdef int _start_sender(self) except -1:
+        cdef sender_state* st = <sender_state*>malloc(sizeof(sender_state))
+        if st is NULL:
+            raise MemoryError()
+        memset(st, 0, sizeof(sender_state))
+        pthread_mutex_init(&st.mu, NULL)
+        pthread_cond_init(&st.work, NULL)
+        pthread_cond_init(&st.done, NULL)
+        if pthread_create(&self.sender_thread, NULL, sender_main, st) != 0:
+            pthread_cond_destroy(&st.done)
+            pthread_cond_destroy(&st.work)
+            pthread_mutex_destroy(&st.mu)
+            free(st)
+            raise OSError("media clock: the sender thread could not be started")
+        self.sender = st
+        return 0
+
+    cdef void _stop_sender(self) noexcept:
+        cdef sender_state* st = self.sender
+        if st is NULL:
+            return
+        # The GIL stays held here and below: the sender never takes it, and giving it up
+        # on the loop's thread would let another thread keep it for a switch interval.
+        pthread_mutex_lock(&st.mu)
+        st.stop = True
+        pthread_cond_signal(&st.work)
+        pthread_mutex_unlock(&st.mu)
+        pthread_join(self.sender_thread, NULL)
+        self._reap()
+        self.sender = NULL
+        pthread_cond_destroy(&st.done)
+        pthread_cond_destroy(&st.work)
+        pthread_mutex_destroy(&st.mu)
+        free(st.entries)
+        free(st.detects)
+        free(st)
+        self.capacity = 0
+
+    cdef void _reap(self) noexcept:
+        """Count what the last batch sent on each stream (the batch is done)."""
+        cdef RtpStream s
+        cdef Channel ch
+        cdef tx_entry* e
+        cdef detect_entry* d
+        cdef Py_ssize_t i
+        cdef int k
+        if self.in_flight:
+            for i in range(len(self.in_flight)):
+                s = <RtpStream>self.in_flight[i]
+                e = &self.sender.entries[i]
+                if e.result > 0:
+                    s.tx_packets += 1
+                    s.tx_bytes += e.length
+            self.in_flight = []
+        if self.detecting:
+            for i in range(len(self.detecting)):
+                ch = <Channel>self.detecting[i]
+                d = &self.sender.detects[i]
+                for k in range(d.nev):
+                    self.held_events.append((ch.id, "dtmf", chr(d.events[k].digit)))
+            self.detecting = []
+            self.sender.n_detect = 0
+
+    cdef void _wait(self) noexcept:
+        cdef sender_state* st = self.sender
+        if st is NULL:
+            return
+        pthread_mutex_lock(&st.mu)
+        while st.pending:
+            pthread_cond_wait(&st.done, &st.mu)
+        pthread_mutex_unlock(&st.mu)
+        self._reap()
+
+    @property
+    def send_thread(self):
+        """True while a sender thread sends the ticks' frames."""
+        return self.sender is not NULL
+
+    def sync(self):
+        """Return once the last tick's frames are handed to the kernel (and counted
+        in their streams' `tx_packets`). A no-op without a sender thread."""
+        self._wait()
+
+    def close(self):
+        """Send what is in flight and stop the sender thread; later ticks send
+        their frames themselves."""
+        self._stop_sender()
 
     def add(self, Channel ch):
         if ch.id not in self.channels:
             self.channels[ch.id] = ch
+            ch.clock = self
             self.order.append(ch)
             if ch.conference is not None:
                 self._track(ch.conference, 1)
 
     def remove(self, Channel ch):
+        # The caller may close the channel's socket next: no frame of it may still
+        # be waiting for the sender thread (whose fd could then be reused).
+        self._wait()
         if self.channels.pop(ch.id, None) is not None:
+            ch.clock = None
             self.order.remove(ch)
             if ch.conference is not None:
                 self._track(ch.conference, -1)
@@ -958,7 +1158,33 @@ cdef class MediaClock:
         cdef int64_t now = now_ns()
         cdef list events = None
         cdef int i, n
+        cdef int staged = 0
+        cdef sender_state* st = self.sender
+        cdef tx_entry* grown
+        cdef detect_entry* grown_d
+        cdef int detects = 0
         self.ticks += 1
+        if st is not NULL:
+            self._wait()     # the last tick's batch (long gone at 20 ms a tick)
+            if self.held_events:
+                events = self.held_events
+                self.held_events = []
+        if st is not NULL and len(self.order) < self.send_thread_min:
+            # A few channels cost the loop next to nothing, and frames sent from the tick
+            # itself leave on its grid, without the thread's wake-up jitter.
+            st = NULL
+        if st is not NULL:
+            if self.capacity < len(self.order):
+                n = len(self.order) + 64
+                grown = <tx_entry*>realloc(st.entries, n * sizeof(tx_entry))
+                if grown is NULL:
+                    raise MemoryError()
+                st.entries = grown
+                grown_d = <detect_entry*>realloc(st.detects, n * sizeof(detect_entry))
+                if grown_d is NULL:
+                    raise MemoryError()
+                st.detects = grown_d
+                self.capacity = n
         # 1. what everyone hears
         for ch in self.order:
             s = ch.stream
@@ -970,7 +1196,13 @@ cdef class MediaClock:
                     events = []
                 for digit, duration in s.take_events():
                     events.append((ch.id, "dtmf", digit))
-            if ch.dtmf is not NULL:
+            if ch.dtmf is not NULL and st is not NULL:
+                st.detects[detects].dtmf = ch.dtmf
+                memcpy(st.detects[detects].pcm, ch.rx_pcm, sizeof(ch.rx_pcm))
+                st.detects[detects].nev = 0
+                self.detecting.append(ch)
+                detects += 1
+            elif ch.dtmf is not NULL:
                 n = dtmf_process(ch.dtmf, ch.rx_pcm, FRAME, ch.dtmf_events, 8)
                 for i in range(n):
                     if events is None:
@@ -1015,6 +1247,19 @@ cdef class MediaClock:
                     memcpy(ch.tx_pcm, mixed, sizeof(ch.tx_pcm))
             else:
                 continue
-            if s.send_pcm(ch.tx_pcm, now):
+            if st is NULL:
+                if s.send_pcm(ch.tx_pcm, now):
+                    self.frames_sent += 1
+            elif s.stage_pcm(ch.tx_pcm, now, &st.entries[staged]):
+                self.in_flight.append(s)
+                staged += 1
                 self.frames_sent += 1
+        if staged or detects:
+            pthread_mutex_lock(&st.mu)
+            st.n = staged
+            st.n_detect = detects
+            st.pending = True
+            pthread_cond_signal(&st.work)
+            pthread_mutex_unlock(&st.mu)
+            self.send_batches += 1
         return events

@@ -267,3 +267,128 @@ async def test_overload_refuses_new_texts_and_keeps_texts_inside_calls():
             fresh.close()
     finally:
         transport.close()
+
+
+def _with_oc(data: bytes, params: str = ";oc") -> bytes:
+    """The request with RFC 7339 parameters added to its (only) Via."""
+    head, sep, rest = data.partition(b"\r\nVia: ")
+    via, crlf, tail = rest.partition(b"\r\n")
+    return head + sep + via + params.encode() + crlf + tail
+
+
+def _oc_params(m) -> dict:
+    """The oc parameters the engine put in a response's top Via: from its `oc=` on (what
+    the peer sent, a bare `oc` and its `oc-algo` list, comes before)."""
+    via = m.headers["via"][0]
+    if ";oc=" not in via:
+        return {}
+    out = {}
+    for p in via[via.index(";oc=") + 1:].split(";"):
+        name, _, value = p.partition("=")
+        out[name.strip()] = value.strip()
+    return out
+
+
+async def test_rfc7339_oc_peers_are_told_the_loss_percentage_while_overloaded():
+    import re
+
+    transport, far = await far_end(final=None)  # rings forever
+    try:
+        async with running_engine(overload_config(far.port)) as eng:
+            ov = eng.sip.overload
+            # Not overloaded: an oc peer's call gets no oc parameters.
+            calm = Caller(eng, "1000")
+            calm.c.send(_with_oc(calm.call.request(
+                "INVITE", SDP_OFFER.format(port=calm.media.getsockname()[1]))))
+            m = await calm.c.expect(200)
+            assert _oc_params(m) == {}
+            calm.call.to_tag = m.to_tag
+            calm.c.send(calm.call.request("ACK"))
+
+            ringing = [Caller(eng, "2000") for _ in range(3)]
+            for c in ringing:
+                c.c.send(c.call.request("INVITE", SDP_OFFER.format(port=c.media.getsockname()[1])))
+                await c.c.expect(100, skip_provisional=False)
+            assert ov.active and ov.setup_full
+
+            # An oc peer's refused INVITE: every new INVITE is refused, so 100 % (loss).
+            new = Caller(eng, "1000")
+            invite = _with_oc(new.call.request(
+                "INVITE", SDP_OFFER.format(port=new.media.getsockname()[1])))
+            new.c.send(invite)
+            m = await new.c.expect(503, skip_provisional=False)
+            oc = _oc_params(m)
+            assert oc["oc"] == "100" and oc["oc-algo"] == '"loss"'
+            assert oc["oc-validity"] == "500"
+            assert re.fullmatch(r"\d{1,12}\.\d{1,5}", oc["oc-seq"])
+            assert m.headers["via"][0].startswith(
+                f"SIP/2.0/UDP 127.0.0.1:{new.c.local_port};branch={new.call.branch};oc;oc=100")
+            seq_overloaded = float(oc["oc-seq"])
+            # Its retransmission: the same 503 (from memory), the same parameters.
+            new.c.send(invite)
+            assert _oc_params(await new.c.expect(503, skip_provisional=False)) == oc
+
+            # A peer without oc gets none; one whose oc-algo does not name loss neither.
+            plain = Caller(eng, "1000")
+            plain.c.send(plain.call.request(
+                "INVITE", SDP_OFFER.format(port=plain.media.getsockname()[1])))
+            assert _oc_params(await plain.c.expect(503, skip_provisional=False)) == {}
+            other = Caller(eng, "1000")
+            other.c.send(_with_oc(other.call.request(
+                "INVITE", SDP_OFFER.format(port=other.media.getsockname()[1])),
+                ';oc;oc-algo="rate"'))
+            assert _oc_params(await other.c.expect(503, skip_provisional=False)) == {}
+            # A peer listing loss among others is answered with loss.
+            listing = Caller(eng, "1000")
+            listing.c.send(_with_oc(listing.call.request(
+                "INVITE", SDP_OFFER.format(port=listing.media.getsockname()[1])),
+                ';oc;oc-algo="rate,loss"'))
+            oc2 = _oc_params(await listing.c.expect(503, skip_provisional=False))
+            assert oc2["oc"] == "100" and oc2["oc-algo"] == '"loss"'
+
+            # Other responses to an oc peer carry it too (an out-of-dialog OPTIONS).
+            probe = UdpClient("127.0.0.1", eng.sip_port)
+            probe.send(_with_oc(options("127.0.0.1", eng.sip_port, probe.local_port)))
+            assert _oc_params(await probe.expect(200))["oc"] == "100"
+
+            # Overload over: the oc peer is told so (oc=0, validity 0) with a newer oc-seq.
+            await cancelled(ringing[0])
+            await cancelled(ringing[1])
+            assert not ov.active
+            after = Caller(eng, "1000")
+            after.c.send(_with_oc(after.call.request(
+                "INVITE", SDP_OFFER.format(port=after.media.getsockname()[1]))))
+            m = await after.c.expect(200)
+            oc3 = _oc_params(m)
+            assert oc3["oc"] == "0" and oc3["oc-validity"] == "0" and oc3["oc-algo"] == '"loss"'
+            assert float(oc3["oc-seq"]) > seq_overloaded
+            after.call.to_tag = m.to_tag
+            after.c.send(after.call.request("ACK"))
+            await after.bye()
+            await calm.bye()
+            await cancelled(ringing[2])
+            probe.close()
+            for c in [calm, new, plain, other, listing, after, *ringing]:
+                c.c.close()
+                c.media.close()
+    finally:
+        transport.close()
+
+
+def test_rfc7339_loss_percentage_follows_the_admitted_share():
+    """Throttled: the share of offered new INVITEs the token bucket refuses is the loss
+    percentage asked of oc peers; oc-seq grows with every change."""
+    from engine.sip.overload import Overload
+
+    ov = Overload()
+    ov.throttled = ov.active = True
+    ov.admit_rate, ov._offered = 100.0, 400.0
+    ov._oc_look()
+    assert ov.oc_reduction == 75
+    first = float(ov.oc_seq)
+    ov.admit_rate = 380.0
+    ov._oc_look()
+    assert ov.oc_reduction == 5 and float(ov.oc_seq) > first
+    ov.throttled = ov.active = False
+    ov._oc_look()
+    assert ov.oc_reduction == 0 and ov.oc_until > 0

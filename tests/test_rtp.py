@@ -374,13 +374,16 @@ def test_states_are_named_enums_and_refuse_other_values():
     b.close()
 
 
-def test_inband_dtmf_detected_on_the_clock():
+@pytest.mark.parametrize("send_thread", [False, True], ids=["tick", "sender"])
+def test_inband_dtmf_detected_on_the_clock(send_thread):
+    """Detected on the tick itself, or on the sender thread (then the digit comes with
+    the next tick: one tick later, never lost or doubled)."""
     import numpy as np
 
     from ext.g711_py import ulaw_encode
 
     hub = rtp.RtpHub()
-    clock = rtp.MediaClock()
+    clock = rtp.MediaClock(send_thread=send_thread)
     s_sock, x = udp(), udp()
     s = rtp.RtpStream(s_sock)
     hub.add(s)
@@ -392,12 +395,22 @@ def test_inband_dtmf_detected_on_the_clock():
     digit7 = (6000 * (np.sin(2 * np.pi * 852 * t) + np.sin(2 * np.pi * 1209 * t))).astype(np.int16)
     audio = np.concatenate([digit7, np.zeros(160 * 5, dtype=np.int16)])
     events = []
+    at = []
     for k in range(10):
         x.sendto(packet(k, 160 * k, payload=ulaw_encode(audio[160 * k:160 * (k + 1)])),
                  s_sock.getsockname())
         settle(hub)
-        events += clock.tick() or []
-    assert [e for e in events if e[1] == "dtmf"] == [(3, "dtmf", "7")]
+        got = [e for e in clock.tick() or [] if e[1] == "dtmf"]
+        events += got
+        at += [k] * len(got)
+    events += [e for e in clock.tick() or [] if e[1] == "dtmf"]
+    assert events == [(3, "dtmf", "7")]
+    tick_of_digit = at[0] if at else 10
+    assert tick_of_digit == (2 if send_thread else 1), at
+    # Switching detection off waits for the sender: the detector is never freed under it.
+    ch.detect_dtmf(False)
+    assert not ch.detecting
+    clock.close()
     hub.close()
 
 
@@ -500,3 +513,146 @@ def test_jitter_from_kernel_receive_stamps_ignores_a_late_reader():
     assert a["rx_packets"] == b["rx_packets"] == 40
     assert b["jitter_ms"] == pytest.approx(jitter / 8, abs=0.2), (b, jitter / 8)
     assert a["jitter_ms"] > 6.0 and a["jitter_ms"] > b["jitter_ms"] + 3.0, (a, b)
+
+
+
+def _clock_run(send_thread: bool, ticks: int = 12):
+    """Three channels (player, echo, silence) run `ticks` ticks; what each far end got,
+    the streams' counters and the clock's own."""
+    import numpy as np
+
+    hub = rtp.RtpHub()
+    clock = rtp.MediaClock(send_thread=send_thread)
+    assert clock.send_thread is send_thread
+    far, streams, chans = [], [], []
+    for i in range(3):
+        s_sock, y = udp(), udp()
+        s = rtp.RtpStream(s_sock)
+        hub.add(s)
+        s.set_remote("127.0.0.1", y.getsockname()[1])
+        ch = rtp.Channel(i + 1, s)
+        s.terminate()
+        clock.add(ch)
+        far.append(y)
+        streams.append((s, s_sock))
+        chans.append(ch)
+    pcm = (np.sin(np.arange(800) / 3) * 8000).astype(np.int16)   # 5 frames
+    chans[0].play(rtp.Player(pcm, 1))
+    chans[1].echo()
+    for i in range(ticks):            # the echo hears nothing: it sends silence
+        if i == 6:
+            chans[2].mute_output()      # the far end holds the call: nothing sent
+        events = clock.tick()
+        assert events in (None, [(1, "play-done", None)])
+    clock.sync()
+    got = []
+    for y in far:
+        packets = drain_all(y)
+        first = header(packets[0])["seq"]
+        got.append([((header(p)["seq"] - first) & 0xFFFF, p[1], p[12:]) for p in packets])
+    counters = [(s.tx_packets, s.tx_bytes) for s, _ in streams]
+    # Removing a channel waits for its frame in flight: then its socket may close.
+    for ch in chans:
+        clock.remove(ch)
+    for s, sock in streams:
+        hub.remove(s)
+        sock.close()
+    clock.close()
+    assert not clock.send_thread
+    hub.close()
+    return got, counters, clock.frames_sent, clock.ticks
+
+
+def drain_all(sock):
+    time.sleep(0.005)
+    return drain(sock)
+
+
+def test_media_clock_sender_thread_sends_what_the_tick_sends_itself():
+    inline = _clock_run(False)
+    threaded = _clock_run(True)
+    got, counters, frames, ticks = threaded
+    assert ticks == 12
+    assert [len(g) for g in got] == [12, 12, 6]   # the muted channel stopped after 6
+    assert [seq for seq, _, _ in got[0]] == list(range(12))
+    assert len({payload for _, _, payload in got[0][:5]}) == 5     # the player's 5 frames
+    assert counters == [(12, 12 * 172), (12, 12 * 172), (6, 6 * 172)]
+    assert frames == 30
+    # Same octets (payload, marker and payload type), same sequence steps as without the thread.
+    assert threaded == inline
+
+
+def test_media_clock_sender_thread_keeps_the_tick_grid_under_the_engine():
+    """The engine's clock sends from the sender thread; a removed channel's frames are
+    counted before its stream's figures are retired."""
+    import asyncio as _asyncio
+
+    from engine.media.engine import MediaEngine
+
+    loop = _asyncio.new_event_loop()
+    try:
+        media = MediaEngine(loop)
+        assert media.clock.send_thread and media.clock.send_thread_min > 1
+        media.clock.send_thread_min = 0      # this one channel's frames go by the thread too
+        s_sock, y = udp(), udp()
+        s = media.stream(s_sock)
+        s.set_remote("127.0.0.1", y.getsockname()[1])
+        ch = media.channel(s, owner=None)
+        media.start()
+        loop.run_until_complete(_asyncio.sleep(0.25))
+        media.drop_channel(ch)
+        media.release(s)
+        sent = media.retired["tx_packets"]
+        assert sent >= 5 and sent == media.clock.frames_sent == len(drain_all(y))
+        assert media.clock.send_batches == media.clock.ticks
+        media.stop()
+        assert not media.clock.send_thread
+        s_sock.close()
+    finally:
+        loop.close()
+
+
+async def test_a_call_without_media_holds_no_rtcp_socket_until_rtp_arrives():
+    """One descriptor per held call: the RTCP port (RTP + 1) is bound only once the far
+    end's RTP has arrived, and then sender reports go out from it."""
+    from engine.media import rtcp
+
+    async with running_engine() as eng:
+        eng.media.rtcp_interval = 0.1
+        eng.media._rtcp_handle.cancel()
+        eng.media._rtcp_handle = asyncio.get_running_loop().call_later(0.1, eng.media._rtcp)
+        c = UdpClient("127.0.0.1", eng.sip_port)
+        media = udp()
+        port = media.getsockname()[1]
+        ctrl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            ctrl.bind(("127.0.0.1", port + 1))
+        except OSError:
+            pytest.skip("RTCP port of the test endpoint is taken")
+        ctrl.setblocking(False)
+        call = Call(c)
+        c.send(call.request("INVITE", SDP_OFFER.format(port=port)))
+        ok = await c.expect(200)
+        call.to_tag = ok.to_tag
+        c.send(call.request("ACK"))
+        engine_rtp = int(ok.body.split(b"m=audio ")[1].split()[0])
+        leg = next(iter(eng.sessions.values())).legs[0]
+        await asyncio.sleep(0.5)                 # five RTCP rounds without media
+        assert leg.ports.rtcp is None and not drain(ctrl)
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", engine_rtp + 1))   # the port is not held meanwhile
+        probe.close()
+        for i in range(15):
+            media.sendto(packet(i, 160 * i), ("127.0.0.1", engine_rtp))
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        assert leg.ports.rtcp is not None
+        assert leg.ports.rtcp.getsockname()[1] == engine_rtp + 1
+        got = drain(ctrl)
+        assert got and got[-1][1] == rtcp.SR
+        call.cseq = 2
+        c.send(call.request("BYE"))
+        await c.expect(200)
+        c.close()
+        media.close()
+        ctrl.close()

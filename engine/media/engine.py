@@ -3,7 +3,9 @@
 One epoll fd (the Cython `RtpHub`) carries every RTP socket, so the event
 loop sees one reader however many calls there are. One drift-free timer
 (absolute deadlines) drives every terminating channel through
-`MediaClock.tick()`.
+`MediaClock.tick()`. The tick encodes every channel's frame and hands the
+batch to the clock's sender thread (in the kernel, without the GIL), so the
+loop is back to SIP and the control API while the frames are being sent.
 """
 from __future__ import annotations
 
@@ -17,15 +19,19 @@ from ext.kernels import rtp
 log = logging.getLogger("baton.media")
 
 PTIME = 0.020
+# Below this many channels a tick sends its frames itself (well under a millisecond): the
+# sender thread's wake-up, late on a busy machine, would only jitter them.
+SEND_THREAD_MIN = 128
 LAW_OF_PT = {0: rtp.LAW_ULAW, 8: rtp.LAW_ALAW}
 
 
 class MediaEngine:
     def __init__(self, loop: asyncio.AbstractEventLoop, inactivity_timeout: float = 60.0,
-                 hold_timeout: float = 3600.0):
+                 hold_timeout: float = 3600.0, send_thread: bool = True):
         self.loop = loop
         self.hub = rtp.RtpHub()
-        self.clock = rtp.MediaClock()
+        self.clock = rtp.MediaClock(send_thread=send_thread)
+        self.clock.send_thread_min = SEND_THREAD_MIN
         self.inactivity_timeout = inactivity_timeout
         self.hold_timeout = hold_timeout
         self._ids = itertools.count(1)
@@ -67,11 +73,14 @@ class MediaEngine:
             self.loop.remove_reader(self.hub.fd)
         except (RuntimeError, ValueError, OSError) as exc:    # the loop is closed already
             log.debug("media: RTP hub reader not removed: %s", exc)
+        self.clock.close()
         self.hub.close()
 
     # -- streams and channels ----------------------------------------------------
     def stream(self, sock, payload_type: int = 0, dtmf_pt: int | None = None,
                rtcp_sock=None, owner=None):
+        """`rtcp_sock`: the RTCP socket, or a callable that binds it (called once the
+        far end's RTP has arrived: a call without media holds no RTCP socket)."""
         s = rtp.RtpStream(sock, payload_type, -1 if dtmf_pt is None else dtmf_pt)
         self.hub.add(s)
         self.streams[id(s)] = s
@@ -105,6 +114,16 @@ class MediaEngine:
 
     def _rtcp_stream(self, rtcp, entry: list) -> None:
         stream, sock, owner, _last_sr = entry
+        if callable(sock):
+            # Bound once the far end's RTP arrives: a call held without media (the far end
+            # silent) keeps one descriptor, not two, however long it lasts.
+            if not stream.rx_packets:
+                return
+            sock = sock()
+            if sock is None:
+                self.rtcp.pop(id(stream), None)    # the port is taken: no RTCP for this call
+                return
+            entry[1] = sock
         try:
             while True:
                 data = sock.recv(2048)

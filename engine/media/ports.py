@@ -10,15 +10,27 @@ class PortsExhausted(Exception):
 
 
 class RtpPorts:
-    """A bound RTP socket and its RTCP neighbour. Released exactly once."""
+    """A bound RTP socket and its RTCP port (RTP + 1). Released exactly once.
 
-    __slots__ = ("pool", "port", "rtp", "rtcp")
+    The RTCP socket is bound on first use (`rtcp_socket()`, once the far end's RTP has
+    arrived): a call held without media costs one descriptor, not two."""
 
-    def __init__(self, pool, port, rtp, rtcp):
+    __slots__ = ("pool", "port", "rtp", "rtcp", "rtcp_failed")
+
+    def __init__(self, pool, port, rtp, rtcp=None):
         self.pool = pool
         self.port = port
         self.rtp = rtp
         self.rtcp = rtcp
+        self.rtcp_failed = False
+
+    def rtcp_socket(self):
+        """The RTCP socket, bound now if it is not yet; None when the port is taken (then
+        the call goes without RTCP) or the pair is released."""
+        if self.rtcp is None and self.rtp is not None and not self.rtcp_failed:
+            self.rtcp = self.pool._bind(self.port + 1)
+            self.rtcp_failed = self.rtcp is None
+        return self.rtcp
 
     def release(self) -> None:
         if self.rtp is not None:
@@ -31,7 +43,8 @@ class PortPool:
 
     Up to `keep_open` released pairs stay bound (a call set-up then costs no
     socket(), bind() or close()); the rest are closed. A reused pair is
-    drained of datagrams that arrived for its previous call."""
+    drained of datagrams that arrived for its previous call. Only the RTP port is
+    bound at allocation; the RTCP port once the call has media."""
 
     def __init__(self, address: str, lo: int, hi: int, keep_open: int = 512):
         self.address = address
@@ -49,15 +62,28 @@ class PortPool:
             self._open.append((ports.port, ports.rtp, ports.rtcp))
         else:
             ports.rtp.close()
-            ports.rtcp.close()
+            if ports.rtcp is not None:
+                ports.rtcp.close()
             self._free.append(ports.port)
 
     def close(self) -> None:
         while self._open:
             port, rtp, rtcp = self._open.popleft()
             rtp.close()
-            rtcp.close()
+            if rtcp is not None:
+                rtcp.close()
             self._free.append(port)
+
+    def _bind(self, port: int):
+        """A non-blocking UDP socket bound to `port`, or None when the port is taken."""
+        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            sock.bind((self.address, port))
+        except OSError:
+            sock.close()
+            return None
+        sock.setblocking(False)
+        return sock
 
     def allocate(self) -> RtpPorts:
         # Pairs still bound are reused only after the ones that were closed, so a
@@ -65,26 +91,19 @@ class PortPool:
         if self._open and (len(self._open) >= self.keep_open // 2 or not self._free):
             port, rtp, rtcp = self._open.popleft()
             _drain(rtp)
-            _drain(rtcp)
+            if rtcp is not None:
+                _drain(rtcp)
             self.in_use += 1
             return RtpPorts(self, port, rtp, rtcp)
         # Ports another process holds are skipped and retried later.
         for _ in range(len(self._free)):
             port = self._free.popleft()
-            rtp = socket.socket(self.family, socket.SOCK_DGRAM)
-            rtcp = socket.socket(self.family, socket.SOCK_DGRAM)
-            try:
-                rtp.bind((self.address, port))
-                rtcp.bind((self.address, port + 1))
-            except OSError:
-                rtp.close()
-                rtcp.close()
+            rtp = self._bind(port)
+            if rtp is None:
                 self._free.append(port)
                 continue
-            rtp.setblocking(False)
-            rtcp.setblocking(False)
             self.in_use += 1
-            return RtpPorts(self, port, rtp, rtcp)
+            return RtpPorts(self, port, rtp)
         raise PortsExhausted(f"no free RTP port pair in the range ({self.capacity} pairs)")
 
 

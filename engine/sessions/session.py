@@ -551,7 +551,7 @@ class Leg(DialogOwner):
         self.on_hold = neg.hold
         if self.stream is None:
             self.stream = media.stream(self.ports.rtp, neg.payload_type, neg.dtmf_pt,
-                                       self.ports.rtcp, self)
+                                       self.ports.rtcp_socket, self)
             media.watch_inactivity(self.stream, self)
         else:
             self.stream.payload_type = neg.payload_type

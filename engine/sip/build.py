@@ -119,8 +119,11 @@ def _status_line(status: int, reason: str | None) -> str:
 
 
 def response(msg, status: int, source, to_tag: str | None = None, reason: str | None = None,
-             headers: list | tuple = (), body: bytes = b"", server: str = "") -> bytes:
-    """A response to request `msg` received from `source` (RFC 3261 8.2.6.2)."""
+             headers: list | tuple = (), body: bytes = b"", server: str = "",
+             via_params: str = "") -> bytes:
+    """A response to request `msg` received from `source` (RFC 3261 8.2.6.2).
+    `via_params` (";name=value..." of the engine's own making, e.g. RFC 7339 `oc`) are
+    added to the top Via."""
     h = msg.headers
     if reason is not None:
         check_text("reason phrase", reason)
@@ -129,9 +132,9 @@ def response(msg, status: int, source, to_tag: str | None = None, reason: str | 
     vias = h.get("via")
     if vias:
         if msg.via_host:
-            append("Via: " + top_via(msg, source))
+            append("Via: " + top_via(msg, source) + via_params)
         else:
-            append("Via: " + vias[0])
+            append("Via: " + vias[0] + via_params)
         if len(vias) > 1:
             for v in vias[1:]:
                 append("Via: " + v)

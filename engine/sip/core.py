@@ -265,7 +265,7 @@ class SipCore:
             tag = None if to is not None and parse_name_addr(to) is None else build.new_tag()
             data = build.response(msg, 503, flow.addr, tag,
                                   headers=[("retry-after", str(ov.limits.retry_after))],
-                                  server=self.user_agent)
+                                  server=self.user_agent, via_params=ov.via_params(msg))
             ov.remember(key, data, method)
             self.stats["sent_503"] += 1
         self.stats["requests"] += 1
@@ -281,7 +281,8 @@ class SipCore:
         to = msg.get("to")
         tag = None if to is not None and parse_name_addr(to) is None else build.new_tag()
         rflow.send_or_drop(build.response(msg, status, flow.addr, tag, reason=reason,
-                                  headers=headers, server=self.user_agent))
+                                  headers=headers, server=self.user_agent,
+                                  via_params=self.overload.via_params(msg)))
 
     def respond(self, st, msg, status: int, reason=None, headers=(), body=b"",
                 to_tag: str | None = None) -> None:
@@ -290,7 +291,8 @@ class SipCore:
         if to_tag is None and status > 100:
             to_tag = build.new_tag()
         st.respond(status, build.response(msg, status, st.flow.addr, to_tag, reason=reason,
-                                          headers=headers, body=body, server=self.user_agent))
+                                          headers=headers, body=body, server=self.user_agent,
+                                          via_params=self.overload.via_params(msg)))
 
     def on_request(self, msg, flow: Flow) -> None:
         method = msg.method

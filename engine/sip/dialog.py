@@ -109,7 +109,8 @@ class Dialog:
         if body:
             headers.append(("content-type", "application/sdp"))
         data = build.response(self.invite, status, self.source, self.local_tag,
-                              headers=headers, body=body, server=self.core.user_agent)
+                              headers=headers, body=body, server=self.core.user_agent,
+                              via_params=self.core.overload.via_params(self.invite))
         self.core.stats[build.sent_key(status)] += 1
         self.invite_st.respond(status, data)
 
@@ -126,7 +127,8 @@ class Dialog:
         if sdp:
             headers.append(("content-type", "application/sdp"))
         data = build.response(self.invite, 200, self.source, self.local_tag,
-                              headers=headers, body=sdp, server=self.core.user_agent)
+                              headers=headers, body=sdp, server=self.core.user_agent,
+                              via_params=self.core.overload.via_params(self.invite))
         self.state = CONFIRMED
         if self.is_uas:
             self.core.overload.setup_ended()
@@ -148,7 +150,8 @@ class Dialog:
         if self.state != EARLY:
             return
         data = build.response(self.invite, status, self.source, self.local_tag,
-                              reason=reason, headers=headers, server=self.core.user_agent)
+                              reason=reason, headers=headers, server=self.core.user_agent,
+                              via_params=self.core.overload.via_params(self.invite))
         self.core.stats[build.sent_key(status)] += 1
         self.invite_st.respond(status, data)
         self._terminate(why)

@@ -20,7 +20,13 @@ transaction key) so that the sender's retransmissions get the same 503 again wit
 work. Both draw on the one admission rate while throttled. Every other request (ACK, BYE,
 CANCEL, re-INVITE and all in-dialog requests, a MESSAGE inside a call's dialog, OPTIONS,
 REGISTER) goes its ordinary way.
-RFC 7339 (`oc` Via parameters) is not implemented.
+
+RFC 7339 (loss-based overload control): a peer that puts `oc` in its Via says it can throttle
+itself. While the engine is overloaded, every response to such a request carries in its top
+Via `oc=<percent>;oc-algo="loss";oc-validity=<ms>;oc-seq=<seconds>`: the share of new
+requests the peer should not send for the next `oc-validity` milliseconds. Once overload is
+over, responses say `oc=0;oc-validity=0` for a while (an oc-validity of 0 ends the control).
+A peer whose `oc-algo` list does not name "loss" gets nothing (the only algorithm here).
 """
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ RATE_UP = 1.1          # its rise per look while every input is below: back to a
 GROWTH = 0.1           # a queue grew when it gained this share of its mark in one look
 LAG_WINDOW = 4         # the lag counted is the least of this many looks in a row: sustained
                        # lateness, not one slow callback (a first import, a GC pause)
+OC_VALIDITY_MS = 500   # RFC 7339 oc-validity: how long a peer applies a reduction (10 looks)
+OC_LINGER = 5.0        # seconds after overload during which oc peers are told it is over
 
 
 @dataclass
@@ -75,7 +83,8 @@ class Overload:
     __slots__ = ("limits", "active", "setup_full", "throttled", "admit_rate", "calls_in_setup",
                  "loop_lag", "rx_queue", "sockets", "refused", "refused_by", "absorbed", "entered",
                  "refusals", "_handle", "_expected", "_loop", "_lags", "_tokens", "_last",
-                 "_admitted", "_rate", "_refused_tick", "_prev_queue")
+                 "_admitted", "_rate", "_refused_tick", "_prev_queue", "oc_reduction",
+                 "oc_seq", "oc_until", "_offered")
 
     def __init__(self, limits: OverloadLimits | None = None):
         self.limits = limits or OverloadLimits()
@@ -104,6 +113,12 @@ class Overload:
         self._rate = 0.0             # INVITEs admitted per second, smoothed
         self._refused_tick = 0       # INVITEs refused since the last look
         self._prev_queue = 0
+        # RFC 7339: the loss percentage asked of oc peers, its oc-seq, and until when (monotonic)
+        # responses carry oc parameters at all (overload, then OC_LINGER after it)
+        self.oc_reduction = 0
+        self.oc_seq = ""
+        self.oc_until = 0.0
+        self._offered = 0.0          # new INVITEs per second (admitted + refused), smoothed
 
     # -- measuring ---------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -125,7 +140,10 @@ class Overload:
         self.loop_lag = min(self._lags)
         self.rx_queue = self._queued()
         self._rate += 0.2 * (self._admitted / LAG_INTERVAL - self._rate)
+        self._offered += 0.2 * ((self._admitted + self._refused_tick) / LAG_INTERVAL
+                                - self._offered)
         self._throttle()
+        self._oc_look()
         self._admitted = self._refused_tick = 0
         refusals = self.refusals
         mono = time.monotonic()
@@ -181,6 +199,46 @@ class Overload:
         self._prev_queue = queue
         self.active = self.setup_full or self.throttled
 
+    def _oc_look(self) -> None:
+        """RFC 7339 loss algorithm: the share of new requests the engine refuses now is
+        what oc peers are asked to hold back themselves."""
+        if self.setup_full:
+            reduction = 100
+        elif self.throttled:
+            offered = max(self._offered, self.admit_rate, 1e-9)
+            reduction = min(100, max(0, round(100.0 * (1.0 - self.admit_rate / offered))))
+        else:
+            reduction = 0
+        if self.active:
+            self.oc_until = time.monotonic() + OC_LINGER
+        if reduction != self.oc_reduction or not self.oc_seq:
+            self.oc_reduction = reduction
+            # oc-seq only grows (RFC 7339): a peer keeps the newest value it saw
+            self.oc_seq = _oc_seq(self.oc_seq)
+
+    def via_params(self, msg) -> str:
+        """The RFC 7339 parameters for the top Via of a response to `msg`, or "" (the peer
+        did not offer `oc`, or the engine is not and was not lately overloaded)."""
+        if not self.oc_until or time.monotonic() > self.oc_until:
+            return ""
+        vias = msg.headers.get("via")
+        if not vias:
+            return ""
+        offered = False
+        for param in vias[0].split(";")[1:]:
+            name, _, value = param.partition("=")
+            name = name.strip().lower()
+            if name == "oc":
+                offered = True
+            elif name == "oc-algo" and "loss" not in value.strip().strip('"').lower().split(","):
+                return ""
+        if not offered:
+            return ""
+        if self.active:
+            return (f';oc={self.oc_reduction};oc-algo="loss";oc-validity={OC_VALIDITY_MS}'
+                    f";oc-seq={self.oc_seq}")
+        return f';oc=0;oc-algo="loss";oc-validity=0;oc-seq={self.oc_seq}'
+
     def setup_started(self) -> None:
         self.calls_in_setup += 1
         self._admitted += 1
@@ -188,6 +246,7 @@ class Overload:
                 and self.limits.enabled:
             self.setup_full = self.active = True
             self.entered["calls_in_setup"] += 1
+            self._oc_look()
 
     def setup_ended(self) -> None:
         self.calls_in_setup -= 1
@@ -195,6 +254,7 @@ class Overload:
                 self.calls_in_setup <= self.limits.max_calls_in_setup * self.limits.low_water:
             self.setup_full = False
             self.active = self.throttled
+            self._oc_look()
 
     def admit(self) -> bool:
         """While active: may this new INVITE (or out-of-dialog MESSAGE) go on? (False:
@@ -245,3 +305,11 @@ class Overload:
                 break
             refusals.popitem(last=False)
         refusals[key] = (now + self.limits.remember, data)
+
+
+def _oc_seq(last: str) -> str:
+    """A new RFC 7339 oc-seq (1*12DIGIT "." 1*5DIGIT): wall-clock seconds, above `last`."""
+    seq = round(time.time(), 3)
+    if last and seq <= float(last):
+        seq = round(float(last) + 0.001, 3)
+    return f"{seq:.3f}"
