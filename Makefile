@@ -42,8 +42,8 @@ run: setup
 	.venv/bin/baton serve --config examples/demo.toml --data-dir $(DATA)
 
 test: setup
-	.venv/bin/python -m pytest -q -p no:randomly tests
-	BATON_NO_EXTENSIONS=1 .venv/bin/python -m pytest -q -m "not interop and not netns" tests
+	.venv/bin/python -m pytest -q -p no:randomly --durations=25 tests
+	BATON_NO_EXTENSIONS=1 .venv/bin/python -m pytest -q --durations=15 -m "not interop and not netns and not kernels_only" tests
 
 bench: setup
 	$(PY) bench/sip_cps.py

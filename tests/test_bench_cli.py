@@ -14,6 +14,8 @@ import pytest
 from engine.cli import bench as bench_cli
 from tests.helpers import BATON
 
+pytestmark = pytest.mark.kernels_only
+
 FIGURE_FIELDS = {"label", "unit", "median", "min", "max", "values", "higher_is_better"}
 
 

@@ -17,6 +17,8 @@ import pytest
 from tests.helpers import BlockingPeer, Call, EngineProcess, SDP_OFFER, free_port
 from tests.test_accounting_ledger import PG_URL, _drop_schema, _pg_unreachable
 
+pytestmark = pytest.mark.kernels_only
+
 CAP = 6                  # seconds of baton.hold a period
 INCREMENT = 1            # the plan's increment (1/1): a late cut-off bills one more
 TIER_1 = 3               # seconds at $1.00, then $0.10 a second

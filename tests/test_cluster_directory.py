@@ -18,6 +18,8 @@ import pytest
 from proto import pb
 from tests.helpers import BATON, DEMO, BlockingPeer, EngineProcess, free_port
 
+pytestmark = pytest.mark.kernels_only
+
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TOKEN = "demo-api-token-change-me-0123456789"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)

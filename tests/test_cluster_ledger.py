@@ -27,6 +27,8 @@ from tests.test_accounting_crash import CONFIG, expected_ledger, generate
 from tests.test_accounting_fence import _line, _write
 from tests.test_accounting_ledger import PG_URL, _drop_schema, _pg_unreachable
 
+pytestmark = pytest.mark.kernels_only
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODES = ("n1", "n2")
 

@@ -14,6 +14,8 @@ import pytest
 from tests.helpers import BlockingPeer, Call, EngineProcess, SDP_OFFER, free_port
 from tests.test_accounting_ledger import PG_URL, _drop_schema, _pg_unreachable
 
+pytestmark = pytest.mark.kernels_only
+
 BALANCE = 2_000_000          # "2.00"
 SLICE = 100_000              # "0.10"
 CONFIG = """

@@ -15,6 +15,8 @@ from tests.helpers import DEMO, free_port
 from tests.test_cluster_directory import (REDIS_URL, REST_SID, _caller, _node,  # noqa: F401
                                           _ready, _redis, _wait, prefix)
 
+pytestmark = pytest.mark.kernels_only
+
 sp = pb.sessions_pb2
 KEY = "partner-key-token-0123456789"
 TOPPED = "topped-key-token-0123456789"

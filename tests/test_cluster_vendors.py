@@ -20,6 +20,8 @@ from tests.helpers import DEMO, ROOT, EngineProcess, free_port
 from tests.test_cluster_directory import (AUTH, REDIS_URL, _caller, _ready, _wait,  # noqa: F401
                                           prefix)
 
+pytestmark = pytest.mark.kernels_only
+
 SECRET = "acme-demo-secret-change-me"      # examples/demo.toml [vendors.acme]
 sp = pb.sessions_pb2
 
