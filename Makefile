@@ -43,7 +43,8 @@ run: setup
 
 test: setup
 	.venv/bin/python -m pytest -q -p no:randomly --durations=25 tests
-	BATON_NO_EXTENSIONS=1 .venv/bin/python -m pytest -q --durations=15 -m "not interop and not netns and not kernels_only" tests
+	BATON_NO_EXTENSIONS=1 .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 \
+	  -m "not interop and not netns and not kernels_only" tests
 
 bench: setup
 	$(PY) bench/sip_cps.py
