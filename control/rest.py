@@ -357,6 +357,7 @@ class RestApi:
             self._callback(rc, "completed")
 
     def _on_event(self, session, event: str, detail: dict) -> None:
+        """Ends and recordings of REST calls (not session.started / session.ended)."""
         if event == "ended":
             rc = self.calls.get(session.id)
             if rc is not None:
@@ -366,6 +367,8 @@ class RestApi:
         elif event == "recording" and detail.get("sid"):
             self._add_recording(detail["sid"], session.id, session.account,
                                 detail.get("duration") or 0, "RecordVerb")
+
+    _on_event.session_events = False    # engine/common/webhooks.py EngineHooks
 
     def _add_recording(self, sid: str, call: str, account: str, duration: float,
                        source: str) -> None:

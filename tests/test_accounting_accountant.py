@@ -371,3 +371,37 @@ def test_a_failed_commit_is_retried_from_the_committed_position(tmp_path, pipeli
         assert invoice(acct.ledger, "demo", "2026-11")["total"] == "0.092"
         assert acct.ledger.count() == 8 and acct.ledger.check() == []
     eng.close()
+
+
+def test_commits_are_paced_while_records_keep_coming(tmp_path):
+    """`billing.commit_ms`: while calls keep stamping, a batch is committed at most once
+    per commit_ms (each commit is an fsync), and every record still reaches the ledger."""
+    import threading
+
+    eng = Engine(tmp_path)
+    cfg = {**SEED_CONFIG, "billing": {**SEED_CONFIG["billing"], "commit_ms": 200}}
+    with Accountant(str(tmp_path), cfg) as acct:
+        runner = threading.Thread(target=acct.run_forever, kwargs={"install_signals": False})
+        runner.start()
+        t0 = time.monotonic()
+        for i in range(60):                    # a call's four records every 10 ms or so
+            eng.seed_call(f"P{i}", t0=i * 1000 * S)
+            time.sleep(0.01)
+        stamping = time.monotonic() - t0
+        batches_while_stamping = acct.batches
+        acct.stop()
+        runner.join(10)
+        assert not runner.is_alive()
+        # One batch per 200 ms at most (plus the first one), however slow the machine:
+        # a slower one only stretches the gaps.
+        assert 1 <= batches_while_stamping <= stamping / 0.2 + 2
+        assert acct.ledger.position("n1") == 240 and acct.ledger.check() == []
+    eng.close()
+
+
+def test_commit_ms_must_be_a_number(tmp_path):
+    from engine.accounting.config import BillingConfig, BillingConfigError
+
+    with pytest.raises(BillingConfigError, match="billing.commit_ms"):
+        BillingConfig.from_dict({**SEED_CONFIG, "billing": {"commit_ms": -1}})
+    assert BillingConfig.from_dict({**SEED_CONFIG, "billing": {"commit_ms": 0}}).commit_ms == 0

@@ -271,12 +271,17 @@ def test_call_lifecycle_with_the_twilio_client(engine, app_server):
                                           "?Category=application")
     rows = json.loads(body)["usage_records"]
     assert status == 200 and rows and {r["baton_level"] for r in rows} == {"application"}
-    # Its cost, as the accountant priced it (the gRPC Sessions.Cost servicer's answer).
-    cost = client.request("GET", f"{engine.http_url}/2010-04-01/Accounts/{SID}/Calls/"
-                                 f"{call.sid}/Cost.json")
-    assert cost.status_code == 200, cost.text
-    cost = json.loads(cost.text)
-    assert cost["live"] is False and cost["price_unit"] == "USD" and "price" in cost
+    # Its cost, as the accountant priced it (the gRPC Sessions.Cost servicer's answer),
+    # final once the accountant has read the call's end from the ring.
+    def final_cost():
+        r = client.request("GET", f"{engine.http_url}/2010-04-01/Accounts/{SID}/Calls/"
+                                  f"{call.sid}/Cost.json")
+        assert r.status_code == 200, r.text
+        c = json.loads(r.text)
+        return c if c["live"] is False else None
+
+    cost = wait_for(final_cost, what="the ended call's final cost")
+    assert cost["price_unit"] == "USD" and "price" in cost
     # Deleting an ended call forgets it.
     assert client.calls(call.sid).delete() is True
     with pytest.raises(TwilioRestException) as exc:

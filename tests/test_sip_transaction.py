@@ -101,10 +101,17 @@ def test_ist_retransmitted_invite_resends_last_response():
     assert [d for _, d in wire.sent] == [b"100", b"100"]
     st.respond(200, b"200")
     assert st.state == ACCEPTED
-    st.on_request(msg)  # RFC 6026: absorbed in Accepted; the TU retransmits 2xx
+    # Accepted waits out Timer L as a lingering key of the layer, not as an object.
+    assert layer.server == {} and st.key in layer.lingering
+    assert st.tu is None and st.last is None
+    assert layer.absorb(st.key, msg)  # RFC 6026: absorbed in Accepted; the TU retransmits 2xx
     assert len(wire.sent) == 3
-    advance(clock, timers, 64 * T1 + 0.1)  # Timer L
-    assert st.state == TERMINATED
+    assert layer.counts()["server"] == 1
+    advance(clock, timers, 64 * T1 - 0.5)
+    assert st.key in layer.lingering
+    advance(clock, timers, 0.6)  # Timer L
+    assert layer.lingering == {} and layer.counts()["server"] == 0
+    assert not layer.absorb(st.key, msg)  # now it would be a new request
 
 
 def test_nist_timer_j_and_reliable_zero():
@@ -115,12 +122,14 @@ def test_nist_timer_j_and_reliable_zero():
     st.on_request(msg)  # nothing to resend yet
     assert wire.sent == []
     st.respond(200, b"200")
-    st.on_request(msg)
-    assert len(wire.sent) == 2
+    assert st.state == COMPLETED and layer.server == {}
+    assert layer.absorb(st.key, msg)  # RFC 3261 17.2.2: the final response again
+    assert [d for _, d in wire.sent] == [b"200", b"200"]
     advance(clock, timers, 64 * T1 - 1)
-    assert st.state == COMPLETED
-    advance(clock, timers, 1.2)
-    assert st.state == TERMINATED
+    assert layer.absorb(st.key, msg) and len(wire.sent) == 3
+    advance(clock, timers, 1.2)  # Timer J
+    assert layer.lingering == {} and layer.linger_flows == {}
+    assert not layer.absorb(st.key, msg) and len(wire.sent) == 3
     # Over TCP, Timer J is zero.
     clock, timers, layer, flow, wire = setup(reliable=True)
     st = layer.new_server(server_key(msg), msg, flow)

@@ -240,6 +240,7 @@ class Accountant:
             if isinstance(self.ledger, PostgresLedger) else None
         self.batch_records = self.book.batch_records
         self.batch_seconds = self.book.batch_ms / 1000.0
+        self.commit_seconds = self.book.commit_ms / 1000.0
         self.reader = None
         self.node = ""
         self.records = 0
@@ -543,6 +544,7 @@ class Accountant:
                 log.info("engine %d is gone: stopping", self.parent_pid)
                 break
             self.run_calls()
+            began = time.monotonic()
             try:
                 n = self.step()
                 backoff = 0.0
@@ -570,6 +572,13 @@ class Accountant:
                 except Exception:
                     log.exception("accounting batch failed; retrying from the committed position")
                 self._pause(idle_sleep)
+            elif n < self.batch_records:
+                # The ring is drained but the calls go on: let the next batch gather for
+                # the rest of `commit_ms` instead of committing (an fsync) every few
+                # records; a full batch (a backlog) is followed at once.
+                gap = self.commit_seconds - (time.monotonic() - began)
+                if gap > 0:
+                    self._pause(gap)
         self.looping = False
         if self.fenced or self.gone:
             # Nothing more of ours may reach the ledger or the policy file: another

@@ -37,6 +37,7 @@ _BILLING_KEYS = {
     "store": "ledger store: a SQLite path or a postgresql:// URL",
     "batch_records": "records per ledger transaction at most",
     "batch_ms": "milliseconds a batch may collect records",
+    "commit_ms": "least milliseconds between the starts of two ledger transactions while records keep coming: under load fewer, larger commits (each one an fsync with SQLite), at most this much more lag",
     "policy_interval": "seconds between writes of DATA/policy.json",
     "pipeline": "post batches from a writer process (SQLite; a thread for PostgreSQL) while the next is rated: more throughput, a few ms more lag",
 }
@@ -160,6 +161,7 @@ class BillingConfig:
         self.store: str | None = None
         self.batch_records = 5000
         self.batch_ms = 50.0
+        self.commit_ms = 25.0
         self.policy_interval = 1.0
         self.pipeline = False
         self.vendors: dict[str, Vendor] = {}
@@ -224,7 +226,8 @@ class BillingConfig:
         if not isinstance(pipeline, bool):
             raise BillingConfigError("billing.pipeline", "expected true or false")
         cfg.pipeline = pipeline
-        for key, lo in (("batch_records", 1), ("batch_ms", 1), ("policy_interval", 0.05)):
+        for key, lo in (("batch_records", 1), ("batch_ms", 1), ("commit_ms", 0),
+                        ("policy_interval", 0.05)):
             if key in b:
                 v = b[key]
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo:

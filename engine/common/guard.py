@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import stat
@@ -136,10 +137,18 @@ def trusted_source(cfg, host: str) -> bool:
 
 
 def _same_ip(a: str, b: str) -> bool:
+    if a == b:
+        return True     # the usual case, without parsing two addresses per call
+    return _ip_key(a) == _ip_key(b)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip_key(host: str):
+    """An address in a form that compares equal however it was written (a name: lower case)."""
     try:
-        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
+        return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return a.lower() == b.lower()
+        return host.lower()
 
 
 def media_trusted(cfg, source: str, sdp_addr: str) -> bool:

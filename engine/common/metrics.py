@@ -189,7 +189,7 @@ class EngineCollector:
                      ov.rx_queue)
         tl = sip.transactions
         yield _gauge("baton_sip_transactions", "SIP transactions held, by side",
-                     labels=["side"], rows=[(("server",), len(tl.server)),
+                     labels=["side"], rows=[(("server",), len(tl.server) + len(tl.lingering)),
                                             (("client",), len(tl.client))])
 
     @staticmethod

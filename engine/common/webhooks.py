@@ -762,7 +762,13 @@ class EngineHooks:
         else:
             return
         engine = self.engine
-        watched = len(engine.listeners) > 1
+        # Someone else wants session.started / session.ended (a Watch stream); a
+        # listener that never does says so with `session_events = False`.
+        watched = False
+        for listener in engine.listeners:
+            if listener is not self and getattr(listener, "session_events", True):
+                watched = True
+                break
         # Twice per call: `configured` walks every account, so it is kept per settings object.
         settings = self.webhooks.settings
         if settings is not self._settings:

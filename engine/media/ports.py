@@ -107,15 +107,28 @@ class PortPool:
         raise PortsExhausted(f"no free RTP port pair in the range ({self.capacity} pairs)")
 
 
+def _drain_py(sock) -> None:
+    try:
+        while True:
+            sock.recv(2048)
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def _drain_c(sock) -> None:
+    _drain_socket(sock.fileno())
+
+
+_drain_socket = None
+
+
 def _drain(sock) -> None:
+    """Throw away what waits on a reused socket (the last call's late packets)."""
+    global _drain, _drain_socket
     try:
         from ext.kernels import rtp
-        drain_socket = rtp.drain_socket
-    except ImportError:
-        try:
-            while True:
-                sock.recv(2048)
-        except (BlockingIOError, InterruptedError):
-            pass
-        return
-    drain_socket(sock.fileno())
+        _drain_socket = rtp.drain_socket
+        _drain = _drain_c
+    except (ImportError, AttributeError):
+        _drain = _drain_py
+    _drain(sock)

@@ -306,9 +306,12 @@ class Engine:
             self.loop.run_in_executor(None, res.ended, session.id, end_seq)
         if session.kind == "messaging":
             self.messaging.ended(session)
-        self.finished.append(session)
-        if len(self.finished) > 1000:
-            del self.finished[:500]
+        finished = self.finished
+        finished.append(session)
+        if len(finished) > 1000:
+            for old in finished[:500]:
+                old.forget()
+            del finished[:500]
         if log.isEnabledFor(logging.DEBUG):
             log.debug("session %s ended: %s", session.id, session.end_reason,
                       extra={"event": "session.ended", "reason": session.end_reason,

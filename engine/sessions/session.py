@@ -493,6 +493,14 @@ class Session:
             self.engine.notify(self, "ended", {"reason": reason})
         self.engine.session_ended(self)
 
+    def forget(self) -> None:
+        """Let go of the legs and the control of an ended session the engine no longer
+        keeps: they point back at it, and without this each such cycle would wait for a
+        full garbage collection (a pause that grows with the call rate) instead of
+        going with its last reference."""
+        self.legs = []
+        self.control = None
+
     def summary(self) -> dict:
         return {"id": self.id, "account": self.account, "number": self.number,
                 "from": self.from_uri, "to": self.to_uri, "direction": self.direction,

@@ -253,7 +253,8 @@ class SipCore:
                 or method not in ("INVITE", "MESSAGE"):
             return False
         key = server_key(msg)
-        if key in self.transactions.server:
+        layer = self.transactions
+        if key in layer.server or key in layer.lingering:
             return False  # a retransmission of a call accepted before the overload
         ov = self.overload
         rflow = self.response_flow(msg, flow)
@@ -315,6 +316,9 @@ class SipCore:
             return
         if method == "ACK":
             self.on_ack(msg)
+            return
+        if key in layer.lingering:
+            layer.absorb(key, msg)  # answered already: its final response again, or nothing
             return
         rflow = self.response_flow(msg, flow)
         if method == "CANCEL":
@@ -424,10 +428,16 @@ class SipCore:
 
     def on_cancel(self, msg, flow: Flow, key: str) -> None:
         # RFC 3261 9.2: CANCEL matches the INVITE's server transaction.
-        invite_st = self.transactions.server.get(server_key(msg, "INVITE"))
+        invite_key = server_key(msg, "INVITE")
+        invite_st = self.transactions.server.get(invite_key)
         st = self.transactions.new_server(key, msg, flow)
         if invite_st is None:
-            self.respond(st, msg, 481)
+            if invite_key in self.transactions.lingering:
+                # RFC 3261 9.2: the INVITE has its final response already; the CANCEL
+                # is answered and changes nothing.
+                self.respond(st, msg, 200, to_tag=None if msg.to_tag else build.new_tag())
+            else:
+                self.respond(st, msg, 481)
             return
         self.respond(st, msg, 200, to_tag=None if msg.to_tag else build.new_tag())
         d = invite_st.tu

@@ -23,13 +23,14 @@ _PLAIN = object()   # marks an entry armed with arm(): the callback takes only t
 
 
 class TimerQueues:
-    __slots__ = ("_queues", "_handle", "_loop", "_now", "clock")
+    __slots__ = ("_queues", "_handle", "_loop", "_now", "clock", "sweepers")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None, clock=time.monotonic):
         self._queues: dict[float, deque] = {}
         self._handle = None
         self._loop = loop
         self.clock = clock
+        self.sweepers: list = []    # callables(now) run at every tick, before the timers
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -63,6 +64,8 @@ class TimerQueues:
 
     def run_expired(self) -> None:
         now = self.clock()
+        for sweep in self.sweepers:
+            sweep(now)
         for q in list(self._queues.values()):
             while q and q[0][0] <= now:
                 _, callback, obj, arg = q.popleft()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import deque
 
 from engine.sip.timers import T1, T2, T4, TIMER_64T1, TimerQueues
 
@@ -87,12 +88,52 @@ class Flow:
 
 
 class TransactionLayer:
-    """Tables of live transactions and the timers that drive them."""
+    """Tables of live transactions and the timers that drive them.
+
+    A server transaction that has nothing left to do but wait out Timer L (an
+    INVITE answered 2xx: RFC 6026 Accepted) or Timer J (a non-INVITE answered
+    over UDP: Completed) lingers as an entry of `lingering` instead of an
+    object: its key, with the final response to re-send for a retransmitted
+    request (None: absorb it) and the flow to send it on. At high call rates
+    these are most of the transactions held (64*T1 of calls, twice per call),
+    and as plain strings and bytes the garbage collector has nothing of them
+    to walk."""
 
     def __init__(self, timers: TimerQueues):
         self.timers = timers
         self.server: dict[str, ServerTransaction] = {}
         self.client: dict[str, ClientTransaction] = {}
+        self.lingering: dict[str, bytes | None] = {}
+        self.linger_flows: dict[str, Flow] = {}
+        self._linger_queue: deque = deque()     # (deadline, key), deadlines in order
+        timers.sweepers.append(self._sweep)
+
+    def linger(self, key: str, last: bytes | None, flow: Flow | None) -> None:
+        """Keep `key` for 64*T1 (Timer L / Timer J): a retransmission of its request
+        gets `last` again (None: nothing)."""
+        self.lingering[key] = last
+        if last is not None:
+            self.linger_flows[key] = flow
+        self._linger_queue.append((self.timers.clock() + TIMER_64T1, key))
+
+    def absorb(self, key: str, msg) -> bool:
+        """A request matching a lingering transaction: re-send its final response
+        (RFC 3261 17.2.2) or absorb it (RFC 6026 7.1). False: no such transaction."""
+        lingering = self.lingering
+        if key not in lingering:
+            return False
+        last = lingering[key]
+        if last is not None and msg.method != "ACK":
+            self.linger_flows[key].send_or_drop(last)
+        return True
+
+    def _sweep(self, now: float) -> None:
+        q = self._linger_queue
+        lingering, flows = self.lingering, self.linger_flows
+        while q and q[0][0] <= now:
+            key = q.popleft()[1]
+            if lingering.pop(key, 0) is not None:
+                flows.pop(key, None)
 
     # -- server side ----------------------------------------------------------
     def new_server(self, key: str, msg, flow: Flow) -> "ServerTransaction":
@@ -108,7 +149,7 @@ class TransactionLayer:
         return ct
 
     def counts(self) -> dict:
-        return {"server": len(self.server), "client": len(self.client)}
+        return {"server": len(self.server) + len(self.lingering), "client": len(self.client)}
 
 
 class ServerTransaction:
@@ -151,9 +192,7 @@ class ServerTransaction:
                 # high call rates they would keep every recent call in memory and
                 # make each full garbage collection walk them all).
                 self.state = ACCEPTED
-                self.last = None
-                self.on_ack = self.on_timeout = self.tu = None
-                timers.arm_method(TIMER_64T1, ServerTransaction._timer_i, self, self.gen)
+                self._retire(None)
             else:
                 self.state = COMPLETED
                 if not reliable:
@@ -165,7 +204,7 @@ class ServerTransaction:
             if reliable:
                 self._terminate()  # Timer J = 0 on reliable transports
             else:
-                timers.arm_method(TIMER_64T1, ServerTransaction._timer_i, self, self.gen)
+                self._retire(data)
 
     def on_request(self, msg) -> None:
         """A retransmission of the request (or the ACK of an IST)."""
@@ -209,6 +248,18 @@ class ServerTransaction:
 
     _timer_j = _timer_i
     _timer_l = _timer_i
+
+    def _retire(self, last: bytes | None) -> None:
+        """Wait out Timer L or J as a `lingering` entry of the layer (see there): this
+        object lets go of everything and leaves the table."""
+        layer = self.layer
+        table = layer.server
+        if table.get(self.key) is self:
+            del table[self.key]
+            layer.linger(self.key, last, self.flow)
+        self.gen += 1
+        self.last = None
+        self.on_ack = self.on_timeout = self.tu = None
 
     def _terminate(self) -> None:
         self.state = TERMINATED
@@ -330,6 +381,18 @@ class ClientTransaction:
     def _terminate_gen(self, gen: int) -> None:
         if gen == self.gen:
             self._terminate()
+
+    def _retire(self, last: bytes | None) -> None:
+        """Wait out Timer L or J as a `lingering` entry of the layer (see there): this
+        object lets go of everything and leaves the table."""
+        layer = self.layer
+        table = layer.server
+        if table.get(self.key) is self:
+            del table[self.key]
+            layer.linger(self.key, last, self.flow)
+        self.gen += 1
+        self.last = None
+        self.on_ack = self.on_timeout = self.tu = None
 
     def _terminate(self) -> None:
         self.state = TERMINATED
