@@ -279,6 +279,7 @@ class Session:
 
     def _give(self, node, reason: str, params: dict | None) -> None:
         engine = self.engine
+        self.pending = None            # a later transition replaces one still waiting
         module = engine.registry.resolve(node.module)
         if module is None:
             # The module is unknown or gone: the node's fallback outlet.
@@ -291,7 +292,6 @@ class Session:
             else:
                 self.fail(f"module {node.module} is not available")
             return
-        self.pending = None            # a later transition replaces one still waiting
         decision = engine.policy.check(self, node, module)
         if decision.__class__ is Pending:
             # The cluster's PostgreSQL is asked off the loop. Control has passed: the old
@@ -482,6 +482,7 @@ class Session:
         log.warning("session %s: %s", self.id, why)
         if self.ended:
             return
+        self.pending = None
         caller = self.legs[0] if self.legs else None
         if caller is None or self.engine.speech is None:
             self.end("error")
