@@ -3,7 +3,8 @@ nodes"): a grant that waits for PostgreSQL (here: another node's transaction hol
 account's row lock in `prepaid_locks`) is a `policy.Pending`, taken on the Reservations'
 worker thread, while timers and other calls on the same loop go on. The grant is made
 once the lock is let go, denied when PostgreSQL's timeout passes first, and a session
-that ended meanwhile never starts its module nor keeps what was reserved for it."""
+that ended meanwhile never starts its module nor keeps what was reserved for it. A prepaid
+account's text waits for its 202 while another account's texts are served."""
 from __future__ import annotations
 
 import asyncio
@@ -270,3 +271,52 @@ async def test_a_caller_who_hangs_up_while_the_grant_waits_gets_no_module_and_ho
         if lock is not None:
             lock.release()
         await _close(res)
+
+
+async def _no_final_answer(c) -> None:
+    """`c` got no final answer (only provisional ones, if any) for now."""
+    try:
+        while True:
+            m = await c.recv(0.1)
+            assert m.is_request or m.status < 200, m.status
+    except asyncio.TimeoutError:
+        pass
+
+
+async def test_a_prepaid_text_waits_for_its_grant_while_the_engine_serves_other_texts(store):
+    from tests.helpers import UdpClient, running_engine
+    from tests.test_messaging import answer, message, next_request, text_config
+
+    url, schema = store
+    raw = text_config()
+    raw["accounts"]["demo"]["billing"] = {"prepaid_balance": "5.00"}
+    raw["accounts"]["post"] = {"numbers": {"3000": {"module": "baton.hold",
+                                                    "messaging": "baton.bot",
+                                                    "reply": "post heard: {Body}"}}}
+    raw["cluster"] = {"reservations": url}
+    async with running_engine(raw) as eng:
+        res = eng.policy.cluster
+        await _ready(res)
+        prepaid = UdpClient("127.0.0.1", eng.sip_port)
+        other = UdpClient("127.0.0.1", eng.sip_port)
+        lock = Lock(schema, "demo")
+        try:
+            prepaid.send(message(prepaid, b"hi", number="1000"))
+            await _blocked(res, lock)
+            # The prepaid account's first text waits for its grant; another account's
+            # text on the same engine is answered and replied to meanwhile.
+            other.send(message(other, b"hello", number="3000"))
+            await other.expect(202)
+            reply = await next_request(other)
+            assert reply.body == b"post heard: hello"
+            answer(other, reply)
+            await _no_final_answer(prepaid)
+            lock.release()
+            await prepaid.expect(202)
+            reply = await next_request(prepaid)
+            assert reply.body == b"number 1000 heard: hi"
+            answer(prepaid, reply)
+        finally:
+            lock.release()
+            prepaid.close()
+            other.close()
