@@ -20,7 +20,7 @@ from engine.runtime.server import Engine as RealEngine
 from engine.sessions.apps import Node
 from engine.sessions.policy import Decision, Pending, Snapshot
 from engine.sessions.reservations import Reservations
-from tests.helpers import free_port
+from engine.sessions.session import Session
 from tests.test_accounting_ledger import PG_URL, _drop_schema, _pg_unreachable
 from tests.test_prepaid import fake_engine, fake_session
 
@@ -223,8 +223,6 @@ async def test_a_caller_who_hangs_up_while_the_grant_waits_gets_no_module_and_ho
         store, tmp_path):
     import psycopg
 
-    from engine.sessions.session import Session
-
     url, schema = store
     snap = Snapshot(str(tmp_path / "policy.json"))
     snap.cluster = res = Reservations(url, "n1", 100_000, timeout=30)
@@ -320,3 +318,35 @@ async def test_a_prepaid_text_waits_for_its_grant_while_the_engine_serves_other_
             lock.release()
             prepaid.close()
             other.close()
+
+
+async def test_a_payer_changing_to_a_prepaid_card_gets_its_limit_once_the_grant_is_made(
+        store, tmp_path):
+    """Session.set_account (a calling card's PIN): the module keeps control while the
+    card's funds are reserved; its limit is armed when they are."""
+    url, schema = store
+    snap = Snapshot(str(tmp_path / "policy.json"))
+    snap.cluster = res = Reservations(url, "n1", 100_000, timeout=30)
+    module = Module()
+    eng = Engine(snap, module)
+    lock = None
+    try:
+        await _ready(res)
+        s = Session(eng, "postpaid", "2000", "<sip:a@b>", "<sip:2000@b>")
+        s.start(Node(name="n", module="baton.bridge"))
+        (ctl,) = module.taken                 # no cluster asked: at once, no limit
+        assert s.pending is None and ctl.limit is None
+        lock = Lock(schema, "card")
+        d = s.set_account("card")
+        assert isinstance(d, Pending)
+        await _blocked(res, lock)
+        assert ctl.active and ctl.limit is None
+        lock.release()
+        d = await d
+        assert d.allow and ctl.limit == d.limit == 10 - 0.25, d
+        assert res.holds(s.id) and s.control is ctl
+        s.end("hangup")
+    finally:
+        if lock is not None:
+            lock.release()
+        await _close(res)
