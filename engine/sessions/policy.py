@@ -13,6 +13,10 @@ The session cuts control off at the limit and warns before it (engine/sessions/s
 engine/sessions/warning.py). How the funds are counted is conservative on purpose; see
 `Snapshot.available` and docs/billing.md ("Prepaid balances and limits"); what a time
 in control costs at most, and so how long the funds last, is engine/sessions/prepaid.py.
+
+In a cluster with `[cluster] reservations`, a prepaid grant or a capped module's time is
+reserved in PostgreSQL first (engine/sessions/reservations.py): `Snapshot.check` then
+returns a `Pending` decided off the event loop, and every other check stays synchronous.
 """
 from __future__ import annotations
 
@@ -344,7 +348,7 @@ class Snapshot:
         h.split = True
 
     # -- the check --------------------------------------------------------------------
-    def check(self, session, node, module):
+    def check(self, session, node, module) -> Decision | Pending:
         """The Decision on giving `session` to `module` at `node`; a Pending one when a
         cluster's reservation must be taken first (a prepaid account's funds, a capped
         module's time): only those wait for PostgreSQL, off the event loop."""
@@ -493,7 +497,7 @@ class Snapshot:
         return _CapGrant(module.code, period, plan.cap, plan, base, units,
                          session.module is None)
 
-    def renew(self, session, ctl):
+    def renew(self, session, ctl) -> Pending | None:
         """`session` used up the limit of its current grant: when that limit was the
         cluster's cap slice, reserve the next one. None: the limit stands; else a Pending
         whose Decision is the new one (its limit counted from the start of the span, as
