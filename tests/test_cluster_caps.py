@@ -7,6 +7,7 @@ prices the units past its first tier at the second tier's price once the two nod
 usage together crosses the boundary."""
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -337,7 +338,7 @@ CAPPED_RAW = {"plans": {"capped": {"price": "0.60", "increment": "6/6", "cap": 3
               "accounts": {"acme": {"billing": {"plans": {"baton.hold": "capped"}}}}}
 
 
-def test_the_policy_grants_capped_time_in_slices_on_the_increment_grid_then_denies(
+async def test_the_policy_grants_capped_time_in_slices_on_the_increment_grid_then_denies(
         store, tmp_path):
     """Two nodes' policy hooks (engine/sessions/policy.py) share a 30 s cap with a 6/6
     increment in 10 s slices: a limit never passes what the units held pay for."""
@@ -358,27 +359,27 @@ def test_the_policy_grants_capped_time_in_slices_on_the_increment_grid_then_deni
         engines.append(fake_engine(CAPPED_RAW))
     try:
         a, b = fake_session(engines[0], "acme", "A"), fake_session(engines[1], "acme", "B")
-        d = snaps[0].check(a, node, hold)
+        d = await snaps[0].check(a, node, hold)
         assert d.allow and d.limit == 6 - 0.25 and d.warn_before == 0    # 10 units: 6 s paid
-        assert snaps[1].check(b, node, hold).limit == 6 - 0.25
+        assert (await snaps[1].check(b, node, hold)).limit == 6 - 0.25
         a.module = hold
         ctl = types.SimpleNamespace(span=None)
         # A used its grant: the next slice (20 units: 18 s on the grid).
-        assert snaps[0].renew(a, ctl).limit == 18 - 0.25
+        assert (await snaps[0].renew(a, ctl)).limit == 18 - 0.25
         # B renews: 10 units are left of 30 (A holds 20, B 10 -> B 20 would be 40).
         b.module = hold
-        assert snaps[1].renew(b, ctl) is None          # nothing free: the limit stands
+        assert await snaps[1].renew(b, ctl) is None    # nothing free: the limit stands
         # A third call on either node: the cap is held in full, denied.
         c = fake_session(engines[1], "acme", "C")
-        d = snaps[1].check(c, node, hold)
+        d = await snaps[1].check(c, node, hold)
         assert not d.allow and "reached across the cluster" in d.reason
         # PostgreSQL lost: the capped module is denied, never unlimited.
         snaps[1].cluster.close()
         port = free_port(socket.SOCK_STREAM)
         snaps[1].cluster = Reservations(f"postgresql://postgres@127.0.0.1:{port}/test", "n2",
                                         100_000)
-        d = snaps[1].check(fake_session(engines[1], "acme", "D"), node, hold)
+        d = await snaps[1].check(fake_session(engines[1], "acme", "D"), node, hold)
         assert not d.allow and "unavailable" in d.reason
     finally:
         for s in snaps:
-            s.cluster.close()
+            await asyncio.get_running_loop().run_in_executor(None, s.cluster.close)

@@ -25,7 +25,7 @@ import wave
 import pytest
 
 from engine.accounting.plans import parse_plan
-from engine.sessions.policy import Decision, Snapshot
+from engine.sessions.policy import Decision, Pending, Snapshot
 from engine.sessions.prepaid import GUARD, affordable, limit_seconds, segment_cost
 from tests.helpers import BATON, EngineProcess, ROOT, period_now
 
@@ -616,8 +616,16 @@ class FakeClusterFunds:
         self.reserved.append(cost)
         return cost
 
+    def run(self, fn, *args, grant=False):
+        """The worker thread's job, run at once (its result on the loop, as the real one)."""
+        import asyncio
 
-def test_cluster_funds_that_outlast_the_horizon_grant_an_unlimited_call(tmp_path):
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(fn(*args))
+        return fut
+
+
+async def test_cluster_funds_that_outlast_the_horizon_grant_an_unlimited_call(tmp_path):
     """A card whose cluster-wide funds last longer than prepaid.HORIZON: the call is
     allowed without a cut-off and the horizon's cost is what gets reserved."""
     from engine.sessions.prepaid import HORIZON
@@ -629,6 +637,8 @@ def test_cluster_funds_that_outlast_the_horizon_grant_an_unlimited_call(tmp_path
     eng = fake_engine(raw)
     bridge = types.SimpleNamespace(code="baton.bridge", level="basic")
     d = snap.check(fake_session(eng, "rich"), types.SimpleNamespace(params={}), bridge)
+    assert isinstance(d, Pending)       # the cluster is asked off the loop
+    d = await d
     assert d.allow and d.limit is None, d
     # 3 cents a second over the horizon
     assert snap.cluster.reserved == [HORIZON * 30_000]

@@ -157,7 +157,7 @@ class Engine:
         async def refresh() -> None:
             while True:
                 await asyncio.sleep(c.reservation_ttl / 3)
-                await self.loop.run_in_executor(None, res.refresh, list(self.sessions))
+                await res.run(res.refresh, list(self.sessions))
 
         self._reservations_task = asyncio.ensure_future(refresh())
         log.info("prepaid funds reserved from the cluster's PostgreSQL in slices of %s, "
@@ -212,7 +212,8 @@ class Engine:
             self.directory = None
         if self.policy.cluster is not None:
             self._reservations_task.cancel()
-            self.policy.cluster.close()
+            # The ended sessions' writes are still queued: they run first.
+            await self.loop.run_in_executor(None, self.policy.cluster.close)
         await self.webhooks.stop()
 
     # -- the SIP core's application -------------------------------------------
@@ -303,7 +304,7 @@ class Engine:
         if res is not None and res.holds(session.id):
             writer = getattr(self.stamper, "writer", None)
             end_seq = writer.next_seq - 1 if writer is not None else None
-            self.loop.run_in_executor(None, res.ended, session.id, end_seq)
+            res.run(res.ended, session.id, end_seq)   # after its grant: one worker, in order
         if session.kind == "messaging":
             self.messaging.ended(session)
         finished = self.finished

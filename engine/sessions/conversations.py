@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from engine.common import clock
 from engine.common.segments import encoding, parts, segments
+from engine.sessions.policy import Pending, when_decided
 from engine.sessions.session import Session
 from engine.sip import pager
 from engine.sip.uri import parse_uri
@@ -166,29 +167,73 @@ class Messaging:
             session = None
         if session is None:
             session = self._start(route, number, from_hdr, valid_text(msg.headers["to"][0]), key)
-            if session.ended:
-                # The policy refused the first module and no `denied` outlet took over.
-                self.counts["inbound", "denied"] += 1
-                core.respond(st, msg, 403, reason="Messaging Not Allowed")
-                return
+            if session.pending is None:
+                self._first_text(session, st, msg, from_hdr, number, text)
+            else:       # the first module's grant waits for the cluster (docs/cluster.md)
+                self._settled(session, lambda: self._first_text(session, st, msg, from_hdr,
+                                                                number, text))
+        elif session.pending is None:
+            self._next_text(session, st, msg, from_hdr, number, text)
+        else:           # the last text's transition still waits for the cluster
+            self._settled(session, lambda: self._next_text(session, st, msg, from_hdr, number,
+                                                           text))
+
+    def _settled(self, session: Session, fn) -> None:
+        """`fn()` once `session` is out of every transition waiting for the cluster's
+        PostgreSQL (policy.Pending), or has ended. The session's own callback runs first."""
+        p = session.pending
+        if p is None or session.ended:
+            fn()
         else:
-            decision = engine.policy.check(session, session.node, session.module)
-            if not decision.allow:
-                denied = session.node.outlets.get("denied") if session.node else None
-                if denied is None:
-                    self.counts["inbound", "denied"] += 1
-                    log.info("conversation %s: message refused: %s", session.id, decision.reason)
-                    core.respond(st, msg, 403, reason="Messaging Not Allowed")
-                    return
-                session.transition(denied, "policy-denied")
+            p.then(lambda _d: self._settled(session, fn))
+
+    def _first_text(self, session: Session, st, msg, from_hdr: str, number: str, text) -> None:
+        if session.ended:
+            # The policy refused the first module and no `denied` outlet took over.
+            self.counts["inbound", "denied"] += 1
+            self.engine.sip.respond(st, msg, 403, reason="Messaging Not Allowed")
+            return
+        self._accept(session, st, msg, from_hdr, number, text)
+
+    def _next_text(self, session: Session, st, msg, from_hdr: str, number: str, text) -> None:
+        if session.ended:
+            self._first_text(session, st, msg, from_hdr, number, text)
+            return
+        decision = self.engine.policy.check(session, session.node, session.module)
+        if decision.__class__ is Pending:
+            decision.then(lambda d: self._checked(session, st, msg, from_hdr, number, text, d))
+        else:
+            self._checked(session, st, msg, from_hdr, number, text, decision)
+
+    def _checked(self, session: Session, st, msg, from_hdr: str, number: str, text,
+                 decision) -> None:
+        if session.ended:
+            self._first_text(session, st, msg, from_hdr, number, text)
+            return
+        if not decision.allow:
+            denied = session.node.outlets.get("denied") if session.node else None
+            if denied is None:
+                self.counts["inbound", "denied"] += 1
+                log.info("conversation %s: message refused: %s", session.id, decision.reason)
+                self.engine.sip.respond(st, msg, 403, reason="Messaging Not Allowed")
+                return
+            session.transition(denied, "policy-denied")
+            if session.pending is not None:
+                self._settled(session, lambda: self._accept(session, st, msg, from_hdr, number,
+                                                            text))
+                return
+        self._accept(session, st, msg, from_hdr, number, text)
+
+    def _accept(self, session: Session, st, msg, from_hdr: str, number: str, text) -> None:
         session.peer = Peer(from_hdr, st.flow)
         # RFC 3428 7: 202, accepted for processing (a 200 would claim delivery).
-        core.respond(st, msg, 202)
+        self.engine.sip.respond(st, msg, 202)
         self.receive(session, from_hdr, number, text)
 
-    def on_text_in_dialog(self, dialog, msg) -> pager.Answer:
+    def on_text_in_dialog(self, dialog, msg):
         """A MESSAGE inside a call's dialog: a text on that call's session (RFC 3428 2
-        lets MESSAGE travel in a dialog; it never creates or changes one)."""
+        lets MESSAGE travel in a dialog; it never creates or changes one). The Answer, or
+        a future of it while the policy check waits for the cluster's PostgreSQL."""
         text = pager.received_text(msg, int(self.settings["max_bytes"]))
         if isinstance(text, pager.Answer):
             self._refused(msg, text)
@@ -196,7 +241,28 @@ class Messaging:
         session = getattr(dialog, "session", None)
         if session is None or session.ended or session.module is None:
             return pager.Answer(481)
-        decision = self.engine.policy.check(session, session.node, session.module)
+        if session.pending is None:
+            decision = self.engine.policy.check(session, session.node, session.module)
+            if decision.__class__ is not Pending:
+                return self._in_dialog(session, msg, text, decision)
+        answer = self.engine.loop.create_future()
+
+        def check():        # once the session's transition waiting for the cluster is decided
+            if session.ended or session.module is None:
+                answer.set_result(pager.Answer(481))
+                return
+            when_decided(self.engine.policy.check(session, session.node, session.module),
+                         lambda d: answer.set_result(self._in_dialog(session, msg, text, d)))
+
+        if session.pending is None:
+            decision.then(lambda d: answer.set_result(self._in_dialog(session, msg, text, d)))
+        else:
+            self._settled(session, check)
+        return answer
+
+    def _in_dialog(self, session: Session, msg, text, decision) -> pager.Answer:
+        if session.ended:
+            return pager.Answer(481)
         if not decision.allow:
             return pager.Answer(403, reason="Messaging Not Allowed")
         self.receive(session, valid_text(msg.get("from", "")), session.number, text)

@@ -13,9 +13,14 @@ The session cuts control off at the limit and warns before it (engine/sessions/s
 engine/sessions/warning.py). How the funds are counted is conservative on purpose; see
 `Snapshot.available` and docs/billing.md ("Prepaid balances and limits"); what a time
 in control costs at most, and so how long the funds last, is engine/sessions/prepaid.py.
+
+In a cluster with `[cluster] reservations`, a prepaid grant or a capped module's time is
+reserved in PostgreSQL first (engine/sessions/reservations.py): `Snapshot.check` then
+returns a `Pending` decided off the event loop, and every other check stays synchronous.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -40,6 +45,45 @@ class Decision:
 
 
 ALLOW = Decision(True)
+
+
+class Pending:
+    """A decision that waits for the cluster's PostgreSQL (docs/cluster.md): what
+    `Snapshot.check` (or `renew`) returns instead of a Decision when a reservation must be
+    taken first. The reservation runs off the event loop; `then(fn)` calls `fn` with the
+    Decision on the loop once it is known (a denial if the check failed); `await` gives it
+    too. Other checks, and every check of a node without a cluster, return the Decision
+    itself: a caller tests `decision.__class__ is Pending` and goes on at once otherwise.
+
+    Invariant: `fn` is called once, on the loop, after the reservation was written (or
+    failed)."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, coro):
+        self.task = asyncio.get_running_loop().create_task(coro)
+
+    def then(self, fn) -> None:
+        def done(task):
+            try:
+                result = task.result()
+            except BaseException as exc:    # cancelled with the loop, or a bug: never allow
+                if not isinstance(exc, asyncio.CancelledError):
+                    log.error("policy check failed", exc_info=exc)
+                result = Decision(False, "policy check failed")
+            fn(result)
+        self.task.add_done_callback(done)
+
+    def __await__(self):
+        return self.task.__await__()
+
+
+def when_decided(decision, fn) -> None:
+    """`fn(decision)` now, or once a Pending one is known."""
+    if decision.__class__ is Pending:
+        decision.then(fn)
+    else:
+        fn(decision)
 
 
 class AllowAll:
@@ -304,7 +348,10 @@ class Snapshot:
         h.split = True
 
     # -- the check --------------------------------------------------------------------
-    def check(self, session, node, module) -> Decision:
+    def check(self, session, node, module) -> Decision | Pending:
+        """The Decision on giving `session` to `module` at `node`; a Pending one when a
+        cluster's reservation must be taken first (a prepaid account's funds, a capped
+        module's time): only those wait for PostgreSQL, off the event loop."""
         self._refresh()
         h = self._holds.get(session.id)
         split = h is not None and h.split
@@ -321,34 +368,28 @@ class Snapshot:
         decision = self.rules.check(session, node, module)
         if not decision.allow:
             return decision
-        grant = None
         if self.cluster is not None:
             try:
-                grant = self._cluster_cap(session, module)
+                capped = self._capped(session, module)
             except Exception:
                 log.exception("session %s: no cap reservation for %s", session.id, module.code)
                 return Decision(False, f"{module.code}: cap usage unavailable")
-            if grant is not None:
-                if grant.seconds() <= 0:
-                    return Decision(False, f"{module.code}: cap of account {session.account} "
-                                           f"reached across the cluster")
-                grant.other = decision.limit
-                decision = dataclasses.replace(decision, limit=self._min(
-                    decision.limit, grant.seconds()))
-        shared = self._cluster_funds(session)
-        if shared is None and (acc is None or acc.get("funds_left_micro") is None):
-            if grant is not None:
-                grant.decision = decision
+            shared = self._cluster_funds(session)
+            if capped is not None or shared is not None:
+                return Pending(self._check_cluster(session, node, module, decision, acc, split,
+                                                   capped, shared))
+        if acc is None or acc.get("funds_left_micro") is None:
             return decision
         try:
-            if shared is not None:
-                billed, plan = self._cluster_limit(session, module, acc, shared)
-            else:
-                billed, funds, plan = self.limit_for(session, module.code, module.level)
+            billed, _funds, plan = self.limit_for(session, module.code, module.level)
         except Exception:
             # Never unlimited by accident: a limit that cannot be computed denies.
             log.exception("session %s: no prepaid limit for %s", session.id, module.code)
             return Decision(False, f"account {session.account}: limit unavailable")
+        return self._limited(session, node, module, decision, billed, plan, split, None)
+
+    def _limited(self, session, node, module, decision, billed, plan, split, grant) -> Decision:
+        """The decision once the funds' limit (`billed` seconds, None: none) is known."""
         if plan is None:
             if grant is not None:
                 grant.decision = decision
@@ -371,13 +412,64 @@ class Snapshot:
             grant.decision = decision
         return decision
 
+    async def _check_cluster(self, session, node, module, decision, acc, split, capped,
+                             shared) -> Decision:
+        """The rest of `check` when the cluster is asked: each reservation awaited on the
+        Reservations' worker thread. A session that ended meanwhile gets a denial, and what
+        was reserved for it is released (its node's accountant posts nothing more for it)."""
+        grant = None
+        if capped is not None:
+            try:
+                grant = await self._cluster_cap(session, module, *capped)
+            except Exception:
+                log.exception("session %s: no cap reservation for %s", session.id, module.code)
+                return self._left(session) or Decision(False, f"{module.code}: cap usage "
+                                                               "unavailable")
+            if session.ended:
+                return self._left(session)
+            self._caps[session.id] = grant
+            if grant.seconds() <= 0:
+                return Decision(False, f"{module.code}: cap of account {session.account} "
+                                       f"reached across the cluster")
+            grant.other = decision.limit
+            decision = dataclasses.replace(decision, limit=self._min(
+                decision.limit, grant.seconds()))
+        if shared is None and (acc is None or acc.get("funds_left_micro") is None):
+            grant.decision = decision
+            return decision
+        try:
+            if shared is not None:
+                billed, plan = await self._cluster_limit(session, module, acc, shared)
+            else:
+                billed, _funds, plan = self.limit_for(session, module.code, module.level)
+        except Exception:
+            # Never unlimited by accident: a limit that cannot be computed denies.
+            log.exception("session %s: no prepaid limit for %s", session.id, module.code)
+            return self._left(session) or Decision(False, f"account {session.account}: "
+                                                           "limit unavailable")
+        if session.ended:
+            return self._left(session)
+        return self._limited(session, node, module, decision, billed, plan, split, grant)
+
+    def _left(self, session) -> Decision | None:
+        """`session` ended while the cluster was asked: release what it holds now (the
+        engine's `session_ended` saw nothing to release then). None while it is live."""
+        if not session.ended:
+            return None
+        self._caps.pop(session.id, None)
+        res = self.cluster
+        if res is not None and res.holds(session.id):
+            seq = self._ring_seq(session.engine)
+            res.run(res.ended, session.id, seq - 1 if seq is not None else None)
+        return Decision(False, "the session ended during the policy check")
+
     @staticmethod
     def _min(a: float | None, b: float | None) -> float | None:
         return b if a is None else a if b is None else min(a, b)
 
     # -- a cluster's shared caps (docs/cluster.md) --------------------------------------
-    def _cluster_cap(self, session, module) -> _CapGrant | None:
-        """Reserve the next slice of a capped module's time from the cluster (a plan with
+    def _capped(self, session, module):
+        """(plan, period) of a module whose time is reserved from the cluster (a plan with
         a `cap` and `at_cap = "deny"`); None when the module has no such cap."""
         book = self.billing(session.engine)
         if book is None:
@@ -388,20 +480,28 @@ class Snapshot:
         from engine.accounting.config import PeriodClock
         from engine.common import clock
 
-        period = PeriodClock(book.period).of(clock.wall_ns())
-        base = self.cluster.units.get((session.id, session.account, module.code, period), 0)
-        # A slice shorter than the first increment would never pay for it.
-        units = self.cluster.reserve_units(session.account, module.code, period, session.id,
-                                           plan.cap, max(self.cap_slice, plan.increment.first))
-        grant = _CapGrant(module.code, period, plan.cap, plan, base, units,
-                          session.module is None)
-        self._caps[session.id] = grant
-        return grant
+        return plan, PeriodClock(book.period).of(clock.wall_ns())
 
-    def renew(self, session, ctl) -> Decision | None:
+    async def _cluster_cap(self, session, module, plan, period) -> _CapGrant:
+        """Reserve the next slice of a capped module's time from the cluster."""
+        res = self.cluster
+        key = (session.id, session.account, module.code, period)
+
+        def reserve():             # on the worker thread, after any earlier job of the session
+            base = res.units.get(key, 0)
+            # A slice shorter than the first increment would never pay for it.
+            return base, res.reserve_units(session.account, module.code, period, session.id,
+                                           plan.cap, max(self.cap_slice, plan.increment.first))
+
+        base, units = await res.run(reserve, grant=True)
+        return _CapGrant(module.code, period, plan.cap, plan, base, units,
+                         session.module is None)
+
+    def renew(self, session, ctl) -> Pending | None:
         """`session` used up the limit of its current grant: when that limit was the
-        cluster's cap slice, reserve the next one. The new Decision (its limit counted
-        from the start of the span, as at the grant), or None: the limit stands."""
+        cluster's cap slice, reserve the next one. None: the limit stands; else a Pending
+        whose Decision is the new one (its limit counted from the start of the span, as
+        at the grant), or None."""
         grant = self._caps.get(session.id)
         if (grant is None or grant.decision is None or self.cluster is None
                 or session.module is None or session.module.code != grant.target):
@@ -409,13 +509,21 @@ class Snapshot:
         had = grant.seconds()
         if grant.other is not None and grant.other <= had:
             return None         # funds or rules, not the cap, set this limit
+        return Pending(self._renew(session, grant, had))
+
+    async def _renew(self, session, grant: _CapGrant, had: float) -> Decision | None:
+        res = self.cluster
         try:
-            grant.units = self.cluster.reserve_units(
-                session.account, grant.target, grant.period, session.id, grant.cap,
-                max(self.cap_slice, grant.plan.increment.next))
+            units = await res.run(
+                res.reserve_units, session.account, grant.target, grant.period, session.id,
+                grant.cap, max(self.cap_slice, grant.plan.increment.next), grant=True)
         except Exception:
             log.exception("session %s: no cap reservation for %s", session.id, grant.target)
             return None
+        if session.ended or self._caps.get(session.id) is not grant:
+            self._left(session)
+            return None
+        grant.units = units
         now = grant.seconds()
         if now <= had:
             return None
@@ -452,7 +560,7 @@ class Snapshot:
             return None
         return ab.prepaid_balance + (ab.credit_limit or 0)
 
-    def _cluster_limit(self, session, module, acc, total: int):
+    async def _cluster_limit(self, session, module, acc, total: int):
         """(billed seconds or None, plan) of a grant whose cost is reserved from the
         cluster's funds first; (0, plan) when nothing could be."""
         book = self.billing(session.engine)
@@ -462,20 +570,29 @@ class Snapshot:
             local = self.available(session, int(acc["funds_left_micro"]))
         cap = ((acc or {}).get("caps") or {}).get(module.code)
         prior = int(cap.get("used", 0)) if cap else 0
-        out = [0]
+        out = [0, 0]
 
         def grant(free: int) -> int:
-            funds = free if local is None else min(local, free)
+            funds = out[1] = free if local is None else min(local, free)
             billed = out[0] = affordable(plan, funds, prior)
             if billed == 0:
                 return 0
             return segment_cost(plan, billed if billed is not None else HORIZON)
 
-        got = self.cluster.reserve(session.account, session.id, total, grant)
+        # `grant` runs on the worker thread under the row lock: it reads only the values
+        # taken above.
+        got = await self.cluster.run(self.cluster.reserve, session.account, session.id, total,
+                                     grant, grant=True)
         if got is None:
             if out[0] is None:          # free time: nothing to reserve
                 return None, plan
             return 0, plan
+        if local is not None and not session.ended:
+            # Other grants of the account on this node may have been taken while this one
+            # waited: never more than the funds the node counts now.
+            now = self.available(session, int(acc["funds_left_micro"]))
+            if now < local:
+                return affordable(plan, min(now, out[1]), prior), plan
         return out[0], plan
 
     def warning_settings(self, session, node) -> tuple[float, str, str]:

@@ -32,9 +32,18 @@ next slice when it has used the last one (engine/sessions/policy.py `Snapshot.re
 
 PostgreSQL unreachable: a prepaid or capped grant is denied (never unlimited by accident); calls of
 accounts without a prepaid balance do not ask.
+
+Every statement runs on one worker thread the Reservations own (`run`), never on the
+engine's event loop: a slow or unreachable PostgreSQL delays the grants that wait for it,
+not the node's other calls, SIP and media. One thread and one connection, so the jobs run
+in the order they were submitted (a session's `ended` after its grant). A grant that waited
+in the queue longer than the timeout is refused without asking (`run(..., grant=True)`), so
+a PostgreSQL that stopped answering cannot pile up a backlog of calls.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -91,6 +100,26 @@ class Reservations:
         self.units: dict[tuple[str, str, str, str], int] = {}
         self.capped: set[str] = set()      # sessions with cap units reserved
         self.asked = 0                     # reservations taken (for the bench)
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+
+    # -- off the event loop ------------------------------------------------------------
+    def run(self, fn, *args, grant: bool = False) -> asyncio.Future:
+        """`fn(*args)` (a method of this object, or a function calling them) on the
+        reservations' worker thread: an asyncio future of its result, for the running
+        loop. `grant`: a grant, refused with ReservationError when it waited longer than
+        the timeout for the thread (writes that end or refresh a reservation always run)."""
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="baton-reservations")
+        if grant:
+            args = (time.monotonic() + self.timeout, fn, *args)
+            fn = self._before
+        return asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    def _before(self, deadline: float, fn, *args):
+        if time.monotonic() > deadline:
+            raise ReservationError("PostgreSQL busy: the grant waited past the timeout")
+        return fn(*args)
 
     # -- the connection ----------------------------------------------------------------
     def _connect(self):
@@ -122,6 +151,11 @@ class Reservations:
         return conn
 
     def close(self) -> None:
+        """Finish the queued jobs (the ended sessions' writes), then disconnect. Blocks:
+        call it off the loop."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
         with self.lock:
             if self.conn is not None:
                 self.conn.close()

@@ -17,6 +17,7 @@ import os
 import time
 
 from engine.sessions import apps as apps_mod
+from engine.sessions.policy import Pending
 from engine.common.logs import SESSION as _LOG_SESSION
 from engine.sip import sdp
 from engine.sip.errors import SdpError
@@ -158,7 +159,7 @@ class Session:
                  "legs", "module", "history", "ended", "end_reason", "engine", "app", "node",
                  "control", "vars", "started_mono", "started_wall", "ended_mono",
                  "ended_wall", "transitions", "saved", "kind", "messages", "peer",
-                 "last_text")
+                 "last_text", "pending")
 
     def __init__(self, engine, account: str, number: str, from_uri: str, to_uri: str,
                  direction: str = "inbound", app=None, kind: str = "call"):
@@ -195,6 +196,9 @@ class Session:
         # that gets the session back resumes where it left off (e.g. the rest of
         # an instruction document after a Dial).
         self.saved: dict = {}
+        # A transition whose policy check waits for the cluster (policy.Pending): no
+        # module is in control until it is decided.
+        self.pending = None
 
     @property
     def caller(self) -> "Leg":
@@ -275,6 +279,7 @@ class Session:
 
     def _give(self, node, reason: str, params: dict | None) -> None:
         engine = self.engine
+        self.pending = None            # a later transition replaces one still waiting
         module = engine.registry.resolve(node.module)
         if module is None:
             # The module is unknown or gone: the node's fallback outlet.
@@ -288,6 +293,24 @@ class Session:
                 self.fail(f"module {node.module} is not available")
             return
         decision = engine.policy.check(self, node, module)
+        if decision.__class__ is Pending:
+            # The cluster's PostgreSQL is asked off the loop. Control has passed: the old
+            # module acts no more, and the new one starts only once the grant is known.
+            if self.control is not None:
+                self.control.deactivate()
+            self.pending = decision
+            decision.then(lambda d: self._decided(decision, d, node, module, reason, params))
+            return
+        self._pass(decision, node, module, reason, params)
+
+    def _decided(self, pending, decision, node, module, reason: str, params) -> None:
+        if self.pending is not pending or self.ended:
+            return                     # replaced by a later transition, or hung up
+        self.pending = None
+        self._pass(decision, node, module, reason, params)
+
+    def _pass(self, decision, node, module, reason: str, params: dict | None) -> None:
+        engine = self.engine
         if not decision.allow:
             log.info("session %s: policy denied %s: %s", self.id, module.code, decision.reason,
                      extra={"event": "policy.denied", "module_code": module.code,
@@ -356,10 +379,21 @@ class Session:
         renew = getattr(self.engine.policy, "renew", None)
         if renew is not None and ctl.active and not self.ended:
             decision = renew(self, ctl)
+            if decision.__class__ is Pending:
+                decision.then(lambda d: self._renewed(ctl, d))
+                return
             if decision is not None:
                 self._arm_limit(ctl, decision, self.engine.policy.spent(self, ctl))
                 return
         if not ctl.event("limit"):
+            self.end("limit")
+
+    def _renewed(self, ctl: Control, decision) -> None:
+        if not ctl.active or self.ended:
+            return
+        if decision is not None and decision.allow:
+            self._arm_limit(ctl, decision, self.engine.policy.spent(self, ctl))
+        elif not ctl.event("limit"):
             self.end("limit")
 
     def _arm_limit(self, ctl: Control, decision, spent: float = 0.0) -> None:
@@ -398,7 +432,8 @@ class Session:
         is split here: a new span of the same module starts and is stamped as
         a transition, so the accountant bills the time before to the old
         account and the time after to the new one. The policy is asked again
-        for the new account: returns its Decision, and arms its limit."""
+        for the new account: returns its Decision (a policy.Pending one while a
+        cluster's reservation is taken), and arms its limit."""
         from engine.sessions.policy import ALLOW
 
         if self.ended or account == self.account or self.module is None:
@@ -420,9 +455,17 @@ class Session:
                                                     "level": module.level, "reason": reason,
                                                     "account": account, "previous_account": previous})
         decision = self.engine.policy.check(self, self.node, module)
-        if decision.allow and ctl is not None and ctl.active:
-            self._arm_limit(ctl, decision)
+        if decision.__class__ is Pending:
+            # The module keeps control meanwhile; the caller waits for the decision too
+            # (policy.when_decided).
+            decision.then(lambda d: self._account_decided(ctl, d))
+        else:
+            self._account_decided(ctl, decision)
         return decision
+
+    def _account_decided(self, ctl, decision) -> None:
+        if decision.allow and ctl is not None and ctl.active and not self.ended:
+            self._arm_limit(ctl, decision)
 
     def _record(self, code, level, reason, node, closed=False) -> ControlSpan:
         mono, wall = time.monotonic_ns(), clock.wall_ns()
@@ -439,6 +482,7 @@ class Session:
         log.warning("session %s: %s", self.id, why)
         if self.ended:
             return
+        self.pending = None
         caller = self.legs[0] if self.legs else None
         if caller is None or self.engine.speech is None:
             self.end("error")
@@ -475,6 +519,7 @@ class Session:
             return
         self.ended = True
         self.end_reason = reason
+        self.pending = None    # a grant still waiting is released by the policy when decided
         self.ended_mono, self.ended_wall = time.monotonic_ns(), clock.wall_ns()
         ctl = self.control
         if self.history and self.history[-1].end_mono is None:

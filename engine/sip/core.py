@@ -469,13 +469,19 @@ class SipCore:
                 self.respond(st, msg, 405, headers=[("allow", build.ALLOW)], to_tag=d.local_tag)
             else:
                 a = on_text(d, msg)
-                self.respond(st, msg, a.status, reason=a.reason, headers=list(a.headers),
-                             to_tag=d.local_tag)
+                if isinstance(a, asyncio.Future):   # the policy waits for the cluster
+                    a.add_done_callback(lambda f, st=st, msg=msg, tag=d.local_tag:
+                                        self._answer_text(st, msg, f.result(), tag))
+                else:
+                    self._answer_text(st, msg, a, d.local_tag)
         else:
             status = 200
             if d.owner is not None:
                 status = d.owner.dialog_request(d, msg)
             self.respond(st, msg, status, to_tag=d.local_tag)
+
+    def _answer_text(self, st, msg, a, to_tag: str) -> None:
+        self.respond(st, msg, a.status, reason=a.reason, headers=list(a.headers), to_tag=to_tag)
 
     def on_reoffer(self, d: Dialog, msg, st) -> None:
         from engine.sip.errors import SdpError

@@ -62,6 +62,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from engine.sessions.apps import Node
+from engine.sessions.policy import when_decided
 from engine.modules.services.prompting import (PromptingModule, check_bool, check_common, check_keys, check_number,
                         check_text)
 from engine.modules.services.verify import user_of
@@ -513,6 +514,12 @@ class CallingCardModule(PromptingModule):
         saved["attempts"] = 0
         decision = ctl.session.set_account(account, reason="calling-card:pin")
         self._event(ctl, "authenticated", account=account)
+        # In a cluster the card's funds are reserved first, off the loop (docs/cluster.md).
+        when_decided(decision, lambda d: self._card_decided(ctl, d))
+
+    def _card_decided(self, ctl, decision) -> None:
+        if not ctl.active:
+            return
         if not decision.allow:
             self._no_funds(ctl, decision.reason)
             return
