@@ -23,7 +23,6 @@ Prints one JSON line on stdout and writes it, with a plot, to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import resource
@@ -380,16 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "media_kb_per_session": clean[-1]["kb_per_session"] if clean else None,
         "errors": errors,
     })
-    if not args.no_files:
-        json_path, png_path = common.result_paths("capacity", args.results_dir)
-        if plot(result, png_path):
-            result["png"] = str(png_path)
-        result["json"] = str(json_path)
-        common.write_json(json_path, {**result, "meta": {
-            **common.machine_info(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "argv": sys.argv[1:] if argv is None else list(argv)}})
-    print(json.dumps(result), flush=True)
+    common.report("capacity", result, args, started, argv, lambda png: plot(result, png))
     return 0 if not errors else 1
 
 

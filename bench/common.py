@@ -728,6 +728,41 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def report(name: str, result: dict[str, Any], args: Any, started: float,
+           argv: Sequence[str] | None, plot: Callable[[Path], bool],
+           extra: dict[str, Any] | None = None,
+           meta: Callable[[], dict[str, Any]] | None = None) -> None:
+    """A driver's last step: print RESULT as one JSON line on stdout.
+
+    Unless --no-files, first write bench/results/NAME-TIMESTAMP.json (in --results-dir) and
+    the PNG that PLOT(path) draws, and name them in RESULT ("json", "png": the latter only
+    when PLOT returns True).  The file holds RESULT, then EXTRA (detail kept out of the
+    printed line), then "meta": the machine, the start time, what META() returns and the
+    driver's arguments.  META is called only when the files are written.
+    """
+    if not args.no_files:
+        json_path, png_path = result_paths(name, args.results_dir)
+        if plot(png_path):
+            result["png"] = str(png_path)
+        result["json"] = str(json_path)
+        write_json(json_path, {**result, **(extra or {}), "meta": {
+            **machine_info(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            **(meta() if meta is not None else {}),
+            "argv": sys.argv[1:] if argv is None else list(argv)}})
+    print(json.dumps(result), flush=True)
+
+
+def report_line(name: str, result: dict[str, Any], args: Any) -> None:
+    """Print RESULT as one JSON line and, unless --no-files, write that same line to
+    bench/results/NAME-TIMESTAMP.json (in --results-dir)."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if not args.no_files:
+        json_path, _ = result_paths(name, args.results_dir)
+        json_path.write_text(line + "\n")
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers depend on: cores, CPU model, kernel, load when the run started."""
     model = ""

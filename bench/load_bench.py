@@ -536,16 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "baton_baresip_calls": (result["baresip"] or {}).get("baton_max_calls"),
         "errors": errors,
     })
-    if not args.no_files:
-        json_path, png_path = common.result_paths("load", args.results_dir)
-        if plot(result, png_path):
-            result["png"] = str(png_path)
-        result["json"] = str(json_path)
-        common.write_json(json_path, {**result, "meta": {
-            **common.machine_info(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "argv": sys.argv[1:] if argv is None else list(argv)}})
-    print(json.dumps(result), flush=True)
+    common.report("load", result, args, started, argv, lambda png: plot(result, png))
     return 0 if not errors else 1
 
 

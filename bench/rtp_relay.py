@@ -19,7 +19,6 @@ Prints one JSON line on stdout and writes it, with a plot, to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -249,21 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loadavg": [loadavg_start, list(os.getloadavg())],
         "errors": errors,
     }
-    if not args.no_files:
-        json_path, png_path = common.result_paths("rtp_relay", args.results_dir)
-        if plot(by_rate, png_path):
-            result["png"] = str(png_path)
-        result["json"] = str(json_path)
-        record = dict(result)
-        record["summary"] = by_rate
-        record["runs"] = runs
-        record["meta"] = {
-            **common.machine_info(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "argv": sys.argv[1:] if argv is None else list(argv),
-        }
-        common.write_json(json_path, record)
-    print(json.dumps(result), flush=True)
+    common.report("rtp_relay", result, args, started, argv, lambda png: plot(by_rate, png),
+                  {"summary": by_rate, "runs": runs})
     return 0 if not errors else 1
 
 

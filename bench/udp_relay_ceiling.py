@@ -12,7 +12,6 @@ Prints one JSON line on stdout and writes it, with a plot, to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -134,19 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
         "errors": errors,
     }
-    if not args.no_files:
-        json_path, png_path = common.result_paths("udp_relay_ceiling", args.results_dir)
-        if plot(runs, png_path):
-            result["png"] = str(png_path)
-        result["json"] = str(json_path)
-        record = dict(result)
-        record["meta"] = {
-            **common.machine_info(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "argv": sys.argv[1:] if argv is None else list(argv),
-        }
-        common.write_json(json_path, record)
-    print(json.dumps(result), flush=True)
+    common.report("udp_relay_ceiling", result, args, started, argv,
+                  lambda png: plot(runs, png))
     return 0 if not errors else 1
 
 
