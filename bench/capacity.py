@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,15 +93,7 @@ class Engine:
             raise
 
     def metrics(self) -> dict[str, float]:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            text = r.read().decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            m = re.match(r"^([a-z_]+)(\{[^}]*\})? ([-+0-9.e]+)$", line)
-            if m:
-                out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
-        return out
+        return common.scrape_metrics(f"http://127.0.0.1:{self.metrics_port}/metrics", 10)
 
     def rss(self) -> int:
         return rss_bytes(self.proc.pid)

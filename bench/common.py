@@ -2,7 +2,8 @@
 
 Finding tools, building the C baselines, CPU accounting of process trees from /proc,
 driving SIPp, the Kamailio stateless responder, the generator -> relay -> sink run,
-free ports, result files and a progress bar.  Every child process is started through
+free ports, reading metrics pages, common arguments, the result files and JSON line a
+driver ends with (report()) and a progress bar.  Every child process is started through
 spawn() so that it is stopped again on exit, on Ctrl-C and on SIGTERM.
 """
 
@@ -13,6 +14,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -800,6 +803,34 @@ def save_figure(plt: Any, fig: Any, path: Path) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+_METRIC_LINE = re.compile(r"^([a-z_]+)(\{[^}]*\})? ([-+0-9.e]+)$")
+
+
+def scrape_metrics(url: str, timeout: float) -> dict[str, float]:
+    """A Prometheus text page as {'name{labels}': value}; comments are left out."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _METRIC_LINE.match(line)
+        if m:
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+def check_rate_args(p: Any, args: Any) -> None:
+    """--rates as args.rate_list (packets/s, 0 = flat out), checked with --seconds,
+    --repeat and --size; p.error() on a bad value."""
+    try:
+        args.rate_list = [int(float(r)) for r in args.rates.split(",") if r.strip()]
+    except ValueError:
+        p.error("--rates takes numbers separated by commas")
+    if not args.rate_list or min(args.rate_list) < 0:
+        p.error("--rates needs rates of 0 (flat out) or more")
+    if args.seconds <= 0 or args.repeat < 1 or not 12 <= args.size <= 1500:
+        p.error("--seconds must be positive, --repeat at least 1, --size 12..1500")
 
 
 def add_result_file_args(p: Any) -> None:

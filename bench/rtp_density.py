@@ -207,10 +207,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-seconds", type=float, default=5.0,
                    help="C and single-flow Baton relay at the highest passed level's packet "
                         "rate, this long each; 0 skips it (default: %(default)s)")
-    p.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR,
-                   help="where the JSON and PNG go (default: bench/results)")
-    p.add_argument("--no-files", action="store_true",
-                   help="print the JSON line only, write no result files")
+    common.add_result_file_args(p)
     args = p.parse_args(argv)
     try:
         args.levels = [int(c) for c in args.calls.split(",") if c.strip()]

@@ -61,14 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="measurements per rate; medians are reported (default: %(default)s)")
     common.add_result_file_args(p)
     args = p.parse_args(argv)
-    try:
-        args.rate_list = [int(float(r)) for r in args.rates.split(",") if r.strip()]
-    except ValueError:
-        p.error("--rates takes numbers separated by commas")
-    if not args.rate_list or min(args.rate_list) < 0:
-        p.error("--rates needs rates of 0 (flat out) or more")
-    if args.seconds <= 0 or args.repeat < 1 or not 12 <= args.size <= 1500:
-        p.error("--seconds must be positive, --repeat at least 1, --size 12..1500")
+    common.check_rate_args(p, args)
     return args
 
 

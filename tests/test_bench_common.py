@@ -1,9 +1,12 @@
-"""bench/common.py: how a driver reports its result (the JSON line and the result files)."""
+"""bench/common.py: how a driver reports its result (the JSON line and the result files),
+reads the engine's metrics and checks --rates."""
 from __future__ import annotations
 
 import argparse
 import json
 import time
+
+import pytest
 
 from engine.cli import bench as bench_cli
 
@@ -73,3 +76,46 @@ def test_report_line_no_files_prints_only(tmp_path, capsys):
     common.report_line("ring", {"n": 1}, _args(tmp_path, no_files=True))
     assert json.loads(capsys.readouterr().out) == {"n": 1}
     assert not list(tmp_path.iterdir())
+
+
+def test_scrape_metrics_reads_samples_with_their_labels():
+    import http.server
+    import threading
+
+    page = (b"# HELP baton_sip_dialogs Dialogs\n# TYPE baton_sip_dialogs gauge\n"
+            b"baton_sip_dialogs 12\n"
+            b'baton_load_calls_ended_total{reason="bye"} 3.5e+02\n')
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        got = common.scrape_metrics(f"http://127.0.0.1:{server.server_port}/metrics", 5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert got == {"baton_sip_dialogs": 12.0,
+                   'baton_load_calls_ended_total{reason="bye"}': 350.0}
+
+
+def test_check_rate_args_parses_rates_and_refuses_bad_ones():
+    p = argparse.ArgumentParser()
+    ok = argparse.Namespace(rates="0, 100000,2e5", seconds=1.0, repeat=1, size=172)
+    common.check_rate_args(p, ok)
+    assert ok.rate_list == [0, 100000, 200000]
+    for bad in ({"rates": "x"}, {"rates": "-1"}, {"rates": ""}, {"seconds": 0},
+                {"repeat": 0}, {"size": 11}, {"size": 1501}):
+        args = argparse.Namespace(**{"rates": "0", "seconds": 1.0, "repeat": 1, "size": 172,
+                                     **bad})
+        with pytest.raises(SystemExit):
+            common.check_rate_args(p, args)
