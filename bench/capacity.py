@@ -23,16 +23,13 @@ Prints one JSON line on stdout and writes it, with a plot, to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -96,15 +93,7 @@ class Engine:
             raise
 
     def metrics(self) -> dict[str, float]:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            text = r.read().decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            m = re.match(r"^([a-z_]+)(\{[^}]*\})? ([-+0-9.e]+)$", line)
-            if m:
-                out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
-        return out
+        return common.scrape_metrics(f"http://127.0.0.1:{self.metrics_port}/metrics", 10)
 
     def rss(self) -> int:
         return rss_bytes(self.proc.pid)
@@ -380,16 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "media_kb_per_session": clean[-1]["kb_per_session"] if clean else None,
         "errors": errors,
     })
-    if not args.no_files:
-        json_path, png_path = common.result_paths("capacity", args.results_dir)
-        if plot(result, png_path):
-            result["png"] = str(png_path)
-        result["json"] = str(json_path)
-        common.write_json(json_path, {**result, "meta": {
-            **common.machine_info(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "argv": sys.argv[1:] if argv is None else list(argv)}})
-    print(json.dumps(result), flush=True)
+    common.report("capacity", result, args, started, argv, lambda png: plot(result, png))
     return 0 if not errors else 1
 
 

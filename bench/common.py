@@ -2,7 +2,8 @@
 
 Finding tools, building the C baselines, CPU accounting of process trees from /proc,
 driving SIPp, the Kamailio stateless responder, the generator -> relay -> sink run,
-free ports, result files and a progress bar.  Every child process is started through
+free ports, reading metrics pages, common arguments, the result files and JSON line a
+driver ends with (report()) and a progress bar.  Every child process is started through
 spawn() so that it is stopped again on exit, on Ctrl-C and on SIGTERM.
 """
 
@@ -13,6 +14,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -728,6 +731,41 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def report(name: str, result: dict[str, Any], args: Any, started: float,
+           argv: Sequence[str] | None, plot: Callable[[Path], bool],
+           extra: dict[str, Any] | None = None,
+           meta: Callable[[], dict[str, Any]] | None = None) -> None:
+    """A driver's last step: print RESULT as one JSON line on stdout.
+
+    Unless --no-files, first write bench/results/NAME-TIMESTAMP.json (in --results-dir) and
+    the PNG that PLOT(path) draws, and name them in RESULT ("json", "png": the latter only
+    when PLOT returns True).  The file holds RESULT, then EXTRA (detail kept out of the
+    printed line), then "meta": the machine, the start time, what META() returns and the
+    driver's arguments.  META is called only when the files are written.
+    """
+    if not args.no_files:
+        json_path, png_path = result_paths(name, args.results_dir)
+        if plot(png_path):
+            result["png"] = str(png_path)
+        result["json"] = str(json_path)
+        write_json(json_path, {**result, **(extra or {}), "meta": {
+            **machine_info(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            **(meta() if meta is not None else {}),
+            "argv": sys.argv[1:] if argv is None else list(argv)}})
+    print(json.dumps(result), flush=True)
+
+
+def report_line(name: str, result: dict[str, Any], args: Any) -> None:
+    """Print RESULT as one JSON line and, unless --no-files, write that same line to
+    bench/results/NAME-TIMESTAMP.json (in --results-dir)."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if not args.no_files:
+        json_path, _ = result_paths(name, args.results_dir)
+        json_path.write_text(line + "\n")
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers depend on: cores, CPU model, kernel, load when the run started."""
     model = ""
@@ -765,6 +803,34 @@ def save_figure(plt: Any, fig: Any, path: Path) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+_METRIC_LINE = re.compile(r"^([a-z_]+)(\{[^}]*\})? ([-+0-9.e]+)$")
+
+
+def scrape_metrics(url: str, timeout: float) -> dict[str, float]:
+    """A Prometheus text page as {'name{labels}': value}; comments are left out."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _METRIC_LINE.match(line)
+        if m:
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+def check_rate_args(p: Any, args: Any) -> None:
+    """--rates as args.rate_list (packets/s, 0 = flat out), checked with --seconds,
+    --repeat and --size; p.error() on a bad value."""
+    try:
+        args.rate_list = [int(float(r)) for r in args.rates.split(",") if r.strip()]
+    except ValueError:
+        p.error("--rates takes numbers separated by commas")
+    if not args.rate_list or min(args.rate_list) < 0:
+        p.error("--rates needs rates of 0 (flat out) or more")
+    if args.seconds <= 0 or args.repeat < 1 or not 12 <= args.size <= 1500:
+        p.error("--seconds must be positive, --repeat at least 1, --size 12..1500")
 
 
 def add_result_file_args(p: Any) -> None:

@@ -11,7 +11,6 @@ PCM encoded / decoded in one call, and again frame by frame; MB/s counts the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -136,11 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "mb_basis": "16-bit linear PCM",
         "machine": common.machine_info(),
     }
-    line = json.dumps(result)
-    print(line)
-    if not args.no_files:
-        json_path, _ = common.result_paths("dtmf_density", args.results_dir)
-        json_path.write_text(line + "\n")
+    common.report_line("dtmf_density", result, args)
     return 0
 
 

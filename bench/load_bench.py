@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import resource
 import shutil
 import subprocess
@@ -40,7 +39,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -55,17 +53,6 @@ LOSS_LIMIT_PCT = 0.1
 def children_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
-
-
-def scrape(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"^([a-z_]+)(\{[^}]*\})? ([-+0-9.e]+)$", line)
-        if m:
-            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
-    return out
 
 
 def _ended(m: dict[str, float]) -> float:
@@ -101,7 +88,7 @@ def run_baton_load(baton: Path, target: str, args: list[str], workdir: Path,
         # every call ended.
         while proc.poll() is None:
             try:
-                samples.append(scrape(url))
+                samples.append(common.scrape_metrics(url, 5))
             except OSError:
                 break
             time.sleep(0.25)
@@ -536,16 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "baton_baresip_calls": (result["baresip"] or {}).get("baton_max_calls"),
         "errors": errors,
     })
-    if not args.no_files:
-        json_path, png_path = common.result_paths("load", args.results_dir)
-        if plot(result, png_path):
-            result["png"] = str(png_path)
-        result["json"] = str(json_path)
-        common.write_json(json_path, {**result, "meta": {
-            **common.machine_info(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "argv": sys.argv[1:] if argv is None else list(argv)}})
-    print(json.dumps(result), flush=True)
+    common.report("load", result, args, started, argv, lambda png: plot(result, png))
     return 0 if not errors else 1
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import socket
@@ -444,11 +443,7 @@ def main(argv: list[str] | None = None) -> int:
            "rates": a.rate_list, "seconds": a.seconds, "senders": a.senders,
            "steps": result.get("steps"), "errors": errors,
            "machine": common.machine_info(), "quick": a.quick}
-    line = json.dumps(out)
-    print(line, flush=True)
-    if not a.no_files:
-        json_path, _ = common.result_paths("messages", a.results_dir)
-        json_path.write_text(line + "\n")
+    common.report_line("messages", out, a)
     return 1 if errors else 0
 
 

@@ -15,7 +15,6 @@ Prints one JSON line on stdout and writes it to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -114,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "meets_target": per_core >= TARGET_PER_CORE,
         "machine": common.machine_info(),
     }
-    line = json.dumps(result)
-    print(line)
-    if not args.no_files:
-        json_path, _ = common.result_paths("mixer_density", args.results_dir)
-        json_path.write_text(line + "\n")
+    common.report_line("mixer_density", result, args)
     return 0
 
 

@@ -220,11 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         common.stop_process(engine)
     result = {"benchmark": "rest", **result, "machine": common.machine_info(),
               "quick": a.quick}
-    line = json.dumps(result)
-    print(line, flush=True)
-    if not a.no_files:
-        json_path, _ = common.result_paths("rest", a.results_dir)
-        json_path.write_text(line + "\n")
+    common.report_line("rest", result, a)
     return 0
 
 

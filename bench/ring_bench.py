@@ -200,11 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "meets_target": c.get("end_to_end_rate", 0) >= TARGET_C if "c" in results else None,
         "machine": common.machine_info(),
     }
-    line = json.dumps(result)
-    print(line)
-    if not a.no_files:
-        json_path, _ = common.result_paths("ring", a.results_dir)
-        json_path.write_text(line + "\n")
+    common.report_line("ring", result, a)
     return 0
 
 

@@ -23,7 +23,6 @@ Prints one JSON line on stdout and writes it, with a plot, to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -208,10 +207,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-seconds", type=float, default=5.0,
                    help="C and single-flow Baton relay at the highest passed level's packet "
                         "rate, this long each; 0 skips it (default: %(default)s)")
-    p.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR,
-                   help="where the JSON and PNG go (default: bench/results)")
-    p.add_argument("--no-files", action="store_true",
-                   help="print the JSON line only, write no result files")
+    common.add_result_file_args(p)
     args = p.parse_args(argv)
     try:
         args.levels = [int(c) for c in args.calls.split(",") if c.strip()]
@@ -304,20 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loadavg": [loadavg_start, list(os.getloadavg())],
         "errors": errors,
     }
-    if not args.no_files:
-        json_path, png_path = common.result_paths("rtp_density", args.results_dir)
-        if plot(levels, args.max_loss_pct, png_path):
-            result["png"] = str(png_path)
-        result["json"] = str(json_path)
-        record = dict(result)
-        record["levels_full"] = levels
-        record["meta"] = {
-            **common.machine_info(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "argv": sys.argv[1:] if argv is None else list(argv),
-        }
-        common.write_json(json_path, record)
-    print(json.dumps(result), flush=True)
+    common.report("rtp_density", result, args, started, argv,
+                  lambda png: plot(levels, args.max_loss_pct, png), {"levels_full": levels})
     return 0 if not errors else 1
 
 

@@ -19,7 +19,6 @@ Prints one JSON line on stdout and writes it, with a plot, to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -148,19 +147,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rcvbuf", type=int, default=C_RCVBUF,
                    help="Baton's socket receive buffer in bytes; 0 = kernel default, as "
                         "the engine runs (default: %(default)s, the C relay's)")
-    p.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR,
-                   help="where the JSON and PNG go (default: bench/results)")
-    p.add_argument("--no-files", action="store_true",
-                   help="print the JSON line only, write no result files")
+    common.add_result_file_args(p)
     args = p.parse_args(argv)
-    try:
-        args.rate_list = [int(float(r)) for r in args.rates.split(",") if r.strip()]
-    except ValueError:
-        p.error("--rates takes numbers separated by commas")
-    if not args.rate_list or min(args.rate_list) < 0:
-        p.error("--rates needs rates of 0 (flat out) or more")
-    if args.seconds <= 0 or args.repeat < 1 or not 12 <= args.size <= 1500:
-        p.error("--seconds must be positive, --repeat at least 1, --size 12..1500")
+    common.check_rate_args(p, args)
     return args
 
 
@@ -249,21 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loadavg": [loadavg_start, list(os.getloadavg())],
         "errors": errors,
     }
-    if not args.no_files:
-        json_path, png_path = common.result_paths("rtp_relay", args.results_dir)
-        if plot(by_rate, png_path):
-            result["png"] = str(png_path)
-        result["json"] = str(json_path)
-        record = dict(result)
-        record["summary"] = by_rate
-        record["runs"] = runs
-        record["meta"] = {
-            **common.machine_info(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "argv": sys.argv[1:] if argv is None else list(argv),
-        }
-        common.write_json(json_path, record)
-    print(json.dumps(result), flush=True)
+    common.report("rtp_relay", result, args, started, argv, lambda png: plot(by_rate, png),
+                  {"summary": by_rate, "runs": runs})
     return 0 if not errors else 1
 
 

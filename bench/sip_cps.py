@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import math
 import re
 import shutil
@@ -575,24 +574,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rtp": args.rtp,
         "errors": errors,
     })
-    if not args.no_files:
-        json_path, png_path = common.result_paths("sip_cps", args.results_dir)
-        labels = {"baton": f"target {args.target}"} if args.target else None
-        title = f"SIP calls per second, SIPp uac, {args.seconds:g} s per step"
-        if steps and plot(steps, png_path, title, labels):
-            result["png"] = str(png_path)
-        result["json"] = str(json_path)
-        record = dict(result)
-        record["meta"] = {
-            **common.machine_info(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+    labels = {"baton": f"target {args.target}"} if args.target else None
+    title = f"SIP calls per second, SIPp uac, {args.seconds:g} s per step"
+    common.report(
+        "sip_cps", result, args, started, argv,
+        lambda png: bool(steps) and plot(steps, png, title, labels),
+        meta=lambda: {
             "sipp": common.tool_version([common.find_binary("sipp"), "-v"]),
             "kamailio": (common.tool_version([common.find_binary("kamailio"), "-v"])
-                         if args.baseline else None),
-            "argv": sys.argv[1:] if argv is None else list(argv),
-        }
-        common.write_json(json_path, record)
-    print(json.dumps(result), flush=True)
+                         if args.baseline else None)})
     return 0 if not errors else 1
 
 

@@ -12,7 +12,6 @@ Prints one JSON line on stdout and writes it, with a plot, to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -62,14 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="measurements per rate; medians are reported (default: %(default)s)")
     common.add_result_file_args(p)
     args = p.parse_args(argv)
-    try:
-        args.rate_list = [int(float(r)) for r in args.rates.split(",") if r.strip()]
-    except ValueError:
-        p.error("--rates takes numbers separated by commas")
-    if not args.rate_list or min(args.rate_list) < 0:
-        p.error("--rates needs rates of 0 (flat out) or more")
-    if args.seconds <= 0 or args.repeat < 1 or not 12 <= args.size <= 1500:
-        p.error("--seconds must be positive, --repeat at least 1, --size 12..1500")
+    common.check_rate_args(p, args)
     return args
 
 
@@ -134,19 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
         "errors": errors,
     }
-    if not args.no_files:
-        json_path, png_path = common.result_paths("udp_relay_ceiling", args.results_dir)
-        if plot(runs, png_path):
-            result["png"] = str(png_path)
-        result["json"] = str(json_path)
-        record = dict(result)
-        record["meta"] = {
-            **common.machine_info(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "argv": sys.argv[1:] if argv is None else list(argv),
-        }
-        common.write_json(json_path, record)
-    print(json.dumps(result), flush=True)
+    common.report("udp_relay_ceiling", result, args, started, argv,
+                  lambda png: plot(runs, png))
     return 0 if not errors else 1
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATON = os.path.join(ROOT, ".venv", "bin", "baton")
@@ -157,6 +158,45 @@ class EngineProcess:
 
 
 @contextlib.contextmanager
+def pg_store(prefix: str):
+    """A schema of its own in the test PostgreSQL (the test is skipped when there is
+    none): yields (store URL, schema name) and drops the schema afterwards."""
+    import pytest
+
+    from tests.test_accounting_ledger import PG_URL, _drop_schema, _pg_unreachable
+
+    reason = _pg_unreachable()
+    if reason:
+        pytest.skip(reason)
+    schema = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        yield f"{PG_URL}?schema={schema}", schema
+    finally:
+        _drop_schema(schema)
+
+
+@contextlib.contextmanager
+def two_nodes(config: str, store: str):
+    """Two `baton serve` nodes of one cluster posting into the PostgreSQL ledger STORE:
+    n1 on 127.0.0.11 and n2 on 127.0.0.12 (their media too); yields them once ready."""
+    nodes = []
+    try:
+        for i, host in enumerate(("127.0.0.11", "127.0.0.12")):
+            nodes.append(EngineProcess(config, host=host, extra=[
+                "--grpc-addr", f"{host}:{free_port(socket.SOCK_STREAM, host=host)}",
+                "--node-id", f"n{i + 1}", "--media-addr", host, "--store", store]))
+        for n in nodes:
+            n.wait_ready(30)
+        yield nodes
+    finally:
+        for n in nodes:
+            try:
+                n.stop(20)
+            finally:
+                n.__exit__()
+
+
+@contextlib.contextmanager
 def served_demo():
     """`baton serve` with the demo config, checked to stop cleanly without a traceback."""
     with EngineProcess() as eng:
@@ -269,7 +309,7 @@ class BlockingPeer:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(timeout)
-        self.host, self.port = "127.0.0.1", engine.port
+        self.host, self.port = engine.host, engine.port
         self.local_host, self.local_port = "127.0.0.1", self.sock.getsockname()[1]
 
     def send(self, data: bytes) -> None:
@@ -280,17 +320,28 @@ class BlockingPeer:
 
         return parse_message(self.sock.recv(65535))
 
-    def answered_call(self, number: str = "1000") -> "Call":
-        """INVITE, wait for the 200 (provisional answers skipped), ACK."""
+    def invite(self, number: str = "1000") -> "Call":
+        """Send an INVITE; final_status() reads its answer."""
         call = Call(self, number)
         self.send(call.request("INVITE", SDP_OFFER.format(port=40000)))
+        return call
+
+    def final_status(self, call: "Call") -> int:
+        """The INVITE's final status (provisional answers skipped); a 200 is acknowledged."""
         while True:
             m = self.recv()
             if not m.is_request and m.status >= 200:
                 break
-        assert m.status == 200, f"expected 200, got {m.status}"
-        call.to_tag = m.to_tag
-        self.send(call.request("ACK"))
+        if m.status == 200:
+            call.to_tag = m.to_tag
+            self.send(call.request("ACK"))
+        return m.status
+
+    def answered_call(self, number: str = "1000") -> "Call":
+        """INVITE, wait for the 200 (provisional answers skipped), ACK."""
+        call = self.invite(number)
+        status = self.final_status(call)
+        assert status == 200, f"expected 200, got {status}"
         return call
 
     def hang_up(self, call: "Call") -> None:
@@ -304,6 +355,20 @@ class BlockingPeer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def invite(engine: EngineProcess, number: str) -> tuple[BlockingPeer, Call]:
+    """A BlockingPeer of its own (5 s timeout) sends ENGINE an INVITE to NUMBER."""
+    peer = BlockingPeer(engine, timeout=5)
+    return peer, peer.invite(number)
+
+
+def bye_answered(calls: list[tuple[BlockingPeer, Call]], statuses: list[int]) -> None:
+    """Send BYE on each of CALLS whose INVITE was answered 200 (its final status)."""
+    for (peer, call), status in zip(calls, statuses):
+        if status == 200:
+            call.cseq += 1
+            peer.send(call.request("BYE"))
 
 
 def period_now() -> str:

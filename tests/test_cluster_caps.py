@@ -11,12 +11,11 @@ import asyncio
 import os
 import socket
 import time
-import uuid
 
 import pytest
 
-from tests.helpers import BlockingPeer, Call, EngineProcess, SDP_OFFER, free_port
-from tests.test_accounting_ledger import PG_URL, _drop_schema, _pg_unreachable
+from tests.helpers import bye_answered, free_port, invite, pg_store, two_nodes
+from tests.test_accounting_ledger import PG_URL
 
 pytestmark = pytest.mark.kernels_only
 
@@ -54,29 +53,11 @@ cap_slice = 2
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = _pg_unreachable()
-    if reason:
-        pytest.skip(reason)
-    schema = f"baton_caps_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    url = f"{PG_URL}?schema={schema}"
-    cfg = tmp_path_factory.mktemp("caps") / "caps.toml"
-    cfg.write_text(CONFIG.format(url=url, cap=CAP, tier=TIER_1))
-    nodes = []
-    try:
-        for i, host in enumerate(("127.0.0.11", "127.0.0.12")):
-            nodes.append(EngineProcess(str(cfg), host=host, extra=[
-                "--grpc-addr", f"{host}:{free_port(socket.SOCK_STREAM, host=host)}",
-                "--node-id", f"n{i + 1}", "--media-addr", host, "--store", url]))
-        for n in nodes:
-            n.wait_ready(30)
-        yield nodes, schema, str(cfg)
-    finally:
-        for n in nodes:
-            try:
-                n.stop(20)
-            finally:
-                n.__exit__()
-        _drop_schema(schema)
+    with pg_store("baton_caps") as (url, schema):
+        cfg = tmp_path_factory.mktemp("caps") / "caps.toml"
+        cfg.write_text(CONFIG.format(url=url, cap=CAP, tier=TIER_1))
+        with two_nodes(str(cfg), url) as nodes:
+            yield nodes, schema, str(cfg)
 
 
 def _rows(schema: str, module: str) -> list[tuple]:
@@ -104,42 +85,16 @@ def _settled(schema: str, module: str, lines: int) -> list[tuple]:
     return last
 
 
-def _invite(engine: EngineProcess, number: str) -> tuple[BlockingPeer, Call]:
-    peer = BlockingPeer(engine, timeout=5)
-    peer.host = engine.host
-    call = Call(peer, number)
-    peer.send(call.request("INVITE", SDP_OFFER.format(port=40000)))
-    return peer, call
-
-
-def _outcome(peer: BlockingPeer, call: Call) -> int:
-    while True:
-        m = peer.recv()
-        if not m.is_request and m.status >= 200:
-            break
-    if m.status == 200:
-        call.to_tag = m.to_tag
-        peer.send(call.request("ACK"))
-    return m.status
-
-
-def _hang_up(calls, outcomes) -> None:
-    for (p, c), status in zip(calls, outcomes):
-        if status == 200:
-            c.cseq += 1
-            p.send(c.request("BYE"))
-
-
 def test_a_cap_used_on_two_nodes_at_once_holds_across_the_cluster(cluster):
     nodes, schema, _cfg = cluster
-    calls = [_invite(n, "2000") for n in nodes]
+    calls = [invite(n, "2000") for n in nodes]
     try:
-        outcomes = [_outcome(p, c) for p, c in calls]
+        outcomes = [p.final_status(c) for p, c in calls]
         assert outcomes == [200, 200], outcomes
         # Each call takes 2 s slices while the cap has room: 6 s in all, so both are cut
         # off by 4 s (each node alone would allow 6 s, so both would last until the BYE).
         time.sleep(5.5)
-        _hang_up(calls, outcomes)
+        bye_answered(calls, outcomes)
         rows = _settled(schema, "baton.hold", 2)
         used = sum(q for _n, q, _a, _note in rows)
         print(f"capped module used {used} s of a {CAP} s cap on two nodes: {rows}")
@@ -147,9 +102,9 @@ def test_a_cap_used_on_two_nodes_at_once_holds_across_the_cluster(cluster):
         assert CAP - 2 <= used <= CAP + 2 * INCREMENT, rows
         # The cap is used up across the cluster: a new call on either node gets no time.
         for n in nodes:
-            p, c = _invite(n, "2000")
+            p, c = invite(n, "2000")
             calls.append((p, c))
-            if _outcome(p, c) == 200:
+            if p.final_status(c) == 200:
                 time.sleep(0.5)
                 c.cseq += 1
                 p.send(c.request("BYE"))
@@ -163,12 +118,12 @@ def test_a_cap_used_on_two_nodes_at_once_holds_across_the_cluster(cluster):
 
 def test_period_tiers_price_the_clusters_total(cluster):
     nodes, schema, cfg = cluster
-    calls = [_invite(n, "2001") for n in nodes]
+    calls = [invite(n, "2001") for n in nodes]
     try:
-        outcomes = [_outcome(p, c) for p, c in calls]
+        outcomes = [p.final_status(c) for p, c in calls]
         assert outcomes == [200, 200], outcomes
         time.sleep(2.2)
-        _hang_up(calls, outcomes)
+        bye_answered(calls, outcomes)
         rows = _settled(schema, "baton.echo", 2)
     finally:
         for p, _c in calls:
@@ -203,12 +158,8 @@ def test_period_tiers_price_the_clusters_total(cluster):
 
 @pytest.fixture
 def store():
-    reason = _pg_unreachable()
-    if reason:
-        pytest.skip(reason)
-    schema = f"baton_caps_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    yield f"{PG_URL}?schema={schema}"
-    _drop_schema(schema)
+    with pg_store("baton_caps") as (url, _schema):
+        yield url
 
 
 def test_two_accountants_claim_disjoint_places_on_the_period_and_a_replay_the_same(store):

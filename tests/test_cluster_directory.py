@@ -95,12 +95,6 @@ def _ready(*nodes: tuple[EngineProcess, str]) -> None:
             grpc.channel_ready_future(ch).result(timeout=30)
 
 
-def _caller(engine: EngineProcess) -> BlockingPeer:
-    peer = BlockingPeer(engine)
-    peer.host = engine.host
-    return peer
-
-
 def _wait(pred, what: str, timeout: float = 10.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -126,7 +120,7 @@ def _retry_unavailable(rpc, timeout: float = 30.0):
 def test_a_transition_and_a_cost_query_sent_to_the_wrong_node_work(two_nodes, prefix):
     (n1, g1), (n2, g2) = two_nodes
     r = _redis()
-    peer = _caller(n1)
+    peer = BlockingPeer(n1)
     try:
         call = peer.answered_call("1000")
         with grpc.insecure_channel(g1) as ch:
@@ -183,7 +177,7 @@ def test_rest_requests_sent_to_the_wrong_node_are_forwarded(two_nodes, prefix):
 
     (n1, g1), (n2, _g2) = two_nodes
     r = _redis()
-    peer = _caller(n1)
+    peer = BlockingPeer(n1)
     base = f"http://{n2.rest}/2010-04-01/Accounts/{REST_SID}/Calls"
     try:
         call = peer.answered_call("1000")
@@ -228,7 +222,7 @@ def test_without_forwarding_the_answer_names_the_owner(prefix, tmp_path):
     peer = None
     try:
         _ready((n1, g1), (n2, g2))
-        peer = _caller(n1)
+        peer = BlockingPeer(n1)
         call = peer.answered_call("1000")
         r = _redis()
         key = _wait(lambda: next(iter(r.scan_iter(match=f"{prefix}session:*")), None),
@@ -259,7 +253,7 @@ def test_a_lost_redis_loses_no_call_and_no_stamp(prefix):
     peer = None
     try:
         _ready((n1, g1))
-        peer = _caller(n1)
+        peer = BlockingPeer(n1)
         for _ in range(3):
             peer.hang_up(peer.answered_call("1000"))
         _wait(lambda: "Redis unavailable" in n1.output(), "no warning about Redis")
@@ -325,7 +319,7 @@ def test_top_and_sessions_list_show_every_node(two_nodes, prefix):
     that stops answering is named, the other's calls still shown."""
     (n1, g1), (n2, g2) = two_nodes
     r = _redis()
-    p1, p2 = _caller(n1), _caller(n2)
+    p1, p2 = BlockingPeer(n1), BlockingPeer(n2)
     try:
         calls = [p1.answered_call("1000"), p2.answered_call("1001"), p2.answered_call("1000")]
         _wait(lambda: len(list(r.scan_iter(match=f"{prefix}session:*"))) == 3,

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import tomllib
-import uuid
 
 import pytest
 
@@ -23,9 +22,9 @@ from engine.accounting.invoices import invoice
 from engine.accounting.ledger import LedgerError, LedgerFenced
 from engine.accounting.ledger_pg import PostgresLedger
 from ext.kernels import ring
+from tests.helpers import pg_store
 from tests.test_accounting_crash import CONFIG, expected_ledger, generate
 from tests.test_accounting_fence import _line, _write
-from tests.test_accounting_ledger import PG_URL, _drop_schema, _pg_unreachable
 
 pytestmark = pytest.mark.kernels_only
 
@@ -35,12 +34,8 @@ NODES = ("n1", "n2")
 
 @pytest.fixture
 def pg_url():
-    reason = _pg_unreachable()
-    if reason:
-        pytest.skip(reason)
-    schema = f"baton_cluster_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    yield f"{PG_URL}?schema={schema}"
-    _drop_schema(schema)
+    with pg_store("baton_cluster") as (url, _schema):
+        yield url
 
 
 def _node_config(tmp_path, node: str) -> tuple[str, dict]:

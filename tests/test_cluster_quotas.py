@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from proto import pb
-from tests.helpers import DEMO, free_port
-from tests.test_cluster_directory import (REDIS_URL, REST_SID, _caller, _node,  # noqa: F401
+from tests.helpers import DEMO, BlockingPeer, free_port
+from tests.test_cluster_directory import (REDIS_URL, REST_SID, _node,  # noqa: F401
                                           _ready, _redis, _wait, prefix)
 
 pytestmark = pytest.mark.kernels_only
@@ -119,7 +119,7 @@ def test_an_api_key_quota_holds_across_two_nodes(prefix, config):
         assert "top-up 1 of" in logs and "top-up 2 of" in logs
         # A request about a call on node 1 sent to node 2 is forwarded, and counted once:
         # node 2 counts it and hands node 1 a one-time ticket instead of a second count.
-        peer = _caller(n1)
+        peer = BlockingPeer(n1)
         try:
             call = peer.answered_call("1000")
             sid = _wait(lambda: next(iter(r.scan_iter(match=f"{prefix}session:*")), None),

@@ -16,8 +16,8 @@ import grpc
 import pytest
 
 from proto import pb
-from tests.helpers import DEMO, ROOT, EngineProcess, free_port
-from tests.test_cluster_directory import (AUTH, REDIS_URL, _caller, _ready, _wait,  # noqa: F401
+from tests.helpers import DEMO, ROOT, BlockingPeer, EngineProcess, free_port
+from tests.test_cluster_directory import (AUTH, REDIS_URL, _ready, _wait,  # noqa: F401
                                           prefix)
 
 pytestmark = pytest.mark.kernels_only
@@ -107,7 +107,7 @@ def test_a_vendor_attached_once_serves_every_node_and_falls_back_on_every_node(p
         # One call to number 3000 (acme.survey, fallback "sorry") on each node.
         owners = {}
         for engine, addr in ((n1, g1), (n2, g2)):
-            peer = _caller(engine)
+            peer = BlockingPeer(engine)
             peers.append(peer)
             peer.answered_call("3000")         # the vendor answered it
             sid = vendor.expect("TAKEN").split()[1]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import time
@@ -45,6 +46,39 @@ def settle(hub, clock=None, ticks=0):
     for _ in range(ticks):
         clock.tick()
         time.sleep(0.002)
+
+
+@contextlib.asynccontextmanager
+async def rtcp_call(interval):
+    """A call from a test endpoint with its RTCP socket bound (RTP + 1) to an engine that
+    sends RTCP every INTERVAL seconds; yields (media socket, RTCP socket, the engine's RTP
+    port, the call's leg) and hangs up with BYE after the body."""
+    async with running_engine() as eng:
+        eng.media.rtcp_interval = interval
+        eng.media._rtcp_handle.cancel()
+        eng.media._rtcp_handle = asyncio.get_running_loop().call_later(interval, eng.media._rtcp)
+        c = UdpClient("127.0.0.1", eng.sip_port)
+        media = udp()
+        port = media.getsockname()[1]
+        ctrl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            ctrl.bind(("127.0.0.1", port + 1))
+        except OSError:
+            pytest.skip("RTCP port of the test endpoint is taken")
+        ctrl.setblocking(False)
+        call = Call(c)
+        c.send(call.request("INVITE", SDP_OFFER.format(port=port)))
+        ok = await c.expect(200)
+        call.to_tag = ok.to_tag
+        c.send(call.request("ACK"))
+        engine_rtp = int(ok.body.split(b"m=audio ")[1].split()[0])
+        yield media, ctrl, engine_rtp, next(iter(eng.sessions.values())).legs[0]
+        call.cseq = 2
+        c.send(call.request("BYE"))
+        await c.expect(200)
+        c.close()
+        media.close()
+        ctrl.close()
 
 
 def test_relay_rewrites_onto_one_continuous_stream():
@@ -434,25 +468,7 @@ def test_rtcp_sender_report_round_trip():
 async def test_engine_sends_sender_reports_and_reads_receiver_reports():
     from engine.media import rtcp
 
-    async with running_engine() as eng:
-        eng.media.rtcp_interval = 0.2
-        eng.media._rtcp_handle.cancel()
-        eng.media._rtcp_handle = asyncio.get_running_loop().call_later(0.2, eng.media._rtcp)
-        c = UdpClient("127.0.0.1", eng.sip_port)
-        media, ctrl = udp(), None
-        port = media.getsockname()[1]
-        ctrl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            ctrl.bind(("127.0.0.1", port + 1))
-        except OSError:
-            pytest.skip("RTCP port of the test endpoint is taken")
-        ctrl.setblocking(False)
-        call = Call(c)
-        c.send(call.request("INVITE", SDP_OFFER.format(port=port)))
-        ok = await c.expect(200)
-        call.to_tag = ok.to_tag
-        c.send(call.request("ACK"))
-        engine_rtp = int(ok.body.split(b"m=audio ")[1].split()[0])
+    async with rtcp_call(0.2) as (media, ctrl, engine_rtp, leg):
         for i in range(20):
             media.sendto(packet(i, 160 * i), ("127.0.0.1", engine_rtp))
             await asyncio.sleep(0.02)
@@ -460,7 +476,6 @@ async def test_engine_sends_sender_reports_and_reads_receiver_reports():
         assert got, "no RTCP sender report arrived"
         sr = got[-1]
         assert sr[1] == rtcp.SR
-        leg = next(iter(eng.sessions.values())).legs[0]
         assert struct.unpack("!I", sr[4:8])[0] == leg.stream.tx_ssrc
         # Our receiver report reaches the leg's stats.
         rr = bytes([0x81, 201, 0, 7]) + struct.pack("!I", 0xABCDEF) + struct.pack(
@@ -469,12 +484,6 @@ async def test_engine_sends_sender_reports_and_reads_receiver_reports():
         await asyncio.sleep(0.5)
         stats = leg.media_stats()
         assert stats["remote_cumulative_lost"] == 7 and stats["remote_fraction_lost"] == 0.25
-        call.cseq = 2
-        c.send(call.request("BYE"))
-        await c.expect(200)
-        c.close()
-        media.close()
-        ctrl.close()
 
 
 def test_jitter_from_kernel_receive_stamps_ignores_a_late_reader():
@@ -617,26 +626,7 @@ async def test_a_call_without_media_holds_no_rtcp_socket_until_rtp_arrives():
     end's RTP has arrived, and then sender reports go out from it."""
     from engine.media import rtcp
 
-    async with running_engine() as eng:
-        eng.media.rtcp_interval = 0.1
-        eng.media._rtcp_handle.cancel()
-        eng.media._rtcp_handle = asyncio.get_running_loop().call_later(0.1, eng.media._rtcp)
-        c = UdpClient("127.0.0.1", eng.sip_port)
-        media = udp()
-        port = media.getsockname()[1]
-        ctrl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            ctrl.bind(("127.0.0.1", port + 1))
-        except OSError:
-            pytest.skip("RTCP port of the test endpoint is taken")
-        ctrl.setblocking(False)
-        call = Call(c)
-        c.send(call.request("INVITE", SDP_OFFER.format(port=port)))
-        ok = await c.expect(200)
-        call.to_tag = ok.to_tag
-        c.send(call.request("ACK"))
-        engine_rtp = int(ok.body.split(b"m=audio ")[1].split()[0])
-        leg = next(iter(eng.sessions.values())).legs[0]
+    async with rtcp_call(0.1) as (media, ctrl, engine_rtp, leg):
         await asyncio.sleep(0.5)                 # five RTCP rounds without media
         assert leg.ports.rtcp is None and not drain(ctrl)
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -650,9 +640,3 @@ async def test_a_call_without_media_holds_no_rtcp_socket_until_rtp_arrives():
         assert leg.ports.rtcp.getsockname()[1] == engine_rtp + 1
         got = drain(ctrl)
         assert got and got[-1][1] == rtcp.SR
-        call.cseq = 2
-        c.send(call.request("BYE"))
-        await c.expect(200)
-        c.close()
-        media.close()
-        ctrl.close()
