@@ -32,6 +32,7 @@ BILLING_TYPES = {
     "store": "string",
     "batch_records": "integer",
     "batch_ms": "number",
+    "commit_ms": "number",
     "policy_interval": "number",
     "pipeline": "bool",
 }
