@@ -260,11 +260,12 @@ cdef tuple from_sockaddr(const sockaddr_storage* a):
 
 
 def drain_socket(int fd):
-    """Throw away every datagram queued on `fd` (a reused port's leftovers); returns the count."""
+    """Throw away every datagram queued on `fd` (a reused port's leftovers); returns the count.
+    The GIL stays held: a non-blocking read never waits, and letting go of it here, at
+    every call set-up, would hand it to another thread and make the loop wait for it."""
     cdef int n = 0
-    with nogil:
-        while recvfrom(fd, tx_frame, MAXPKT, MSG_DONTWAIT, NULL, NULL) >= 0:
-            n += 1
+    while recvfrom(fd, tx_frame, MAXPKT, MSG_DONTWAIT, NULL, NULL) >= 0:
+        n += 1
     return n
 
 
