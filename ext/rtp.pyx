@@ -269,6 +269,97 @@ def drain_socket(int fd):
     return n
 
 
+# -- SIP datagrams in batches ----------------------------------------------------------
+# The SIP/UDP socket is read with recvmmsg and its answers go out with sendmmsg
+# (engine/sip/transport.py): under load the kernel queue holds many datagrams, and one
+# system call and one loop callback then serve them all.
+cdef enum:
+    SIP_BATCH = 64
+    SIP_SLOT = 65536          # a UDP datagram's largest payload fits
+cdef uint8_t* sip_rx_buf = NULL
+cdef mmsghdr sip_rx_msgs[SIP_BATCH]
+cdef iovec sip_rx_iov[SIP_BATCH]
+cdef sockaddr_storage sip_rx_addr[SIP_BATCH]
+cdef mmsghdr sip_tx_msgs[SIP_BATCH]
+cdef iovec sip_tx_iov[SIP_BATCH]
+cdef sockaddr_storage sip_tx_addr[SIP_BATCH]
+cdef dict sip_peers = {}      # (IPv4 << 16 | port) -> (host, port): one tuple per peer
+
+
+def recv_datagrams(int fd, int limit=SIP_BATCH):
+    """The datagrams waiting on the non-blocking UDP socket `fd`, at most `limit` (64),
+    read with one recvmmsg: a list of (payload bytes, (host, port)); [] when none wait."""
+    global sip_rx_buf
+    cdef int i, n
+    cdef const sockaddr_in* a4
+    cdef uint64_t key
+    if limit > SIP_BATCH:
+        limit = SIP_BATCH
+    if sip_rx_buf == NULL:
+        sip_rx_buf = <uint8_t*>malloc(SIP_BATCH * SIP_SLOT)
+        if sip_rx_buf == NULL:
+            raise MemoryError()
+        for i in range(SIP_BATCH):
+            sip_rx_iov[i].iov_base = sip_rx_buf + i * SIP_SLOT
+            sip_rx_iov[i].iov_len = SIP_SLOT
+            memset(&sip_rx_msgs[i], 0, sizeof(mmsghdr))
+            sip_rx_msgs[i].msg_hdr.msg_iov = &sip_rx_iov[i]
+            sip_rx_msgs[i].msg_hdr.msg_iovlen = 1
+            sip_rx_msgs[i].msg_hdr.msg_name = &sip_rx_addr[i]
+    for i in range(limit):
+        sip_rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+    n = recvmmsg(fd, sip_rx_msgs, limit, MSG_DONTWAIT, NULL)
+    if n < 0:
+        if errno == EAGAIN or errno == EINTR:
+            return []
+        raise OSError(errno, os.strerror(errno))
+    out = []
+    for i in range(n):
+        payload = PyBytes_FromStringAndSize(<char*>sip_rx_iov[i].iov_base, sip_rx_msgs[i].msg_len)
+        if sip_rx_addr[i].ss_family == AF_INET:
+            a4 = <const sockaddr_in*>&sip_rx_addr[i]
+            key = (<uint64_t>ntohl(a4.sin_addr.s_addr) << 16) | ntohs(a4.sin_port)
+            peer = sip_peers.get(key)
+            if peer is None:
+                if len(sip_peers) >= 65536:
+                    sip_peers.clear()
+                peer = sip_peers[key] = from_sockaddr(&sip_rx_addr[i])
+        else:
+            peer = from_sockaddr(&sip_rx_addr[i])
+        out.append((payload, peer))
+    return out
+
+
+def send_datagrams(int fd, list items, int start=0):
+    """Send `items[start:]`, (payload bytes, (host, port)) each, from the UDP socket `fd`
+    with sendmmsg, 64 at a time. Returns the index of the first item not sent (len(items):
+    all went); the caller sends that one on its own to learn why."""
+    cdef int i, k, n, count
+    cdef int total = len(items)
+    cdef bytes payload
+    while start < total:
+        count = total - start
+        if count > SIP_BATCH:
+            count = SIP_BATCH
+        for k in range(count):
+            payload, addr = items[start + k]
+            to_sockaddr(addr[0], addr[1], &sip_tx_addr[k])
+            sip_tx_iov[k].iov_base = <char*>payload
+            sip_tx_iov[k].iov_len = len(payload)
+            memset(&sip_tx_msgs[k], 0, sizeof(mmsghdr))
+            sip_tx_msgs[k].msg_hdr.msg_iov = &sip_tx_iov[k]
+            sip_tx_msgs[k].msg_hdr.msg_iovlen = 1
+            sip_tx_msgs[k].msg_hdr.msg_name = &sip_tx_addr[k]
+            sip_tx_msgs[k].msg_hdr.msg_namelen = addr_len(&sip_tx_addr[k])
+        n = sendmmsg(fd, sip_tx_msgs, count, MSG_DONTWAIT)
+        if n <= 0:
+            return start
+        start += n
+        if n < count:
+            return start
+    return start
+
+
 @cython.final
 cdef class RtpStream:
     """One leg's RTP socket: receive statistics, transmit continuity, a payload FIFO.

@@ -108,8 +108,10 @@ class SipCore:
             if tcp is not None:
                 self.tcp.append(tcp)
             if usock is not None:
-                _, udp = await loop.create_datagram_endpoint(lambda: UdpTransport(self, usock),
-                                                             sock=usock)
+                udp = UdpTransport(self, usock)
+                if not udp.start(loop):
+                    _, udp = await loop.create_datagram_endpoint(
+                        lambda: UdpTransport(self, usock), sock=usock)
                 self.udp.append(udp)
             return port
         raise OSError("no free port")

@@ -81,8 +81,12 @@ class Flow:
         response or ACK over a TCP connection the peer closed. The transaction and
         dialog timers deal with the loss (RFC 3261 17.2.4: a transport error ends
         the exchange; the peer opens a new connection for what it still needs)."""
+        transport = self.transport
+        if getattr(transport, "batch", None) is not None:
+            transport.send_or_drop(data, self.addr)   # UDP: sent with its batch
+            return
         try:
-            self.transport.send(data, self.addr)
+            transport.send(data, self.addr)
         except OSError as exc:
             log.info("message to %s dropped: %s", self.addr, exc)
 
