@@ -73,6 +73,9 @@ class AccountantBusy(LedgerError):
     """Another accountant holds the ring's accountant lock."""
 
 
+COMMIT_BURST = 4       # commits in a row before `billing.commit_ms` paces them
+
+
 def ring_path(data_dir: str) -> str:
     """Where the engine's ring lives in a data directory."""
     return os.path.join(data_dir, "ring", "ring.dat")
@@ -241,6 +244,8 @@ class Accountant:
         self.batch_records = self.book.batch_records
         self.batch_seconds = self.book.batch_ms / 1000.0
         self.commit_seconds = self.book.commit_ms / 1000.0
+        self._commit_credit = float(COMMIT_BURST)   # commits that may go without a pause
+        self._credit_at = time.monotonic()
         self.reader = None
         self.node = ""
         self.records = 0
@@ -544,7 +549,6 @@ class Accountant:
                 log.info("engine %d is gone: stopping", self.parent_pid)
                 break
             self.run_calls()
-            began = time.monotonic()
             try:
                 n = self.step()
                 backoff = 0.0
@@ -572,13 +576,17 @@ class Accountant:
                 except Exception:
                     log.exception("accounting batch failed; retrying from the committed position")
                 self._pause(idle_sleep)
-            elif n < self.batch_records:
-                # The ring is drained but the calls go on: let the next batch gather for
-                # the rest of `commit_ms` instead of committing (an fsync) every few
-                # records; a full batch (a backlog) is followed at once.
-                gap = self.commit_seconds - (time.monotonic() - began)
-                if gap > 0:
-                    self._pause(gap)
+            elif n < self.batch_records and self.commit_seconds > 0:
+                # The ring is drained but the calls go on: commits are paced to one per
+                # `commit_ms` (each is an fsync), with a burst of COMMIT_BURST allowed, so
+                # a quiet node still commits a call's few records at once; a full batch
+                # (a backlog) is followed at once.
+                now = time.monotonic()
+                credit = min(COMMIT_BURST, self._commit_credit +
+                             (now - self._credit_at) / self.commit_seconds) - 1.0
+                self._commit_credit, self._credit_at = credit, now
+                if credit < 0:
+                    self._pause(-credit * self.commit_seconds)
         self.looping = False
         if self.fenced or self.gone:
             # Nothing more of ours may reach the ledger or the policy file: another

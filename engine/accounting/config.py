@@ -37,7 +37,7 @@ _BILLING_KEYS = {
     "store": "ledger store: a SQLite path or a postgresql:// URL",
     "batch_records": "records per ledger transaction at most",
     "batch_ms": "milliseconds a batch may collect records",
-    "commit_ms": "least milliseconds between the starts of two ledger transactions while records keep coming: under load fewer, larger commits (each one an fsync with SQLite), at most this much more lag",
+    "commit_ms": "milliseconds per ledger transaction while records keep coming, after a burst of four: under load fewer, larger commits (each one an fsync with SQLite), at most this much more lag",
     "policy_interval": "seconds between writes of DATA/policy.json",
     "pipeline": "post batches from a writer process (SQLite; a thread for PostgreSQL) while the next is rated: more throughput, a few ms more lag",
 }
