@@ -343,7 +343,11 @@ def send_datagrams(int fd, list items, int start=0):
             count = SIP_BATCH
         for k in range(count):
             payload, addr = items[start + k]
-            to_sockaddr(addr[0], addr[1], &sip_tx_addr[k])
+            try:
+                to_sockaddr(addr[0], addr[1], &sip_tx_addr[k])
+            except (ValueError, TypeError, IndexError, OverflowError):
+                count = k     # a name, not an address: the caller sends it on its own
+                break
             sip_tx_iov[k].iov_base = <char*>payload
             sip_tx_iov[k].iov_len = len(payload)
             memset(&sip_tx_msgs[k], 0, sizeof(mmsghdr))
@@ -351,6 +355,8 @@ def send_datagrams(int fd, list items, int start=0):
             sip_tx_msgs[k].msg_hdr.msg_iovlen = 1
             sip_tx_msgs[k].msg_hdr.msg_name = &sip_tx_addr[k]
             sip_tx_msgs[k].msg_hdr.msg_namelen = addr_len(&sip_tx_addr[k])
+        if count == 0:
+            return start
         n = sendmmsg(fd, sip_tx_msgs, count, MSG_DONTWAIT)
         if n <= 0:
             return start

@@ -34,6 +34,10 @@ def test_recv_and_send_datagrams_round_trip():
         # An item the socket cannot send stops the batch there: its index comes back.
         assert send(b.fileno(), [(b"x", to), (b"y", ("::1", 5)), (b"z", to)]) == 1
         assert [d for d, _ in recv(a.fileno())] == [b"x"]
+        # A name is not an address sendmmsg can take: the batch stops before it too.
+        assert send(b.fileno(), [(b"x", to), (b"y", ("localhost", to[1]))]) == 1
+        assert send(b.fileno(), [(b"y", ("localhost", to[1]))]) == 0
+        assert [d for d, _ in recv(a.fileno())] == [b"x"]
     finally:
         a.close()
         b.close()
@@ -105,6 +109,13 @@ async def test_answers_gathered_in_a_batch_leave_in_the_engines_order():
         Flow(udp, peer.getsockname()).send_or_drop(b"now")
         await asyncio.sleep(0.05)
         assert peer.recv(100) == b"now"
+        # A gathered answer to a name (not an address) still goes, on its own.
+        udp._flush([(b"to an address", peer.getsockname()),
+                    (b"to a name", ("localhost", peer.getsockname()[1])),
+                    (b"after it", peer.getsockname())])
+        await asyncio.sleep(0.05)
+        assert [peer.recv(100) for _ in range(3)] == [b"to an address", b"to a name",
+                                                     b"after it"]
     finally:
         udp.close()
         peer.close()

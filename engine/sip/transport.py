@@ -141,7 +141,10 @@ class UdpTransport(asyncio.DatagramProtocol):
         send_all = self._io[1]
         i, n = 0, len(batch)
         while i < n:
-            i = send_all(self._fd, batch, i)
+            try:
+                i = send_all(self._fd, batch, i)
+            except Exception:
+                log.exception("batched send failed; sending one by one")
             if i >= n:
                 break
             data, addr = batch[i]
