@@ -99,6 +99,9 @@ async def test_engine_and_accountant_metrics_follow_calls():
         assert value(before, "baton_engine_info") == 1
         assert value(before, "baton_sessions_started_total") == 0
         assert value(before, "baton_ring_slots") > 0
+        # `baton serve` collects once after start-up: the hook saw that full collection.
+        assert value(before, "baton_gc_pause_seconds_count", generation="2") >= 1
+        assert value(before, "baton_gc_pause_seconds_sum", generation="2") > 0
 
         # One call to baton.hold with RTP, 5 sequence numbers missing on the way.
         caller = Caller(types.SimpleNamespace(sip_port=engine.port), "1000")
@@ -201,3 +204,38 @@ def test_a_taken_metrics_port_is_named():
     assert r.returncode == 1
     assert f"cannot listen on engine.metrics_addr 127.0.0.1:{port}" in r.stderr
     assert "ERROR" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_gc_pause_histogram_counts_each_collection_in_its_bucket():
+    from engine.common.metrics import GcPauses
+
+    now = [0.0]
+    pauses = GcPauses()
+    pauses._clock = lambda: now[0]
+    for gen, seconds in ((0, 0.0002), (0, 0.0008), (1, 0.003), (2, 0.135), (2, 2.0)):
+        pauses._callback("start", {"generation": gen})
+        now[0] += seconds
+        pauses._callback("stop", {"generation": gen})
+    fam = pauses.family()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in fam.samples}
+
+    def bucket(gen, le):
+        return samples[("baton_gc_pause_seconds_bucket", (("generation", gen), ("le", le)))]
+
+    assert bucket("0", "0.0005") == 1 and bucket("0", "0.001") == 2 and bucket("0", "+Inf") == 2
+    assert bucket("1", "0.002") == 0 and bucket("1", "0.005") == 1
+    assert bucket("2", "0.1") == 0 and bucket("2", "0.5") == 1 and bucket("2", "+Inf") == 2
+    assert samples[("baton_gc_pause_seconds_count", (("generation", "2"),))] == 2
+    assert samples[("baton_gc_pause_seconds_sum", (("generation", "2"),))] == pytest.approx(2.135)
+    # Installed, the hook sees real collections; uninstalled, it lets go.
+    import gc
+
+    pauses = GcPauses()
+    pauses.install()
+    try:
+        gc.collect()
+        assert sum(pauses.counts[2]) == 1 and pauses.sums[2] > 0
+    finally:
+        pauses.uninstall()
+    gc.collect()
+    assert sum(pauses.counts[2]) == 1

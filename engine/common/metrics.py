@@ -28,7 +28,7 @@ from engine import __version__
 
 log = logging.getLogger("baton.metrics")
 
-__all__ = ["EngineCollector", "AccountantCollector", "LoadCollector", "engine_registry",
+__all__ = ["EngineCollector", "GC_PAUSES", "GcPauses", "AccountantCollector", "LoadCollector", "engine_registry",
            "accountant_registry", "load_registry", "start_metrics", "start_load_metrics",
            "serve_accountant_metrics", "MetricsServer", "parse_addr"]
 
@@ -62,6 +62,69 @@ def _gauge(name: str, doc: str, value=None, labels=None, rows=()):
     return g
 
 
+class GcPauses:
+    """How long the garbage collector stops the process, by generation: a histogram fed
+    by a `gc.callbacks` hook (two clock reads per collection). A full collection that
+    walks many objects stops the event loop, its SIP and its media clock, for as long."""
+
+    BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self._started = 0.0
+        n = len(self.BUCKETS) + 1
+        self.counts = [[0] * n for _ in range(3)]      # per generation, per bucket (+Inf)
+        self.sums = [0.0, 0.0, 0.0]
+        self.installed = False
+
+    def install(self) -> None:
+        import gc
+
+        if not self.installed:
+            gc.callbacks.append(self._callback)
+            self.installed = True
+
+    def uninstall(self) -> None:
+        import gc
+
+        if self.installed:
+            gc.callbacks.remove(self._callback)
+            self.installed = False
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = self._clock()
+            return
+        pause = self._clock() - self._started
+        gen = info.get("generation", 2)
+        if not 0 <= gen <= 2:
+            return
+        self.sums[gen] += pause
+        row = self.counts[gen]
+        for i, bound in enumerate(self.BUCKETS):
+            if pause <= bound:
+                row[i] += 1
+                return
+        row[-1] += 1
+
+    def family(self):
+        h = HistogramMetricFamily("baton_gc_pause_seconds",
+                                  "How long each garbage collection stopped the engine, by "
+                                  "generation (2: a full collection)", labels=["generation"])
+        for gen in range(3):
+            acc, buckets = 0, []
+            for bound, n in zip((*self.BUCKETS, float("inf")), self.counts[gen]):
+                acc += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), acc))
+            h.add_metric([str(gen)], buckets, self.sums[gen])
+        return h
+
+
+GC_PAUSES = GcPauses()      # one per process: the hook sees every collection
+
+
 class EngineCollector:
     """Reads one engine's counters at scrape time. Must run on the engine's loop."""
 
@@ -81,6 +144,8 @@ class EngineCollector:
         if e.media is not None:
             yield from self._media(e.media)
         yield from self._ring(e.stamper)
+        if GC_PAUSES.installed:
+            yield GC_PAUSES.family()
         if getattr(e, "accountant", None) is not None:
             yield from self._accountant(e.accountant)
 

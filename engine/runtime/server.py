@@ -78,6 +78,9 @@ class Engine:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        from engine.common.metrics import GC_PAUSES
+
+        GC_PAUSES.install()     # baton_gc_pause_seconds: collections stop the loop
         private_dir(self.cfg.data_dir)
         _raise_fd_limit()
         self.stamper = Stamper(os.path.join(self.cfg.data_dir, "ring", "ring.dat"), self.cfg.node_id) \
