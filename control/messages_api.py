@@ -215,9 +215,12 @@ class MessagesService(pb.messages_pb2_grpc.MessagesServicer):
                 if m is None:
                     await context.abort(grpc.StatusCode.NOT_FOUND,
                                         f"sid: no text {sid!r} in this account")
-                # Its status now, then each change until the final one.
-                yield message_pb(m)
-                if m.status in FINAL:
+                # Its status now, then each change until the final one. The status is
+                # read from the snapshot sent: the text may reach its final status while
+                # the client reads it, and that change is then in the queue.
+                now = message_pb(m)
+                yield now
+                if now.status in FINAL:
                     return
             while True:
                 out = await queue.get()
