@@ -250,29 +250,27 @@ class ServerTransaction:
         if gen == self.gen:
             self._terminate()
 
-    _timer_j = _timer_i
-    _timer_l = _timer_i
-
     def _retire(self, last: bytes | None) -> None:
         """Wait out Timer L or J as a `lingering` entry of the layer (see there): this
         object lets go of everything and leaves the table."""
-        layer = self.layer
-        table = layer.server
-        if table.get(self.key) is self:
-            del table[self.key]
-            layer.linger(self.key, last, self.flow)
-        self.gen += 1
-        self.last = None
-        self.on_ack = self.on_timeout = self.tu = None
+        if self._let_go():
+            self.layer.linger(self.key, last, self.flow)
 
     def _terminate(self) -> None:
         self.state = TERMINATED
+        self._let_go()
+
+    def _let_go(self) -> bool:
+        """Drop the response, the TU and its callbacks, stop the timers armed so far,
+        and leave the layer's table; True if this object was still in it."""
         self.gen += 1
         self.last = None
         self.on_ack = self.on_timeout = self.tu = None
         table = self.layer.server
         if table.get(self.key) is self:
             del table[self.key]
+            return True
+        return False
 
 
 class ClientTransaction:
@@ -385,18 +383,6 @@ class ClientTransaction:
     def _terminate_gen(self, gen: int) -> None:
         if gen == self.gen:
             self._terminate()
-
-    def _retire(self, last: bytes | None) -> None:
-        """Wait out Timer L or J as a `lingering` entry of the layer (see there): this
-        object lets go of everything and leaves the table."""
-        layer = self.layer
-        table = layer.server
-        if table.get(self.key) is self:
-            del table[self.key]
-            layer.linger(self.key, last, self.flow)
-        self.gen += 1
-        self.last = None
-        self.on_ack = self.on_timeout = self.tu = None
 
     def _terminate(self) -> None:
         self.state = TERMINATED
